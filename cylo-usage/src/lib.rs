@@ -1,0 +1,3 @@
+//! cylo-usage: precise, eBPF-backed resource accounting for a process tree.
+pub mod btf;
+pub mod resolve;

@@ -1,0 +1,1 @@
+//! Kernel-version knowledge, resolved once at start-up. (in progress)

@@ -1,0 +1,199 @@
+//! Building the eBPF object: nightly + `-Z build-std=core` + bpf-linker.
+//!
+//! Installs what a bare machine lacks: the nightly's `rust-src`, and a bpf-linker built against
+//! the nightly's own LLVM library (so the two LLVMs always match).
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::workspace_root;
+
+const NIGHTLY: &str = "nightly";
+const BPF_TARGET: &str = "bpfel-unknown-none";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Where the eBPF object ends up; `cylo-usage/build.rs` embeds it from here.
+pub fn object_path() -> PathBuf {
+    workspace_root().join("target/ebpf/bpfel-unknown-none/release/cylo-usage-ebpf")
+}
+
+/// Folder holding the project's own bpf-linker (`bin/`) and the LLVM prefix it links to.
+fn tools_dir() -> PathBuf {
+    workspace_root().join("target/tools")
+}
+
+/// Runs `cargo` (the one that runs xtask) in the workspace root.
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("running {shown}"))?;
+    if !out.status.success() {
+        bail!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Makes sure the nightly toolchain with `rust-src` is there.
+fn ensure_nightly() -> Result<PathBuf> {
+    let have_nightly = Command::new("rustup")
+        .args(["run", NIGHTLY, "rustc", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have_nightly {
+        eprintln!("xtask: installing the {NIGHTLY} toolchain");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]))?;
+    if !installed.lines().any(|l| l.trim().starts_with("rust-src")) {
+        eprintln!("xtask: installing rust-src for {NIGHTLY}");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+    }
+    let sysroot = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
+    Ok(PathBuf::from(sysroot.trim()))
+}
+
+/// The nightly's own LLVM shared library and its major version.
+fn nightly_llvm(sysroot: &Path) -> Result<(PathBuf, u32)> {
+    let lib = sysroot.join("lib");
+    for entry in std::fs::read_dir(&lib).with_context(|| format!("reading {}", lib.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        // e.g. libLLVM.so.22.1-rust-1.97.0-nightly
+        if let Some(rest) = name.strip_prefix("libLLVM.so.") {
+            let major = rest.split('.').next().and_then(|m| m.parse::<u32>().ok());
+            if let Some(major) = major {
+                return Ok((lib.join(&name), major));
+            }
+        }
+    }
+    bail!("no libLLVM.so.N* in {}: cannot build a matching bpf-linker", lib.display())
+}
+
+/// Makes sure `target/tools/bin/bpf-linker` exists and was built against `llvm_lib`.
+fn ensure_bpf_linker(llvm_lib: &Path, major: u32) -> Result<PathBuf> {
+    let tools = tools_dir();
+    let linker = tools.join("bin/bpf-linker");
+    let stamp = tools.join("bpf-linker.llvm");
+    let want = llvm_lib.display().to_string();
+    let current = std::fs::read_to_string(&stamp).unwrap_or_default();
+    let works = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if works && current.trim() == want {
+        return Ok(linker);
+    }
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against {want} (about a minute)");
+    let prefix = tools.join("llvm");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    // `libLLVM.so` for llvm-sys at build time; the library's own file name (its soname) for
+    // the loader at run time (the binary gets an rpath to this folder).
+    let soname = llvm_lib.file_name().expect("a library file name");
+    for link in [prefix.join("lib/libLLVM.so"), prefix.join("lib").join(soname)] {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(llvm_lib, &link)
+            .with_context(|| format!("linking {} -> {want}", link.display()))?;
+    }
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+            "--root",
+        ])
+        .arg(&tools)
+        .env("LLVM_PREFIX", &prefix)
+        // The install must not pick up this workspace's settings.
+        .current_dir(&tools))?;
+    std::fs::write(&stamp, &want)?;
+    Ok(linker)
+}
+
+/// Builds the eBPF object and returns its path.
+pub fn build() -> Result<PathBuf> {
+    let sysroot = ensure_nightly()?;
+    let (llvm_lib, major) = nightly_llvm(&sysroot)?;
+    let linker = ensure_bpf_linker(&llvm_lib, major)?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![linker.parent().unwrap().to_path_buf()];
+    paths.extend(std::env::split_paths(&path));
+    let root = workspace_root();
+    run(Command::new("cargo")
+        .arg(format!("+{NIGHTLY}"))
+        .args([
+            "build",
+            "--package",
+            "cylo-usage-ebpf",
+            "--release",
+            "--target",
+            BPF_TARGET,
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+        ])
+        .arg(root.join("target/ebpf"))
+        .env("PATH", std::env::join_paths(paths)?)
+        // Atomic fetch-and-add / compare-and-exchange need BPF ISA v3.
+        .env(
+            "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
+            "-C debuginfo=2 -C link-arg=--btf -C target-cpu=v3",
+        )
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .current_dir(&root))?;
+    let obj = object_path();
+    if !obj.exists() {
+        bail!("the build finished but {} is missing", obj.display());
+    }
+    Ok(obj)
+}

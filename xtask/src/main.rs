@@ -1,0 +1,77 @@
+//! `cargo xtask`: the project's build, test, benchmark and kernel-matrix tasks.
+mod ebpf;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "cylo-usage build and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the eBPF object, installing rust-src and bpf-linker first when they are missing.
+    BuildEbpf,
+    /// Build the eBPF object, then `target/release/cylo-usage` with it embedded.
+    Build,
+    /// Build everything, then run `cylo-usage run [ARGS]` (e.g. `cargo xtask run -- -- CMD`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build the eBPF object, then run the whole test suite (`cargo test --workspace`).
+    Test {
+        /// Extra arguments passed to `cargo test`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::BuildEbpf => {
+            ebpf::build()?;
+        }
+        Command::Build => {
+            ebpf::build()?;
+            ebpf::cargo(&["build", "--release", "-p", "cylo-usage"])?;
+        }
+        Command::Run { args } => {
+            ebpf::build()?;
+            ebpf::cargo(&["build", "--release", "-p", "cylo-usage"])?;
+            let bin = workspace_root().join("target/release/cylo-usage");
+            let mut full = vec!["run".to_string()];
+            full.extend(args);
+            let status = std::process::Command::new(&bin).args(&full).status()?;
+            std::process::exit(status.code().unwrap_or(125));
+        }
+        Command::Test { args } => {
+            ebpf::build()?;
+            let mut full = vec!["test", "--workspace"];
+            full.extend(args.iter().map(String::as_str));
+            ebpf::cargo(&full)?;
+        }
+    }
+    Ok(())
+}
+
+/// The workspace root (the parent of this crate's manifest directory).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
