@@ -1,1 +1,1279 @@
-//! A small reader of the kernel's BTF (`/sys/kernel/btf/vmlinux`). (in progress)
+//! A small, self-contained reader of raw kernel BTF (the format of `/sys/kernel/btf/vmlinux`).
+//!
+//! It answers the few questions cylo-usage asks of the running kernel: where a member of a
+//! struct lives (descending through nested and anonymous structs/unions) and how many
+//! arguments a raw tracepoint passes. The format is described in the kernel's
+//! `Documentation/bpf/btf.rst`.
+//!
+//! The input is treated as untrusted: every read is bounds-checked, every type reference is
+//! validated when the blob is loaded, and every walk over the type graph (typedef chains, array
+//! nesting, anonymous members) is bounded, so malformed input yields a [`BtfError`], never a
+//! panic or a hang.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Most typedef/modifier/array hops followed while resolving one type.
+const MAX_CHAIN: usize = 64;
+/// Most nested anonymous struct/union members descended into for one path component.
+const MAX_ANON_DEPTH: usize = 32;
+/// Most members visited while looking up one path component (bounds the work done on
+/// adversarial input whose anonymous members reference each other).
+const MAX_VISITS: usize = 1 << 20;
+
+const BTF_MAGIC: u16 = 0xeb9f;
+const HEADER_LEN: usize = 24;
+
+/// The kind of a BTF type (`BTF_KIND_*`); [`Kind::Void`] stands for type id 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Void,
+    Int,
+    Ptr,
+    Array,
+    Struct,
+    Union,
+    Enum,
+    Fwd,
+    Typedef,
+    Volatile,
+    Const,
+    Restrict,
+    Func,
+    FuncProto,
+    Var,
+    Datasec,
+    Float,
+    DeclTag,
+    TypeTag,
+    Enum64,
+}
+
+impl Kind {
+    fn from_raw(raw: u32) -> Option<Kind> {
+        Some(match raw {
+            1 => Kind::Int,
+            2 => Kind::Ptr,
+            3 => Kind::Array,
+            4 => Kind::Struct,
+            5 => Kind::Union,
+            6 => Kind::Enum,
+            7 => Kind::Fwd,
+            8 => Kind::Typedef,
+            9 => Kind::Volatile,
+            10 => Kind::Const,
+            11 => Kind::Restrict,
+            12 => Kind::Func,
+            13 => Kind::FuncProto,
+            14 => Kind::Var,
+            15 => Kind::Datasec,
+            16 => Kind::Float,
+            17 => Kind::DeclTag,
+            18 => Kind::TypeTag,
+            19 => Kind::Enum64,
+            _ => return None,
+        })
+    }
+
+    /// Kinds that only qualify or rename another type (followed when resolving a size).
+    fn is_modifier(self) -> bool {
+        matches!(
+            self,
+            Kind::Typedef | Kind::Volatile | Kind::Const | Kind::Restrict | Kind::TypeTag
+        )
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Void => "void",
+            Kind::Int => "int",
+            Kind::Ptr => "pointer",
+            Kind::Array => "array",
+            Kind::Struct => "struct",
+            Kind::Union => "union",
+            Kind::Enum => "enum",
+            Kind::Fwd => "forward declaration",
+            Kind::Typedef => "typedef",
+            Kind::Volatile => "volatile",
+            Kind::Const => "const",
+            Kind::Restrict => "restrict",
+            Kind::Func => "function",
+            Kind::FuncProto => "function prototype",
+            Kind::Var => "variable",
+            Kind::Datasec => "datasec",
+            Kind::Float => "float",
+            Kind::DeclTag => "decl tag",
+            Kind::TypeTag => "type tag",
+            Kind::Enum64 => "enum64",
+        })
+    }
+}
+
+/// Everything that can go wrong while loading BTF or answering a question about it.
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("cannot read BTF file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("BTF truncated: {what} at byte {offset} needs {need} bytes, {len} available")]
+    Truncated {
+        what: &'static str,
+        offset: usize,
+        need: usize,
+        len: usize,
+    },
+    #[error("not BTF: magic is {magic:#06x}, expected 0xeb9f")]
+    BadMagic { magic: u16 },
+    #[error("unsupported BTF version {version} (only version 1 is known)")]
+    UnsupportedVersion { version: u8 },
+    #[error("invalid BTF header: {reason}")]
+    BadHeader { reason: &'static str },
+    #[error("BTF type [{type_id}]: name offset {offset} is not a NUL-terminated string of the {len}-byte string section")]
+    BadString { type_id: u32, offset: u32, len: usize },
+    #[error("BTF type [{type_id}] at byte {offset} of the type section: unknown kind {kind}")]
+    UnknownKind {
+        type_id: u32,
+        kind: u32,
+        offset: usize,
+    },
+    #[error("BTF type [{type_id}] ({kind}) refers to type [{target}], but there are only {count} types")]
+    BadTypeRef {
+        type_id: u32,
+        kind: Kind,
+        target: u32,
+        count: u32,
+    },
+    #[error("struct {name} is not in BTF")]
+    StructNotFound { name: String },
+    #[error("{struct_name}.{path}: empty path component")]
+    EmptyPathComponent { struct_name: String, path: String },
+    #[error("{struct_name}.{path}: no member `{component}` in {container}")]
+    MemberNotFound {
+        struct_name: String,
+        path: String,
+        component: String,
+        container: String,
+    },
+    #[error("{struct_name}.{path}: `{component}` is of kind {kind}, not a struct or union, so it has no members")]
+    NotComposite {
+        struct_name: String,
+        path: String,
+        component: String,
+        kind: Kind,
+    },
+    #[error("{struct_name}.{path} is a bitfield ({bits} bits at bit offset {bit_offset}); only whole bytes can be read")]
+    Bitfield {
+        struct_name: String,
+        path: String,
+        bit_offset: u64,
+        bits: u32,
+    },
+    #[error("{struct_name}.{path}: `{component}` starts at bit offset {bit_offset}, not on a byte")]
+    Unaligned {
+        struct_name: String,
+        path: String,
+        component: String,
+        bit_offset: u64,
+    },
+    #[error("{context}: offset or size does not fit in 32 bits")]
+    Overflow { context: String },
+    #[error("BTF type [{type_id}] ({kind}) has no size")]
+    NoSize { type_id: u32, kind: Kind },
+    #[error("BTF type [{type_id}]: typedef/modifier/array chain or anonymous nesting longer than {limit}")]
+    TooDeep { type_id: u32, limit: usize },
+    #[error("tracepoint {tracepoint}: no typedef btf_trace_{tracepoint} in BTF")]
+    TracepointNotFound { tracepoint: String },
+    #[error("tracepoint {tracepoint}: btf_trace_{tracepoint} is not a pointer to a function prototype (found {kind})")]
+    NotTracepointProto { tracepoint: String, kind: Kind },
+    #[error("tracepoint {tracepoint}: the prototype lacks its first `void *__data` parameter")]
+    NoDataParam { tracepoint: String },
+}
+
+/// Where a member lives: a byte offset from the start of the outermost struct, and its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Bytes from the start of the struct named in the query.
+    pub offset: u32,
+    /// Size of the member in bytes (typedef/const/volatile chains resolved, arrays included).
+    pub size: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RawMember {
+    name_off: u32,
+    ty: u32,
+    /// The raw `offset` word: a bit offset, or bitfield size << 24 | bit offset when the
+    /// containing struct has `kind_flag` set.
+    offset: u32,
+}
+
+#[derive(Debug)]
+enum Data {
+    None,
+    /// INT: the encoding word (bits 0..8 width, 16..24 bit offset, 24..28 encoding).
+    Int(u32),
+    Array {
+        elem: u32,
+        nelems: u32,
+    },
+    Members(Vec<RawMember>),
+    /// FUNC_PROTO parameters: (name offset, type).
+    Params(Vec<(u32, u32)>),
+}
+
+#[derive(Debug)]
+struct Type {
+    name_off: u32,
+    kind: Kind,
+    kind_flag: bool,
+    /// `size` for INT/ENUM/STRUCT/UNION/DATASEC/FLOAT/ENUM64, `type` for the others.
+    size_or_type: u32,
+    data: Data,
+}
+
+/// Parsed BTF: the types (id 1 is `types[0]`) and the string section.
+pub struct Btf {
+    types: Vec<Type>,
+    strings: Vec<u8>,
+    pointer_size: u32,
+}
+
+impl fmt::Debug for Btf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Btf")
+            .field("types", &self.types.len())
+            .field("strings", &self.strings.len())
+            .field("pointer_size", &self.pointer_size)
+            .finish()
+    }
+}
+
+/// Bounds-checked reads of a byte slice in the blob's byte order.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    big_endian: bool,
+}
+
+impl Reader<'_> {
+    fn u32(&self, offset: usize, what: &'static str) -> Result<u32, BtfError> {
+        let b = offset
+            .checked_add(4)
+            .and_then(|end| self.bytes.get(offset..end))
+            .ok_or(BtfError::Truncated {
+                what,
+                offset,
+                need: 4,
+                len: self.bytes.len(),
+            })?;
+        let b = [b[0], b[1], b[2], b[3]];
+        Ok(if self.big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
+    }
+
+    fn need(&self, offset: usize, need: usize, what: &'static str) -> Result<(), BtfError> {
+        match offset.checked_add(need) {
+            Some(end) if end <= self.bytes.len() => Ok(()),
+            _ => Err(BtfError::Truncated {
+                what,
+                offset,
+                need,
+                len: self.bytes.len(),
+            }),
+        }
+    }
+}
+
+fn section<'a>(
+    body: &'a [u8],
+    off: u32,
+    len: u32,
+    what: &'static str,
+) -> Result<&'a [u8], BtfError> {
+    let (off, len) = (off as usize, len as usize);
+    off.checked_add(len)
+        .and_then(|end| body.get(off..end))
+        .ok_or(BtfError::Truncated {
+            what,
+            offset: off,
+            need: len,
+            len: body.len(),
+        })
+}
+
+impl Btf {
+    /// Reads and parses a raw BTF file such as `/sys/kernel/btf/vmlinux`.
+    pub fn from_file(path: &Path) -> Result<Btf, BtfError> {
+        let bytes = std::fs::read(path).map_err(|source| BtfError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Btf::from_bytes(&bytes)
+    }
+
+    /// Parses a raw BTF blob (header, type section, string section), in either byte order.
+    pub fn from_bytes(data: &[u8]) -> Result<Btf, BtfError> {
+        if data.len() < HEADER_LEN {
+            return Err(BtfError::Truncated {
+                what: "header",
+                offset: 0,
+                need: HEADER_LEN,
+                len: data.len(),
+            });
+        }
+        let big_endian = match [data[0], data[1]] {
+            m if u16::from_le_bytes(m) == BTF_MAGIC => false,
+            m if u16::from_be_bytes(m) == BTF_MAGIC => true,
+            m => {
+                return Err(BtfError::BadMagic {
+                    magic: u16::from_le_bytes(m),
+                });
+            }
+        };
+        if data[2] != 1 {
+            return Err(BtfError::UnsupportedVersion { version: data[2] });
+        }
+        let hdr = Reader {
+            bytes: data,
+            big_endian,
+        };
+        let hdr_len = hdr.u32(4, "header")? as usize;
+        if hdr_len < HEADER_LEN {
+            return Err(BtfError::BadHeader {
+                reason: "hdr_len is smaller than the 24-byte header",
+            });
+        }
+        // Later header versions append fields; they are after the 24 bytes read here.
+        let body = data.get(hdr_len..).ok_or(BtfError::Truncated {
+            what: "header (hdr_len)",
+            offset: 0,
+            need: hdr_len,
+            len: data.len(),
+        })?;
+        let type_section = section(
+            body,
+            hdr.u32(8, "header")?,
+            hdr.u32(12, "header")?,
+            "type section",
+        )?;
+        let strings = section(
+            body,
+            hdr.u32(16, "header")?,
+            hdr.u32(20, "header")?,
+            "string section",
+        )?;
+        if strings.first() != Some(&0) {
+            return Err(BtfError::BadHeader {
+                reason: "the string section must start with a NUL byte",
+            });
+        }
+        let mut btf = Btf {
+            types: Vec::new(),
+            strings: strings.to_vec(),
+            pointer_size: 8,
+        };
+        btf.parse_types(&Reader {
+            bytes: type_section,
+            big_endian,
+        })?;
+        btf.validate_refs()?;
+        btf.pointer_size = btf.guess_pointer_size();
+        Ok(btf)
+    }
+
+    fn parse_types(&mut self, r: &Reader<'_>) -> Result<(), BtfError> {
+        let mut pos = 0usize;
+        while pos < r.bytes.len() {
+            let type_id = u32::try_from(self.types.len() + 1).map_err(|_| BtfError::BadHeader {
+                reason: "too many types",
+            })?;
+            let start = pos;
+            let name_off = r.u32(pos, "type")?;
+            let info = r.u32(pos + 4, "type")?;
+            let size_or_type = r.u32(pos + 8, "type")?;
+            pos += 12;
+            let raw_kind = (info >> 24) & 0x1f;
+            let kind = Kind::from_raw(raw_kind).ok_or(BtfError::UnknownKind {
+                type_id,
+                kind: raw_kind,
+                offset: start,
+            })?;
+            let vlen = (info & 0xffff) as usize;
+            let kind_flag = info >> 31 == 1;
+            self.check_name(type_id, name_off)?;
+            let data = match kind {
+                Kind::Int => {
+                    let enc = r.u32(pos, "int encoding")?;
+                    pos += 4;
+                    Data::Int(enc)
+                }
+                Kind::Array => {
+                    let elem = r.u32(pos, "array")?;
+                    let nelems = r.u32(pos + 8, "array")?;
+                    // The index type is validated with the other references.
+                    pos += 12;
+                    Data::Array { elem, nelems }
+                }
+                Kind::Struct | Kind::Union => {
+                    r.need(pos, vlen * 12, "struct/union members")?;
+                    let mut members = Vec::with_capacity(vlen);
+                    for _ in 0..vlen {
+                        let m = RawMember {
+                            name_off: r.u32(pos, "member")?,
+                            ty: r.u32(pos + 4, "member")?,
+                            offset: r.u32(pos + 8, "member")?,
+                        };
+                        self.check_name(type_id, m.name_off)?;
+                        members.push(m);
+                        pos += 12;
+                    }
+                    Data::Members(members)
+                }
+                Kind::FuncProto => {
+                    r.need(pos, vlen * 8, "function parameters")?;
+                    let mut params = Vec::with_capacity(vlen);
+                    for _ in 0..vlen {
+                        let name_off = r.u32(pos, "parameter")?;
+                        self.check_name(type_id, name_off)?;
+                        params.push((name_off, r.u32(pos + 4, "parameter")?));
+                        pos += 8;
+                    }
+                    Data::Params(params)
+                }
+                Kind::Enum => {
+                    r.need(pos, vlen * 8, "enum values")?;
+                    pos += vlen * 8;
+                    Data::None
+                }
+                Kind::Enum64 => {
+                    r.need(pos, vlen * 12, "enum64 values")?;
+                    pos += vlen * 12;
+                    Data::None
+                }
+                Kind::Datasec => {
+                    r.need(pos, vlen * 12, "datasec entries")?;
+                    pos += vlen * 12;
+                    Data::None
+                }
+                Kind::Var | Kind::DeclTag => {
+                    r.need(pos, 4, "var/decl tag")?;
+                    pos += 4;
+                    Data::None
+                }
+                Kind::Ptr
+                | Kind::Fwd
+                | Kind::Typedef
+                | Kind::Volatile
+                | Kind::Const
+                | Kind::Restrict
+                | Kind::Func
+                | Kind::Float
+                | Kind::TypeTag => Data::None,
+                Kind::Void => unreachable!("kind 0 is rejected by Kind::from_raw"),
+            };
+            self.types.push(Type {
+                name_off,
+                kind,
+                kind_flag,
+                size_or_type,
+                data,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_name(&self, type_id: u32, offset: u32) -> Result<(), BtfError> {
+        match self.strings.get(offset as usize..) {
+            Some(rest) if rest.contains(&0) => Ok(()),
+            _ => Err(BtfError::BadString {
+                type_id,
+                offset,
+                len: self.strings.len(),
+            }),
+        }
+    }
+
+    /// Checks that every type reference points at an existing type, so that later lookups
+    /// of referenced ids cannot fail.
+    fn validate_refs(&self) -> Result<(), BtfError> {
+        let count = self.types.len() as u32;
+        for (i, t) in self.types.iter().enumerate() {
+            let type_id = i as u32 + 1;
+            let check = |target: u32| {
+                if target > count {
+                    Err(BtfError::BadTypeRef {
+                        type_id,
+                        kind: t.kind,
+                        target,
+                        count,
+                    })
+                } else {
+                    Ok(())
+                }
+            };
+            match (&t.data, t.kind) {
+                (Data::Array { elem, .. }, _) => check(*elem)?,
+                (Data::Members(members), _) => {
+                    for m in members {
+                        check(m.ty)?;
+                    }
+                }
+                (Data::Params(params), _) => {
+                    check(t.size_or_type)?;
+                    for (_, ty) in params {
+                        check(*ty)?;
+                    }
+                }
+                (
+                    _,
+                    Kind::Ptr
+                    | Kind::Typedef
+                    | Kind::Volatile
+                    | Kind::Const
+                    | Kind::Restrict
+                    | Kind::Func
+                    | Kind::Var
+                    | Kind::DeclTag
+                    | Kind::TypeTag,
+                ) => check(t.size_or_type)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Pointer width, from the size of `long` as libbpf does; 8 when there is no `long`.
+    fn guess_pointer_size(&self) -> u32 {
+        const LONGS: [&[u8]; 4] = [b"long", b"long int", b"unsigned long", b"long unsigned int"];
+        self.types
+            .iter()
+            .find(|t| {
+                t.kind == Kind::Int
+                    && matches!(t.size_or_type, 4 | 8)
+                    && LONGS.contains(&self.name_bytes(t.name_off))
+            })
+            .map_or(8, |t| t.size_or_type)
+    }
+
+    /// Number of types (not counting the implicit `void`, id 0).
+    pub fn type_count(&self) -> usize {
+        self.types.len()
+    }
+
+    fn name_bytes(&self, offset: u32) -> &[u8] {
+        let rest = self.strings.get(offset as usize..).unwrap_or_default();
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        &rest[..end]
+    }
+
+    fn name_lossy(&self, offset: u32) -> String {
+        String::from_utf8_lossy(self.name_bytes(offset)).into_owned()
+    }
+
+    fn get(&self, id: u32) -> Option<&Type> {
+        id.checked_sub(1).and_then(|i| self.types.get(i as usize))
+    }
+
+    fn kind_of(&self, id: u32) -> Kind {
+        self.get(id).map_or(Kind::Void, |t| t.kind)
+    }
+
+    /// Follows typedef/const/volatile/restrict/type-tag links to the underlying type id.
+    fn skip_modifiers(&self, mut id: u32) -> Result<u32, BtfError> {
+        let start = id;
+        for _ in 0..MAX_CHAIN {
+            match self.get(id) {
+                Some(t) if t.kind.is_modifier() => id = t.size_or_type,
+                _ => return Ok(id),
+            }
+        }
+        Err(BtfError::TooDeep {
+            type_id: start,
+            limit: MAX_CHAIN,
+        })
+    }
+
+    /// Size in bytes of a type, following modifiers and array element types.
+    fn size_of(&self, id: u32) -> Result<u64, BtfError> {
+        let start = id;
+        let mut id = id;
+        let mut factor: u64 = 1;
+        for _ in 0..MAX_CHAIN {
+            let t = self.get(id).ok_or(BtfError::NoSize {
+                type_id: id,
+                kind: Kind::Void,
+            })?;
+            let base = match (&t.data, t.kind) {
+                (_, k) if k.is_modifier() => {
+                    id = t.size_or_type;
+                    continue;
+                }
+                (Data::Array { elem, nelems }, _) => {
+                    factor = factor.saturating_mul(u64::from(*nelems));
+                    id = *elem;
+                    continue;
+                }
+                (_, Kind::Ptr) => self.pointer_size,
+                (
+                    _,
+                    Kind::Int
+                    | Kind::Struct
+                    | Kind::Union
+                    | Kind::Enum
+                    | Kind::Enum64
+                    | Kind::Float
+                    | Kind::Datasec,
+                ) => t.size_or_type,
+                (_, kind) => return Err(BtfError::NoSize { type_id: id, kind }),
+            };
+            return Ok(factor.saturating_mul(u64::from(base)));
+        }
+        Err(BtfError::TooDeep {
+            type_id: start,
+            limit: MAX_CHAIN,
+        })
+    }
+
+    /// The first struct or union with this name (`Fwd` declarations are not candidates).
+    fn find_composite(&self, name: &str) -> Option<u32> {
+        self.types
+            .iter()
+            .position(|t| {
+                matches!(t.kind, Kind::Struct | Kind::Union) && self.name_bytes(t.name_off) == name.as_bytes()
+            })
+            .map(|i| i as u32 + 1)
+    }
+
+    /// Size in bytes of the named struct or union.
+    pub fn struct_size(&self, struct_name: &str) -> Result<u32, BtfError> {
+        let id = self
+            .find_composite(struct_name)
+            .ok_or_else(|| BtfError::StructNotFound {
+                name: struct_name.to_owned(),
+            })?;
+        Ok(self.get(id).map_or(0, |t| t.size_or_type))
+    }
+
+    /// Finds the member `name` of composite `id`, looking through anonymous struct/union
+    /// members. Returns its bit offset from the start of `id`, its type and bitfield size
+    /// (0 when not a bitfield).
+    fn find_in(
+        &self,
+        id: u32,
+        name: &str,
+        depth: usize,
+        visits: &mut usize,
+    ) -> Result<Option<(u64, u32, u32)>, BtfError> {
+        if depth > MAX_ANON_DEPTH || *visits > MAX_VISITS {
+            return Err(BtfError::TooDeep {
+                type_id: id,
+                limit: MAX_ANON_DEPTH,
+            });
+        }
+        let Some(t) = self.get(id) else {
+            return Ok(None);
+        };
+        let Data::Members(members) = &t.data else {
+            return Ok(None);
+        };
+        for m in members {
+            *visits += 1;
+            let (bit_offset, bits) = if t.kind_flag {
+                (u64::from(m.offset & 0x00ff_ffff), m.offset >> 24)
+            } else {
+                (u64::from(m.offset), 0)
+            };
+            let member_name = self.name_bytes(m.name_off);
+            if member_name == name.as_bytes() {
+                return Ok(Some((bit_offset, m.ty, bits)));
+            }
+            if member_name.is_empty() {
+                let inner = self.skip_modifiers(m.ty)?;
+                if matches!(self.kind_of(inner), Kind::Struct | Kind::Union)
+                    && let Some((off, ty, bits)) = self.find_in(inner, name, depth + 1, visits)?
+                {
+                    return Ok(Some((bit_offset + off, ty, bits)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Old-style bitfields (no `kind_flag`) are INT members whose encoding narrows them.
+    fn legacy_bitfield_bits(&self, ty: u32) -> Result<Option<u32>, BtfError> {
+        let id = self.skip_modifiers(ty)?;
+        if let Some(Type {
+            data: Data::Int(enc),
+            size_or_type: size,
+            ..
+        }) = self.get(id)
+        {
+            let bits = enc & 0xff;
+            let int_offset = (enc >> 16) & 0xff;
+            if int_offset != 0 || u64::from(bits) != u64::from(*size) * 8 {
+                return Ok(Some(bits));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Locates `path` (dotted member names, e.g. `"se.sum_exec_runtime"`) inside the struct or
+    /// union `struct_name`. Named nested members are descended into explicitly; anonymous
+    /// struct/union members are searched transparently at every level. Bitfields are an
+    /// error, since cylo-usage reads whole bytes.
+    pub fn member(&self, struct_name: &str, path: &str) -> Result<Member, BtfError> {
+        let mut current = self
+            .find_composite(struct_name)
+            .ok_or_else(|| BtfError::StructNotFound {
+                name: struct_name.to_owned(),
+            })?;
+        let mut container = format!("{} {struct_name}", self.kind_of(current));
+        let mut bits_total: u64 = 0;
+        let mut last_ty = current;
+        let mut components = path.split('.').peekable();
+        while let Some(component) = components.next() {
+            if component.is_empty() {
+                return Err(BtfError::EmptyPathComponent {
+                    struct_name: struct_name.to_owned(),
+                    path: path.to_owned(),
+                });
+            }
+            let mut visits = 0;
+            let (bit_offset, ty, bits) = self
+                .find_in(current, component, 0, &mut visits)?
+                .ok_or_else(|| BtfError::MemberNotFound {
+                    struct_name: struct_name.to_owned(),
+                    path: path.to_owned(),
+                    component: component.to_owned(),
+                    container: container.clone(),
+                })?;
+            let bits = match bits {
+                0 => self.legacy_bitfield_bits(ty)?.unwrap_or(0),
+                b => b,
+            };
+            if bits != 0 {
+                return Err(BtfError::Bitfield {
+                    struct_name: struct_name.to_owned(),
+                    path: path.to_owned(),
+                    bit_offset: bits_total + bit_offset,
+                    bits,
+                });
+            }
+            if bit_offset % 8 != 0 {
+                return Err(BtfError::Unaligned {
+                    struct_name: struct_name.to_owned(),
+                    path: path.to_owned(),
+                    component: component.to_owned(),
+                    bit_offset,
+                });
+            }
+            bits_total += bit_offset;
+            last_ty = ty;
+            if components.peek().is_some() {
+                current = self.skip_modifiers(ty)?;
+                let kind = self.kind_of(current);
+                if !matches!(kind, Kind::Struct | Kind::Union) {
+                    return Err(BtfError::NotComposite {
+                        struct_name: struct_name.to_owned(),
+                        path: path.to_owned(),
+                        component: component.to_owned(),
+                        kind,
+                    });
+                }
+                container = format!("member `{component}` ({kind})");
+            }
+        }
+        let overflow = || BtfError::Overflow {
+            context: format!("{struct_name}.{path}"),
+        };
+        let offset = u32::try_from(bits_total / 8).map_err(|_| overflow())?;
+        let size = u32::try_from(self.size_of(last_ty)?).map_err(|_| overflow())?;
+        Ok(Member { offset, size })
+    }
+
+    /// Whether `struct_name` has a member at `path` (true for bitfields too, which
+    /// [`Btf::member`] refuses).
+    pub fn has_member(&self, struct_name: &str, path: &str) -> bool {
+        match self.member(struct_name, path) {
+            Ok(_) | Err(BtfError::Bitfield { .. }) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// Number of arguments a raw tracepoint passes to BPF programs, read from the typedef
+    /// `btf_trace_<tracepoint>`: a pointer to a FUNC_PROTO whose first parameter is the
+    /// `void *__data` of the tracepoint machinery, which is not counted.
+    pub fn raw_tracepoint_arg_count(&self, tracepoint: &str) -> Result<usize, BtfError> {
+        let wanted = format!("btf_trace_{tracepoint}");
+        let typedef = self
+            .types
+            .iter()
+            .find(|t| t.kind == Kind::Typedef && self.name_bytes(t.name_off) == wanted.as_bytes())
+            .ok_or_else(|| BtfError::TracepointNotFound {
+                tracepoint: tracepoint.to_owned(),
+            })?;
+        let not_proto = |kind| BtfError::NotTracepointProto {
+            tracepoint: tracepoint.to_owned(),
+            kind,
+        };
+        let ptr = self.skip_modifiers(typedef.size_or_type)?;
+        let ptr_t = self.get(ptr).filter(|t| t.kind == Kind::Ptr);
+        let ptr_t = ptr_t.ok_or_else(|| not_proto(self.kind_of(ptr)))?;
+        let proto = self.skip_modifiers(ptr_t.size_or_type)?;
+        let Some(Type {
+            data: Data::Params(params),
+            ..
+        }) = self.get(proto)
+        else {
+            return Err(not_proto(self.kind_of(proto)));
+        };
+        // A trailing (0, 0) parameter marks a variadic prototype; it is not an argument.
+        let count = match params.last() {
+            Some((0, 0)) => params.len() - 1,
+            _ => params.len(),
+        };
+        let data_is_ptr = match params.first() {
+            Some(&(_, ty)) if count > 0 => self.kind_of(self.skip_modifiers(ty)?) == Kind::Ptr,
+            _ => false,
+        };
+        if !data_is_ptr {
+            return Err(BtfError::NoDataParam {
+                tracepoint: tracepoint.to_owned(),
+            });
+        }
+        Ok(count - 1)
+    }
+}
+
+/// Builds small BTF blobs for tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    pub(crate) const INT: u32 = 1;
+    pub(crate) const PTR: u32 = 2;
+    pub(crate) const ARRAY: u32 = 3;
+    pub(crate) const STRUCT: u32 = 4;
+    pub(crate) const UNION: u32 = 5;
+    pub(crate) const TYPEDEF: u32 = 8;
+    pub(crate) const VOLATILE: u32 = 9;
+    pub(crate) const CONST: u32 = 10;
+    pub(crate) const FUNC_PROTO: u32 = 13;
+
+    /// Appends types in id order (the first is id 1) and serializes a little-endian blob.
+    pub(crate) struct Builder {
+        types: Vec<u8>,
+        strings: Vec<u8>,
+        next_id: u32,
+    }
+
+    impl Builder {
+        pub(crate) fn new() -> Builder {
+            Builder {
+                types: Vec::new(),
+                strings: vec![0],
+                next_id: 1,
+            }
+        }
+
+        pub(crate) fn str(&mut self, s: &str) -> u32 {
+            if s.is_empty() {
+                return 0;
+            }
+            let off = self.strings.len() as u32;
+            self.strings.extend_from_slice(s.as_bytes());
+            self.strings.push(0);
+            off
+        }
+
+        /// Any type: name, kind, vlen, kind_flag, size-or-type word, then kind-specific words.
+        pub(crate) fn raw(&mut self, name: &str, kind: u32, vlen: u32, kind_flag: bool, st: u32, extra: &[u32]) -> u32 {
+            let name_off = self.str(name);
+            let info = (u32::from(kind_flag) << 31) | (kind << 24) | vlen;
+            for w in [name_off, info, st].iter().chain(extra) {
+                self.types.extend_from_slice(&w.to_le_bytes());
+            }
+            self.next_id += 1;
+            self.next_id - 1
+        }
+
+        pub(crate) fn int(&mut self, name: &str, size: u32) -> u32 {
+            self.raw(name, INT, 0, false, size, &[size * 8])
+        }
+
+        pub(crate) fn ptr(&mut self, target: u32) -> u32 {
+            self.raw("", PTR, 0, false, target, &[])
+        }
+
+        pub(crate) fn typedef(&mut self, name: &str, target: u32) -> u32 {
+            self.raw(name, TYPEDEF, 0, false, target, &[])
+        }
+
+        pub(crate) fn array(&mut self, elem: u32, index: u32, nelems: u32) -> u32 {
+            self.raw("", ARRAY, 0, false, 0, &[elem, index, nelems])
+        }
+
+        /// Members are (name, type, byte offset).
+        pub(crate) fn composite(&mut self, kind: u32, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+            let mut extra = Vec::new();
+            for &(n, ty, off) in members {
+                extra.extend([self.str(n), ty, off * 8]);
+            }
+            self.raw(name, kind, members.len() as u32, false, size, &extra)
+        }
+
+        /// `typedef void (*btf_trace_<tp>)(params...)`.
+        pub(crate) fn tracepoint(&mut self, tp: &str, params: &[u32]) -> u32 {
+            let mut extra = Vec::new();
+            for &ty in params {
+                extra.extend([0, ty]);
+            }
+            let proto = self.raw("", FUNC_PROTO, params.len() as u32, false, 0, &extra);
+            let ptr = self.ptr(proto);
+            self.typedef(&format!("btf_trace_{tp}"), ptr)
+        }
+
+        pub(crate) fn build(&self) -> Vec<u8> {
+            let mut out = Vec::new();
+            for w in [0xeb9f_u16.to_le_bytes(), [1, 0]] {
+                out.extend_from_slice(&w);
+            }
+            let type_len = self.types.len() as u32;
+            for w in [24, 0, type_len, type_len, self.strings.len() as u32] {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+            out.extend_from_slice(&self.types);
+            out.extend_from_slice(&self.strings);
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/btf")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    const FIXTURES: [&str; 4] = [
+        "debian-5.10.btf",
+        "debian-6.1.btf",
+        "debian-6.12.btf",
+        "host-6.18.btf",
+    ];
+
+    fn m(offset: u32, size: u32) -> Member {
+        Member { offset, size }
+    }
+
+    /// Expected values come from `gcc` `offsetof`/`sizeof` over `bpftool btf dump format c`
+    /// of each kernel's full (not minimized) BTF; see tests/fixtures/btf/README.md.
+    #[test]
+    fn fixture_members() {
+        #[rustfmt::skip]
+        let cases: [(&str, [(&str, &str, Member); 11]); 4] = [
+            ("debian-5.10.btf", [
+                ("task_struct", "pid", m(2232, 4)), ("task_struct", "tgid", m(2236, 4)),
+                ("task_struct", "signal", m(2832, 8)), ("task_struct", "start_boottime", m(2544, 8)),
+                ("task_struct", "se.sum_exec_runtime", m(200, 8)), ("task_struct", "utime", m(2472, 8)),
+                ("task_struct", "stime", m(2480, 8)), ("task_struct", "state", m(16, 8)),
+                ("task_struct", "ioac.read_bytes", m(3128, 8)), ("task_struct", "mm", m(2056, 8)),
+                ("mm_struct", "hiwater_rss", m(176, 8)),
+            ]),
+            ("debian-6.1.btf", [
+                ("task_struct", "pid", m(2416, 4)), ("task_struct", "tgid", m(2420, 4)),
+                ("task_struct", "signal", m(3072, 8)), ("task_struct", "start_boottime", m(2784, 8)),
+                ("task_struct", "se.sum_exec_runtime", m(200, 8)), ("task_struct", "utime", m(2656, 8)),
+                ("task_struct", "stime", m(2664, 8)), ("task_struct", "__state", m(24, 4)),
+                ("task_struct", "ioac.read_bytes", m(3400, 8)), ("task_struct", "mm", m(2272, 8)),
+                ("mm_struct", "hiwater_rss", m(176, 8)),
+            ]),
+            ("debian-6.12.btf", [
+                ("task_struct", "pid", m(2432, 4)), ("task_struct", "tgid", m(2436, 4)),
+                ("task_struct", "signal", m(3072, 8)), ("task_struct", "start_boottime", m(2784, 8)),
+                ("task_struct", "se.sum_exec_runtime", m(224, 8)), ("task_struct", "utime", m(2656, 8)),
+                ("task_struct", "stime", m(2664, 8)), ("task_struct", "__state", m(24, 4)),
+                ("task_struct", "ioac.read_bytes", m(3392, 8)), ("task_struct", "mm", m(2304, 8)),
+                ("mm_struct", "hiwater_rss", m(240, 8)),
+            ]),
+            ("host-6.18.btf", [
+                ("task_struct", "pid", m(1264, 4)), ("task_struct", "tgid", m(1268, 4)),
+                ("task_struct", "signal", m(1848, 8)), ("task_struct", "start_boottime", m(1560, 8)),
+                ("task_struct", "se.sum_exec_runtime", m(232, 8)), ("task_struct", "utime", m(1488, 8)),
+                ("task_struct", "stime", m(1496, 8)), ("task_struct", "__state", m(24, 4)),
+                ("task_struct", "ioac.read_bytes", m(2184, 8)), ("task_struct", "mm", m(1136, 8)),
+                ("mm_struct", "hiwater_rss", m(344, 8)),
+            ]),
+        ];
+        let sizes = [9344, 9728, 9792, 3264];
+        for ((file, members), size) in cases.iter().zip(sizes) {
+            let btf = Btf::from_bytes(&fixture(file)).unwrap();
+            for (strukt, path, want) in members {
+                let got = btf.member(strukt, path).unwrap_or_else(|e| panic!("{file}: {e}"));
+                assert_eq!(got, *want, "{file}: {strukt}.{path}");
+                assert!(btf.has_member(strukt, path));
+            }
+            assert_eq!(btf.struct_size("task_struct").unwrap(), size, "{file}");
+        }
+    }
+
+    #[test]
+    fn state_member_is_renamed_in_5_14() {
+        let old = Btf::from_bytes(&fixture("debian-5.10.btf")).unwrap();
+        assert!(old.has_member("task_struct", "state"));
+        assert!(!old.has_member("task_struct", "__state"));
+        for file in &FIXTURES[1..] {
+            let new = Btf::from_bytes(&fixture(file)).unwrap();
+            assert!(new.has_member("task_struct", "__state"), "{file}");
+            assert!(!new.has_member("task_struct", "state"), "{file}");
+        }
+    }
+
+    #[test]
+    fn fixture_tracepoint_arg_counts() {
+        // (sched_switch, task_newtask, sched_process_exit, sched_process_fork, sched_process_exec)
+        let want = [
+            [3, 2, 1, 2, 3], // 5.10: no prev_state
+            [4, 2, 1, 2, 3], // 6.1: prev_state since 5.18
+            [4, 2, 1, 2, 3],
+            [4, 2, 2, 2, 3], // 6.18: sched_process_exit got group_dead
+        ];
+        let tps = [
+            "sched_switch",
+            "task_newtask",
+            "sched_process_exit",
+            "sched_process_fork",
+            "sched_process_exec",
+        ];
+        for (file, want) in FIXTURES.iter().zip(want) {
+            let btf = Btf::from_bytes(&fixture(file)).unwrap();
+            for (tp, n) in tps.iter().zip(want) {
+                assert_eq!(btf.raw_tracepoint_arg_count(tp).unwrap(), n, "{file}: {tp}");
+            }
+            assert!(matches!(
+                btf.raw_tracepoint_arg_count("no_such_tp"),
+                Err(BtfError::TracepointNotFound { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn lookup_errors_carry_context() {
+        let btf = Btf::from_bytes(&fixture("host-6.18.btf")).unwrap();
+        let e = btf.member("task_struct", "se.nope").unwrap_err();
+        assert!(
+            matches!(&e, BtfError::MemberNotFound { component, .. } if component == "nope"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("task_struct.se.nope"), "{e}");
+        let e = btf.member("task_struct", "pid.x").unwrap_err();
+        assert!(matches!(e, BtfError::NotComposite { kind: Kind::Typedef | Kind::Int, .. }), "{e}");
+        let e = btf.member("no_such_struct", "x").unwrap_err();
+        assert!(matches!(e, BtfError::StructNotFound { .. }), "{e}");
+        let e = btf.member("task_struct", "se..x").unwrap_err();
+        assert!(matches!(e, BtfError::EmptyPathComponent { .. }), "{e}");
+        let e = Btf::from_file(Path::new("/nonexistent/btf")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/btf"), "{e}");
+    }
+
+    /// Anonymous structs and unions at several levels, typedef/const/volatile chains, arrays.
+    #[test]
+    fn anonymous_members_and_chains() {
+        let mut b = Builder::new();
+        let u32_ = b.int("unsigned int", 4); // 1
+        let u64_ = b.int("long long unsigned int", 8); // 2
+        let td = b.typedef("u64", u64_); // 3
+        let vol = b.raw("", VOLATILE, 0, false, td, &[]); // 4
+        let cst = b.raw("", CONST, 0, false, vol, &[]); // 5
+        let arr = b.array(u32_, u32_, 6); // 6: u32[6]
+        let inner = b.composite(STRUCT, "", 16, &[("deep", cst, 0), ("arr_lo", u32_, 8)]); // 7
+        let un = b.composite(UNION, "", 24, &[("", inner, 0), ("arr", arr, 0)]); // 8
+        let named = b.composite(STRUCT, "nested", 32, &[("x", u32_, 0), ("", un, 8)]); // 9
+        let top = b.composite(STRUCT, "top", 48, &[("a", u32_, 0), ("n", named, 16)]);
+        assert_eq!(top, 10);
+        let btf = Btf::from_bytes(&b.build()).unwrap();
+        assert_eq!(btf.member("top", "a").unwrap(), m(0, 4));
+        assert_eq!(btf.member("top", "n").unwrap(), m(16, 32));
+        assert_eq!(btf.member("top", "n.deep").unwrap(), m(24, 8));
+        assert_eq!(btf.member("top", "n.arr_lo").unwrap(), m(32, 4));
+        assert_eq!(btf.member("top", "n.arr").unwrap(), m(24, 24));
+        assert_eq!(btf.member("nested", "deep").unwrap(), m(8, 8));
+        assert!(!btf.has_member("top", "deep"), "anonymous only below `n`");
+    }
+
+    #[test]
+    fn bitfields_are_refused() {
+        let mut b = Builder::new();
+        let u32_ = b.int("unsigned int", 4);
+        // kind_flag style: bitfield size << 24 | bit offset.
+        let words = [b.str("flag"), u32_, (3 << 24) | 32, b.str("whole"), u32_, 64];
+        b.raw("kf", STRUCT, 2, true, 12, &words);
+        // Legacy style: an INT narrowed to 3 bits.
+        let narrow = b.raw("", INT, 0, false, 4, &[3]);
+        b.composite(STRUCT, "legacy", 4, &[("flag", narrow, 0)]);
+        let btf = Btf::from_bytes(&b.build()).unwrap();
+        let e = btf.member("kf", "flag").unwrap_err();
+        assert!(
+            matches!(e, BtfError::Bitfield { bits: 3, bit_offset: 32, .. }),
+            "{e}"
+        );
+        assert_eq!(btf.member("kf", "whole").unwrap(), m(8, 4));
+        assert!(matches!(
+            btf.member("legacy", "flag"),
+            Err(BtfError::Bitfield { bits: 3, .. })
+        ));
+        assert!(btf.has_member("legacy", "flag"));
+    }
+
+    #[test]
+    fn cycles_are_bounded() {
+        let mut b = Builder::new();
+        // 1 -> 2 -> 1: a typedef loop.
+        b.typedef("a", 2);
+        b.typedef("b", 1);
+        // 3: a struct whose anonymous members are itself, twice (exponential if unbounded).
+        let s = b.composite(STRUCT, "selfish", 8, &[("", 3, 0), ("", 3, 0), ("t", 1, 0)]);
+        assert_eq!(s, 3);
+        b.composite(STRUCT, "loopy", 8, &[("t", 1, 0)]); // 4
+        b.array(5, 1, 2); // 5: an array of itself
+        b.composite(STRUCT, "arr", 8, &[("a", 5, 0)]); // 6
+        b.tracepoint("loop", &[1]);
+        let btf = Btf::from_bytes(&b.build()).unwrap();
+        assert!(matches!(btf.member("selfish", "nope"), Err(BtfError::TooDeep { .. })));
+        assert!(matches!(btf.member("loopy", "t"), Err(BtfError::TooDeep { .. })));
+        assert!(matches!(btf.member("arr", "a"), Err(BtfError::TooDeep { .. })));
+        assert!(btf.raw_tracepoint_arg_count("loop").is_err());
+    }
+
+    #[test]
+    fn tracepoint_shapes() {
+        let mut b = Builder::new();
+        let int = b.int("int", 4);
+        let void_ptr = b.ptr(0);
+        b.tracepoint("ok", &[void_ptr, int, int]);
+        b.tracepoint("variadic", &[void_ptr, int, 0]);
+        b.tracepoint("no_data", &[]);
+        b.tracepoint("int_data", &[int]);
+        b.typedef("btf_trace_not_ptr", int);
+        let btf = Btf::from_bytes(&b.build()).unwrap();
+        assert_eq!(btf.raw_tracepoint_arg_count("ok").unwrap(), 2);
+        assert_eq!(btf.raw_tracepoint_arg_count("variadic").unwrap(), 1);
+        assert!(matches!(btf.raw_tracepoint_arg_count("no_data"), Err(BtfError::NoDataParam { .. })));
+        assert!(matches!(btf.raw_tracepoint_arg_count("int_data"), Err(BtfError::NoDataParam { .. })));
+        assert!(matches!(
+            btf.raw_tracepoint_arg_count("not_ptr"),
+            Err(BtfError::NotTracepointProto { kind: Kind::Int, .. })
+        ));
+    }
+
+    #[test]
+    fn big_endian_blobs_parse() {
+        let mut b = Builder::new();
+        let int = b.int("int", 4);
+        b.composite(STRUCT, "s", 8, &[("x", int, 4)]);
+        let le = b.build();
+        // Byte-swap every 32-bit word of header and types (the string section is bytes).
+        let mut be = le.clone();
+        be[0..2].copy_from_slice(&0xeb9f_u16.to_be_bytes());
+        let types_end = 24 + u32::from_le_bytes(le[20..24].try_into().unwrap()) as usize;
+        for i in (4..types_end).step_by(4) {
+            be[i..i + 4].reverse();
+        }
+        let btf = Btf::from_bytes(&be).unwrap();
+        assert_eq!(btf.member("s", "x").unwrap(), m(4, 4));
+    }
+
+    #[test]
+    fn header_errors() {
+        let good = fixture("debian-6.1.btf");
+        let mut bad = good.clone();
+        bad[0] = 0;
+        assert!(matches!(Btf::from_bytes(&bad), Err(BtfError::BadMagic { .. })));
+        let mut bad = good.clone();
+        bad[2] = 2;
+        assert!(matches!(
+            Btf::from_bytes(&bad),
+            Err(BtfError::UnsupportedVersion { version: 2 })
+        ));
+        let mut bad = good.clone();
+        bad[4..8].copy_from_slice(&8u32.to_le_bytes());
+        assert!(matches!(Btf::from_bytes(&bad), Err(BtfError::BadHeader { .. })));
+        let mut bad = good.clone();
+        bad[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(Btf::from_bytes(&bad), Err(BtfError::Truncated { .. })));
+        assert!(matches!(Btf::from_bytes(&[]), Err(BtfError::Truncated { .. })));
+    }
+
+    /// Exercises every query on whatever parsed; must not panic.
+    fn poke(btf: &Btf) {
+        for path in ["pid", "se.sum_exec_runtime", "ioac.read_bytes", "__state", "state"] {
+            let _ = btf.member("task_struct", path);
+            let _ = btf.has_member("task_struct", path);
+        }
+        let _ = btf.member("mm_struct", "hiwater_rss");
+        let _ = btf.struct_size("task_struct");
+        let _ = btf.raw_tracepoint_arg_count("sched_switch");
+    }
+
+    #[test]
+    fn truncated_input_is_an_error() {
+        let good = fixture("debian-5.10.btf");
+        for len in 0..good.len() {
+            // Cut without fixing the header: always out of bounds.
+            assert!(Btf::from_bytes(&good[..len]).is_err(), "len {len}");
+            // Cut and shrink the string section accordingly: may parse, must not panic.
+            let mut cut = good[..len].to_vec();
+            if len >= 24 {
+                let str_len = u32::from_le_bytes(good[20..24].try_into().unwrap());
+                let short = (good.len() - len) as u32;
+                cut[20..24].copy_from_slice(&str_len.saturating_sub(short).to_le_bytes());
+                if let Ok(btf) = Btf::from_bytes(&cut) {
+                    poke(&btf);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn corrupt_input_never_panics() {
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for file in FIXTURES {
+            let good = fixture(file);
+            let mut parsed = 0;
+            for _ in 0..400 {
+                let mut bad = good.clone();
+                for _ in 0..(next() % 8 + 1) {
+                    let i = (next() % bad.len() as u64) as usize;
+                    // Bias towards the type section's words, where most structure is.
+                    bad[i] = match next() % 4 {
+                        0 => 0,
+                        1 => 0xff,
+                        _ => next() as u8,
+                    };
+                }
+                if let Ok(btf) = Btf::from_bytes(&bad) {
+                    parsed += 1;
+                    poke(&btf);
+                }
+            }
+            assert!(parsed > 0, "{file}: fuzzing should sometimes keep the blob valid");
+        }
+    }
+}

@@ -1,3 +1,25 @@
-//! cylo-usage: precise, eBPF-backed resource accounting for a process tree.
+//! cylo-usage: precise, eBPF-backed resource accounting for a process and every descendant it
+//! ever has.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use cylo_usage::Tracker;
+//! let tracker = Tracker::load()?; // needs CAP_BPF + CAP_PERFMON, or root
+//! let mut run = tracker.spawn(std::process::Command::new("make").arg("-j2"))?;
+//! run.wait_root().await?;
+//! run.wait_finished().await?; // daemons it left behind included
+//! let usage = run.usage()?;
+//! println!("{} ns of CPU in {} processes", usage.cpu_time_ns, usage.process_count);
+//! # Ok(()) }
+//! ```
 pub mod btf;
+pub mod loader;
+pub mod procfs;
+pub mod report;
 pub mod resolve;
+pub mod session;
+pub mod usage;
+
+pub use loader::{LoadError, Tracker};
+pub use session::{Run, SessionError};
+pub use usage::{Precision, ResourceUsage};

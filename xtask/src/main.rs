@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's build, test, benchmark and kernel-matrix tasks.
 mod ebpf;
+mod vm;
 
 use std::path::PathBuf;
 
@@ -30,6 +31,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu and run the test suite in each.
+    VmTest(vm::Args),
 }
 
 fn main() {
@@ -64,6 +67,7 @@ fn run(cli: Cli) -> Result<()> {
             full.extend(args.iter().map(String::as_str));
             ebpf::cargo(&full)?;
         }
+        Command::VmTest(args) => vm::run(args)?,
     }
     Ok(())
 }

@@ -123,6 +123,8 @@ pub struct RunCounters {
     pub threads_exited: u64,
     /// Records the kernel side could not make (map full, ring buffer full).
     pub lost_events: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the last thread left; 0 while any is alive.
+    pub ended_ns: u64,
 }
 
 /// Kinds of [`Event`].
@@ -142,7 +144,7 @@ pub struct Event {
 const _: () = assert!(size_of::<Offsets>() == 48);
 const _: () = assert!(size_of::<TaskMember>() == 32);
 const _: () = assert!(size_of::<ProcMember>() == 16);
-const _: () = assert!(size_of::<RunCounters>() == 80);
+const _: () = assert!(size_of::<RunCounters>() == 88);
 const _: () = assert!(size_of::<Event>() == 8);
 
 #[cfg(feature = "user")]

@@ -1,0 +1,182 @@
+//! Loading the eBPF object: check privileges, hand it the resolved kernel layout, load and
+//! attach its programs, and own the links and maps for as long as the [`Tracker`] lives.
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
+use aya::programs::{ProgramError, RawTracePoint};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use cylo_usage_abi::{MAX_RUNS, Offsets, ProcMember, RunCounters, TaskMember, names};
+
+use crate::resolve::{self, ResolveError};
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("CYLO_USAGE_EBPF_OBJECT"));
+
+/// Linux capability numbers (`<linux/capability.h>`).
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Why the tracker could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "missing privileges: loading the eBPF programs needs {needed}; run cylo-usage as root"
+    )]
+    MissingPrivileges { needed: &'static str },
+    #[error("cannot read the process's capabilities from {path}")]
+    Capabilities {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error("the kernel rejected the eBPF object")]
+    Load(#[source] EbpfError),
+    #[error("the eBPF object has no program {name}")]
+    MissingProgram { name: &'static str },
+    #[error("program {program} could not be loaded or attached to raw tracepoint {tracepoint}")]
+    Attach {
+        program: &'static str,
+        tracepoint: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("the eBPF object has no usable map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Option<MapError>,
+    },
+}
+
+/// Which capabilities the running process lacks for [`Tracker::load`], if any.
+pub fn missing_privileges() -> Result<Option<&'static str>, LoadError> {
+    const PATH: &str = "/proc/self/status";
+    let status = std::fs::read_to_string(PATH)
+        .map_err(|source| LoadError::Capabilities { path: PATH, source })?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| eff & (1u64 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(None)
+    } else {
+        Ok(Some("CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)"))
+    }
+}
+
+/// The maps userspace reads and writes; behind one lock.
+pub(crate) struct Maps {
+    pub tasks: HashMap<MapData, u64, TaskMember>,
+    pub procs: HashMap<MapData, u64, ProcMember>,
+    pub runs: Array<MapData, RunCounters>,
+    pub spawners: HashMap<MapData, u32, u32>,
+    pub spawn_gate: Array<MapData, u64>,
+    /// Run slots in use.
+    pub slots: Vec<bool>,
+    /// Where the search for a free slot starts: slots are handed out round-robin, so a slot
+    /// is reused as late as possible.
+    pub next_slot: u32,
+}
+
+pub(crate) struct Inner {
+    pub maps: Mutex<Maps>,
+    pub events: Mutex<RingBuf<MapData>>,
+    pub offsets: Offsets,
+    /// Keeps the programs and their links attached.
+    _ebpf: Mutex<Ebpf>,
+}
+
+impl Inner {
+    pub fn maps(&self) -> MutexGuard<'_, Maps> {
+        // A panic while holding the lock leaves plain data behind: keep using it.
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Loaded and attached eBPF programs. Cheap to clone; the programs stay attached until the
+/// last clone (and every [`crate::Run`] made from it) is dropped.
+#[derive(Clone)]
+pub struct Tracker {
+    pub(crate) inner: Arc<Inner>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(LoadError::Map { name, source: None })?;
+    T::try_from(map).map_err(|e| LoadError::Map {
+        name,
+        source: Some(e),
+    })
+}
+
+fn attach(ebpf: &mut Ebpf, program: &'static str, tracepoint: &'static str) -> Result<(), LoadError> {
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .ok_or(LoadError::MissingProgram { name: program })?
+        .try_into()
+        .map_err(|source| LoadError::Attach {
+            program,
+            tracepoint,
+            source,
+        })?;
+    prog.load()
+        .and_then(|()| prog.attach(tracepoint).map(|_| ()))
+        .map_err(|source| LoadError::Attach {
+            program,
+            tracepoint,
+            source,
+        })
+}
+
+impl Tracker {
+    /// Checks privileges, resolves the kernel layout from BTF, loads and attaches the programs.
+    pub fn load() -> Result<Tracker, LoadError> {
+        if let Some(needed) = missing_privileges()? {
+            return Err(LoadError::MissingPrivileges { needed });
+        }
+        let offsets = resolve::resolve_host()?;
+        Self::load_with(offsets)
+    }
+
+    /// Like [`Tracker::load`] with an explicit kernel layout (no privilege pre-check).
+    pub fn load_with(offsets: Offsets) -> Result<Tracker, LoadError> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::OFFSETS, &offsets, true)
+            .load(OBJECT)
+            .map_err(LoadError::Load)?;
+        let maps = Maps {
+            tasks: take(&mut ebpf, names::TASKS)?,
+            procs: take(&mut ebpf, names::PROCS)?,
+            runs: take(&mut ebpf, names::RUNS)?,
+            spawners: take(&mut ebpf, names::SPAWNERS)?,
+            spawn_gate: take(&mut ebpf, names::SPAWN_GATE)?,
+            slots: vec![false; MAX_RUNS as usize],
+            next_slot: 0,
+        };
+        let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
+        attach(&mut ebpf, names::PROG_TASK_NEWTASK, names::TP_TASK_NEWTASK)?;
+        attach(&mut ebpf, names::PROG_SCHED_SWITCH, names::TP_SCHED_SWITCH)?;
+        Ok(Tracker {
+            inner: Arc::new(Inner {
+                maps: Mutex::new(maps),
+                events: Mutex::new(events),
+                offsets,
+                _ebpf: Mutex::new(ebpf),
+            }),
+        })
+    }
+
+    /// The kernel layout the programs were loaded with.
+    pub fn offsets(&self) -> Offsets {
+        self.inner.offsets
+    }
+}

@@ -1,0 +1,102 @@
+//! Presenting a [`ResourceUsage`]: human text in the style of GNU `time -v`, or JSON.
+//! Nothing here computes a figure.
+use std::fmt::Write;
+
+use crate::usage::{Precision, ResourceUsage};
+
+/// One flat JSON object with the field names of [`ResourceUsage`], and a newline.
+pub fn json(usage: &ResourceUsage) -> String {
+    let mut s = serde_json::to_string(usage).expect("ResourceUsage always serialises");
+    s.push('\n');
+    s
+}
+
+fn seconds(ns: u64) -> String {
+    format!("{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000)
+}
+
+fn bytes(v: Option<u64>) -> String {
+    match v {
+        Some(b) => b.to_string(),
+        None => "not measured".to_string(),
+    }
+}
+
+/// Human-readable report; `command` is shown as "Command being timed".
+pub fn human(usage: &ResourceUsage, command: &str) -> String {
+    let mut out = String::new();
+    let mut line = |label: &str, value: String| {
+        let _ = writeln!(out, "\t{label}: {value}");
+    };
+    line("Command being timed", format!("{command:?}"));
+    line("CPU time (seconds)", seconds(usage.cpu_time_ns));
+    line("User time (seconds)", seconds(usage.cpu_user_ns));
+    line("System time (seconds)", seconds(usage.cpu_system_ns));
+    let wall_ms = usage.wall_time_ms;
+    line(
+        "Elapsed (wall clock) time (seconds)",
+        format!("{}.{:03}", wall_ms / 1000, wall_ms % 1000),
+    );
+    if wall_ms > 0 {
+        let pct = usage.cpu_time_ns as u128 * 100 / (wall_ms as u128 * 1_000_000);
+        line("Percent of CPU this job got", format!("{pct}%"));
+    }
+    line("Processes", usage.process_count.to_string());
+    line("Threads", usage.thread_count.to_string());
+    line("Most processes alive at once", usage.peak_process_count.to_string());
+    line("Processes still alive", usage.live_process_count.to_string());
+    line("Disk bytes read", bytes(usage.disk_bytes_read));
+    line("Disk bytes written", bytes(usage.disk_bytes_written));
+    line("Memory (bytes)", bytes(usage.memory_bytes));
+    line("Peak memory (bytes)", bytes(usage.peak_memory_bytes));
+    line("Network bytes sent", bytes(usage.network_bytes_sent));
+    line("Network bytes received", bytes(usage.network_bytes_received));
+    line("Lost events", usage.lost_events.to_string());
+    line(
+        "Precision",
+        match usage.precision {
+            Precision::Exact => "exact".to_string(),
+            Precision::Approximate => "approximate".to_string(),
+        },
+    );
+    match (usage.exit_code, usage.signal) {
+        (_, Some(sig)) => line("Command terminated by signal", sig.to_string()),
+        (Some(code), None) => line("Exit status", code.to_string()),
+        (None, None) => line("Exit status", "still running".to_string()),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usage::{RootExit, merge};
+    use cylo_usage_abi::RunCounters;
+
+    #[test]
+    fn human_report_names_every_field() {
+        let c = RunCounters {
+            cpu_runtime_ns: 1_500_000_000,
+            cpu_utime_ns: 1,
+            cpu_stime_ns: 1,
+            processes_started: 3,
+            threads_started: 4,
+            processes_peak: 2,
+            ..Default::default()
+        };
+        let root = RootExit {
+            exit_code: Some(3),
+            signal: None,
+        };
+        let u = merge(&c, &[], 100, true, root, 2000);
+        let text = human(&u, "sh -c 'x'");
+        assert!(text.contains("\tCPU time (seconds): 1.500000000\n"));
+        assert!(text.contains("\tUser time (seconds): 0.750000000\n"));
+        assert!(text.contains("\tPercent of CPU this job got: 75%\n"));
+        assert!(text.contains("\tProcesses: 3\n"));
+        assert!(text.contains("\tDisk bytes read: not measured\n"));
+        assert!(text.contains("\tPrecision: exact\n"));
+        assert!(text.contains("\tExit status: 3\n"));
+        assert!(json(&u).ends_with("}\n"));
+    }
+}

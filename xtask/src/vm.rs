@@ -1,0 +1,1746 @@
+//! `cargo xtask vm-test`: boot other kernels under qemu (TCG) and run the test suite in each.
+//!
+//! Steps:
+//! 1. Host tools: `qemu-system-x86_64` and a static `/bin/busybox`, installed from Debian's
+//!    packages when missing.
+//! 2. Kernels: Debian's cloud kernels (5.10 bullseye, 6.1 bookworm, 6.12 trixie), resolved from
+//!    each suite's `linux-image-cloud-amd64` meta-package with a private apt configuration (the
+//!    system's sources stay untouched), downloaded once into `target/vm/cache/`.
+//! 3. Test binaries: the workspace's tests and the `cylo-usage` binary, built static (glibc
+//!    `crt-static`) into `target/vm/build`.
+//! 4. One initramfs: static busybox, the binaries (cylo-usage at the same absolute path as on the
+//!    host, since tests find it through `env!("CARGO_BIN_EXE_cylo-usage")`), and an `/init` that
+//!    mounts what the tests need, runs every test binary and powers off.
+//! 5. Per kernel: boot, capture the serial console to `target/vm/<kernel>/console.log`, parse
+//!    libtest's output, and write `target/vm/matrix.md` and `target/vm/matrix.json`.
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::workspace_root;
+
+/// Prefix of every line the guest's `/init` prints for the host to parse.
+const MARK: &str = "@@vm-test@@";
+/// The target the test binaries are built for (explicit, so build scripts stay dynamic).
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+/// Apt metadata younger than this is reused without `apt-get update`.
+const APT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Where the guest puts the test binaries.
+const GUEST_TEST_DIR: &str = "vm-test/bin";
+/// Data folders of each package copied into the guest at the same absolute path (fixtures).
+const DATA_DIRS: &[&str] = &["tests", "fixtures", "testdata"];
+/// Upper bound for the fixtures copied into the initramfs.
+const MAX_DATA_BYTES: u64 = 64 << 20;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Kernels to boot: `5.10`, `6.1`, `6.12` (Debian cloud kernels) or a path to a vmlinuz.
+    /// Repeatable; default: all three Debian kernels.
+    #[arg(long = "kernel", value_name = "NAME", num_args = 1..)]
+    kernels: Vec<String>,
+    /// Seconds allowed per kernel for boot plus the whole suite (TCG is ~10x slower than KVM).
+    #[arg(long, value_name = "SECS", default_value_t = 1800)]
+    timeout: u64,
+    /// Virtual CPUs per guest (retried with 1 when a guest does not reach /init).
+    #[arg(long, default_value_t = 2)]
+    smp: u32,
+    /// Guest memory (qemu `-m`).
+    #[arg(long, default_value = "2G")]
+    memory: String,
+    /// Run `apt-get update` for the kernel suites even if the cached lists are recent.
+    #[arg(long)]
+    refresh: bool,
+    /// Echo the whole serial console, not just progress lines.
+    #[arg(long, short)]
+    verbose: bool,
+    /// Arguments for every test binary (e.g. a test name filter), after `--`.
+    #[arg(last = true, value_name = "TEST_ARGS")]
+    test_args: Vec<String>,
+}
+
+/// A Debian kernel series and the suites that carry it, in order of preference.
+struct Series {
+    label: &'static str,
+    suites: &'static [&'static str],
+}
+
+const SERIES: &[Series] = &[
+    Series {
+        label: "5.10",
+        suites: &["bullseye"],
+    },
+    Series {
+        label: "6.1",
+        suites: &["bookworm"],
+    },
+    Series {
+        label: "6.12",
+        suites: &["trixie", "bookworm-backports"],
+    },
+];
+
+const META_PACKAGE: &str = "linux-image-cloud-amd64";
+
+/// A kernel ready to boot.
+#[derive(Debug, Clone, Serialize)]
+struct Kernel {
+    /// Short name: `6.1`, or the file name of a vmlinuz given by path.
+    label: String,
+    /// Debian package and version, suite (None for a vmlinuz given by path).
+    package: Option<String>,
+    version: Option<String>,
+    suite: Option<String>,
+    vmlinuz: PathBuf,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let started = Instant::now();
+    let root = workspace_root();
+    let vm_dir = root.join("target/vm");
+    let cache = vm_dir.join("cache");
+    fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+
+    ensure_host_tools()?;
+    let kernels = resolve_kernels(&args, &cache)?;
+
+    let t = Instant::now();
+    let built = build_binaries(&root)?;
+    eprintln!(
+        "vm-test: built {} test binaries and cylo-usage in {:.1} s",
+        built.tests.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let initrd = build_initramfs(&vm_dir, &built, &args.test_args)?;
+
+    let mut runs = Vec::new();
+    for kernel in &kernels {
+        let mut run = boot(kernel, &initrd, &vm_dir, &args, args.smp)?;
+        if !run.reached_init && !run.timed_out && args.smp > 1 {
+            eprintln!(
+                "vm-test: [{}] never reached /init with -smp {}; retrying with -smp 1",
+                kernel.label, args.smp
+            );
+            run = boot(kernel, &initrd, &vm_dir, &args, 1)?;
+        }
+        runs.push(run);
+    }
+
+    let report = Report::new(runs, &built);
+    report.print();
+    report.write(&vm_dir)?;
+    eprintln!(
+        "vm-test: total time {:.0} s; wrote {} and {}",
+        started.elapsed().as_secs_f64(),
+        vm_dir.join("matrix.md").display(),
+        vm_dir.join("matrix.json").display()
+    );
+    println!(
+        "vm-test: {} passed, {} failed",
+        report.totals.passed, report.totals.failed
+    );
+    if !report.ok() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host tools
+
+fn ensure_host_tools() -> Result<()> {
+    let have_qemu = find_in_path("qemu-system-x86_64").is_some();
+    let busybox = Path::new("/bin/busybox");
+    let have_busybox = busybox.exists() && !elf_has_interp(busybox).unwrap_or(true);
+    if have_qemu && have_busybox {
+        return Ok(());
+    }
+    eprintln!(
+        "vm-test: installing host packages (qemu-system-x86_64 present: {have_qemu}, static \
+         /bin/busybox present: {have_busybox})"
+    );
+    let sudo = !is_root() && find_in_path("sudo").is_some();
+    let apt = |args: &[&str]| -> Result<()> {
+        let mut cmd = if sudo {
+            let mut c = Command::new("sudo");
+            c.args(["-n", "apt-get"]);
+            c
+        } else {
+            Command::new("apt-get")
+        };
+        cmd.args(["-o", "DPkg::Lock::Timeout=600"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        run_quiet(&mut cmd)
+    };
+    apt(&["update"])?;
+    apt(&[
+        "install",
+        "-y",
+        "--no-install-recommends",
+        "qemu-system-x86",
+        "busybox-static",
+    ])?;
+    if find_in_path("qemu-system-x86_64").is_none() {
+        bail!("qemu-system-x86_64 is still missing after installing qemu-system-x86");
+    }
+    if elf_has_interp(busybox).context("checking /bin/busybox after installing busybox-static")? {
+        bail!("/bin/busybox is still dynamically linked after installing busybox-static");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Whether an ELF file asks for a dynamic loader (has a PT_INTERP program header).
+fn elf_has_interp(path: &Path) -> Result<bool> {
+    let ctx = || format!("reading the ELF header of {}", path.display());
+    let mut f = fs::File::open(path).with_context(ctx)?;
+    let mut hdr = [0u8; 64];
+    f.read_exact(&mut hdr).with_context(ctx)?;
+    if &hdr[..4] != b"\x7fELF" || hdr[4] != 2 || hdr[5] != 1 {
+        bail!("{} is not a 64-bit little-endian ELF file", path.display());
+    }
+    let phoff = u64::from_le_bytes(hdr[0x20..0x28].try_into().unwrap());
+    let phentsize = u16::from_le_bytes(hdr[0x36..0x38].try_into().unwrap()) as usize;
+    let phnum = u16::from_le_bytes(hdr[0x38..0x3a].try_into().unwrap()) as usize;
+    let mut table = vec![0u8; phentsize * phnum];
+    f.seek(SeekFrom::Start(phoff)).with_context(ctx)?;
+    f.read_exact(&mut table).with_context(ctx)?;
+    const PT_INTERP: u32 = 3;
+    Ok(table
+        .chunks_exact(phentsize.max(4))
+        .any(|ph| u32::from_le_bytes(ph[..4].try_into().unwrap()) == PT_INTERP))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+
+fn resolve_kernels(args: &Args, cache: &Path) -> Result<Vec<Kernel>> {
+    let wanted: Vec<String> = if args.kernels.is_empty() {
+        SERIES.iter().map(|s| s.label.to_string()).collect()
+    } else {
+        args.kernels.clone()
+    };
+    let mut mirror = None;
+    let mut kernels = Vec::new();
+    for name in wanted {
+        if let Some(series) = SERIES.iter().find(|s| s.label == name) {
+            if mirror.is_none() {
+                mirror = Some(system_mirror()?);
+            }
+            kernels.push(resolve_debian(
+                series,
+                mirror.as_ref().unwrap(),
+                cache,
+                args.refresh,
+            )?);
+        } else if Path::new(&name).is_file() {
+            let path = fs::canonicalize(&name).with_context(|| format!("resolving {name}"))?;
+            let label = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| name.clone());
+            kernels.push(Kernel {
+                label: sanitize(&label),
+                package: None,
+                version: None,
+                suite: None,
+                vmlinuz: path,
+            });
+        } else {
+            let known: Vec<_> = SERIES.iter().map(|s| s.label).collect();
+            bail!(
+                "unknown kernel `{name}`: expected one of {} or the path of a vmlinuz",
+                known.join(", ")
+            );
+        }
+    }
+    Ok(kernels)
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._+-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The system's Debian mirror: its URI and the raw `Signed-By` value.
+#[derive(Debug)]
+struct Mirror {
+    uri: String,
+    signed_by: Option<String>,
+}
+
+fn system_mirror() -> Result<Mirror> {
+    let deb822 = Path::new("/etc/apt/sources.list.d/debian.sources");
+    let one_line = Path::new("/etc/apt/sources.list");
+    if let Ok(text) = fs::read_to_string(deb822)
+        && let Some(m) = parse_deb822_mirror(&text)
+    {
+        return Ok(m);
+    }
+    if let Ok(text) = fs::read_to_string(one_line)
+        && let Some(m) = parse_one_line_mirror(&text)
+    {
+        return Ok(m);
+    }
+    bail!(
+        "found no Debian mirror in {} or {}",
+        deb822.display(),
+        one_line.display()
+    )
+}
+
+/// The first enabled `deb` stanza that is not a security suite.
+fn parse_deb822_mirror(text: &str) -> Option<Mirror> {
+    let mut stanzas: Vec<Vec<(String, String)>> = vec![Vec::new()];
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            if !stanzas.last().unwrap().is_empty() {
+                stanzas.push(Vec::new());
+            }
+        } else if line.starts_with('#') {
+            continue;
+        } else if line.starts_with([' ', '\t']) {
+            // Continuation line (e.g. an inline Signed-By key): keep it verbatim.
+            if let Some((_, v)) = stanzas.last_mut().unwrap().last_mut() {
+                v.push('\n');
+                v.push_str(line);
+            }
+        } else if let Some((k, v)) = line.split_once(':') {
+            stanzas
+                .last_mut()
+                .unwrap()
+                .push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    for stanza in stanzas {
+        let get = |k: &str| {
+            stanza
+                .iter()
+                .find(|(kk, _)| kk == k)
+                .map(|(_, v)| v.clone())
+        };
+        let types = get("types").unwrap_or_default();
+        let uri = get("uris").and_then(|u| u.split_whitespace().next().map(str::to_string));
+        let suites = get("suites").unwrap_or_default();
+        let enabled = get("enabled").is_none_or(|e| e != "no");
+        if !enabled || !types.split_whitespace().any(|t| t == "deb") {
+            continue;
+        }
+        let Some(uri) = uri else { continue };
+        if uri.contains("security") || suites.split_whitespace().any(|s| s.contains("security")) {
+            continue;
+        }
+        return Some(Mirror {
+            uri,
+            signed_by: get("signed-by"),
+        });
+    }
+    None
+}
+
+fn parse_one_line_mirror(text: &str) -> Option<Mirror> {
+    for line in text.lines() {
+        let line = line.trim();
+        let Some(rest) = line.strip_prefix("deb ") else {
+            continue;
+        };
+        let rest = rest.trim();
+        let (opts, rest) = match rest.strip_prefix('[') {
+            Some(r) => r.split_once(']')?,
+            None => ("", rest),
+        };
+        let mut words = rest.split_whitespace();
+        let (Some(uri), Some(suite)) = (words.next(), words.next()) else {
+            continue;
+        };
+        if uri.contains("security") || suite.contains("security") {
+            continue;
+        }
+        let signed_by = opts
+            .split_whitespace()
+            .find_map(|o| o.strip_prefix("signed-by="))
+            .map(str::to_string);
+        return Some(Mirror {
+            uri: uri.to_string(),
+            signed_by,
+        });
+    }
+    None
+}
+
+/// A private apt configuration for one suite, kept under `target/vm/cache/apt/<suite>`.
+struct AptSuite {
+    suite: String,
+    dir: PathBuf,
+}
+
+impl AptSuite {
+    fn new(cache: &Path, suite: &str, mirror: &Mirror) -> Result<Self> {
+        let dir = cache.join("apt").join(suite);
+        for sub in [
+            "lists/partial",
+            "cache/archives/partial",
+            "sources.list.d",
+            "preferences.d",
+        ] {
+            let d = dir.join(sub);
+            fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let mut sources = format!(
+            "Types: deb\nURIs: {}\nSuites: {suite}\nComponents: main\n",
+            mirror.uri
+        );
+        if let Some(key) = &mirror.signed_by {
+            sources.push_str(&format!("Signed-By: {key}\n"));
+        }
+        write_if_changed(&dir.join("sources.list.d/vm.sources"), sources.as_bytes())?;
+        write_if_changed(&dir.join("sources.list"), b"")?;
+        write_if_changed(&dir.join("status"), b"")?;
+        Ok(Self {
+            suite: suite.to_string(),
+            dir,
+        })
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let d = |s: &str| self.dir.join(s).display().to_string();
+        let mut cmd = Command::new(tool);
+        let mut opts = vec![
+            ("Dir::Etc::SourceList".to_string(), d("sources.list")),
+            ("Dir::Etc::SourceParts".to_string(), d("sources.list.d")),
+            ("Dir::Etc::Preferences".to_string(), d("preferences")),
+            ("Dir::Etc::PreferencesParts".to_string(), d("preferences.d")),
+            ("Dir::State::Lists".to_string(), d("lists")),
+            ("Dir::State::status".to_string(), d("status")),
+            ("Dir::Cache".to_string(), d("cache")),
+            ("APT::Sandbox::User".to_string(), "root".to_string()),
+        ];
+        // Only the package lists are needed, not AppStream metadata or icons.
+        for t in [
+            "DEP-11",
+            "DEP-11-icons",
+            "DEP-11-icons-small",
+            "DEP-11-icons-large",
+            "DEP-11-icons-hidpi",
+            "DEP-11-icons-large-hidpi",
+        ] {
+            opts.push((
+                format!("Acquire::IndexTargets::deb::{t}::DefaultEnabled"),
+                "false".into(),
+            ));
+        }
+        for (k, v) in opts {
+            cmd.arg("-o").arg(format!("{k}={v}"));
+        }
+        cmd
+    }
+
+    /// `apt-get update` unless the lists are recent; falls back to stale lists when offline.
+    fn update(&self, refresh: bool) -> Result<()> {
+        let stamp = self.dir.join("updated");
+        let age = fs::metadata(&stamp)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok());
+        if !refresh && age.is_some_and(|a| a < APT_MAX_AGE) {
+            return Ok(());
+        }
+        eprintln!("vm-test: apt-get update for {}", self.suite);
+        match run_quiet(self.command("apt-get").arg("update")) {
+            Ok(()) => {
+                fs::write(&stamp, b"").with_context(|| format!("writing {}", stamp.display()))
+            }
+            Err(e) if age.is_some() => {
+                eprintln!(
+                    "vm-test: {e:#}\nvm-test: using the cached {} lists",
+                    self.suite
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The package the suite's meta-package depends on, and its version.
+    fn resolve(&self) -> Result<(String, String)> {
+        let out = output(self.command("apt-cache").args(["depends", META_PACKAGE]))?;
+        let package = out
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends:"))
+            .map(|p| p.trim().trim_matches(|c| c == '<' || c == '>'))
+            .find(|p| p.starts_with("linux-image-"))
+            .with_context(|| {
+                format!(
+                    "`apt-cache depends {META_PACKAGE}` in {} names no linux-image",
+                    self.suite
+                )
+            })?
+            .to_string();
+        let show = output(
+            self.command("apt-cache")
+                .args(["show", "--no-all-versions", &package]),
+        )?;
+        let version = show
+            .lines()
+            .find_map(|l| l.strip_prefix("Version:"))
+            .map(|v| v.trim().to_string())
+            .with_context(|| format!("`apt-cache show {package}` gave no version"))?;
+        Ok((package, version))
+    }
+
+    /// Downloads and unpacks the kernel once; returns the cached vmlinuz.
+    fn fetch_kernel(&self, cache: &Path, package: &str, version: &str) -> Result<PathBuf> {
+        let dir = cache
+            .join("kernels")
+            .join(sanitize(&format!("{package}_{version}")));
+        let vmlinuz = dir.join("vmlinuz");
+        if vmlinuz.is_file() {
+            return Ok(vmlinuz);
+        }
+        let debs = cache.join("debs");
+        let tmp = cache.join("tmp");
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+        eprintln!("vm-test: downloading {package} {version} ({})", self.suite);
+        run_quiet(
+            self.command("apt-get")
+                .args(["download", &format!("{package}={version}")])
+                .current_dir(&tmp),
+        )?;
+        let deb = find_file(&tmp, |n| n.ends_with(".deb"))?.with_context(|| {
+            format!(
+                "apt-get download {package} left no .deb in {}",
+                tmp.display()
+            )
+        })?;
+        let kept = debs.join(deb.file_name().unwrap());
+        fs::rename(&deb, &kept)
+            .with_context(|| format!("moving {} to {}", deb.display(), kept.display()))?;
+        let unpacked = tmp.join("root");
+        run_quiet(Command::new("dpkg-deb").arg("-x").arg(&kept).arg(&unpacked))?;
+        let boot = unpacked.join("boot");
+        let image = find_file(&boot, |n| n.starts_with("vmlinuz-"))?
+            .with_context(|| format!("{} holds no boot/vmlinuz-*", kept.display()))?;
+        let staging = dir.with_extension("partial");
+        let _ = fs::remove_dir_all(&staging);
+        fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+        copy(&image, &staging.join("vmlinuz"))?;
+        if let Some(config) = find_file(&boot, |n| n.starts_with("config-"))? {
+            copy(&config, &staging.join("config"))?;
+        }
+        let _ = fs::remove_dir_all(&dir);
+        fs::rename(&staging, &dir)
+            .with_context(|| format!("moving {} to {}", staging.display(), dir.display()))?;
+        let _ = fs::remove_dir_all(&tmp);
+        Ok(vmlinuz)
+    }
+}
+
+fn resolve_debian(series: &Series, mirror: &Mirror, cache: &Path, refresh: bool) -> Result<Kernel> {
+    let mut problems = Vec::new();
+    let prefix = format!("linux-image-{}.", series.label);
+    for suite in series.suites {
+        let attempt = || -> Result<std::result::Result<Kernel, String>> {
+            let apt = AptSuite::new(cache, suite, mirror)?;
+            apt.update(refresh)?;
+            let (package, version) = apt.resolve()?;
+            if !package.starts_with(&prefix) {
+                return Ok(Err(format!("{suite}: {META_PACKAGE} depends on {package}")));
+            }
+            let vmlinuz = apt.fetch_kernel(cache, &package, &version)?;
+            Ok(Ok(Kernel {
+                label: series.label.to_string(),
+                package: Some(package),
+                version: Some(version),
+                suite: Some(suite.to_string()),
+                vmlinuz,
+            }))
+        };
+        match attempt() {
+            Ok(Ok(k)) => return Ok(k),
+            Ok(Err(problem)) => problems.push(problem),
+            Err(e) => problems.push(format!("{suite}: {e:#}")),
+        }
+    }
+    bail!(
+        "no {} kernel found:\n  {}",
+        series.label,
+        problems.join("\n  ")
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building
+
+/// One test executable from cargo's JSON output.
+#[derive(Debug, Clone, Serialize)]
+struct TestBinary {
+    /// `package` (lib tests), `package/tests/NAME`, `package/bin/NAME`, ...
+    name: String,
+    executable: PathBuf,
+    /// The package folder: cargo runs tests from there.
+    manifest_dir: PathBuf,
+}
+
+struct Built {
+    tests: Vec<TestBinary>,
+    cylo_usage: PathBuf,
+    target_dir: PathBuf,
+    /// Package folders whose data (fixtures) the guest needs.
+    package_dirs: BTreeSet<PathBuf>,
+}
+
+fn build_binaries(root: &Path) -> Result<Built> {
+    crate::ebpf::build().context("building the eBPF object")?;
+    let target_dir = root.join("target/vm/build");
+    let cargo_json = |args: &[&str]| -> Result<Vec<serde_json::Value>> {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(&cargo);
+        cmd.args(args)
+            .args([
+                "--release",
+                "--target",
+                TARGET,
+                "--message-format=json-render-diagnostics",
+                "--target-dir",
+            ])
+            .arg(&target_dir)
+            .current_dir(root)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .stderr(Stdio::inherit());
+        let shown = format!(
+            "{cargo} {} (static, --target-dir {})",
+            args.join(" "),
+            target_dir.display()
+        );
+        eprintln!("vm-test: {shown}");
+        let out = cmd.output().with_context(|| format!("running {shown}"))?;
+        if !out.status.success() {
+            bail!("{shown} failed ({})", out.status);
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    };
+
+    let mut cylo_usage = None;
+    for msg in cargo_json(&["build", "-p", "cylo-usage"])? {
+        if msg["reason"] == "compiler-artifact"
+            && msg["target"]["name"] == "cylo-usage"
+            && msg["target"]["kind"][0] == "bin"
+            && let Some(exe) = msg["executable"].as_str()
+        {
+            cylo_usage = Some(PathBuf::from(exe));
+        }
+    }
+    let cylo_usage =
+        cylo_usage.context("cargo build -p cylo-usage reported no cylo-usage binary")?;
+
+    let mut tests = Vec::new();
+    let mut package_dirs = BTreeSet::new();
+    for msg in cargo_json(&["test", "--workspace", "--no-run"])? {
+        if msg["reason"] != "compiler-artifact" || msg["profile"]["test"] != true {
+            continue;
+        }
+        let Some(exe) = msg["executable"].as_str() else {
+            continue;
+        };
+        let manifest_dir = msg["manifest_path"]
+            .as_str()
+            .map(|p| {
+                Path::new(p)
+                    .parent()
+                    .unwrap_or(Path::new("/"))
+                    .to_path_buf()
+            })
+            .unwrap_or_else(|| root.to_path_buf());
+        let package = manifest_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let package = msg["package_id"]
+            .as_str()
+            .and_then(package_name_from_id)
+            .unwrap_or(package);
+        let kind = msg["target"]["kind"][0].as_str().unwrap_or("lib");
+        let target = msg["target"]["name"].as_str().unwrap_or("?");
+        let name = match kind {
+            "lib" | "rlib" | "cdylib" | "staticlib" | "proc-macro" => package.clone(),
+            k => format!(
+                "{package}/{}/{target}",
+                if k == "test" { "tests" } else { k }
+            ),
+        };
+        package_dirs.insert(manifest_dir.clone());
+        tests.push(TestBinary {
+            name,
+            executable: PathBuf::from(exe),
+            manifest_dir,
+        });
+    }
+    tests.sort_by(|a, b| a.name.cmp(&b.name));
+    for exe in tests.iter().map(|t| &t.executable).chain([&cylo_usage]) {
+        if elf_has_interp(exe)? {
+            bail!(
+                "{} is dynamically linked: the guest has no libc (is RUSTFLAGS overridden?)",
+                exe.display()
+            );
+        }
+    }
+    Ok(Built {
+        tests,
+        cylo_usage,
+        target_dir,
+        package_dirs,
+    })
+}
+
+/// `path+file:///work/main/cylo-usage#0.1.0` -> `cylo-usage`;
+/// `path+file:///x/y#name@0.1.0` -> `name`.
+fn package_name_from_id(id: &str) -> Option<String> {
+    let (path, frag) = id.rsplit_once('#')?;
+    if let Some((name, _)) = frag.split_once('@') {
+        return Some(name.to_string());
+    }
+    path.rsplit('/').next().map(str::to_string)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Initramfs
+
+fn build_initramfs(vm_dir: &Path, built: &Built, test_args: &[String]) -> Result<PathBuf> {
+    let t = Instant::now();
+    let root = vm_dir.join("initramfs");
+    if root.exists() {
+        fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    }
+    for d in [
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "etc",
+        "root",
+        "mnt",
+        GUEST_TEST_DIR,
+    ] {
+        fs::create_dir_all(root.join(d))
+            .with_context(|| format!("creating {}/{d}", root.display()))?;
+    }
+
+    // Busybox and its applets.
+    copy(Path::new("/bin/busybox"), &root.join("bin/busybox"))?;
+    let applets = output(Command::new("/bin/busybox").arg("--list-full"))?;
+    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
+        let link = root.join(applet);
+        if link.exists() || applet == "bin/busybox" {
+            continue;
+        }
+        if let Some(parent) = link.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        std::os::unix::fs::symlink("/bin/busybox", &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    write(&root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    write(&root.join("etc/group"), "root:x:0:\n")?;
+    write(
+        &root.join("etc/hosts"),
+        "127.0.0.1 localhost\n::1 localhost\n",
+    )?;
+    write(
+        &root.join("etc/nsswitch.conf"),
+        "passwd: files\ngroup: files\nhosts: files dns\n",
+    )?;
+
+    // cylo-usage at its host path; the target's tmp folder (CARGO_TARGET_TMPDIR) must exist.
+    copy(&built.cylo_usage, &under(&root, &built.cylo_usage))?;
+    fs::create_dir_all(under(&root, &built.target_dir.join("tmp")))?;
+
+    // Package data (fixtures) at the same absolute paths.
+    let mut budget = MAX_DATA_BYTES;
+    for dir in &built.package_dirs {
+        fs::create_dir_all(under(&root, dir))?;
+        for data in DATA_DIRS {
+            let src = dir.join(data);
+            if src.is_dir() {
+                copy_tree(&src, &under(&root, &src), &mut budget)?;
+            }
+        }
+    }
+
+    // Test binaries.
+    let mut script_tests = String::new();
+    for test in &built.tests {
+        let file = test
+            .executable
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        copy(&test.executable, &root.join(GUEST_TEST_DIR).join(&file))?;
+        script_tests.push_str(&format!(
+            "run_test {} {} /{GUEST_TEST_DIR}/{}\n",
+            sh_quote(&test.name),
+            sh_quote(&test.manifest_dir.display().to_string()),
+            sh_quote(&file)
+        ));
+    }
+    let extra: Vec<String> = test_args.iter().map(|a| sh_quote(a)).collect();
+    let init = INIT_TEMPLATE
+        .replace("@MARK@", MARK)
+        .replace(
+            "@CYLO_USAGE@",
+            &sh_quote(&built.cylo_usage.display().to_string()),
+        )
+        .replace("@TEST_ARGS@", &extra.join(" "))
+        .replace("@TESTS@", &script_tests);
+    let init_path = root.join("init");
+    write(&init_path, &init)?;
+    set_mode(&init_path, 0o755)?;
+
+    // Pack: busybox cpio (newc) | gzip -1.
+    let image = vm_dir.join("initramfs.cpio.gz");
+    let mut names = Vec::new();
+    list_tree(&root, Path::new(""), &mut names)?;
+    let out = fs::File::create(&image).with_context(|| format!("creating {}", image.display()))?;
+    let mut cpio = Command::new("/bin/busybox")
+        .args(["cpio", "-o", "-H", "newc"])
+        .current_dir(&root)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("running busybox cpio")?;
+    let mut gzip = Command::new("gzip")
+        .arg("-1")
+        .stdin(Stdio::from(cpio.stdout.take().unwrap()))
+        .stdout(out)
+        .spawn()
+        .context("running gzip -1")?;
+    {
+        let mut stdin = cpio.stdin.take().unwrap();
+        for n in &names {
+            writeln!(stdin, "{}", n.display()).context("writing busybox cpio's file list")?;
+        }
+    }
+    let cs = cpio.wait().context("waiting for busybox cpio")?;
+    let gs = gzip.wait().context("waiting for gzip")?;
+    if !cs.success() || !gs.success() {
+        bail!("packing {} failed (cpio {cs}, gzip {gs})", image.display());
+    }
+    let size = fs::metadata(&image)?.len();
+    eprintln!(
+        "vm-test: initramfs {} ({:.1} MiB, {} files) in {:.1} s",
+        image.display(),
+        size as f64 / (1 << 20) as f64,
+        names.len(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(image)
+}
+
+const INIT_TEMPLATE: &str = r#"#!/bin/sh
+# Generated by `cargo xtask vm-test`.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1 CYLO_USAGE_REQUIRE_EBPF=1
+M='@MARK@'
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+exec </dev/console >/dev/console 2>&1
+echo "$M init $(uname -r)"
+note() { echo "$M note $*"; }
+try_mount() { # TYPE DIR [OPTIONS]
+    mkdir -p "$2"
+    if [ -n "$3" ]; then mount -t "$1" -o "$3" "$1" "$2"; else mount -t "$1" "$1" "$2"; fi \
+        || note "cannot mount $1 on $2"
+}
+try_mount proc /proc
+try_mount sysfs /sys
+try_mount devpts /dev/pts
+try_mount tmpfs /dev/shm mode=1777
+try_mount tmpfs /tmp mode=1777
+try_mount tmpfs /run mode=755
+try_mount tracefs /sys/kernel/tracing
+try_mount bpf /sys/fs/bpf
+if grep -qw debugfs /proc/filesystems; then try_mount debugfs /sys/kernel/debug; fi
+try_mount tmpfs /sys/fs/cgroup mode=755
+for c in cpuacct memory pids blkio; do
+    if grep -q "^$c[[:space:]]" /proc/cgroups; then
+        mkdir -p /sys/fs/cgroup/$c
+        mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c || note "cannot mount cgroup v1 $c"
+    else
+        note "no cgroup v1 controller $c"
+    fi
+done
+try_mount cgroup2 /sys/fs/cgroup/unified
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+hostname vm-test
+[ -e /sys/kernel/btf/vmlinux ] || note "no /sys/kernel/btf/vmlinux"
+note "memlock limit $(ulimit -l), cpus $(grep -c ^processor /proc/cpuinfo)"
+
+CU=@CYLO_USAGE@
+if "$CU" features --json >/tmp/features.json 2>/tmp/features.err; then
+    echo "$M features-begin"
+    cat /tmp/features.json
+    echo
+    echo "$M features-end"
+else
+    note "cylo-usage features --json exited $?"
+fi
+
+run_test() { # NAME DIR EXE
+    echo "$M begin $1"
+    cd "$2" 2>/dev/null || cd /
+    CARGO_MANIFEST_DIR="$2" "$3" --test-threads=1 @TEST_ARGS@
+    rc=$?
+    cd /
+    echo "$M end $1 exit=$rc"
+}
+@TESTS@
+echo "$M done"
+sync
+poweroff -f
+"#;
+
+/// The path of host file `abs` inside the staging root.
+fn under(root: &Path, abs: &Path) -> PathBuf {
+    root.join(abs.strip_prefix("/").unwrap_or(abs))
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn list_tree(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let dir = root.join(rel);
+    let mut entries: Vec<_> = fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .collect::<std::io::Result<_>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let rel = rel.join(e.file_name());
+        out.push(rel.clone());
+        if e.file_type()?.is_dir() {
+            list_tree(root, &rel, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn copy_tree(src: &Path, dst: &Path, budget: &mut u64) -> Result<()> {
+    fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
+    for e in fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+        let e = e?;
+        let (s, d) = (e.path(), dst.join(e.file_name()));
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            copy_tree(&s, &d, budget)?;
+        } else if ft.is_file() {
+            let len = e.metadata()?.len();
+            if len > *budget {
+                eprintln!(
+                    "vm-test: skipping {} (test data budget exhausted)",
+                    s.display()
+                );
+                continue;
+            }
+            *budget -= len;
+            copy(&s, &d)?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Booting
+
+/// What one guest did.
+#[derive(Debug, Serialize)]
+struct KernelRun {
+    kernel: Kernel,
+    smp: u32,
+    /// `uname -r` in the guest.
+    uname: Option<String>,
+    reached_init: bool,
+    completed: bool,
+    timed_out: bool,
+    qemu_status: Option<String>,
+    boot_seconds: Option<f64>,
+    total_seconds: f64,
+    console_log: PathBuf,
+    notes: Vec<String>,
+    binaries: Vec<BinaryResult>,
+    features: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize)]
+struct BinaryResult {
+    name: String,
+    exit: Option<i32>,
+    tests: Vec<TestResult>,
+    /// libtest's `test result:` line.
+    summary: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct TestResult {
+    name: String,
+    status: Status,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Status {
+    Passed,
+    Failed,
+    Ignored,
+}
+
+impl Status {
+    fn word(self) -> &'static str {
+        match self {
+            Status::Passed => "ok",
+            Status::Failed => "FAILED",
+            Status::Ignored => "ignored",
+        }
+    }
+}
+
+fn boot(kernel: &Kernel, initrd: &Path, vm_dir: &Path, args: &Args, smp: u32) -> Result<KernelRun> {
+    let dir = vm_dir.join(&kernel.label);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log_path = dir.join("console.log");
+    let mut log =
+        fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-smp",
+        &smp.to_string(),
+        "-m",
+        &args.memory,
+    ])
+    .args(["-nographic", "-nic", "none", "-no-reboot", "-kernel"])
+    .arg(&kernel.vmlinuz)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", "console=ttyS0 panic=-1 quiet"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let what = match (&kernel.package, &kernel.version) {
+        (Some(p), Some(v)) => format!("{p} {v}"),
+        _ => kernel.vmlinuz.display().to_string(),
+    };
+    eprintln!(
+        "vm-test: [{}] booting {what} (-smp {smp}, timeout {} s)",
+        kernel.label, args.timeout
+    );
+    let started = Instant::now();
+    let mut child = cmd.spawn().context("running qemu-system-x86_64")?;
+
+    // Collect the console in a thread; note when /init starts and echo progress.
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let boot_time = Arc::new(Mutex::new(None::<f64>));
+    let stdout = child.stdout.take().unwrap();
+    let reader = {
+        let (lines, boot_time, label, verbose) = (
+            lines.clone(),
+            boot_time.clone(),
+            kernel.label.clone(),
+            args.verbose,
+        );
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match reader.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let _ = log.write_all(&buf);
+                let line = String::from_utf8_lossy(&buf)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                if line.starts_with(&format!("{MARK} init")) {
+                    *boot_time.lock().unwrap() = Some(started.elapsed().as_secs_f64());
+                }
+                let t = started.elapsed().as_secs_f64();
+                if verbose {
+                    eprintln!("[{label} {t:7.1}] {line}");
+                } else if let Some(rest) = line.strip_prefix(MARK) {
+                    let rest = rest.trim();
+                    if !rest.starts_with("features") {
+                        eprintln!("vm-test: [{label} {t:6.1}s] {rest}");
+                    }
+                } else if line.starts_with("test ") && line.contains(" ... FAILED") {
+                    eprintln!("vm-test: [{label} {t:6.1}s]   {line}");
+                }
+                lines.lock().unwrap().push(line);
+            }
+        })
+    };
+    let stderr_reader = {
+        let mut stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        })
+    };
+
+    let deadline = started + Duration::from_secs(args.timeout);
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("waiting for qemu")? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            timed_out = true;
+            eprintln!(
+                "vm-test: [{}] timed out after {} s: killing qemu (pid {})",
+                kernel.label,
+                args.timeout,
+                child.id()
+            );
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let total_seconds = started.elapsed().as_secs_f64();
+    let _ = reader.join();
+    let qemu_stderr = stderr_reader.join().unwrap_or_default();
+    let lines = std::mem::take(&mut *lines.lock().unwrap());
+    let mut run = parse_console(&lines, timed_out);
+    if !qemu_stderr.trim().is_empty() {
+        run.notes
+            .push(format!("qemu stderr: {}", qemu_stderr.trim()));
+    }
+    if let Some(s) = status
+        && !s.success()
+    {
+        run.notes.push(format!("qemu exited with {s}"));
+    }
+    Ok(KernelRun {
+        kernel: kernel.clone(),
+        smp,
+        uname: run.uname,
+        reached_init: run.reached_init,
+        completed: run.completed,
+        timed_out,
+        qemu_status: status.map(|s| s.to_string()),
+        boot_seconds: *boot_time.lock().unwrap(),
+        total_seconds,
+        console_log: log_path,
+        notes: run.notes,
+        binaries: run.binaries,
+        features: run.features,
+    })
+}
+
+#[derive(Default)]
+struct Parsed {
+    uname: Option<String>,
+    reached_init: bool,
+    completed: bool,
+    notes: Vec<String>,
+    binaries: Vec<BinaryResult>,
+    features: Option<serde_json::Value>,
+}
+
+/// Parses the serial console: markers from `/init` and libtest's output in between.
+fn parse_console(lines: &[String], timed_out: bool) -> Parsed {
+    let mut p = Parsed::default();
+    let mut current: Option<BinaryResult> = None;
+    // A `test NAME ... ` line whose result has not been printed yet.
+    let mut pending: Option<String> = None;
+    let mut features: Option<String> = None;
+    for line in lines {
+        if let Some(rest) = line.strip_prefix(MARK) {
+            let rest = rest.trim();
+            let (word, arg) = rest.split_once(' ').unwrap_or((rest, ""));
+            match word {
+                "init" => {
+                    p.reached_init = true;
+                    p.uname = Some(arg.to_string());
+                }
+                "note" => p.notes.push(arg.to_string()),
+                "features-begin" => features = Some(String::new()),
+                "features-end" => {
+                    if let Some(text) = features.take() {
+                        p.features = Some(
+                            serde_json::from_str(text.trim())
+                                .unwrap_or(serde_json::Value::String(text)),
+                        );
+                    }
+                }
+                "begin" => {
+                    current = Some(BinaryResult {
+                        name: arg.to_string(),
+                        exit: None,
+                        tests: Vec::new(),
+                        summary: None,
+                    });
+                }
+                "end" => {
+                    if let Some(mut b) = current.take() {
+                        b.exit = arg
+                            .rsplit_once("exit=")
+                            .and_then(|(_, c)| c.trim().parse().ok());
+                        if let Some(name) = pending.take() {
+                            // The binary died inside this test.
+                            b.tests.push(TestResult {
+                                name,
+                                status: Status::Failed,
+                            });
+                        }
+                        p.binaries.push(b);
+                    }
+                }
+                "done" => p.completed = true,
+                _ => {}
+            }
+            continue;
+        }
+        if let Some(text) = features.as_mut() {
+            text.push_str(line);
+            text.push('\n');
+            continue;
+        }
+        let Some(b) = current.as_mut() else { continue };
+        if line.starts_with("test result:") {
+            b.summary = Some(line.clone());
+        } else if let Some(rest) = line.strip_prefix("test ")
+            && let Some((name, result)) = rest.rsplit_once(" ...")
+        {
+            let name = name.trim_end_matches(" - should panic").trim().to_string();
+            let result = result.trim();
+            let status = if result.starts_with("ok") {
+                Status::Passed
+            } else if result.starts_with("FAILED") {
+                Status::Failed
+            } else if result.starts_with("ignored") {
+                Status::Ignored
+            } else {
+                pending = Some(name);
+                continue;
+            };
+            pending = None;
+            b.tests.push(TestResult { name, status });
+        } else if let Some(name) = pending.take() {
+            // Output interleaved with a test line (e.g. a kernel message); the result may
+            // follow on its own line.
+            let word = line.trim();
+            let status = match word {
+                "ok" => Some(Status::Passed),
+                "FAILED" => Some(Status::Failed),
+                w if w.starts_with("ignored") => Some(Status::Ignored),
+                _ => None,
+            };
+            match status {
+                Some(status) => b.tests.push(TestResult { name, status }),
+                None => pending = Some(name),
+            }
+        }
+    }
+    if let Some(mut b) = current.take() {
+        if let Some(name) = pending.take() {
+            b.tests.push(TestResult {
+                name,
+                status: Status::Failed,
+            });
+        }
+        p.notes.push(format!(
+            "{} did not finish ({})",
+            b.name,
+            if timed_out {
+                "timed out"
+            } else {
+                "the guest stopped"
+            }
+        ));
+        p.binaries.push(b);
+    }
+    p
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reporting
+
+#[derive(Debug, Default, Serialize)]
+struct Totals {
+    passed: usize,
+    failed: usize,
+    ignored: usize,
+    /// Kernels that did not boot, did not finish, or timed out.
+    broken_kernels: usize,
+}
+
+#[derive(Serialize)]
+struct Report {
+    runs: Vec<KernelRun>,
+    totals: Totals,
+    test_args_note: Option<String>,
+}
+
+impl BinaryResult {
+    /// A binary that exited non-zero (or never exited) without any failed test counts once.
+    fn silent_failure(&self) -> bool {
+        self.exit != Some(0) && !self.tests.iter().any(|t| t.status == Status::Failed)
+    }
+}
+
+impl KernelRun {
+    fn broken(&self) -> bool {
+        !self.reached_init || !self.completed || self.timed_out
+    }
+
+    fn outcome(&self) -> &'static str {
+        if self.timed_out {
+            "TIMED OUT"
+        } else if !self.reached_init {
+            "DID NOT BOOT"
+        } else if !self.completed {
+            "STOPPED EARLY"
+        } else {
+            "completed"
+        }
+    }
+}
+
+impl Report {
+    fn new(runs: Vec<KernelRun>, built: &Built) -> Self {
+        let mut totals = Totals::default();
+        for run in &runs {
+            if run.broken() {
+                totals.broken_kernels += 1;
+            }
+            for b in &run.binaries {
+                for t in &b.tests {
+                    match t.status {
+                        Status::Passed => totals.passed += 1,
+                        Status::Failed => totals.failed += 1,
+                        Status::Ignored => totals.ignored += 1,
+                    }
+                }
+                if b.silent_failure() {
+                    totals.failed += 1;
+                }
+            }
+        }
+        let test_args_note = built
+            .tests
+            .is_empty()
+            .then(|| "no test binaries were built".into());
+        Self {
+            runs,
+            totals,
+            test_args_note,
+        }
+    }
+
+    fn ok(&self) -> bool {
+        self.totals.failed == 0 && self.totals.broken_kernels == 0
+    }
+
+    fn print(&self) {
+        println!();
+        for run in &self.runs {
+            let k = &run.kernel;
+            let pkg = match (&k.package, &k.version, &k.suite) {
+                (Some(p), Some(v), Some(s)) => format!("{p} {v} ({s})"),
+                _ => k.vmlinuz.display().to_string(),
+            };
+            let boot = run
+                .boot_seconds
+                .map(|b| format!(", boot {b:.1} s"))
+                .unwrap_or_default();
+            println!(
+                "== {} [{}] uname {}: {} in {:.1} s{boot}, -smp {}",
+                k.label,
+                pkg,
+                run.uname.as_deref().unwrap_or("?"),
+                run.outcome(),
+                run.total_seconds,
+                run.smp
+            );
+            for note in &run.notes {
+                println!("   note: {note}");
+            }
+            for b in &run.binaries {
+                let count = |s| b.tests.iter().filter(|t| t.status == s).count();
+                println!(
+                    "   {}: {} passed, {} failed, {} ignored (exit {})",
+                    b.name,
+                    count(Status::Passed),
+                    count(Status::Failed),
+                    count(Status::Ignored),
+                    b.exit.map_or("none".to_string(), |c| c.to_string())
+                );
+                for t in &b.tests {
+                    println!("     {:<8} {}", t.status.word(), t.name);
+                }
+                if b.silent_failure() {
+                    println!("     FAILED   (the binary itself: exit {:?})", b.exit);
+                }
+            }
+            println!("   console: {}", run.console_log.display());
+        }
+        if let Some(n) = &self.test_args_note {
+            println!("note: {n}");
+        }
+        println!(
+            "vm-test: {} kernels ({} broken), {} ignored",
+            self.runs.len(),
+            self.totals.broken_kernels,
+            self.totals.ignored
+        );
+    }
+
+    fn write(&self, vm_dir: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self)?;
+        write(&vm_dir.join("matrix.json"), &(json + "\n"))?;
+        write(&vm_dir.join("matrix.md"), &self.markdown())
+    }
+
+    fn markdown(&self) -> String {
+        let mut md = String::from("# vm-test matrix\n\n");
+        md.push_str("| kernel | package | uname | outcome | boot (s) | total (s) | passed | failed | ignored |\n");
+        md.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        for run in &self.runs {
+            let count = |s| {
+                run.binaries
+                    .iter()
+                    .flat_map(|b| &b.tests)
+                    .filter(|t| t.status == s)
+                    .count()
+            };
+            let silent = run.binaries.iter().filter(|b| b.silent_failure()).count();
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {} |\n",
+                run.kernel.label,
+                match (&run.kernel.package, &run.kernel.version) {
+                    (Some(p), Some(v)) => format!("{p} {v}"),
+                    _ => run.kernel.vmlinuz.display().to_string(),
+                },
+                run.uname.as_deref().unwrap_or("?"),
+                run.outcome(),
+                run.boot_seconds.map_or("?".into(), |b| format!("{b:.1}")),
+                run.total_seconds,
+                count(Status::Passed),
+                count(Status::Failed) + silent,
+                count(Status::Ignored),
+            ));
+        }
+
+        // Tests: one row per binary/test, one column per kernel.
+        let labels: Vec<&str> = self.runs.iter().map(|r| r.kernel.label.as_str()).collect();
+        let mut rows: BTreeMap<String, BTreeMap<&str, String>> = BTreeMap::new();
+        for run in &self.runs {
+            for b in &run.binaries {
+                for t in &b.tests {
+                    rows.entry(format!("{} :: {}", b.name, t.name))
+                        .or_default()
+                        .insert(&run.kernel.label, t.status.word().to_string());
+                }
+                if b.silent_failure() {
+                    rows.entry(format!("{} (binary)", b.name))
+                        .or_default()
+                        .insert(&run.kernel.label, format!("FAILED (exit {:?})", b.exit));
+                }
+            }
+        }
+        md.push_str("\n## Tests\n\n");
+        table(&mut md, "test", &labels, &rows, "-");
+
+        // Features: flattened JSON, one row per leaf.
+        let mut frows: BTreeMap<String, BTreeMap<&str, String>> = BTreeMap::new();
+        for run in &self.runs {
+            if let Some(f) = &run.features {
+                let mut leaves = Vec::new();
+                flatten("", f, &mut leaves);
+                for (k, v) in leaves {
+                    frows.entry(k).or_default().insert(&run.kernel.label, v);
+                }
+            }
+        }
+        if !frows.is_empty() {
+            md.push_str("\n## Features (`cylo-usage features --json`)\n\n");
+            table(&mut md, "feature", &labels, &frows, "?");
+        }
+        let notes: Vec<_> = self
+            .runs
+            .iter()
+            .flat_map(|r| r.notes.iter().map(move |n| (&r.kernel.label, n)))
+            .collect();
+        if !notes.is_empty() {
+            md.push_str("\n## Notes\n\n");
+            for (k, n) in notes {
+                md.push_str(&format!("- {k}: {}\n", n.replace('\n', " ")));
+            }
+        }
+        md
+    }
+}
+
+fn table(
+    md: &mut String,
+    first: &str,
+    labels: &[&str],
+    rows: &BTreeMap<String, BTreeMap<&str, String>>,
+    missing: &str,
+) {
+    md.push_str(&format!("| {first} | {} |\n", labels.join(" | ")));
+    md.push_str(&format!("| --- |{}\n", " --- |".repeat(labels.len())));
+    for (name, cells) in rows {
+        let cells: Vec<String> = labels
+            .iter()
+            .map(|l| cells.get(l).cloned().unwrap_or_else(|| missing.to_string()))
+            .collect();
+        md.push_str(&format!(
+            "| {} | {} |\n",
+            md_escape(name),
+            md_escape(&cells.join(" | "))
+        ));
+    }
+}
+
+fn md_escape(s: &str) -> String {
+    s.replace('\n', " ")
+}
+
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    let key = |k: &str| {
+        if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
+    match v {
+        serde_json::Value::Object(map) if !map.is_empty() => {
+            for (k, v) in map {
+                flatten(&key(k), v, out);
+            }
+        }
+        serde_json::Value::Array(items)
+            if !items.is_empty() && items.iter().all(|i| i.get("name").is_some()) =>
+        {
+            // A list of named records: key them by name.
+            for item in items {
+                let name = item["name"]
+                    .as_str()
+                    .map_or(item["name"].to_string(), str::to_string);
+                let mut rest = item.clone();
+                rest.as_object_mut().unwrap().remove("name");
+                flatten(&key(&name), &rest, out);
+            }
+        }
+        serde_json::Value::String(s) => out.push((prefix.to_string(), s.replace('|', "/"))),
+        other => out.push((prefix.to_string(), other.to_string().replace('|', "/"))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+
+fn run_quiet(cmd: &mut Command) -> Result<()> {
+    output(cmd).map(|_| ())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("running {shown}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let tail: Vec<&str> = stderr
+            .lines()
+            .chain(stdout.lines())
+            .rev()
+            .take(15)
+            .collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("{shown} failed ({}):\n{}", out.status, tail.join("\n"));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn find_file(dir: &Path, pred: impl Fn(&str) -> bool) -> Result<Option<PathBuf>> {
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        if pred(&e.file_name().to_string_lossy()) && e.file_type()?.is_file() {
+            return Ok(Some(e.path()));
+        }
+    }
+    Ok(None)
+}
+
+fn copy(src: &Path, dst: &Path) -> Result<()> {
+    if let Some(parent) = dst.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    fs::copy(src, dst)
+        .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+    Ok(())
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<()> {
+    if fs::read(path).ok().as_deref() == Some(bytes) {
+        return Ok(());
+    }
+    fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(s: &str) -> Vec<String> {
+        s.lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn parses_libtest_output_and_markers() {
+        let log = lines(
+            "[    0.5] noise\n\
+             @@vm-test@@ init 6.1.0-56-cloud-amd64\n\
+             @@vm-test@@ note no cgroup v1 controller blkio\n\
+             @@vm-test@@ features-begin\n\
+             {\"fork\": {\"how\": \"raw_tracepoint\"}, \"net\": false}\n\
+             @@vm-test@@ features-end\n\
+             @@vm-test@@ begin pkg/tests/e2e\n\
+             running 4 tests\n\
+             test a::one ... ok\n\
+             test a::two ... FAILED\n\
+             test a::three ... ignored, needs root\n\
+             test a::four - should panic ... ok\n\
+             test result: FAILED. 2 passed; 1 failed; 1 ignored\n\
+             @@vm-test@@ end pkg/tests/e2e exit=101\n\
+             @@vm-test@@ begin pkg\n\
+             test crashes ... \n\
+             @@vm-test@@ end pkg exit=139\n\
+             @@vm-test@@ begin pkg/tests/hang\n\
+             test hangs ... ",
+        );
+        let p = parse_console(&log, true);
+        assert!(p.reached_init && !p.completed);
+        assert_eq!(p.uname.as_deref(), Some("6.1.0-56-cloud-amd64"));
+        assert_eq!(p.binaries.len(), 3);
+        let e2e = &p.binaries[0];
+        assert_eq!(e2e.exit, Some(101));
+        let got: Vec<_> = e2e
+            .tests
+            .iter()
+            .map(|t| (t.name.as_str(), t.status))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a::one", Status::Passed),
+                ("a::two", Status::Failed),
+                ("a::three", Status::Ignored),
+                ("a::four", Status::Passed)
+            ]
+        );
+        assert_eq!(p.binaries[1].tests[0].status, Status::Failed);
+        assert_eq!(p.binaries[2].exit, None);
+        assert!(p.binaries[2].silent_failure() || p.binaries[2].tests[0].status == Status::Failed);
+        let mut leaves = Vec::new();
+        flatten("", p.features.as_ref().unwrap(), &mut leaves);
+        assert_eq!(
+            leaves,
+            [
+                ("fork.how".to_string(), "raw_tracepoint".to_string()),
+                ("net".to_string(), "false".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn finds_the_mirror() {
+        let deb822 = "Types: deb\n# comment\nURIs: http://deb.debian.org/debian\n\
+                      Suites: bookworm bookworm-updates\nComponents: main\n\
+                      Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n\
+                      Types: deb\nURIs: http://deb.debian.org/debian-security\n\
+                      Suites: bookworm-security\nComponents: main\n";
+        let m = parse_deb822_mirror(deb822).unwrap();
+        assert_eq!(m.uri, "http://deb.debian.org/debian");
+        assert_eq!(
+            m.signed_by.as_deref(),
+            Some("/usr/share/keyrings/debian-archive-keyring.gpg")
+        );
+        let one = "deb http://security.debian.org/ bookworm-security main\n\
+                   deb [arch=amd64 signed-by=/k.gpg] http://ftp.de.debian.org/debian bookworm main\n";
+        let m = parse_one_line_mirror(one).unwrap();
+        assert_eq!(m.uri, "http://ftp.de.debian.org/debian");
+        assert_eq!(m.signed_by.as_deref(), Some("/k.gpg"));
+        assert_eq!(
+            package_name_from_id("path+file:///work/main/cylo-usage#0.1.0").as_deref(),
+            Some("cylo-usage")
+        );
+        assert_eq!(
+            package_name_from_id("path+file:///work/main/x#abi@0.1.0").as_deref(),
+            Some("abi")
+        );
+    }
+}
