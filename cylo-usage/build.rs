@@ -16,5 +16,8 @@ fn main() {
         );
         return;
     }
-    println!("cargo::rustc-env=CYLO_USAGE_EBPF_OBJECT={}", object.display());
+    println!(
+        "cargo::rustc-env=CYLO_USAGE_EBPF_OBJECT={}",
+        object.display()
+    );
 }

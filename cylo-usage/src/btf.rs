@@ -133,15 +133,23 @@ pub enum BtfError {
     UnsupportedVersion { version: u8 },
     #[error("invalid BTF header: {reason}")]
     BadHeader { reason: &'static str },
-    #[error("BTF type [{type_id}]: name offset {offset} is not a NUL-terminated string of the {len}-byte string section")]
-    BadString { type_id: u32, offset: u32, len: usize },
+    #[error(
+        "BTF type [{type_id}]: name offset {offset} is not a NUL-terminated string of the {len}-byte string section"
+    )]
+    BadString {
+        type_id: u32,
+        offset: u32,
+        len: usize,
+    },
     #[error("BTF type [{type_id}] at byte {offset} of the type section: unknown kind {kind}")]
     UnknownKind {
         type_id: u32,
         kind: u32,
         offset: usize,
     },
-    #[error("BTF type [{type_id}] ({kind}) refers to type [{target}], but there are only {count} types")]
+    #[error(
+        "BTF type [{type_id}] ({kind}) refers to type [{target}], but there are only {count} types"
+    )]
     BadTypeRef {
         type_id: u32,
         kind: Kind,
@@ -159,14 +167,18 @@ pub enum BtfError {
         component: String,
         container: String,
     },
-    #[error("{struct_name}.{path}: `{component}` is of kind {kind}, not a struct or union, so it has no members")]
+    #[error(
+        "{struct_name}.{path}: `{component}` is of kind {kind}, not a struct or union, so it has no members"
+    )]
     NotComposite {
         struct_name: String,
         path: String,
         component: String,
         kind: Kind,
     },
-    #[error("{struct_name}.{path} is a bitfield ({bits} bits at bit offset {bit_offset}); only whole bytes can be read")]
+    #[error(
+        "{struct_name}.{path} is a bitfield ({bits} bits at bit offset {bit_offset}); only whole bytes can be read"
+    )]
     Bitfield {
         struct_name: String,
         path: String,
@@ -184,11 +196,15 @@ pub enum BtfError {
     Overflow { context: String },
     #[error("BTF type [{type_id}] ({kind}) has no size")]
     NoSize { type_id: u32, kind: Kind },
-    #[error("BTF type [{type_id}]: typedef/modifier/array chain or anonymous nesting longer than {limit}")]
+    #[error(
+        "BTF type [{type_id}]: typedef/modifier/array chain or anonymous nesting longer than {limit}"
+    )]
     TooDeep { type_id: u32, limit: usize },
     #[error("tracepoint {tracepoint}: no typedef btf_trace_{tracepoint} in BTF")]
     TracepointNotFound { tracepoint: String },
-    #[error("tracepoint {tracepoint}: btf_trace_{tracepoint} is not a pointer to a function prototype (found {kind})")]
+    #[error(
+        "tracepoint {tracepoint}: btf_trace_{tracepoint} is not a pointer to a function prototype (found {kind})"
+    )]
     NotTracepointProto { tracepoint: String, kind: Kind },
     #[error("tracepoint {tracepoint}: the prototype lacks its first `void *__data` parameter")]
     NoDataParam { tracepoint: String },
@@ -476,7 +492,14 @@ impl Btf {
                 | Kind::Func
                 | Kind::Float
                 | Kind::TypeTag => Data::None,
-                Kind::Void => unreachable!("kind 0 is rejected by Kind::from_raw"),
+                // Kind 0 is rejected by `Kind::from_raw`; never reached.
+                Kind::Void => {
+                    return Err(BtfError::UnknownKind {
+                        type_id,
+                        kind: raw_kind,
+                        offset: start,
+                    });
+                }
             };
             self.types.push(Type {
                 name_off,
@@ -573,10 +596,6 @@ impl Btf {
         &rest[..end]
     }
 
-    fn name_lossy(&self, offset: u32) -> String {
-        String::from_utf8_lossy(self.name_bytes(offset)).into_owned()
-    }
-
     fn get(&self, id: u32) -> Option<&Type> {
         id.checked_sub(1).and_then(|i| self.types.get(i as usize))
     }
@@ -646,7 +665,8 @@ impl Btf {
         self.types
             .iter()
             .position(|t| {
-                matches!(t.kind, Kind::Struct | Kind::Union) && self.name_bytes(t.name_off) == name.as_bytes()
+                matches!(t.kind, Kind::Struct | Kind::Union)
+                    && self.name_bytes(t.name_off) == name.as_bytes()
             })
             .map(|i| i as u32 + 1)
     }
@@ -729,11 +749,11 @@ impl Btf {
     /// struct/union members are searched transparently at every level. Bitfields are an
     /// error, since cylo-usage reads whole bytes.
     pub fn member(&self, struct_name: &str, path: &str) -> Result<Member, BtfError> {
-        let mut current = self
-            .find_composite(struct_name)
-            .ok_or_else(|| BtfError::StructNotFound {
-                name: struct_name.to_owned(),
-            })?;
+        let mut current =
+            self.find_composite(struct_name)
+                .ok_or_else(|| BtfError::StructNotFound {
+                    name: struct_name.to_owned(),
+                })?;
         let mut container = format!("{} {struct_name}", self.kind_of(current));
         let mut bits_total: u64 = 0;
         let mut last_ty = current;
@@ -892,7 +912,15 @@ pub(crate) mod testutil {
         }
 
         /// Any type: name, kind, vlen, kind_flag, size-or-type word, then kind-specific words.
-        pub(crate) fn raw(&mut self, name: &str, kind: u32, vlen: u32, kind_flag: bool, st: u32, extra: &[u32]) -> u32 {
+        pub(crate) fn raw(
+            &mut self,
+            name: &str,
+            kind: u32,
+            vlen: u32,
+            kind_flag: bool,
+            st: u32,
+            extra: &[u32],
+        ) -> u32 {
             let name_off = self.str(name);
             let info = (u32::from(kind_flag) << 31) | (kind << 24) | vlen;
             for w in [name_off, info, st].iter().chain(extra) {
@@ -919,7 +947,13 @@ pub(crate) mod testutil {
         }
 
         /// Members are (name, type, byte offset).
-        pub(crate) fn composite(&mut self, kind: u32, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+        pub(crate) fn composite(
+            &mut self,
+            kind: u32,
+            name: &str,
+            size: u32,
+            members: &[(&str, u32, u32)],
+        ) -> u32 {
             let mut extra = Vec::new();
             for &(n, ty, off) in members {
                 extra.extend([self.str(n), ty, off * 8]);
@@ -977,12 +1011,14 @@ mod tests {
         Member { offset, size }
     }
 
+    type Case = (&'static str, [(&'static str, &'static str, Member); 11]);
+
     /// Expected values come from `gcc` `offsetof`/`sizeof` over `bpftool btf dump format c`
     /// of each kernel's full (not minimized) BTF; see tests/fixtures/btf/README.md.
     #[test]
     fn fixture_members() {
         #[rustfmt::skip]
-        let cases: [(&str, [(&str, &str, Member); 11]); 4] = [
+        let cases: [Case; 4] = [
             ("debian-5.10.btf", [
                 ("task_struct", "pid", m(2232, 4)), ("task_struct", "tgid", m(2236, 4)),
                 ("task_struct", "signal", m(2832, 8)), ("task_struct", "start_boottime", m(2544, 8)),
@@ -1020,7 +1056,9 @@ mod tests {
         for ((file, members), size) in cases.iter().zip(sizes) {
             let btf = Btf::from_bytes(&fixture(file)).unwrap();
             for (strukt, path, want) in members {
-                let got = btf.member(strukt, path).unwrap_or_else(|e| panic!("{file}: {e}"));
+                let got = btf
+                    .member(strukt, path)
+                    .unwrap_or_else(|e| panic!("{file}: {e}"));
                 assert_eq!(got, *want, "{file}: {strukt}.{path}");
                 assert!(btf.has_member(strukt, path));
             }
@@ -1078,7 +1116,16 @@ mod tests {
         );
         assert!(e.to_string().contains("task_struct.se.nope"), "{e}");
         let e = btf.member("task_struct", "pid.x").unwrap_err();
-        assert!(matches!(e, BtfError::NotComposite { kind: Kind::Typedef | Kind::Int, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                BtfError::NotComposite {
+                    kind: Kind::Typedef | Kind::Int,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = btf.member("no_such_struct", "x").unwrap_err();
         assert!(matches!(e, BtfError::StructNotFound { .. }), "{e}");
         let e = btf.member("task_struct", "se..x").unwrap_err();
@@ -1117,7 +1164,14 @@ mod tests {
         let mut b = Builder::new();
         let u32_ = b.int("unsigned int", 4);
         // kind_flag style: bitfield size << 24 | bit offset.
-        let words = [b.str("flag"), u32_, (3 << 24) | 32, b.str("whole"), u32_, 64];
+        let words = [
+            b.str("flag"),
+            u32_,
+            (3 << 24) | 32,
+            b.str("whole"),
+            u32_,
+            64,
+        ];
         b.raw("kf", STRUCT, 2, true, 12, &words);
         // Legacy style: an INT narrowed to 3 bits.
         let narrow = b.raw("", INT, 0, false, 4, &[3]);
@@ -1125,7 +1179,14 @@ mod tests {
         let btf = Btf::from_bytes(&b.build()).unwrap();
         let e = btf.member("kf", "flag").unwrap_err();
         assert!(
-            matches!(e, BtfError::Bitfield { bits: 3, bit_offset: 32, .. }),
+            matches!(
+                e,
+                BtfError::Bitfield {
+                    bits: 3,
+                    bit_offset: 32,
+                    ..
+                }
+            ),
             "{e}"
         );
         assert_eq!(btf.member("kf", "whole").unwrap(), m(8, 4));
@@ -1150,9 +1211,18 @@ mod tests {
         b.composite(STRUCT, "arr", 8, &[("a", 5, 0)]); // 6
         b.tracepoint("loop", &[1]);
         let btf = Btf::from_bytes(&b.build()).unwrap();
-        assert!(matches!(btf.member("selfish", "nope"), Err(BtfError::TooDeep { .. })));
-        assert!(matches!(btf.member("loopy", "t"), Err(BtfError::TooDeep { .. })));
-        assert!(matches!(btf.member("arr", "a"), Err(BtfError::TooDeep { .. })));
+        assert!(matches!(
+            btf.member("selfish", "nope"),
+            Err(BtfError::TooDeep { .. })
+        ));
+        assert!(matches!(
+            btf.member("loopy", "t"),
+            Err(BtfError::TooDeep { .. })
+        ));
+        assert!(matches!(
+            btf.member("arr", "a"),
+            Err(BtfError::TooDeep { .. })
+        ));
         assert!(btf.raw_tracepoint_arg_count("loop").is_err());
     }
 
@@ -1169,11 +1239,20 @@ mod tests {
         let btf = Btf::from_bytes(&b.build()).unwrap();
         assert_eq!(btf.raw_tracepoint_arg_count("ok").unwrap(), 2);
         assert_eq!(btf.raw_tracepoint_arg_count("variadic").unwrap(), 1);
-        assert!(matches!(btf.raw_tracepoint_arg_count("no_data"), Err(BtfError::NoDataParam { .. })));
-        assert!(matches!(btf.raw_tracepoint_arg_count("int_data"), Err(BtfError::NoDataParam { .. })));
+        assert!(matches!(
+            btf.raw_tracepoint_arg_count("no_data"),
+            Err(BtfError::NoDataParam { .. })
+        ));
+        assert!(matches!(
+            btf.raw_tracepoint_arg_count("int_data"),
+            Err(BtfError::NoDataParam { .. })
+        ));
         assert!(matches!(
             btf.raw_tracepoint_arg_count("not_ptr"),
-            Err(BtfError::NotTracepointProto { kind: Kind::Int, .. })
+            Err(BtfError::NotTracepointProto {
+                kind: Kind::Int,
+                ..
+            })
         ));
     }
 
@@ -1186,7 +1265,7 @@ mod tests {
         // Byte-swap every 32-bit word of header and types (the string section is bytes).
         let mut be = le.clone();
         be[0..2].copy_from_slice(&0xeb9f_u16.to_be_bytes());
-        let types_end = 24 + u32::from_le_bytes(le[20..24].try_into().unwrap()) as usize;
+        let types_end = 24 + u32::from_le_bytes(le[12..16].try_into().unwrap()) as usize;
         for i in (4..types_end).step_by(4) {
             be[i..i + 4].reverse();
         }
@@ -1199,7 +1278,10 @@ mod tests {
         let good = fixture("debian-6.1.btf");
         let mut bad = good.clone();
         bad[0] = 0;
-        assert!(matches!(Btf::from_bytes(&bad), Err(BtfError::BadMagic { .. })));
+        assert!(matches!(
+            Btf::from_bytes(&bad),
+            Err(BtfError::BadMagic { .. })
+        ));
         let mut bad = good.clone();
         bad[2] = 2;
         assert!(matches!(
@@ -1208,16 +1290,31 @@ mod tests {
         ));
         let mut bad = good.clone();
         bad[4..8].copy_from_slice(&8u32.to_le_bytes());
-        assert!(matches!(Btf::from_bytes(&bad), Err(BtfError::BadHeader { .. })));
+        assert!(matches!(
+            Btf::from_bytes(&bad),
+            Err(BtfError::BadHeader { .. })
+        ));
         let mut bad = good.clone();
         bad[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Btf::from_bytes(&bad), Err(BtfError::Truncated { .. })));
-        assert!(matches!(Btf::from_bytes(&[]), Err(BtfError::Truncated { .. })));
+        assert!(matches!(
+            Btf::from_bytes(&bad),
+            Err(BtfError::Truncated { .. })
+        ));
+        assert!(matches!(
+            Btf::from_bytes(&[]),
+            Err(BtfError::Truncated { .. })
+        ));
     }
 
     /// Exercises every query on whatever parsed; must not panic.
     fn poke(btf: &Btf) {
-        for path in ["pid", "se.sum_exec_runtime", "ioac.read_bytes", "__state", "state"] {
+        for path in [
+            "pid",
+            "se.sum_exec_runtime",
+            "ioac.read_bytes",
+            "__state",
+            "state",
+        ] {
             let _ = btf.member("task_struct", path);
             let _ = btf.has_member("task_struct", path);
         }
@@ -1273,7 +1370,10 @@ mod tests {
                     poke(&btf);
                 }
             }
-            assert!(parsed > 0, "{file}: fuzzing should sometimes keep the blob valid");
+            assert!(
+                parsed > 0,
+                "{file}: fuzzing should sometimes keep the blob valid"
+            );
         }
     }
 }

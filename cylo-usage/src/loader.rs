@@ -20,9 +20,7 @@ const CAP_BPF: u32 = 39;
 /// Why the tracker could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error(
-        "missing privileges: loading the eBPF programs needs {needed}; run cylo-usage as root"
-    )]
+    #[error("missing privileges: loading the eBPF programs needs {needed}; run cylo-usage as root")]
     MissingPrivileges { needed: &'static str },
     #[error("cannot read the process's capabilities from {path}")]
     Capabilities {
@@ -118,7 +116,11 @@ where
     })
 }
 
-fn attach(ebpf: &mut Ebpf, program: &'static str, tracepoint: &'static str) -> Result<(), LoadError> {
+fn attach(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    tracepoint: &'static str,
+) -> Result<(), LoadError> {
     let prog: &mut RawTracePoint = ebpf
         .program_mut(program)
         .ok_or(LoadError::MissingProgram { name: program })?

@@ -6,6 +6,7 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
@@ -126,7 +127,13 @@ fn read_signal(fd: &OwnedFd) -> Option<(i32, bool)> {
     // SAFETY: signalfd_siginfo is plain data; read() fills it or fails.
     let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::signalfd_siginfo>();
-    let n = unsafe { libc::read(fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
     if n as usize != size {
         return None;
     }
@@ -134,13 +141,23 @@ fn read_signal(fd: &OwnedFd) -> Option<(i32, bool)> {
     Some((info.ssi_signo as i32, direct))
 }
 
-fn run(json: bool, output: Option<PathBuf>, until_root_exits: bool, cmd: Vec<OsString>) -> ExitCode {
+fn run(
+    json: bool,
+    output: Option<PathBuf>,
+    until_root_exits: bool,
+    cmd: Vec<OsString>,
+) -> ExitCode {
     if cmd[0].is_empty() {
         return fail(EXIT_TRACKER_FAILED, "run: the command name is empty");
     }
     let signals = match signal_fd() {
         Ok(fd) => fd,
-        Err(e) => return fail(EXIT_TRACKER_FAILED, format!("cannot set up signal handling: {e}")),
+        Err(e) => {
+            return fail(
+                EXIT_TRACKER_FAILED,
+                format!("cannot set up signal handling: {e}"),
+            );
+        }
     };
     let tracker = match Tracker::load() {
         Ok(t) => t,
@@ -153,6 +170,16 @@ fn run(json: bool, output: Option<PathBuf>, until_root_exits: bool, cmd: Vec<OsS
         .join(" ");
     let mut command = Command::new(&cmd[0]);
     command.args(&cmd[1..]);
+    // The command starts with the signal mask cylo-usage had before it blocked the signals
+    // it reads through the signalfd.
+    let unblock = signal_set();
+    // SAFETY: pthread_sigmask is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &unblock, std::ptr::null_mut());
+            Ok(())
+        });
+    }
     let mut run = match tracker.spawn(&mut command) {
         Ok(run) => run,
         Err(SessionError::Spawn { program, source }) => {
@@ -165,9 +192,17 @@ fn run(json: bool, output: Option<PathBuf>, until_root_exits: bool, cmd: Vec<OsS
         }
         Err(e) => return fail(EXIT_TRACKER_FAILED, chain(&e)),
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
-        Err(e) => return fail(EXIT_TRACKER_FAILED, format!("cannot start the runtime: {e}")),
+        Err(e) => {
+            return fail(
+                EXIT_TRACKER_FAILED,
+                format!("cannot start the runtime: {e}"),
+            );
+        }
     };
     let waited = rt.block_on(async {
         let signals = cylo_usage::session::watch(signals)
@@ -205,7 +240,10 @@ fn run(json: bool, output: Option<PathBuf>, until_root_exits: bool, cmd: Vec<OsS
         return fail(EXIT_TRACKER_FAILED, p);
     }
     let status = run.root_status();
-    match (status.and_then(|s| s.code()), status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s))) {
+    match (
+        status.and_then(|s| s.code()),
+        status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
+    ) {
         (Some(code), _) => ExitCode::from(code as u8),
         (None, Some(sig)) => ExitCode::from((128 + sig) as u8),
         (None, None) => ExitCode::from(EXIT_TRACKER_FAILED),

@@ -108,7 +108,10 @@ mod tests {
         assert_eq!(parse_stat("12 (sh) S 1 2 3"), None);
         assert_eq!(parse_stat("no parens at all"), None);
         assert_eq!(parse_stat(""), None);
-        assert_eq!(parse_stat("1 (x) S 1 1 1 0 0 0 0 0 0 0 -5 2 0 0 0 0 0 0 9"), None);
+        assert_eq!(
+            parse_stat("1 (x) S 1 1 1 0 0 0 0 0 0 0 -5 2 0 0 0 0 0 0 9"),
+            None
+        );
     }
 
     #[test]

@@ -43,14 +43,23 @@ pub fn human(usage: &ResourceUsage, command: &str) -> String {
     }
     line("Processes", usage.process_count.to_string());
     line("Threads", usage.thread_count.to_string());
-    line("Most processes alive at once", usage.peak_process_count.to_string());
-    line("Processes still alive", usage.live_process_count.to_string());
+    line(
+        "Most processes alive at once",
+        usage.peak_process_count.to_string(),
+    );
+    line(
+        "Processes still alive",
+        usage.live_process_count.to_string(),
+    );
     line("Disk bytes read", bytes(usage.disk_bytes_read));
     line("Disk bytes written", bytes(usage.disk_bytes_written));
     line("Memory (bytes)", bytes(usage.memory_bytes));
     line("Peak memory (bytes)", bytes(usage.peak_memory_bytes));
     line("Network bytes sent", bytes(usage.network_bytes_sent));
-    line("Network bytes received", bytes(usage.network_bytes_received));
+    line(
+        "Network bytes received",
+        bytes(usage.network_bytes_received),
+    );
     line("Lost events", usage.lost_events.to_string());
     line(
         "Precision",
