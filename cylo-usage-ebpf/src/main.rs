@@ -4,9 +4,12 @@
 //! Handlers (each runs for every matching event on the whole host; an untracked task pays one
 //! map lookup and a return):
 //! - `task_newtask`: a task of a run creates a task (fork, clone, vfork, thread, io worker):
-//!   the new task joins the run here, before it can run.
+//!   the new task joins the run here, before it can run. `task_newtask_no_peak` is the same
+//!   without the peak of processes alive, for kernels without BPF atomic fetch (before 5.12).
 //! - `sched_switch`: the last context switch of a dead task: its runtime is final, so it is
 //!   added to the run and the task leaves it.
+//!
+//! Only the peak needs an atomic's old value; every other counter is a plain atomic add.
 #![no_std]
 #![no_main]
 // The BPF target has no `atomic-cas` in its spec, so `AtomicU64` offers no read-modify-write
@@ -14,11 +17,16 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-use core::intrinsics::{AtomicOrdering::{Relaxed, SeqCst}, atomic_cxchg, atomic_xadd, atomic_xsub};
+use core::intrinsics::{
+    AtomicOrdering::{Relaxed, SeqCst},
+    atomic_cxchg, atomic_xadd,
+};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{map, raw_tracepoint},
     maps::{Array, HashMap, RingBuf},
     programs::RawTracePointContext,
@@ -42,7 +50,7 @@ static OFFSETS: Offsets = Offsets {
     task_state_size: 0,
     switch_has_prev_state: 0,
     task_dead: 0,
-    _pad0: 0,
+    signal_live: 0,
 };
 
 /// Live tracked threads, keyed by the address of their `task_struct`.
@@ -83,7 +91,7 @@ fn read<T>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T).ok() }
 }
 
-// SAFETY (all four): `field` points into a map value, 8-byte aligned and live for the call.
+// SAFETY (all three): `field` points into a map value, 8-byte aligned and live for the call.
 /// Atomically adds `v` (BPF_ATOMIC add; no fetch).
 #[inline(always)]
 fn add(field: &mut u64, v: u64) {
@@ -98,11 +106,6 @@ fn increment(field: &mut u64) -> u64 {
     unsafe { atomic_xadd::<u64, u64, { SeqCst }>(field, 1) + 1 }
 }
 
-/// Atomically subtracts 1 and returns the new value.
-#[inline(always)]
-fn decrement(field: &mut u64) -> u64 {
-    unsafe { atomic_xsub::<u64, u64, { SeqCst }>(field, 1).wrapping_sub(1) }
-}
 
 /// Raises `field` to at least `v` (compare-and-exchange, bounded so the verifier accepts it).
 #[inline(always)]
@@ -141,6 +144,17 @@ fn notify(run: u32, kind: u32, counters: &mut RunCounters) {
 /// `task_newtask(struct task_struct *task, unsigned long clone_flags)`, in the creator's context.
 #[raw_tracepoint(tracepoint = "task_newtask")]
 pub fn task_newtask(ctx: RawTracePointContext) -> i32 {
+    on_newtask::<true>(ctx)
+}
+
+/// `task_newtask` for kernels without BPF atomic fetch and compare-and-exchange.
+#[raw_tracepoint(tracepoint = "task_newtask")]
+pub fn task_newtask_no_peak(ctx: RawTracePointContext) -> i32 {
+    on_newtask::<false>(ctx)
+}
+
+#[inline(always)]
+fn on_newtask<const PEAK: bool>(ctx: RawTracePointContext) -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
     let run = match unsafe { TASKS.get(current) } {
@@ -152,7 +166,7 @@ pub fn task_newtask(ctx: RawTracePointContext) -> i32 {
     };
     let child: u64 = ctx.arg(0);
     let flags: u64 = ctx.arg(1);
-    join(run, child, flags & CLONE_THREAD != 0);
+    join::<PEAK>(run, child, flags & CLONE_THREAD != 0);
     0
 }
 
@@ -171,7 +185,7 @@ fn spawner_run() -> Option<u32> {
 }
 
 #[inline(always)]
-fn join(run: u32, child: u64, is_thread: bool) {
+fn join<const PEAK: bool>(run: u32, child: u64, is_thread: bool) {
     let Some(counters) = run_counters(run) else {
         return;
     };
@@ -198,27 +212,21 @@ fn join(run: u32, child: u64, is_thread: bool) {
         return;
     }
     add(&mut counters.threads_started, 1);
-    add(&mut counters.threads_alive, 1);
     if is_thread {
-        match PROCS.get_ptr_mut(signal) {
-            // SAFETY: map value pointer; updated atomically.
-            Some(p) => add(unsafe { &mut (*p).live_threads }, 1),
-            None => add(&mut counters.lost_events, 1),
-        }
         return;
     }
-    let proc = ProcMember {
-        run,
-        _pad0: 0,
-        live_threads: 1,
-    };
+    let proc = ProcMember { run, _pad0: 0 };
     if PROCS.insert(signal, proc, BPF_NOEXIST as u64).is_err() {
         add(&mut counters.lost_events, 1);
         return;
     }
     add(&mut counters.processes_started, 1);
-    let alive = increment(&mut counters.processes_alive);
-    raise_to(&mut counters.processes_peak, alive);
+    if PEAK {
+        let alive = increment(&mut counters.processes_alive);
+        raise_to(&mut counters.processes_peak, alive);
+    } else {
+        add(&mut counters.processes_alive, 1);
+    }
 }
 
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next
@@ -263,16 +271,19 @@ fn leave(task: u64, member: &TaskMember, o: &Offsets) {
         _ => add(&mut counters.lost_events, 1),
     }
     let _ = TASKS.remove(task);
-    if let Some(p) = PROCS.get_ptr_mut(member.signal) {
-        // SAFETY: map value pointer; updated atomically.
-        if decrement(unsafe { &mut (*p).live_threads }) == 0 {
-            let _ = PROCS.remove(member.signal);
-            decrement(&mut counters.processes_alive);
-        }
+    // The kernel decremented `signal->live` when this thread passed do_exit(); at 0 the
+    // process is over. Several of its threads may see 0 here; removing the process's entry
+    // succeeds for exactly one of them.
+    if read::<u32>(member.signal, o.signal_live) == Some(0) && PROCS.remove(member.signal).is_ok() {
+        add(&mut counters.processes_alive, u64::MAX); // -1
     }
     // Last: the exit generation (userspace's consistency check for snapshots).
     add(&mut counters.threads_exited, 1);
-    if decrement(&mut counters.threads_alive) == 0 {
+    // SAFETY (both reads): aligned 8-byte loads of map values are single-copy atomic. The
+    // thread being the last is seen by at least the last of concurrent exits.
+    let started = unsafe { core::ptr::read_volatile(&counters.threads_started) };
+    let exited = unsafe { core::ptr::read_volatile(&counters.threads_exited) };
+    if started == exited {
         // SAFETY: reads the monotonic clock.
         counters.ended_ns = unsafe { bpf_ktime_get_ns() };
         notify(member.run, event_kind::RUN_EMPTY, counters);

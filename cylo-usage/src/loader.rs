@@ -8,6 +8,7 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use cylo_usage_abi::{MAX_RUNS, Offsets, ProcMember, RunCounters, TaskMember, names};
 
 use crate::resolve::{self, ResolveError};
+use crate::usage::Measured;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("CYLO_USAGE_EBPF_OBJECT"));
@@ -85,6 +86,7 @@ pub(crate) struct Inner {
     pub maps: Mutex<Maps>,
     pub events: Mutex<RingBuf<MapData>>,
     pub offsets: Offsets,
+    pub measured: Measured,
     /// Keeps the programs and their links attached.
     _ebpf: Mutex<Ebpf>,
 }
@@ -165,16 +167,39 @@ impl Tracker {
             next_slot: 0,
         };
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
-        attach(&mut ebpf, names::PROG_TASK_NEWTASK, names::TP_TASK_NEWTASK)?;
+        // The peak needs BPF atomic fetch and compare-and-exchange (5.12+): the verifier
+        // decides. Without them, the same handler without the peak.
+        let peak_processes =
+            match attach(&mut ebpf, names::PROG_TASK_NEWTASK, names::TP_TASK_NEWTASK) {
+                Ok(()) => true,
+                Err(LoadError::Attach {
+                    source: ProgramError::LoadError { .. },
+                    ..
+                }) => {
+                    attach(
+                        &mut ebpf,
+                        names::PROG_TASK_NEWTASK_NO_PEAK,
+                        names::TP_TASK_NEWTASK,
+                    )?;
+                    false
+                }
+                Err(e) => return Err(e),
+            };
         attach(&mut ebpf, names::PROG_SCHED_SWITCH, names::TP_SCHED_SWITCH)?;
         Ok(Tracker {
             inner: Arc::new(Inner {
                 maps: Mutex::new(maps),
                 events: Mutex::new(events),
                 offsets,
+                measured: Measured { peak_processes },
                 _ebpf: Mutex::new(ebpf),
             }),
         })
+    }
+
+    /// What the programs measure on this kernel.
+    pub fn measured(&self) -> Measured {
+        self.inner.measured
     }
 
     /// The kernel layout the programs were loaded with.

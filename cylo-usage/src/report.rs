@@ -15,7 +15,7 @@ fn seconds(ns: u64) -> String {
     format!("{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000)
 }
 
-fn bytes(v: Option<u64>) -> String {
+fn maybe(v: Option<u64>) -> String {
     match v {
         Some(b) => b.to_string(),
         None => "not measured".to_string(),
@@ -45,20 +45,20 @@ pub fn human(usage: &ResourceUsage, command: &str) -> String {
     line("Threads", usage.thread_count.to_string());
     line(
         "Most processes alive at once",
-        usage.peak_process_count.to_string(),
+        maybe(usage.peak_process_count),
     );
     line(
         "Processes still alive",
         usage.live_process_count.to_string(),
     );
-    line("Disk bytes read", bytes(usage.disk_bytes_read));
-    line("Disk bytes written", bytes(usage.disk_bytes_written));
-    line("Memory (bytes)", bytes(usage.memory_bytes));
-    line("Peak memory (bytes)", bytes(usage.peak_memory_bytes));
-    line("Network bytes sent", bytes(usage.network_bytes_sent));
+    line("Disk bytes read", maybe(usage.disk_bytes_read));
+    line("Disk bytes written", maybe(usage.disk_bytes_written));
+    line("Memory (bytes)", maybe(usage.memory_bytes));
+    line("Peak memory (bytes)", maybe(usage.peak_memory_bytes));
+    line("Network bytes sent", maybe(usage.network_bytes_sent));
     line(
         "Network bytes received",
-        bytes(usage.network_bytes_received),
+        maybe(usage.network_bytes_received),
     );
     line("Lost events", usage.lost_events.to_string());
     line(
@@ -97,7 +97,7 @@ mod tests {
             exit_code: Some(3),
             signal: None,
         };
-        let u = merge(&c, &[], 100, true, root, 2000);
+        let u = merge(&c, crate::usage::Measured::ALL, &[], 100, true, root, 2000);
         let text = human(&u, "sh -c 'x'");
         assert!(text.contains("\tCPU time (seconds): 1.500000000\n"));
         assert!(text.contains("\tUser time (seconds): 0.750000000\n"));

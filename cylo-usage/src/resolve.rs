@@ -58,6 +58,8 @@ pub mod fields {
     pub const TASK_STIME: Field = f("task_struct", &["stime"], &[8]);
     /// `unsigned int __state` since 5.14, `volatile long state` before.
     pub const TASK_STATE: Field = f("task_struct", &["__state", "state"], &[4, 8]);
+    /// `atomic_t live`: threads of the process not yet past do_exit().
+    pub const SIGNAL_LIVE: Field = f("signal_struct", &["live"], &[4]);
 
     // Not in `Offsets` yet; resolvable on every fixture kernel.
     pub const TASK_MM: Field = f("task_struct", &["mm"], &[8]);
@@ -174,7 +176,7 @@ pub fn resolve_offsets(btf: &Btf) -> Result<Offsets, ResolveError> {
         task_state_size: state.size,
         switch_has_prev_state: u32::from(switch_args >= 4),
         task_dead: TASK_DEAD,
-        _pad0: 0,
+        signal_live: SIGNAL_LIVE.resolve(btf)?.offset,
     })
 }
 
@@ -232,7 +234,8 @@ mod tests {
             task_state_size: state_size,
             switch_has_prev_state: prev_state,
             task_dead: 0x80,
-            _pad0: 0,
+            // `refcount_t sigcnt; atomic_t live;` on every kernel here.
+            signal_live: 4,
         }
     }
 
@@ -316,6 +319,12 @@ mod tests {
         let st = b.int("state_int", state.1);
         let void_ptr = b.ptr(0);
         let se = b.composite(STRUCT, "sched_entity", 16, &[("sum_exec_runtime", u64_, 8)]);
+        b.composite(
+            STRUCT,
+            "signal_struct",
+            8,
+            &[("sigcnt", int4, 0), ("live", int4, 4)],
+        );
         b.composite(
             STRUCT,
             "task_struct",

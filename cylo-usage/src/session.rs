@@ -236,7 +236,7 @@ impl Run {
 
     /// True once every thread that ever joined the run has exited.
     pub fn is_finished(&self) -> Result<bool, SessionError> {
-        Ok(self.counters()?.threads_alive == 0)
+        Ok(self.counters()?.finished())
     }
 
     /// Waits until every thread of the tree has exited, daemonised ones included.
@@ -295,9 +295,10 @@ impl Run {
         let mut last = None;
         for _ in 0..SNAPSHOT_ATTEMPTS {
             let before = self.counters()?;
-            if before.threads_alive == 0 {
+            let measured = self.inner.measured;
+            if before.finished() {
                 let wall = before.ended_ns.saturating_sub(self.started_ns) / 1_000_000;
-                return Ok(usage::merge(&before, &[], hz, true, root, wall));
+                return Ok(usage::merge(&before, measured, &[], hz, true, root, wall));
             }
             let members = self.live_members()?;
             let live: Vec<Option<ThreadCpu>> = members
@@ -310,7 +311,7 @@ impl Run {
             let stable = before.threads_exited == after.threads_exited
                 && before.threads_started == after.threads_started;
             let whole = stable && reads.len() == members.len();
-            let merged = usage::merge(&after, &reads, hz, whole, root, wall);
+            let merged = usage::merge(&after, measured, &reads, hz, whole, root, wall);
             if whole {
                 return Ok(merged);
             }

@@ -33,8 +33,9 @@ pub struct ResourceUsage {
     pub process_count: u64,
     /// Distinct threads ever, main threads included.
     pub thread_count: u64,
-    /// The most processes alive at the same time.
-    pub peak_process_count: u64,
+    /// The most processes alive at the same time. `None` on kernels whose BPF verifier lacks
+    /// atomic fetch and compare-and-exchange (before 5.12): see `cylo-usage features`.
+    pub peak_process_count: Option<u64>,
     /// Processes alive at the snapshot.
     pub live_process_count: u64,
     /// Bytes the tree made the storage layer read. Not measured by this build.
@@ -60,6 +61,20 @@ pub struct ResourceUsage {
     pub signal: Option<i32>,
     /// Wall-clock time from the start to the end of the run (or to the snapshot while it runs).
     pub wall_time_ms: u64,
+}
+
+/// What the loaded programs can measure on this kernel (decided at load time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Measured {
+    /// The peak of processes alive at once (needs BPF atomic fetch and cmpxchg).
+    pub peak_processes: bool,
+}
+
+impl Measured {
+    /// Everything this build can measure.
+    pub const ALL: Measured = Measured {
+        peak_processes: true,
+    };
 }
 
 /// How the root ended, as far as it is known.
@@ -88,6 +103,7 @@ pub fn split_runtime(runtime: u64, utime: u64, stime: u64) -> (u64, u64) {
 /// whether the snapshot is known to be consistent and whole.
 pub fn merge(
     counters: &RunCounters,
+    measured: Measured,
     live: &[ThreadCpu],
     ticks_per_second: u64,
     complete: bool,
@@ -112,7 +128,7 @@ pub fn merge(
         cpu_system_ns: system,
         process_count: counters.processes_started,
         thread_count: counters.threads_started,
-        peak_process_count: counters.processes_peak,
+        peak_process_count: measured.peak_processes.then_some(counters.processes_peak),
         live_process_count: counters.processes_alive,
         disk_bytes_read: None,
         disk_bytes_written: None,
@@ -145,7 +161,6 @@ mod tests {
             threads_started: 9,
             processes_alive: 1,
             processes_peak: 4,
-            threads_alive: 2,
             threads_exited: 7,
             lost_events: 0,
             ended_ns: 0,
@@ -179,7 +194,15 @@ mod tests {
                 start_ticks: 1,
             },
         ];
-        let u = merge(&counters(), &live, 100, true, RootExit::default(), 42);
+        let u = merge(
+            &counters(),
+            Measured::ALL,
+            &live,
+            100,
+            true,
+            RootExit::default(),
+            42,
+        );
         assert_eq!(u.cpu_time_ns, 4_000_000_000);
         assert_eq!(u.cpu_time_ms, 4_000);
         // utime 2s + 1s, stime 1s + 0.5s → system = 4s * 1.5 / 4.5
@@ -187,7 +210,7 @@ mod tests {
         assert_eq!(u.cpu_user_ns + u.cpu_system_ns, u.cpu_time_ns);
         assert_eq!(u.process_count, 5);
         assert_eq!(u.thread_count, 9);
-        assert_eq!(u.peak_process_count, 4);
+        assert_eq!(u.peak_process_count, Some(4));
         assert_eq!(u.live_process_count, 1);
         assert_eq!(u.precision, Precision::Exact);
         assert_eq!(u.wall_time_ms, 42);
@@ -197,9 +220,17 @@ mod tests {
     fn lost_events_or_inconsistent_snapshot_are_approximate() {
         let mut c = counters();
         c.lost_events = 3;
-        let u = merge(&c, &[], 100, true, RootExit::default(), 0);
+        let u = merge(&c, Measured::ALL, &[], 100, true, RootExit::default(), 0);
         assert_eq!((u.lost_events, u.precision), (3, Precision::Approximate));
-        let u = merge(&counters(), &[], 100, false, RootExit::default(), 0);
+        let u = merge(
+            &counters(),
+            Measured::ALL,
+            &[],
+            100,
+            false,
+            RootExit::default(),
+            0,
+        );
         assert_eq!(u.precision, Precision::Approximate);
     }
 
@@ -209,7 +240,7 @@ mod tests {
             exit_code: None,
             signal: Some(9),
         };
-        let u = merge(&counters(), &[], 100, true, root, 7);
+        let u = merge(&counters(), Measured::ALL, &[], 100, true, root, 7);
         let v: serde_json::Value = serde_json::to_value(&u).unwrap();
         let obj = v.as_object().unwrap();
         for key in [
@@ -226,5 +257,15 @@ mod tests {
         assert_eq!(obj["signal"], 9);
         assert_eq!(obj["precision"], "exact");
         assert!(obj.values().all(|v| !v.is_object() && !v.is_array()));
+    }
+
+    #[test]
+    fn peak_is_null_where_the_kernel_cannot_measure_it() {
+        let none = Measured {
+            peak_processes: false,
+        };
+        let u = merge(&counters(), none, &[], 100, true, RootExit::default(), 0);
+        assert_eq!(u.peak_process_count, None);
+        assert_eq!(u.precision, Precision::Exact, "unmeasured is not imprecise");
     }
 }

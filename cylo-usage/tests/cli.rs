@@ -246,19 +246,17 @@ fn sigterm_and_sigint_are_forwarded_and_the_report_still_printed() {
 
 #[test]
 fn without_privileges_it_says_what_is_missing() {
-    // SAFETY: the child only calls setgroups/setgid/setuid before exec.
     let mut cmd = Command::new(CLI);
     cmd.args(["run", "--", "/bin/true"]);
     // SAFETY: async-signal-safe calls only.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::geteuid() == 0 {
-                if libc::setgroups(0, std::ptr::null()) != 0
+            if libc::geteuid() == 0
+                && (libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(65534) != 0
-                    || libc::setuid(65534) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                    || libc::setuid(65534) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });

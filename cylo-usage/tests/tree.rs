@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{cpu_group, rel_diff, run_to_end, tracker, workload};
+use common::{cpu_group, expected_peak, kernel_version, rel_diff, run_to_end, tracker, workload};
 
 #[tokio::test]
 async fn a_thousand_children_alive_at_once_are_counted_exactly() {
@@ -13,7 +13,7 @@ async fn a_thousand_children_alive_at_once_are_counted_exactly() {
     let u = run_to_end(&t, &mut workload(&["fork", "1000"])).await;
     assert_eq!(u.process_count, 1001, "{u:?}");
     assert_eq!(u.thread_count, 1001, "{u:?}");
-    assert_eq!(u.peak_process_count, 1001, "{u:?}");
+    assert_eq!(u.peak_process_count, expected_peak(1001), "{u:?}");
     assert_eq!(u.exit_code, Some(0));
 }
 
@@ -23,7 +23,7 @@ async fn threads_are_counted_exactly() {
     let u = run_to_end(&t, &mut workload(&["threads", "7", "20"])).await;
     assert_eq!(u.process_count, 1, "{u:?}");
     assert_eq!(u.thread_count, 8, "{u:?}");
-    assert_eq!(u.peak_process_count, 1, "{u:?}");
+    assert_eq!(u.peak_process_count, expected_peak(1), "{u:?}");
     assert!(u.cpu_time_ns >= 7 * 20_000_000, "{u:?}");
 }
 
@@ -98,7 +98,7 @@ async fn children_that_live_microseconds_are_counted() {
     let Some(t) = tracker() else { return };
     let u = run_to_end(&t, &mut workload(&["storm", "500"])).await;
     assert_eq!(u.process_count, 501, "{u:?}");
-    assert_eq!(u.peak_process_count, 2, "{u:?}");
+    assert_eq!(u.peak_process_count, expected_peak(2), "{u:?}");
 }
 
 #[tokio::test]
@@ -173,4 +173,11 @@ async fn a_live_snapshot_adds_running_threads_from_proc() {
     assert!(end.cpu_time_ns >= mid.cpu_time_ns);
     assert!(end.cpu_time_ns >= 800_000_000, "{end:?}");
     assert_eq!(end.live_process_count, 0);
+}
+
+#[test]
+fn the_peak_is_measured_exactly_where_the_kernel_has_bpf_atomic_fetch() {
+    let Some(t) = tracker() else { return };
+    // The loader asks the verifier, not the version; the version is the independent check.
+    assert_eq!(t.measured().peak_processes, kernel_version() >= (5, 12));
 }

@@ -32,6 +32,9 @@ pub mod names {
     pub const OFFSETS: &str = "OFFSETS";
 
     pub const PROG_TASK_NEWTASK: &str = "task_newtask";
+    /// The same as `task_newtask` without the most-processes-alive peak, for kernels whose
+    /// verifier lacks BPF atomic fetch and compare-and-exchange (before 5.12).
+    pub const PROG_TASK_NEWTASK_NO_PEAK: &str = "task_newtask_no_peak";
     pub const PROG_SCHED_SWITCH: &str = "sched_switch";
     /// The raw tracepoints the programs above attach to.
     pub const TP_TASK_NEWTASK: &str = "task_newtask";
@@ -66,7 +69,8 @@ pub struct Offsets {
     pub switch_has_prev_state: u32,
     /// The `TASK_DEAD` bit of the task state.
     pub task_dead: u32,
-    pub _pad0: u32,
+    /// `signal_struct.live` (atomic_t): threads of the process that have not yet exited.
+    pub signal_live: u32,
 }
 
 /// One live tracked thread; value of `TASKS`, keyed by the kernel address of its `task_struct`
@@ -89,13 +93,12 @@ pub struct TaskMember {
 }
 
 /// One live tracked process; value of `PROCS`, keyed by the address of its `signal_struct`.
+/// Its removal, which succeeds exactly once, marks the process's end.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcMember {
     pub run: u32,
     pub _pad0: u32,
-    /// Threads of this process still alive (updated atomically).
-    pub live_threads: u64,
 }
 
 /// The per-run accounting record, value of `RUNS`. Every field is a counter updated with
@@ -115,21 +118,27 @@ pub struct RunCounters {
     pub threads_started: u64,
     /// Processes alive now.
     pub processes_alive: u64,
-    /// The most processes alive at once.
+    /// The most processes alive at once (only where the kernel has BPF atomic fetch).
     pub processes_peak: u64,
-    /// Threads alive now; the run is over when this returns to 0.
-    pub threads_alive: u64,
-    /// Threads that have exited; also the generation userspace uses for consistent snapshots.
+    /// Threads that have exited; the run is over when it equals `threads_started`. Also the
+    /// generation userspace uses for consistent snapshots.
     pub threads_exited: u64,
     /// Records the kernel side could not make (map full, ring buffer full).
     pub lost_events: u64,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the last thread left; 0 while any is alive.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the last thread left; 0 before.
     pub ended_ns: u64,
+}
+
+impl RunCounters {
+    /// True once every thread that joined has exited.
+    pub fn finished(&self) -> bool {
+        self.threads_started == self.threads_exited
+    }
 }
 
 /// Kinds of [`Event`].
 pub mod event_kind {
-    /// The last thread of a run has exited.
+    /// The last thread of a run has exited (may come twice when the last two exit together).
     pub const RUN_EMPTY: u32 = 1;
 }
 
@@ -143,8 +152,8 @@ pub struct Event {
 
 const _: () = assert!(size_of::<Offsets>() == 48);
 const _: () = assert!(size_of::<TaskMember>() == 32);
-const _: () = assert!(size_of::<ProcMember>() == 16);
-const _: () = assert!(size_of::<RunCounters>() == 88);
+const _: () = assert!(size_of::<ProcMember>() == 8);
+const _: () = assert!(size_of::<RunCounters>() == 80);
 const _: () = assert!(size_of::<Event>() == 8);
 
 #[cfg(feature = "user")]

@@ -177,3 +177,19 @@ pub fn cpu_group() -> Option<CpuGroup> {
 pub fn rel_diff(a: u64, b: u64) -> f64 {
     (a as f64 - b as f64).abs() / b as f64
 }
+
+/// The running kernel's (major, minor), from uname. Tests may know kernel versions; the
+/// tracker itself decides from what the kernel offers.
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|p| p.parse().ok()).unwrap();
+    let minor = parts.next().and_then(|p| p.parse().ok()).unwrap();
+    (major, minor)
+}
+
+/// What `peak_process_count` must be for a true peak of `n` on this kernel: BPF atomic
+/// fetch and compare-and-exchange came with 5.12; before, the peak is unmeasured (null).
+pub fn expected_peak(n: u64) -> Option<u64> {
+    (kernel_version() >= (5, 12)).then_some(n)
+}
