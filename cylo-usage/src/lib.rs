@@ -13,6 +13,7 @@
 //! # Ok(()) }
 //! ```
 pub mod btf;
+pub mod features;
 pub mod loader;
 pub mod procfs;
 pub mod report;
@@ -20,6 +21,6 @@ pub mod resolve;
 pub mod session;
 pub mod usage;
 
-pub use loader::{LoadError, Tracker};
+pub use loader::{LoadError, Options, Tracker};
 pub use session::{Run, SessionError};
 pub use usage::{Precision, ResourceUsage};

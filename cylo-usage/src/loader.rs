@@ -5,7 +5,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
 use aya::programs::{ProgramError, RawTracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use cylo_usage_abi::{MAX_RUNS, Offsets, ProcMember, RunCounters, TaskMember, names};
+use cylo_usage_abi::{
+    DEFAULT_MAX_PROCS, DEFAULT_MAX_TASKS, MAX_RUNS, Offsets, ProcMember, RunCounters, TaskMember,
+    names,
+};
 
 use crate::resolve::{self, ResolveError};
 use crate::usage::Measured;
@@ -98,6 +101,25 @@ impl Inner {
     }
 }
 
+/// Capacities of the kernel-side maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Live tracked threads on the whole host, over all runs. A thread that finds the map
+    /// full is not followed, and is counted in `lost_events`.
+    pub max_tasks: u32,
+    /// Live tracked processes on the whole host, over all runs (likewise).
+    pub max_procs: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_tasks: DEFAULT_MAX_TASKS,
+            max_procs: DEFAULT_MAX_PROCS,
+        }
+    }
+}
+
 /// Loaded and attached eBPF programs. Cheap to clone; the programs stay attached until the
 /// last clone (and every [`crate::Run`] made from it) is dropped.
 #[derive(Clone)]
@@ -148,13 +170,23 @@ impl Tracker {
             return Err(LoadError::MissingPrivileges { needed });
         }
         let offsets = resolve::resolve_host()?;
-        Self::load_with(offsets)
+        Self::load_with(offsets, Options::default())
     }
 
-    /// Like [`Tracker::load`] with an explicit kernel layout (no privilege pre-check).
-    pub fn load_with(offsets: Offsets) -> Result<Tracker, LoadError> {
+    /// [`Tracker::load`] with other map capacities.
+    pub fn load_with_options(options: Options) -> Result<Tracker, LoadError> {
+        if let Some(needed) = missing_privileges()? {
+            return Err(LoadError::MissingPrivileges { needed });
+        }
+        Self::load_with(resolve::resolve_host()?, options)
+    }
+
+    /// Loads with an explicit kernel layout (no privilege pre-check).
+    pub fn load_with(offsets: Offsets, options: Options) -> Result<Tracker, LoadError> {
         let mut ebpf = EbpfLoader::new()
             .override_global(names::OFFSETS, &offsets, true)
+            .set_max_entries(names::TASKS, options.max_tasks)
+            .set_max_entries(names::PROCS, options.max_procs)
             .load(OBJECT)
             .map_err(LoadError::Load)?;
         let maps = Maps {

@@ -47,6 +47,12 @@ enum Cmd {
         #[arg(required = true, num_args = 1.., trailing_var_arg = true, value_name = "CMD")]
         cmd: Vec<OsString>,
     },
+    /// Load the programs and list which counters are measured on this kernel, and how.
+    Features {
+        /// As one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,6 +75,16 @@ fn main() -> ExitCode {
             until_root_exits,
             cmd,
         } => run(json, output, until_root_exits, cmd),
+        Cmd::Features { json } => {
+            let tracker = match Tracker::load() {
+                Ok(t) => t,
+                Err(e) => return fail(EXIT_TRACKER_FAILED, chain(&e)),
+            };
+            let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+            let list = cylo_usage::features::features(tracker.measured());
+            print!("{}", report::features(kernel.trim(), &list, json));
+            ExitCode::SUCCESS
+        }
     }
 }
 

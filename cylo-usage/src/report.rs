@@ -2,6 +2,7 @@
 //! Nothing here computes a figure.
 use std::fmt::Write;
 
+use crate::features::Feature;
 use crate::usage::{Precision, ResourceUsage};
 
 /// One flat JSON object with the field names of [`ResourceUsage`], and a newline.
@@ -72,6 +73,20 @@ pub fn human(usage: &ResourceUsage, command: &str) -> String {
         (_, Some(sig)) => line("Command terminated by signal", sig.to_string()),
         (Some(code), None) => line("Exit status", code.to_string()),
         (None, None) => line("Exit status", "still running".to_string()),
+    }
+    out
+}
+
+/// The kernel and the list of counters with how each is measured, as text or JSON.
+pub fn features(kernel: &str, list: &[Feature], json: bool) -> String {
+    if json {
+        let v = serde_json::json!({ "kernel": kernel, "features": list });
+        return format!("{v}\n");
+    }
+    let mut out = format!("kernel {kernel}\n");
+    for f in list {
+        let state = if f.measured { "measured" } else { "unmeasured" };
+        let _ = writeln!(out, "{:<24} {:<10} {}", f.counter, state, f.how);
     }
     out
 }

@@ -181,3 +181,29 @@ fn the_peak_is_measured_exactly_where_the_kernel_has_bpf_atomic_fetch() {
     // The loader asks the verifier, not the version; the version is the independent check.
     assert_eq!(t.measured().peak_processes, kernel_version() >= (5, 12));
 }
+
+#[tokio::test]
+async fn a_full_membership_map_is_counted_as_lost_never_silently() {
+    if tracker().is_none() {
+        return;
+    }
+    let small = cylo_usage::Options {
+        max_tasks: 16,
+        ..Default::default()
+    };
+    let t = cylo_usage::Tracker::load_with_options(small).expect("load with a small map");
+    let mut run = t.spawn(&mut workload(&["fork", "100"])).unwrap();
+    run.wait_root().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), run.wait_finished())
+        .await
+        .unwrap()
+        .unwrap();
+    let u = run.usage().unwrap();
+    assert!(u.lost_events > 0, "{u:?}");
+    assert_eq!(u.precision, cylo_usage::Precision::Approximate, "{u:?}");
+    assert_eq!(
+        u.process_count + u.lost_events,
+        101,
+        "every child is either followed or counted as lost: {u:?}"
+    );
+}

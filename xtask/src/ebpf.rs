@@ -89,7 +89,8 @@ fn ensure_nightly() -> Result<PathBuf> {
         eprintln!("xtask: installing rust-src for {NIGHTLY}");
         run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
     }
-    let sysroot = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
+    let sysroot =
+        output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
     Ok(PathBuf::from(sysroot.trim()))
 }
 
@@ -106,7 +107,10 @@ fn nightly_llvm(sysroot: &Path) -> Result<(PathBuf, u32)> {
             }
         }
     }
-    bail!("no libLLVM.so.N* in {}: cannot build a matching bpf-linker", lib.display())
+    bail!(
+        "no libLLVM.so.N* in {}: cannot build a matching bpf-linker",
+        lib.display()
+    )
 }
 
 /// Makes sure `target/tools/bin/bpf-linker` exists and was built against `llvm_lib`.
@@ -130,7 +134,10 @@ fn ensure_bpf_linker(llvm_lib: &Path, major: u32) -> Result<PathBuf> {
     // `libLLVM.so` for llvm-sys at build time; the library's own file name (its soname) for
     // the loader at run time (the binary gets an rpath to this folder).
     let soname = llvm_lib.file_name().expect("a library file name");
-    for link in [prefix.join("lib/libLLVM.so"), prefix.join("lib").join(soname)] {
+    for link in [
+        prefix.join("lib/libLLVM.so"),
+        prefix.join("lib").join(soname),
+    ] {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(llvm_lib, &link)
             .with_context(|| format!("linking {} -> {want}", link.display()))?;
@@ -180,10 +187,11 @@ pub fn build() -> Result<PathBuf> {
         ])
         .arg(root.join("target/ebpf"))
         .env("PATH", std::env::join_paths(paths)?)
-        // Atomic fetch-and-add / compare-and-exchange need BPF ISA v3.
+        // Atomic fetch-and-add / compare-and-exchange need BPF ISA v3. Warnings are errors (only
+        // for this workspace's crates: cargo caps lints of dependencies).
         .env(
             "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
-            "-C debuginfo=2 -C link-arg=--btf -C target-cpu=v3",
+            "-C debuginfo=2 -C link-arg=--btf -C target-cpu=v3 -D warnings",
         )
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
