@@ -185,8 +185,8 @@ impl Tracker {
     pub fn load_with(offsets: Offsets, options: Options) -> Result<Tracker, LoadError> {
         let mut ebpf = EbpfLoader::new()
             .override_global(names::OFFSETS, &offsets, true)
-            .set_max_entries(names::TASKS, options.max_tasks)
-            .set_max_entries(names::PROCS, options.max_procs)
+            .map_max_entries(names::TASKS, options.max_tasks)
+            .map_max_entries(names::PROCS, options.max_procs)
             .load(OBJECT)
             .map_err(LoadError::Load)?;
         let maps = Maps {

@@ -20,7 +20,8 @@ enum Command {
     BuildEbpf,
     /// Build the eBPF object, then `target/release/cylo-usage` with it embedded.
     Build,
-    /// Build everything, then run `cylo-usage run [ARGS]` (e.g. `cargo xtask run -- -- CMD`).
+    /// Build everything, then run `cylo-usage run [OPTIONS] -- CMD [ARGS]`:
+    /// `cargo xtask run -- CMD ARGS` or `cargo xtask run -- --json -- CMD ARGS`.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -57,6 +58,10 @@ fn run(cli: Cli) -> Result<()> {
             ebpf::cargo(&["build", "--release", "-p", "cylo-usage"])?;
             let bin = workspace_root().join("target/release/cylo-usage");
             let mut full = vec!["run".to_string()];
+            // Without options first, everything is the command.
+            if !args.first().is_some_and(|a| a.starts_with('-')) {
+                full.push("--".to_string());
+            }
             full.extend(args);
             let status = std::process::Command::new(&bin).args(&full).status()?;
             std::process::exit(status.code().unwrap_or(125));

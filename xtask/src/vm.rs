@@ -618,6 +618,8 @@ struct TestBinary {
 struct Built {
     tests: Vec<TestBinary>,
     cylo_usage: PathBuf,
+    /// Every binary target built (tests find them through `CARGO_BIN_EXE_<name>`).
+    bins: BTreeSet<PathBuf>,
     target_dir: PathBuf,
     /// Package folders whose data (fixtures) the guest needs.
     package_dirs: BTreeSet<PathBuf>,
@@ -658,14 +660,23 @@ fn build_binaries(root: &Path) -> Result<Built> {
             .collect())
     };
 
-    let mut cylo_usage = None;
-    for msg in cargo_json(&["build", "-p", "cylo-usage"])? {
+    let mut bins = BTreeSet::new();
+    let mut collect_bin = |msg: &serde_json::Value| {
         if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == "cylo-usage"
-            && msg["target"]["kind"][0] == "bin"
+            && msg["profile"]["test"] == false
             && let Some(exe) = msg["executable"].as_str()
         {
-            cylo_usage = Some(PathBuf::from(exe));
+            bins.insert(PathBuf::from(exe));
+            return Some(
+                (msg["target"]["name"].as_str() == Some("cylo-usage")).then(|| PathBuf::from(exe)),
+            );
+        }
+        None
+    };
+    let mut cylo_usage = None;
+    for msg in cargo_json(&["build", "-p", "cylo-usage"])? {
+        if let Some(Some(exe)) = collect_bin(&msg) {
+            cylo_usage = Some(exe);
         }
     }
     let cylo_usage =
@@ -674,6 +685,7 @@ fn build_binaries(root: &Path) -> Result<Built> {
     let mut tests = Vec::new();
     let mut package_dirs = BTreeSet::new();
     for msg in cargo_json(&["test", "--workspace", "--no-run"])? {
+        collect_bin(&msg);
         if msg["reason"] != "compiler-artifact" || msg["profile"]["test"] != true {
             continue;
         }
@@ -714,7 +726,7 @@ fn build_binaries(root: &Path) -> Result<Built> {
         });
     }
     tests.sort_by(|a, b| a.name.cmp(&b.name));
-    for exe in tests.iter().map(|t| &t.executable).chain([&cylo_usage]) {
+    for exe in tests.iter().map(|t| &t.executable).chain(&bins) {
         if elf_has_interp(exe)? {
             bail!(
                 "{} is dynamically linked: the guest has no libc (is RUSTFLAGS overridden?)",
@@ -725,6 +737,7 @@ fn build_binaries(root: &Path) -> Result<Built> {
     Ok(Built {
         tests,
         cylo_usage,
+        bins,
         target_dir,
         package_dirs,
     })
@@ -793,8 +806,10 @@ fn build_initramfs(vm_dir: &Path, built: &Built, test_args: &[String]) -> Result
         "passwd: files\ngroup: files\nhosts: files dns\n",
     )?;
 
-    // cylo-usage at its host path; the target's tmp folder (CARGO_TARGET_TMPDIR) must exist.
-    copy(&built.cylo_usage, &under(&root, &built.cylo_usage))?;
+    // Binaries at their host paths; the target's tmp folder (CARGO_TARGET_TMPDIR) must exist.
+    for bin in &built.bins {
+        copy(bin, &under(&root, bin))?;
+    }
     fs::create_dir_all(under(&root, &built.target_dir.join("tmp")))?;
 
     // Package data (fixtures) at the same absolute paths.
@@ -1103,9 +1118,7 @@ fn boot(kernel: &Kernel, initrd: &Path, vm_dir: &Path, args: &Args, smp: u32) ->
                     Ok(_) => {}
                 }
                 let _ = log.write_all(&buf);
-                let line = String::from_utf8_lossy(&buf)
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string();
+                let line = clean_line(&String::from_utf8_lossy(&buf));
                 if line.starts_with(&format!("{MARK} init")) {
                     *boot_time.lock().unwrap() = Some(started.elapsed().as_secs_f64());
                 }
@@ -1192,6 +1205,16 @@ struct Parsed {
     notes: Vec<String>,
     binaries: Vec<BinaryResult>,
     features: Option<serde_json::Value>,
+}
+
+/// One console line without its line ending; a marker line loses whatever precedes the marker
+/// (SeaBIOS leaves terminal escapes on the line where /init starts printing).
+fn clean_line(raw: &str) -> String {
+    let line = raw.trim_end_matches(['\r', '\n']);
+    match line.find(MARK) {
+        Some(i) => line[i..].to_string(),
+        None => line.to_string(),
+    }
 }
 
 /// Parses the serial console: markers from `/init` and libtest's output in between.
@@ -1663,7 +1686,7 @@ mod tests {
     fn parses_libtest_output_and_markers() {
         let log = lines(
             "[    0.5] noise\n\
-             @@vm-test@@ init 6.1.0-56-cloud-amd64\n\
+             Booting from ROM..\x1bc\x1b[?7l\x1b[2J@@vm-test@@ init 6.1.0-56-cloud-amd64\r\n\
              @@vm-test@@ note no cgroup v1 controller blkio\n\
              @@vm-test@@ features-begin\n\
              {\"fork\": {\"how\": \"raw_tracepoint\"}, \"net\": false}\n\
@@ -1682,6 +1705,7 @@ mod tests {
              @@vm-test@@ begin pkg/tests/hang\n\
              test hangs ... ",
         );
+        let log: Vec<String> = log.iter().map(|l| clean_line(l)).collect();
         let p = parse_console(&log, true);
         assert!(p.reached_init && !p.completed);
         assert_eq!(p.uname.as_deref(), Some("6.1.0-56-cloud-amd64"));
