@@ -24,3 +24,15 @@ pub mod usage;
 pub use loader::{LoadError, Options, Tracker};
 pub use session::{Run, SessionError};
 pub use usage::{Precision, ResourceUsage};
+
+/// An error and all its sources on one line (`a: b: c`), for one-line messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}

@@ -78,7 +78,7 @@ fn main() -> ExitCode {
         Cmd::Features { json } => {
             let tracker = match Tracker::load() {
                 Ok(t) => t,
-                Err(e) => return fail(EXIT_TRACKER_FAILED, chain(&e)),
+                Err(e) => return fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
             };
             let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
             let list = cylo_usage::features::features(tracker.measured());
@@ -91,18 +91,6 @@ fn main() -> ExitCode {
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("cylo-usage: {message}");
     ExitCode::from(code)
-}
-
-/// Error and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
 }
 
 /// The signals cylo-usage forwards or acts on; blocked and read through a signalfd.
@@ -177,7 +165,7 @@ fn run(
     };
     let tracker = match Tracker::load() {
         Ok(t) => t,
-        Err(e) => return fail(EXIT_TRACKER_FAILED, chain(&e)),
+        Err(e) => return fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
     };
     let shown = cmd
         .iter()
@@ -206,7 +194,7 @@ fn run(
             };
             return fail(code, format!("{program}: {source}"));
         }
-        Err(e) => return fail(EXIT_TRACKER_FAILED, chain(&e)),
+        Err(e) => return fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -230,7 +218,7 @@ fn run(
     let usage: Option<ResourceUsage> = match run.usage() {
         Ok(u) => Some(u),
         Err(e) => {
-            problem.get_or_insert(chain(&e));
+            problem.get_or_insert(cylo_usage::error_chain(&e));
             None
         }
     };
@@ -275,7 +263,7 @@ async fn wait(
 ) -> Result<(), String> {
     loop {
         tokio::select! {
-            r = run.wait_root() => { r.map_err(|e| chain(&e))?; break; }
+            r = run.wait_root() => { r.map_err(|e| cylo_usage::error_chain(&e))?; break; }
             g = signals.readable() => {
                 let mut g = g.map_err(|e| format!("cannot read signals: {e}"))?;
                 while let Some((sig, direct)) = read_signal(signals.get_ref()) {
@@ -292,7 +280,7 @@ async fn wait(
         return Ok(());
     }
     tokio::select! {
-        r = run.wait_finished() => r.map_err(|e| chain(&e)),
+        r = run.wait_finished() => r.map_err(|e| cylo_usage::error_chain(&e)),
         g = signals.readable() => {
             if let Ok(mut g) = g {
                 while read_signal(signals.get_ref()).is_some() {}

@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aya::maps::MapError;
+use aya::maps::{HashMap, MapData, MapError};
 use cylo_usage_abi::{MAX_RUNS, RunCounters, TaskMember};
 use tokio::io::unix::AsyncFd;
 
@@ -321,30 +321,26 @@ impl Run {
     }
 }
 
+/// Removes the entries of `map` whose value matches.
+fn remove_where<V: aya::Pod>(map: &mut HashMap<MapData, u64, V>, matches: impl Fn(&V) -> bool) {
+    let keys: Vec<u64> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| matches(v))
+        .map(|(k, _)| k)
+        .collect();
+    for k in keys {
+        let _ = map.remove(&k);
+    }
+}
+
 impl Drop for Run {
     fn drop(&mut self) {
         // Stop following whatever of the tree is still alive, and free the slot.
         let mut maps = self.inner.maps();
-        let keys: Vec<u64> = maps
-            .tasks
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, m)| m.run == self.slot)
-            .map(|(k, _)| k)
-            .collect();
-        for k in keys {
-            let _ = maps.tasks.remove(&k);
-        }
-        let keys: Vec<u64> = maps
-            .procs
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, p)| p.run == self.slot)
-            .map(|(k, _)| k)
-            .collect();
-        for k in keys {
-            let _ = maps.procs.remove(&k);
-        }
+        let slot = self.slot;
+        remove_where(&mut maps.tasks, |m| m.run == slot);
+        remove_where(&mut maps.procs, |p| p.run == slot);
         maps.slots[self.slot as usize] = false;
         if self.root_status.is_none() {
             // Reap the root if it has already exited; never block here.

@@ -20,22 +20,11 @@ pub fn ebpf_required() -> bool {
     std::env::var("CYLO_USAGE_REQUIRE_EBPF").as_deref() == Ok("1")
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        s.push_str(": ");
-        s.push_str(&src.to_string());
-        cur = src.source();
-    }
-    s
-}
-
 /// The tracker shared by the tests of one binary, or None (after saying why) when the
 /// programs cannot be loaded here and CYLO_USAGE_REQUIRE_EBPF is not 1.
 pub fn tracker() -> Option<Tracker> {
     static TRACKER: OnceLock<Result<Tracker, String>> = OnceLock::new();
-    match TRACKER.get_or_init(|| Tracker::load().map_err(|e| chain(&e))) {
+    match TRACKER.get_or_init(|| Tracker::load().map_err(|e| cylo_usage::error_chain(&e))) {
         Ok(t) => Some(t.clone()),
         Err(e) if ebpf_required() => {
             panic!("CYLO_USAGE_REQUIRE_EBPF=1 but the eBPF programs could not be loaded: {e}")
