@@ -280,7 +280,7 @@ impl Reader<'_> {
         let b = offset
             .checked_add(4)
             .and_then(|end| self.bytes.get(offset..end))
-            .ok_or(BtfError::Truncated {
+            .ok_or_else(|| BtfError::Truncated {
                 what,
                 offset,
                 need: 4,
@@ -316,7 +316,7 @@ fn section<'a>(
     let (off, len) = (off as usize, len as usize);
     off.checked_add(len)
         .and_then(|end| body.get(off..end))
-        .ok_or(BtfError::Truncated {
+        .ok_or_else(|| BtfError::Truncated {
             what,
             offset: off,
             need: len,
@@ -367,7 +367,7 @@ impl Btf {
             });
         }
         // Later header versions append fields; they are after the 24 bytes read here.
-        let body = data.get(hdr_len..).ok_or(BtfError::Truncated {
+        let body = data.get(hdr_len..).ok_or_else(|| BtfError::Truncated {
             what: "header (hdr_len)",
             offset: 0,
             need: hdr_len,
@@ -416,7 +416,7 @@ impl Btf {
             let size_or_type = r.u32(pos + 8, "type")?;
             pos += 12;
             let raw_kind = (info >> 24) & 0x1f;
-            let kind = Kind::from_raw(raw_kind).ok_or(BtfError::UnknownKind {
+            let kind = Kind::from_raw(raw_kind).ok_or_else(|| BtfError::UnknownKind {
                 type_id,
                 kind: raw_kind,
                 offset: start,
@@ -590,6 +590,13 @@ impl Btf {
         self.types.len()
     }
 
+    /// Whether the string at `offset` is exactly `name` (without scanning past it).
+    fn name_is(&self, offset: u32, name: &str) -> bool {
+        let start = offset as usize;
+        let end = start.saturating_add(name.len());
+        self.strings.get(start..end) == Some(name.as_bytes()) && self.strings.get(end) == Some(&0)
+    }
+
     fn name_bytes(&self, offset: u32) -> &[u8] {
         let rest = self.strings.get(offset as usize..).unwrap_or_default();
         let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
@@ -625,7 +632,7 @@ impl Btf {
         let mut id = id;
         let mut factor: u64 = 1;
         for _ in 0..MAX_CHAIN {
-            let t = self.get(id).ok_or(BtfError::NoSize {
+            let t = self.get(id).ok_or_else(|| BtfError::NoSize {
                 type_id: id,
                 kind: Kind::Void,
             })?;
@@ -665,8 +672,7 @@ impl Btf {
         self.types
             .iter()
             .position(|t| {
-                matches!(t.kind, Kind::Struct | Kind::Union)
-                    && self.name_bytes(t.name_off) == name.as_bytes()
+                matches!(t.kind, Kind::Struct | Kind::Union) && self.name_is(t.name_off, name)
             })
             .map(|i| i as u32 + 1)
     }
@@ -835,7 +841,7 @@ impl Btf {
         let typedef = self
             .types
             .iter()
-            .find(|t| t.kind == Kind::Typedef && self.name_bytes(t.name_off) == wanted.as_bytes())
+            .find(|t| t.kind == Kind::Typedef && self.name_is(t.name_off, &wanted))
             .ok_or_else(|| BtfError::TracepointNotFound {
                 tracepoint: tracepoint.to_owned(),
             })?;
