@@ -1,4 +1,5 @@
 //! `cargo xtask`: the project's build, test, benchmark and kernel-matrix tasks.
+mod bench;
 mod ebpf;
 mod vm;
 
@@ -34,6 +35,8 @@ enum Command {
     },
     /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu and run the test suite in each.
     VmTest(vm::Args),
+    /// Build everything, then time traced against untraced runs and print the ratios.
+    Bench(bench::Args),
 }
 
 fn main() {
@@ -73,6 +76,7 @@ fn run(cli: Cli) -> Result<()> {
             ebpf::cargo(&full)?;
         }
         Command::VmTest(args) => vm::run(args)?,
+        Command::Bench(args) => bench::run(args)?,
     }
     Ok(())
 }

@@ -1,0 +1,608 @@
+//! `cargo xtask bench`: what tracking costs, traced against untraced in one run.
+//!
+//! Benchmarks are not tests: nothing here asserts a time. Every case times an untraced and a
+//! traced side of the same work, one warm-up of each first, then `--runs` runs of each,
+//! interleaved (untraced, traced, untraced, traced, ...) so that drift on a noisy machine hits
+//! both sides alike. Each run is timed with [`Instant`] around the whole child process. The
+//! table gives each side's median and minimum and the ratio of medians (or, for tiny commands,
+//! the milliseconds added); it goes to stdout and to `target/bench/latest.md`.
+//!
+//! Cases:
+//! - (a) a fork/exit storm, untraced against `cylo-usage run`; plus the same storm against the
+//!   wall time cylo-usage itself reports (spawn to last exit: its start-up left out).
+//! - (b) the same storm left untracked while a tracker follows another tree (`sleep 3600`),
+//!   against the storm with no tracker at all: what every other process on the host pays.
+//! - (c) `/bin/true` with and without `cylo-usage run`: the fixed cost of one tracked command.
+//!
+//! To add a case, push another [`Case`] in [`cases`]: a name, a [`Goal`] and two closures that
+//! each do one run and return its [`Sample`].
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::workspace_root;
+
+/// Runs per side when `--runs` is not given.
+const DEFAULT_RUNS: usize = 7;
+/// Fewest runs per side a full (not `--quick`) benchmark accepts.
+const MIN_RUNS: usize = 5;
+/// Runs per side with `--quick`.
+const QUICK_RUNS: usize = 3;
+/// Processes in the fork/exit storm.
+const STORM: u64 = 5_000;
+/// Processes in the storm with `--quick`.
+const QUICK_STORM: u64 = 2_000;
+/// How long the background tracker of case (b) gets to attach before the storm starts.
+const ATTACH_WAIT: Duration = Duration::from_secs(1);
+/// Upper bound for a background tracker to start or to stop.
+const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Timed runs per side of each case (at least 5), after one warm-up of each side.
+    #[arg(long, value_name = "N")]
+    runs: Option<usize>,
+    /// Smoke run: 3 runs per side and a storm of 2,000 processes.
+    #[arg(long)]
+    quick: bool,
+}
+
+/// One timed run of one side of a case.
+struct Sample {
+    /// Measured here, around the whole child process.
+    wall: Duration,
+    /// The wall time the tracker reported itself (spawn to last exit), when the side has one.
+    reported: Option<Duration>,
+}
+
+impl Sample {
+    fn wall(wall: Duration) -> Self {
+        Sample {
+            wall,
+            reported: None,
+        }
+    }
+}
+
+/// One run of one side: does whatever set-up it needs outside the timed part, times the work
+/// and tears down again (also on error).
+type Side = Box<dyn FnMut() -> Result<Sample>>;
+
+#[derive(Clone, Copy)]
+enum Goal {
+    /// median(traced) / median(untraced) at most this.
+    MaxRatio(f64),
+    /// median(traced) - median(untraced) at most this many milliseconds.
+    MaxAddedMs(f64),
+}
+
+impl Goal {
+    fn describe(self) -> String {
+        match self {
+            Goal::MaxRatio(r) => format!("≤ {r:.2}×"),
+            Goal::MaxAddedMs(ms) => format!("≤ {ms:.0} ms added"),
+        }
+    }
+
+    /// The figure compared against the goal, shown, and whether the goal is met.
+    fn judge(self, untraced: &Stats, traced: &Stats) -> (String, bool) {
+        match self {
+            Goal::MaxRatio(max) => {
+                let ratio = traced.median / untraced.median;
+                (format!("{ratio:.3}×"), ratio <= max)
+            }
+            Goal::MaxAddedMs(max) => {
+                let added = traced.median - untraced.median;
+                (format!("{added:+.1} ms"), added <= max)
+            }
+        }
+    }
+}
+
+struct Case {
+    name: String,
+    goal: Goal,
+    untraced: Side,
+    traced: Side,
+    /// When set, a second row with this name and goal compares the untraced wall time with
+    /// the wall time the traced side reported itself ([`Sample::reported`]).
+    reported_row: Option<(String, Goal)>,
+}
+
+/// Median and minimum of a side's samples, in milliseconds.
+struct Stats {
+    median: f64,
+    min: f64,
+}
+
+impl Stats {
+    fn of(samples: &[Duration]) -> Self {
+        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        let n = ms.len();
+        let median = if n % 2 == 1 {
+            ms[n / 2]
+        } else {
+            (ms[n / 2 - 1] + ms[n / 2]) / 2.0
+        };
+        Stats { median, min: ms[0] }
+    }
+
+    fn cell(&self) -> String {
+        format!("{:.1} ms ({:.1})", self.median, self.min)
+    }
+}
+
+/// A case's measurements.
+struct Measured {
+    untraced: Vec<Duration>,
+    traced: Vec<Duration>,
+    reported: Vec<Duration>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let runs = match (args.runs, args.quick) {
+        (Some(0), _) => bail!("--runs must be at least 1"),
+        (Some(n), false) if n < MIN_RUNS => {
+            bail!("--runs must be at least {MIN_RUNS} (use --quick for a smoke run)")
+        }
+        (Some(n), _) => n,
+        (None, true) => QUICK_RUNS,
+        (None, false) => DEFAULT_RUNS,
+    };
+    let storm = if args.quick { QUICK_STORM } else { STORM };
+
+    crate::ebpf::build()?;
+    crate::ebpf::cargo(&["build", "--release", "-p", "cylo-usage"])?;
+    let root = workspace_root();
+    let bins = Bins {
+        tracker: root.join("target/release/cylo-usage"),
+        workload: root.join("target/release/cylo-usage-workload"),
+    };
+    for bin in [&bins.tracker, &bins.workload] {
+        if !bin.exists() {
+            bail!("{} is missing after the build", bin.display());
+        }
+    }
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+
+    let started = Instant::now();
+    let facts = machine_facts();
+    let others = other_trackers();
+    let mut table = String::new();
+    let mut raw = String::new();
+    for mut case in cases(&bins, storm, &out_dir) {
+        let measured = measure(&mut case, runs)?;
+        let untraced = Stats::of(&measured.untraced);
+        let traced = Stats::of(&measured.traced);
+        push_row(&mut table, &case.name, case.goal, &untraced, &traced);
+        push_raw(&mut raw, &case.name, "untraced", &measured.untraced);
+        push_raw(&mut raw, &case.name, "traced", &measured.traced);
+        if let Some((name, goal)) = &case.reported_row
+            && measured.reported.len() == measured.traced.len()
+        {
+            let reported = Stats::of(&measured.reported);
+            push_row(&mut table, name, *goal, &untraced, &reported);
+            push_raw(&mut raw, name, "reported", &measured.reported);
+        }
+    }
+    let elapsed = started.elapsed();
+
+    let mut md = String::new();
+    let _ = writeln!(md, "# cylo-usage benchmark\n");
+    for (k, v) in &facts {
+        let _ = writeln!(md, "- {k}: {v}");
+    }
+    let _ = writeln!(
+        md,
+        "- method: {runs} timed runs per side after one warm-up each, untraced and traced \
+         interleaved; wall time around the whole child process; storm = {storm} processes"
+    );
+    if !others.is_empty() {
+        let _ = writeln!(
+            md,
+            "- WARNING: other cylo-usage processes were running at the start (pids {}): \
+             their probes slow every fork on the host",
+            others.join(", ")
+        );
+    }
+    let _ = writeln!(md, "- load average at the end: {}", load_average());
+    let _ = writeln!(md, "- benchmark time: {:.1} s\n", elapsed.as_secs_f64());
+    let _ = writeln!(
+        md,
+        "| case | untraced median (min) | traced median (min) | ratio or added ms | goal | met? |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    md.push_str(&table);
+    let _ = writeln!(md, "\nRaw samples (ms, in run order):\n");
+    md.push_str(&raw);
+
+    print!("{md}");
+    let latest = out_dir.join("latest.md");
+    std::fs::write(&latest, &md).with_context(|| format!("writing {}", latest.display()))?;
+    eprintln!("xtask: wrote {}", latest.display());
+    Ok(())
+}
+
+struct Bins {
+    tracker: PathBuf,
+    workload: PathBuf,
+}
+
+/// The benchmark's cases, in the order they run.
+fn cases(bins: &Bins, storm: u64, out_dir: &Path) -> Vec<Case> {
+    let storm_arg = storm.to_string();
+    let storm_cmd = {
+        let workload = bins.workload.clone();
+        let storm_arg = storm_arg.clone();
+        move || {
+            let mut cmd = Command::new(&workload);
+            cmd.args(["storm", &storm_arg]);
+            cmd
+        }
+    };
+    let mut cases = Vec::new();
+
+    // (a) The storm, tracked: the traced side writes its JSON report to a file (instead of
+    // /dev/null; a few hundred bytes) so that the one run also gives the tracker's own wall
+    // time, which leaves out its start-up.
+    {
+        let untraced_storm = storm_cmd.clone();
+        let tracker = bins.tracker.clone();
+        let workload = bins.workload.clone();
+        let storm_arg = storm_arg.clone();
+        let report = out_dir.join("storm-report.json");
+        cases.push(Case {
+            name: format!("(a) storm {storm}, tracked (incl. tracker start-up)"),
+            goal: Goal::MaxRatio(1.10),
+            untraced: Box::new(move || Ok(Sample::wall(time(&mut untraced_storm())?))),
+            traced: Box::new(move || {
+                let _ = std::fs::remove_file(&report);
+                let mut cmd = Command::new(&tracker);
+                cmd.args(["run", "--json", "-o"])
+                    .arg(&report)
+                    .arg("--")
+                    .arg(&workload)
+                    .args(["storm", &storm_arg]);
+                let wall = time(&mut cmd)?;
+                let reported = reported_wall(&report)?;
+                Ok(Sample {
+                    wall,
+                    reported: Some(reported),
+                })
+            }),
+            reported_row: Some((
+                format!("(a′) storm {storm}, tracked: in-tracker wall_time_ms only"),
+                Goal::MaxRatio(1.10),
+            )),
+        });
+    }
+
+    // (b) The storm left untracked while a tracker follows `sleep 3600`. The background
+    // tracker starts and stops around every traced run (outside the timed part), so the
+    // untraced runs really have no tracker and both sides interleave like the other cases.
+    {
+        let untraced_storm = storm_cmd.clone();
+        let traced_storm = storm_cmd;
+        let tracker = bins.tracker.clone();
+        cases.push(Case {
+            name: format!("(b) storm {storm}, untracked, tracker on another tree"),
+            goal: Goal::MaxRatio(1.03),
+            untraced: Box::new(move || Ok(Sample::wall(time(&mut untraced_storm())?))),
+            traced: Box::new(move || {
+                let mut cmd = Command::new(&tracker);
+                cmd.args(["run", "-o", "/dev/null", "--", "sleep", "3600"]);
+                let mut background = Background::start(cmd)?;
+                background.wait_attached(ATTACH_WAIT)?;
+                let wall = time(&mut traced_storm())?;
+                background.check_alive()?;
+                background.stop()?;
+                Ok(Sample::wall(wall))
+            }),
+            reported_row: None,
+        });
+    }
+
+    // (c) The fixed cost of tracking one tiny command.
+    {
+        let tracker = bins.tracker.clone();
+        cases.push(Case {
+            name: "(c) /bin/true".into(),
+            goal: Goal::MaxAddedMs(50.0),
+            untraced: Box::new(|| Ok(Sample::wall(time(&mut Command::new("/bin/true"))?))),
+            traced: Box::new(move || {
+                let mut cmd = Command::new(&tracker);
+                cmd.args(["run", "-o", "/dev/null", "--", "/bin/true"]);
+                Ok(Sample::wall(time(&mut cmd)?))
+            }),
+            reported_row: None,
+        });
+    }
+
+    cases
+}
+
+/// One warm-up of each side, then `runs` of each, interleaved.
+fn measure(case: &mut Case, runs: usize) -> Result<Measured> {
+    eprintln!("xtask: {}: warm-up", case.name);
+    (case.untraced)().with_context(|| format!("{}: untraced warm-up", case.name))?;
+    (case.traced)().with_context(|| format!("{}: traced warm-up", case.name))?;
+    let mut m = Measured {
+        untraced: Vec::with_capacity(runs),
+        traced: Vec::with_capacity(runs),
+        reported: Vec::with_capacity(runs),
+    };
+    for i in 1..=runs {
+        let u = (case.untraced)().with_context(|| format!("{}: untraced run {i}", case.name))?;
+        let t = (case.traced)().with_context(|| format!("{}: traced run {i}", case.name))?;
+        eprintln!(
+            "xtask: {}: run {i}/{runs}: untraced {:.1} ms, traced {:.1} ms{}",
+            case.name,
+            u.wall.as_secs_f64() * 1e3,
+            t.wall.as_secs_f64() * 1e3,
+            t.reported
+                .map(|r| format!(" (reported {} ms)", r.as_millis()))
+                .unwrap_or_default()
+        );
+        m.untraced.push(u.wall);
+        m.traced.push(t.wall);
+        m.reported.extend(t.reported);
+    }
+    Ok(m)
+}
+
+fn push_row(table: &mut String, name: &str, goal: Goal, untraced: &Stats, traced: &Stats) {
+    let (figure, met) = goal.judge(untraced, traced);
+    let _ = writeln!(
+        table,
+        "| {name} | {} | {} | {figure} | {} | {} |",
+        untraced.cell(),
+        traced.cell(),
+        goal.describe(),
+        if met { "yes" } else { "**no**" }
+    );
+}
+
+fn push_raw(raw: &mut String, case: &str, side: &str, samples: &[Duration]) {
+    let list: Vec<String> = samples
+        .iter()
+        .map(|d| format!("{:.1}", d.as_secs_f64() * 1e3))
+        .collect();
+    let _ = writeln!(raw, "- {case}, {side}: {}", list.join(", "));
+}
+
+/// Runs `cmd` to completion and returns its wall time. Fails with its stderr when it fails.
+fn time(cmd: &mut Command) -> Result<Duration> {
+    let shown = format!("{cmd:?}");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let child = cmd.spawn().with_context(|| format!("starting {shown}"))?;
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for {shown}"))?;
+    let wall = start.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(wall)
+}
+
+/// `wall_time_ms` from a `cylo-usage run --json` report.
+fn reported_wall(report: &Path) -> Result<Duration> {
+    let text = std::fs::read_to_string(report)
+        .with_context(|| format!("reading the report {}", report.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing the report {}", report.display()))?;
+    let ms = value
+        .get("wall_time_ms")
+        .and_then(serde_json::Value::as_u64)
+        .with_context(|| format!("no wall_time_ms in {}: {text}", report.display()))?;
+    Ok(Duration::from_millis(ms))
+}
+
+unsafe extern "C" {
+    /// libc's kill(2); std's `Child::kill` only sends SIGKILL.
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+const SIGTERM: i32 = 15;
+const SIGKILL: i32 = 9;
+
+fn send(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; the pids are our own children.
+    unsafe { kill(pid as i32, sig) };
+}
+
+/// A `cylo-usage run` in the background; stopped (SIGTERM, which it forwards to its command)
+/// when dropped, also on error paths.
+struct Background {
+    child: Option<Child>,
+    shown: String,
+    /// The tracker's own children (its command), once seen: killed too if the tracker must be
+    /// killed, so no `sleep 3600` outlives the benchmark.
+    descendants: Vec<u32>,
+}
+
+impl Background {
+    fn start(mut cmd: Command) -> Result<Self> {
+        let shown = format!("{cmd:?}");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {shown}"))?;
+        Ok(Background {
+            child: Some(child),
+            shown,
+            descendants: Vec::new(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Waits until the tracker has started its command (it loads and attaches its programs
+    /// first) and at least `min` has passed since it started.
+    fn wait_attached(&mut self, min: Duration) -> Result<()> {
+        let start = Instant::now();
+        let children_file = format!("/proc/{0}/task/{0}/children", self.pid());
+        loop {
+            self.check_alive()?;
+            match std::fs::read_to_string(&children_file) {
+                Ok(s) => {
+                    self.descendants = s
+                        .split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect();
+                    if !self.descendants.is_empty() && start.elapsed() >= min {
+                        return Ok(());
+                    }
+                }
+                // No CONFIG_PROC_CHILDREN: fall back to the plain wait.
+                Err(_) if start.elapsed() >= min => return Ok(()),
+                Err(_) => {}
+            }
+            if start.elapsed() > BACKGROUND_TIMEOUT {
+                bail!(
+                    "{} did not start its command within {BACKGROUND_TIMEOUT:?}",
+                    self.shown
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Fails (with the tracker's stderr) when the tracker has exited.
+    fn check_alive(&mut self) -> Result<()> {
+        let child = self.child.as_mut().expect("running");
+        if let Some(status) = child.try_wait()? {
+            let stderr = read_stderr(child);
+            self.child = None;
+            bail!("{} exited early ({status}): {}", self.shown, stderr.trim());
+        }
+        Ok(())
+    }
+
+    /// Stops the tracker and checks it ended as expected: its command killed by SIGTERM, so
+    /// exit status 128 + 15.
+    fn stop(mut self) -> Result<()> {
+        let (status, stderr) = self.terminate()?;
+        if status.code() != Some(128 + SIGTERM) && !status.success() {
+            bail!("{} failed ({status}): {}", self.shown, stderr.trim());
+        }
+        Ok(())
+    }
+
+    fn terminate(&mut self) -> Result<(std::process::ExitStatus, String)> {
+        let Some(mut child) = self.child.take() else {
+            bail!("{} is not running", self.shown);
+        };
+        send(child.id(), SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let stderr = read_stderr(&mut child);
+                return Ok((status, stderr));
+            }
+            if start.elapsed() > BACKGROUND_TIMEOUT {
+                let _ = child.kill();
+                for &pid in &self.descendants {
+                    send(pid, SIGKILL);
+                }
+                let status = child.wait()?;
+                bail!(
+                    "{} did not stop within {BACKGROUND_TIMEOUT:?} of SIGTERM (killed: {status})",
+                    self.shown
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if self.child.is_some()
+            && let Err(e) = self.terminate()
+        {
+            eprintln!("xtask: stopping the background tracker: {e:#}");
+        }
+    }
+}
+
+fn read_stderr(child: &mut Child) -> String {
+    let mut s = String::new();
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut s);
+    }
+    s
+}
+
+/// Pids of `cylo-usage` processes already running (their probes would slow both sides).
+fn other_trackers() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.parse::<u32>().ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            (comm.trim() == "cylo-usage").then_some(name)
+        })
+        .collect()
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Date, CPUs, kernel, CPU model, memory and load, as (label, value).
+fn machine_facts() -> Vec<(&'static str, String)> {
+    let command = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "unknown".into())
+    };
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| format!("{:.1} GiB", kb / (1024.0 * 1024.0)))
+        .unwrap_or_else(|| "unknown".into());
+    vec![
+        ("date", command("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])),
+        ("nproc", command("nproc", &[])),
+        ("kernel", command("uname", &["-r"])),
+        ("cpu", model),
+        ("memory", memory),
+        ("load average at the start", load_average()),
+    ]
+}
