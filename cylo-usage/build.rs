@@ -6,7 +6,9 @@ fn main() {
     let object = match std::env::var_os("CYLO_USAGE_EBPF_OBJECT") {
         Some(path) => PathBuf::from(path),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/ebpf/bpfel-unknown-none/release/cylo-usage-ebpf"),
+            .parent()
+            .expect("the crate lives in the workspace")
+            .join("target/ebpf/bpfel-unknown-none/release/cylo-usage-ebpf"),
     };
     println!("cargo::rerun-if-changed={}", object.display());
     if !object.is_file() {

@@ -27,7 +27,7 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Build the eBPF object, then run the whole test suite (`cargo test --workspace`).
+    /// Build the eBPF object, then run the whole test suite (`cargo test` of every host crate).
     Test {
         /// Extra arguments passed to `cargo test`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -71,7 +71,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Test { args } => {
             ebpf::build()?;
-            let mut full = vec!["test", "--workspace"];
+            // The default members: everything but the eBPF crate, which only builds for BPF.
+            let mut full = vec!["test"];
             full.extend(args.iter().map(String::as_str));
             ebpf::cargo(&full)?;
         }
