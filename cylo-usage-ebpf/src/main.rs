@@ -6,6 +6,8 @@
 //! - `task_newtask`: a task of a run creates a task (fork, clone, vfork, thread, io worker):
 //!   the new task joins the run here, before it can run. `task_newtask_no_peak` is the same
 //!   without the peak of processes alive, for kernels without BPF atomic fetch (before 5.12).
+//! - `sched_process_exit`: a tracked thread passes do_exit(); when it is the last of its
+//!   process, the process is over (before its parent can reap it).
 //! - `sched_switch`: the last context switch of a dead task: its runtime is final, so it is
 //!   added to the run and the task leaves it.
 //!
@@ -229,6 +231,27 @@ fn join<const PEAK: bool>(run: u32, child: u64, is_thread: bool) {
     }
 }
 
+/// `sched_process_exit(struct task_struct *p[, bool group_dead])`, in the exiting thread.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
+    // SAFETY: returns the address of the current task_struct.
+    let current = unsafe { bpf_get_current_task() };
+    // SAFETY: the value is copied out at once.
+    let Some(member) = (unsafe { TASKS.get(current) }).copied() else {
+        return 0;
+    };
+    // do_exit() has already decremented `signal->live`; at 0 the process is over. Several of
+    // its threads may see 0; removing the process's entry succeeds for exactly one of them.
+    let o = offsets();
+    if read::<u32>(member.signal, o.signal_live) == Some(0)
+        && PROCS.remove(member.signal).is_ok()
+        && let Some(counters) = run_counters(member.run)
+    {
+        add(&mut counters.processes_alive, u64::MAX); // -1
+    }
+    0
+}
+
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next
 /// [, unsigned int prev_state])`, still in `prev`'s context.
 #[raw_tracepoint(tracepoint = "sched_switch")]
@@ -271,12 +294,6 @@ fn leave(task: u64, member: &TaskMember, o: &Offsets) {
         _ => add(&mut counters.lost_events, 1),
     }
     let _ = TASKS.remove(task);
-    // The kernel decremented `signal->live` when this thread passed do_exit(); at 0 the
-    // process is over. Several of its threads may see 0 here; removing the process's entry
-    // succeeds for exactly one of them.
-    if read::<u32>(member.signal, o.signal_live) == Some(0) && PROCS.remove(member.signal).is_ok() {
-        add(&mut counters.processes_alive, u64::MAX); // -1
-    }
     // Last: the exit generation (userspace's consistency check for snapshots).
     add(&mut counters.threads_exited, 1);
     // SAFETY (both reads): aligned 8-byte loads of map values are single-copy atomic. The

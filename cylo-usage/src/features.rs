@@ -62,7 +62,7 @@ pub fn features(m: Measured) -> Vec<Feature> {
         },
         yes(
             "live_process_count",
-            "processes joined minus processes whose signal_struct.live reached 0",
+            "processes joined minus processes whose last thread passed do_exit() (raw tracepoint sched_process_exit, signal_struct.live at 0)",
         ),
         no("disk_bytes_read", NOT_YET),
         no("disk_bytes_written", NOT_YET),

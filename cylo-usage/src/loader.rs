@@ -217,6 +217,11 @@ impl Tracker {
                 }
                 Err(e) => return Err(e),
             };
+        attach(
+            &mut ebpf,
+            names::PROG_SCHED_PROCESS_EXIT,
+            names::TP_SCHED_PROCESS_EXIT,
+        )?;
         attach(&mut ebpf, names::PROG_SCHED_SWITCH, names::TP_SCHED_SWITCH)?;
         Ok(Tracker {
             inner: Arc::new(Inner {

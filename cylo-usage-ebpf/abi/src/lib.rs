@@ -36,9 +36,11 @@ pub mod names {
     /// verifier lacks BPF atomic fetch and compare-and-exchange (before 5.12).
     pub const PROG_TASK_NEWTASK_NO_PEAK: &str = "task_newtask_no_peak";
     pub const PROG_SCHED_SWITCH: &str = "sched_switch";
+    pub const PROG_SCHED_PROCESS_EXIT: &str = "sched_process_exit";
     /// The raw tracepoints the programs above attach to.
     pub const TP_TASK_NEWTASK: &str = "task_newtask";
     pub const TP_SCHED_SWITCH: &str = "sched_switch";
+    pub const TP_SCHED_PROCESS_EXIT: &str = "sched_process_exit";
 }
 
 /// Kernel layout knowledge, resolved by userspace at start-up (from BTF) and handed to the
