@@ -108,7 +108,6 @@ fn increment(field: &mut u64) -> u64 {
     unsafe { atomic_xadd::<u64, u64, { SeqCst }>(field, 1) + 1 }
 }
 
-
 /// Raises `field` to at least `v` (compare-and-exchange, bounded so the verifier accepts it).
 #[inline(always)]
 fn raise_to(field: &mut u64, v: u64) {

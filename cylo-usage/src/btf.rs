@@ -280,7 +280,7 @@ impl Reader<'_> {
         let b = offset
             .checked_add(4)
             .and_then(|end| self.bytes.get(offset..end))
-            .ok_or_else(|| BtfError::Truncated {
+            .ok_or(BtfError::Truncated {
                 what,
                 offset,
                 need: 4,
@@ -316,7 +316,7 @@ fn section<'a>(
     let (off, len) = (off as usize, len as usize);
     off.checked_add(len)
         .and_then(|end| body.get(off..end))
-        .ok_or_else(|| BtfError::Truncated {
+        .ok_or(BtfError::Truncated {
             what,
             offset: off,
             need: len,
@@ -367,7 +367,7 @@ impl Btf {
             });
         }
         // Later header versions append fields; they are after the 24 bytes read here.
-        let body = data.get(hdr_len..).ok_or_else(|| BtfError::Truncated {
+        let body = data.get(hdr_len..).ok_or(BtfError::Truncated {
             what: "header (hdr_len)",
             offset: 0,
             need: hdr_len,
@@ -416,7 +416,7 @@ impl Btf {
             let size_or_type = r.u32(pos + 8, "type")?;
             pos += 12;
             let raw_kind = (info >> 24) & 0x1f;
-            let kind = Kind::from_raw(raw_kind).ok_or_else(|| BtfError::UnknownKind {
+            let kind = Kind::from_raw(raw_kind).ok_or(BtfError::UnknownKind {
                 type_id,
                 kind: raw_kind,
                 offset: start,
@@ -632,7 +632,7 @@ impl Btf {
         let mut id = id;
         let mut factor: u64 = 1;
         for _ in 0..MAX_CHAIN {
-            let t = self.get(id).ok_or_else(|| BtfError::NoSize {
+            let t = self.get(id).ok_or(BtfError::NoSize {
                 type_id: id,
                 kind: Kind::Void,
             })?;
@@ -681,7 +681,7 @@ impl Btf {
     pub fn struct_size(&self, struct_name: &str) -> Result<u32, BtfError> {
         let id = self
             .find_composite(struct_name)
-            .ok_or_else(|| BtfError::StructNotFound {
+            .ok_or(BtfError::StructNotFound {
                 name: struct_name.to_owned(),
             })?;
         Ok(self.get(id).map_or(0, |t| t.size_or_type))
@@ -755,11 +755,11 @@ impl Btf {
     /// struct/union members are searched transparently at every level. Bitfields are an
     /// error, since cylo-usage reads whole bytes.
     pub fn member(&self, struct_name: &str, path: &str) -> Result<Member, BtfError> {
-        let mut current =
-            self.find_composite(struct_name)
-                .ok_or_else(|| BtfError::StructNotFound {
-                    name: struct_name.to_owned(),
-                })?;
+        let mut current = self
+            .find_composite(struct_name)
+            .ok_or(BtfError::StructNotFound {
+                name: struct_name.to_owned(),
+            })?;
         let mut container = format!("{} {struct_name}", self.kind_of(current));
         let mut bits_total: u64 = 0;
         let mut last_ty = current;
@@ -772,14 +772,14 @@ impl Btf {
                 });
             }
             let mut visits = 0;
-            let (bit_offset, ty, bits) = self
-                .find_in(current, component, 0, &mut visits)?
-                .ok_or_else(|| BtfError::MemberNotFound {
+            let (bit_offset, ty, bits) = self.find_in(current, component, 0, &mut visits)?.ok_or(
+                BtfError::MemberNotFound {
                     struct_name: struct_name.to_owned(),
                     path: path.to_owned(),
                     component: component.to_owned(),
                     container: container.clone(),
-                })?;
+                },
+            )?;
             let bits = match bits {
                 0 => self.legacy_bitfield_bits(ty)?.unwrap_or(0),
                 b => b,
@@ -842,7 +842,7 @@ impl Btf {
             .types
             .iter()
             .find(|t| t.kind == Kind::Typedef && self.name_is(t.name_off, &wanted))
-            .ok_or_else(|| BtfError::TracepointNotFound {
+            .ok_or(BtfError::TracepointNotFound {
                 tracepoint: tracepoint.to_owned(),
             })?;
         let not_proto = |kind| BtfError::NotTracepointProto {
