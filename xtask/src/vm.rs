@@ -46,7 +46,7 @@ pub struct Args {
     #[arg(long = "kernel", value_name = "NAME", num_args = 1..)]
     kernels: Vec<String>,
     /// Seconds allowed per kernel for boot plus the whole suite (TCG is ~10x slower than KVM).
-    #[arg(long, value_name = "SECS", default_value_t = 1800)]
+    #[arg(long, value_name = "SECS", default_value_t = 900)]
     timeout: u64,
     /// Virtual CPUs per guest (retried with 1 when a guest does not reach /init).
     #[arg(long, default_value_t = 2)]
@@ -260,10 +260,17 @@ fn resolve_kernels(args: &Args, cache: &Path) -> Result<Vec<Kernel>> {
             )?);
         } else if Path::new(&name).is_file() {
             let path = fs::canonicalize(&name).with_context(|| format!("resolving {name}"))?;
-            let label = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| name.clone());
+            // `vmlinuz-6.1.0-50-cloud-amd64` names itself; a bare `vmlinuz` or `bzImage` is
+            // named by its folder.
+            let file = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let label = match file.as_deref() {
+                Some("vmlinuz" | "bzImage" | "vmlinux") | None => path
+                    .parent()
+                    .and_then(|p| p.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| name.clone()),
+                Some(f) => f.to_string(),
+            };
             kernels.push(Kernel {
                 label: sanitize(&label),
                 package: None,
@@ -294,23 +301,30 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
-/// The system's Debian mirror: its URI and the raw `Signed-By` value.
-#[derive(Debug)]
-struct Mirror {
+/// One archive of the system's apt sources: its URI and the raw `Signed-By` value.
+#[derive(Debug, Clone, PartialEq)]
+struct Source {
     uri: String,
     signed_by: Option<String>,
+}
+
+/// The system's Debian archives: the main one and, when configured, the security one.
+#[derive(Debug)]
+struct Mirror {
+    main: Source,
+    security: Option<Source>,
 }
 
 fn system_mirror() -> Result<Mirror> {
     let deb822 = Path::new("/etc/apt/sources.list.d/debian.sources");
     let one_line = Path::new("/etc/apt/sources.list");
     if let Ok(text) = fs::read_to_string(deb822)
-        && let Some(m) = parse_deb822_mirror(&text)
+        && let Some(m) = pick_mirror(parse_deb822_sources(&text))
     {
         return Ok(m);
     }
     if let Ok(text) = fs::read_to_string(one_line)
-        && let Some(m) = parse_one_line_mirror(&text)
+        && let Some(m) = pick_mirror(parse_one_line_sources(&text))
     {
         return Ok(m);
     }
@@ -321,8 +335,19 @@ fn system_mirror() -> Result<Mirror> {
     )
 }
 
-/// The first enabled `deb` stanza that is not a security suite.
-fn parse_deb822_mirror(text: &str) -> Option<Mirror> {
+/// The first main and the first security archive among `(source, is_security)`.
+fn pick_mirror(sources: Vec<(Source, bool)>) -> Option<Mirror> {
+    let main = sources.iter().find(|(_, sec)| !sec)?.0.clone();
+    let security = sources.into_iter().find(|(_, sec)| *sec).map(|(s, _)| s);
+    Some(Mirror { main, security })
+}
+
+fn is_security(uri: &str, suite: &str) -> bool {
+    uri.contains("security") || suite.contains("security")
+}
+
+/// Enabled `deb` stanzas of a deb822 sources file.
+fn parse_deb822_sources(text: &str) -> Vec<(Source, bool)> {
     let mut stanzas: Vec<Vec<(String, String)>> = vec![Vec::new()];
     for line in text.lines() {
         if line.trim().is_empty() {
@@ -344,6 +369,7 @@ fn parse_deb822_mirror(text: &str) -> Option<Mirror> {
                 .push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
     }
+    let mut out = Vec::new();
     for stanza in stanzas {
         let get = |k: &str| {
             stanza
@@ -359,55 +385,57 @@ fn parse_deb822_mirror(text: &str) -> Option<Mirror> {
             continue;
         }
         let Some(uri) = uri else { continue };
-        if uri.contains("security") || suites.split_whitespace().any(|s| s.contains("security")) {
-            continue;
-        }
-        return Some(Mirror {
-            uri,
-            signed_by: get("signed-by"),
-        });
+        let security = is_security(&uri, &suites);
+        let signed_by = get("signed-by");
+        out.push((Source { uri, signed_by }, security));
     }
-    None
+    out
 }
 
-fn parse_one_line_mirror(text: &str) -> Option<Mirror> {
+/// `deb` lines of a one-line-style sources.list.
+fn parse_one_line_sources(text: &str) -> Vec<(Source, bool)> {
+    let mut out = Vec::new();
     for line in text.lines() {
-        let line = line.trim();
-        let Some(rest) = line.strip_prefix("deb ") else {
+        let Some(rest) = line.trim().strip_prefix("deb ") else {
             continue;
         };
         let rest = rest.trim();
         let (opts, rest) = match rest.strip_prefix('[') {
-            Some(r) => r.split_once(']')?,
+            Some(r) => match r.split_once(']') {
+                Some(x) => x,
+                None => continue,
+            },
             None => ("", rest),
         };
         let mut words = rest.split_whitespace();
         let (Some(uri), Some(suite)) = (words.next(), words.next()) else {
             continue;
         };
-        if uri.contains("security") || suite.contains("security") {
-            continue;
-        }
         let signed_by = opts
             .split_whitespace()
             .find_map(|o| o.strip_prefix("signed-by="))
             .map(str::to_string);
-        return Some(Mirror {
+        let source = Source {
             uri: uri.to_string(),
             signed_by,
-        });
+        };
+        out.push((source, is_security(uri, suite)));
     }
-    None
+    out
 }
 
 /// A private apt configuration for one suite, kept under `target/vm/cache/apt/<suite>`.
 struct AptSuite {
     suite: String,
     dir: PathBuf,
+    /// The deb822 sources this configuration reads; the `updated` stamp holds the sources its
+    /// lists were fetched for.
+    sources: String,
 }
 
 impl AptSuite {
-    fn new(cache: &Path, suite: &str, mirror: &Mirror) -> Result<Self> {
+    /// `with_security` adds `<suite>-security` from the system's security archive.
+    fn new(cache: &Path, suite: &str, mirror: &Mirror, with_security: bool) -> Result<Self> {
         let dir = cache.join("apt").join(suite);
         for sub in [
             "lists/partial",
@@ -418,12 +446,20 @@ impl AptSuite {
             let d = dir.join(sub);
             fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let mut sources = format!(
-            "Types: deb\nURIs: {}\nSuites: {suite}\nComponents: main\n",
-            mirror.uri
-        );
-        if let Some(key) = &mirror.signed_by {
-            sources.push_str(&format!("Signed-By: {key}\n"));
+        let stanza = |source: &Source, suite: &str| {
+            let mut s = format!(
+                "Types: deb\nURIs: {}\nSuites: {suite}\nComponents: main\n",
+                source.uri
+            );
+            if let Some(key) = &source.signed_by {
+                s.push_str(&format!("Signed-By: {key}\n"));
+            }
+            s
+        };
+        let mut sources = stanza(&mirror.main, suite);
+        if with_security && let Some(sec) = &mirror.security {
+            sources.push('\n');
+            sources.push_str(&stanza(sec, &format!("{suite}-security")));
         }
         write_if_changed(&dir.join("sources.list.d/vm.sources"), sources.as_bytes())?;
         write_if_changed(&dir.join("sources.list"), b"")?;
@@ -431,6 +467,7 @@ impl AptSuite {
         Ok(Self {
             suite: suite.to_string(),
             dir,
+            sources,
         })
     }
 
@@ -474,14 +511,14 @@ impl AptSuite {
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| SystemTime::now().duration_since(t).ok());
-        if !refresh && age.is_some_and(|a| a < APT_MAX_AGE) {
+        let same_sources = fs::read_to_string(&stamp).is_ok_and(|s| s == self.sources);
+        if !refresh && same_sources && age.is_some_and(|a| a < APT_MAX_AGE) {
             return Ok(());
         }
         eprintln!("vm-test: apt-get update for {}", self.suite);
         match run_quiet(self.command("apt-get").arg("update")) {
-            Ok(()) => {
-                fs::write(&stamp, b"").with_context(|| format!("writing {}", stamp.display()))
-            }
+            Ok(()) => fs::write(&stamp, &self.sources)
+                .with_context(|| format!("writing {}", stamp.display())),
             Err(e) if age.is_some() => {
                 eprintln!(
                     "vm-test: {e:#}\nvm-test: using the cached {} lists",
@@ -573,8 +610,11 @@ fn resolve_debian(series: &Series, mirror: &Mirror, cache: &Path, refresh: bool)
     let mut problems = Vec::new();
     let prefix = format!("linux-image-{}.", series.label);
     for suite in series.suites {
-        let attempt = || -> Result<std::result::Result<Kernel, String>> {
-            let apt = AptSuite::new(cache, suite, mirror)?;
+        // Kernel updates reach a stable suite through `<suite>-security` first; backports have
+        // no security suite.
+        let security = mirror.security.is_some() && !suite.contains('-');
+        let attempt = |with_security: bool| -> Result<std::result::Result<Kernel, String>> {
+            let apt = AptSuite::new(cache, suite, mirror, with_security)?;
             apt.update(refresh)?;
             let (package, version) = apt.resolve()?;
             if !package.starts_with(&prefix) {
@@ -585,11 +625,23 @@ fn resolve_debian(series: &Series, mirror: &Mirror, cache: &Path, refresh: bool)
                 label: series.label.to_string(),
                 package: Some(package),
                 version: Some(version),
-                suite: Some(suite.to_string()),
+                suite: Some(if with_security && mirror.security.is_some() {
+                    format!("{suite} + {suite}-security")
+                } else {
+                    suite.to_string()
+                }),
                 vmlinuz,
             }))
         };
-        match attempt() {
+        let mut result = attempt(security);
+        if security && result.is_err() {
+            eprintln!(
+                "vm-test: {suite} with {suite}-security failed; trying {suite} alone: {:#}",
+                result.as_ref().err().unwrap()
+            );
+            result = attempt(false);
+        }
+        match result {
             Ok(Ok(k)) => return Ok(k),
             Ok(Err(problem)) => problems.push(problem),
             Err(e) => problems.push(format!("{suite}: {e:#}")),
@@ -1349,7 +1401,7 @@ struct Totals {
 struct Report {
     runs: Vec<KernelRun>,
     totals: Totals,
-    test_args_note: Option<String>,
+    note: Option<String>,
 }
 
 impl BinaryResult {
@@ -1397,15 +1449,11 @@ impl Report {
                 }
             }
         }
-        let test_args_note = built
+        let note = built
             .tests
             .is_empty()
             .then(|| "no test binaries were built".into());
-        Self {
-            runs,
-            totals,
-            test_args_note,
-        }
+        Self { runs, totals, note }
     }
 
     fn ok(&self) -> bool {
@@ -1455,7 +1503,7 @@ impl Report {
             }
             println!("   console: {}", run.console_log.display());
         }
-        if let Some(n) = &self.test_args_note {
+        if let Some(n) = &self.note {
             println!("note: {n}");
         }
         println!(
@@ -1578,7 +1626,11 @@ fn md_escape(s: &str) -> String {
     s.replace('\n', " ")
 }
 
+/// Flattens the features JSON into `(row, cell)` pairs: objects by dotted keys; a list of
+/// records named by `counter`/`name`/`feature`/`id` gives one row per record, its cell
+/// `yes`/`no` (from `measured`) followed by its other fields (`how` without a label).
 fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    use serde_json::Value;
     let key = |k: &str| {
         if prefix.is_empty() {
             k.to_string()
@@ -1586,27 +1638,40 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>)
             format!("{prefix}.{k}")
         }
     };
+    let scalar = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let name_key = |items: &[Value]| {
+        ["counter", "name", "feature", "id"]
+            .into_iter()
+            .find(|k| !items.is_empty() && items.iter().all(|i| i.get(k).is_some()))
+    };
     match v {
-        serde_json::Value::Object(map) if !map.is_empty() => {
+        Value::Object(map) if !map.is_empty() => {
             for (k, v) in map {
                 flatten(&key(k), v, out);
             }
         }
-        serde_json::Value::Array(items)
-            if !items.is_empty() && items.iter().all(|i| i.get("name").is_some()) =>
-        {
-            // A list of named records: key them by name.
+        Value::Array(items) if let Some(nk) = name_key(items) => {
             for item in items {
-                let name = item["name"]
-                    .as_str()
-                    .map_or(item["name"].to_string(), str::to_string);
-                let mut rest = item.clone();
-                rest.as_object_mut().unwrap().remove("name");
-                flatten(&key(&name), &rest, out);
+                let name = scalar(&item[nk]);
+                let fields = item.as_object().unwrap();
+                let mut parts = Vec::new();
+                if let Some(m) = fields.get("measured").and_then(Value::as_bool) {
+                    parts.push(if m { "yes" } else { "no" }.to_string());
+                }
+                for (k, v) in fields {
+                    match k.as_str() {
+                        k if k == nk || k == "measured" => {}
+                        "how" => parts.push(scalar(v)),
+                        k => parts.push(format!("{k}: {}", scalar(v))),
+                    }
+                }
+                out.push((key(&name), parts.join(": ").replace('|', "/")));
             }
         }
-        serde_json::Value::String(s) => out.push((prefix.to_string(), s.replace('|', "/"))),
-        other => out.push((prefix.to_string(), other.to_string().replace('|', "/"))),
+        other => out.push((prefix.to_string(), scalar(other).replace('|', "/"))),
     }
 }
 
@@ -1689,7 +1754,8 @@ mod tests {
              Booting from ROM..\x1bc\x1b[?7l\x1b[2J@@vm-test@@ init 6.1.0-56-cloud-amd64\r\n\
              @@vm-test@@ note no cgroup v1 controller blkio\n\
              @@vm-test@@ features-begin\n\
-             {\"fork\": {\"how\": \"raw_tracepoint\"}, \"net\": false}\n\
+             {\"fork\": {\"how\": \"raw_tracepoint\"}, \"net\": false, \"features\": \n\
+             [{\"counter\": \"cpu\", \"how\": \"sched_switch\", \"measured\": true}]}\n\
              @@vm-test@@ features-end\n\
              @@vm-test@@ begin pkg/tests/e2e\n\
              running 4 tests\n\
@@ -1734,6 +1800,7 @@ mod tests {
         assert_eq!(
             leaves,
             [
+                ("features.cpu".to_string(), "yes: sched_switch".to_string()),
                 ("fork.how".to_string(), "raw_tracepoint".to_string()),
                 ("net".to_string(), "false".to_string())
             ]
@@ -1747,17 +1814,22 @@ mod tests {
                       Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n\
                       Types: deb\nURIs: http://deb.debian.org/debian-security\n\
                       Suites: bookworm-security\nComponents: main\n";
-        let m = parse_deb822_mirror(deb822).unwrap();
-        assert_eq!(m.uri, "http://deb.debian.org/debian");
+        let m = pick_mirror(parse_deb822_sources(deb822)).unwrap();
+        assert_eq!(m.main.uri, "http://deb.debian.org/debian");
         assert_eq!(
-            m.signed_by.as_deref(),
+            m.main.signed_by.as_deref(),
             Some("/usr/share/keyrings/debian-archive-keyring.gpg")
+        );
+        assert_eq!(
+            m.security.map(|s| s.uri).as_deref(),
+            Some("http://deb.debian.org/debian-security")
         );
         let one = "deb http://security.debian.org/ bookworm-security main\n\
                    deb [arch=amd64 signed-by=/k.gpg] http://ftp.de.debian.org/debian bookworm main\n";
-        let m = parse_one_line_mirror(one).unwrap();
-        assert_eq!(m.uri, "http://ftp.de.debian.org/debian");
-        assert_eq!(m.signed_by.as_deref(), Some("/k.gpg"));
+        let m = pick_mirror(parse_one_line_sources(one)).unwrap();
+        assert_eq!(m.main.uri, "http://ftp.de.debian.org/debian");
+        assert_eq!(m.main.signed_by.as_deref(), Some("/k.gpg"));
+        assert_eq!(m.security.unwrap().uri, "http://security.debian.org/");
         assert_eq!(
             package_name_from_id("path+file:///work/main/cylo-usage#0.1.0").as_deref(),
             Some("cylo-usage")
