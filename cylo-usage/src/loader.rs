@@ -166,11 +166,7 @@ fn attach(
 impl Tracker {
     /// Checks privileges, resolves the kernel layout from BTF, loads and attaches the programs.
     pub fn load() -> Result<Tracker, LoadError> {
-        if let Some(needed) = missing_privileges()? {
-            return Err(LoadError::MissingPrivileges { needed });
-        }
-        let offsets = resolve::resolve_host()?;
-        Self::load_with(offsets, Options::default())
+        Self::load_with_options(Options::default())
     }
 
     /// [`Tracker::load`] with other map capacities.
@@ -178,13 +174,27 @@ impl Tracker {
         if let Some(needed) = missing_privileges()? {
             return Err(LoadError::MissingPrivileges { needed });
         }
-        Self::load_with(resolve::resolve_host()?, options)
+        // aya's loader reads and parses the kernel's BTF when it is made; our resolver reads
+        // it too. Done side by side, start-up waits for one of them, not both.
+        let loader = std::thread::spawn(EbpfLoader::new);
+        let offsets = resolve::resolve_host();
+        let loader = loader.join().unwrap_or_else(|_| EbpfLoader::new());
+        let offsets = offsets?;
+        Self::load_from(loader, &offsets, options)
     }
 
     /// Loads with an explicit kernel layout (no privilege pre-check).
     pub fn load_with(offsets: Offsets, options: Options) -> Result<Tracker, LoadError> {
-        let mut ebpf = EbpfLoader::new()
-            .override_global(names::OFFSETS, &offsets, true)
+        Self::load_from(EbpfLoader::new(), &offsets, options)
+    }
+
+    fn load_from<'a>(
+        mut loader: EbpfLoader<'a>,
+        offsets: &'a Offsets,
+        options: Options,
+    ) -> Result<Tracker, LoadError> {
+        let mut ebpf = loader
+            .override_global(names::OFFSETS, offsets, true)
             .map_max_entries(names::TASKS, options.max_tasks)
             .map_max_entries(names::PROCS, options.max_procs)
             .load(OBJECT)
@@ -227,7 +237,7 @@ impl Tracker {
             inner: Arc::new(Inner {
                 maps: Mutex::new(maps),
                 events: Mutex::new(events),
-                offsets,
+                offsets: *offsets,
                 measured: Measured { peak_processes },
                 _ebpf: Mutex::new(ebpf),
             }),
