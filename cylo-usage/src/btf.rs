@@ -1,13 +1,14 @@
 //! A small, self-contained reader of raw kernel BTF (the format of `/sys/kernel/btf/vmlinux`).
 //!
 //! It answers the few questions cylo-usage asks of the running kernel: where a member of a
-//! struct lives (descending through nested and anonymous structs/unions) and how many
-//! arguments a raw tracepoint passes. The format is described in the kernel's
+//! struct lives (descending through nested and anonymous structs/unions), what type it has
+//! (a [`TypeInfo`]: struct, array, pointer, ...), and how many arguments a raw tracepoint
+//! passes and of which types. The format is described in the kernel's
 //! `Documentation/bpf/btf.rst`.
 //!
 //! The input is treated as untrusted: every read is bounds-checked, every type reference is
 //! validated when the blob is loaded, and every walk over the type graph (typedef chains, array
-//! nesting, anonymous members) is bounded, so malformed input yields a [`BtfError`], never a
+//! nesting, anonymous members, pointer levels) is bounded, so malformed input yields a [`BtfError`], never a
 //! panic or a hang.
 
 use std::fmt;
@@ -217,6 +218,38 @@ pub struct Member {
     pub offset: u32,
     /// Size of the member in bytes (typedef/const/volatile chains resolved, arrays included).
     pub size: u32,
+}
+
+/// The shape of a member's or a parameter's type, with typedef/const/volatile/restrict/type-tag
+/// links followed: what [`Btf::member_type`] and [`Btf::raw_tracepoint_params`] report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TypeInfo {
+    /// A struct or union (`kind`), its name (empty when anonymous) and size in bytes.
+    Composite { kind: Kind, name: String, size: u32 },
+    /// An array of `nelems` elements of `elem_size` bytes each.
+    Array {
+        nelems: u32,
+        elem_size: u32,
+        elem: Box<TypeInfo>,
+    },
+    /// A pointer to `target`.
+    Pointer { target: Box<TypeInfo> },
+    /// Anything else (int, enum, forward declaration, void, ...) and its name.
+    Other { kind: Kind, name: String },
+}
+
+impl TypeInfo {
+    /// Whether this is a pointer to `struct <name>`, defined or only forward-declared.
+    pub fn is_pointer_to_struct(&self, name: &str) -> bool {
+        match self {
+            TypeInfo::Pointer { target } => matches!(
+                &**target,
+                TypeInfo::Composite { kind: Kind::Struct, name: n, .. }
+                    | TypeInfo::Other { kind: Kind::Fwd, name: n } if n == name
+            ),
+            _ => false,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -757,6 +790,18 @@ impl Btf {
     /// struct/union members are searched transparently at every level. Bitfields are an
     /// error, since cylo-usage reads whole bytes.
     pub fn member(&self, struct_name: &str, path: &str) -> Result<Member, BtfError> {
+        self.locate(struct_name, path).map(|(member, _)| member)
+    }
+
+    /// The type of the member at `path` (looked up as by [`Btf::member`]): whether it is a
+    /// struct (and which), an array (of what), a pointer, ...
+    pub fn member_type(&self, struct_name: &str, path: &str) -> Result<TypeInfo, BtfError> {
+        let (_, ty) = self.locate(struct_name, path)?;
+        self.type_info(ty, 0)
+    }
+
+    /// [`Btf::member`], plus the member's type id.
+    fn locate(&self, struct_name: &str, path: &str) -> Result<(Member, u32), BtfError> {
         let mut current = self
             .find_composite(struct_name)
             .ok_or(BtfError::StructNotFound {
@@ -823,7 +868,47 @@ impl Btf {
         };
         let offset = u32::try_from(bits_total / 8).map_err(|_| overflow())?;
         let size = u32::try_from(self.size_of(last_ty)?).map_err(|_| overflow())?;
-        Ok(Member { offset, size })
+        Ok((Member { offset, size }, last_ty))
+    }
+
+    /// Describes type `id`; `depth` counts the pointer/array levels already described.
+    fn type_info(&self, id: u32, depth: usize) -> Result<TypeInfo, BtfError> {
+        if depth > MAX_CHAIN {
+            return Err(BtfError::TooDeep {
+                type_id: id,
+                limit: MAX_CHAIN,
+            });
+        }
+        let id = self.skip_modifiers(id)?;
+        let Some(t) = self.get(id) else {
+            return Ok(TypeInfo::Other {
+                kind: Kind::Void,
+                name: String::new(),
+            });
+        };
+        let name = || String::from_utf8_lossy(self.name_bytes(t.name_off)).into_owned();
+        Ok(match (&t.data, t.kind) {
+            (&Data::Array { elem, nelems }, _) => {
+                let elem_size =
+                    u32::try_from(self.size_of(elem)?).map_err(|_| BtfError::Overflow {
+                        context: format!("BTF type [{elem}] (array element)"),
+                    })?;
+                TypeInfo::Array {
+                    nelems,
+                    elem_size,
+                    elem: Box::new(self.type_info(elem, depth + 1)?),
+                }
+            }
+            (_, Kind::Ptr) => TypeInfo::Pointer {
+                target: Box::new(self.type_info(t.size_or_type, depth + 1)?),
+            },
+            (_, kind @ (Kind::Struct | Kind::Union)) => TypeInfo::Composite {
+                kind,
+                name: name(),
+                size: t.size_or_type,
+            },
+            (_, kind) => TypeInfo::Other { kind, name: name() },
+        })
     }
 
     /// Whether `struct_name` has a member at `path` (true for bitfields too, which
@@ -839,6 +924,20 @@ impl Btf {
     /// `btf_trace_<tracepoint>`: a pointer to a FUNC_PROTO whose first parameter is the
     /// `void *__data` of the tracepoint machinery, which is not counted.
     pub fn raw_tracepoint_arg_count(&self, tracepoint: &str) -> Result<usize, BtfError> {
+        self.tracepoint_args(tracepoint).map(<[_]>::len)
+    }
+
+    /// The types of a raw tracepoint's arguments (those [`Btf::raw_tracepoint_arg_count`]
+    /// counts), in order.
+    pub fn raw_tracepoint_params(&self, tracepoint: &str) -> Result<Vec<TypeInfo>, BtfError> {
+        self.tracepoint_args(tracepoint)?
+            .iter()
+            .map(|&(_, ty)| self.type_info(ty, 0))
+            .collect()
+    }
+
+    /// The (name, type) parameters of `btf_trace_<tracepoint>` after `void *__data`.
+    fn tracepoint_args(&self, tracepoint: &str) -> Result<&[(u32, u32)], BtfError> {
         let wanted = format!("btf_trace_{tracepoint}");
         let typedef = self
             .types
@@ -863,20 +962,18 @@ impl Btf {
             return Err(not_proto(self.kind_of(proto)));
         };
         // A trailing (0, 0) parameter marks a variadic prototype; it is not an argument.
-        let count = match params.last() {
-            Some((0, 0)) => params.len() - 1,
-            _ => params.len(),
+        let params = match params.split_last() {
+            Some((&(0, 0), rest)) => rest,
+            _ => params,
         };
-        let data_is_ptr = match params.first() {
-            Some(&(_, ty)) if count > 0 => self.kind_of(self.skip_modifiers(ty)?) == Kind::Ptr,
-            _ => false,
-        };
-        if !data_is_ptr {
-            return Err(BtfError::NoDataParam {
+        match params.split_first() {
+            Some((&(_, data), args)) if self.kind_of(self.skip_modifiers(data)?) == Kind::Ptr => {
+                Ok(args)
+            }
+            _ => Err(BtfError::NoDataParam {
                 tracepoint: tracepoint.to_owned(),
-            });
+            }),
         }
-        Ok(count - 1)
     }
 }
 
@@ -888,6 +985,7 @@ pub(crate) mod testutil {
     pub(crate) const ARRAY: u32 = 3;
     pub(crate) const STRUCT: u32 = 4;
     pub(crate) const UNION: u32 = 5;
+    pub(crate) const FWD: u32 = 7;
     pub(crate) const TYPEDEF: u32 = 8;
     pub(crate) const VOLATILE: u32 = 9;
     pub(crate) const CONST: u32 = 10;
@@ -1088,12 +1186,13 @@ mod tests {
 
     #[test]
     fn fixture_tracepoint_arg_counts() {
-        // (sched_switch, task_newtask, sched_process_exit, sched_process_fork, sched_process_exec)
+        // (sched_switch, task_newtask, sched_process_exit, sched_process_fork, sched_process_exec,
+        //  rss_stat, block_bio_queue)
         let want = [
-            [3, 2, 1, 2, 3], // 5.10: no prev_state
-            [4, 2, 1, 2, 3], // 6.1: prev_state since 5.18
-            [4, 2, 1, 2, 3],
-            [4, 2, 2, 2, 3], // 6.18: sched_process_exit got group_dead
+            [3, 2, 1, 2, 3, 3, 2], // 5.10: no prev_state; block_bio_queue(q, bio)
+            [4, 2, 1, 2, 3, 3, 1], // 6.1: prev_state since 5.18; block_bio_queue(bio) since 5.11
+            [4, 2, 1, 2, 3, 2, 1], // 6.12: rss_stat lost its count in 6.2
+            [4, 2, 2, 2, 3, 2, 1], // 6.18: sched_process_exit got group_dead
         ];
         let tps = [
             "sched_switch",
@@ -1101,6 +1200,8 @@ mod tests {
             "sched_process_exit",
             "sched_process_fork",
             "sched_process_exec",
+            "rss_stat",
+            "block_bio_queue",
         ];
         for (file, want) in FIXTURES.iter().zip(want) {
             let btf = Btf::from_bytes(&fixture(file)).unwrap();
@@ -1112,6 +1213,183 @@ mod tests {
                 Err(BtfError::TracepointNotFound { .. })
             ));
         }
+    }
+
+    fn ptr_to(kind: Kind, name: &str) -> TypeInfo {
+        let name = name.to_owned();
+        let target = match kind {
+            Kind::Struct | Kind::Union => TypeInfo::Composite {
+                kind,
+                name,
+                size: 0,
+            },
+            _ => TypeInfo::Other { kind, name },
+        };
+        TypeInfo::Pointer {
+            target: Box::new(target),
+        }
+    }
+
+    /// Checked against the same `bpftool btf dump format c` output as `fixture_members`.
+    #[test]
+    fn fixture_member_types() {
+        // 5.10 and 6.1: struct mm_rss_stat { atomic_long_t count[4]; } rss_stat;
+        for file in &FIXTURES[..2] {
+            let btf = Btf::from_bytes(&fixture(file)).unwrap();
+            let got = btf.member_type("mm_struct", "rss_stat").unwrap();
+            let want = TypeInfo::Composite {
+                kind: Kind::Struct,
+                name: "mm_rss_stat".into(),
+                size: 32,
+            };
+            assert_eq!(got, want, "{file}");
+            let got = btf.member_type("mm_struct", "rss_stat.count").unwrap();
+            assert!(
+                matches!(
+                    got,
+                    TypeInfo::Array { nelems: 4, elem_size: 8, ref elem }
+                        if matches!(**elem, TypeInfo::Composite { kind: Kind::Struct, size: 8, .. })
+                ),
+                "{file}: {got:?}"
+            );
+        }
+        // 6.12 and 6.18: struct percpu_counter rss_stat[4];
+        for file in &FIXTURES[2..] {
+            let btf = Btf::from_bytes(&fixture(file)).unwrap();
+            let want = TypeInfo::Array {
+                nelems: 4,
+                elem_size: 40,
+                elem: Box::new(TypeInfo::Composite {
+                    kind: Kind::Struct,
+                    name: "percpu_counter".into(),
+                    size: 40,
+                }),
+            };
+            assert_eq!(btf.member_type("mm_struct", "rss_stat").unwrap(), want);
+            assert_eq!(btf.member("percpu_counter", "count").unwrap(), m(8, 8));
+        }
+        for file in FIXTURES {
+            let btf = Btf::from_bytes(&fixture(file)).unwrap();
+            let mm = btf.member_type("task_struct", "mm").unwrap();
+            assert!(mm.is_pointer_to_struct("mm_struct"), "{file}: {mm:?}");
+            let pid = btf.member_type("task_struct", "pid").unwrap();
+            assert_eq!(
+                pid,
+                TypeInfo::Other {
+                    kind: Kind::Int,
+                    name: "int".into()
+                },
+                "{file}: typedef pid_t is followed"
+            );
+            assert!(!pid.is_pointer_to_struct("int"));
+        }
+    }
+
+    #[test]
+    fn fixture_tracepoint_params() {
+        let bio = |btf: &Btf| {
+            btf.raw_tracepoint_params("block_bio_queue")
+                .unwrap()
+                .iter()
+                .map(|p| p.is_pointer_to_struct("bio"))
+                .collect::<Vec<_>>()
+        };
+        let old = Btf::from_bytes(&fixture("debian-5.10.btf")).unwrap();
+        let params = old.raw_tracepoint_params("block_bio_queue").unwrap();
+        // request_queue is not kept by the minimizer: a forward declaration stands for it.
+        assert!(
+            params[0].is_pointer_to_struct("request_queue"),
+            "{params:?}"
+        );
+        assert_eq!(params[0], ptr_to(Kind::Fwd, "request_queue"));
+        assert_eq!(bio(&old), [false, true]);
+        for file in &FIXTURES[1..] {
+            let btf = Btf::from_bytes(&fixture(file)).unwrap();
+            assert_eq!(bio(&btf), [true], "{file}");
+        }
+        for file in FIXTURES {
+            let btf = Btf::from_bytes(&fixture(file)).unwrap();
+            let params = btf.raw_tracepoint_params("rss_stat").unwrap();
+            assert!(params[0].is_pointer_to_struct("mm_struct"), "{file}");
+            assert_eq!(
+                params.len(),
+                btf.raw_tracepoint_arg_count("rss_stat").unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn type_info_shapes() {
+        let mut b = Builder::new();
+        let u32_ = b.int("unsigned int", 4); // 1
+        let td = b.typedef("u32", u32_); // 2
+        let cst = b.raw("", CONST, 0, false, td, &[]); // 3
+        let inner = b.array(cst, u32_, 3); // 4: u32[3]
+        let outer = b.array(inner, u32_, 2); // 5: u32[2][3]
+        let fwd = b.raw("opaque", FWD, 0, false, 0, &[]); // 6
+        let fwd_ptr = b.ptr(fwd); // 7
+        let un = b.composite(UNION, "un", 4, &[("x", u32_, 0)]); // 8
+        let un_ptr = b.ptr(un); // 9
+        let void_ptr = b.ptr(0); // 10
+        let self_ptr = b.ptr(11); // 11: a pointer to itself
+        b.composite(
+            STRUCT,
+            "s",
+            64,
+            &[
+                ("grid", outer, 0),
+                ("opaque", fwd_ptr, 24),
+                ("un", un_ptr, 32),
+                ("any", void_ptr, 40),
+                ("loop", self_ptr, 48),
+            ],
+        );
+        b.tracepoint("tp", &[void_ptr, fwd_ptr, un_ptr, 0]);
+        let btf = Btf::from_bytes(&b.build()).unwrap();
+        let uint = TypeInfo::Other {
+            kind: Kind::Int,
+            name: "unsigned int".into(),
+        };
+        let row = TypeInfo::Array {
+            nelems: 3,
+            elem_size: 4,
+            elem: Box::new(uint),
+        };
+        let grid = TypeInfo::Array {
+            nelems: 2,
+            elem_size: 12,
+            elem: Box::new(row),
+        };
+        assert_eq!(btf.member_type("s", "grid").unwrap(), grid);
+        let opaque = btf.member_type("s", "opaque").unwrap();
+        assert_eq!(opaque, ptr_to(Kind::Fwd, "opaque"));
+        assert!(opaque.is_pointer_to_struct("opaque"));
+        assert!(!opaque.is_pointer_to_struct("other"));
+        let un = btf.member_type("s", "un").unwrap();
+        assert_eq!(
+            un,
+            TypeInfo::Pointer {
+                target: Box::new(TypeInfo::Composite {
+                    kind: Kind::Union,
+                    name: "un".into(),
+                    size: 4
+                })
+            }
+        );
+        assert!(!un.is_pointer_to_struct("un"), "a union is not a struct");
+        assert_eq!(btf.member_type("s", "any").unwrap(), ptr_to(Kind::Void, ""));
+        assert!(matches!(
+            btf.member_type("s", "loop"),
+            Err(BtfError::TooDeep { .. })
+        ));
+        assert!(matches!(
+            btf.member_type("s", "nope"),
+            Err(BtfError::MemberNotFound { .. })
+        ));
+        // The variadic marker is not a parameter.
+        let params = btf.raw_tracepoint_params("tp").unwrap();
+        assert_eq!(params.len(), 2);
+        assert_eq!(params[0], ptr_to(Kind::Fwd, "opaque"));
     }
 
     #[test]
@@ -1327,8 +1605,11 @@ mod tests {
             let _ = btf.has_member("task_struct", path);
         }
         let _ = btf.member("mm_struct", "hiwater_rss");
+        let _ = btf.member_type("mm_struct", "rss_stat");
+        let _ = btf.member_type("task_struct", "mm");
         let _ = btf.struct_size("task_struct");
         let _ = btf.raw_tracepoint_arg_count("sched_switch");
+        let _ = btf.raw_tracepoint_params("block_bio_queue");
     }
 
     #[test]

@@ -15,6 +15,14 @@ pub struct Feature {
 }
 
 const NOT_YET: &str = "not measured by this build (null)";
+const NO_ATOMICS: &str = "the kernel's BPF verifier rejects atomic fetch, exchange and \
+                          compare-and-exchange (added in 5.12): not measured (null)";
+const IOAC: &str = "task_struct.ioac of each thread at its last context switch; live threads \
+                    from /proc/PID/task/TID/io";
+const NO_IOAC: &str = "the kernel has no task I/O accounting (CONFIG_TASK_IO_ACCOUNTING)";
+const NO_XACCT: &str = "the kernel has no extended I/O accounting (CONFIG_TASK_XACCT)";
+const RSS: &str = "raw tracepoint rss_stat on every change of a tracked address space's \
+                   file, anon and shmem counters; shared address spaces count once";
 
 /// The counters and how each is measured given what the kernel accepted.
 pub fn features(m: Measured) -> Vec<Feature> {
@@ -27,6 +35,11 @@ pub fn features(m: Measured) -> Vec<Feature> {
         counter,
         measured: false,
         how,
+    };
+    let pick = |measured, counter, how, why| Feature {
+        counter,
+        measured,
+        how: if measured { how } else { why },
     };
     let cpu = "task_struct.se.sum_exec_runtime of each thread at its last context switch \
                (raw tracepoint sched_switch, TASK_DEAD); live threads from /proc schedstat";
@@ -48,26 +61,39 @@ pub fn features(m: Measured) -> Vec<Feature> {
             "thread_count",
             "every task created by a tracked task joins in raw tracepoint task_newtask",
         ),
-        if m.peak_processes {
+        if m.atomics {
             yes(
                 "peak_process_count",
                 "atomic fetch-add and compare-and-exchange on the run's record at each join",
             )
         } else {
-            no(
-                "peak_process_count",
-                "the kernel's BPF verifier rejects atomic fetch and compare-and-exchange \
-                 (added in 5.12), so the peak cannot be kept exactly (null)",
-            )
+            no("peak_process_count", NO_ATOMICS)
         },
         yes(
             "live_process_count",
-            "processes joined minus processes whose last thread passed do_exit() (raw tracepoint sched_process_exit, signal_struct.live at 0)",
+            "processes joined minus processes whose last thread passed do_exit() \
+             (raw tracepoint sched_process_exit, signal_struct.live at 0)",
         ),
-        no("disk_bytes_read", NOT_YET),
-        no("disk_bytes_written", NOT_YET),
-        no("memory_bytes", NOT_YET),
-        no("peak_memory_bytes", NOT_YET),
+        pick(m.disk, "disk_bytes_read", IOAC, NO_IOAC),
+        pick(m.disk, "disk_bytes_written", IOAC, NO_IOAC),
+        pick(m.disk, "disk_cancelled_write_bytes", IOAC, NO_IOAC),
+        pick(
+            m.devices,
+            "disk_devices",
+            "raw tracepoint block_bio_queue in the submitting task's context, per device",
+            "the kernel offers no usable block_bio_queue raw tracepoint or bio layout",
+        ),
+        pick(m.io_chars, "io_read_chars", IOAC, NO_XACCT),
+        pick(m.io_chars, "io_write_chars", IOAC, NO_XACCT),
+        pick(m.atomics, "memory_bytes", RSS, NO_ATOMICS),
+        pick(m.atomics, "peak_memory_bytes", RSS, NO_ATOMICS),
+        pick(
+            m.atomics,
+            "max_process_rss_bytes",
+            "the high-water mark of each tracked address space, followed through rss_stat \
+             like the kernel's own (VmHWM); VmHWM for live processes",
+            NO_ATOMICS,
+        ),
         no("network_bytes_sent", NOT_YET),
         no("network_bytes_received", NOT_YET),
     ]
@@ -93,7 +119,8 @@ mod tests {
         };
         assert!(peak(Measured::ALL));
         assert!(!peak(Measured {
-            peak_processes: false
+            atomics: false,
+            ..Measured::ALL
         }));
     }
 }

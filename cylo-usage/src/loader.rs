@@ -6,8 +6,8 @@ use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
 use aya::programs::{ProgramError, RawTracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use cylo_usage_abi::{
-    DEFAULT_MAX_PROCS, DEFAULT_MAX_TASKS, MAX_RUNS, Offsets, ProcMember, RunCounters, TaskMember,
-    names,
+    ABSENT, DEFAULT_MAX_PROCS, DEFAULT_MAX_TASKS, DevCounters, DevKey, MAX_RUNS, MmMember, Offsets,
+    ProcMember, RunCounters, TaskMember, names,
 };
 
 use crate::resolve::{self, ResolveError};
@@ -75,6 +75,8 @@ pub fn missing_privileges() -> Result<Option<&'static str>, LoadError> {
 pub(crate) struct Maps {
     pub tasks: HashMap<MapData, u64, TaskMember>,
     pub procs: HashMap<MapData, u64, ProcMember>,
+    pub mms: HashMap<MapData, u64, MmMember>,
+    pub devs: HashMap<MapData, DevKey, DevCounters>,
     pub runs: Array<MapData, RunCounters>,
     pub spawners: HashMap<MapData, u32, u32>,
     pub spawn_gate: Array<MapData, u64>,
@@ -202,6 +204,8 @@ impl Tracker {
         let maps = Maps {
             tasks: take(&mut ebpf, names::TASKS)?,
             procs: take(&mut ebpf, names::PROCS)?,
+            mms: take(&mut ebpf, names::MMS)?,
+            devs: take(&mut ebpf, names::DEVS)?,
             runs: take(&mut ebpf, names::RUNS)?,
             spawners: take(&mut ebpf, names::SPAWNERS)?,
             spawn_gate: take(&mut ebpf, names::SPAWN_GATE)?,
@@ -209,36 +213,66 @@ impl Tracker {
             next_slot: 0,
         };
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
-        // The peak needs BPF atomic fetch and compare-and-exchange (5.12+): the verifier
-        // decides. Without them, the same handler without the peak.
-        let peak_processes =
-            match attach(&mut ebpf, names::PROG_TASK_NEWTASK, names::TP_TASK_NEWTASK) {
-                Ok(()) => true,
-                Err(LoadError::Attach {
-                    source: ProgramError::LoadError { .. },
-                    ..
-                }) => {
-                    attach(
-                        &mut ebpf,
-                        names::PROG_TASK_NEWTASK_NO_PEAK,
-                        names::TP_TASK_NEWTASK,
-                    )?;
-                    false
-                }
-                Err(e) => return Err(e),
-            };
-        attach(
-            &mut ebpf,
-            names::PROG_SCHED_PROCESS_EXIT,
-            names::TP_SCHED_PROCESS_EXIT,
-        )?;
+        // Atomics that return the old value (BPF ISA v3) came with 5.12: the verifier decides.
+        // Without them, the variants that do without the peaks and the memory counters.
+        let atomics = match attach(&mut ebpf, names::PROG_TASK_NEWTASK, names::TP_TASK_NEWTASK) {
+            Ok(()) => true,
+            Err(LoadError::Attach {
+                source: ProgramError::LoadError { .. },
+                ..
+            }) => false,
+            Err(e) => return Err(e),
+        };
+        if atomics {
+            attach(
+                &mut ebpf,
+                names::PROG_SCHED_PROCESS_EXIT,
+                names::TP_SCHED_PROCESS_EXIT,
+            )?;
+            attach(
+                &mut ebpf,
+                names::PROG_SCHED_PROCESS_EXEC,
+                names::TP_SCHED_PROCESS_EXEC,
+            )?;
+            attach(&mut ebpf, names::PROG_RSS_STAT, names::TP_RSS_STAT)?;
+        } else {
+            attach(
+                &mut ebpf,
+                names::PROG_TASK_NEWTASK_NO_ATOMICS,
+                names::TP_TASK_NEWTASK,
+            )?;
+            let exit = names::PROG_SCHED_PROCESS_EXIT_NO_ATOMICS;
+            attach(&mut ebpf, exit, names::TP_SCHED_PROCESS_EXIT)?;
+        }
         attach(&mut ebpf, names::PROG_SCHED_SWITCH, names::TP_SCHED_SWITCH)?;
+        let o = offsets;
+        let has = |fields: &[u32]| fields.iter().all(|&f| f != ABSENT);
+        let bio_layout = has(&[o.bio_queue_bio_arg, o.bio_size, o.bio_opf])
+            && (has(&[o.bio_bdev, o.bdev_dev])
+                || has(&[o.bio_disk, o.bio_partno, o.disk_major, o.disk_first_minor]));
+        let devices = bio_layout
+            && attach(
+                &mut ebpf,
+                names::PROG_BLOCK_BIO_QUEUE,
+                names::TP_BLOCK_BIO_QUEUE,
+            )
+            .is_ok();
+        let measured = Measured {
+            atomics,
+            disk: has(&[
+                o.task_ioac_read_bytes,
+                o.task_ioac_write_bytes,
+                o.task_ioac_cancelled_write_bytes,
+            ]),
+            io_chars: has(&[o.task_ioac_rchar, o.task_ioac_wchar]),
+            devices,
+        };
         Ok(Tracker {
             inner: Arc::new(Inner {
                 maps: Mutex::new(maps),
                 events: Mutex::new(events),
                 offsets: *offsets,
-                measured: Measured { peak_processes },
+                measured,
                 _ebpf: Mutex::new(ebpf),
             }),
         })

@@ -5,17 +5,27 @@
 //! last `)` of `stat`.
 use std::path::PathBuf;
 
-/// What a live thread has used so far, from `/proc/TGID/task/TID/{schedstat,stat}`.
+/// What a live thread has used so far, from `/proc/TGID/task/TID/{schedstat,stat,io}`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ThreadCpu {
+pub struct ThreadSample {
     /// The scheduler's runtime (ns), up to date at the read (`schedstat` field 1).
     pub runtime_ns: u64,
     /// User time in clock ticks (`stat` field 14), for the user/system split only.
     pub utime_ticks: u64,
     /// System time in clock ticks (`stat` field 15), for the user/system split only.
     pub stime_ticks: u64,
-    /// Start time in clock ticks since boot (`stat` field 22).
-    pub start_ticks: u64,
+    /// Its I/O accounting (`io`), where the kernel has it.
+    pub io: Option<ThreadIo>,
+}
+
+/// `/proc/.../io` of one thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadIo {
+    pub rchar: u64,
+    pub wchar: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub cancelled_write_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +40,43 @@ pub enum ProcError {
     Malformed { path: PathBuf, what: &'static str },
     #[error("thread {tid} of process {tgid} is not the tracked one (its pid was reused)")]
     Reused { tgid: u32, tid: u32 },
+}
+
+/// Parses `/proc/.../io` ("key: value" lines); `None` if a field is missing.
+pub fn parse_io(text: &str) -> Option<ThreadIo> {
+    let get = |key: &str| -> Option<u64> {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k == key).then(|| v.trim().parse().ok())?
+        })
+    };
+    Some(ThreadIo {
+        rchar: get("rchar")?,
+        wchar: get("wchar")?,
+        read_bytes: get("read_bytes")?,
+        write_bytes: get("write_bytes")?,
+        cancelled_write_bytes: get("cancelled_write_bytes")?,
+    })
+}
+
+/// Parses the VmHWM line of `/proc/PID/status` into bytes.
+pub fn parse_vm_hwm(text: &str) -> Option<u64> {
+    let line = text.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+    let kb: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The peak RSS (VmHWM) of a live process, in bytes; `None` for one without an address
+/// space, or gone.
+pub fn read_vm_hwm(tgid: u32) -> Option<u64> {
+    parse_vm_hwm(&std::fs::read_to_string(format!("/proc/{tgid}/status")).ok()?)
+}
+
+/// The system's page size in bytes.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 { p as u64 } else { 4096 }
 }
 
 /// Parses `/proc/.../schedstat`: "runtime_ns wait_ns timeslices".
@@ -55,7 +102,7 @@ pub fn clock_ticks_per_second() -> u64 {
 
 /// Reads one live thread, checking that it is the one that joined (by its start time), so a
 /// reused pid never makes a stranger's CPU time ours.
-pub fn read_thread(tgid: u32, tid: u32, start_boottime_ns: u64) -> Result<ThreadCpu, ProcError> {
+pub fn read_thread(tgid: u32, tid: u32, start_boottime_ns: u64) -> Result<ThreadSample, ProcError> {
     let dir = PathBuf::from(format!("/proc/{tgid}/task/{tid}"));
     let read = |name: &str| {
         let path = dir.join(name);
@@ -75,11 +122,13 @@ pub fn read_thread(tgid: u32, tid: u32, start_boottime_ns: u64) -> Result<Thread
         path: dir.join("schedstat"),
         what: "expected a runtime in ns",
     })?;
-    Ok(ThreadCpu {
+    // Read last: a thread that was gone here would have failed above.
+    let io = read("io").ok().as_deref().and_then(parse_io);
+    Ok(ThreadSample {
         runtime_ns,
         utime_ticks,
         stime_ticks,
-        start_ticks,
+        io,
     })
 }
 
@@ -119,6 +168,24 @@ mod tests {
         assert_eq!(parse_schedstat("300469 54562 4\n"), Some(300469));
         assert_eq!(parse_schedstat(""), None);
         assert_eq!(parse_schedstat("x 1 2"), None);
+    }
+
+    #[test]
+    fn io_and_vm_hwm() {
+        let io = "rchar: 4096\nwchar: 12\nsyscr: 3\nsyscw: 1\nread_bytes: 8192\n\
+                  write_bytes: 0\ncancelled_write_bytes: 4096\n";
+        let want = ThreadIo {
+            rchar: 4096,
+            wchar: 12,
+            read_bytes: 8192,
+            write_bytes: 0,
+            cancelled_write_bytes: 4096,
+        };
+        assert_eq!(parse_io(io), Some(want));
+        assert_eq!(parse_io("rchar: 1\n"), None);
+        let status = "Name:\tx\nVmPeak:\t  9000 kB\nVmHWM:\t    1536 kB\nVmRSS:\t 1000 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(1536 * 1024));
+        assert_eq!(parse_vm_hwm("Name:\tkthreadd\n"), None);
     }
 
     #[test]

@@ -54,8 +54,33 @@ pub fn human(usage: &ResourceUsage, command: &str) -> String {
     );
     line("Disk bytes read", maybe(usage.disk_bytes_read));
     line("Disk bytes written", maybe(usage.disk_bytes_written));
+    line(
+        "Disk writes cancelled (bytes)",
+        maybe(usage.disk_cancelled_write_bytes),
+    );
+    match &usage.disk_devices {
+        None => line("Block I/O by device", "not measured".to_string()),
+        Some(devices) if devices.is_empty() => line("Block I/O by device", "none".to_string()),
+        Some(devices) => {
+            for d in devices {
+                line(
+                    &format!("Block I/O on {}", d.device),
+                    format!(
+                        "{} bytes read in {} requests, {} bytes written in {} requests",
+                        d.read_bytes, d.read_ops, d.write_bytes, d.write_ops
+                    ),
+                );
+            }
+        }
+    }
+    line("Bytes read by syscalls", maybe(usage.io_read_chars));
+    line("Bytes written by syscalls", maybe(usage.io_write_chars));
     line("Memory (bytes)", maybe(usage.memory_bytes));
     line("Peak memory (bytes)", maybe(usage.peak_memory_bytes));
+    line(
+        "Maximum resident set size of one process (bytes)",
+        maybe(usage.max_process_rss_bytes),
+    );
     line("Network bytes sent", maybe(usage.network_bytes_sent));
     line(
         "Network bytes received",
@@ -94,7 +119,7 @@ pub fn features(kernel: &str, list: &[Feature], json: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::{RootExit, merge};
+    use crate::usage::{DiskDevice, Live, Measured, RootExit, Units, merge};
     use cylo_usage_abi::RunCounters;
 
     #[test]
@@ -112,13 +137,36 @@ mod tests {
             exit_code: Some(3),
             signal: None,
         };
-        let u = merge(&c, crate::usage::Measured::ALL, &[], 100, true, root, 2000);
+        let live = Live {
+            complete: true,
+            devices: vec![DiskDevice {
+                device: "254:0".into(),
+                read_bytes: 4096,
+                write_bytes: 8192,
+                read_ops: 1,
+                write_ops: 2,
+            }],
+            ..Live::default()
+        };
+        let units = Units {
+            ticks_per_second: 100,
+            page_size: 4096,
+        };
+        let measured = Measured {
+            io_chars: false,
+            ..Measured::ALL
+        };
+        let u = merge(&c, measured, &live, units, root, 2000);
         let text = human(&u, "sh -c 'x'");
         assert!(text.contains("\tCPU time (seconds): 1.500000000\n"));
         assert!(text.contains("\tUser time (seconds): 0.750000000\n"));
         assert!(text.contains("\tPercent of CPU this job got: 75%\n"));
         assert!(text.contains("\tProcesses: 3\n"));
-        assert!(text.contains("\tDisk bytes read: not measured\n"));
+        assert!(text.contains("\tDisk bytes read: 0\n"));
+        assert!(text.contains("\tBytes read by syscalls: not measured\n"));
+        assert!(text.contains(
+            "\tBlock I/O on 254:0: 4096 bytes read in 1 requests, 8192 bytes written in 2 requests\n"
+        ));
         assert!(text.contains("\tPrecision: exact\n"));
         assert!(text.contains("\tExit status: 3\n"));
         assert!(json(&u).ends_with("}\n"));

@@ -4,15 +4,16 @@
 //! candidate member paths across kernel versions, and the sizes the eBPF side can read), and
 //! resolved from the running kernel's BTF into [`cylo_usage_abi::Offsets`]. To read a new
 //! kernel field: add a `Field` constant below, add the field to `Offsets` in the ABI crate,
-//! fill it in [`resolve_offsets`], and extend the fixture tests (the fixtures already carry
-//! `task_struct.ioac`, `task_struct.mm`, `mm_struct` and `signal_struct`; see
-//! `tests/fixtures/btf/README.md` to add more).
+//! fill it in [`resolve_offsets`], and extend the fixture tests (the fixtures carry
+//! `task_struct` with `ioac`, `signal_struct`, `mm_struct`, `percpu_counter`, `bio`,
+//! `block_device`, `gendisk` and seven tracepoints; see `tests/fixtures/btf/README.md` to add
+//! more).
 
 use std::path::{Path, PathBuf};
 
-use cylo_usage_abi::Offsets;
+use cylo_usage_abi::{ABSENT, Offsets};
 
-use crate::btf::{Btf, BtfError, Member};
+use crate::btf::{Btf, BtfError, Kind, Member, TypeInfo};
 
 /// Where the running kernel exposes its own BTF (needs `CONFIG_DEBUG_INFO_BTF=y`).
 pub const VMLINUX_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -61,14 +62,40 @@ pub mod fields {
     /// `atomic_t live`: threads of the process not yet past do_exit().
     pub const SIGNAL_LIVE: Field = f("signal_struct", &["live"], &[4]);
 
-    // Not in `Offsets` yet; resolvable on every fixture kernel.
     pub const TASK_MM: Field = f("task_struct", &["mm"], &[8]);
+    /// `mm_struct.rss_stat`: a struct before 6.2, an array since (see `resolve_mm_rss`).
+    pub const MM_RSS_STAT: &str = "rss_stat";
+    /// The count of one `rss_stat` member since 6.2 (`s64`).
+    pub const PERCPU_COUNTER_COUNT: Field = f("percpu_counter", &["count"], &[8]);
+
+    // Optional: `ABSENT` when the kernel does not have them.
+    /// CONFIG_TASK_IO_ACCOUNTING.
     pub const TASK_IOAC_READ_BYTES: Field = f("task_struct", &["ioac.read_bytes"], &[8]);
     pub const TASK_IOAC_WRITE_BYTES: Field = f("task_struct", &["ioac.write_bytes"], &[8]);
     pub const TASK_IOAC_CANCELLED_WRITE_BYTES: Field =
         f("task_struct", &["ioac.cancelled_write_bytes"], &[8]);
+    /// CONFIG_TASK_XACCT.
+    pub const TASK_IOAC_RCHAR: Field = f("task_struct", &["ioac.rchar"], &[8]);
+    pub const TASK_IOAC_WCHAR: Field = f("task_struct", &["ioac.wchar"], &[8]);
+    pub const BIO_SIZE: Field = f("bio", &["bi_iter.bi_size"], &[4]);
+    /// `blk_opf_t` (u32) since 6.0, `unsigned int` before.
+    pub const BIO_OPF: Field = f("bio", &["bi_opf"], &[4]);
+    /// 5.12+.
+    pub const BIO_BDEV: Field = f("bio", &["bi_bdev"], &[8]);
+    /// `dev_t` (u32).
+    pub const BDEV_DEV: Field = f("block_device", &["bd_dev"], &[4]);
+    /// Before 5.12.
+    pub const BIO_DISK: Field = f("bio", &["bi_disk"], &[8]);
+    pub const BIO_PARTNO: Field = f("bio", &["bi_partno"], &[1]);
+    pub const DISK_MAJOR: Field = f("gendisk", &["major"], &[4]);
+    pub const DISK_FIRST_MINOR: Field = f("gendisk", &["first_minor"], &[4]);
+
+    // Not in `Offsets`; resolvable on every fixture kernel.
     pub const MM_HIWATER_RSS: Field = f("mm_struct", &["hiwater_rss"], &[8]);
 }
+
+/// `NR_MM_COUNTERS`: the `rss_stat` members cylo-usage reads (file, anon, swap, shmem).
+pub const MM_COUNTERS: usize = 4;
 
 /// Why the kernel's layout could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +132,12 @@ pub enum ResolveError {
         tracepoint: &'static str,
         #[source]
         source: Box<BtfError>,
+    },
+    #[error("kernel BTF: {what} has an unknown layout: {detail}")]
+    Layout {
+        /// e.g. `mm_struct.rss_stat`
+        what: &'static str,
+        detail: String,
     },
 }
 
@@ -148,6 +181,40 @@ impl Field {
             })),
         })
     }
+
+    /// Like [`Field::resolve`], but `None` when the kernel lacks the struct or the member (a
+    /// member of an unexpected size is still an error).
+    pub fn resolve_optional(&self, btf: &Btf) -> Result<Option<Member>, ResolveError> {
+        match self.resolve(btf) {
+            Ok(member) => Ok(Some(member)),
+            Err(ResolveError::Field { source, .. })
+                if matches!(
+                    *source,
+                    BtfError::MemberNotFound { .. } | BtfError::StructNotFound { .. }
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The offset, or [`ABSENT`].
+    fn offset_or_absent(&self, btf: &Btf) -> Result<u32, ResolveError> {
+        Ok(self.resolve_optional(btf)?.map_or(ABSENT, |m| m.offset))
+    }
+}
+
+/// The offsets of `fields`, which are only of use together: all of them, or all [`ABSENT`].
+fn all_or_absent<const N: usize>(btf: &Btf, fields: [Field; N]) -> Result<[u32; N], ResolveError> {
+    let mut out = [ABSENT; N];
+    for (slot, field) in out.iter_mut().zip(fields) {
+        match field.resolve_optional(btf)? {
+            Some(member) => *slot = member.offset,
+            None => return Ok([ABSENT; N]),
+        }
+    }
+    Ok(out)
 }
 
 fn arg_count(btf: &Btf, tracepoint: &'static str) -> Result<usize, ResolveError> {
@@ -158,12 +225,127 @@ fn arg_count(btf: &Btf, tracepoint: &'static str) -> Result<usize, ResolveError>
         })
 }
 
+/// Offsets within `mm_struct` of the `i64` page count of each of the first [`MM_COUNTERS`]
+/// `rss_stat` members. The layout is told by the member's BTF type, not by the version:
+/// before 6.2 `struct mm_rss_stat { atomic_long_t count[NR_MM_COUNTERS]; } rss_stat`, since
+/// `struct percpu_counter rss_stat[NR_MM_COUNTERS]`, whose central `count` is read.
+fn resolve_mm_rss(btf: &Btf) -> Result<[u32; MM_COUNTERS], ResolveError> {
+    const WHAT: &str = "mm_struct.rss_stat";
+    let field_err = |path: &str, source| ResolveError::Field {
+        field: format!("mm_struct.{path}"),
+        source: Box::new(source),
+    };
+    let layout = |detail: String| ResolveError::Layout { what: WHAT, detail };
+    let path = fields::MM_RSS_STAT;
+    let rss = btf
+        .member("mm_struct", path)
+        .map_err(|e| field_err(path, e))?;
+    let ty = btf
+        .member_type("mm_struct", path)
+        .map_err(|e| field_err(path, e))?;
+    // (offset of counter 0, stride between counters)
+    let (base, stride) = match ty {
+        TypeInfo::Composite {
+            kind: Kind::Struct, ..
+        } => {
+            let path = "rss_stat.count";
+            let count = btf
+                .member("mm_struct", path)
+                .map_err(|e| field_err(path, e))?;
+            match btf.member_type("mm_struct", path) {
+                Ok(TypeInfo::Array {
+                    nelems,
+                    elem_size: 8,
+                    ..
+                }) if nelems as usize >= MM_COUNTERS => (count.offset, 8),
+                Ok(other) => {
+                    return Err(layout(format!(
+                        "rss_stat.count is {other:?}, expected an array of at least \
+                         {MM_COUNTERS} 8-byte counters"
+                    )));
+                }
+                Err(e) => return Err(field_err(path, e)),
+            }
+        }
+        TypeInfo::Array {
+            nelems,
+            elem_size,
+            elem,
+        } if nelems as usize >= MM_COUNTERS
+            && matches!(&*elem, TypeInfo::Composite { kind: Kind::Struct, name, .. }
+                                if name == "percpu_counter") =>
+        {
+            let count = fields::PERCPU_COUNTER_COUNT.resolve(btf)?;
+            (rss.offset + count.offset, elem_size)
+        }
+        other => {
+            return Err(layout(format!(
+                "{other:?}, expected struct mm_rss_stat or an array of at least {MM_COUNTERS} \
+                 struct percpu_counter"
+            )));
+        }
+    };
+    let mut out = [0; MM_COUNTERS];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = u32::try_from(i)
+            .ok()
+            .and_then(|i| i.checked_mul(stride))
+            .and_then(|o| o.checked_add(base))
+            .ok_or_else(|| layout("offsets do not fit in 32 bits".to_owned()))?;
+    }
+    Ok(out)
+}
+
+/// Index of the `struct bio *` argument of the `block_bio_queue` raw tracepoint, or
+/// [`ABSENT`] without that tracepoint. Found by type where the parameters name their structs,
+/// else by count: `(q, bio)` before 5.11, `(bio)` since.
+fn bio_queue_bio_arg(btf: &Btf) -> Result<u32, ResolveError> {
+    const TP: &str = "block_bio_queue";
+    let params = match btf.raw_tracepoint_params(TP) {
+        Ok(params) => params,
+        Err(BtfError::TracepointNotFound { .. }) => return Ok(ABSENT),
+        Err(source) => {
+            return Err(ResolveError::Tracepoint {
+                tracepoint: TP,
+                source: Box::new(source),
+            });
+        }
+    };
+    let by_type: Vec<usize> = (0..params.len())
+        .filter(|&i| params[i].is_pointer_to_struct("bio"))
+        .collect();
+    Ok(match (by_type.as_slice(), params.len()) {
+        (&[i], _) => i as u32,
+        (&[], 1) => 0,
+        (&[], 2) => 1,
+        _ => ABSENT,
+    })
+}
+
 /// Resolves every offset the eBPF programs need from the given BTF.
 pub fn resolve_offsets(btf: &Btf) -> Result<Offsets, ResolveError> {
     use fields::*;
     let state = TASK_STATE.resolve(btf)?;
     // sched_switch(preempt, prev, next[, prev_state]): prev_state came with 5.18.
     let switch_args = arg_count(btf, cylo_usage_abi::names::TP_SCHED_SWITCH)?;
+    // rss_stat(mm, member[, count]): the count went with the percpu counters of 6.2.
+    let rss_stat_has_count = match arg_count(btf, "rss_stat")? {
+        3 => 1,
+        2 => 0,
+        n => {
+            return Err(ResolveError::Layout {
+                what: "raw tracepoint rss_stat",
+                detail: format!("{n} arguments, expected 2 (mm, member) or 3 (.., count)"),
+            });
+        }
+    };
+    // The device of a bio: bi_bdev->bd_dev since 5.12, bi_disk and bi_partno before.
+    let (bdev, disk) = if BIO_BDEV.resolve_optional(btf)?.is_some() {
+        (all_or_absent(btf, [BIO_BDEV, BDEV_DEV])?, [ABSENT; 4])
+    } else {
+        let disk = [BIO_DISK, BIO_PARTNO, DISK_MAJOR, DISK_FIRST_MINOR];
+        ([ABSENT; 2], all_or_absent(btf, disk)?)
+    };
     Ok(Offsets {
         task_pid: TASK_PID.resolve(btf)?.offset,
         task_tgid: TASK_TGID.resolve(btf)?.offset,
@@ -177,6 +359,23 @@ pub fn resolve_offsets(btf: &Btf) -> Result<Offsets, ResolveError> {
         switch_has_prev_state: u32::from(switch_args >= 4),
         task_dead: TASK_DEAD,
         signal_live: SIGNAL_LIVE.resolve(btf)?.offset,
+        task_ioac_read_bytes: TASK_IOAC_READ_BYTES.offset_or_absent(btf)?,
+        task_ioac_write_bytes: TASK_IOAC_WRITE_BYTES.offset_or_absent(btf)?,
+        task_ioac_cancelled_write_bytes: TASK_IOAC_CANCELLED_WRITE_BYTES.offset_or_absent(btf)?,
+        task_ioac_rchar: TASK_IOAC_RCHAR.offset_or_absent(btf)?,
+        task_ioac_wchar: TASK_IOAC_WCHAR.offset_or_absent(btf)?,
+        task_mm: TASK_MM.resolve(btf)?.offset,
+        mm_rss: resolve_mm_rss(btf)?,
+        rss_stat_has_count,
+        bio_queue_bio_arg: bio_queue_bio_arg(btf)?,
+        bio_size: BIO_SIZE.offset_or_absent(btf)?,
+        bio_opf: BIO_OPF.offset_or_absent(btf)?,
+        bio_bdev: bdev[0],
+        bdev_dev: bdev[1],
+        bio_disk: disk[0],
+        bio_partno: disk[1],
+        disk_major: disk[2],
+        disk_first_minor: disk[3],
     })
 }
 
@@ -201,7 +400,7 @@ pub fn resolve_host() -> Result<Offsets, ResolveError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::btf::testutil::{Builder, STRUCT};
+    use crate::btf::testutil::{Builder, FWD, STRUCT};
 
     fn fixture(name: &str) -> Btf {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -211,54 +410,69 @@ mod tests {
         Btf::from_bytes(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    const fn offsets(
-        pid: u32,
-        signal: u32,
-        start: u32,
-        sum_exec: u32,
-        utime: u32,
-        state: u32,
-        state_size: u32,
-        prev_state: u32,
-    ) -> Offsets {
-        Offsets {
-            task_pid: pid,
-            task_tgid: pid + 4,
-            task_signal: signal,
-            task_start_boottime: start,
-            task_sum_exec_runtime: sum_exec,
-            task_utime: utime,
-            task_stime: utime + 8,
-            task_state: state,
-            task_state_size: state_size,
-            switch_has_prev_state: prev_state,
-            task_dead: 0x80,
-            // `refcount_t sigcnt; atomic_t live;` on every kernel here.
-            signal_live: 4,
-        }
-    }
-
     /// Expected numbers: gcc `offsetof` over `bpftool btf dump file FULL format c` of each
-    /// kernel's complete BTF, and `btf_trace_sched_switch` read off the same dump
-    /// (see tests/fixtures/btf/README.md).
+    /// kernel's complete BTF (with its 1-byte enums marked packed again, and gcc's struct sizes
+    /// asserted equal to the BTF's), and the `btf_trace_*` prototypes read off the same dump
+    /// (see tests/fixtures/btf/README.md). `signal_live` is 4 everywhere
+    /// (`refcount_t sigcnt; atomic_t live;`).
+    #[rustfmt::skip]
     const EXPECTED: [(&str, Offsets); 4] = [
-        (
-            "debian-5.10.btf",
-            offsets(2232, 2832, 2544, 200, 2472, 16, 8, 0),
-        ),
-        (
-            "debian-6.1.btf",
-            offsets(2416, 3072, 2784, 200, 2656, 24, 4, 1),
-        ),
-        (
-            "debian-6.12.btf",
-            offsets(2432, 3072, 2784, 224, 2656, 24, 4, 1),
-        ),
-        (
-            "host-6.18.btf",
-            offsets(1264, 1848, 1560, 232, 1488, 24, 4, 1),
-        ),
+        ("debian-5.10.btf", Offsets {
+            task_pid: 2232, task_tgid: 2236, task_signal: 2832, task_start_boottime: 2544,
+            task_sum_exec_runtime: 200, task_utime: 2472, task_stime: 2480,
+            // `volatile long state` before 5.14; sched_switch without prev_state before 5.18.
+            task_state: 16, task_state_size: 8, switch_has_prev_state: 0,
+            task_dead: 0x80, signal_live: 4,
+            task_ioac_read_bytes: 3128, task_ioac_write_bytes: 3136,
+            task_ioac_cancelled_write_bytes: 3144, task_ioac_rchar: 3096, task_ioac_wchar: 3104,
+            task_mm: 2056,
+            // struct mm_rss_stat { atomic_long_t count[4]; }; rss_stat(mm, member, count).
+            mm_rss: [712, 720, 728, 736], rss_stat_has_count: 1,
+            // block_bio_queue(q, bio); bio.bi_disk/bi_partno, no bi_bdev before 5.12.
+            bio_queue_bio_arg: 1, bio_size: 40, bio_opf: 16,
+            bio_bdev: ABSENT, bdev_dev: ABSENT,
+            bio_disk: 8, bio_partno: 27, disk_major: 0, disk_first_minor: 4,
+        }),
+        ("debian-6.1.btf", Offsets {
+            task_pid: 2416, task_tgid: 2420, task_signal: 3072, task_start_boottime: 2784,
+            task_sum_exec_runtime: 200, task_utime: 2656, task_stime: 2664,
+            task_state: 24, task_state_size: 4, switch_has_prev_state: 1,
+            task_dead: 0x80, signal_live: 4,
+            task_ioac_read_bytes: 3400, task_ioac_write_bytes: 3408,
+            task_ioac_cancelled_write_bytes: 3416, task_ioac_rchar: 3368, task_ioac_wchar: 3376,
+            task_mm: 2272,
+            mm_rss: [728, 736, 744, 752], rss_stat_has_count: 1,
+            bio_queue_bio_arg: 0, bio_size: 40, bio_opf: 16,
+            bio_bdev: 8, bdev_dev: 36,
+            bio_disk: ABSENT, bio_partno: ABSENT, disk_major: ABSENT, disk_first_minor: ABSENT,
+        }),
+        ("debian-6.12.btf", Offsets {
+            task_pid: 2432, task_tgid: 2436, task_signal: 3072, task_start_boottime: 2784,
+            task_sum_exec_runtime: 224, task_utime: 2656, task_stime: 2664,
+            task_state: 24, task_state_size: 4, switch_has_prev_state: 1,
+            task_dead: 0x80, signal_live: 4,
+            task_ioac_read_bytes: 3392, task_ioac_write_bytes: 3400,
+            task_ioac_cancelled_write_bytes: 3408, task_ioac_rchar: 3360, task_ioac_wchar: 3368,
+            task_mm: 2304,
+            // struct percpu_counter rss_stat[4] (40 bytes, count at 8); rss_stat(mm, member).
+            mm_rss: [832, 872, 912, 952], rss_stat_has_count: 0,
+            bio_queue_bio_arg: 0, bio_size: 40, bio_opf: 16,
+            bio_bdev: 8, bdev_dev: 52,
+            bio_disk: ABSENT, bio_partno: ABSENT, disk_major: ABSENT, disk_first_minor: ABSENT,
+        }),
+        ("host-6.18.btf", Offsets {
+            task_pid: 1264, task_tgid: 1268, task_signal: 1848, task_start_boottime: 1560,
+            task_sum_exec_runtime: 232, task_utime: 1488, task_stime: 1496,
+            task_state: 24, task_state_size: 4, switch_has_prev_state: 1,
+            task_dead: 0x80, signal_live: 4,
+            task_ioac_read_bytes: 2184, task_ioac_write_bytes: 2192,
+            task_ioac_cancelled_write_bytes: 2200, task_ioac_rchar: 2152, task_ioac_wchar: 2160,
+            task_mm: 1136,
+            mm_rss: [968, 1008, 1048, 1088], rss_stat_has_count: 0,
+            bio_queue_bio_arg: 0, bio_size: 40, bio_opf: 16,
+            bio_bdev: 8, bdev_dev: 52,
+            bio_disk: ABSENT, bio_partno: ABSENT, disk_major: ABSENT, disk_first_minor: ABSENT,
+        }),
     ];
     /// `uname -r` of the machine `host-6.18.btf` was taken from.
     const HOST_FIXTURE_RELEASE: &str = "6.18.44-fc-v669";
@@ -273,77 +487,384 @@ mod tests {
 
     #[test]
     fn fields_for_later_resolve_on_every_fixture() {
-        use fields::*;
-        // (mm, ioac.read_bytes, mm_struct.hiwater_rss), checked like EXPECTED.
-        let want = [
-            (2056, 3128, 176),
-            (2272, 3400, 176),
-            (2304, 3392, 240),
-            (1136, 2184, 344),
-        ];
-        for ((file, _), (mm, read, hiwater)) in EXPECTED.iter().zip(want) {
+        // mm_struct.hiwater_rss, checked like EXPECTED.
+        let want = [176, 176, 240, 344];
+        for ((file, _), hiwater) in EXPECTED.iter().zip(want) {
             let btf = fixture(file);
-            assert_eq!(TASK_MM.resolve(&btf).unwrap().offset, mm, "{file}");
-            assert_eq!(
-                TASK_IOAC_READ_BYTES.resolve(&btf).unwrap().offset,
-                read,
-                "{file}"
+            let got = fields::MM_HIWATER_RSS.resolve(&btf).unwrap();
+            assert_eq!(got.offset, hiwater, "{file}");
+        }
+    }
+
+    /// How a synthetic `mm_struct` holds its RSS counters.
+    #[derive(Clone, Copy)]
+    enum Rss {
+        /// `struct mm_rss_stat { atomic_long_t count[4]; } rss_stat`, in an anonymous struct,
+        /// and `rss_stat(mm, member, count)`: before 6.2.
+        Counts,
+        /// `struct percpu_counter rss_stat[4]`, in an anonymous struct, and
+        /// `rss_stat(mm, member)`: since 6.2.
+        PerCpu,
+        /// `rss_stat` as the given kind of unexpected array of `elems` `elem_size`-byte ints.
+        Odd { elems: u32, elem_size: u32 },
+    }
+
+    /// How a synthetic kernel describes block I/O.
+    #[derive(Clone, Copy)]
+    enum Block {
+        /// No `struct bio`, no `block_bio_queue`.
+        None,
+        /// 5.12+: `bio.bi_bdev`, `block_bio_queue(struct bio *)`.
+        Bdev,
+        /// Before 5.11: `bio.bi_disk`, `block_bio_queue(q, bio)`; `typed` keeps the parameter
+        /// types (`struct request_queue *` forward-declared), else both are `void *`.
+        Disk { typed: bool },
+    }
+
+    /// A synthetic kernel; [`Synth::default`] resolves completely.
+    #[derive(Clone, Copy)]
+    struct Synth {
+        state: (&'static str, u32),
+        start: &'static str,
+        pid_size: u32,
+        switch_args: usize,
+        /// Members of `task_io_accounting`, 8 bytes each, in order from offset 0.
+        ioac: &'static [&'static str],
+        rss: Rss,
+        block: Block,
+    }
+
+    const ALL_IOAC: &[&str] = &[
+        "rchar",
+        "wchar",
+        "syscr",
+        "syscw",
+        "read_bytes",
+        "write_bytes",
+        "cancelled_write_bytes",
+    ];
+    /// `task_struct.ioac` in the synthetic kernel.
+    const SYNTH_IOAC: u32 = 112;
+
+    impl Default for Synth {
+        fn default() -> Synth {
+            Synth {
+                state: ("__state", 4),
+                start: "start_boottime",
+                pid_size: 4,
+                switch_args: 4,
+                ioac: ALL_IOAC,
+                rss: Rss::PerCpu,
+                block: Block::Bdev,
+            }
+        }
+    }
+
+    impl Synth {
+        fn build(self) -> Btf {
+            let mut b = Builder::new();
+            let int4 = b.int("int", 4);
+            let u64_ = b.int("long long unsigned int", 8);
+            let u8_ = b.int("unsigned char", 1);
+            let pid = b.int("pid_int", self.pid_size);
+            let st = b.int("state_int", self.state.1);
+            let void_ptr = b.ptr(0);
+            let se = b.composite(STRUCT, "sched_entity", 16, &[("sum_exec_runtime", u64_, 8)]);
+            let signal = [("sigcnt", int4, 0), ("live", int4, 4)];
+            b.composite(STRUCT, "signal_struct", 16, &signal);
+            let ioac: Vec<_> = (0u32..)
+                .zip(self.ioac)
+                .map(|(i, &name)| (name, u64_, 8 * i))
+                .collect();
+            let ioac_size = 8 * ioac.len() as u32;
+            let ioac = b.composite(STRUCT, "task_io_accounting", ioac_size, &ioac);
+
+            let rss_stat = match self.rss {
+                Rss::Counts => {
+                    // typedef struct { s64 counter; } atomic_long_t;
+                    let counter = b.composite(STRUCT, "", 8, &[("counter", u64_, 0)]);
+                    let atomic = b.typedef("atomic_long_t", counter);
+                    let count = b.array(atomic, int4, 4);
+                    b.composite(STRUCT, "mm_rss_stat", 32, &[("count", count, 0)])
+                }
+                Rss::PerCpu => {
+                    let pc = b.composite(
+                        STRUCT,
+                        "percpu_counter",
+                        40,
+                        &[
+                            ("lock", int4, 0),
+                            ("count", u64_, 8),
+                            ("counters", void_ptr, 32),
+                        ],
+                    );
+                    b.array(pc, int4, 4)
+                }
+                Rss::Odd { elems, elem_size } => {
+                    let elem = b.int("odd_int", elem_size);
+                    b.array(elem, int4, elems)
+                }
+            };
+            let anon = b.composite(
+                STRUCT,
+                "",
+                176,
+                &[("hiwater_rss", u64_, 0), ("rss_stat", rss_stat, 16)],
             );
-            assert_eq!(
-                TASK_IOAC_WRITE_BYTES.resolve(&btf).unwrap().offset,
-                read + 8,
-                "{file}"
+            let mm = b.composite(STRUCT, "mm_struct", 192, &[("", anon, 8)]);
+            let mm_ptr = b.ptr(mm);
+
+            b.composite(
+                STRUCT,
+                "task_struct",
+                SYNTH_IOAC + ioac_size,
+                &[
+                    (self.state.0, st, 16),
+                    ("se", se, 32),
+                    ("pid", pid, 56),
+                    ("tgid", int4, 64),
+                    ("signal", void_ptr, 72),
+                    (self.start, u64_, 80),
+                    ("utime", u64_, 88),
+                    ("stime", u64_, 96),
+                    ("mm", mm_ptr, 104),
+                    ("ioac", ioac, SYNTH_IOAC),
+                ],
             );
-            assert_eq!(
-                TASK_IOAC_CANCELLED_WRITE_BYTES
-                    .resolve(&btf)
-                    .unwrap()
-                    .offset,
-                read + 16,
-                "{file}"
+            let mut params = vec![void_ptr];
+            params.resize(self.switch_args + 1, int4);
+            b.tracepoint("sched_switch", &params);
+            match self.rss {
+                Rss::Counts => b.tracepoint("rss_stat", &[void_ptr, mm_ptr, int4, u64_]),
+                _ => b.tracepoint("rss_stat", &[void_ptr, mm_ptr, int4]),
+            };
+
+            let iter = b.composite(
+                STRUCT,
+                "bvec_iter",
+                16,
+                &[("bi_sector", u64_, 0), ("bi_size", int4, 8)],
             );
-            assert_eq!(
-                MM_HIWATER_RSS.resolve(&btf).unwrap().offset,
-                hiwater,
-                "{file}"
+            match self.block {
+                Block::None => {}
+                Block::Bdev => {
+                    let bdev = b.composite(STRUCT, "block_device", 64, &[("bd_dev", int4, 52)]);
+                    let bdev_ptr = b.ptr(bdev);
+                    let bio = b.composite(
+                        STRUCT,
+                        "bio",
+                        128,
+                        &[
+                            ("bi_bdev", bdev_ptr, 8),
+                            ("bi_opf", int4, 16),
+                            ("bi_iter", iter, 44),
+                        ],
+                    );
+                    let bio_ptr = b.ptr(bio);
+                    b.tracepoint("block_bio_queue", &[void_ptr, bio_ptr]);
+                }
+                Block::Disk { typed } => {
+                    let disk = b.composite(
+                        STRUCT,
+                        "gendisk",
+                        64,
+                        &[("major", int4, 0), ("first_minor", int4, 4)],
+                    );
+                    let disk_ptr = b.ptr(disk);
+                    let bio = b.composite(
+                        STRUCT,
+                        "bio",
+                        128,
+                        &[
+                            ("bi_disk", disk_ptr, 8),
+                            ("bi_opf", int4, 16),
+                            ("bi_partno", u8_, 27),
+                            ("bi_iter", iter, 32),
+                        ],
+                    );
+                    let (q, bio) = if typed {
+                        let q = b.raw("request_queue", FWD, 0, false, 0, &[]);
+                        (b.ptr(q), b.ptr(bio))
+                    } else {
+                        (void_ptr, void_ptr)
+                    };
+                    b.tracepoint("block_bio_queue", &[void_ptr, q, bio]);
+                }
+            }
+            Btf::from_bytes(&b.build()).unwrap()
+        }
+    }
+
+    /// A synthetic kernel that differs from the default in its task_struct only.
+    fn synthetic(
+        state: (&'static str, u32),
+        start: &'static str,
+        pid_size: u32,
+        switch_args: usize,
+    ) -> Btf {
+        Synth {
+            state,
+            start,
+            pid_size,
+            switch_args,
+            ..Synth::default()
+        }
+        .build()
+    }
+
+    #[test]
+    fn synthetic_kernel_resolves_completely() {
+        let got = resolve_offsets(&Synth::default().build()).unwrap();
+        let io = SYNTH_IOAC;
+        assert_eq!(
+            [
+                got.task_ioac_rchar,
+                got.task_ioac_wchar,
+                got.task_ioac_read_bytes,
+                got.task_ioac_write_bytes,
+                got.task_ioac_cancelled_write_bytes,
+            ],
+            [io, io + 8, io + 32, io + 40, io + 48]
+        );
+        assert_eq!(got.task_mm, 104);
+        // anonymous struct at 8, rss_stat at +16, 40-byte counters with count at 8.
+        assert_eq!(got.mm_rss, [32, 72, 112, 152]);
+        assert_eq!(got.rss_stat_has_count, 0);
+        assert_eq!(
+            (got.bio_queue_bio_arg, got.bio_size, got.bio_opf),
+            (0, 52, 16)
+        );
+        assert_eq!((got.bio_bdev, got.bdev_dev), (8, 52));
+        assert_eq!(
+            [
+                got.bio_disk,
+                got.bio_partno,
+                got.disk_major,
+                got.disk_first_minor
+            ],
+            [ABSENT; 4]
+        );
+    }
+
+    #[test]
+    fn missing_io_counters_are_absent_not_errors() {
+        // No CONFIG_TASK_XACCT: no rchar/wchar/syscr/syscw.
+        let no_xacct = Synth {
+            ioac: &["read_bytes", "write_bytes", "cancelled_write_bytes"],
+            ..Synth::default()
+        };
+        let got = resolve_offsets(&no_xacct.build()).unwrap();
+        assert_eq!((got.task_ioac_rchar, got.task_ioac_wchar), (ABSENT, ABSENT));
+        let io = SYNTH_IOAC;
+        assert_eq!(
+            [
+                got.task_ioac_read_bytes,
+                got.task_ioac_write_bytes,
+                got.task_ioac_cancelled_write_bytes,
+            ],
+            [io, io + 8, io + 16]
+        );
+        // Only rchar missing.
+        let no_rchar = Synth {
+            ioac: &ALL_IOAC[1..],
+            ..Synth::default()
+        };
+        let got = resolve_offsets(&no_rchar.build()).unwrap();
+        assert_eq!((got.task_ioac_rchar, got.task_ioac_wchar), (ABSENT, io));
+        // No CONFIG_TASK_IO_ACCOUNTING: no read_bytes/write_bytes/cancelled_write_bytes.
+        let no_io_acct = Synth {
+            ioac: &ALL_IOAC[..4],
+            ..Synth::default()
+        };
+        let got = resolve_offsets(&no_io_acct.build()).unwrap();
+        assert_eq!((got.task_ioac_rchar, got.task_ioac_wchar), (io, io + 8));
+        assert_eq!(
+            [
+                got.task_ioac_read_bytes,
+                got.task_ioac_write_bytes,
+                got.task_ioac_cancelled_write_bytes,
+            ],
+            [ABSENT; 3]
+        );
+        // No block layer at all.
+        let no_block = Synth {
+            block: Block::None,
+            ..Synth::default()
+        };
+        let got = resolve_offsets(&no_block.build()).unwrap();
+        assert_eq!(
+            [
+                got.bio_queue_bio_arg,
+                got.bio_size,
+                got.bio_opf,
+                got.bio_bdev,
+                got.bdev_dev,
+                got.bio_disk,
+                got.bio_partno,
+                got.disk_major,
+                got.disk_first_minor,
+            ],
+            [ABSENT; 9]
+        );
+        // Everything else still resolves.
+        assert_eq!(got.mm_rss, [32, 72, 112, 152]);
+    }
+
+    #[test]
+    fn both_rss_layouts() {
+        // Before 6.2: anonymous struct at 8, rss_stat at +16, then 8-byte atomic_long_t.
+        let old = Synth {
+            rss: Rss::Counts,
+            ..Synth::default()
+        };
+        let got = resolve_offsets(&old.build()).unwrap();
+        assert_eq!((got.mm_rss, got.rss_stat_has_count), ([24, 32, 40, 48], 1));
+        // Since 6.2: percpu_counter[4], 40 bytes each, count at 8.
+        let got = resolve_offsets(&Synth::default().build()).unwrap();
+        assert_eq!(
+            (got.mm_rss, got.rss_stat_has_count),
+            ([32, 72, 112, 152], 0)
+        );
+    }
+
+    #[test]
+    fn an_unknown_rss_layout_is_an_error() {
+        let odd = |elems, elem_size| {
+            let synth = Synth {
+                rss: Rss::Odd { elems, elem_size },
+                ..Synth::default()
+            };
+            resolve_offsets(&synth.build()).unwrap_err()
+        };
+        for e in [odd(4, 8), odd(3, 8)] {
+            assert!(
+                matches!(&e, ResolveError::Layout { what, .. } if *what == "mm_struct.rss_stat"),
+                "{e}"
             );
         }
     }
 
-    /// A minimal task_struct; `names` overrides member names, `sizes` the int widths.
-    fn synthetic(state: (&str, u32), start: &str, pid_size: u32, switch_args: usize) -> Btf {
-        let mut b = Builder::new();
-        let int4 = b.int("int", 4);
-        let u64_ = b.int("long long unsigned int", 8);
-        let pid = b.int("pid_int", pid_size);
-        let st = b.int("state_int", state.1);
-        let void_ptr = b.ptr(0);
-        let se = b.composite(STRUCT, "sched_entity", 16, &[("sum_exec_runtime", u64_, 8)]);
-        b.composite(
-            STRUCT,
-            "signal_struct",
-            8,
-            &[("sigcnt", int4, 0), ("live", int4, 4)],
-        );
-        b.composite(
-            STRUCT,
-            "task_struct",
-            128,
-            &[
-                (state.0, st, 16),
-                ("se", se, 32),
-                ("pid", pid, 56),
-                ("tgid", int4, 64),
-                ("signal", void_ptr, 72),
-                (start, u64_, 80),
-                ("utime", u64_, 88),
-                ("stime", u64_, 96),
-            ],
-        );
-        let mut params = vec![void_ptr];
-        params.resize(switch_args + 1, int4);
-        b.tracepoint("sched_switch", &params);
-        Btf::from_bytes(&b.build()).unwrap()
+    #[test]
+    fn bio_before_5_12() {
+        for typed in [true, false] {
+            let synth = Synth {
+                block: Block::Disk { typed },
+                ..Synth::default()
+            };
+            let got = resolve_offsets(&synth.build()).unwrap();
+            assert_eq!(got.bio_queue_bio_arg, 1, "typed {typed}");
+            assert_eq!((got.bio_size, got.bio_opf), (40, 16));
+            assert_eq!((got.bio_bdev, got.bdev_dev), (ABSENT, ABSENT));
+            assert_eq!(
+                [
+                    got.bio_disk,
+                    got.bio_partno,
+                    got.disk_major,
+                    got.disk_first_minor
+                ],
+                [8, 27, 0, 4]
+            );
+        }
     }
 
     #[test]

@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aya::maps::{HashMap, MapData, MapError};
-use cylo_usage_abi::{MAX_RUNS, RunCounters, TaskMember};
+use cylo_usage_abi::{DevKey, MAX_RUNS, RunCounters, TaskMember};
 use tokio::io::unix::AsyncFd;
 
 use crate::loader::{Inner, Tracker};
-use crate::procfs::{self, ThreadCpu};
-use crate::usage::{self, ResourceUsage, RootExit};
+use crate::procfs::{self, ThreadSample};
+use crate::usage::{self, DiskDevice, Live, ResourceUsage, RootExit, Units};
 
 /// How often a waiting run re-reads its counters when no ring-buffer wake-up comes.
 const POLL: Duration = Duration::from_millis(100);
@@ -284,35 +284,76 @@ impl Run {
         Ok(out)
     }
 
+    /// Block I/O per device submitted by this run's tasks.
+    fn devices(&self) -> Result<Vec<DiskDevice>, SessionError> {
+        let maps = self.inner.maps();
+        let mut out = Vec::new();
+        for entry in maps.devs.iter() {
+            match entry {
+                Ok((k, c)) if k.run == self.slot => out.push(DiskDevice {
+                    device: usage::device_name(k.dev),
+                    read_bytes: c.read_bytes,
+                    write_bytes: c.write_bytes,
+                    read_ops: c.read_ops,
+                    write_ops: c.write_ops,
+                }),
+                Ok(_) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err("listing block devices")(e)),
+            }
+        }
+        Ok(out)
+    }
+
     /// What the run has used so far: the kernel's totals for exited threads plus /proc reads
     /// of the live ones, made consistent by re-checking the exit generation.
     pub fn usage(&self) -> Result<ResourceUsage, SessionError> {
-        let hz = procfs::clock_ticks_per_second();
+        let units = Units {
+            ticks_per_second: procfs::clock_ticks_per_second(),
+            page_size: procfs::page_size(),
+        };
         let root = RootExit {
             exit_code: self.root_status.and_then(|s| s.code()),
             signal: self.root_status.and_then(|s| s.signal()),
         };
+        let measured = self.inner.measured;
         let mut last = None;
         for _ in 0..SNAPSHOT_ATTEMPTS {
             let before = self.counters()?;
-            let measured = self.inner.measured;
+            let devices = self.devices()?;
             if before.finished() {
                 let wall = before.ended_ns.saturating_sub(self.started_ns) / 1_000_000;
-                return Ok(usage::merge(&before, measured, &[], hz, true, root, wall));
+                let live = Live {
+                    devices,
+                    complete: true,
+                    ..Live::default()
+                };
+                return Ok(usage::merge(&before, measured, &live, units, root, wall));
             }
             let members = self.live_members()?;
-            let live: Vec<Option<ThreadCpu>> = members
+            let threads: Vec<ThreadSample> = members
                 .iter()
-                .map(|m| procfs::read_thread(m.tgid, m.tid, m.start_boottime_ns).ok())
+                .filter_map(|m| procfs::read_thread(m.tgid, m.tid, m.start_boottime_ns).ok())
                 .collect();
+            let mut tgids: Vec<u32> = members.iter().map(|m| m.tgid).collect();
+            tgids.sort_unstable();
+            tgids.dedup();
+            let max_hwm_bytes = tgids
+                .iter()
+                .filter_map(|&t| procfs::read_vm_hwm(t))
+                .max()
+                .unwrap_or(0);
             let after = self.counters()?;
             let wall = monotonic_ns().saturating_sub(self.started_ns) / 1_000_000;
-            let reads: Vec<ThreadCpu> = live.iter().flatten().copied().collect();
             let stable = before.threads_exited == after.threads_exited
                 && before.threads_started == after.threads_started;
-            let whole = stable && reads.len() == members.len();
-            let merged = usage::merge(&after, measured, &reads, hz, whole, root, wall);
-            if whole {
+            let live = Live {
+                complete: stable && threads.len() == members.len(),
+                threads,
+                max_hwm_bytes,
+                devices,
+            };
+            let merged = usage::merge(&after, measured, &live, units, root, wall);
+            if live.complete {
                 return Ok(merged);
             }
             last = Some(merged);
@@ -341,6 +382,16 @@ impl Drop for Run {
         let slot = self.slot;
         remove_where(&mut maps.tasks, |m| m.run == slot);
         remove_where(&mut maps.procs, |p| p.run == slot);
+        remove_where(&mut maps.mms, |m| m.run == slot);
+        let devs: Vec<DevKey> = maps
+            .devs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.run == slot)
+            .collect();
+        for k in devs {
+            let _ = maps.devs.remove(&k);
+        }
         maps.slots[self.slot as usize] = false;
         if self.root_status.is_none() {
             // Reap the root if it has already exited; never block here.

@@ -3,7 +3,7 @@
 use cylo_usage_abi::RunCounters;
 use serde::{Deserialize, Serialize};
 
-use crate::procfs::ThreadCpu;
+use crate::procfs::ThreadSample;
 
 /// Whether the figures are complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,8 +15,19 @@ pub enum Precision {
     Approximate,
 }
 
-/// Everything a run used. One flat record; counters this build does not measure are `None`
-/// (`null` in JSON), never a made-up 0.
+/// Block I/O that tracked tasks submitted to one device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskDevice {
+    /// "MAJOR:MINOR", as in /proc/partitions.
+    pub device: String,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub read_ops: u64,
+    pub write_ops: u64,
+}
+
+/// Everything a run used. One flat record (`disk_devices` is the one list); counters this
+/// build does not measure on this kernel are `None` (`null` in JSON), never a made-up 0.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResourceUsage {
     /// CPU time of every thread of the tree, in ns of the scheduler's runtime (what cgroup
@@ -38,14 +49,30 @@ pub struct ResourceUsage {
     pub peak_process_count: Option<u64>,
     /// Processes alive at the snapshot.
     pub live_process_count: u64,
-    /// Bytes the tree made the storage layer read. Not measured by this build.
+    /// Bytes the tree made the storage layer read: the kernel's task I/O accounting, charged
+    /// at submission to the task that caused them (page-cache hits and tmpfs count 0).
     pub disk_bytes_read: Option<u64>,
-    /// Bytes the tree made the storage layer write. Not measured by this build.
+    /// Bytes the tree made the storage layer write: charged when the pages are dirtied, to
+    /// the task that dirtied them, even though writeback submits them later.
     pub disk_bytes_written: Option<u64>,
-    /// Resident memory of the tree's live processes at the snapshot. Not measured by this build.
+    /// Dirty bytes the tree truncated before they were written back (the kernel subtracts
+    /// nothing: `disk_bytes_written` still includes them).
+    pub disk_cancelled_write_bytes: Option<u64>,
+    /// Block I/O submitted by tracked tasks themselves, per device (the block layer's view,
+    /// in their context: writeback by kernel threads is not here).
+    pub disk_devices: Option<Vec<DiskDevice>>,
+    /// Bytes the tree asked for with read-like syscalls, page-cache hits included.
+    pub io_read_chars: Option<u64>,
+    /// Bytes the tree handed to write-like syscalls.
+    pub io_write_chars: Option<u64>,
+    /// Resident memory (file, anonymous and shmem pages, as VmRSS counts them) of the tree's
+    /// live processes at the snapshot; an address space shared by several counts once.
     pub memory_bytes: Option<u64>,
-    /// The highest resident memory of the whole tree at one moment. Not measured by this build.
+    /// The highest `memory_bytes` the tree reached at any moment, followed change by change.
     pub peak_memory_bytes: Option<u64>,
+    /// The largest peak RSS of any single process (what `time -v` calls "maximum resident
+    /// set size"): the kernel's high-water mark at exit, VmHWM for live ones.
+    pub max_process_rss_bytes: Option<u64>,
     /// Bytes the tree sent over sockets. Not measured by this build.
     pub network_bytes_sent: Option<u64>,
     /// Bytes the tree received over sockets. Not measured by this build.
@@ -63,17 +90,28 @@ pub struct ResourceUsage {
     pub wall_time_ms: u64,
 }
 
-/// What the loaded programs can measure on this kernel (decided at load time).
+/// What the loaded programs can measure on this kernel (decided at load time from what the
+/// verifier accepted and what BTF has).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Measured {
-    /// The peak of processes alive at once (needs BPF atomic fetch and cmpxchg).
-    pub peak_processes: bool,
+    /// BPF atomics that return the old value (fetch-add, exchange, cmpxchg): the peaks and
+    /// the memory counters.
+    pub atomics: bool,
+    /// `task_struct.ioac` read/write/cancelled bytes (CONFIG_TASK_IO_ACCOUNTING).
+    pub disk: bool,
+    /// `task_struct.ioac` rchar/wchar (CONFIG_TASK_XACCT).
+    pub io_chars: bool,
+    /// The block_bio_queue hook and the bio layout.
+    pub devices: bool,
 }
 
 impl Measured {
     /// Everything this build can measure.
     pub const ALL: Measured = Measured {
-        peak_processes: true,
+        atomics: true,
+        disk: true,
+        io_chars: true,
+        devices: true,
     };
 }
 
@@ -82,6 +120,26 @@ impl Measured {
 pub struct RootExit {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
+}
+
+/// What a snapshot saw, besides the kernel's record.
+#[derive(Clone, Debug, Default)]
+pub struct Live {
+    /// What could be read of the threads alive at the snapshot.
+    pub threads: Vec<ThreadSample>,
+    /// The largest VmHWM (bytes) of the processes alive at the snapshot.
+    pub max_hwm_bytes: u64,
+    /// Block I/O per device.
+    pub devices: Vec<DiskDevice>,
+    /// Whether the snapshot is known to be consistent and whole.
+    pub complete: bool,
+}
+
+/// Facts about the machine the figures need.
+#[derive(Clone, Copy, Debug)]
+pub struct Units {
+    pub ticks_per_second: u64,
+    pub page_size: u64,
 }
 
 /// The kernel's rule for splitting a precise runtime by tick samples (`cputime_adjust`):
@@ -97,46 +155,77 @@ pub fn split_runtime(runtime: u64, utime: u64, stime: u64) -> (u64, u64) {
     (runtime - system, system)
 }
 
-/// Merges the kernel's counters for a run with /proc reads of its live threads.
-///
-/// `live` holds what could be read of the threads alive at the snapshot; `complete` says
-/// whether the snapshot is known to be consistent and whole.
+/// `dev_t` in the kernel's internal encoding (major << 20 | minor) as "MAJOR:MINOR".
+pub fn device_name(dev: u32) -> String {
+    format!("{}:{}", dev >> 20, dev & 0xfffff)
+}
+
+/// Merges the kernel's counters for a run with what a snapshot read of its live threads.
 pub fn merge(
     counters: &RunCounters,
     measured: Measured,
-    live: &[ThreadCpu],
-    ticks_per_second: u64,
-    complete: bool,
+    live: &Live,
+    units: Units,
     root: RootExit,
     wall_time_ms: u64,
 ) -> ResourceUsage {
-    let tick_ns = 1_000_000_000 / ticks_per_second.max(1);
-    let mut runtime = counters.cpu_runtime_ns;
-    let mut utime = counters.cpu_utime_ns;
-    let mut stime = counters.cpu_stime_ns;
-    for t in live {
+    let tick_ns = 1_000_000_000 / units.ticks_per_second.max(1);
+    let c = counters;
+    let mut runtime = c.cpu_runtime_ns;
+    let mut utime = c.cpu_utime_ns;
+    let mut stime = c.cpu_stime_ns;
+    let mut io = [
+        c.disk_read_bytes,
+        c.disk_write_bytes,
+        c.disk_cancelled_write_bytes,
+        c.io_rchar,
+        c.io_wchar,
+    ];
+    for t in &live.threads {
         runtime += t.runtime_ns;
         utime += t.utime_ticks * tick_ns;
         stime += t.stime_ticks * tick_ns;
+        if let Some(i) = t.io {
+            let add = [
+                i.read_bytes,
+                i.write_bytes,
+                i.cancelled_write_bytes,
+                i.rchar,
+                i.wchar,
+            ];
+            for (total, v) in io.iter_mut().zip(add) {
+                *total += v;
+            }
+        }
     }
     let (user, system) = split_runtime(runtime, utime, stime);
-    let exact = complete && counters.lost_events == 0;
+    let exact = live.complete && c.lost_events == 0;
+    let pages = |p: u64| p * units.page_size;
+    let mut devices = live.devices.clone();
+    devices.sort_by(|a, b| a.device.cmp(&b.device));
     ResourceUsage {
         cpu_time_ns: runtime,
         cpu_time_ms: runtime / 1_000_000,
         cpu_user_ns: user,
         cpu_system_ns: system,
-        process_count: counters.processes_started,
-        thread_count: counters.threads_started,
-        peak_process_count: measured.peak_processes.then_some(counters.processes_peak),
-        live_process_count: counters.processes_alive,
-        disk_bytes_read: None,
-        disk_bytes_written: None,
-        memory_bytes: None,
-        peak_memory_bytes: None,
+        process_count: c.processes_started,
+        thread_count: c.threads_started,
+        peak_process_count: measured.atomics.then_some(c.processes_peak),
+        live_process_count: c.processes_alive,
+        disk_bytes_read: measured.disk.then_some(io[0]),
+        disk_bytes_written: measured.disk.then_some(io[1]),
+        disk_cancelled_write_bytes: measured.disk.then_some(io[2]),
+        disk_devices: measured.devices.then_some(devices),
+        io_read_chars: measured.io_chars.then_some(io[3]),
+        io_write_chars: measured.io_chars.then_some(io[4]),
+        memory_bytes: measured.atomics.then_some(pages(c.rss_pages)),
+        peak_memory_bytes: measured.atomics.then_some(pages(c.rss_peak_pages)),
+        max_process_rss_bytes: measured
+            .atomics
+            .then_some(pages(c.max_process_rss_pages).max(live.max_hwm_bytes)),
         network_bytes_sent: None,
         network_bytes_received: None,
-        lost_events: counters.lost_events,
+        lost_events: c.lost_events,
         precision: if exact {
             Precision::Exact
         } else {
@@ -151,6 +240,12 @@ pub fn merge(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::procfs::ThreadIo;
+
+    const UNITS: Units = Units {
+        ticks_per_second: 100,
+        page_size: 4096,
+    };
 
     fn counters() -> RunCounters {
         RunCounters {
@@ -162,8 +257,22 @@ mod tests {
             processes_alive: 1,
             processes_peak: 4,
             threads_exited: 7,
-            lost_events: 0,
-            ended_ns: 0,
+            disk_read_bytes: 1000,
+            disk_write_bytes: 2000,
+            disk_cancelled_write_bytes: 300,
+            io_rchar: 5000,
+            io_wchar: 6000,
+            rss_pages: 10,
+            rss_peak_pages: 100,
+            max_process_rss_pages: 50,
+            ..Default::default()
+        }
+    }
+
+    fn whole() -> Live {
+        Live {
+            complete: true,
+            ..Default::default()
         }
     }
 
@@ -180,26 +289,37 @@ mod tests {
 
     #[test]
     fn merge_adds_live_threads() {
-        let live = [
-            ThreadCpu {
-                runtime_ns: 500_000_000,
-                utime_ticks: 0,
-                stime_ticks: 50,
-                start_ticks: 1,
-            },
-            ThreadCpu {
-                runtime_ns: 500_000_000,
-                utime_ticks: 100,
-                stime_ticks: 0,
-                start_ticks: 1,
-            },
-        ];
+        let io = ThreadIo {
+            rchar: 1,
+            wchar: 2,
+            read_bytes: 3,
+            write_bytes: 4,
+            cancelled_write_bytes: 5,
+        };
+        let live = Live {
+            threads: vec![
+                ThreadSample {
+                    runtime_ns: 500_000_000,
+                    utime_ticks: 0,
+                    stime_ticks: 50,
+                    io: Some(io),
+                },
+                ThreadSample {
+                    runtime_ns: 500_000_000,
+                    utime_ticks: 100,
+                    stime_ticks: 0,
+                    io: None,
+                },
+            ],
+            max_hwm_bytes: 1 << 30,
+            devices: vec![],
+            complete: true,
+        };
         let u = merge(
             &counters(),
             Measured::ALL,
             &live,
-            100,
-            true,
+            UNITS,
             RootExit::default(),
             42,
         );
@@ -212,6 +332,18 @@ mod tests {
         assert_eq!(u.thread_count, 9);
         assert_eq!(u.peak_process_count, Some(4));
         assert_eq!(u.live_process_count, 1);
+        assert_eq!(u.disk_bytes_read, Some(1003));
+        assert_eq!(u.disk_bytes_written, Some(2004));
+        assert_eq!(u.disk_cancelled_write_bytes, Some(305));
+        assert_eq!(u.io_read_chars, Some(5001));
+        assert_eq!(u.io_write_chars, Some(6002));
+        assert_eq!(u.memory_bytes, Some(10 * 4096));
+        assert_eq!(u.peak_memory_bytes, Some(100 * 4096));
+        assert_eq!(
+            u.max_process_rss_bytes,
+            Some(1 << 30),
+            "a live process's VmHWM"
+        );
         assert_eq!(u.precision, Precision::Exact);
         assert_eq!(u.wall_time_ms, 42);
     }
@@ -220,14 +352,13 @@ mod tests {
     fn lost_events_or_inconsistent_snapshot_are_approximate() {
         let mut c = counters();
         c.lost_events = 3;
-        let u = merge(&c, Measured::ALL, &[], 100, true, RootExit::default(), 0);
+        let u = merge(&c, Measured::ALL, &whole(), UNITS, RootExit::default(), 0);
         assert_eq!((u.lost_events, u.precision), (3, Precision::Approximate));
         let u = merge(
             &counters(),
             Measured::ALL,
-            &[],
-            100,
-            false,
+            &Live::default(),
+            UNITS,
             RootExit::default(),
             0,
         );
@@ -240,32 +371,40 @@ mod tests {
             exit_code: None,
             signal: Some(9),
         };
-        let u = merge(&counters(), Measured::ALL, &[], 100, true, root, 7);
+        let u = merge(&counters(), Measured::ALL, &whole(), UNITS, root, 7);
         let v: serde_json::Value = serde_json::to_value(&u).unwrap();
         let obj = v.as_object().unwrap();
-        for key in [
-            "disk_bytes_read",
-            "disk_bytes_written",
-            "memory_bytes",
-            "peak_memory_bytes",
-            "network_bytes_sent",
-            "network_bytes_received",
-            "exit_code",
-        ] {
+        for key in ["network_bytes_sent", "network_bytes_received", "exit_code"] {
             assert!(obj[key].is_null(), "{key} should be null");
         }
         assert_eq!(obj["signal"], 9);
         assert_eq!(obj["precision"], "exact");
-        assert!(obj.values().all(|v| !v.is_object() && !v.is_array()));
+        for (k, v) in obj {
+            assert!(!v.is_object(), "{k}");
+            assert!(!v.is_array() || k == "disk_devices", "{k}");
+        }
     }
 
     #[test]
-    fn peak_is_null_where_the_kernel_cannot_measure_it() {
+    fn what_the_kernel_cannot_measure_is_null_not_zero() {
         let none = Measured {
-            peak_processes: false,
+            atomics: false,
+            disk: false,
+            io_chars: false,
+            devices: false,
         };
-        let u = merge(&counters(), none, &[], 100, true, RootExit::default(), 0);
+        let u = merge(&counters(), none, &whole(), UNITS, RootExit::default(), 0);
         assert_eq!(u.peak_process_count, None);
+        assert_eq!((u.memory_bytes, u.peak_memory_bytes), (None, None));
+        assert_eq!(u.max_process_rss_bytes, None);
+        assert_eq!((u.disk_bytes_read, u.disk_bytes_written), (None, None));
+        assert_eq!((u.io_read_chars, u.disk_devices), (None, None));
         assert_eq!(u.precision, Precision::Exact, "unmeasured is not imprecise");
+    }
+
+    #[test]
+    fn devices_are_named_major_minor() {
+        assert_eq!(device_name((254 << 20) | 3), "254:3");
+        assert_eq!(device_name(8 << 20), "8:0");
     }
 }

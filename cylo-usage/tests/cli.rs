@@ -113,8 +113,13 @@ fn json_report_is_one_flat_object_with_the_documented_names() {
         "live_process_count",
         "disk_bytes_read",
         "disk_bytes_written",
+        "disk_cancelled_write_bytes",
+        "disk_devices",
+        "io_read_chars",
+        "io_write_chars",
         "memory_bytes",
         "peak_memory_bytes",
+        "max_process_rss_bytes",
         "network_bytes_sent",
         "network_bytes_received",
         "lost_events",
@@ -129,9 +134,14 @@ fn json_report_is_one_flat_object_with_the_documented_names() {
     assert_eq!(j["precision"], "exact");
     assert_eq!(j["lost_events"], 0);
     assert!(
-        j["disk_bytes_read"].is_null(),
+        j["network_bytes_sent"].is_null(),
         "not measured yet: null, never 0"
     );
+    // Only disk_devices is a list (of flat objects); everything else is a scalar or null.
+    for (k, v) in &j {
+        assert!(!v.is_object(), "{k}");
+        assert!(!v.is_array() || k == "disk_devices", "{k}");
+    }
 }
 
 #[test]

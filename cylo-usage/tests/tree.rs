@@ -186,7 +186,7 @@ async fn a_live_snapshot_adds_running_threads_from_proc() {
 fn the_peak_is_measured_exactly_where_the_kernel_has_bpf_atomic_fetch() {
     let Some(t) = tracker() else { return };
     // The loader asks the verifier, not the version; the version is the independent check.
-    assert_eq!(t.measured().peak_processes, kernel_version() >= (5, 12));
+    assert_eq!(t.measured().atomics, kernel_version() >= (5, 12));
 }
 
 #[tokio::test]

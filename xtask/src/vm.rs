@@ -965,8 +965,9 @@ try_mount proc /proc
 try_mount sysfs /sys
 try_mount devpts /dev/pts
 try_mount tmpfs /dev/shm mode=1777
-try_mount tmpfs /tmp mode=1777
-try_mount tmpfs /run mode=755
+# No tmpfs over /tmp or /run: the workspace (binaries, fixtures) may live below them, and the
+# initramfs is writable memory already.
+mkdir -p /tmp /run && chmod 1777 /tmp
 try_mount tracefs /sys/kernel/tracing
 try_mount bpf /sys/fs/bpf
 if grep -qw debugfs /proc/filesystems; then try_mount debugfs /sys/kernel/debug; fi

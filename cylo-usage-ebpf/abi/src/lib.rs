@@ -13,6 +13,10 @@ pub const MAX_RUNS: u32 = 256;
 pub const DEFAULT_MAX_TASKS: u32 = 65_536;
 /// Default capacity of the `PROCS` map: live tracked processes (thread groups) on the host.
 pub const DEFAULT_MAX_PROCS: u32 = 65_536;
+/// Capacity of the `MMS` map: live address spaces of tracked processes on the host.
+pub const DEFAULT_MAX_MMS: u32 = 65_536;
+/// Capacity of the `DEVS` map: (run, block device) pairs.
+pub const MAX_DEVS: u32 = 4096;
 /// Capacity of the `SPAWNERS` map: userspace threads about to fork the root of a run.
 pub const MAX_SPAWNERS: u32 = 64;
 /// Size of the ring buffer that carries notifications to userspace.
@@ -25,6 +29,8 @@ pub const CLONE_THREAD: u64 = 0x0001_0000;
 pub mod names {
     pub const TASKS: &str = "TASKS";
     pub const PROCS: &str = "PROCS";
+    pub const MMS: &str = "MMS";
+    pub const DEVS: &str = "DEVS";
     pub const RUNS: &str = "RUNS";
     pub const SPAWNERS: &str = "SPAWNERS";
     pub const SPAWN_GATE: &str = "SPAWN_GATE";
@@ -32,15 +38,22 @@ pub mod names {
     pub const OFFSETS: &str = "OFFSETS";
 
     pub const PROG_TASK_NEWTASK: &str = "task_newtask";
-    /// The same as `task_newtask` without the most-processes-alive peak, for kernels whose
-    /// verifier lacks BPF atomic fetch and compare-and-exchange (before 5.12).
-    pub const PROG_TASK_NEWTASK_NO_PEAK: &str = "task_newtask_no_peak";
+    /// The same as `task_newtask` without what needs BPF atomic fetch, exchange and
+    /// compare-and-exchange (before 5.12): the peaks and memory.
+    pub const PROG_TASK_NEWTASK_NO_ATOMICS: &str = "task_newtask_no_atomics";
     pub const PROG_SCHED_SWITCH: &str = "sched_switch";
     pub const PROG_SCHED_PROCESS_EXIT: &str = "sched_process_exit";
+    pub const PROG_SCHED_PROCESS_EXIT_NO_ATOMICS: &str = "sched_process_exit_no_atomics";
+    pub const PROG_SCHED_PROCESS_EXEC: &str = "sched_process_exec";
+    pub const PROG_RSS_STAT: &str = "rss_stat";
+    pub const PROG_BLOCK_BIO_QUEUE: &str = "block_bio_queue";
     /// The raw tracepoints the programs above attach to.
     pub const TP_TASK_NEWTASK: &str = "task_newtask";
     pub const TP_SCHED_SWITCH: &str = "sched_switch";
     pub const TP_SCHED_PROCESS_EXIT: &str = "sched_process_exit";
+    pub const TP_SCHED_PROCESS_EXEC: &str = "sched_process_exec";
+    pub const TP_RSS_STAT: &str = "rss_stat";
+    pub const TP_BLOCK_BIO_QUEUE: &str = "block_bio_queue";
 }
 
 /// Kernel layout knowledge, resolved by userspace at start-up (from BTF) and handed to the
@@ -73,7 +86,47 @@ pub struct Offsets {
     pub task_dead: u32,
     /// `signal_struct.live` (atomic_t): threads of the process that have not yet exited.
     pub signal_live: u32,
+
+    // Disk and memory. A field the kernel does not have is [`ABSENT`].
+    /// `task_struct.ioac.read_bytes` (u64): bytes this task made the storage layer read.
+    pub task_ioac_read_bytes: u32,
+    /// `task_struct.ioac.write_bytes` (u64): bytes this task dirtied for writing to storage.
+    pub task_ioac_write_bytes: u32,
+    /// `task_struct.ioac.cancelled_write_bytes` (u64).
+    pub task_ioac_cancelled_write_bytes: u32,
+    /// `task_struct.ioac.rchar` (u64): bytes read by read-like syscalls (CONFIG_TASK_XACCT).
+    pub task_ioac_rchar: u32,
+    /// `task_struct.ioac.wchar` (u64).
+    pub task_ioac_wchar: u32,
+    /// `task_struct.mm` (pointer).
+    pub task_mm: u32,
+    /// Offset in `mm_struct` of the RSS counter (i64, pages) of each `rss_stat` member:
+    /// 0 file, 1 anon, 2 swap entries, 3 shmem. `mm_struct.rss_stat.count[i]` (atomic_long_t)
+    /// before 6.2; `mm_struct.rss_stat[i].count` (percpu_counter, central count) since.
+    pub mm_rss: [u32; 4],
+    /// 1 when the `rss_stat` raw tracepoint passes the new count as its third argument
+    /// (before 6.2); otherwise the program reads it from `mm_rss`.
+    pub rss_stat_has_count: u32,
+    /// Index of `struct bio *` among the `block_bio_queue` raw tracepoint's arguments
+    /// (1 before 5.11, where the request queue came first; 0 since).
+    pub bio_queue_bio_arg: u32,
+    /// `bio.bi_iter.bi_size` (u32, bytes).
+    pub bio_size: u32,
+    /// `bio.bi_opf` (u32; the low 8 bits are the operation: 0 read, 1 write).
+    pub bio_opf: u32,
+    /// `bio.bi_bdev` (5.12+) and `block_device.bd_dev` (dev_t, u32), or [`ABSENT`].
+    pub bio_bdev: u32,
+    pub bdev_dev: u32,
+    /// Before 5.12: `bio.bi_disk`, `bio.bi_partno` (u8), `gendisk.major`, `gendisk.first_minor`
+    /// (int); the device is MKDEV(major, first_minor + partno). [`ABSENT`] where not used.
+    pub bio_disk: u32,
+    pub bio_partno: u32,
+    pub disk_major: u32,
+    pub disk_first_minor: u32,
 }
+
+/// An offset the running kernel does not have.
+pub const ABSENT: u32 = u32::MAX;
 
 /// One live tracked thread; value of `TASKS`, keyed by the kernel address of its `task_struct`
 /// (stable for the task's whole life, unlike its tid, which `exec` from a non-leader thread
@@ -101,6 +154,45 @@ pub struct TaskMember {
 pub struct ProcMember {
     pub run: u32,
     pub _pad0: u32,
+    /// The address space it uses now (`task_struct.mm`; changes at exec), or 0.
+    pub mm: u64,
+}
+
+/// RSS counter members of `rss_stat` that make up RSS as /proc's VmRSS counts it.
+pub const RSS_MEMBERS: [usize; 3] = [0, 1, 3]; // MM_FILEPAGES, MM_ANONPAGES, MM_SHMEMPAGES
+
+/// One address space used by tracked processes; value of `MMS`, keyed by the address of its
+/// `mm_struct`. Processes sharing it (vfork, CLONE_VM) count it once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmMember {
+    pub run: u32,
+    pub _pad0: u32,
+    /// Tracked processes using it.
+    pub users: u64,
+    /// The last value seen of each `rss_stat` counter, in pages (index 2, swap, unused).
+    pub pages: [u64; 4],
+    /// Their sum (its RSS), and the highest the sum has been: its high-water mark.
+    pub rss: u64,
+    pub peak: u64,
+}
+
+/// Key of `DEVS`: a run and a block device (`dev_t`, kernel encoding: major << 20 | minor).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DevKey {
+    pub run: u32,
+    pub dev: u32,
+}
+
+/// Block I/O submitted by tracked tasks to one device (at `block_bio_queue`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DevCounters {
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub read_ops: u64,
+    pub write_ops: u64,
 }
 
 /// The per-run accounting record, value of `RUNS`. Every field is a counter updated with
@@ -129,6 +221,19 @@ pub struct RunCounters {
     pub lost_events: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the last thread left; 0 before.
     pub ended_ns: u64,
+    /// Sums of exited threads' `task_struct.ioac` (bytes): storage reads caused, storage
+    /// writes caused (when dirtied), dirty data truncated before writeback, and logical
+    /// read/write syscall bytes.
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+    pub disk_cancelled_write_bytes: u64,
+    pub io_rchar: u64,
+    pub io_wchar: u64,
+    /// RSS (file + anon + shmem pages) of the run's address spaces now, and its peak.
+    pub rss_pages: u64,
+    pub rss_peak_pages: u64,
+    /// The largest peak RSS (pages) of any address space of the run that has left it.
+    pub max_process_rss_pages: u64,
 }
 
 impl RunCounters {
@@ -152,11 +257,14 @@ pub struct Event {
     pub run: u32,
 }
 
-const _: () = assert!(size_of::<Offsets>() == 48);
+const _: () = assert!(size_of::<Offsets>() == 128);
 const _: () = assert!(size_of::<TaskMember>() == 32);
-const _: () = assert!(size_of::<ProcMember>() == 8);
-const _: () = assert!(size_of::<RunCounters>() == 80);
+const _: () = assert!(size_of::<ProcMember>() == 16);
+const _: () = assert!(size_of::<RunCounters>() == 144);
 const _: () = assert!(size_of::<Event>() == 8);
+const _: () = assert!(size_of::<MmMember>() == 64);
+const _: () = assert!(size_of::<DevKey>() == 8);
+const _: () = assert!(size_of::<DevCounters>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -166,4 +274,7 @@ mod pod {
     unsafe impl aya::Pod for super::ProcMember {}
     unsafe impl aya::Pod for super::RunCounters {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::MmMember {}
+    unsafe impl aya::Pod for super::DevKey {}
+    unsafe impl aya::Pod for super::DevCounters {}
 }

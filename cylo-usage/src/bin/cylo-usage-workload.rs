@@ -14,12 +14,21 @@
 //! - `vfork`: a child made with clone(CLONE_VM | CLONE_VFORK) (posix_spawn of /bin/true).
 //! - `exec-from-thread PATH [ARGS]`: a second thread execs PATH (the kernel makes it the
 //!   leader and kills the old one).
+//! - `write-direct FILE MIB` / `read-direct FILE MIB`: MIB MiB with O_DIRECT, 1 MiB at a time.
+//! - `write FILE MIB fsync|truncate|none`: MIB MiB buffered, then fsync, or truncate to 0
+//!   before writeback, or nothing.
+//! - `read FILE`: read FILE to its end (buffered).
+//! - `mem A B MS`: the process touches A MiB and a child B MiB; both hold them together for
+//!   MS ms (synchronised through pipes), then exit.
+//! - `spike MIB MS AFTER`: touch MIB MiB, hold them MS ms, unmap them, then live AFTER ms more.
 use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
         "usage: cylo-usage-workload burn MS | threads N MS | fork N | storm N | daemon MS | \
-         clone-parent | vfork | exec-from-thread PATH [ARGS]"
+         clone-parent | vfork | exec-from-thread PATH [ARGS] | write-direct FILE MIB | \
+         read-direct FILE MIB | write FILE MIB fsync|truncate|none | read FILE | mem A B MS | \
+         spike MIB MS AFTER"
     );
     std::process::exit(2)
 }
@@ -62,6 +71,75 @@ fn fork() -> libc::pid_t {
 fn wait_all() {
     // SAFETY: plain waitpid loop.
     while unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) } > 0 {}
+}
+
+/// Anonymous memory of `mib` MiB with every page written.
+fn touch(mib: u64) -> (*mut libc::c_void, usize) {
+    let len = (mib as usize) << 20;
+    if len == 0 {
+        return (std::ptr::null_mut(), 0);
+    }
+    // SAFETY: a fresh private anonymous mapping, written page by page within its length.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            eprintln!("mmap: {}", std::io::Error::last_os_error());
+            std::process::exit(1);
+        }
+        for off in (0..len).step_by(4096) {
+            *(p as *mut u8).add(off) = 1;
+        }
+        (p, len)
+    }
+}
+
+fn check(what: &str, r: std::io::Result<()>) {
+    if let Err(e) = r {
+        eprintln!("{what}: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// A 1 MiB buffer aligned for O_DIRECT.
+struct Aligned(*mut u8);
+
+impl Aligned {
+    const LAYOUT: std::alloc::Layout = match std::alloc::Layout::from_size_align(1 << 20, 4096) {
+        Ok(l) => l,
+        Err(_) => panic!("valid layout"),
+    };
+    fn new() -> Aligned {
+        // SAFETY: non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(Self::LAYOUT) };
+        assert!(!p.is_null(), "allocation");
+        Aligned(p)
+    }
+    fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the allocation is 1 MiB long and ours.
+        unsafe { std::slice::from_raw_parts_mut(self.0, 1 << 20) }
+    }
+}
+
+fn direct(path: &str, write: bool) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.custom_flags(libc::O_DIRECT);
+    if write {
+        o.write(true).create(true).truncate(true);
+    } else {
+        o.read(true);
+    }
+    o.open(path).unwrap_or_else(|e| {
+        eprintln!("open {path} with O_DIRECT: {e}");
+        std::process::exit(1)
+    })
 }
 
 fn main() {
@@ -182,6 +260,90 @@ fn main() {
                 std::process::exit(1);
             });
             let _ = t.join();
+        }
+        Some("write-direct") | Some("read-direct") => {
+            use std::io::{Read, Write};
+            let write = args[0] == "write-direct";
+            let path = args.get(1).cloned().unwrap_or_else(|| usage());
+            let mib = num(args.get(2));
+            let mut f = direct(&path, write);
+            let mut buf = Aligned::new();
+            for _ in 0..mib {
+                if write {
+                    check("write", f.write_all(buf.buf()));
+                } else {
+                    check("read", f.read_exact(buf.buf()));
+                }
+            }
+        }
+        Some("write") => {
+            use std::io::Write;
+            let path = args.get(1).cloned().unwrap_or_else(|| usage());
+            let mib = num(args.get(2));
+            let mut f = std::fs::File::create(&path).unwrap_or_else(|e| {
+                eprintln!("create {path}: {e}");
+                std::process::exit(1)
+            });
+            let chunk = vec![7u8; 1 << 20];
+            for _ in 0..mib {
+                check("write", f.write_all(&chunk));
+            }
+            match args.get(3).map(String::as_str) {
+                Some("fsync") => check("fsync", f.sync_all()),
+                Some("truncate") => check("truncate", f.set_len(0)),
+                Some("none") => {}
+                _ => usage(),
+            }
+        }
+        Some("read") => {
+            let path = args.get(1).cloned().unwrap_or_else(|| usage());
+            let mut f = std::fs::File::open(&path).unwrap_or_else(|e| {
+                eprintln!("open {path}: {e}");
+                std::process::exit(1)
+            });
+            check(
+                "read",
+                std::io::copy(&mut f, &mut std::io::sink()).map(|_| ()),
+            );
+        }
+        Some("mem") => {
+            let (a, b, ms) = (num(args.get(1)), num(args.get(2)), num(args.get(3)));
+            let (mut ready, mut go) = ([0; 2], [0; 2]);
+            // SAFETY: valid arrays for pipe().
+            unsafe {
+                libc::pipe(ready.as_mut_ptr());
+                libc::pipe(go.as_mut_ptr());
+            }
+            let byte = |fd: i32, write: bool| {
+                let mut b = [1u8];
+                // SAFETY: one byte to or from a pipe we own.
+                unsafe {
+                    if write {
+                        libc::write(fd, b.as_ptr().cast(), 1);
+                    } else {
+                        libc::read(fd, b.as_mut_ptr().cast(), 1);
+                    }
+                }
+            };
+            if fork() == 0 {
+                let _mem = touch(b);
+                byte(ready[1], true); // "touched"
+                byte(go[0], false); // wait until the parent has held for MS
+                std::process::exit(0);
+            }
+            let _mem = touch(a);
+            byte(ready[0], false);
+            std::thread::sleep(Duration::from_millis(ms));
+            byte(go[1], true);
+            wait_all();
+        }
+        Some("spike") => {
+            let (mib, ms, after) = (num(args.get(1)), num(args.get(2)), num(args.get(3)));
+            let (p, len) = touch(mib);
+            std::thread::sleep(Duration::from_millis(ms));
+            // SAFETY: unmaps exactly the mapping made above.
+            unsafe { libc::munmap(p, len) };
+            std::thread::sleep(Duration::from_millis(after));
         }
         _ => usage(),
     }
