@@ -409,9 +409,21 @@ pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// `block_bio_queue([struct request_queue *q,] struct bio *bio)`, in the submitter's context.
+/// `block_bio_queue(struct bio *bio)` (5.11+), in the submitter's context.
 #[raw_tracepoint(tracepoint = "block_bio_queue")]
 pub fn block_bio_queue(ctx: RawTracePointContext) -> i32 {
+    on_bio_queue(ctx.arg(0))
+}
+
+/// `block_bio_queue(struct request_queue *q, struct bio *bio)` (before 5.11). A separate
+/// program, not a branch: a context offset chosen at run time is refused by older verifiers.
+#[raw_tracepoint(tracepoint = "block_bio_queue")]
+pub fn block_bio_queue_with_queue(ctx: RawTracePointContext) -> i32 {
+    on_bio_queue(ctx.arg(1))
+}
+
+#[inline(always)]
+fn on_bio_queue(bio: u64) -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
     // SAFETY: the value is copied out at once.
@@ -419,7 +431,6 @@ pub fn block_bio_queue(ctx: RawTracePointContext) -> i32 {
         return 0;
     };
     let o = offsets();
-    let bio: u64 = ctx.arg(if o.bio_queue_bio_arg == 1 { 1 } else { 0 });
     let (Some(size), Some(opf)) = (read::<u32>(bio, o.bio_size), read::<u32>(bio, o.bio_opf))
     else {
         return 0;

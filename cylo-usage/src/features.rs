@@ -11,7 +11,7 @@ pub struct Feature {
     pub counter: &'static str,
     pub measured: bool,
     /// How it is measured, or why it is not.
-    pub how: &'static str,
+    pub how: String,
 }
 
 const NOT_YET: &str = "not measured by this build (null)";
@@ -24,23 +24,28 @@ const NO_XACCT: &str = "the kernel has no extended I/O accounting (CONFIG_TASK_X
 const RSS: &str = "raw tracepoint rss_stat on every change of a tracked address space's \
                    file, anon and shmem counters; shared address spaces count once";
 
-/// The counters and how each is measured given what the kernel accepted.
-pub fn features(m: Measured) -> Vec<Feature> {
-    let yes = |counter, how| Feature {
+/// The counters and how each is measured given what the kernel accepted;
+/// `devices_error` says why the block I/O hook is not attached, if it is not.
+pub fn features(m: Measured, devices_error: Option<&str>) -> Vec<Feature> {
+    let yes = |counter, how: &str| Feature {
         counter,
         measured: true,
-        how,
+        how: how.to_string(),
     };
-    let no = |counter, how| Feature {
+    let no = |counter, how: &str| Feature {
         counter,
         measured: false,
-        how,
+        how: how.to_string(),
     };
-    let pick = |measured, counter, how, why| Feature {
+    let pick = |measured, counter, how: &str, why: &str| Feature {
         counter,
         measured,
-        how: if measured { how } else { why },
+        how: if measured { how } else { why }.to_string(),
     };
+    let no_devices = format!(
+        "not measured (null): {}",
+        devices_error.unwrap_or("unknown")
+    );
     let cpu = "task_struct.se.sum_exec_runtime of each thread at its last context switch \
                (raw tracepoint sched_switch, TASK_DEAD); live threads from /proc schedstat";
     vec![
@@ -81,7 +86,7 @@ pub fn features(m: Measured) -> Vec<Feature> {
             m.devices,
             "disk_devices",
             "raw tracepoint block_bio_queue in the submitting task's context, per device",
-            "the kernel offers no usable block_bio_queue raw tracepoint or bio layout",
+            &no_devices,
         ),
         pick(m.io_chars, "io_read_chars", IOAC, NO_XACCT),
         pick(m.io_chars, "io_write_chars", IOAC, NO_XACCT),
@@ -105,13 +110,13 @@ mod tests {
 
     #[test]
     fn every_usage_field_that_is_a_counter_is_listed_once() {
-        let list = features(Measured::ALL);
+        let list = features(Measured::ALL, None);
         let mut names: Vec<_> = list.iter().map(|f| f.counter).collect();
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), list.len());
         let peak = |m| {
-            features(m)
+            features(m, None)
                 .into_iter()
                 .find(|f| f.counter == "peak_process_count")
                 .unwrap()

@@ -92,6 +92,8 @@ pub(crate) struct Inner {
     pub events: Mutex<RingBuf<MapData>>,
     pub offsets: Offsets,
     pub measured: Measured,
+    /// Why the per-device block I/O hook is not attached, if it is not.
+    pub devices_error: Option<String>,
     /// Keeps the programs and their links attached.
     _ebpf: Mutex<Ebpf>,
 }
@@ -250,13 +252,18 @@ impl Tracker {
         let bio_layout = has(&[o.bio_queue_bio_arg, o.bio_size, o.bio_opf])
             && (has(&[o.bio_bdev, o.bdev_dev])
                 || has(&[o.bio_disk, o.bio_partno, o.disk_major, o.disk_first_minor]));
-        let devices = bio_layout
-            && attach(
+        let devices_error = if !bio_layout {
+            Some("this kernel's BTF has no bio layout the program knows".to_string())
+        } else {
+            attach(
                 &mut ebpf,
                 names::PROG_BLOCK_BIO_QUEUE,
                 names::TP_BLOCK_BIO_QUEUE,
             )
-            .is_ok();
+            .err()
+            .map(|e| crate::error_chain(&e))
+        };
+        let devices = devices_error.is_none();
         let measured = Measured {
             atomics,
             disk: has(&[
@@ -273,6 +280,7 @@ impl Tracker {
                 events: Mutex::new(events),
                 offsets: *offsets,
                 measured,
+                devices_error,
                 _ebpf: Mutex::new(ebpf),
             }),
         })
@@ -281,6 +289,11 @@ impl Tracker {
     /// What the programs measure on this kernel.
     pub fn measured(&self) -> Measured {
         self.inner.measured
+    }
+
+    /// Every counter, with whether and how it is measured on this kernel.
+    pub fn features(&self) -> Vec<crate::features::Feature> {
+        crate::features::features(self.inner.measured, self.inner.devices_error.as_deref())
     }
 
     /// The kernel layout the programs were loaded with.

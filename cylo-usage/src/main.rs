@@ -81,7 +81,7 @@ fn main() -> ExitCode {
                 Err(e) => return fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
             };
             let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-            let list = cylo_usage::features::features(tracker.measured());
+            let list = tracker.features();
             print!("{}", report::features(kernel.trim(), &list, json));
             ExitCode::SUCCESS
         }

@@ -183,10 +183,15 @@ async fn a_live_snapshot_adds_running_threads_from_proc() {
 }
 
 #[test]
-fn the_peak_is_measured_exactly_where_the_kernel_has_bpf_atomic_fetch() {
+fn every_counter_the_kernel_supports_is_measured() {
     let Some(t) = tracker() else { return };
+    let m = t.measured();
     // The loader asks the verifier, not the version; the version is the independent check.
-    assert_eq!(t.measured().atomics, kernel_version() >= (5, 12));
+    assert_eq!(m.atomics, kernel_version() >= (5, 12), "{m:?}");
+    // Every kernel this project runs on has task I/O accounting and the block tracepoint:
+    // a hook that fails to load there is a failure, not a skip.
+    let why = t.features();
+    assert!(m.disk && m.io_chars && m.devices, "{m:?}: {why:?}");
 }
 
 #[tokio::test]

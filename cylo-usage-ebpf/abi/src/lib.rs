@@ -47,6 +47,7 @@ pub mod names {
     pub const PROG_SCHED_PROCESS_EXEC: &str = "sched_process_exec";
     pub const PROG_RSS_STAT: &str = "rss_stat";
     pub const PROG_BLOCK_BIO_QUEUE: &str = "block_bio_queue";
+    pub const PROG_BLOCK_BIO_QUEUE_WITH_QUEUE: &str = "block_bio_queue_with_queue";
     /// The raw tracepoints the programs above attach to.
     pub const TP_TASK_NEWTASK: &str = "task_newtask";
     pub const TP_SCHED_SWITCH: &str = "sched_switch";
