@@ -176,7 +176,7 @@ pub fn run(args: Args) -> Result<()> {
     let others = other_trackers();
     let mut table = String::new();
     let mut raw = String::new();
-    for mut case in cases(&bins, storm, &out_dir) {
+    for mut case in cases(&bins, storm, args.quick, &out_dir) {
         let measured = measure(&mut case, runs)?;
         let untraced = Stats::of(&measured.untraced);
         let traced = Stats::of(&measured.traced);
@@ -192,6 +192,7 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let elapsed = started.elapsed();
+    let _ = std::fs::remove_file(out_dir.join("direct-io.data"));
 
     let mut md = String::new();
     let _ = writeln!(md, "# cylo-usage benchmark\n");
@@ -235,7 +236,7 @@ struct Bins {
 }
 
 /// The benchmark's cases, in the order they run.
-fn cases(bins: &Bins, storm: u64, out_dir: &Path) -> Vec<Case> {
+fn cases(bins: &Bins, storm: u64, quick: bool, out_dir: &Path) -> Vec<Case> {
     let storm_arg = storm.to_string();
     let storm_cmd = {
         let workload = bins.workload.clone();
@@ -324,7 +325,75 @@ fn cases(bins: &Bins, storm: u64, out_dir: &Path) -> Vec<Case> {
         });
     }
 
+    // (d) I/O-heavy: O_DIRECT writes of 4 KiB each (every one a block I/O, a block_bio_queue
+    // event and I/O accounting). 256 MiB (65,536 writes) keeps a run near 4 s on this disk.
+    let io_mib = if quick { 64 } else { 256 };
+    let io_file = out_dir.join("direct-io.data");
+    cases.push(workload_case(
+        bins,
+        out_dir,
+        format!("(d) {io_mib} MiB in 4 KiB O_DIRECT writes"),
+        Goal::MaxRatio(1.03),
+        vec![
+            "write-direct".into(),
+            io_file.to_string_lossy().into_owned(),
+            io_mib.to_string(),
+            "4096".into(),
+        ],
+    ));
+
+    // (e) Page-fault-heavy: touching 2 GiB in 4 KiB pages (no THP): 524,288 faults, each an
+    // rss_stat event on a tracked address space.
+    let touch_mib = if quick { 512 } else { 2048 };
+    cases.push(workload_case(
+        bins,
+        out_dir,
+        format!("(e) touch {touch_mib} MiB in 4 KiB pages"),
+        Goal::MaxRatio(1.05),
+        vec![
+            "spike".into(),
+            touch_mib.to_string(),
+            "0".into(),
+            "0".into(),
+            "small".into(),
+        ],
+    ));
+
     cases
+}
+
+/// A case that runs the workload with `args` plainly and under `cylo-usage run`, with a
+/// second row for the tracker's own wall time (its start-up left out).
+fn workload_case(bins: &Bins, out_dir: &Path, name: String, goal: Goal, args: Vec<String>) -> Case {
+    let workload = bins.workload.clone();
+    let plain_args = args.clone();
+    let tracker = bins.tracker.clone();
+    let traced_workload = bins.workload.clone();
+    let report = out_dir.join("workload-report.json");
+    Case {
+        reported_row: Some((format!("{name}: in-tracker wall_time_ms only"), goal)),
+        name,
+        goal,
+        untraced: Box::new(move || {
+            Ok(Sample::wall(time(
+                Command::new(&workload).args(&plain_args),
+            )?))
+        }),
+        traced: Box::new(move || {
+            let _ = std::fs::remove_file(&report);
+            let mut cmd = Command::new(&tracker);
+            cmd.args(["run", "--json", "-o"])
+                .arg(&report)
+                .arg("--")
+                .arg(&traced_workload)
+                .args(&args);
+            let wall = time(&mut cmd)?;
+            Ok(Sample {
+                wall,
+                reported: Some(reported_wall(&report)?),
+            })
+        }),
+    }
 }
 
 /// One warm-up of each side, then `runs` of each, interleaved.

@@ -14,21 +14,23 @@
 //! - `vfork`: a child made with clone(CLONE_VM | CLONE_VFORK) (posix_spawn of /bin/true).
 //! - `exec-from-thread PATH [ARGS]`: a second thread execs PATH (the kernel makes it the
 //!   leader and kills the old one).
-//! - `write-direct FILE MIB` / `read-direct FILE MIB`: MIB MiB with O_DIRECT, 1 MiB at a time.
+//! - `write-direct FILE MIB [BLOCK]` / `read-direct FILE MIB [BLOCK]`: MIB MiB with O_DIRECT,
+//!   BLOCK bytes (a multiple of 4096; default 1 MiB) per syscall.
 //! - `write FILE MIB fsync|truncate|none`: MIB MiB buffered, then fsync, or truncate to 0
 //!   before writeback, or nothing.
 //! - `read FILE`: read FILE to its end (buffered).
 //! - `mem A B MS`: the process touches A MiB and a child B MiB; both hold them together for
 //!   MS ms (synchronised through pipes), then exit.
-//! - `spike MIB MS AFTER`: touch MIB MiB, hold them MS ms, unmap them, then live AFTER ms more.
+//! - `spike MIB MS AFTER [small]`: touch MIB MiB, hold them MS ms, unmap them, then live
+//!   AFTER ms more; `small` asks for 4 KiB pages (no transparent huge pages): one fault each.
 use std::time::Duration;
 
 fn usage() -> ! {
     eprintln!(
         "usage: cylo-usage-workload burn MS | threads N MS | fork N | storm N | daemon MS | \
-         clone-parent | vfork | exec-from-thread PATH [ARGS] | write-direct FILE MIB | \
-         read-direct FILE MIB | write FILE MIB fsync|truncate|none | read FILE | mem A B MS | \
-         spike MIB MS AFTER"
+         clone-parent | vfork | exec-from-thread PATH [ARGS] | write-direct FILE MIB [BLOCK] | \
+         read-direct FILE MIB [BLOCK] | write FILE MIB fsync|truncate|none | read FILE | \
+         mem A B MS | spike MIB MS AFTER [small]"
     );
     std::process::exit(2)
 }
@@ -73,8 +75,8 @@ fn wait_all() {
     while unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) } > 0 {}
 }
 
-/// Anonymous memory of `mib` MiB with every page written.
-fn touch(mib: u64) -> (*mut libc::c_void, usize) {
+/// Anonymous memory of `mib` MiB with every page written; `small`: no huge pages.
+fn touch(mib: u64, small: bool) -> (*mut libc::c_void, usize) {
     let len = (mib as usize) << 20;
     if len == 0 {
         return (std::ptr::null_mut(), 0);
@@ -92,6 +94,9 @@ fn touch(mib: u64) -> (*mut libc::c_void, usize) {
         if p == libc::MAP_FAILED {
             eprintln!("mmap: {}", std::io::Error::last_os_error());
             std::process::exit(1);
+        }
+        if small {
+            libc::madvise(p, len, libc::MADV_NOHUGEPAGE);
         }
         for off in (0..len).step_by(4096) {
             *(p as *mut u8).add(off) = 1;
@@ -266,13 +271,18 @@ fn main() {
             let write = args[0] == "write-direct";
             let path = args.get(1).cloned().unwrap_or_else(|| usage());
             let mib = num(args.get(2));
+            let block = args.get(3).map_or(1 << 20, |b| num(Some(b))) as usize;
+            if block == 0 || block % 4096 != 0 || block > 1 << 20 {
+                usage();
+            }
             let mut f = direct(&path, write);
             let mut buf = Aligned::new();
-            for _ in 0..mib {
+            for _ in 0..(mib << 20) / block as u64 {
+                let chunk = &mut buf.buf()[..block];
                 if write {
-                    check("write", f.write_all(buf.buf()));
+                    check("write", f.write_all(chunk));
                 } else {
-                    check("read", f.read_exact(buf.buf()));
+                    check("read", f.read_exact(chunk));
                 }
             }
         }
@@ -326,12 +336,12 @@ fn main() {
                 }
             };
             if fork() == 0 {
-                let _mem = touch(b);
+                let _mem = touch(b, false);
                 byte(ready[1], true); // "touched"
                 byte(go[0], false); // wait until the parent has held for MS
                 std::process::exit(0);
             }
-            let _mem = touch(a);
+            let _mem = touch(a, false);
             byte(ready[0], false);
             std::thread::sleep(Duration::from_millis(ms));
             byte(go[1], true);
@@ -339,7 +349,8 @@ fn main() {
         }
         Some("spike") => {
             let (mib, ms, after) = (num(args.get(1)), num(args.get(2)), num(args.get(3)));
-            let (p, len) = touch(mib);
+            let small = args.get(4).map(String::as_str) == Some("small");
+            let (p, len) = touch(mib, small);
             std::thread::sleep(Duration::from_millis(ms));
             // SAFETY: unmaps exactly the mapping made above.
             unsafe { libc::munmap(p, len) };
