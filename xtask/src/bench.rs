@@ -249,40 +249,15 @@ fn cases(bins: &Bins, storm: u64, quick: bool, out_dir: &Path) -> Vec<Case> {
     };
     let mut cases = Vec::new();
 
-    // (a) The storm, tracked: the traced side writes its JSON report to a file (instead of
-    // /dev/null; a few hundred bytes) so that the one run also gives the tracker's own wall
-    // time, which leaves out its start-up.
-    {
-        let untraced_storm = storm_cmd.clone();
-        let tracker = bins.tracker.clone();
-        let workload = bins.workload.clone();
-        let storm_arg = storm_arg.clone();
-        let report = out_dir.join("storm-report.json");
-        cases.push(Case {
-            name: format!("(a) storm {storm}, tracked (incl. tracker start-up)"),
-            goal: Goal::MaxRatio(1.10),
-            untraced: Box::new(move || Ok(Sample::wall(time(&mut untraced_storm())?))),
-            traced: Box::new(move || {
-                let _ = std::fs::remove_file(&report);
-                let mut cmd = Command::new(&tracker);
-                cmd.args(["run", "--json", "-o"])
-                    .arg(&report)
-                    .arg("--")
-                    .arg(&workload)
-                    .args(["storm", &storm_arg]);
-                let wall = time(&mut cmd)?;
-                let reported = reported_wall(&report)?;
-                Ok(Sample {
-                    wall,
-                    reported: Some(reported),
-                })
-            }),
-            reported_row: Some((
-                format!("(a′) storm {storm}, tracked: in-tracker wall_time_ms only"),
-                Goal::MaxRatio(1.10),
-            )),
-        });
-    }
+    // (a) The storm, tracked, with a second row for the tracker's own wall time (which
+    // leaves out its start-up).
+    cases.push(workload_case(
+        bins,
+        out_dir,
+        format!("(a) storm {storm}, tracked (incl. tracker start-up)"),
+        Goal::MaxRatio(1.10),
+        vec!["storm".into(), storm_arg.clone()],
+    ));
 
     // (b) The storm left untracked while a tracker follows `sleep 3600`. The background
     // tracker starts and stops around every traced run (outside the timed part), so the
