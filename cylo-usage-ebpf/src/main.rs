@@ -430,9 +430,12 @@ fn on_bio_queue(bio: u64) -> i32 {
     let Some(member) = (unsafe { TASKS.get(current) }).copied() else {
         return 0;
     };
+    let Some(counters) = run_counters(member.run) else {
+        return 0;
+    };
     let o = offsets();
-    let (Some(size), Some(opf)) = (read::<u32>(bio, o.bio_size), read::<u32>(bio, o.bio_opf))
-    else {
+    let Some(opf) = read::<u32>(bio, o.bio_opf) else {
+        add(&mut counters.lost_events, 1);
         return 0;
     };
     let write = match opf & 0xff {
@@ -440,7 +443,8 @@ fn on_bio_queue(bio: u64) -> i32 {
         1 => true,  // REQ_OP_WRITE
         _ => return 0,
     };
-    let Some(dev) = bio_dev(bio, &o) else {
+    let (Some(size), Some(dev)) = (read::<u32>(bio, o.bio_size), bio_dev(bio, &o)) else {
+        add(&mut counters.lost_events, 1);
         return 0;
     };
     let key = DevKey {
@@ -453,9 +457,7 @@ fn on_bio_queue(bio: u64) -> i32 {
         slot = DEVS.get_ptr_mut(key);
     }
     let Some(c) = slot else {
-        if let Some(counters) = run_counters(member.run) {
-            add(&mut counters.lost_events, 1);
-        }
+        add(&mut counters.lost_events, 1);
         return 0;
     };
     // SAFETY: map value pointer; updated atomically.

@@ -255,13 +255,15 @@ impl Tracker {
         let devices_error = if !bio_layout {
             Some("this kernel's BTF has no bio layout the program knows".to_string())
         } else {
-            attach(
-                &mut ebpf,
-                names::PROG_BLOCK_BIO_QUEUE,
-                names::TP_BLOCK_BIO_QUEUE,
-            )
-            .err()
-            .map(|e| crate::error_chain(&e))
+            // Before 5.11 the request queue comes first: a program per argument layout.
+            let program = if o.bio_queue_bio_arg == 1 {
+                names::PROG_BLOCK_BIO_QUEUE_WITH_QUEUE
+            } else {
+                names::PROG_BLOCK_BIO_QUEUE
+            };
+            attach(&mut ebpf, program, names::TP_BLOCK_BIO_QUEUE)
+                .err()
+                .map(|e| crate::error_chain(&e))
         };
         let devices = devices_error.is_none();
         let measured = Measured {

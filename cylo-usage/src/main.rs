@@ -82,7 +82,8 @@ fn main() -> ExitCode {
             };
             let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
             let list = tracker.features();
-            print!("{}", report::features(kernel.trim(), &list, json));
+            let layout = format!("{:?}", tracker.offsets());
+            print!("{}", report::features(kernel.trim(), &list, &layout, json));
             ExitCode::SUCCESS
         }
     }

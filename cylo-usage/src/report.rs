@@ -103,12 +103,13 @@ pub fn human(usage: &ResourceUsage, command: &str) -> String {
 }
 
 /// The kernel and the list of counters with how each is measured, as text or JSON.
-pub fn features(kernel: &str, list: &[Feature], json: bool) -> String {
+/// `layout` is the kernel layout the programs were given (for bug reports).
+pub fn features(kernel: &str, list: &[Feature], layout: &str, json: bool) -> String {
     if json {
-        let v = serde_json::json!({ "kernel": kernel, "features": list });
+        let v = serde_json::json!({ "kernel": kernel, "features": list, "layout": layout });
         return format!("{v}\n");
     }
-    let mut out = format!("kernel {kernel}\n");
+    let mut out = format!("kernel {kernel}\nlayout {layout}\n");
     for f in list {
         let state = if f.measured { "measured" } else { "unmeasured" };
         let _ = writeln!(out, "{:<24} {:<10} {}", f.counter, state, f.how);

@@ -1,18 +1,21 @@
 //! `cargo xtask vm-test`: boot other kernels under qemu (TCG) and run the test suite in each.
 //!
 //! Steps:
-//! 1. Host tools: `qemu-system-x86_64` and a static `/bin/busybox`, installed from Debian's
-//!    packages when missing.
+//! 1. Host tools: `qemu-system-x86_64`, a static `/bin/busybox`, `mkfs.ext4` and `xz`, installed
+//!    from Debian's packages when missing.
 //! 2. Kernels: Debian's cloud kernels (5.10 bullseye, 6.1 bookworm, 6.12 trixie), resolved from
 //!    each suite's `linux-image-cloud-amd64` meta-package with a private apt configuration (the
 //!    system's sources stay untouched), downloaded once into `target/vm/cache/`.
 //! 3. Test binaries: the workspace's tests and the `cylo-usage` binary, built static (glibc
 //!    `crt-static`) into `target/vm/build`.
 //! 4. One initramfs: static busybox, the binaries (cylo-usage at the same absolute path as on the
-//!    host, since tests find it through `env!("CARGO_BIN_EXE_cylo-usage")`), and an `/init` that
-//!    mounts what the tests need, runs every test binary and powers off.
-//! 5. Per kernel: boot, capture the serial console to `target/vm/<kernel>/console.log`, parse
-//!    libtest's output, and write `target/vm/matrix.md` and `target/vm/matrix.json`.
+//!    host, since tests find it through `env!("CARGO_BIN_EXE_cylo-usage")`), each kernel's
+//!    virtio modules under `/lib/modules/<release>`, and an `/init` that mounts what the tests
+//!    need (the scratch disk `/dev/vda` on `/mnt/disk` for the disk tests), runs every test
+//!    binary and powers off.
+//! 5. Per kernel: a fresh sparse ext4 scratch disk `target/vm/<kernel>/disk.img` (mkfs.ext4,
+//!    from e2fsprogs), boot, capture the serial console to `target/vm/<kernel>/console.log`,
+//!    parse libtest's output, and write `target/vm/matrix.md` and `target/vm/matrix.json`.
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -34,6 +37,10 @@ const TARGET: &str = "x86_64-unknown-linux-gnu";
 const APT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// Where the guest puts the test binaries.
 const GUEST_TEST_DIR: &str = "vm-test/bin";
+/// Where the guest mounts its scratch disk (`/dev/vda`, ext4) for the disk tests.
+const GUEST_DISK_DIR: &str = "/mnt/disk";
+/// Size of each guest's scratch disk (a sparse file, formatted ext4 before each boot).
+const DISK_BYTES: u64 = 512 << 20;
 /// Data folders of each package copied into the guest at the same absolute path (fixtures).
 const DATA_DIRS: &[&str] = &["tests", "fixtures", "testdata"];
 /// Upper bound for the fixtures copied into the initramfs.
@@ -98,6 +105,9 @@ struct Kernel {
     version: Option<String>,
     suite: Option<String>,
     vmlinuz: PathBuf,
+    /// Staged kernel modules for the scratch disk (`lib/modules/<release>/...` below it),
+    /// copied into the initramfs; None for a vmlinuz given by path.
+    modules: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -117,7 +127,11 @@ pub fn run(args: Args) -> Result<()> {
         built.tests.len(),
         t.elapsed().as_secs_f64()
     );
-    let initrd = build_initramfs(&vm_dir, &built, &args.test_args)?;
+    let modules: Vec<&Path> = kernels
+        .iter()
+        .filter_map(|k| k.modules.as_deref())
+        .collect();
+    let initrd = build_initramfs(&vm_dir, &built, &modules, &args.test_args)?;
 
     let mut runs = Vec::new();
     for kernel in &kernels {
@@ -158,12 +172,30 @@ fn ensure_host_tools() -> Result<()> {
     let have_qemu = find_in_path("qemu-system-x86_64").is_some();
     let busybox = Path::new("/bin/busybox");
     let have_busybox = busybox.exists() && !elf_has_interp(busybox).unwrap_or(true);
-    if have_qemu && have_busybox {
+    // mkfs.ext4 formats each guest's scratch disk; xz unpacks compressed kernel modules.
+    let have_mkfs = find_in_path("mkfs.ext4").is_some();
+    let have_xz = find_in_path("xz").is_some();
+    let mut packages = Vec::new();
+    if !have_qemu {
+        packages.push("qemu-system-x86");
+    }
+    if !have_busybox {
+        packages.push("busybox-static");
+    }
+    if !have_mkfs {
+        packages.push("e2fsprogs");
+    }
+    if !have_xz {
+        packages.push("xz-utils");
+    }
+    if packages.is_empty() {
         return Ok(());
     }
     eprintln!(
-        "vm-test: installing host packages (qemu-system-x86_64 present: {have_qemu}, static \
-         /bin/busybox present: {have_busybox})"
+        "vm-test: installing host packages {} (qemu-system-x86_64 present: {have_qemu}, static \
+         /bin/busybox present: {have_busybox}, mkfs.ext4 present: {have_mkfs}, xz present: \
+         {have_xz})",
+        packages.join(" ")
     );
     let sudo = !is_root() && find_in_path("sudo").is_some();
     let apt = |args: &[&str]| -> Result<()> {
@@ -180,18 +212,18 @@ fn ensure_host_tools() -> Result<()> {
         run_quiet(&mut cmd)
     };
     apt(&["update"])?;
-    apt(&[
-        "install",
-        "-y",
-        "--no-install-recommends",
-        "qemu-system-x86",
-        "busybox-static",
-    ])?;
+    apt(&[&["install", "-y", "--no-install-recommends"][..], &packages].concat())?;
     if find_in_path("qemu-system-x86_64").is_none() {
         bail!("qemu-system-x86_64 is still missing after installing qemu-system-x86");
     }
     if elf_has_interp(busybox).context("checking /bin/busybox after installing busybox-static")? {
         bail!("/bin/busybox is still dynamically linked after installing busybox-static");
+    }
+    if find_in_path("mkfs.ext4").is_none() {
+        bail!("mkfs.ext4 is still missing after installing e2fsprogs");
+    }
+    if find_in_path("xz").is_none() {
+        bail!("xz is still missing after installing xz-utils");
     }
     Ok(())
 }
@@ -277,6 +309,7 @@ fn resolve_kernels(args: &Args, cache: &Path) -> Result<Vec<Kernel>> {
                 version: None,
                 suite: None,
                 vmlinuz: path,
+                modules: None,
             });
         } else {
             let known: Vec<_> = SERIES.iter().map(|s| s.label).collect();
@@ -557,35 +590,52 @@ impl AptSuite {
         Ok((package, version))
     }
 
-    /// Downloads and unpacks the kernel once; returns the cached vmlinuz.
-    fn fetch_kernel(&self, cache: &Path, package: &str, version: &str) -> Result<PathBuf> {
+    /// Downloads and unpacks the kernel once; returns the cached vmlinuz and the staged
+    /// modules for the scratch disk (see [`stage_modules`]).
+    fn fetch_kernel(
+        &self,
+        cache: &Path,
+        package: &str,
+        version: &str,
+    ) -> Result<(PathBuf, PathBuf)> {
         let dir = cache
             .join("kernels")
             .join(sanitize(&format!("{package}_{version}")));
         let vmlinuz = dir.join("vmlinuz");
-        if vmlinuz.is_file() {
-            return Ok(vmlinuz);
+        let modules = dir.join("modules");
+        if vmlinuz.is_file()
+            && fs::read_to_string(modules.join(MODULES_STAMP)).ok() == Some(modules_stamp())
+        {
+            return Ok((vmlinuz, modules));
         }
         let debs = cache.join("debs");
         let tmp = cache.join("tmp");
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
-        eprintln!("vm-test: downloading {package} {version} ({})", self.suite);
-        run_quiet(
-            self.command("apt-get")
-                .args(["download", &format!("{package}={version}")])
-                .current_dir(&tmp),
-        )?;
-        let deb = find_file(&tmp, |n| n.ends_with(".deb"))?.with_context(|| {
-            format!(
-                "apt-get download {package} left no .deb in {}",
-                tmp.display()
-            )
-        })?;
-        let kept = debs.join(deb.file_name().unwrap());
-        fs::rename(&deb, &kept)
-            .with_context(|| format!("moving {} to {}", deb.display(), kept.display()))?;
+        // apt-get download names the file `<package>_<version, ':' as %3a>_<arch>.deb`.
+        let deb_prefix = format!("{package}_{}_", version.replace(':', "%3a"));
+        let kept = match find_file(&debs, |n| n.starts_with(&deb_prefix) && n.ends_with(".deb"))? {
+            Some(kept) => kept,
+            None => {
+                eprintln!("vm-test: downloading {package} {version} ({})", self.suite);
+                run_quiet(
+                    self.command("apt-get")
+                        .args(["download", &format!("{package}={version}")])
+                        .current_dir(&tmp),
+                )?;
+                let deb = find_file(&tmp, |n| n.ends_with(".deb"))?.with_context(|| {
+                    format!(
+                        "apt-get download {package} left no .deb in {}",
+                        tmp.display()
+                    )
+                })?;
+                let kept = debs.join(deb.file_name().unwrap());
+                fs::rename(&deb, &kept)
+                    .with_context(|| format!("moving {} to {}", deb.display(), kept.display()))?;
+                kept
+            }
+        };
         let unpacked = tmp.join("root");
         run_quiet(Command::new("dpkg-deb").arg("-x").arg(&kept).arg(&unpacked))?;
         let boot = unpacked.join("boot");
@@ -598,12 +648,180 @@ impl AptSuite {
         if let Some(config) = find_file(&boot, |n| n.starts_with("config-"))? {
             copy(&config, &staging.join("config"))?;
         }
+        let summary = stage_modules(&unpacked, &staging.join("modules"))
+            .with_context(|| format!("staging the kernel modules of {}", kept.display()))?;
+        eprintln!("vm-test: {package}: {summary}");
         let _ = fs::remove_dir_all(&dir);
         fs::rename(&staging, &dir)
             .with_context(|| format!("moving {} to {}", staging.display(), dir.display()))?;
         let _ = fs::remove_dir_all(&tmp);
-        Ok(vmlinuz)
+        Ok((vmlinuz, modules))
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel modules for the scratch disk
+
+/// What the guest needs to see `/dev/vda` and mount ext4 on it. Built-in ones are skipped;
+/// the others are staged with their dependencies and loaded by `/init`.
+const DISK_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "ext4"];
+/// In the staged tree's top: the module list it was staged for (restaged when that changes).
+const MODULES_STAMP: &str = "staged-for";
+/// In `lib/modules/<release>/`: the modules `/init` loads with `modprobe`, one a line.
+const MODULES_LIST: &str = "vm-test.modules";
+
+fn modules_stamp() -> String {
+    DISK_MODULES.join("\n") + "\n"
+}
+
+/// `kernel/drivers/virtio/virtio_pci.ko.xz` or `crc32c-intel.ko` -> `virtio_pci`, `crc32c_intel`.
+fn module_name(path: &str) -> Option<String> {
+    let file = path.rsplit('/').next()?;
+    let (stem, _) = file.split_once(".ko")?;
+    Some(stem.replace('-', "_"))
+}
+
+/// The `depends=` field of a module's `.modinfo` section.
+fn module_depends(ko: &[u8]) -> Vec<String> {
+    let key = b"\0depends=";
+    let Some(at) = ko.windows(key.len()).position(|w| w == key) else {
+        return Vec::new();
+    };
+    let rest = &ko[at + key.len()..];
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    String::from_utf8_lossy(&rest[..end])
+        .split(',')
+        .map(|d| d.trim().replace('-', "_"))
+        .filter(|d| !d.is_empty())
+        .collect()
+}
+
+/// A module file's contents, decompressed (busybox modprobe may not read `.ko.xz`).
+fn read_module(path: &Path) -> Result<Vec<u8>> {
+    let name = path.to_string_lossy();
+    let tool = if name.ends_with(".ko") {
+        return fs::read(path).with_context(|| format!("reading {}", path.display()));
+    } else if name.ends_with(".ko.xz") {
+        "xz"
+    } else if name.ends_with(".ko.zst") {
+        "zstd"
+    } else if name.ends_with(".ko.gz") {
+        "gzip"
+    } else {
+        bail!("{} is not a kernel module", path.display());
+    };
+    let out = Command::new(tool)
+        .arg("-dc")
+        .arg(path)
+        .output()
+        .with_context(|| format!("running {tool} -dc {}", path.display()))?;
+    if !out.status.success() {
+        bail!("{tool} -dc {} failed ({})", path.display(), out.status);
+    }
+    Ok(out.stdout)
+}
+
+/// Copies [`DISK_MODULES`] that are modules (not built in), with their dependencies, from an
+/// unpacked kernel package to `out/lib/modules/<release>/` (decompressed), plus the package's
+/// `modules.builtin*` and `modules.order`, runs `busybox depmod` there and writes
+/// [`MODULES_LIST`]. Returns a one-line summary.
+fn stage_modules(unpacked: &Path, out: &Path) -> Result<String> {
+    let base = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|d| unpacked.join(d))
+        .find(|d| d.is_dir())
+        .context("the package has no lib/modules")?;
+    let mut releases = fs::read_dir(&base)
+        .with_context(|| format!("reading {}", base.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("kernel").is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned());
+    let release = releases
+        .next()
+        .with_context(|| format!("{} holds no <release>/kernel", base.display()))?;
+    let src = base.join(&release);
+    let builtin: BTreeSet<String> = fs::read_to_string(src.join("modules.builtin"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(module_name)
+        .collect();
+    // Every module file of the package, by module name.
+    let mut index = BTreeMap::new();
+    let mut stack = vec![src.join("kernel")];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                stack.push(e.path());
+            } else if let Some(name) = module_name(&e.file_name().to_string_lossy()) {
+                index.insert(name, e.path());
+            }
+        }
+    }
+
+    let dst = out.join("lib/modules").join(&release);
+    fs::create_dir_all(&dst).with_context(|| format!("creating {}", dst.display()))?;
+    let (mut staged, mut in_kernel, mut missing) = (Vec::new(), Vec::new(), Vec::new());
+    let mut load = Vec::new();
+    let mut todo: Vec<String> = DISK_MODULES.iter().rev().map(|m| m.to_string()).collect();
+    let mut seen = BTreeSet::new();
+    while let Some(name) = todo.pop() {
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        let wanted = DISK_MODULES.contains(&name.as_str());
+        if builtin.contains(&name) {
+            in_kernel.push(name);
+        } else if let Some(path) = index.get(&name) {
+            let bytes = read_module(path)?;
+            todo.extend(module_depends(&bytes));
+            let rel = path.strip_prefix(&src).unwrap().to_string_lossy();
+            let rel = &rel[..rel.find(".ko").unwrap() + 3];
+            let target = dst.join(rel);
+            fs::create_dir_all(target.parent().unwrap())?;
+            fs::write(&target, &bytes).with_context(|| format!("writing {}", target.display()))?;
+            if wanted {
+                load.push(name.clone());
+            }
+            staged.push(name);
+        } else {
+            missing.push(name);
+        }
+    }
+    for f in [
+        "modules.builtin",
+        "modules.builtin.modinfo",
+        "modules.order",
+    ] {
+        if src.join(f).is_file() {
+            copy(&src.join(f), &dst.join(f))?;
+        }
+    }
+    write(
+        &dst.join(MODULES_LIST),
+        &load.iter().map(|m| format!("{m}\n")).collect::<String>(),
+    )?;
+    run_quiet(
+        Command::new("/bin/busybox")
+            .arg("depmod")
+            .arg("-b")
+            .arg(out)
+            .arg(&release),
+    )?;
+    if !dst.join("modules.dep").is_file() {
+        bail!("busybox depmod wrote no {}/modules.dep", dst.display());
+    }
+    write(&out.join(MODULES_STAMP), &modules_stamp())?;
+    let mut summary = format!(
+        "{release}: modules staged [{}], built in [{}]",
+        staged.join(" "),
+        in_kernel.join(" ")
+    );
+    if !missing.is_empty() {
+        summary.push_str(&format!(", missing [{}]", missing.join(" ")));
+    }
+    write(&out.join("summary"), &summary)?;
+    Ok(summary)
 }
 
 fn resolve_debian(series: &Series, mirror: &Mirror, cache: &Path, refresh: bool) -> Result<Kernel> {
@@ -620,7 +838,7 @@ fn resolve_debian(series: &Series, mirror: &Mirror, cache: &Path, refresh: bool)
             if !package.starts_with(&prefix) {
                 return Ok(Err(format!("{suite}: {META_PACKAGE} depends on {package}")));
             }
-            let vmlinuz = apt.fetch_kernel(cache, &package, &version)?;
+            let (vmlinuz, modules) = apt.fetch_kernel(cache, &package, &version)?;
             Ok(Ok(Kernel {
                 label: series.label.to_string(),
                 package: Some(package),
@@ -631,6 +849,7 @@ fn resolve_debian(series: &Series, mirror: &Mirror, cache: &Path, refresh: bool)
                     suite.to_string()
                 }),
                 vmlinuz,
+                modules: Some(modules),
             }))
         };
         let mut result = attempt(security);
@@ -808,7 +1027,14 @@ fn package_name_from_id(id: &str) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // Initramfs
 
-fn build_initramfs(vm_dir: &Path, built: &Built, test_args: &[String]) -> Result<PathBuf> {
+/// `modules`: staged module trees ([`stage_modules`]), one per kernel, merged at the root (each
+/// under its own `lib/modules/<release>`).
+fn build_initramfs(
+    vm_dir: &Path,
+    built: &Built,
+    modules: &[&Path],
+    test_args: &[String],
+) -> Result<PathBuf> {
     let t = Instant::now();
     let root = vm_dir.join("initramfs");
     if root.exists() {
@@ -876,6 +1102,15 @@ fn build_initramfs(vm_dir: &Path, built: &Built, test_args: &[String]) -> Result
         }
     }
 
+    // Kernel modules for the scratch disk, for `modprobe` under `uname -r`.
+    for tree in modules {
+        let lib = tree.join("lib");
+        if lib.is_dir() {
+            let mut unlimited = u64::MAX;
+            copy_tree(&lib, &root.join("lib"), &mut unlimited)?;
+        }
+    }
+
     // Test binaries.
     let mut script_tests = String::new();
     for test in &built.tests {
@@ -896,6 +1131,8 @@ fn build_initramfs(vm_dir: &Path, built: &Built, test_args: &[String]) -> Result
     let extra: Vec<String> = test_args.iter().map(|a| sh_quote(a)).collect();
     let init = INIT_TEMPLATE
         .replace("@MARK@", MARK)
+        .replace("@MODULES_LIST@", MODULES_LIST)
+        .replace("@DISK_DIR@", GUEST_DISK_DIR)
         .replace(
             "@CYLO_USAGE@",
             &sh_quote(&built.cylo_usage.display().to_string()),
@@ -981,6 +1218,28 @@ for c in cpuacct memory pids blkio; do
     fi
 done
 try_mount cgroup2 /sys/fs/cgroup/unified
+# The scratch disk (virtio, ext4) for the disk tests. Without it they skip (no REQUIRE_DISK).
+setup_disk() {
+    md=/lib/modules/$(uname -r)
+    if [ -f $md/@MODULES_LIST@ ]; then
+        for m in $(cat $md/@MODULES_LIST@); do
+            modprobe $m || { note "disk: modprobe $m failed"; return 1; }
+        done
+    else
+        note "disk: no staged modules for $(uname -r) (drivers must be built in)"
+    fi
+    i=0
+    while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    [ -b /dev/vda ] || { note "disk: no /dev/vda"; return 1; }
+    grep -qw ext4 /proc/filesystems || { note "disk: no ext4 in /proc/filesystems"; return 1; }
+    mkdir -p @DISK_DIR@
+    mount -t ext4 /dev/vda @DISK_DIR@ || { note "disk: cannot mount /dev/vda (ext4)"; return 1; }
+    chmod 1777 @DISK_DIR@
+    export CYLO_USAGE_TEST_DISK_DIR=@DISK_DIR@ CYLO_USAGE_REQUIRE_DISK=1
+    note "disk: /dev/vda ext4 $(($(cat /sys/block/vda/size) / 2048)) MiB on @DISK_DIR@;" \
+        "modules loaded: $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"
+}
+setup_disk || note "disk: unavailable, the disk tests will skip"
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 hostname vm-test
 [ -e /sys/kernel/btf/vmlinux ] || note "no /sys/kernel/btf/vmlinux"
@@ -1007,6 +1266,7 @@ run_test() { # NAME DIR EXE
 @TESTS@
 echo "$M done"
 sync
+umount @DISK_DIR@ 2>/dev/null
 poweroff -f
 "#;
 
@@ -1120,6 +1380,27 @@ fn boot(kernel: &Kernel, initrd: &Path, vm_dir: &Path, args: &Args, smp: u32) ->
     let log_path = dir.join("console.log");
     let mut log =
         fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    // A fresh scratch disk for each boot, so runs do not depend on each other.
+    let mut host_notes = Vec::new();
+    let disk = dir.join("disk.img");
+    let t = Instant::now();
+    let disk = match make_disk(&disk) {
+        Ok(()) => {
+            eprintln!(
+                "vm-test: [{}] scratch disk {} ({} MiB ext4) in {:.1} s",
+                kernel.label,
+                disk.display(),
+                DISK_BYTES >> 20,
+                t.elapsed().as_secs_f64()
+            );
+            Some(disk)
+        }
+        Err(e) => {
+            eprintln!("vm-test: [{}] no scratch disk: {e:#}", kernel.label);
+            host_notes.push(format!("no scratch disk: {e:#}"));
+            None
+        }
+    };
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-accel",
@@ -1135,10 +1416,16 @@ fn boot(kernel: &Kernel, initrd: &Path, vm_dir: &Path, args: &Args, smp: u32) ->
     .arg(&kernel.vmlinuz)
     .arg("-initrd")
     .arg(initrd)
-    .args(["-append", "console=ttyS0 panic=-1 quiet"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+    if let Some(disk) = &disk {
+        let mut drive = std::ffi::OsString::from("file=");
+        drive.push(disk);
+        drive.push(",if=virtio,format=raw");
+        cmd.arg("-drive").arg(drive);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let what = match (&kernel.package, &kernel.version) {
         (Some(p), Some(v)) => format!("{p} {v}"),
         _ => kernel.vmlinuz.display().to_string(),
@@ -1224,6 +1511,7 @@ fn boot(kernel: &Kernel, initrd: &Path, vm_dir: &Path, args: &Args, smp: u32) ->
     let qemu_stderr = stderr_reader.join().unwrap_or_default();
     let lines = std::mem::take(&mut *lines.lock().unwrap());
     let mut run = parse_console(&lines, timed_out);
+    run.notes.splice(0..0, host_notes);
     if !qemu_stderr.trim().is_empty() {
         run.notes
             .push(format!("qemu stderr: {}", qemu_stderr.trim()));
@@ -1248,6 +1536,23 @@ fn boot(kernel: &Kernel, initrd: &Path, vm_dir: &Path, args: &Args, smp: u32) ->
         binaries: run.binaries,
         features: run.features,
     })
+}
+
+/// A sparse file of [`DISK_BYTES`] formatted ext4, replacing any previous one. Inode tables
+/// and the journal are initialised here, so no lazy-init writes run in the guest during tests.
+fn make_disk(path: &Path) -> Result<()> {
+    let _ = fs::remove_file(path);
+    let file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    file.set_len(DISK_BYTES)
+        .with_context(|| format!("sizing {}", path.display()))?;
+    drop(file);
+    let mkfs = find_in_path("mkfs.ext4").context("mkfs.ext4 not found (e2fsprogs)")?;
+    run_quiet(
+        Command::new(mkfs)
+            .args(["-F", "-q", "-L", "vm-test", "-E"])
+            .arg("lazy_itable_init=0,lazy_journal_init=0")
+            .arg(path),
+    )
 }
 
 #[derive(Default)]

@@ -272,7 +272,7 @@ fn main() {
             let path = args.get(1).cloned().unwrap_or_else(|| usage());
             let mib = num(args.get(2));
             let block = args.get(3).map_or(1 << 20, |b| num(Some(b))) as usize;
-            if block == 0 || block % 4096 != 0 || block > 1 << 20 {
+            if block == 0 || !block.is_multiple_of(4096) || block > 1 << 20 {
                 usage();
             }
             let mut f = direct(&path, write);
