@@ -134,10 +134,10 @@ fn add(field: &mut u64, v: u64) {
 
 // Where the old value is used, the ordering is SeqCst: LLVM 22 selects the fetch-less
 // `lock add` for a relaxed atomicrmw even when its result is used.
-/// Atomically adds 1 and returns the new value.
+/// Atomically adds `v` (wrapping: `u64::MAX` subtracts 1) and returns the new value.
 #[inline(always)]
-fn increment(field: &mut u64) -> u64 {
-    unsafe { atomic_xadd::<u64, u64, { SeqCst }>(field, 1) + 1 }
+fn add_fetch(field: &mut u64, v: u64) -> u64 {
+    unsafe { atomic_xadd::<u64, u64, { SeqCst }>(field, v) }.wrapping_add(v)
 }
 
 /// Atomically stores `v` and returns the value it replaced (BPF_XCHG).
@@ -268,7 +268,7 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, root: bool) 
     }
     add(&mut counters.processes_started, 1);
     if ATOMICS {
-        let alive = increment(&mut counters.processes_alive);
+        let alive = add_fetch(&mut counters.processes_alive, 1);
         raise_to(&mut counters.processes_peak, alive);
         mm_use(run, mm, counters, &o);
     } else {
@@ -296,7 +296,12 @@ fn mm_use(run: u32, mm: u64, counters: &mut RunCounters, o: &Offsets) {
         peak: 0,
     };
     if MMS.insert(mm, fresh, BPF_NOEXIST as u64).is_err() {
-        add(&mut counters.lost_events, 1);
+        // Another CPU registered it first (or the map is full).
+        match MMS.get_ptr_mut(mm) {
+            // SAFETY: map value pointer; updated atomically.
+            Some(entry) => add(unsafe { &mut (*entry).users }, 1),
+            None => add(&mut counters.lost_events, 1),
+        }
         return;
     }
     let Some(entry) = MMS.get_ptr_mut(mm) else {
@@ -320,7 +325,7 @@ fn mm_release(mm: u64, counters: &mut RunCounters) {
     };
     // SAFETY: map value pointer; updated atomically.
     let entry = unsafe { &mut *entry };
-    if unsafe { atomic_xadd::<u64, u64, { SeqCst }>(&mut entry.users, u64::MAX) } != 1 {
+    if add_fetch(&mut entry.users, u64::MAX) != 0 {
         return;
     }
     for member in RSS_MEMBERS {
@@ -344,12 +349,9 @@ fn set_rss(entry: &mut MmMember, member: usize, pages: i64, counters: &mut RunCo
     let new = if pages < 0 { 0 } else { pages as u64 };
     let old = exchange(&mut entry.pages[member], new);
     let delta = new.wrapping_sub(old);
-    // SAFETY (both): map value fields, updated atomically.
-    let own =
-        unsafe { atomic_xadd::<u64, u64, { SeqCst }>(&mut entry.rss, delta) }.wrapping_add(delta);
+    let own = add_fetch(&mut entry.rss, delta);
     raise_to(&mut entry.peak, own);
-    let total = unsafe { atomic_xadd::<u64, u64, { SeqCst }>(&mut counters.rss_pages, delta) }
-        .wrapping_add(delta);
+    let total = add_fetch(&mut counters.rss_pages, delta);
     raise_to(&mut counters.rss_peak_pages, total);
 }
 
