@@ -219,3 +219,27 @@ async fn a_full_membership_map_is_counted_as_lost_never_silently() {
         "every child is either followed or counted as lost: {u:?}"
     );
 }
+
+#[tokio::test]
+async fn children_in_a_new_pid_namespace_are_followed() {
+    let Some(t) = tracker() else { return };
+    let u = run_to_end(&t, &mut workload(&["pidns", "5"])).await;
+    assert_eq!(u.process_count, 6, "{u:?}");
+    assert_eq!(u.peak_process_count, expected_peak(6), "{u:?}");
+}
+
+#[tokio::test]
+async fn a_hostile_process_name_does_not_break_live_snapshots() {
+    let Some(t) = tracker() else { return };
+    let mut run = t.spawn(&mut workload(&["hostile-name", "600"])).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mid = run.usage().unwrap();
+    assert_eq!(mid.precision, cylo_usage::Precision::Exact, "{mid:?}");
+    assert!(
+        mid.cpu_time_ns > 50_000_000,
+        "the live thread was read: {mid:?}"
+    );
+    run.wait_root().await.unwrap();
+    run.wait_finished().await.unwrap();
+    assert!(run.usage().unwrap().cpu_time_ns >= 600_000_000);
+}

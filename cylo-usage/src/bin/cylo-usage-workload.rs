@@ -21,6 +21,8 @@
 //! - `read FILE`: read FILE to its end (buffered).
 //! - `mem A B MS`: the process touches A MiB and a child B MiB; both hold them together for
 //!   MS ms (synchronised through pipes), then exit.
+//! - `pidns N`: enter a new pid namespace, then fork N children (the first is its init).
+//! - `hostile-name MS`: rename itself to a name that breaks naive /proc parsers, burn MS ms.
 //! - `spike MIB MS AFTER [small]`: touch MIB MiB, hold them MS ms, unmap them, then live
 //!   AFTER ms more; `small` asks for 4 KiB pages (no transparent huge pages): one fault each.
 use std::time::Duration;
@@ -30,7 +32,7 @@ fn usage() -> ! {
         "usage: cylo-usage-workload burn MS | threads N MS | fork N | storm N | daemon MS | \
          clone-parent | vfork | exec-from-thread PATH [ARGS] | write-direct FILE MIB [BLOCK] | \
          read-direct FILE MIB [BLOCK] | write FILE MIB fsync|truncate|none | read FILE | \
-         mem A B MS | spike MIB MS AFTER [small]"
+         mem A B MS | pidns N | hostile-name MS | spike MIB MS AFTER [small]"
     );
     std::process::exit(2)
 }
@@ -346,6 +348,28 @@ fn main() {
             std::thread::sleep(Duration::from_millis(ms));
             byte(go[1], true);
             wait_all();
+        }
+        Some("pidns") => {
+            let n = num(args.get(1));
+            // SAFETY: unshare only affects the children created after it.
+            if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+                eprintln!("unshare(CLONE_NEWPID): {}", std::io::Error::last_os_error());
+                std::process::exit(1);
+            }
+            for _ in 0..n {
+                if fork() == 0 {
+                    std::thread::sleep(Duration::from_millis(50));
+                    // SAFETY: exits the child.
+                    unsafe { libc::_exit(0) };
+                }
+            }
+            wait_all();
+        }
+        Some("hostile-name") => {
+            let name = c") 0 0 (x\n";
+            // SAFETY: a NUL-terminated name of at most 16 bytes.
+            unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+            burn(num(args.get(1)));
         }
         Some("spike") => {
             let (mib, ms, after) = (num(args.get(1)), num(args.get(2)), num(args.get(3)));
