@@ -191,6 +191,7 @@ pub fn run(args: Args) -> Result<()> {
             push_raw(&mut raw, name, "reported", &measured.reported);
         }
     }
+    let costs = handler_costs(&bins, storm)?;
     let elapsed = started.elapsed();
     let _ = std::fs::remove_file(out_dir.join("direct-io.data"));
 
@@ -220,6 +221,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|");
     md.push_str(&table);
+    md.push_str(&costs);
     let _ = writeln!(md, "\nRaw samples (ms, in run order):\n");
     md.push_str(&raw);
 
@@ -649,4 +651,93 @@ fn machine_facts() -> Vec<(&'static str, String)> {
         ("memory", memory),
         ("load average at the start", load_average()),
     ]
+}
+
+/// The kernel's run-time statistics (BPF_ENABLE_STATS) of every raw-tracepoint program named
+/// like one of the tracker's handlers: id -> (name, ns, calls).
+fn handler_stats() -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>> {
+    use cylo_usage_abi::names::*;
+    const HANDLERS: [&str; 9] = [
+        PROG_TASK_NEWTASK,
+        PROG_TASK_NEWTASK_NO_ATOMICS,
+        PROG_SCHED_PROCESS_EXIT,
+        PROG_SCHED_PROCESS_EXIT_NO_ATOMICS,
+        PROG_SCHED_PROCESS_EXEC,
+        PROG_SCHED_SWITCH,
+        PROG_RSS_STAT,
+        PROG_BLOCK_BIO_QUEUE,
+        PROG_BLOCK_BIO_QUEUE_WITH_QUEUE,
+    ];
+    let mut out = std::collections::BTreeMap::new();
+    for info in aya::programs::loaded_programs() {
+        let info = info.context("listing loaded eBPF programs")?;
+        // The kernel keeps 15 bytes of a program's name.
+        let Some(name) = info.name_as_str() else {
+            continue;
+        };
+        if let Some(handler) = HANDLERS
+            .iter()
+            .find(|h| h.as_bytes().starts_with(name.as_bytes()))
+        {
+            let ns = info.run_time().as_nanos() as u64;
+            out.insert(info.id(), (handler.to_string(), ns, info.run_count()));
+        }
+    }
+    Ok(out)
+}
+
+/// What every untracked process pays, measured by the kernel rather than by wall clocks:
+/// the tracker's handlers' run time during one untracked storm while a tracker follows
+/// another tree. Much steadier than case (b) on a noisy machine.
+fn handler_costs(bins: &Bins, storm: u64) -> Result<String> {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("BPF_ENABLE_STATS (per-program run time)")?;
+    let mut cmd = Command::new(&bins.tracker);
+    cmd.args(["run", "-o", "/dev/null", "--", "sleep", "3600"]);
+    let mut background = Background::start(cmd)?;
+    background.wait_attached(ATTACH_WAIT)?;
+    let before = handler_stats()?;
+    let wall = time(Command::new(&bins.workload).args(["storm", &storm.to_string()]))?;
+    let after = handler_stats()?;
+    background.stop()?;
+    let mut rows: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for (id, (name, ns, calls)) in &after {
+        let (_, ns0, calls0) = before.get(id).cloned().unwrap_or_default();
+        let row = rows.entry(name.clone()).or_default();
+        row.0 += ns - ns0;
+        row.1 += calls - calls0;
+    }
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "\nWhat an untracked process pays (kernel per-program run time during one untracked \
+         storm of {storm} while a tracker follows another tree; storm wall time {:.1} ms):\n",
+        wall.as_secs_f64() * 1e3
+    );
+    let _ = writeln!(
+        md,
+        "| handler | calls | ns per call | total ms | share of the storm |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    let mut total = 0;
+    for (name, (ns, calls)) in &rows {
+        if *calls == 0 {
+            continue;
+        }
+        total += ns;
+        let _ = writeln!(
+            md,
+            "| {name} | {calls} | {:.1} | {:.2} | {:.2}% |",
+            *ns as f64 / *calls as f64,
+            *ns as f64 / 1e6,
+            *ns as f64 / wall.as_nanos() as f64 * 100.0
+        );
+    }
+    let _ = writeln!(
+        md,
+        "| all | | | {:.2} | {:.2}% |",
+        total as f64 / 1e6,
+        total as f64 / wall.as_nanos() as f64 * 100.0
+    );
+    Ok(md)
 }
