@@ -112,11 +112,14 @@ static SPAWN_GATE: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
-#[inline(always)]
-fn offsets() -> Offsets {
-    // SAFETY: a plain read of a global; volatile so the compiler cannot fold the zero
-    // initialiser that userspace replaces at load time.
-    unsafe { core::ptr::read_volatile(&OFFSETS) }
+/// One field of the kernel layout. A volatile read of just that field: the compiler cannot
+/// fold the zero initialiser that userspace replaces at load time, and a handler loads only
+/// the fields it uses (a whole-struct copy would cost ~40 loads on every context switch).
+macro_rules! offset {
+    ($field:ident) => {
+        // SAFETY: a plain read of a field of a global.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!(OFFSETS.$field)) }
+    };
 }
 
 #[inline(always)]
@@ -228,12 +231,11 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, root: bool) 
     let Some(counters) = run_counters(run) else {
         return;
     };
-    let o = offsets();
     let (Some(tid), Some(tgid), Some(signal), Some(start)) = (
-        read::<u32>(child, o.task_pid),
-        read::<u32>(child, o.task_tgid),
-        read::<u64>(child, o.task_signal),
-        read::<u64>(child, o.task_start_boottime),
+        read::<u32>(child, offset!(task_pid)),
+        read::<u32>(child, offset!(task_tgid)),
+        read::<u64>(child, offset!(task_signal)),
+        read::<u64>(child, offset!(task_start_boottime)),
     ) else {
         add(&mut counters.lost_events, 1);
         return;
@@ -257,7 +259,7 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, root: bool) 
     // Its own address space after fork; its creator's after vfork / CLONE_VM. The root's,
     // until it execs, is a copy of the tracker's (or the tracker's own): not the command's.
     let mm = if ATOMICS && !root {
-        read::<u64>(child, o.task_mm).unwrap_or(0)
+        read::<u64>(child, offset!(task_mm)).unwrap_or(0)
     } else {
         0
     };
@@ -270,7 +272,7 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, root: bool) 
     if ATOMICS {
         let alive = add_fetch(&mut counters.processes_alive, 1);
         raise_to(&mut counters.processes_peak, alive);
-        mm_use(run, mm, counters, &o);
+        mm_use(run, mm, counters);
     } else {
         add(&mut counters.processes_alive, 1);
     }
@@ -278,7 +280,7 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, root: bool) 
 
 /// A tracked process starts using address space `mm`.
 #[inline(always)]
-fn mm_use(run: u32, mm: u64, counters: &mut RunCounters, o: &Offsets) {
+fn mm_use(run: u32, mm: u64, counters: &mut RunCounters) {
     if mm == 0 {
         return;
     }
@@ -309,7 +311,7 @@ fn mm_use(run: u32, mm: u64, counters: &mut RunCounters, o: &Offsets) {
     };
     // What it holds already (exec maps the program and its stack before the tracepoint).
     for member in RSS_MEMBERS {
-        let pages = read::<i64>(mm, o.mm_rss[member]).unwrap_or(0);
+        let pages = read::<i64>(mm, offset!(mm_rss)[member]).unwrap_or(0);
         // SAFETY: map value pointer.
         set_rss(unsafe { &mut *entry }, member, pages, counters);
     }
@@ -365,18 +367,17 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
     let Some(member) = (unsafe { TASKS.get(current) }).copied() else {
         return 0;
     };
-    let o = offsets();
     let (Some(counters), Some(proc)) = (run_counters(member.run), PROCS.get_ptr_mut(member.signal))
     else {
         return 0;
     };
-    let new = read::<u64>(current, o.task_mm).unwrap_or(0);
+    let new = read::<u64>(current, offset!(task_mm)).unwrap_or(0);
     // SAFETY: map value pointer; only this process's exec changes it.
     let proc = unsafe { &mut *proc };
     if new != proc.mm {
         let old = proc.mm;
         proc.mm = new;
-        mm_use(member.run, new, counters, &o);
+        mm_use(member.run, new, counters);
         mm_release(old, counters);
     }
     0
@@ -396,11 +397,10 @@ pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
     if member == 2 || member >= 4 {
         return 0; // swap entries are not resident
     }
-    let o = offsets();
-    let pages: i64 = if o.rss_stat_has_count != 0 {
+    let pages: i64 = if offset!(rss_stat_has_count) != 0 {
         ctx.arg(2)
     } else {
-        match read::<i64>(mm, o.mm_rss[member]) {
+        match read::<i64>(mm, offset!(mm_rss)[member]) {
             Some(p) => p,
             None => return 0,
         }
@@ -435,8 +435,7 @@ fn on_bio_queue(bio: u64) -> i32 {
     let Some(counters) = run_counters(member.run) else {
         return 0;
     };
-    let o = offsets();
-    let Some(opf) = read::<u32>(bio, o.bio_opf) else {
+    let Some(opf) = read::<u32>(bio, offset!(bio_opf)) else {
         add(&mut counters.lost_events, 1);
         return 0;
     };
@@ -445,7 +444,7 @@ fn on_bio_queue(bio: u64) -> i32 {
         1 => true,  // REQ_OP_WRITE
         _ => return 0,
     };
-    let (Some(size), Some(dev)) = (read::<u32>(bio, o.bio_size), bio_dev(bio, &o)) else {
+    let (Some(size), Some(dev)) = (read::<u32>(bio, offset!(bio_size)), bio_dev(bio)) else {
         add(&mut counters.lost_events, 1);
         return 0;
     };
@@ -476,15 +475,15 @@ fn on_bio_queue(bio: u64) -> i32 {
 
 /// The `dev_t` a bio is for: `bio->bi_bdev->bd_dev` (5.12+), or from its gendisk before.
 #[inline(always)]
-fn bio_dev(bio: u64, o: &Offsets) -> Option<u32> {
-    if o.bio_bdev != ABSENT {
-        let bdev = read::<u64>(bio, o.bio_bdev)?;
-        return read::<u32>(bdev, o.bdev_dev);
+fn bio_dev(bio: u64) -> Option<u32> {
+    if offset!(bio_bdev) != ABSENT {
+        let bdev = read::<u64>(bio, offset!(bio_bdev))?;
+        return read::<u32>(bdev, offset!(bdev_dev));
     }
-    let disk = read::<u64>(bio, o.bio_disk)?;
-    let partno = read::<u8>(bio, o.bio_partno)? as u32;
-    let major = read::<i32>(disk, o.disk_major)? as u32;
-    let first_minor = read::<i32>(disk, o.disk_first_minor)? as u32;
+    let disk = read::<u64>(bio, offset!(bio_disk))?;
+    let partno = read::<u8>(bio, offset!(bio_partno))? as u32;
+    let major = read::<i32>(disk, offset!(disk_major))? as u32;
+    let first_minor = read::<i32>(disk, offset!(disk_first_minor))? as u32;
     Some((major << 20) | (first_minor + partno))
 }
 
@@ -510,8 +509,7 @@ fn on_exit<const ATOMICS: bool>() -> i32 {
     };
     // do_exit() has already decremented `signal->live`; at 0 the process is over. Several of
     // its threads may see 0; removing the process's entry succeeds for exactly one of them.
-    let o = offsets();
-    if read::<u32>(member.signal, o.signal_live) != Some(0) {
+    if read::<u32>(member.signal, offset!(signal_live)) != Some(0) {
         return 0;
     }
     // SAFETY: the value is copied out before the entry is removed.
@@ -535,35 +533,34 @@ fn on_exit<const ATOMICS: bool>() -> i32 {
 /// [, unsigned int prev_state])`, still in `prev`'s context.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
-    let o = offsets();
     let prev: u64 = ctx.arg(1);
-    let state: u64 = if o.switch_has_prev_state != 0 {
+    let state: u64 = if offset!(switch_has_prev_state) != 0 {
         ctx.arg(3)
-    } else if o.task_state_size == 8 {
-        read::<u64>(prev, o.task_state).unwrap_or(0)
+    } else if offset!(task_state_size) == 8 {
+        read::<u64>(prev, offset!(task_state)).unwrap_or(0)
     } else {
-        read::<u32>(prev, o.task_state).unwrap_or(0) as u64
+        read::<u32>(prev, offset!(task_state)).unwrap_or(0) as u64
     };
-    if state & o.task_dead as u64 == 0 {
+    if state & offset!(task_dead) as u64 == 0 {
         return 0;
     }
     // SAFETY: the value is copied out before the entry is removed.
     let Some(member) = (unsafe { TASKS.get(prev) }).copied() else {
         return 0;
     };
-    leave(prev, &member, &o);
+    leave(prev, &member);
     0
 }
 
 /// A tracked thread has switched out for the last time: its runtime is final.
 #[inline(always)]
-fn leave(task: u64, member: &TaskMember, o: &Offsets) {
+fn leave(task: u64, member: &TaskMember) {
     let Some(counters) = run_counters(member.run) else {
         return;
     };
-    let runtime = read::<u64>(task, o.task_sum_exec_runtime);
-    let utime = read::<u64>(task, o.task_utime);
-    let stime = read::<u64>(task, o.task_stime);
+    let runtime = read::<u64>(task, offset!(task_sum_exec_runtime));
+    let utime = read::<u64>(task, offset!(task_utime));
+    let stime = read::<u64>(task, offset!(task_stime));
     match (runtime, utime, stime) {
         (Some(r), Some(u), Some(s)) => {
             add(&mut counters.cpu_runtime_ns, r);
@@ -572,19 +569,23 @@ fn leave(task: u64, member: &TaskMember, o: &Offsets) {
         }
         _ => add(&mut counters.lost_events, 1),
     }
-    add_ioac(task, o.task_ioac_read_bytes, &mut counters.disk_read_bytes);
     add_ioac(
         task,
-        o.task_ioac_write_bytes,
+        offset!(task_ioac_read_bytes),
+        &mut counters.disk_read_bytes,
+    );
+    add_ioac(
+        task,
+        offset!(task_ioac_write_bytes),
         &mut counters.disk_write_bytes,
     );
     add_ioac(
         task,
-        o.task_ioac_cancelled_write_bytes,
+        offset!(task_ioac_cancelled_write_bytes),
         &mut counters.disk_cancelled_write_bytes,
     );
-    add_ioac(task, o.task_ioac_rchar, &mut counters.io_rchar);
-    add_ioac(task, o.task_ioac_wchar, &mut counters.io_wchar);
+    add_ioac(task, offset!(task_ioac_rchar), &mut counters.io_rchar);
+    add_ioac(task, offset!(task_ioac_wchar), &mut counters.io_wchar);
     let _ = TASKS.remove(task);
     // Last: the exit generation (userspace's consistency check for snapshots).
     add(&mut counters.threads_exited, 1);
