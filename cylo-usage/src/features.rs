@@ -2,6 +2,7 @@
 //! programs load (the verifier and BTF say what the kernel offers), never from its version.
 use serde::Serialize;
 
+use crate::loader::Unavailable;
 use crate::usage::Measured;
 
 /// One counter of [`crate::ResourceUsage`] and whether (and how) it is measured here.
@@ -15,8 +16,6 @@ pub struct Feature {
 }
 
 const NOT_YET: &str = "not measured by this build (null)";
-const NO_ATOMICS: &str = "the kernel's BPF verifier rejects atomic fetch, exchange and \
-                          compare-and-exchange (added in 5.12): not measured (null)";
 const IOAC: &str = "task_struct.ioac of each thread at its last context switch; live threads \
                     from /proc/PID/task/TID/io";
 const NO_IOAC: &str = "the kernel has no task I/O accounting (CONFIG_TASK_IO_ACCOUNTING)";
@@ -25,8 +24,8 @@ const RSS: &str = "raw tracepoint rss_stat on every change of a tracked address 
                    file, anon and shmem counters; shared address spaces count once";
 
 /// The counters and how each is measured given what the kernel accepted;
-/// `devices_error` says why the block I/O hook is not attached, if it is not.
-pub fn features(m: Measured, devices_error: Option<&str>) -> Vec<Feature> {
+/// `refused` says what the kernel refused, where it did.
+pub(crate) fn features(m: Measured, refused: &Unavailable) -> Vec<Feature> {
     let yes = |counter, how: &str| Feature {
         counter,
         measured: true,
@@ -44,7 +43,12 @@ pub fn features(m: Measured, devices_error: Option<&str>) -> Vec<Feature> {
     };
     let no_devices = format!(
         "not measured (null): {}",
-        devices_error.unwrap_or("unknown")
+        refused.devices.as_deref().unwrap_or("unknown")
+    );
+    let no_atomics = format!(
+        "not measured (null): the verifier refused the handlers that use atomic fetch, \
+         exchange and compare-and-exchange (BPF ISA v3, kernel 5.12): {}",
+        refused.atomics.as_deref().unwrap_or("unknown")
     );
     let cpu = "task_struct.se.sum_exec_runtime of each thread at its last context switch \
                (raw tracepoint sched_switch, TASK_DEAD); live threads from /proc schedstat";
@@ -72,7 +76,7 @@ pub fn features(m: Measured, devices_error: Option<&str>) -> Vec<Feature> {
                 "atomic fetch-add and compare-and-exchange on the run's record at each join",
             )
         } else {
-            no("peak_process_count", NO_ATOMICS)
+            no("peak_process_count", &no_atomics)
         },
         yes(
             "live_process_count",
@@ -90,14 +94,14 @@ pub fn features(m: Measured, devices_error: Option<&str>) -> Vec<Feature> {
         ),
         pick(m.io_chars, "io_read_chars", IOAC, NO_XACCT),
         pick(m.io_chars, "io_write_chars", IOAC, NO_XACCT),
-        pick(m.atomics, "memory_bytes", RSS, NO_ATOMICS),
-        pick(m.atomics, "peak_memory_bytes", RSS, NO_ATOMICS),
+        pick(m.atomics, "memory_bytes", RSS, &no_atomics),
+        pick(m.atomics, "peak_memory_bytes", RSS, &no_atomics),
         pick(
             m.atomics,
             "max_process_rss_bytes",
             "the high-water mark of each tracked address space, followed through rss_stat \
              like the kernel's own (VmHWM); VmHWM for live processes",
-            NO_ATOMICS,
+            &no_atomics,
         ),
         no("network_bytes_sent", NOT_YET),
         no("network_bytes_received", NOT_YET),
@@ -110,13 +114,13 @@ mod tests {
 
     #[test]
     fn every_usage_field_that_is_a_counter_is_listed_once() {
-        let list = features(Measured::ALL, None);
+        let list = features(Measured::ALL, &Unavailable::default());
         let mut names: Vec<_> = list.iter().map(|f| f.counter).collect();
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), list.len());
         let peak = |m| {
-            features(m, None)
+            features(m, &Unavailable::default())
                 .into_iter()
                 .find(|f| f.counter == "peak_process_count")
                 .unwrap()

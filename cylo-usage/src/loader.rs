@@ -92,8 +92,8 @@ pub(crate) struct Inner {
     pub events: Mutex<RingBuf<MapData>>,
     pub offsets: Offsets,
     pub measured: Measured,
-    /// Why the per-device block I/O hook is not attached, if it is not.
-    pub devices_error: Option<String>,
+    /// Why what is not measured is not.
+    pub unavailable: Unavailable,
     /// Keeps the programs and their links attached.
     _ebpf: Mutex<Ebpf>,
 }
@@ -122,6 +122,25 @@ impl Default for Options {
             max_procs: DEFAULT_MAX_PROCS,
         }
     }
+}
+
+/// What the kernel refused, for `features` to say.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Unavailable {
+    /// Why the handlers with atomics that return the old value did not load.
+    pub atomics: Option<String>,
+    /// Why the per-device block I/O hook is not attached.
+    pub devices: Option<String>,
+}
+
+/// The first line of an error (a verifier log follows it), at most 300 characters.
+fn first_line(text: &str) -> String {
+    text.lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(300)
+        .collect()
 }
 
 /// Loaded and attached eBPF programs. Cheap to clone; the programs stay attached until the
@@ -217,14 +236,18 @@ impl Tracker {
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
         // Atomics that return the old value (BPF ISA v3) came with 5.12: the verifier decides.
         // Without them, the variants that do without the peaks and the memory counters.
-        let atomics = match attach(&mut ebpf, names::PROG_TASK_NEWTASK, names::TP_TASK_NEWTASK) {
-            Ok(()) => true,
-            Err(LoadError::Attach {
-                source: ProgramError::LoadError { .. },
-                ..
-            }) => false,
-            Err(e) => return Err(e),
-        };
+        let atomics_error =
+            match attach(&mut ebpf, names::PROG_TASK_NEWTASK, names::TP_TASK_NEWTASK) {
+                Ok(()) => None,
+                Err(
+                    e @ LoadError::Attach {
+                        source: ProgramError::LoadError { .. },
+                        ..
+                    },
+                ) => Some(first_line(&crate::error_chain(&e))),
+                Err(e) => return Err(e),
+            };
+        let atomics = atomics_error.is_none();
         if atomics {
             attach(
                 &mut ebpf,
@@ -263,7 +286,7 @@ impl Tracker {
             };
             attach(&mut ebpf, program, names::TP_BLOCK_BIO_QUEUE)
                 .err()
-                .map(|e| crate::error_chain(&e))
+                .map(|e| first_line(&crate::error_chain(&e)))
         };
         let devices = devices_error.is_none();
         let measured = Measured {
@@ -282,7 +305,10 @@ impl Tracker {
                 events: Mutex::new(events),
                 offsets: *offsets,
                 measured,
-                devices_error,
+                unavailable: Unavailable {
+                    atomics: atomics_error,
+                    devices: devices_error,
+                },
                 _ebpf: Mutex::new(ebpf),
             }),
         })
@@ -295,7 +321,7 @@ impl Tracker {
 
     /// Every counter, with whether and how it is measured on this kernel.
     pub fn features(&self) -> Vec<crate::features::Feature> {
-        crate::features::features(self.inner.measured, self.inner.devices_error.as_deref())
+        crate::features::features(self.inner.measured, &self.inner.unavailable)
     }
 
     /// The kernel layout the programs were loaded with.
