@@ -13,6 +13,14 @@
 //!   are final, so they are added to the run and the task leaves it.
 //! - `rss_stat`: an RSS counter of a tracked address space changed: the run's RSS follows it.
 //! - `block_bio_queue`: a tracked task submits block I/O: counted per device.
+//! - `control`: never attached; userspace runs it in its own context (`BPF_PROG_TEST_RUN`) to
+//!   record the tracker itself, register a spawning thread, or adopt a task of a running tree
+//!   (attach) from a `/proc/PID/task/TID` directory it holds open.
+//!
+//! Runs that asked for per-process records (`run_flags::RECORDS`) also get one record per
+//! process start, exec and exit, and per thread end, in the `RECORDS` ring buffer; the totals
+//! never depend on it. While a run is being attached to (`ADOPT_GATE` open), the hooks adopt a
+//! task of the tree that is not followed yet at its next fork, exec, exit or last switch.
 //!
 //! The peaks and the memory counters need atomics that return the old value (BPF ISA v3,
 //! kernel 5.12): `task_newtask_no_atomics` and `sched_process_exit_no_atomics` do without
@@ -31,53 +39,26 @@ use core::intrinsics::{
 };
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_EXIST, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_probe_read_kernel_str_bytes, generated,
     },
     macros::{map, raw_tracepoint},
     maps::{Array, HashMap, RingBuf},
     programs::RawTracePointContext,
 };
 use cylo_usage_abi::{
-    ABSENT, CLONE_THREAD, DEFAULT_MAX_MMS, DEFAULT_MAX_PROCS, DEFAULT_MAX_TASKS, DevCounters,
-    DevKey, EVENTS_BYTES, Event, MAX_DEVS, MAX_RUNS, MAX_SPAWNERS, MmMember, Offsets, ProcMember,
-    RSS_MEMBERS, RunCounters, TaskMember, event_kind,
+    ABSENT, ADOPT_ANCESTORS, ARGV_BYTES, CLONE_THREAD, DEFAULT_MAX_MMS, DEFAULT_MAX_PROCS,
+    DEFAULT_MAX_TASKS, DevCounters, DevKey, EVENTS_BYTES, Event, MAX_DEVS, MAX_RUNS, MAX_SPAWNERS,
+    MmMember, Offsets, ProcExec, ProcExit, ProcMember, ProcStart, RECORDS_BYTES, ROOT_ENDED,
+    RSS_MEMBERS, RecordHeader, RunControl, RunCounters, TaskMember, ThreadEnd, TrackerInfo,
+    control, event_kind, proc_flags, record_kind, run_flags,
 };
 
 /// Kernel layout, resolved by userspace from BTF at start-up (read-only global).
 #[unsafe(no_mangle)]
-static OFFSETS: Offsets = Offsets {
-    task_pid: 0,
-    task_tgid: 0,
-    task_signal: 0,
-    task_start_boottime: 0,
-    task_sum_exec_runtime: 0,
-    task_utime: 0,
-    task_stime: 0,
-    task_state: 0,
-    task_state_size: 0,
-    switch_has_prev_state: 0,
-    task_dead: 0,
-    signal_live: 0,
-    task_ioac_read_bytes: ABSENT,
-    task_ioac_write_bytes: ABSENT,
-    task_ioac_cancelled_write_bytes: ABSENT,
-    task_ioac_rchar: ABSENT,
-    task_ioac_wchar: ABSENT,
-    task_mm: 0,
-    mm_rss: [0; 4],
-    rss_stat_has_count: 0,
-    bio_queue_bio_arg: 0,
-    bio_size: 0,
-    bio_opf: 0,
-    bio_bdev: ABSENT,
-    bdev_dev: ABSENT,
-    bio_disk: ABSENT,
-    bio_partno: ABSENT,
-    disk_major: ABSENT,
-    disk_first_minor: ABSENT,
-};
+static OFFSETS: Offsets = Offsets::UNRESOLVED;
 
 /// Live tracked threads, keyed by the address of their `task_struct`.
 #[map]
@@ -99,18 +80,36 @@ static DEVS: HashMap<DevKey, DevCounters> = HashMap::with_max_entries(MAX_DEVS, 
 #[map]
 static RUNS: Array<RunCounters> = Array::with_max_entries(MAX_RUNS, 0);
 
-/// Userspace threads (by global tid) whose next fork creates the root of a run (value: slot).
+/// Userspace threads (by `task_struct` address) whose next new task is the root of a run
+/// (value: slot).
 #[map]
-static SPAWNERS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SPAWNERS, 0);
+static SPAWNERS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SPAWNERS, 0);
 
 /// Index 0: number of entries userspace has put in `SPAWNERS`. While it is 0 (nearly always),
 /// an untracked fork looks nothing else up.
 #[map]
 static SPAWN_GATE: Array<u64> = Array::with_max_entries(1, 0);
 
+/// Index 0: number of runs being attached to. While it is 0 (nearly always), an untracked
+/// task looks nothing else up.
+#[map]
+static ADOPT_GATE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// What userspace changes while a run goes on (attaching, killing), per slot.
+#[map]
+static RUN_CONTROL: Array<RunControl> = Array::with_max_entries(MAX_RUNS, 0);
+
+/// The tracker itself (index 0), recorded by `control` in its context.
+#[map]
+static TRACKER: Array<TrackerInfo> = Array::with_max_entries(1, 0);
+
 /// Notifications for userspace (never totals: those live in `RUNS`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Per-process records of the runs that asked for them.
+#[map]
+static RECORDS: RingBuf = RingBuf::with_byte_size(RECORDS_BYTES, 0);
 
 /// One field of the kernel layout. A volatile read of just that field: the compiler cannot
 /// fold the zero initialiser that userspace replaces at load time, and a handler loads only
@@ -172,6 +171,25 @@ fn run_counters(run: u32) -> Option<&'static mut RunCounters> {
     RUNS.get_ptr_mut(run).map(|p| unsafe { &mut *p })
 }
 
+/// A field of a run's record that only userspace writes, or that is written once.
+#[inline(always)]
+fn load(field: &u64) -> u64 {
+    // SAFETY: an aligned 8-byte load of a map value is single-copy atomic.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+#[inline(always)]
+fn store(field: &mut u64, v: u64) {
+    // SAFETY: an aligned 8-byte store to a map value is single-copy atomic.
+    unsafe { core::ptr::write_volatile(field, v) }
+}
+
+/// Whether the run wants per-process records.
+#[inline(always)]
+fn wants_records(counters: &RunCounters) -> bool {
+    load(&counters.flags) & run_flags::RECORDS != 0
+}
+
 #[inline(always)]
 fn notify(run: u32, kind: u32, counters: &mut RunCounters) {
     match EVENTS.reserve::<Event>(0) {
@@ -180,6 +198,56 @@ fn notify(run: u32, kind: u32, counters: &mut RunCounters) {
             entry.submit(0);
         }
         None => add(&mut counters.lost_events, 1),
+    }
+}
+
+#[inline(always)]
+fn header(kind: u32, run: u32, process: u64) -> RecordHeader {
+    RecordHeader {
+        kind,
+        run,
+        // SAFETY: reads the monotonic clock.
+        time_ns: unsafe { bpf_ktime_get_ns() },
+        process,
+    }
+}
+
+/// The tracker's own process and pid-namespace depth (zeroes until userspace said hello).
+#[inline(always)]
+fn tracker() -> TrackerInfo {
+    TRACKER.get(0).copied().unwrap_or_default()
+}
+
+/// `task`'s pid as the tracker sees it (0 when it is not visible there), and in the task's
+/// own pid namespace: `thread_pid->numbers[level].nr`.
+#[inline(always)]
+fn pids(task: u64, tracker_level: u32) -> (u32, u32) {
+    if offset!(task_thread_pid) == ABSENT {
+        // Without the namespace layout: the global pid (a tracker in the initial namespace).
+        let pid = read::<u32>(task, offset!(task_pid)).unwrap_or(0);
+        return (pid, pid);
+    }
+    let Some(pid) = read::<u64>(task, offset!(task_thread_pid)) else {
+        return (0, 0);
+    };
+    let level = read::<u32>(pid, offset!(pid_level)).unwrap_or(0);
+    let numbers = pid + offset!(pid_numbers) as u64;
+    let size = offset!(upid_size) as u64;
+    let own = read::<u32>(numbers + level as u64 * size, 0).unwrap_or(0);
+    let seen = if level >= tracker_level {
+        read::<u32>(numbers + tracker_level as u64 * size, 0).unwrap_or(0)
+    } else {
+        0
+    };
+    (seen, own)
+}
+
+/// The process id (tgid) of `task` as the tracker sees it: its thread-group leader's pid.
+#[inline(always)]
+fn process_pid(task: u64, tracker_level: u32) -> u32 {
+    match read::<u64>(task, offset!(task_group_leader)) {
+        Some(leader) => pids(leader, tracker_level).0,
+        None => 0,
     }
 }
 
@@ -199,46 +267,68 @@ pub fn task_newtask_no_atomics(ctx: RawTracePointContext) -> i32 {
 fn on_newtask<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
-    let (run, root) = match unsafe { TASKS.get(current) } {
-        Some(member) => (member.run, false),
-        None => match spawner_run() {
-            Some(run) => (run, true),
-            None => return 0,
+    // SAFETY: the value is copied out at once.
+    let (run, creator) = match (unsafe { TASKS.get(current) }).copied() {
+        Some(member) => (member.run, Some(member)),
+        None => match spawner_run(current) {
+            Some(run) => (run, None),
+            None => match adopt_current::<ATOMICS>(current) {
+                // SAFETY: the value is copied out at once.
+                Some(run) => match (unsafe { TASKS.get(current) }).copied() {
+                    Some(member) => (run, Some(member)),
+                    None => return 0,
+                },
+                None => return 0,
+            },
         },
     };
+    if creator.is_some() {
+        // A run being killed: a member that forks gets the signal at once.
+        if let Some(control) = RUN_CONTROL.get(run)
+            && control.kill_signal != 0
+        {
+            // SAFETY: signals the current process; no memory is passed.
+            unsafe { generated::bpf_send_signal(control.kill_signal) };
+        }
+    }
     let child: u64 = ctx.arg(0);
     let flags: u64 = ctx.arg(1);
-    join::<ATOMICS>(run, child, flags & CLONE_THREAD != 0, root);
+    join::<ATOMICS>(run, child, flags & CLONE_THREAD != 0, creator.as_ref());
     0
 }
 
 /// The run whose root the current (untracked) thread is about to create, if any.
 #[inline(always)]
-fn spawner_run() -> Option<u32> {
+fn spawner_run(current: u64) -> Option<u32> {
     if *SPAWN_GATE.get(0)? == 0 {
         return None;
     }
-    let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: the value is copied out before the entry is removed.
-    let run = *unsafe { SPAWNERS.get(tid) }?;
+    let run = *unsafe { SPAWNERS.get(current) }?;
     // Only the first task this thread creates is the root.
-    let _ = SPAWNERS.remove(tid);
+    let _ = SPAWNERS.remove(current);
     Some(run)
 }
 
+/// `child` joins `run`, created by `creator` (a member), or as the root (`creator` is `None`).
 #[inline(always)]
-fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, root: bool) {
+fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, creator: Option<&TaskMember>) {
     let Some(counters) = run_counters(run) else {
         return;
     };
-    let (Some(tid), Some(tgid), Some(signal), Some(start)) = (
-        read::<u32>(child, offset!(task_pid)),
-        read::<u32>(child, offset!(task_tgid)),
+    let level = tracker().pid_level;
+    let (tid, own_pid) = pids(child, level);
+    let (Some(signal), Some(start)) = (
         read::<u64>(child, offset!(task_signal)),
         read::<u64>(child, offset!(task_start_boottime)),
     ) else {
         add(&mut counters.lost_events, 1);
         return;
+    };
+    // A thread is in its creator's process; a new process is its own.
+    let (tgid, process_start) = match creator {
+        Some(c) if is_thread => (c.tgid, c.process_start_boottime_ns),
+        _ => (tid, start),
     };
     let member = TaskMember {
         run,
@@ -247,6 +337,7 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, root: bool) 
         _pad0: 0,
         signal,
         start_boottime_ns: start,
+        process_start_boottime_ns: process_start,
     };
     if TASKS.insert(child, member, BPF_NOEXIST as u64).is_err() {
         add(&mut counters.lost_events, 1);
@@ -254,8 +345,13 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, root: bool) 
     }
     add(&mut counters.threads_started, 1);
     if is_thread {
+        if let Some(p) = PROCS.get_ptr_mut(signal) {
+            // SAFETY: map value pointer; updated atomically.
+            add(unsafe { &mut (*p).threads }, 1);
+        }
         return;
     }
+    let root = creator.is_none();
     // Its own address space after fork; its creator's after vfork / CLONE_VM. The root's,
     // until it execs, is a copy of the tracker's (or the tracker's own): not the command's.
     let mm = if ATOMICS && !root {
@@ -263,10 +359,18 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, root: bool) 
     } else {
         0
     };
-    let proc = ProcMember { run, _pad0: 0, mm };
+    let proc = ProcMember {
+        run,
+        _pad0: 0,
+        mm,
+        threads: 1,
+    };
     if PROCS.insert(signal, proc, BPF_NOEXIST as u64).is_err() {
         add(&mut counters.lost_events, 1);
         return;
+    }
+    if root {
+        store(&mut counters.root_signal, signal);
     }
     add(&mut counters.processes_started, 1);
     if ATOMICS {
@@ -276,6 +380,52 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, root: bool) 
     } else {
         add(&mut counters.processes_alive, 1);
     }
+    if wants_records(counters) {
+        let flags = if root { proc_flags::ROOT } else { 0 };
+        record_start(run, child, signal, start, tid, own_pid, flags, counters);
+    }
+}
+
+/// A `PROC_START` record for process `task` (identity `signal`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn record_start(
+    run: u32,
+    task: u64,
+    signal: u64,
+    start: u64,
+    pid: u32,
+    own_pid: u32,
+    flags: u32,
+    counters: &mut RunCounters,
+) {
+    let Some(mut entry) = RECORDS.reserve::<ProcStart>(0) else {
+        add(&mut counters.lost_events, 1);
+        return;
+    };
+    let level = tracker().pid_level;
+    let parent_task = read::<u64>(task, offset!(task_real_parent)).unwrap_or(0);
+    let parent = read::<u64>(parent_task, offset!(task_signal)).unwrap_or(0);
+    let ppid = process_pid(parent_task, level);
+    let pid_global = read::<u32>(task, offset!(task_tgid)).unwrap_or(0);
+    let comm = (task + offset!(task_comm) as u64) as *const u8;
+    let p = entry.as_mut_ptr();
+    // SAFETY: `p` points to reserved ring-buffer memory of the record's size.
+    unsafe {
+        (*p).header = header(record_kind::PROC_START, run, signal);
+        (*p).parent = parent;
+        (*p).start_boottime_ns = start;
+        (*p).pid_global = pid_global;
+        (*p).pid = pid;
+        (*p).pid_own_ns = own_pid;
+        (*p).ppid = ppid;
+        (*p).flags = flags;
+        (*p)._pad0 = 0;
+        if bpf_probe_read_kernel_buf(comm, &mut (*p).comm).is_err() {
+            (*p).comm = [0; 16];
+        }
+    }
+    entry.submit(0);
 }
 
 /// A tracked process starts using address space `mm`.
@@ -317,6 +467,16 @@ fn mm_use(run: u32, mm: u64, counters: &mut RunCounters) {
     }
 }
 
+/// The high-water mark (pages) of a tracked address space, 0 if it is not followed.
+#[inline(always)]
+fn mm_peak(mm: u64) -> u64 {
+    match MMS.get_ptr_mut(mm) {
+        // SAFETY: aligned 8-byte load of a map value.
+        Some(entry) => load(unsafe { &(*entry).peak }),
+        None => 0,
+    }
+}
+
 /// A tracked process stops using address space `mm` (exec, exit). When it was the last,
 /// the address space leaves the run: its pages leave the run's RSS, and its high-water mark
 /// is a candidate for the largest process.
@@ -334,8 +494,7 @@ fn mm_release(mm: u64, counters: &mut RunCounters) {
         let old = exchange(&mut entry.pages[member], 0);
         add(&mut counters.rss_pages, old.wrapping_neg());
     }
-    // SAFETY: aligned 8-byte load of a map value.
-    let peak = unsafe { core::ptr::read_volatile(&entry.peak) };
+    let peak = load(&entry.peak);
     raise_to(&mut counters.max_process_rss_pages, peak);
     let _ = MMS.remove(mm);
 }
@@ -360,27 +519,120 @@ fn set_rss(entry: &mut MmMember, member: usize, pages: i64, counters: &mut RunCo
 /// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`,
 /// after the new program is loaded: the process has a new address space.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
-pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
+pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
+    on_exec::<true>(ctx)
+}
+
+/// `sched_process_exec` for kernels without BPF atomic fetch: records and pids only.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn sched_process_exec_no_atomics(ctx: RawTracePointContext) -> i32 {
+    on_exec::<false>(ctx)
+}
+
+#[inline(always)]
+fn on_exec<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
     // SAFETY: the value is copied out at once.
-    let Some(member) = (unsafe { TASKS.get(current) }).copied() else {
+    let mut member = match (unsafe { TASKS.get(current) }).copied() {
+        Some(member) => member,
+        None => {
+            if adopt_current::<ATOMICS>(current).is_none() {
+                return 0;
+            }
+            // SAFETY: the value is copied out at once.
+            match (unsafe { TASKS.get(current) }).copied() {
+                Some(member) => member,
+                None => return 0,
+            }
+        }
+    };
+    let Some(counters) = run_counters(member.run) else {
         return 0;
     };
-    let (Some(counters), Some(proc)) = (run_counters(member.run), PROCS.get_ptr_mut(member.signal))
-    else {
-        return 0;
-    };
-    let new = read::<u64>(current, offset!(task_mm)).unwrap_or(0);
-    // SAFETY: map value pointer; only this process's exec changes it.
-    let proc = unsafe { &mut *proc };
-    if new != proc.mm {
-        let old = proc.mm;
-        proc.mm = new;
-        mm_use(member.run, new, counters);
-        mm_release(old, counters);
+    // A non-leader thread that execs takes over the leader's pid.
+    let (tid, _) = pids(current, tracker().pid_level);
+    if tid != member.tid {
+        member.tid = tid;
+        member.tgid = tid;
+        let _ = TASKS.insert(current, member, BPF_EXIST as u64);
+    }
+    let mut old_peak = 0;
+    if ATOMICS && let Some(proc) = PROCS.get_ptr_mut(member.signal) {
+        let new = read::<u64>(current, offset!(task_mm)).unwrap_or(0);
+        // SAFETY: map value pointer; only this process's exec changes it.
+        let proc = unsafe { &mut *proc };
+        if new != proc.mm {
+            let old = proc.mm;
+            proc.mm = new;
+            old_peak = mm_peak(old);
+            mm_use(member.run, new, counters);
+            mm_release(old, counters);
+        }
+    }
+    if wants_records(counters) {
+        let bprm: u64 = ctx.arg(2);
+        record_exec(&member, current, bprm, old_peak, counters);
     }
     0
+}
+
+/// A `PROC_EXEC` record: the new comm, file name and argv (read from the new stack).
+#[inline(always)]
+fn record_exec(
+    member: &TaskMember,
+    task: u64,
+    bprm: u64,
+    old_peak: u64,
+    counters: &mut RunCounters,
+) {
+    let Some(mut entry) = RECORDS.reserve::<ProcExec>(0) else {
+        add(&mut counters.lost_events, 1);
+        return;
+    };
+    let p = entry.as_mut_ptr();
+    let mm = read::<u64>(task, offset!(task_mm)).unwrap_or(0);
+    let arg_start = read::<u64>(mm, offset!(mm_arg_start)).unwrap_or(0);
+    let arg_end = read::<u64>(mm, offset!(mm_arg_end)).unwrap_or(0);
+    let total = arg_end.saturating_sub(arg_start);
+    let filename = read::<u64>(bprm, offset!(bprm_filename)).unwrap_or(0);
+    let comm = (task + offset!(task_comm) as u64) as *const u8;
+    // SAFETY: `p` points to reserved ring-buffer memory of the record's size; the reads check
+    // their source addresses.
+    unsafe {
+        (*p).header = header(record_kind::PROC_EXEC, member.run, member.signal);
+        (*p).old_mm_peak_pages = old_peak;
+        (*p).pid = member.tgid;
+        (*p)._pad0 = 0;
+        if bpf_probe_read_kernel_buf(comm, &mut (*p).comm).is_err() {
+            (*p).comm = [0; 16];
+        }
+        if filename == 0
+            || bpf_probe_read_kernel_str_bytes(filename as *const u8, &mut (*p).filename).is_err()
+        {
+            (*p).filename[0] = 0;
+        }
+        // 1..=ARGV_BYTES, in a form the verifier can bound: a volatile load the compiler
+        // cannot see through, masked and offset right before the call.
+        let want: u32 = if total > ARGV_BYTES as u64 {
+            ARGV_BYTES as u32
+        } else {
+            total as u32
+        };
+        let mut len = 0;
+        if want > 0 {
+            let staged = want;
+            let n = core::ptr::read_volatile(&staged);
+            let size = (n.wrapping_sub(1) & (ARGV_BYTES as u32 - 1)) + 1;
+            let dst = (*p).argv.as_mut_ptr();
+            if generated::bpf_probe_read_user(dst.cast(), size, arg_start as *const _) == 0 {
+                len = size;
+            }
+        }
+        (*p).argv_len = len;
+        (*p).argv_truncated = u32::from(total > ARGV_BYTES as u64);
+    }
+    entry.submit(0);
 }
 
 /// `rss_stat(struct mm_struct *mm, int member[, long count])`, wherever an RSS counter of
@@ -410,7 +662,6 @@ pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
     }
     0
 }
-
 /// `block_bio_queue(struct bio *bio)` (5.11+), in the submitter's context.
 #[raw_tracepoint(tracepoint = "block_bio_queue")]
 pub fn block_bio_queue(ctx: RawTracePointContext) -> i32 {
@@ -504,8 +755,18 @@ fn on_exit<const ATOMICS: bool>() -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
     // SAFETY: the value is copied out at once.
-    let Some(member) = (unsafe { TASKS.get(current) }).copied() else {
-        return 0;
+    let member = match (unsafe { TASKS.get(current) }).copied() {
+        Some(member) => member,
+        None => {
+            if adopt_current::<ATOMICS>(current).is_none() {
+                return 0;
+            }
+            // SAFETY: the value is copied out at once.
+            match (unsafe { TASKS.get(current) }).copied() {
+                Some(member) => member,
+                None => return 0,
+            }
+        }
     };
     // do_exit() has already decremented `signal->live`; at 0 the process is over. Several of
     // its threads may see 0; removing the process's entry succeeds for exactly one of them.
@@ -522,9 +783,29 @@ fn on_exit<const ATOMICS: bool>() -> i32 {
     let Some(counters) = run_counters(member.run) else {
         return 0;
     };
+    let code = read::<u32>(current, offset!(task_exit_code)).unwrap_or(0);
+    if member.signal == load(&counters.root_signal) {
+        store(&mut counters.root_status, ROOT_ENDED | code as u64);
+    }
     add(&mut counters.processes_alive, u64::MAX); // -1
+    let peak = if ATOMICS { mm_peak(proc.mm) } else { 0 };
     if ATOMICS {
         mm_release(proc.mm, counters);
+    }
+    if wants_records(counters) {
+        match RECORDS.reserve::<ProcExit>(0) {
+            Some(mut entry) => {
+                entry.write(ProcExit {
+                    header: header(record_kind::PROC_EXIT, member.run, member.signal),
+                    exit_code: code,
+                    _pad0: 0,
+                    mm_peak_pages: peak,
+                    threads: proc.threads,
+                });
+                entry.submit(0);
+            }
+            None => add(&mut counters.lost_events, 1),
+        }
     }
     0
 }
@@ -536,10 +817,8 @@ pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
     let prev: u64 = ctx.arg(1);
     let state: u64 = if offset!(switch_has_prev_state) != 0 {
         ctx.arg(3)
-    } else if offset!(task_state_size) == 8 {
-        read::<u64>(prev, offset!(task_state)).unwrap_or(0)
     } else {
-        read::<u32>(prev, offset!(task_state)).unwrap_or(0) as u64
+        task_state(prev)
     };
     if state & offset!(task_dead) as u64 == 0 {
         return 0;
@@ -552,62 +831,366 @@ pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// `task_struct.__state` (or `state`).
+#[inline(always)]
+fn task_state(task: u64) -> u64 {
+    if offset!(task_state_size) == 8 {
+        read::<u64>(task, offset!(task_state)).unwrap_or(0)
+    } else {
+        read::<u32>(task, offset!(task_state)).unwrap_or(0) as u64
+    }
+}
+
+/// What a thread has used over its life so far: runtime, utime, stime and its I/O accounting
+/// (read bytes, write bytes, cancelled write bytes, rchar, wchar; 0 where the kernel lacks it).
+/// `None` if the runtime cannot be read.
+#[inline(always)]
+fn thread_usage(task: u64) -> Option<[u64; 8]> {
+    let runtime = read::<u64>(task, offset!(task_sum_exec_runtime))?;
+    let utime = read::<u64>(task, offset!(task_utime))?;
+    let stime = read::<u64>(task, offset!(task_stime))?;
+    Some([
+        runtime,
+        utime,
+        stime,
+        ioac(task, offset!(task_ioac_read_bytes)),
+        ioac(task, offset!(task_ioac_write_bytes)),
+        ioac(task, offset!(task_ioac_cancelled_write_bytes)),
+        ioac(task, offset!(task_ioac_rchar)),
+        ioac(task, offset!(task_ioac_wchar)),
+    ])
+}
+
+/// One `task_struct.ioac` counter, where the kernel has it.
+#[inline(always)]
+fn ioac(task: u64, offset: u32) -> u64 {
+    if offset == ABSENT {
+        return 0;
+    }
+    read::<u64>(task, offset).unwrap_or(0)
+}
+
+/// A `THREAD_END` or `THREAD_ADOPTED` record.
+#[inline(always)]
+fn record_thread(kind: u32, member: &TaskMember, u: &[u64; 8], counters: &mut RunCounters) {
+    match RECORDS.reserve::<ThreadEnd>(0) {
+        Some(mut entry) => {
+            entry.write(ThreadEnd {
+                header: header(kind, member.run, member.signal),
+                cpu_runtime_ns: u[0],
+                cpu_utime_ns: u[1],
+                cpu_stime_ns: u[2],
+                disk_read_bytes: u[3],
+                disk_write_bytes: u[4],
+                disk_cancelled_write_bytes: u[5],
+                io_rchar: u[6],
+                io_wchar: u[7],
+            });
+            entry.submit(0);
+        }
+        None => add(&mut counters.lost_events, 1),
+    }
+}
+
 /// A tracked thread has switched out for the last time: its runtime is final.
 #[inline(always)]
 fn leave(task: u64, member: &TaskMember) {
     let Some(counters) = run_counters(member.run) else {
         return;
     };
-    let runtime = read::<u64>(task, offset!(task_sum_exec_runtime));
-    let utime = read::<u64>(task, offset!(task_utime));
-    let stime = read::<u64>(task, offset!(task_stime));
-    match (runtime, utime, stime) {
-        (Some(r), Some(u), Some(s)) => {
-            add(&mut counters.cpu_runtime_ns, r);
-            add(&mut counters.cpu_utime_ns, u);
-            add(&mut counters.cpu_stime_ns, s);
+    match thread_usage(task) {
+        Some(u) => {
+            add(&mut counters.cpu_runtime_ns, u[0]);
+            add(&mut counters.cpu_utime_ns, u[1]);
+            add(&mut counters.cpu_stime_ns, u[2]);
+            add(&mut counters.disk_read_bytes, u[3]);
+            add(&mut counters.disk_write_bytes, u[4]);
+            add(&mut counters.disk_cancelled_write_bytes, u[5]);
+            add(&mut counters.io_rchar, u[6]);
+            add(&mut counters.io_wchar, u[7]);
+            if wants_records(counters) {
+                record_thread(record_kind::THREAD_END, member, &u, counters);
+            }
         }
-        _ => add(&mut counters.lost_events, 1),
+        None => add(&mut counters.lost_events, 1),
     }
-    add_ioac(
-        task,
-        offset!(task_ioac_read_bytes),
-        &mut counters.disk_read_bytes,
-    );
-    add_ioac(
-        task,
-        offset!(task_ioac_write_bytes),
-        &mut counters.disk_write_bytes,
-    );
-    add_ioac(
-        task,
-        offset!(task_ioac_cancelled_write_bytes),
-        &mut counters.disk_cancelled_write_bytes,
-    );
-    add_ioac(task, offset!(task_ioac_rchar), &mut counters.io_rchar);
-    add_ioac(task, offset!(task_ioac_wchar), &mut counters.io_wchar);
     let _ = TASKS.remove(task);
     // Last: the exit generation (userspace's consistency check for snapshots).
     add(&mut counters.threads_exited, 1);
-    // SAFETY (both reads): aligned 8-byte loads of map values are single-copy atomic. The
-    // thread being the last is seen by at least the last of concurrent exits.
-    let started = unsafe { core::ptr::read_volatile(&counters.threads_started) };
-    let exited = unsafe { core::ptr::read_volatile(&counters.threads_exited) };
+    // The thread being the last is seen by at least the last of concurrent exits.
+    let started = load(&counters.threads_started);
+    let exited = load(&counters.threads_exited);
     if started == exited {
         // SAFETY: reads the monotonic clock.
-        counters.ended_ns = unsafe { bpf_ktime_get_ns() };
+        store(&mut counters.ended_ns, unsafe { bpf_ktime_get_ns() });
         notify(member.run, event_kind::RUN_EMPTY, counters);
     }
 }
 
-/// Adds one `task_struct.ioac` counter of an exited thread, where the kernel has it.
+/// While a run is being attached to: the run `task` belongs to if it is a task of that tree
+/// that is not followed yet (its process is, or one of its ancestors is), after adopting it.
 #[inline(always)]
-fn add_ioac(task: u64, offset: u32, total: &mut u64) {
-    if offset != ABSENT
-        && let Some(v) = read::<u64>(task, offset)
-    {
-        add(total, v);
+fn adopt_current<const ATOMICS: bool>(task: u64) -> Option<u32> {
+    if *ADOPT_GATE.get(0)? == 0 {
+        return None;
     }
+    let me = tracker();
+    let signal = read::<u64>(task, offset!(task_signal))?;
+    if signal == me.signal {
+        return None;
+    }
+    // SAFETY: the value is copied out at once.
+    let mut run = (unsafe { PROCS.get(signal) }).map(|p| p.run);
+    if run.is_none() {
+        let mut t = task;
+        for _ in 0..ADOPT_ANCESTORS {
+            let parent = read::<u64>(t, offset!(task_real_parent))?;
+            if parent == t || parent == 0 {
+                return None;
+            }
+            let s = read::<u64>(parent, offset!(task_signal))?;
+            if s == me.signal {
+                return None;
+            }
+            // SAFETY: the value is copied out at once.
+            if let Some(p) = unsafe { PROCS.get(s) } {
+                run = Some(p.run);
+                break;
+            }
+            t = parent;
+        }
+    }
+    let run = run?;
+    if RUN_CONTROL.get(run)?.attaching == 0 {
+        return None;
+    }
+    match adopt::<ATOMICS>(task, run, false) {
+        control::ADOPTED | control::ALREADY => Some(run),
+        _ => None,
+    }
+}
+
+/// Adopts `task` into `run`: it was not created inside the run, so what it had used so far
+/// is recorded as used before the attach. Its process joins too if it is not followed yet.
+#[inline(always)]
+fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
+    // SAFETY: the value is copied out at once.
+    if let Some(m) = unsafe { TASKS.get(task) } {
+        return if m.run == run {
+            control::ALREADY
+        } else {
+            control::E_OTHER_RUN
+        };
+    }
+    let Some(counters) = run_counters(run) else {
+        return control::E_INVAL;
+    };
+    let me = tracker();
+    if task_state(task) & offset!(task_dead) as u64 != 0 {
+        // A zombie (its last switch is behind it, or just ahead): nothing left to follow.
+        return control::E_GONE;
+    }
+    let (Some(signal), Some(start), Some(leader)) = (
+        read::<u64>(task, offset!(task_signal)),
+        read::<u64>(task, offset!(task_start_boottime)),
+        read::<u64>(task, offset!(task_group_leader)),
+    ) else {
+        return control::E_READ;
+    };
+    if signal == me.signal {
+        return control::E_SELF;
+    }
+    let (tid, own_pid) = pids(task, me.pid_level);
+    let tgid = pids(leader, me.pid_level).0;
+    let process_start = read::<u64>(leader, offset!(task_start_boottime)).unwrap_or(start);
+    let member = TaskMember {
+        run,
+        tid,
+        tgid,
+        _pad0: 0,
+        signal,
+        start_boottime_ns: start,
+        process_start_boottime_ns: process_start,
+    };
+    if TASKS.insert(task, member, BPF_NOEXIST as u64).is_err() {
+        // SAFETY: the value is copied out at once.
+        return match unsafe { TASKS.get(task) } {
+            Some(m) if m.run == run => control::ALREADY,
+            Some(_) => control::E_OTHER_RUN,
+            None => {
+                add(&mut counters.lost_events, 1);
+                control::E_FULL
+            }
+        };
+    }
+    add(&mut counters.threads_started, 1);
+    add(&mut counters.threads_adopted, 1);
+    if let Some(u) = thread_usage(task) {
+        add(&mut counters.before_cpu_runtime_ns, u[0]);
+        add(&mut counters.before_cpu_utime_ns, u[1]);
+        add(&mut counters.before_cpu_stime_ns, u[2]);
+        add(&mut counters.before_disk_read_bytes, u[3]);
+        add(&mut counters.before_disk_write_bytes, u[4]);
+        add(&mut counters.before_disk_cancelled_write_bytes, u[5]);
+        add(&mut counters.before_io_rchar, u[6]);
+        add(&mut counters.before_io_wchar, u[7]);
+        if wants_records(counters) {
+            record_thread(record_kind::THREAD_ADOPTED, &member, &u, counters);
+        }
+    }
+    if root {
+        store(&mut counters.root_signal, signal);
+    }
+    let mm = if ATOMICS {
+        read::<u64>(task, offset!(task_mm)).unwrap_or(0)
+    } else {
+        0
+    };
+    let proc = ProcMember {
+        run,
+        _pad0: 0,
+        mm,
+        threads: 1,
+    };
+    if PROCS.insert(signal, proc, BPF_NOEXIST as u64).is_ok() {
+        add(&mut counters.processes_started, 1);
+        add(&mut counters.processes_adopted, 1);
+        if ATOMICS {
+            let alive = add_fetch(&mut counters.processes_alive, 1);
+            raise_to(&mut counters.processes_peak, alive);
+            mm_use(run, mm, counters);
+        } else {
+            add(&mut counters.processes_alive, 1);
+        }
+        if wants_records(counters) {
+            let flags = proc_flags::ADOPTED | if root { proc_flags::ROOT } else { 0 };
+            record_start(
+                run,
+                leader,
+                signal,
+                process_start,
+                tgid,
+                own_pid,
+                flags,
+                counters,
+            );
+        }
+    } else if let Some(p) = PROCS.get_ptr_mut(signal) {
+        // SAFETY: map value pointer; updated atomically.
+        let p = unsafe { &mut *p };
+        add(&mut p.threads, 1);
+        // Its process was adopted through a thread without an address space (an exited
+        // leader): this one has it.
+        if ATOMICS && mm != 0 && p.mm == 0 {
+            p.mm = mm;
+            mm_use(run, mm, counters);
+        }
+    }
+    if task_state(task) & offset!(task_dead) as u64 != 0 {
+        // It died while being adopted: its last switch may have passed before the entry was
+        // there. Whoever removes the entry (the switch hook or this) accounts for it, once.
+        if TASKS.remove(task).is_ok() {
+            leave(task, &member);
+        }
+    }
+    control::ADOPTED
+}
+
+/// Never attached: userspace runs it in its own context with `BPF_PROG_TEST_RUN`, with the
+/// arguments `(op, a, b, c)`; see `cylo_usage_abi::control`.
+#[raw_tracepoint(tracepoint = "control")]
+pub fn control(ctx: RawTracePointContext) -> i32 {
+    on_control::<true>(ctx)
+}
+
+/// `control` for kernels without BPF atomic fetch, exchange and cmpxchg.
+#[raw_tracepoint(tracepoint = "control")]
+pub fn control_no_atomics(ctx: RawTracePointContext) -> i32 {
+    on_control::<false>(ctx)
+}
+
+#[inline(always)]
+fn on_control<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
+    // SAFETY: returns the address of the current task_struct.
+    let current = unsafe { bpf_get_current_task() };
+    let op: u64 = ctx.arg(0);
+    let a: u64 = ctx.arg(1);
+    let b: u64 = ctx.arg(2);
+    let c: u64 = ctx.arg(3);
+    match op {
+        control::HELLO => {
+            let (Some(signal), Some(pid)) = (
+                read::<u64>(current, offset!(task_signal)),
+                read::<u64>(current, offset!(task_thread_pid)),
+            ) else {
+                return control::E_READ;
+            };
+            let Some(level) = read::<u32>(pid, offset!(pid_level)) else {
+                return control::E_READ;
+            };
+            let Some(info) = TRACKER.get_ptr_mut(0) else {
+                return control::E_INVAL;
+            };
+            // SAFETY: map value pointer; only this operation writes it.
+            unsafe {
+                *info = TrackerInfo {
+                    signal,
+                    pid_level: level,
+                    known: 1,
+                };
+            }
+            0
+        }
+        control::SPAWNER => {
+            if a >= MAX_RUNS as u64 {
+                return control::E_INVAL;
+            }
+            match SPAWNERS.insert(current, a as u32, 0) {
+                Ok(()) => 0,
+                Err(_) => control::E_FULL,
+            }
+        }
+        control::UNSPAWN => {
+            let _ = SPAWNERS.remove(current);
+            0
+        }
+        control::ADOPT => {
+            if b >= MAX_RUNS as u64 {
+                return control::E_INVAL;
+            }
+            match task_of_fd(current, a) {
+                Ok(task) => adopt::<ATOMICS>(task, b as u32, c & control::ADOPT_ROOT != 0),
+                Err(e) => e,
+            }
+        }
+        _ => control::E_INVAL,
+    }
+}
+
+/// The task behind `fd`, a `/proc/PID/task/TID` directory the current task holds open:
+/// `current->files->fdt->fd[fd]->f_inode`, its `proc_inode`, its `struct pid`, and that pid's
+/// task (none once the thread has been released).
+#[inline(always)]
+fn task_of_fd(current: u64, fd: u64) -> Result<u64, i32> {
+    let files = read::<u64>(current, offset!(task_files)).ok_or(control::E_READ)?;
+    let fdt = read::<u64>(files, offset!(files_fdt)).ok_or(control::E_READ)?;
+    let max = read::<u32>(fdt, offset!(fdt_max_fds)).ok_or(control::E_READ)?;
+    if fd >= max as u64 {
+        return Err(control::E_INVAL);
+    }
+    let array = read::<u64>(fdt, offset!(fdt_fd)).ok_or(control::E_READ)?;
+    let file = read::<u64>(array + fd * 8, 0).ok_or(control::E_READ)?;
+    if file == 0 {
+        return Err(control::E_INVAL);
+    }
+    let inode = read::<u64>(file, offset!(file_inode)).ok_or(control::E_READ)?;
+    let proc_inode = inode.wrapping_sub(offset!(proc_inode_vfs_inode) as u64);
+    let pid = read::<u64>(proc_inode, offset!(proc_inode_pid)).ok_or(control::E_READ)?;
+    let first = read::<u64>(pid, offset!(pid_tasks)).ok_or(control::E_READ)?;
+    if first == 0 {
+        return Err(control::E_GONE);
+    }
+    Ok(first.wrapping_sub(offset!(task_pid_links) as u64))
 }
 
 #[cfg(not(test))]

@@ -105,6 +105,28 @@ pub(crate) fn features(m: Measured, refused: &Unavailable) -> Vec<Feature> {
         ),
         no("network_bytes_sent", NOT_YET),
         no("network_bytes_received", NOT_YET),
+        pick(
+            m.records,
+            "processes",
+            if refused.records.is_none() {
+                "per-process records (--tree, --events) from the fork, exec, exit and last-switch \
+                 hooks, through a ring buffer; argv read in the kernel at exec"
+            } else {
+                "per-process records (--tree, --events); without argv and file names: the kernel \
+                 lacks their layout"
+            },
+            "not available: this kernel's BTF lacks task_struct.comm or exit_code",
+        ),
+        pick(
+            m.attach,
+            "attach",
+            "a task is adopted from its /proc/PID/task/TID directory (BPF_PROG_TEST_RUN of the \
+             control program), and by the hooks while the attach runs",
+            &format!(
+                "not available: {}",
+                refused.attach.as_deref().unwrap_or("unknown")
+            ),
+        ),
     ]
 }
 

@@ -12,6 +12,7 @@
 //! println!("{} ns of CPU in {} processes", usage.cpu_time_ns, usage.process_count);
 //! # Ok(()) }
 //! ```
+mod attach;
 pub mod btf;
 pub mod features;
 pub mod loader;
@@ -19,10 +20,12 @@ pub mod procfs;
 pub mod report;
 pub mod resolve;
 pub mod session;
+pub mod tree;
 pub mod usage;
 
 pub use loader::{LoadError, Options, Tracker};
-pub use session::{Run, SessionError};
+pub use session::{Run, RunOptions, SessionError};
+pub use tree::ProcessUsage;
 pub use usage::{Precision, ResourceUsage};
 
 /// An error and all its sources on one line (`a: b: c`), for one-line messages.

@@ -2,12 +2,14 @@
 //! attach its programs, and own the links and maps for as long as the [`Tracker`] lives.
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::os::fd::{AsFd, AsRawFd};
+
 use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
-use aya::programs::{ProgramError, RawTracePoint};
+use aya::programs::{ProgramError, ProgramFd, RawTracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use cylo_usage_abi::{
     ABSENT, DEFAULT_MAX_PROCS, DEFAULT_MAX_TASKS, DevCounters, DevKey, MAX_RUNS, MmMember, Offsets,
-    ProcMember, RunCounters, TaskMember, names,
+    ProcMember, RunControl, RunCounters, TaskMember, control, names,
 };
 
 use crate::resolve::{self, ResolveError};
@@ -51,6 +53,14 @@ pub enum LoadError {
         #[source]
         source: Option<MapError>,
     },
+    #[error("running the control program ({op}) failed")]
+    Control {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the control program refused {op}: code {code}")]
+    ControlRefused { op: &'static str, code: i32 },
 }
 
 /// Which capabilities the running process lacks for [`Tracker::load`], if any.
@@ -78,8 +88,9 @@ pub(crate) struct Maps {
     pub mms: HashMap<MapData, u64, MmMember>,
     pub devs: HashMap<MapData, DevKey, DevCounters>,
     pub runs: Array<MapData, RunCounters>,
-    pub spawners: HashMap<MapData, u32, u32>,
     pub spawn_gate: Array<MapData, u64>,
+    pub adopt_gate: Array<MapData, u64>,
+    pub run_control: Array<MapData, RunControl>,
     /// Run slots in use.
     pub slots: Vec<bool>,
     /// Where the search for a free slot starts: slots are handed out round-robin, so a slot
@@ -90,6 +101,12 @@ pub(crate) struct Maps {
 pub(crate) struct Inner {
     pub maps: Mutex<Maps>,
     pub events: Mutex<RingBuf<MapData>>,
+    /// Per-process records; taken by the reader thread when the first run wants them.
+    pub records: Mutex<Option<RingBuf<MapData>>>,
+    /// Where the reader thread delivers each run's records.
+    pub sinks: Arc<crate::tree::Sinks>,
+    /// The `control` program, run in the caller's context (`BPF_PROG_TEST_RUN`).
+    pub control: ProgramFd,
     pub offsets: Offsets,
     pub measured: Measured,
     /// Why what is not measured is not.
@@ -103,6 +120,65 @@ impl Inner {
         // A panic while holding the lock leaves plain data behind: keep using it.
         self.maps.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Runs the `control` program in the calling thread with `(op, a, b, c)` and returns what
+    /// it returned (see `cylo_usage_abi::control`).
+    pub fn control(&self, args: [u64; 4]) -> std::io::Result<i32> {
+        run_control(&self.control, args)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.sinks.stop();
+    }
+}
+
+/// `bpf(BPF_PROG_TEST_RUN)` of a raw tracepoint program with `args` as its context: it runs
+/// in the calling thread, so `bpf_get_current_task()` is the caller.
+fn run_control(prog: &ProgramFd, args: [u64; 4]) -> std::io::Result<i32> {
+    // `union bpf_attr`'s `test` member, as far as a raw tracepoint uses it.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRun {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let mut attr = TestRun {
+        prog_fd: prog.as_fd().as_raw_fd() as u32,
+        ctx_size_in: std::mem::size_of_val(&args) as u32,
+        ctx_in: args.as_ptr() as u64,
+        ..TestRun::default()
+    };
+    // SAFETY: `attr` is a valid, zero-padded bpf_attr prefix of the size passed; `args`
+    // outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRun,
+            std::mem::size_of::<TestRun>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(attr.retval as i32)
 }
 
 /// Capacities of the kernel-side maps.
@@ -131,6 +207,10 @@ pub(crate) struct Unavailable {
     pub atomics: Option<String>,
     /// Why the per-device block I/O hook is not attached.
     pub devices: Option<String>,
+    /// Why `attach` cannot work here.
+    pub attach: Option<String>,
+    /// Why per-process records lack parts (argv, file names).
+    pub records: Option<String>,
 }
 
 /// The first line of an error (a verifier log follows it), at most 300 characters.
@@ -186,6 +266,26 @@ fn attach(
         })
 }
 
+/// Loads the never-attached `control` program and returns a handle to run it.
+fn load_control(ebpf: &mut Ebpf, program: &'static str) -> Result<ProgramFd, LoadError> {
+    let err = |source| LoadError::Attach {
+        program,
+        tracepoint: "(none: run by userspace)",
+        source,
+    };
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .ok_or(LoadError::MissingProgram { name: program })?
+        .try_into()
+        .map_err(err)?;
+    prog.load().map_err(err)?;
+    let fd = prog.fd().map_err(err)?;
+    fd.try_clone().map_err(|source| LoadError::Control {
+        op: "dup of its fd",
+        source,
+    })
+}
+
 impl Tracker {
     /// Checks privileges, resolves the kernel layout from BTF, loads and attaches the programs.
     pub fn load() -> Result<Tracker, LoadError> {
@@ -228,12 +328,14 @@ impl Tracker {
             mms: take(&mut ebpf, names::MMS)?,
             devs: take(&mut ebpf, names::DEVS)?,
             runs: take(&mut ebpf, names::RUNS)?,
-            spawners: take(&mut ebpf, names::SPAWNERS)?,
             spawn_gate: take(&mut ebpf, names::SPAWN_GATE)?,
+            adopt_gate: take(&mut ebpf, names::ADOPT_GATE)?,
+            run_control: take(&mut ebpf, names::RUN_CONTROL)?,
             slots: vec![false; MAX_RUNS as usize],
             next_slot: 0,
         };
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
+        let records: RingBuf<MapData> = take(&mut ebpf, names::RECORDS)?;
         // Atomics that return the old value (BPF ISA v3) came with 5.12: the verifier decides.
         // Without them, the variants that do without the peaks and the memory counters.
         let atomics_error =
@@ -268,6 +370,29 @@ impl Tracker {
             )?;
             let exit = names::PROG_SCHED_PROCESS_EXIT_NO_ATOMICS;
             attach(&mut ebpf, exit, names::TP_SCHED_PROCESS_EXIT)?;
+            let exec = names::PROG_SCHED_PROCESS_EXEC_NO_ATOMICS;
+            attach(&mut ebpf, exec, names::TP_SCHED_PROCESS_EXEC)?;
+        }
+        let control = load_control(
+            &mut ebpf,
+            if atomics {
+                names::PROG_CONTROL
+            } else {
+                names::PROG_CONTROL_NO_ATOMICS
+            },
+        )?;
+        // Who the tracker is: its pid namespace, and its own tasks, which never join a run.
+        match run_control(&control, [control::HELLO, 0, 0, 0]) {
+            Ok(0) => {}
+            Ok(code) => {
+                return Err(LoadError::ControlRefused { op: "hello", code });
+            }
+            Err(source) => {
+                return Err(LoadError::Control {
+                    op: "hello",
+                    source,
+                });
+            }
         }
         attach(&mut ebpf, names::PROG_SCHED_SWITCH, names::TP_SCHED_SWITCH)?;
         let o = offsets;
@@ -289,6 +414,12 @@ impl Tracker {
                 .map(|e| first_line(&crate::error_chain(&e)))
         };
         let devices = devices_error.is_none();
+        let attach_error = (o.pid_tasks == ABSENT || o.task_thread_pid == ABSENT).then(|| {
+            "this kernel's BTF lacks the layout of struct pid, fdtable or proc_inode".to_string()
+        });
+        let records_error = (o.task_comm == ABSENT || o.mm_arg_start == ABSENT).then(|| {
+            "this kernel's BTF lacks task_struct.comm/exit_code or mm_struct.arg_start".to_string()
+        });
         let measured = Measured {
             atomics,
             disk: has(&[
@@ -298,16 +429,23 @@ impl Tracker {
             ]),
             io_chars: has(&[o.task_ioac_rchar, o.task_ioac_wchar]),
             devices,
+            attach: attach_error.is_none(),
+            records: o.task_comm != ABSENT,
         };
         Ok(Tracker {
             inner: Arc::new(Inner {
                 maps: Mutex::new(maps),
                 events: Mutex::new(events),
+                records: Mutex::new(Some(records)),
+                sinks: Arc::default(),
+                control,
                 offsets: *offsets,
                 measured,
                 unavailable: Unavailable {
                     atomics: atomics_error,
                     devices: devices_error,
+                    attach: attach_error,
+                    records: records_error,
                 },
                 _ebpf: Mutex::new(ebpf),
             }),

@@ -4,17 +4,20 @@
 //! killed it; 125 when cylo-usage itself fails (bad usage included); 126 when the command
 //! cannot be run; 127 when it is not found.
 use std::ffi::OsString;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
-use clap::{Parser, Subcommand};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
 use cylo_usage::report;
-use cylo_usage::{ResourceUsage, SessionError, Tracker};
+use cylo_usage::{ResourceUsage, Run, RunOptions, SessionError, Tracker};
 use tokio::io::unix::AsyncFd;
 
+const EXIT_TIMED_OUT: u8 = 124;
 const EXIT_TRACKER_FAILED: u8 = 125;
 const EXIT_CANNOT_RUN: u8 = 126;
 const EXIT_NOT_FOUND: u8 = 127;
@@ -30,22 +33,54 @@ struct Cli {
     command: Cmd,
 }
 
+/// What `run` and `attach` share.
+#[derive(Args, Clone)]
+struct SessionArgs {
+    /// Report as one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Write the report to FILE instead of standard error.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Report as soon as the root exits, without waiting for its descendants.
+    #[arg(long)]
+    until_root_exits: bool,
+    /// Add a per-process breakdown to the report (JSON: a `processes` array).
+    #[arg(long)]
+    tree: bool,
+    /// Stream every process's fork, exec and exit as NDJSON to FILE (`-`: standard output).
+    #[arg(long, value_name = "FILE")]
+    events: Option<PathBuf>,
+    /// Show a status line on standard error (when it is a terminal), twice a second.
+    #[arg(long)]
+    watch: bool,
+    /// At DUR (`500ms`, `10s`, `2m`, `1h`; a bare number is seconds), send SIGTERM to every
+    /// process of the tree, then SIGKILL after --kill-after; exit with 124.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// How long after the timeout's SIGTERM the SIGKILL comes.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "2s")]
+    kill_after: Duration,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run CMD, follow it and all its descendants, and report what they used.
     Run {
-        /// Report as one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-        /// Write the report to FILE instead of standard error.
-        #[arg(short = 'o', long = "output", value_name = "FILE")]
-        output: Option<PathBuf>,
-        /// Report as soon as the root exits, without waiting for its descendants.
-        #[arg(long)]
-        until_root_exits: bool,
+        #[command(flatten)]
+        session: SessionArgs,
         /// The command and its arguments.
         #[arg(required = true, num_args = 1.., trailing_var_arg = true, value_name = "CMD")]
         cmd: Vec<OsString>,
+    },
+    /// Follow the running process PID, every descendant it has now and everything they create
+    /// from now on, and report what they use from now until all of them have exited.
+    Attach {
+        #[command(flatten)]
+        session: SessionArgs,
+        /// The process to attach to (as this pid namespace sees it).
+        #[arg(value_name = "PID")]
+        pid: u32,
     },
     /// Load the programs and list which counters are measured on this kernel, and how.
     Features {
@@ -53,6 +88,34 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Parses `500ms`, `10s`, `1.5s`, `2m`, `1h`, or a bare number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 10s, 2m"))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit {unit:?} in {text:?}: use ms, s, m or h"
+            ));
+        }
+    };
+    let secs = value * scale;
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(format!("duration {text:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 fn main() -> ExitCode {
@@ -69,12 +132,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Cmd::Run {
-            json,
-            output,
-            until_root_exits,
-            cmd,
-        } => run(json, output, until_root_exits, cmd),
+        Cmd::Run { session, cmd } => session_main(session, Target::Command(cmd)),
+        Cmd::Attach { session, pid } => session_main(session, Target::Pid(pid)),
         Cmd::Features { json } => {
             let tracker = match Tracker::load() {
                 Ok(t) => t,
@@ -146,13 +205,36 @@ fn read_signal(fd: &OwnedFd) -> Option<(i32, bool)> {
     Some((info.ssi_signo as i32, direct))
 }
 
-fn run(
-    json: bool,
-    output: Option<PathBuf>,
-    until_root_exits: bool,
-    cmd: Vec<OsString>,
-) -> ExitCode {
-    if cmd[0].is_empty() {
+/// What a session follows.
+enum Target {
+    Command(Vec<OsString>),
+    Pid(u32),
+}
+
+/// The exit code for a failure to start the session.
+fn start_error_code(e: &SessionError) -> u8 {
+    match e {
+        SessionError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            EXIT_NOT_FOUND
+        }
+        SessionError::Spawn { .. } => EXIT_CANNOT_RUN,
+        _ => EXIT_TRACKER_FAILED,
+    }
+}
+
+fn open_events(path: &std::path::Path) -> Result<cylo_usage::tree::EventSink, String> {
+    if path.as_os_str() == "-" {
+        return Ok(Box::new(std::io::stdout()));
+    }
+    std::fs::File::create(path)
+        .map(|f| Box::new(f) as cylo_usage::tree::EventSink)
+        .map_err(|e| format!("cannot write events to {}: {e}", path.display()))
+}
+
+fn session_main(args: SessionArgs, target: Target) -> ExitCode {
+    if let Target::Command(cmd) = &target
+        && cmd[0].is_empty()
+    {
         return fail(EXIT_TRACKER_FAILED, "run: the command name is empty");
     }
     let signals = match signal_fd() {
@@ -164,38 +246,57 @@ fn run(
             );
         }
     };
+    let events = match args.events.as_deref().map(open_events).transpose() {
+        Ok(e) => e,
+        Err(e) => return fail(EXIT_TRACKER_FAILED, e),
+    };
     let tracker = match Tracker::load() {
         Ok(t) => t,
         Err(e) => return fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
     };
-    let shown = cmd
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let mut command = Command::new(&cmd[0]);
-    command.args(&cmd[1..]);
-    // The command starts with the signal mask cylo-usage had before it blocked the signals
-    // it reads through the signalfd.
-    let unblock = signal_set();
-    // SAFETY: pthread_sigmask is async-signal-safe.
-    unsafe {
-        command.pre_exec(move || {
-            libc::pthread_sigmask(libc::SIG_UNBLOCK, &unblock, std::ptr::null_mut());
-            Ok(())
-        });
-    }
-    let mut run = match tracker.spawn(&mut command) {
-        Ok(run) => run,
-        Err(SessionError::Spawn { program, source }) => {
-            let code = if source.kind() == std::io::ErrorKind::NotFound {
-                EXIT_NOT_FOUND
-            } else {
-                EXIT_CANNOT_RUN
-            };
-            return fail(code, format!("{program}: {source}"));
+    let options = RunOptions {
+        tree: args.tree,
+        events,
+        tree_limit: 0,
+    };
+    let (started, title, shown) = match &target {
+        Target::Command(cmd) => {
+            let shown = cmd
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let mut command = Command::new(&cmd[0]);
+            command.args(&cmd[1..]);
+            // The command starts with the signal mask cylo-usage had before it blocked the
+            // signals it reads through the signalfd.
+            let unblock = signal_set();
+            // SAFETY: pthread_sigmask is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    libc::pthread_sigmask(libc::SIG_UNBLOCK, &unblock, std::ptr::null_mut());
+                    Ok(())
+                });
+            }
+            let started = tracker.spawn_with(&mut command, options);
+            (started, "Command being timed", shown)
         }
-        Err(e) => return fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
+        Target::Pid(pid) => {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let shown = format!("pid {pid} ({})", comm.trim());
+            (tracker.attach_with(*pid, options), "Attached to", shown)
+        }
+    };
+    let mut run = match started {
+        Ok(run) => run,
+        Err(e) => {
+            let code = start_error_code(&e);
+            let message = match &e {
+                SessionError::Spawn { program, source } => format!("{program}: {source}"),
+                e => cylo_usage::error_chain(e),
+            };
+            return fail(code, message);
+        }
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -209,12 +310,16 @@ fn run(
             );
         }
     };
+    let attached = run.is_attached();
     let waited = rt.block_on(async {
         let signals = cylo_usage::session::watch(signals)
             .map_err(|e| format!("cannot watch signals: {e}"))?;
-        wait(&mut run, &signals, until_root_exits).await
+        wait(&mut run, &signals, &args, attached).await
     });
-    let mut problem = waited.err();
+    let (interrupted, mut problem) = match waited {
+        Ok(interrupted) => (interrupted, None),
+        Err(e) => (None, Some(e)),
+    };
     // Whatever happened above, what was measured is reported.
     let usage: Option<ResourceUsage> = match run.usage() {
         Ok(u) => Some(u),
@@ -224,17 +329,17 @@ fn run(
         }
     };
     if let Some(usage) = &usage {
-        let text = if json {
+        let text = if args.json {
             report::json(usage)
         } else {
-            report::human(usage, &shown)
+            report::human_titled(usage, title, &shown)
         };
-        let written = match &output {
+        let written = match &args.output {
             Some(path) => std::fs::write(path, &text)
                 .map_err(|e| format!("cannot write the report to {}: {e}", path.display())),
             None => Ok(()),
         };
-        if output.is_none() || written.is_err() {
+        if args.output.is_none() || written.is_err() {
             let _ = std::io::stderr().write_all(text.as_bytes());
         }
         if let Err(e) = written {
@@ -244,50 +349,162 @@ fn run(
     if let Some(p) = problem {
         return fail(EXIT_TRACKER_FAILED, p);
     }
+    if usage.as_ref().is_some_and(|u| u.timed_out) {
+        return ExitCode::from(EXIT_TIMED_OUT);
+    }
     let status = run.root_status();
     match (
         status.and_then(|s| s.code()),
         status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
+        interrupted,
     ) {
-        (Some(code), _) => ExitCode::from(code as u8),
-        (None, Some(sig)) => ExitCode::from((128 + sig) as u8),
-        (None, None) => ExitCode::from(EXIT_TRACKER_FAILED),
+        (Some(code), _, _) => ExitCode::from(code as u8),
+        (None, Some(sig), _) => ExitCode::from((128 + sig) as u8),
+        // An attach stopped by a signal before the root exited: 128+N, as if killed by it.
+        (None, None, Some(sig)) => ExitCode::from((128 + sig) as u8),
+        (None, None, None) => ExitCode::from(EXIT_TRACKER_FAILED),
     }
 }
 
-/// Waits for the root (forwarding signals to it), then, unless `until_root_exits`, for every
-/// descendant. A signal that arrives after the root has exited stops the waiting.
+/// Waits for the root, then, unless `--until-root-exits`, for every descendant. For `run`, a
+/// signal is forwarded to the root, and stops the waiting once the root has exited; for
+/// `attach`, a signal stops the waiting at once (returned). The timeout kills the tree.
 async fn wait(
-    run: &mut cylo_usage::Run,
+    run: &mut Run,
     signals: &AsyncFd<OwnedFd>,
-    until_root_exits: bool,
-) -> Result<(), String> {
-    loop {
+    args: &SessionArgs,
+    attached: bool,
+) -> Result<Option<i32>, String> {
+    let err = |e: SessionError| cylo_usage::error_chain(&e);
+    let fds: Vec<AsyncFd<OwnedFd>> = run
+        .wake_fds()
+        .map_err(|e| format!("cannot watch the run: {e}"))?
+        .into_iter()
+        .map(cylo_usage::session::watch)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cannot watch the run: {e}"))?;
+    let started = Instant::now();
+    let deadline = args.timeout.map(|t| started + t);
+    let mut kill_at: Option<Instant> = None;
+    let mut killed_at: Option<Instant> = None;
+    let live_view = args.watch && std::io::stderr().is_terminal();
+    let mut root_done = false;
+    let result = loop {
+        if !root_done && run.try_wait_root().map_err(err)?.is_some() {
+            root_done = true;
+        }
+        let finished = run.is_finished().map_err(err)?;
+        if root_done && (finished || args.until_root_exits) {
+            break Ok(None);
+        }
+        let now = Instant::now();
+        if let Some(d) = deadline
+            && now >= d
+            && kill_at.is_none()
+        {
+            run.set_timed_out();
+            run.kill(libc::SIGTERM).map_err(err)?;
+            kill_at = Some(now + args.kill_after);
+        }
+        if let Some(k) = kill_at
+            && now >= k
+            && killed_at.is_none()
+        {
+            run.kill(libc::SIGKILL).map_err(err)?;
+            killed_at = Some(now);
+        }
+        if let Some(k) = killed_at
+            && now >= k + Duration::from_secs(10)
+            && (finished || root_done)
+        {
+            // Whatever SIGKILL could not end in 10 s (uninterruptible sleep) is reported live.
+            break Ok(None);
+        }
+        if live_view {
+            draw_status(run, started);
+        }
+        // Wake on: the root's exit, a run's end, a signal, or the next tick.
+        let tick = if live_view || kill_at.is_some() || deadline.is_some() {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(500)
+        };
+        let root_fd = fds.first().filter(|_| !root_done && fds.len() > 1);
+        let events_fd = fds.last();
         tokio::select! {
-            r = run.wait_root() => { r.map_err(|e| cylo_usage::error_chain(&e))?; break; }
+            _ = tokio::time::sleep(tick) => {}
+            r = async { root_fd.unwrap().readable().await }, if root_fd.is_some() => {
+                // The pidfd stays readable: the next check takes the exit; no spinning meanwhile.
+                if let Ok(mut g) = r { g.retain_ready(); }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            r = async { events_fd.unwrap().readable().await }, if events_fd.is_some() => {
+                run.clear_wake();
+                if let Ok(mut g) = r { g.clear_ready(); }
+            }
             g = signals.readable() => {
                 let mut g = g.map_err(|e| format!("cannot read signals: {e}"))?;
+                let mut stop = None;
                 while let Some((sig, direct)) = read_signal(signals.get_ref()) {
-                    // A terminal's signal already reached the root through its process group.
-                    if direct {
+                    if attached || root_done {
+                        stop = Some(sig);
+                    } else if direct {
+                        // A terminal's signal already reached the root through its group.
                         let _ = run.signal_root(sig);
                     }
                 }
                 g.clear_ready();
+                if let Some(sig) = stop {
+                    break Ok(attached.then_some(sig));
+                }
             }
         }
+    };
+    if live_view {
+        let _ = std::io::stderr().write_all(b"\r\x1b[K");
     }
-    if until_root_exits {
-        return Ok(());
-    }
-    tokio::select! {
-        r = run.wait_finished() => r.map_err(|e| cylo_usage::error_chain(&e)),
-        g = signals.readable() => {
-            if let Ok(mut g) = g {
-                while read_signal(signals.get_ref()).is_some() {}
-                g.clear_ready();
-            }
-            Ok(())
+    result
+}
+
+/// The `--watch` status line: elapsed time, CPU, live and total processes, RSS, disk, network.
+fn draw_status(run: &Run, started: Instant) {
+    let Ok(u) = run.usage_totals() else {
+        return;
+    };
+    let mib = |b: Option<u64>| match b {
+        Some(b) => format!("{:.1} MiB", b as f64 / (1 << 20) as f64),
+        None => "-".to_string(),
+    };
+    let line = format!(
+        "\r\x1b[K{:.1}s  cpu {:.2}s  procs {} live / {}  rss {}  disk r {} w {}  net tx {} rx {}",
+        started.elapsed().as_secs_f64(),
+        u.cpu_time_ns as f64 / 1e9,
+        u.live_process_count,
+        u.process_count,
+        mib(u.memory_bytes),
+        mib(u.disk_bytes_read),
+        mib(u.disk_bytes_written),
+        mib(u.network_bytes_sent),
+        mib(u.network_bytes_received),
+    );
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        for bad in ["", "s", "10x", "-1s", "1e999s", "ms10", "1..2s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }
 }

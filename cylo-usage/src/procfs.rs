@@ -86,11 +86,49 @@ pub fn parse_schedstat(text: &str) -> Option<u64> {
 
 /// Parses `/proc/.../stat`: returns (utime, stime, starttime) in clock ticks.
 pub fn parse_stat(text: &str) -> Option<(u64, u64, u64)> {
-    // Fields after the command name, which ends at the LAST ')'; field 3 (state) is index 0.
+    let s = parse_stat_fields(text)?;
+    Some((s.utime, s.stime, s.start_ticks))
+}
+
+/// The fields of `/proc/PID/stat` cylo-usage reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatFields {
+    /// Field 3: R, S, D, Z, T, ...
+    pub state: char,
+    /// Field 4, in the reader's pid namespace (0 when the parent is not visible).
+    pub ppid: u32,
+    /// Field 9: `PF_*` flags.
+    pub flags: u64,
+    pub utime: u64,
+    pub stime: u64,
+    /// Field 22: start time in clock ticks since boot.
+    pub start_ticks: u64,
+}
+
+/// `PF_KTHREAD` from `<linux/sched.h>`.
+pub const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Parses `/proc/.../stat`. The command name (field 2) is skipped: it ends at the LAST `)`,
+/// and may hold anything, spaces, parentheses and newlines included.
+pub fn parse_stat_fields(text: &str) -> Option<StatFields> {
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
     let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
-    Some((field(14)?, field(15)?, field(22)?))
+    let state = fields.first()?.chars().next()?;
+    Some(StatFields {
+        state,
+        ppid: u32::try_from(field(4)?).ok()?,
+        flags: field(9)?,
+        utime: field(14)?,
+        stime: field(15)?,
+        start_ticks: field(22)?,
+    })
+}
+
+/// The start time (clock ticks since boot) of process `pid`, if it exists.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(parse_stat_fields(&text)?.start_ticks)
 }
 
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
@@ -150,6 +188,20 @@ mod tests {
     fn stat_with_newline_and_spaces_in_name() {
         let s = "1 (x\n) (y ) R 0 0 0 0 0 0 0 0 0 0 11 22 0 0 0 0 0 0 99 0 0\n";
         assert_eq!(parse_stat(s), Some((11, 22, 99)));
+    }
+
+    #[test]
+    fn stat_fields_for_attach() {
+        let s = parse_stat_fields(STAT).unwrap();
+        assert_eq!(
+            (s.state, s.ppid, s.flags, s.start_ticks),
+            ('S', 1, 4194560, 12345)
+        );
+        let kthread = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 2 0 0";
+        let k = parse_stat_fields(kthread).unwrap();
+        assert_ne!(k.flags & PF_KTHREAD, 0);
+        let zombie = "77 (a) Z 1 77 77 0 -1 4227084 0 0 0 0 5 6 0 0 20 0 1 0 99 0 0";
+        assert_eq!(parse_stat_fields(zombie).unwrap().state, 'Z');
     }
 
     #[test]

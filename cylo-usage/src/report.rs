@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use crate::features::Feature;
+use crate::tree::ProcessUsage;
 use crate::usage::{Precision, ResourceUsage};
 
 /// One flat JSON object with the field names of [`ResourceUsage`], and a newline.
@@ -25,11 +26,16 @@ fn maybe(v: Option<u64>) -> String {
 
 /// Human-readable report; `command` is shown as "Command being timed".
 pub fn human(usage: &ResourceUsage, command: &str) -> String {
+    human_titled(usage, "Command being timed", command)
+}
+
+/// [`human`] with another title for what was followed (e.g. "Attached to").
+pub fn human_titled(usage: &ResourceUsage, title: &str, what: &str) -> String {
     let mut out = String::new();
     let mut line = |label: &str, value: String| {
         let _ = writeln!(out, "\t{label}: {value}");
     };
-    line("Command being timed", format!("{command:?}"));
+    line(title, format!("{what:?}"));
     line("CPU time (seconds)", seconds(usage.cpu_time_ns));
     line("User time (seconds)", seconds(usage.cpu_user_ns));
     line("System time (seconds)", seconds(usage.cpu_system_ns));
@@ -98,6 +104,169 @@ pub fn human(usage: &ResourceUsage, command: &str) -> String {
         (_, Some(sig)) => line("Command terminated by signal", sig.to_string()),
         (Some(code), None) => line("Exit status", code.to_string()),
         (None, None) => line("Exit status", "still running".to_string()),
+    }
+    if usage.timed_out {
+        line(
+            "Timed out",
+            "yes: the whole tree was sent SIGTERM, then SIGKILL".to_string(),
+        );
+    }
+    if usage.attached {
+        line(
+            "Attached",
+            "yes: the figures above are since the attach; children that had exited before it \
+             are unknowable"
+                .to_string(),
+        );
+        if let Some(b) = &usage.usage_before_attach {
+            line(
+                "Used before the attach",
+                format!(
+                    "{} s CPU, {} disk bytes read, {} written, by {} processes ({} threads)",
+                    seconds(b.cpu_time_ns),
+                    maybe(b.disk_bytes_read),
+                    maybe(b.disk_bytes_written),
+                    b.process_count,
+                    b.thread_count
+                ),
+            );
+        }
+    }
+    if let Some(processes) = &usage.processes {
+        out.push_str(&tree(processes));
+        if let Some(n) = usage.processes_dropped {
+            let _ = writeln!(
+                out,
+                "\t({n} more processes not kept: the breakdown's limit)"
+            );
+        }
+    }
+    out
+}
+
+/// `s` with control characters (terminal escapes, newlines) shown escaped.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The command a process ran: its argv (as set at its last exec), else its comm.
+fn command_of(p: &ProcessUsage) -> String {
+    let text = match &p.argv {
+        Some(argv) if !argv.is_empty() => {
+            let mut s = argv.join(" ");
+            if p.argv_truncated {
+                s.push_str(" ...");
+            }
+            s
+        }
+        _ => format!("[{}]", p.comm),
+    };
+    printable(&text)
+}
+
+fn bytes(v: Option<u64>) -> String {
+    match v {
+        None => "-".to_string(),
+        Some(b) if b >= 10 << 20 => format!("{}M", b >> 20),
+        Some(b) if b >= 10 << 10 => format!("{}K", b >> 10),
+        Some(b) => b.to_string(),
+    }
+}
+
+fn ended(p: &ProcessUsage) -> String {
+    match (p.exit_code, p.signal, p.end_ns) {
+        (_, Some(sig), _) => format!("signal {sig}"),
+        (Some(code), None, _) => format!("exit {code}"),
+        _ => "running".to_string(),
+    }
+}
+
+/// The per-process breakdown as an indented tree. Leaf siblings running the same command are
+/// folded into one line with their count and sums (`2000 × /bin/true`).
+pub fn tree(processes: &[ProcessUsage]) -> String {
+    /// Indentation stops growing here (a chain of thousands of processes stays readable).
+    const MAX_INDENT: usize = 32;
+    enum Work {
+        Group(usize, Vec<usize>),
+        Line(usize, Vec<usize>),
+    }
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); processes.len()];
+    let mut roots = Vec::new();
+    for (i, p) in processes.iter().enumerate() {
+        match p.parent_index.filter(|&j| j < i) {
+            Some(j) => children[j].push(i),
+            None => roots.push(i),
+        }
+    }
+    let mut out = String::from(
+        "\tProcesses (pid command: CPU seconds, threads, disk read/written, peak RSS, end):\n",
+    );
+    // Depth-first with an explicit stack: deep chains must not overflow the call stack.
+    let mut stack = vec![Work::Group(1, roots)];
+    while let Some(work) = stack.pop() {
+        match work {
+            Work::Group(depth, group) => {
+                // Fold leaves with the same command, at the place of the first one.
+                let mut lines: Vec<(String, Vec<usize>)> = Vec::new();
+                for i in group {
+                    let cmd = command_of(&processes[i]);
+                    if children[i].is_empty()
+                        && let Some((_, same)) = lines
+                            .iter_mut()
+                            .find(|(c, v)| *c == cmd && children[v[0]].is_empty())
+                    {
+                        same.push(i);
+                        continue;
+                    }
+                    lines.push((cmd, vec![i]));
+                }
+                for (_, members) in lines.into_iter().rev() {
+                    stack.push(Work::Line(depth, members));
+                }
+            }
+            Work::Line(depth, members) => {
+                let ps: Vec<&ProcessUsage> = members.iter().map(|&i| &processes[i]).collect();
+                let indent = "  ".repeat(depth.min(MAX_INDENT));
+                let cmd = command_of(ps[0]);
+                let cpu: u64 = ps.iter().map(|p| p.cpu_time_ns).sum();
+                let threads: u64 = ps.iter().map(|p| p.thread_count).sum();
+                let read: Option<u64> = ps.iter().map(|p| p.disk_bytes_read).sum();
+                let written: Option<u64> = ps.iter().map(|p| p.disk_bytes_written).sum();
+                let peak = ps.iter().filter_map(|p| p.peak_memory_bytes).max();
+                let figures = format!(
+                    "{} s, {threads} thr, disk {}/{}, rss {}",
+                    seconds(cpu),
+                    bytes(read),
+                    bytes(written),
+                    bytes(peak),
+                );
+                if let [p] = ps.as_slice() {
+                    let _ = writeln!(out, "\t{indent}{} {cmd}: {figures}, {}", p.pid, ended(p));
+                    let kids = &children[members[0]];
+                    if !kids.is_empty() {
+                        stack.push(Work::Group(depth + 1, kids.clone()));
+                    }
+                } else {
+                    let mut ends: Vec<String> = ps.iter().map(|p| ended(p)).collect();
+                    ends.sort();
+                    ends.dedup();
+                    let _ = writeln!(
+                        out,
+                        "\t{indent}{} × {cmd}: {figures} (summed), {}",
+                        ps.len(),
+                        ends.join(" / ")
+                    );
+                }
+            }
+        }
     }
     out
 }

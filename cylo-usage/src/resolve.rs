@@ -6,8 +6,8 @@
 //! kernel field: add a `Field` constant below, add the field to `Offsets` in the ABI crate,
 //! fill it in [`resolve_offsets`], and extend the fixture tests (the fixtures carry
 //! `task_struct` with `ioac`, `signal_struct`, `mm_struct`, `percpu_counter`, `bio`,
-//! `block_device`, `gendisk` and seven tracepoints; see `tests/fixtures/btf/README.md` to add
-//! more).
+//! `block_device`, `gendisk`, `pid`, `upid`, `files_struct`, `fdtable`, `file`, `proc_inode`,
+//! `linux_binprm` and seven tracepoints; see `tests/fixtures/btf/README.md` to add more).
 
 use std::path::{Path, PathBuf};
 
@@ -90,6 +90,33 @@ pub mod fields {
     pub const DISK_MAJOR: Field = f("gendisk", &["major"], &[4]);
     pub const DISK_FIRST_MINOR: Field = f("gendisk", &["first_minor"], &[4]);
 
+    // Sessions (each group all or nothing; see `resolve_sessions`).
+    pub const TASK_EXIT_CODE: Field = f("task_struct", &["exit_code"], &[4]);
+    pub const TASK_COMM: Field = f("task_struct", &["comm"], &[16]);
+    pub const TASK_REAL_PARENT: Field = f("task_struct", &["real_parent"], &[8]);
+    pub const TASK_GROUP_LEADER: Field = f("task_struct", &["group_leader"], &[8]);
+    /// `struct pid *thread_pid` (4.19+).
+    pub const TASK_THREAD_PID: Field = f("task_struct", &["thread_pid"], &[8]);
+    pub const PID_LEVEL: Field = f("pid", &["level"], &[4]);
+    /// `struct upid numbers[]` (a flexible array since 6.x, `numbers[1]` before).
+    pub const PID_NUMBERS: Field = f("pid", &["numbers"], &[0, 16]);
+    pub const UPID_NR: Field = f("upid", &["nr"], &[4]);
+    /// `struct hlist_head tasks[PIDTYPE_MAX]`: `[PIDTYPE_PID]` is first.
+    pub const PID_TASKS: Field = f("pid", &["tasks"], &[24, 32, 40]);
+    /// `struct hlist_node pid_links[PIDTYPE_MAX]`.
+    pub const TASK_PID_LINKS: Field = f("task_struct", &["pid_links"], &[48, 64, 80]);
+    pub const TASK_FILES: Field = f("task_struct", &["files"], &[8]);
+    pub const FILES_FDT: Field = f("files_struct", &["fdt"], &[8]);
+    pub const FDT_FD: Field = f("fdtable", &["fd"], &[8]);
+    pub const FDT_MAX_FDS: Field = f("fdtable", &["max_fds"], &[4]);
+    pub const FILE_INODE: Field = f("file", &["f_inode"], &[8]);
+    pub const PROC_INODE_PID: Field = f("proc_inode", &["pid"], &[8]);
+    /// `struct inode vfs_inode` (any size).
+    pub const PROC_INODE_VFS_INODE: Field = f("proc_inode", &["vfs_inode"], &[]);
+    pub const MM_ARG_START: Field = f("mm_struct", &["arg_start"], &[8]);
+    pub const MM_ARG_END: Field = f("mm_struct", &["arg_end"], &[8]);
+    pub const BPRM_FILENAME: Field = f("linux_binprm", &["filename"], &[8]);
+
     // Not in `Offsets`; resolvable on every fixture kernel.
     pub const MM_HIWATER_RSS: Field = f("mm_struct", &["hiwater_rss"], &[8]);
 }
@@ -149,12 +176,15 @@ impl Field {
         }
     }
 
-    /// Locates the first of `paths` the kernel has and checks its size.
+    /// Locates the first of `paths` the kernel has and checks its size (any size when
+    /// `sizes` is empty).
     pub fn resolve(&self, btf: &Btf) -> Result<Member, ResolveError> {
         let mut first_err = None;
         for path in self.paths {
             match btf.member(self.strukt, path) {
-                Ok(member) if self.sizes.contains(&member.size) => return Ok(member),
+                Ok(member) if self.sizes.is_empty() || self.sizes.contains(&member.size) => {
+                    return Ok(member);
+                }
                 Ok(member) => {
                     return Err(ResolveError::Size {
                         field: format!("{}.{path}", self.strukt),
@@ -322,6 +352,68 @@ fn bio_queue_bio_arg(btf: &Btf) -> Result<u32, ResolveError> {
     })
 }
 
+/// What sessions read, in groups that are of use only whole: the process records (comm,
+/// exit code, parent, leader), pid namespaces (`thread_pid`, `pid.numbers`), adoption (from a
+/// /proc directory's file descriptor to its task), and exec records (argv, file name). A
+/// group the kernel lacks is all [`ABSENT`]; the loader says what that costs.
+struct Sessions {
+    task: [u32; 4],
+    pid_ns: [u32; 4],
+    adopt: [u32; 9],
+    exec: [u32; 3],
+}
+
+fn resolve_sessions(btf: &Btf) -> Result<Sessions, ResolveError> {
+    use fields::*;
+    let task = all_or_absent(
+        btf,
+        [
+            TASK_EXIT_CODE,
+            TASK_COMM,
+            TASK_REAL_PARENT,
+            TASK_GROUP_LEADER,
+        ],
+    )?;
+    let ns = all_or_absent(btf, [TASK_THREAD_PID, PID_LEVEL, PID_NUMBERS, UPID_NR])?;
+    // `upid.nr` must come first: the programs read `numbers[level]` as an int.
+    let upid_size = match btf.struct_size("upid") {
+        Ok(size) if ns[3] == 0 => size,
+        _ => ABSENT,
+    };
+    let pid_ns = if upid_size == ABSENT {
+        [ABSENT; 4]
+    } else {
+        [ns[0], ns[1], ns[2], upid_size]
+    };
+    let adopt = all_or_absent(
+        btf,
+        [
+            PID_TASKS,
+            TASK_PID_LINKS,
+            TASK_FILES,
+            FILES_FDT,
+            FDT_FD,
+            FDT_MAX_FDS,
+            FILE_INODE,
+            PROC_INODE_PID,
+            PROC_INODE_VFS_INODE,
+        ],
+    )?;
+    // Adoption finds a task's pid through the same namespace fields.
+    let adopt = if pid_ns[0] == ABSENT || task[0] == ABSENT {
+        [ABSENT; 9]
+    } else {
+        adopt
+    };
+    let exec = all_or_absent(btf, [MM_ARG_START, MM_ARG_END, BPRM_FILENAME])?;
+    Ok(Sessions {
+        task,
+        pid_ns,
+        adopt,
+        exec,
+    })
+}
+
 /// Resolves every offset the eBPF programs need from the given BTF.
 pub fn resolve_offsets(btf: &Btf) -> Result<Offsets, ResolveError> {
     use fields::*;
@@ -346,6 +438,26 @@ pub fn resolve_offsets(btf: &Btf) -> Result<Offsets, ResolveError> {
         let disk = [BIO_DISK, BIO_PARTNO, DISK_MAJOR, DISK_FIRST_MINOR];
         ([ABSENT; 2], all_or_absent(btf, disk)?)
     };
+    let sessions = resolve_sessions(btf)?;
+    let [
+        task_exit_code,
+        task_comm,
+        task_real_parent,
+        task_group_leader,
+    ] = sessions.task;
+    let [task_thread_pid, pid_level, pid_numbers, upid_size] = sessions.pid_ns;
+    let [
+        pid_tasks,
+        task_pid_links,
+        task_files,
+        files_fdt,
+        fdt_fd,
+        fdt_max_fds,
+        file_inode,
+        proc_inode_pid,
+        proc_inode_vfs_inode,
+    ] = sessions.adopt;
+    let [mm_arg_start, mm_arg_end, bprm_filename] = sessions.exec;
     Ok(Offsets {
         task_pid: TASK_PID.resolve(btf)?.offset,
         task_tgid: TASK_TGID.resolve(btf)?.offset,
@@ -376,6 +488,26 @@ pub fn resolve_offsets(btf: &Btf) -> Result<Offsets, ResolveError> {
         bio_partno: disk[1],
         disk_major: disk[2],
         disk_first_minor: disk[3],
+        task_exit_code,
+        task_comm,
+        task_real_parent,
+        task_group_leader,
+        task_thread_pid,
+        pid_level,
+        pid_numbers,
+        upid_size,
+        pid_tasks,
+        task_pid_links,
+        task_files,
+        files_fdt,
+        fdt_fd,
+        fdt_max_fds,
+        file_inode,
+        proc_inode_pid,
+        proc_inode_vfs_inode,
+        mm_arg_start,
+        mm_arg_end,
+        bprm_filename,
     })
 }
 
@@ -414,7 +546,8 @@ mod tests {
     /// kernel's complete BTF (with its 1-byte enums marked packed again, and gcc's struct sizes
     /// asserted equal to the BTF's), and the `btf_trace_*` prototypes read off the same dump
     /// (see tests/fixtures/btf/README.md). `signal_live` is 4 everywhere
-    /// (`refcount_t sigcnt; atomic_t live;`).
+    /// (`refcount_t sigcnt; atomic_t live;`), and so is `pid_level` (`refcount_t count;
+    /// unsigned int level;`); `struct upid` is `{ int nr; struct pid_namespace *ns; }` (16).
     #[rustfmt::skip]
     const EXPECTED: [(&str, Offsets); 4] = [
         ("debian-5.10.btf", Offsets {
@@ -432,6 +565,13 @@ mod tests {
             bio_queue_bio_arg: 1, bio_size: 40, bio_opf: 16,
             bio_bdev: ABSENT, bdev_dev: ABSENT,
             bio_disk: 8, bio_partno: 27, disk_major: 0, disk_first_minor: 4,
+            task_exit_code: 2136, task_comm: 2736, task_real_parent: 2248,
+            task_group_leader: 2296,
+            // `struct upid numbers[1]` (16 bytes) here, a flexible array (0 bytes) on the others.
+            task_thread_pid: 2336, pid_level: 4, pid_numbers: 96, upid_size: 16,
+            pid_tasks: 16, task_pid_links: 2344, task_files: 2808, files_fdt: 32, fdt_fd: 8,
+            fdt_max_fds: 0, file_inode: 32, proc_inode_pid: 0, proc_inode_vfs_inode: 72,
+            mm_arg_start: 312, mm_arg_end: 320, bprm_filename: 96,
         }),
         ("debian-6.1.btf", Offsets {
             task_pid: 2416, task_tgid: 2420, task_signal: 3072, task_start_boottime: 2784,
@@ -445,6 +585,12 @@ mod tests {
             bio_queue_bio_arg: 0, bio_size: 40, bio_opf: 16,
             bio_bdev: 8, bdev_dev: 36,
             bio_disk: ABSENT, bio_partno: ABSENT, disk_major: ABSENT, disk_first_minor: ABSENT,
+            task_exit_code: 2312, task_comm: 2976, task_real_parent: 2432,
+            task_group_leader: 2480,
+            task_thread_pid: 2520, pid_level: 4, pid_numbers: 96, upid_size: 16,
+            pid_tasks: 16, task_pid_links: 2528, task_files: 3048, files_fdt: 32, fdt_fd: 8,
+            fdt_max_fds: 0, file_inode: 32, proc_inode_pid: 0, proc_inode_vfs_inode: 72,
+            mm_arg_start: 312, mm_arg_end: 320, bprm_filename: 96,
         }),
         ("debian-6.12.btf", Offsets {
             task_pid: 2432, task_tgid: 2436, task_signal: 3072, task_start_boottime: 2784,
@@ -459,6 +605,13 @@ mod tests {
             bio_queue_bio_arg: 0, bio_size: 40, bio_opf: 16,
             bio_bdev: 8, bdev_dev: 52,
             bio_disk: ABSENT, bio_partno: ABSENT, disk_major: ABSENT, disk_first_minor: ABSENT,
+            task_exit_code: 2332, task_comm: 2976, task_real_parent: 2448,
+            task_group_leader: 2496,
+            // struct pid gained `stashed` and `ino` before tasks; struct file was reordered.
+            task_thread_pid: 2536, pid_level: 4, pid_numbers: 112, upid_size: 16,
+            pid_tasks: 32, task_pid_links: 2544, task_files: 3048, files_fdt: 32, fdt_fd: 8,
+            fdt_max_fds: 0, file_inode: 40, proc_inode_pid: 0, proc_inode_vfs_inode: 72,
+            mm_arg_start: 376, mm_arg_end: 384, bprm_filename: 96,
         }),
         ("host-6.18.btf", Offsets {
             task_pid: 1264, task_tgid: 1268, task_signal: 1848, task_start_boottime: 1560,
@@ -472,10 +625,17 @@ mod tests {
             bio_queue_bio_arg: 0, bio_size: 40, bio_opf: 16,
             bio_bdev: 8, bdev_dev: 52,
             bio_disk: ABSENT, bio_partno: ABSENT, disk_major: ABSENT, disk_first_minor: ABSENT,
+            task_exit_code: 1164, task_comm: 1752, task_real_parent: 1280,
+            task_group_leader: 1328,
+            // struct pid: an anonymous struct (ino, pidfs_node, stashed, attr) before tasks.
+            task_thread_pid: 1368, pid_level: 4, pid_numbers: 144, upid_size: 16,
+            pid_tasks: 64, task_pid_links: 1376, task_files: 1824, files_fdt: 32, fdt_fd: 8,
+            fdt_max_fds: 0, file_inode: 32, proc_inode_pid: 0, proc_inode_vfs_inode: 72,
+            mm_arg_start: 480, mm_arg_end: 488, bprm_filename: 96,
         }),
     ];
     /// `uname -r` of the machine `host-6.18.btf` was taken from.
-    const HOST_FIXTURE_RELEASE: &str = "6.18.44-fc-v669";
+    const HOST_FIXTURE_RELEASE: &str = "6.18.44-fc-v657";
 
     #[test]
     fn fixtures_resolve_exactly() {
@@ -521,7 +681,8 @@ mod tests {
         Disk { typed: bool },
     }
 
-    /// A synthetic kernel; [`Synth::default`] resolves completely.
+    /// A synthetic kernel; [`Synth::default`] resolves completely, except for the session
+    /// groups, whose structs it does not have (see [`session_groups`]).
     #[derive(Clone, Copy)]
     struct Synth {
         state: (&'static str, u32),
@@ -532,6 +693,9 @@ mod tests {
         ioac: &'static [&'static str],
         rss: Rss,
         block: Block,
+        /// `Some(offset of upid.nr)`: `task_struct.thread_pid`, `struct pid` with `level` and
+        /// `numbers[1]`, and `struct upid` (the pid-namespace group). `None`: none of them.
+        upid_nr: Option<u32>,
     }
 
     const ALL_IOAC: &[&str] = &[
@@ -556,6 +720,7 @@ mod tests {
                 ioac: ALL_IOAC,
                 rss: Rss::PerCpu,
                 block: Block::Bdev,
+                upid_nr: None,
             }
         }
     }
@@ -614,23 +779,41 @@ mod tests {
             let mm = b.composite(STRUCT, "mm_struct", 192, &[("", anon, 8)]);
             let mm_ptr = b.ptr(mm);
 
-            b.composite(
-                STRUCT,
-                "task_struct",
-                SYNTH_IOAC + ioac_size,
-                &[
-                    (self.state.0, st, 16),
-                    ("se", se, 32),
-                    ("pid", pid, 56),
-                    ("tgid", int4, 64),
-                    ("signal", void_ptr, 72),
-                    (self.start, u64_, 80),
-                    ("utime", u64_, 88),
-                    ("stime", u64_, 96),
-                    ("mm", mm_ptr, 104),
-                    ("ioac", ioac, SYNTH_IOAC),
-                ],
-            );
+            let mut task = vec![
+                (self.state.0, st, 16),
+                ("se", se, 32),
+                ("pid", pid, 56),
+                ("tgid", int4, 64),
+                ("signal", void_ptr, 72),
+                (self.start, u64_, 80),
+                ("utime", u64_, 88),
+                ("stime", u64_, 96),
+                ("mm", mm_ptr, 104),
+                ("ioac", ioac, SYNTH_IOAC),
+            ];
+            if let Some(nr) = self.upid_nr {
+                // struct upid { int nr; struct pid_namespace *ns; }, or with `nr` elsewhere.
+                let ns = if nr == 0 { 8 } else { 0 };
+                let upid = b.composite(
+                    STRUCT,
+                    "upid",
+                    16,
+                    &[("nr", int4, nr), ("ns", void_ptr, ns)],
+                );
+                let numbers = b.array(upid, int4, 1);
+                let pid = b.composite(
+                    STRUCT,
+                    "pid",
+                    32,
+                    &[
+                        ("count", int4, 0),
+                        ("level", int4, 4),
+                        ("numbers", numbers, 16),
+                    ],
+                );
+                task.push(("thread_pid", b.ptr(pid), 0));
+            }
+            b.composite(STRUCT, "task_struct", SYNTH_IOAC + ioac_size, &task);
             let mut params = vec![void_ptr];
             params.resize(self.switch_args + 1, int4);
             b.tracepoint("sched_switch", &params);
@@ -744,6 +927,58 @@ mod tests {
             ],
             [ABSENT; 4]
         );
+    }
+
+    /// The session fields of `o`, in the groups `resolve_sessions` resolves all or nothing:
+    /// (process, pid namespace, adoption, exec).
+    fn session_groups(o: &Offsets) -> ([u32; 4], [u32; 4], [u32; 9], [u32; 3]) {
+        (
+            [
+                o.task_exit_code,
+                o.task_comm,
+                o.task_real_parent,
+                o.task_group_leader,
+            ],
+            [o.task_thread_pid, o.pid_level, o.pid_numbers, o.upid_size],
+            [
+                o.pid_tasks,
+                o.task_pid_links,
+                o.task_files,
+                o.files_fdt,
+                o.fdt_fd,
+                o.fdt_max_fds,
+                o.file_inode,
+                o.proc_inode_pid,
+                o.proc_inode_vfs_inode,
+            ],
+            [o.mm_arg_start, o.mm_arg_end, o.bprm_filename],
+        )
+    }
+
+    #[test]
+    fn a_kernel_without_the_session_structs_has_every_session_field_absent() {
+        let got = resolve_offsets(&Synth::default().build()).unwrap();
+        assert_eq!(
+            session_groups(&got),
+            ([ABSENT; 4], [ABSENT; 4], [ABSENT; 9], [ABSENT; 3])
+        );
+    }
+
+    #[test]
+    fn pid_namespaces_need_upid_nr_first() {
+        let with_nr_at = |nr| Synth {
+            upid_nr: Some(nr),
+            ..Synth::default()
+        };
+        let got = resolve_offsets(&with_nr_at(0).build()).unwrap();
+        // thread_pid at 0, pid.level at 4, pid.numbers at 16, sizeof(struct upid) 16.
+        assert_eq!(session_groups(&got).1, [0, 4, 16, 16]);
+        // The programs read `numbers[level]` as an int: with `nr` elsewhere, the group is
+        // absent rather than wrong (and not an error).
+        let got = resolve_offsets(&with_nr_at(8).build()).unwrap();
+        assert_eq!(session_groups(&got).1, [ABSENT; 4]);
+        // Everything else still resolves.
+        assert_eq!((got.task_mm, got.mm_rss), (104, [32, 72, 112, 152]));
     }
 
     #[test]

@@ -4,24 +4,31 @@
 //! thread is registered in `SPAWNERS`, and the first task it creates joins the run before it
 //! can execute a single instruction. No hold-and-release dance is needed, and the command is
 //! an ordinary [`std::process::Command`] (stdio, environment, directory as the caller likes).
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitStatus};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapData, MapError};
-use cylo_usage_abi::{DevKey, MAX_RUNS, RunCounters, TaskMember};
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use cylo_usage_abi::{
+    DevKey, MAX_RUNS, ROOT_ENDED, RunControl, RunCounters, TaskMember, control, run_flags,
+};
 use tokio::io::unix::AsyncFd;
 
-use crate::loader::{Inner, Tracker};
+use crate::loader::{Inner, Maps, Tracker};
 use crate::procfs::{self, ThreadSample};
+use crate::tree::{EventSink, ThreadCounters, Tree};
 use crate::usage::{self, DiskDevice, Live, ResourceUsage, RootExit, Units};
 
 /// How often a waiting run re-reads its counters when no ring-buffer wake-up comes.
 const POLL: Duration = Duration::from_millis(100);
 /// Attempts at a consistent live snapshot before settling for an approximate one.
 const SNAPSHOT_ATTEMPTS: usize = 8;
+/// Rounds of signalling a tree's members before a kill gives up on catching newcomers (each
+/// forking member is signalled in the kernel as it forks, so this is rarely approached).
+const KILL_ROUNDS: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -39,9 +46,7 @@ pub enum SessionError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "pid {pid} did not join its run in the kernel (is cylo-usage running outside the initial pid namespace?)"
-    )]
+    #[error("pid {pid} did not join its run in the kernel")]
     NotJoined { pid: u32 },
     #[error("{syscall} failed for pid {pid}")]
     Syscall {
@@ -50,6 +55,24 @@ pub enum SessionError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the kernel's control program refused to {what} (code {code})")]
+    Control { what: &'static str, code: i32 },
+    #[error("no process {pid}")]
+    NoSuchProcess { pid: u32 },
+    #[error("process {pid} is a kernel thread: it has no user-space tree to follow")]
+    KernelThread { pid: u32 },
+    #[error("process {pid} is a zombie: it has exited and only waits to be reaped")]
+    Zombie { pid: u32 },
+    #[error("process {pid} is cylo-usage itself")]
+    Itself { pid: u32 },
+    #[error("process {pid} is already followed by another run of this tracker")]
+    AlreadyFollowed { pid: u32 },
+    #[error("attaching is not possible on this kernel: {reason}")]
+    AttachUnsupported { reason: String },
+    #[error("process {pid} ended, but the kernel recorded no exit status for it")]
+    NoExitStatus { pid: u32 },
+    #[error(transparent)]
+    Proc(#[from] procfs::ProcError),
 }
 
 fn map_err(what: &'static str) -> impl FnOnce(MapError) -> SessionError {
@@ -57,7 +80,7 @@ fn map_err(what: &'static str) -> impl FnOnce(MapError) -> SessionError {
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -67,18 +90,50 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn pidfd_open(pid: u32) -> Result<OwnedFd, SessionError> {
+pub(crate) fn pidfd_open(pid: u32) -> Result<OwnedFd, SessionError> {
     // SAFETY: plain syscall; the returned fd is owned by us.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {
+        let source = std::io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::ESRCH) {
+            return Err(SessionError::NoSuchProcess { pid });
+        }
         return Err(SessionError::Syscall {
             syscall: "pidfd_open",
             pid,
-            source: std::io::Error::last_os_error(),
+            source,
         });
     }
     // SAFETY: a fresh fd from the kernel.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn pidfd_send_signal(fd: &OwnedFd, signal: i32) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal on a pidfd we own; no siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether `fd` is readable now (a pidfd is once its process has exited).
+fn fd_readable(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; no waiting.
+    unsafe { libc::poll(&mut pfd, 1, 0) == 1 && pfd.revents & libc::POLLIN != 0 }
 }
 
 fn dup(fd: RawFd) -> std::io::Result<OwnedFd> {
@@ -97,42 +152,126 @@ pub fn watch(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     Ok(unsafe { AsyncFd::register(fd) }?)
 }
 
-/// A command running under the tracker.
+/// What a session records besides the totals.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Keep a per-process breakdown (`--tree`): [`ResourceUsage::processes`].
+    pub tree: bool,
+    /// Write every process's fork, exec and exit as NDJSON here (`--events`).
+    pub events: Option<EventSink>,
+    /// The most processes the breakdown keeps ([`crate::tree::DEFAULT_TREE_LIMIT`] if 0).
+    pub tree_limit: usize,
+}
+
+impl RunOptions {
+    fn wants_records(&self) -> bool {
+        self.tree || self.events.is_some()
+    }
+}
+
+/// How the run's root came to be followed.
+enum Origin {
+    /// Started by the tracker: its child.
+    Spawned(Child),
+    /// Attached to: someone else's child.
+    Attached,
+}
+
+/// A tree followed by the tracker: a command it started, or running processes it attached to.
 pub struct Run {
     inner: Arc<Inner>,
     slot: u32,
-    child: Child,
+    origin: Origin,
     root_pid: u32,
-    pidfd: OwnedFd,
+    pidfd: Option<OwnedFd>,
     started_ns: u64,
     root_status: Option<ExitStatus>,
+    tree: Option<Arc<Mutex<Tree>>>,
+    /// Whether the run holds the adopt gate open (while attaching).
+    attaching: bool,
+    timed_out: bool,
+    /// Checks that found the attached root exited without the kernel's exit record.
+    exited_unrecorded: u32,
+}
+
+/// Zeroes slot `slot`'s record (with `flags`) and its controls, and marks it used.
+fn claim_slot(maps: &mut Maps, flags: u64) -> Result<u32, SessionError> {
+    let slot = (0..MAX_RUNS)
+        .map(|i| (maps.next_slot + i) % MAX_RUNS)
+        .find(|&s| !maps.slots[s as usize])
+        .ok_or(SessionError::NoFreeSlot { max: MAX_RUNS })?;
+    let record = RunCounters {
+        flags,
+        ..RunCounters::default()
+    };
+    maps.runs
+        .set(slot, record, 0)
+        .map_err(map_err("zeroing the run record"))?;
+    maps.run_control
+        .set(slot, RunControl::default(), 0)
+        .map_err(map_err("zeroing the run's controls"))?;
+    maps.slots[slot as usize] = true;
+    maps.next_slot = (slot + 1) % MAX_RUNS;
+    Ok(slot)
 }
 
 impl Tracker {
     /// Starts `command` as the root of a new run. The root and everything it ever creates are
     /// followed from the kernel's fork hook on.
     pub fn spawn(&self, command: &mut Command) -> Result<Run, SessionError> {
+        self.spawn_with(command, RunOptions::default())
+    }
+
+    /// [`Tracker::spawn`] with a per-process breakdown and/or an event stream.
+    pub fn spawn_with(
+        &self,
+        command: &mut Command,
+        options: RunOptions,
+    ) -> Result<Run, SessionError> {
         let inner = self.inner.clone();
         let mut maps = inner.maps();
-        let slot = (0..MAX_RUNS)
-            .map(|i| (maps.next_slot + i) % MAX_RUNS)
-            .find(|&s| !maps.slots[s as usize])
-            .ok_or(SessionError::NoFreeSlot { max: MAX_RUNS })?;
-        maps.runs
-            .set(slot, RunCounters::default(), 0)
-            .map_err(map_err("zeroing the run record"))?;
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() } as u32;
-        maps.spawners
-            .insert(tid, slot, 0)
-            .map_err(map_err("registering the spawning thread"))?;
+        let flags = if options.wants_records() {
+            run_flags::RECORDS
+        } else {
+            0
+        };
+        let slot = claim_slot(&mut maps, flags)?;
+        let started_ns = monotonic_ns();
+        let mut run = Run {
+            inner: inner.clone(),
+            slot,
+            origin: Origin::Attached,
+            root_pid: 0,
+            pidfd: None,
+            started_ns,
+            root_status: None,
+            tree: None,
+            attaching: false,
+            timed_out: false,
+            exited_unrecorded: 0,
+        };
+        run.start_records(options, started_ns);
+        // This thread's next new task is the root: recorded in the kernel by its task_struct,
+        // so it works in any pid namespace.
+        let code = inner
+            .control([control::SPAWNER, slot as u64, 0, 0])
+            .map_err(|source| SessionError::Syscall {
+                syscall: "bpf(BPF_PROG_TEST_RUN)",
+                pid: std::process::id(),
+                source,
+            })?;
+        if code != 0 {
+            return Err(SessionError::Control {
+                what: "register the spawning thread",
+                code,
+            });
+        }
         maps.spawn_gate
             .set(0, 1, 0)
             .map_err(map_err("opening the spawn gate"))?;
-        let started_ns = monotonic_ns();
         let spawned = command.spawn();
-        // The kernel removed the entry at the fork; after a failed spawn it may still be there.
-        let _ = maps.spawners.remove(&tid);
+        // The kernel forgot the registration at the fork; after a failed spawn it is still there.
+        let _ = inner.control([control::UNSPAWN, 0, 0, 0]);
         maps.spawn_gate
             .set(0, 0, 0)
             .map_err(map_err("closing the spawn gate"))?;
@@ -146,24 +285,124 @@ impl Tracker {
             .get(&slot, 0)
             .map_err(map_err("reading the run record"))?
             .processes_started;
+        drop(maps);
         if joined == 0 {
             let _ = child.kill();
             let _ = child.wait();
             return Err(SessionError::NotJoined { pid: root_pid });
         }
-        maps.slots[slot as usize] = true;
-        maps.next_slot = (slot + 1) % MAX_RUNS;
-        drop(maps);
-        let pidfd = pidfd_open(root_pid)?;
-        Ok(Run {
-            inner,
+        run.root_pid = root_pid;
+        run.origin = Origin::Spawned(child);
+        run.pidfd = Some(pidfd_open(root_pid)?);
+        Ok(run)
+    }
+
+    /// Follows process `pid`, its threads, every descendant alive now and everything any of
+    /// them creates from now on. Totals are what the tree uses from now on;
+    /// [`ResourceUsage::usage_before_attach`] has what its processes had used before.
+    pub fn attach(&self, pid: u32) -> Result<Run, SessionError> {
+        self.attach_with(pid, RunOptions::default())
+    }
+
+    /// [`Tracker::attach`] with a per-process breakdown and/or an event stream.
+    pub fn attach_with(&self, pid: u32, options: RunOptions) -> Result<Run, SessionError> {
+        let inner = self.inner.clone();
+        if let Some(reason) = &inner.unavailable.attach {
+            return Err(SessionError::AttachUnsupported {
+                reason: reason.clone(),
+            });
+        }
+        let target = crate::attach::check_target(pid)?;
+        let pidfd = pidfd_open(pid)?;
+        // The pidfd is the process we checked only if it still has the start time we saw.
+        if crate::attach::check_target(pid)?.start_ticks != target.start_ticks {
+            return Err(SessionError::NoSuchProcess { pid });
+        }
+        let flags = if options.wants_records() {
+            run_flags::RECORDS
+        } else {
+            0
+        };
+        let started_ns = monotonic_ns();
+        let slot = claim_slot(&mut inner.maps(), flags)?;
+        let mut run = Run {
+            inner: inner.clone(),
             slot,
-            child,
-            root_pid,
-            pidfd,
+            origin: Origin::Attached,
+            root_pid: pid,
+            pidfd: Some(pidfd),
             started_ns,
             root_status: None,
-        })
+            tree: None,
+            attaching: false,
+            timed_out: false,
+            exited_unrecorded: 0,
+        };
+        run.start_records(options, started_ns);
+        run.set_attaching(true)?;
+        let adopted = crate::attach::adopt_tree(&inner, slot, &target);
+        run.set_attaching(false)?;
+        let adopted = adopted?;
+        if !adopted.root {
+            return Err(if adopted.root_elsewhere {
+                SessionError::AlreadyFollowed { pid }
+            } else {
+                SessionError::NoSuchProcess { pid }
+            });
+        }
+        Ok(run)
+    }
+}
+
+impl Run {
+    fn start_records(&mut self, options: RunOptions, started_ns: u64) {
+        if !options.wants_records() {
+            return;
+        }
+        let units = Units {
+            ticks_per_second: procfs::clock_ticks_per_second(),
+            page_size: procfs::page_size(),
+        };
+        let limit = match options.tree_limit {
+            0 => crate::tree::DEFAULT_TREE_LIMIT,
+            n => n,
+        };
+        let tree = Arc::new(Mutex::new(Tree::new(
+            started_ns,
+            limit,
+            options.events,
+            units,
+        )));
+        self.inner.sinks.register(self.slot, tree.clone());
+        self.inner.sinks.start(&self.inner.records);
+        self.tree = Some(tree);
+    }
+
+    /// Opens or closes this run's adoption in the kernel (the hooks of every untracked task
+    /// look further only while some run is attaching).
+    fn set_attaching(&mut self, on: bool) -> Result<(), SessionError> {
+        if self.attaching == on {
+            return Ok(());
+        }
+        let mut maps = self.inner.maps();
+        let mut ctl = maps
+            .run_control
+            .get(&self.slot, 0)
+            .map_err(map_err("reading the run's controls"))?;
+        ctl.attaching = u32::from(on);
+        maps.run_control
+            .set(self.slot, ctl, 0)
+            .map_err(map_err("setting the run's controls"))?;
+        let open = maps
+            .adopt_gate
+            .get(&0, 0)
+            .map_err(map_err("reading the adopt gate"))?;
+        let open = if on { open + 1 } else { open.saturating_sub(1) };
+        maps.adopt_gate
+            .set(0, open, 0)
+            .map_err(map_err("setting the adopt gate"))?;
+        self.attaching = on;
+        Ok(())
     }
 }
 
@@ -173,56 +412,142 @@ impl Run {
         self.root_pid
     }
 
-    /// The root's exit status, once it has exited and been reaped.
+    /// The root's exit status, once it has exited (and, when it is the tracker's child, been
+    /// reaped).
     pub fn root_status(&self) -> Option<ExitStatus> {
         self.root_status
     }
 
-    /// Sends `signal` to the root, if it has not been reaped yet.
+    /// Whether the run attached to running processes (rather than spawned its root).
+    pub fn is_attached(&self) -> bool {
+        matches!(self.origin, Origin::Attached)
+    }
+
+    /// Sends `signal` to the root, if it has not exited yet.
     pub fn signal_root(&self, signal: i32) -> Result<(), SessionError> {
         if self.root_status.is_some() {
             return Ok(());
         }
-        // SAFETY: pidfd_send_signal on our own pidfd; no siginfo.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
+        let Some(pidfd) = &self.pidfd else {
+            return Ok(());
         };
-        if r < 0 {
-            return Err(SessionError::Syscall {
+        match pidfd_send_signal(pidfd, signal) {
+            Ok(()) => Ok(()),
+            // Exited meanwhile.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            Err(source) => Err(SessionError::Syscall {
                 syscall: "pidfd_send_signal",
                 pid: self.root_pid,
-                source: std::io::Error::last_os_error(),
-            });
+                source,
+            }),
         }
-        Ok(())
     }
 
-    /// Waits for the root to exit and reaps it. Its descendants may still run.
+    /// Waits for the root to exit (and reaps it when it is the tracker's child). Its
+    /// descendants may still run.
     pub async fn wait_root(&mut self) -> Result<ExitStatus, SessionError> {
         if let Some(status) = self.root_status {
             return Ok(status);
         }
+        let pid = self.root_pid;
         let err = |syscall, source| SessionError::Syscall {
             syscall,
-            pid: self.root_pid,
+            pid,
             source,
         };
-        let fd = dup(self.pidfd.as_raw_fd()).map_err(|e| err("fcntl(F_DUPFD)", e))?;
+        let raw = self.pidfd.as_ref().map(AsRawFd::as_raw_fd).unwrap_or(-1);
+        let fd = dup(raw).map_err(|e| err("fcntl(F_DUPFD)", e))?;
         let afd = watch(fd).map_err(|e| err("epoll_ctl", e))?;
+        let mut exited_polls = 0;
         loop {
-            if let Some(status) = self.child.try_wait().map_err(|e| err("waitid", e))? {
-                self.root_status = Some(status);
-                return Ok(status);
+            match &mut self.origin {
+                Origin::Spawned(child) => {
+                    if let Some(status) = child.try_wait().map_err(|e| err("waitid", e))? {
+                        self.root_status = Some(status);
+                        return Ok(status);
+                    }
+                }
+                Origin::Attached => {
+                    // Not our child: its status comes from the kernel, at its exit.
+                    let c = self.counters()?;
+                    if c.root_status & ROOT_ENDED != 0 {
+                        let status = ExitStatus::from_raw(c.root_status as u32 as i32);
+                        self.root_status = Some(status);
+                        return Ok(status);
+                    }
+                    if fd_readable(raw) {
+                        // The process has exited; the kernel's record may trail by a moment.
+                        exited_polls += 1;
+                        if exited_polls > 50 {
+                            return Err(SessionError::NoExitStatus { pid });
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                }
             }
-            let mut guard = afd.readable().await.map_err(|e| err("epoll_wait", e))?;
-            guard.clear_ready();
+            if let Ok(Ok(mut guard)) = tokio::time::timeout(POLL, afd.readable()).await {
+                guard.clear_ready();
+            }
         }
+    }
+
+    /// The root's exit status if it has exited (reaping it when it is the tracker's child),
+    /// without waiting.
+    pub fn try_wait_root(&mut self) -> Result<Option<ExitStatus>, SessionError> {
+        if let Some(status) = self.root_status {
+            return Ok(Some(status));
+        }
+        let pid = self.root_pid;
+        match &mut self.origin {
+            Origin::Spawned(child) => {
+                let status = child.try_wait().map_err(|source| SessionError::Syscall {
+                    syscall: "waitid",
+                    pid,
+                    source,
+                })?;
+                self.root_status = status;
+                Ok(status)
+            }
+            Origin::Attached => {
+                let c = self.counters()?;
+                if c.root_status & ROOT_ENDED != 0 {
+                    let status = ExitStatus::from_raw(c.root_status as u32 as i32);
+                    self.root_status = Some(status);
+                    return Ok(Some(status));
+                }
+                // Exited, but the kernel's record is missing (the root could not be followed
+                // to its end): after a grace period, say so rather than wait forever.
+                let exited = self
+                    .pidfd
+                    .as_ref()
+                    .is_some_and(|f| fd_readable(f.as_raw_fd()));
+                if exited {
+                    self.exited_unrecorded += 1;
+                    if self.exited_unrecorded > 200 {
+                        return Err(SessionError::NoExitStatus { pid });
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// File descriptors that become readable when something may have changed: the root's
+    /// pidfd (it exited) and the notification ring buffer (a run ended). For event loops.
+    pub fn wake_fds(&self) -> std::io::Result<Vec<OwnedFd>> {
+        let mut out = Vec::new();
+        if let Some(pidfd) = &self.pidfd {
+            out.push(dup(pidfd.as_raw_fd())?);
+        }
+        let events = self.inner.events.lock().unwrap_or_else(|e| e.into_inner());
+        out.push(dup(events.as_raw_fd())?);
+        Ok(out)
+    }
+
+    /// Empties the notification ring buffer (after a wake-up through [`Run::wake_fds`]).
+    pub fn clear_wake(&self) {
+        self.drain_events();
     }
 
     /// The kernel's record of this run, as it is now.
@@ -304,17 +629,31 @@ impl Run {
         Ok(out)
     }
 
+    fn root_exit(&self) -> RootExit {
+        RootExit {
+            exit_code: self.root_status.and_then(|s| s.code()),
+            signal: self.root_status.and_then(|s| s.signal()),
+        }
+    }
+
     /// What the run has used so far: the kernel's totals for exited threads plus /proc reads
-    /// of the live ones, made consistent by re-checking the exit generation.
+    /// of the live ones, made consistent by re-checking the exit generation. With a breakdown
+    /// (`RunOptions::tree`), [`ResourceUsage::processes`] too.
     pub fn usage(&self) -> Result<ResourceUsage, SessionError> {
+        self.snapshot(true)
+    }
+
+    /// [`Run::usage`] without the breakdown: cheaper, for live views.
+    pub fn usage_totals(&self) -> Result<ResourceUsage, SessionError> {
+        self.snapshot(false)
+    }
+
+    fn snapshot(&self, with_tree: bool) -> Result<ResourceUsage, SessionError> {
         let units = Units {
             ticks_per_second: procfs::clock_ticks_per_second(),
             page_size: procfs::page_size(),
         };
-        let root = RootExit {
-            exit_code: self.root_status.and_then(|s| s.code()),
-            signal: self.root_status.and_then(|s| s.signal()),
-        };
+        let root = self.root_exit();
         let measured = self.inner.measured;
         let mut last = None;
         for _ in 0..SNAPSHOT_ATTEMPTS {
@@ -327,12 +666,17 @@ impl Run {
                     complete: true,
                     ..Live::default()
                 };
-                return Ok(usage::merge(&before, measured, &live, units, root, wall));
+                let merged = usage::merge(&before, measured, &live, units, root, wall);
+                return Ok(self.finish(merged, &[], with_tree));
             }
             let members = self.live_members()?;
-            let threads: Vec<ThreadSample> = members
+            let samples: Vec<(TaskMember, ThreadSample)> = members
                 .iter()
-                .filter_map(|m| procfs::read_thread(m.tgid, m.tid, m.start_boottime_ns).ok())
+                .filter_map(|m| {
+                    procfs::read_thread(m.tgid, m.tid, m.start_boottime_ns)
+                        .ok()
+                        .map(|t| (*m, t))
+                })
                 .collect();
             let mut tgids: Vec<u32> = members.iter().map(|m| m.tgid).collect();
             tgids.sort_unstable();
@@ -347,23 +691,122 @@ impl Run {
             let stable = before.threads_exited == after.threads_exited
                 && before.threads_started == after.threads_started;
             let live = Live {
-                complete: stable && threads.len() == members.len(),
-                threads,
+                complete: stable && samples.len() == members.len(),
+                threads: samples.iter().map(|(_, t)| *t).collect(),
                 max_hwm_bytes,
                 devices,
             };
             let merged = usage::merge(&after, measured, &live, units, root, wall);
             if live.complete {
-                return Ok(merged);
+                return Ok(self.finish(merged, &samples, with_tree));
             }
-            last = Some(merged);
+            last = Some(self.finish(merged, &samples, with_tree));
         }
         Ok(last.expect("at least one attempt"))
+    }
+
+    /// Adds what the session knows beyond the kernel's totals: how it started, whether it
+    /// timed out, and the breakdown.
+    fn finish(
+        &self,
+        mut u: ResourceUsage,
+        live: &[(TaskMember, ThreadSample)],
+        with_tree: bool,
+    ) -> ResourceUsage {
+        u.attached = self.is_attached();
+        u.timed_out = self.timed_out;
+        let Some(tree) = self.tree.as_ref().filter(|_| with_tree) else {
+            return u;
+        };
+        self.inner.sinks.drain();
+        let mut by_process: HashMap<u64, (ThreadCounters, u64)> = HashMap::new();
+        for (m, t) in live {
+            let e = by_process.entry(m.signal).or_default();
+            let io = t.io.unwrap_or_default();
+            let add = [
+                t.runtime_ns,
+                t.utime_ticks,
+                t.stime_ticks,
+                io.read_bytes,
+                io.write_bytes,
+                io.cancelled_write_bytes,
+                io.rchar,
+                io.wchar,
+            ];
+            for (total, v) in e.0.iter_mut().zip(add) {
+                *total += v;
+            }
+            e.1 += 1;
+        }
+        let tree = tree.lock().unwrap_or_else(|e| e.into_inner());
+        u.processes = Some(tree.processes(&by_process, self.inner.measured));
+        if tree.dropped() > 0 {
+            u.processes_dropped = Some(tree.dropped());
+        }
+        u
+    }
+
+    /// Marks the run as ended by its timeout (the report says so).
+    pub fn set_timed_out(&mut self) {
+        self.timed_out = true;
+    }
+
+    /// Sends `signal` to every live process of the tree, daemons that left the root's process
+    /// group and session included, until no new member appears. From the first call on, a
+    /// member that forks gets `signal` in the kernel at its fork, so a fork bomb cannot outrun
+    /// the kill. Each process is signalled through a pidfd checked against its start time, so
+    /// a reused pid is never signalled. Returns how many processes were signalled.
+    pub fn kill(&self, signal: i32) -> Result<usize, SessionError> {
+        {
+            let mut maps = self.inner.maps();
+            let mut ctl = maps
+                .run_control
+                .get(&self.slot, 0)
+                .map_err(map_err("reading the run's controls"))?;
+            ctl.kill_signal = signal as u32;
+            maps.run_control
+                .set(self.slot, ctl, 0)
+                .map_err(map_err("setting the run's controls"))?;
+        }
+        let hz = procfs::clock_ticks_per_second();
+        let tick_ns = 1_000_000_000 / hz.max(1);
+        let mut signalled: HashSet<(u32, u64)> = HashSet::new();
+        for _ in 0..KILL_ROUNDS {
+            let mut fresh = 0;
+            let mut processes: Vec<(u32, u64)> = self
+                .live_members()?
+                .iter()
+                .map(|m| (m.tgid, m.process_start_boottime_ns))
+                .collect();
+            processes.sort_unstable();
+            processes.dedup();
+            for (tgid, start) in processes {
+                if tgid == 0 || !signalled.insert((tgid, start)) {
+                    continue;
+                }
+                let Ok(fd) = pidfd_open(tgid) else {
+                    continue; // gone
+                };
+                // The pidfd pins the pid: if the process behind it has the member's start
+                // time now, it is the member.
+                match procfs::process_start_ticks(tgid) {
+                    Some(t) if t == start / tick_ns => {}
+                    _ => continue,
+                }
+                if pidfd_send_signal(&fd, signal).is_ok() {
+                    fresh += 1;
+                }
+            }
+            if fresh == 0 {
+                break;
+            }
+        }
+        Ok(signalled.len())
     }
 }
 
 /// Removes the entries of `map` whose value matches.
-fn remove_where<V: aya::Pod>(map: &mut HashMap<MapData, u64, V>, matches: impl Fn(&V) -> bool) {
+fn remove_where<V: aya::Pod>(map: &mut BpfHashMap<MapData, u64, V>, matches: impl Fn(&V) -> bool) {
     let keys: Vec<u64> = map
         .iter()
         .filter_map(Result::ok)
@@ -377,9 +820,14 @@ fn remove_where<V: aya::Pod>(map: &mut HashMap<MapData, u64, V>, matches: impl F
 
 impl Drop for Run {
     fn drop(&mut self) {
+        let _ = self.set_attaching(false);
+        if self.tree.is_some() {
+            self.inner.sinks.unregister(self.slot);
+        }
         // Stop following whatever of the tree is still alive, and free the slot.
         let mut maps = self.inner.maps();
         let slot = self.slot;
+        let _ = maps.run_control.set(slot, RunControl::default(), 0);
         remove_where(&mut maps.tasks, |m| m.run == slot);
         remove_where(&mut maps.procs, |p| p.run == slot);
         remove_where(&mut maps.mms, |m| m.run == slot);
@@ -393,9 +841,11 @@ impl Drop for Run {
             let _ = maps.devs.remove(&k);
         }
         maps.slots[self.slot as usize] = false;
-        if self.root_status.is_none() {
+        if let Origin::Spawned(child) = &mut self.origin
+            && self.root_status.is_none()
+        {
             // Reap the root if it has already exited; never block here.
-            let _ = self.child.try_wait();
+            let _ = child.try_wait();
         }
     }
 }

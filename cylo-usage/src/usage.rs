@@ -88,6 +88,39 @@ pub struct ResourceUsage {
     pub signal: Option<i32>,
     /// Wall-clock time from the start to the end of the run (or to the snapshot while it runs).
     pub wall_time_ms: u64,
+    /// The session attached to running processes (`attach`): the counters above are what the
+    /// tree used since then; what its processes had used before is `usage_before_attach`, and
+    /// what children that had already exited used is unknowable.
+    pub attached: bool,
+    /// What the processes present at the attach had already used by then (`None` unless
+    /// `attached`). Add it to the totals for their whole lives.
+    pub usage_before_attach: Option<UsageBeforeAttach>,
+    /// The session's `--timeout` fired and the tree was killed.
+    pub timed_out: bool,
+    /// The per-process breakdown (`--tree`), in start order; absent unless asked for. Once the
+    /// session is over and nothing was lost, its CPU, disk, I/O and thread figures add up to
+    /// the totals exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<Vec<crate::tree::ProcessUsage>>,
+    /// Processes left out of `processes` because the breakdown's limit was reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes_dropped: Option<u64>,
+}
+
+/// What the processes present at an attach had already used by then, read in the kernel as
+/// each thread was adopted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageBeforeAttach {
+    pub process_count: u64,
+    pub thread_count: u64,
+    pub cpu_time_ns: u64,
+    pub cpu_user_ns: u64,
+    pub cpu_system_ns: u64,
+    pub disk_bytes_read: Option<u64>,
+    pub disk_bytes_written: Option<u64>,
+    pub disk_cancelled_write_bytes: Option<u64>,
+    pub io_read_chars: Option<u64>,
+    pub io_write_chars: Option<u64>,
 }
 
 /// What the loaded programs can measure on this kernel (decided at load time from what the
@@ -103,6 +136,10 @@ pub struct Measured {
     pub io_chars: bool,
     /// The block_bio_queue hook and the bio layout.
     pub devices: bool,
+    /// Attaching to running processes (the layouts that lead from a /proc directory to a task).
+    pub attach: bool,
+    /// Per-process records (`task_struct.comm`, exit code, parent).
+    pub records: bool,
 }
 
 impl Measured {
@@ -112,6 +149,8 @@ impl Measured {
         disk: true,
         io_chars: true,
         devices: true,
+        attach: true,
+        records: true,
     };
 }
 
@@ -171,20 +210,32 @@ pub fn merge(
 ) -> ResourceUsage {
     let tick_ns = 1_000_000_000 / units.ticks_per_second.max(1);
     let c = counters;
-    let mut runtime = c.cpu_runtime_ns;
-    let mut utime = c.cpu_utime_ns;
-    let mut stime = c.cpu_stime_ns;
+    // The kernel's totals cover adopted threads' whole lives; what they had used before the
+    // attach comes off (it is reported apart).
+    let before = [
+        c.before_cpu_runtime_ns,
+        c.before_cpu_utime_ns,
+        c.before_cpu_stime_ns,
+        c.before_disk_read_bytes,
+        c.before_disk_write_bytes,
+        c.before_disk_cancelled_write_bytes,
+        c.before_io_rchar,
+        c.before_io_wchar,
+    ];
+    let mut runtime = c.cpu_runtime_ns.wrapping_sub(before[0]);
+    let mut utime = c.cpu_utime_ns.wrapping_sub(before[1]);
+    let mut stime = c.cpu_stime_ns.wrapping_sub(before[2]);
     let mut io = [
-        c.disk_read_bytes,
-        c.disk_write_bytes,
-        c.disk_cancelled_write_bytes,
-        c.io_rchar,
-        c.io_wchar,
+        c.disk_read_bytes.wrapping_sub(before[3]),
+        c.disk_write_bytes.wrapping_sub(before[4]),
+        c.disk_cancelled_write_bytes.wrapping_sub(before[5]),
+        c.io_rchar.wrapping_sub(before[6]),
+        c.io_wchar.wrapping_sub(before[7]),
     ];
     for t in &live.threads {
-        runtime += t.runtime_ns;
-        utime += t.utime_ticks * tick_ns;
-        stime += t.stime_ticks * tick_ns;
+        runtime = runtime.wrapping_add(t.runtime_ns);
+        utime = utime.wrapping_add(t.utime_ticks * tick_ns);
+        stime = stime.wrapping_add(t.stime_ticks * tick_ns);
         if let Some(i) = t.io {
             let add = [
                 i.read_bytes,
@@ -194,11 +245,26 @@ pub fn merge(
                 i.wchar,
             ];
             for (total, v) in io.iter_mut().zip(add) {
-                *total += v;
+                *total = total.wrapping_add(v);
             }
         }
     }
     let (user, system) = split_runtime(runtime, utime, stime);
+    let usage_before_attach = (c.threads_adopted > 0).then(|| {
+        let (user, system) = split_runtime(before[0], before[1], before[2]);
+        UsageBeforeAttach {
+            process_count: c.processes_adopted,
+            thread_count: c.threads_adopted,
+            cpu_time_ns: before[0],
+            cpu_user_ns: user,
+            cpu_system_ns: system,
+            disk_bytes_read: measured.disk.then_some(before[3]),
+            disk_bytes_written: measured.disk.then_some(before[4]),
+            disk_cancelled_write_bytes: measured.disk.then_some(before[5]),
+            io_read_chars: measured.io_chars.then_some(before[6]),
+            io_write_chars: measured.io_chars.then_some(before[7]),
+        }
+    });
     let exact = live.complete && c.lost_events == 0;
     let pages = |p: u64| p * units.page_size;
     let mut devices = live.devices.clone();
@@ -234,6 +300,11 @@ pub fn merge(
         exit_code: root.exit_code,
         signal: root.signal,
         wall_time_ms,
+        attached: c.threads_adopted > 0,
+        usage_before_attach,
+        timed_out: false,
+        processes: None,
+        processes_dropped: None,
     }
 }
 
@@ -383,6 +454,8 @@ mod tests {
             assert!(!v.is_object(), "{k}");
             assert!(!v.is_array() || k == "disk_devices", "{k}");
         }
+        assert!(obj["usage_before_attach"].is_null());
+        assert!(!obj.contains_key("processes"), "only with --tree");
     }
 
     #[test]
@@ -392,6 +465,8 @@ mod tests {
             disk: false,
             io_chars: false,
             devices: false,
+            attach: false,
+            records: false,
         };
         let u = merge(&counters(), none, &whole(), UNITS, RootExit::default(), 0);
         assert_eq!(u.peak_process_count, None);

@@ -17,10 +17,24 @@ pub const DEFAULT_MAX_PROCS: u32 = 65_536;
 pub const DEFAULT_MAX_MMS: u32 = 65_536;
 /// Capacity of the `DEVS` map: (run, block device) pairs.
 pub const MAX_DEVS: u32 = 4096;
-/// Capacity of the `SPAWNERS` map: userspace threads about to fork the root of a run.
+/// Capacity of the `SPAWNERS` map: userspace threads about to fork the root of a run (keyed by
+/// the address of their `task_struct`, recorded by the `control` program in their context).
 pub const MAX_SPAWNERS: u32 = 64;
 /// Size of the ring buffer that carries notifications to userspace.
 pub const EVENTS_BYTES: u32 = 64 * 4096;
+/// Size of the ring buffer that carries per-process records of the runs that asked for them
+/// (`--tree`, `--events`). A record is 64 to 640 bytes; a full buffer counts in `lost_events`.
+pub const RECORDS_BYTES: u32 = 512 * 4096;
+/// Bytes of a process's argv kept from its exec (the strings, NUL-separated, as in
+/// `/proc/PID/cmdline`).
+pub const ARGV_BYTES: usize = 256;
+/// Bytes of an exec's file name kept.
+pub const FILENAME_BYTES: usize = 128;
+/// `TASK_COMM_LEN`.
+pub const COMM_BYTES: usize = 16;
+/// How many ancestors an attaching run's hooks look at to decide whether a task that is not
+/// followed yet belongs to the tree being attached to.
+pub const ADOPT_ANCESTORS: u32 = 16;
 
 /// `CLONE_THREAD` from `<linux/sched.h>`: part of the stable syscall ABI.
 pub const CLONE_THREAD: u64 = 0x0001_0000;
@@ -34,7 +48,11 @@ pub mod names {
     pub const RUNS: &str = "RUNS";
     pub const SPAWNERS: &str = "SPAWNERS";
     pub const SPAWN_GATE: &str = "SPAWN_GATE";
+    pub const ADOPT_GATE: &str = "ADOPT_GATE";
+    pub const RUN_CONTROL: &str = "RUN_CONTROL";
+    pub const TRACKER: &str = "TRACKER";
     pub const EVENTS: &str = "EVENTS";
+    pub const RECORDS: &str = "RECORDS";
     pub const OFFSETS: &str = "OFFSETS";
 
     pub const PROG_TASK_NEWTASK: &str = "task_newtask";
@@ -45,6 +63,13 @@ pub mod names {
     pub const PROG_SCHED_PROCESS_EXIT: &str = "sched_process_exit";
     pub const PROG_SCHED_PROCESS_EXIT_NO_ATOMICS: &str = "sched_process_exit_no_atomics";
     pub const PROG_SCHED_PROCESS_EXEC: &str = "sched_process_exec";
+    /// `sched_process_exec` without the address-space bookkeeping (no atomics): only the
+    /// exec records of runs that asked for per-process records.
+    pub const PROG_SCHED_PROCESS_EXEC_NO_ATOMICS: &str = "sched_process_exec_no_atomics";
+    /// Never attached: run by userspace (`BPF_PROG_TEST_RUN`) in its own context to register
+    /// itself, a spawning thread, or a task to adopt. See [`crate::control`].
+    pub const PROG_CONTROL: &str = "control";
+    pub const PROG_CONTROL_NO_ATOMICS: &str = "control_no_atomics";
     pub const PROG_RSS_STAT: &str = "rss_stat";
     pub const PROG_BLOCK_BIO_QUEUE: &str = "block_bio_queue";
     pub const PROG_BLOCK_BIO_QUEUE_WITH_QUEUE: &str = "block_bio_queue_with_queue";
@@ -124,6 +149,99 @@ pub struct Offsets {
     pub bio_partno: u32,
     pub disk_major: u32,
     pub disk_first_minor: u32,
+
+    // Sessions: identity, ancestry, pid namespaces, exec records, adoption.
+    /// `task_struct.exit_code` (int): the wait status do_exit() was given.
+    pub task_exit_code: u32,
+    /// `task_struct.comm` (char[16]).
+    pub task_comm: u32,
+    /// `task_struct.real_parent` (pointer).
+    pub task_real_parent: u32,
+    /// `task_struct.group_leader` (pointer).
+    pub task_group_leader: u32,
+    /// `task_struct.thread_pid` (`struct pid *`).
+    pub task_thread_pid: u32,
+    /// `struct pid.level` (unsigned int): depth of the task's own pid namespace.
+    pub pid_level: u32,
+    /// `struct pid.numbers` (`struct upid[]`), and the size of one `struct upid` (its `nr`,
+    /// an int, comes first).
+    pub pid_numbers: u32,
+    pub upid_size: u32,
+    /// `struct pid.tasks[PIDTYPE_PID].first` and `task_struct.pid_links[PIDTYPE_PID]`: from a
+    /// `struct pid` to its task.
+    pub pid_tasks: u32,
+    pub task_pid_links: u32,
+    /// `task_struct.files`, `files_struct.fdt`, `fdtable.fd`, `fdtable.max_fds`: from a file
+    /// descriptor of the current task to its `struct file`.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_fd: u32,
+    pub fdt_max_fds: u32,
+    /// `file.f_inode`; `proc_inode.pid` and `proc_inode.vfs_inode`: from a /proc/PID/task/TID
+    /// directory to its `struct pid`.
+    pub file_inode: u32,
+    pub proc_inode_pid: u32,
+    pub proc_inode_vfs_inode: u32,
+    /// `mm_struct.arg_start`, `mm_struct.arg_end` (unsigned long): where argv lies.
+    pub mm_arg_start: u32,
+    pub mm_arg_end: u32,
+    /// `linux_binprm.filename` (`const char *`).
+    pub bprm_filename: u32,
+}
+
+impl Offsets {
+    /// Placeholders the eBPF object is built with; userspace replaces them at load time.
+    pub const UNRESOLVED: Offsets = Offsets {
+        task_pid: 0,
+        task_tgid: 0,
+        task_signal: 0,
+        task_start_boottime: 0,
+        task_sum_exec_runtime: 0,
+        task_utime: 0,
+        task_stime: 0,
+        task_state: 0,
+        task_state_size: 0,
+        switch_has_prev_state: 0,
+        task_dead: 0,
+        signal_live: 0,
+        task_ioac_read_bytes: ABSENT,
+        task_ioac_write_bytes: ABSENT,
+        task_ioac_cancelled_write_bytes: ABSENT,
+        task_ioac_rchar: ABSENT,
+        task_ioac_wchar: ABSENT,
+        task_mm: 0,
+        mm_rss: [0; 4],
+        rss_stat_has_count: 0,
+        bio_queue_bio_arg: 0,
+        bio_size: 0,
+        bio_opf: 0,
+        bio_bdev: ABSENT,
+        bdev_dev: ABSENT,
+        bio_disk: ABSENT,
+        bio_partno: ABSENT,
+        disk_major: ABSENT,
+        disk_first_minor: ABSENT,
+        task_exit_code: 0,
+        task_comm: 0,
+        task_real_parent: 0,
+        task_group_leader: 0,
+        task_thread_pid: 0,
+        pid_level: 0,
+        pid_numbers: 0,
+        upid_size: 0,
+        pid_tasks: 0,
+        task_pid_links: 0,
+        task_files: 0,
+        files_fdt: 0,
+        fdt_fd: 0,
+        fdt_max_fds: 0,
+        file_inode: 0,
+        proc_inode_pid: 0,
+        proc_inode_vfs_inode: 0,
+        mm_arg_start: 0,
+        mm_arg_end: 0,
+        bprm_filename: 0,
+    };
 }
 
 /// An offset the running kernel does not have.
@@ -137,15 +255,19 @@ pub const ABSENT: u32 = u32::MAX;
 pub struct TaskMember {
     /// Slot of the run in `RUNS`.
     pub run: u32,
-    /// Thread id at join (global pid namespace).
+    /// Thread id in the tracker's pid namespace (what its /proc shows), updated at exec.
     pub tid: u32,
-    /// Process id at join (global pid namespace).
+    /// Process id in the tracker's pid namespace.
     pub tgid: u32,
     pub _pad0: u32,
-    /// Kernel address of the process's `signal_struct`: the key of its `PROCS` entry.
+    /// Kernel address of the process's `signal_struct`: the key of its `PROCS` entry, and the
+    /// process's identity in per-process records.
     pub signal: u64,
     /// `task_struct.start_boottime` in ns: guards /proc reads against pid reuse.
     pub start_boottime_ns: u64,
+    /// The start time of its process (its thread-group leader's `start_boottime`): guards
+    /// signals sent to the process against pid reuse.
+    pub process_start_boottime_ns: u64,
 }
 
 /// One live tracked process; value of `PROCS`, keyed by the address of its `signal_struct`.
@@ -157,6 +279,8 @@ pub struct ProcMember {
     pub _pad0: u32,
     /// The address space it uses now (`task_struct.mm`; changes at exec), or 0.
     pub mm: u64,
+    /// Its threads that joined the run (created in it or adopted).
+    pub threads: u64,
 }
 
 /// RSS counter members of `rss_stat` that make up RSS as /proc's VmRSS counts it.
@@ -235,6 +359,96 @@ pub struct RunCounters {
     pub rss_peak_pages: u64,
     /// The largest peak RSS (pages) of any address space of the run that has left it.
     pub max_process_rss_pages: u64,
+
+    /// Set by userspace when it zeroes the slot, read-only to the kernel: [`run_flags`].
+    pub flags: u64,
+    /// The root process's `signal_struct` address (its identity), set when it joins.
+    pub root_signal: u64,
+    /// `ROOT_ENDED | exit_code` once the root process has ended (its last thread passed
+    /// do_exit()); `exit_code` is the kernel's wait status (`code << 8 | signal`).
+    pub root_status: u64,
+    /// What adopted threads had already used when they were adopted (attach): the same
+    /// counters as above, read at adoption. The run's totals above include it (they are read
+    /// at exit, over each thread's whole life); userspace subtracts it.
+    pub before_cpu_runtime_ns: u64,
+    pub before_cpu_utime_ns: u64,
+    pub before_cpu_stime_ns: u64,
+    pub before_disk_read_bytes: u64,
+    pub before_disk_write_bytes: u64,
+    pub before_disk_cancelled_write_bytes: u64,
+    pub before_io_rchar: u64,
+    pub before_io_wchar: u64,
+    /// Processes and threads that were adopted rather than created inside the run.
+    pub processes_adopted: u64,
+    pub threads_adopted: u64,
+}
+
+/// Bit of [`RunCounters::root_status`]: the root has ended.
+pub const ROOT_ENDED: u64 = 1 << 32;
+
+/// Bits of [`RunCounters::flags`].
+pub mod run_flags {
+    /// The run wants per-process records in the `RECORDS` ring buffer.
+    pub const RECORDS: u64 = 1;
+}
+
+/// Per-run controls userspace changes while the run goes on (value of `RUN_CONTROL`, one
+/// per slot). Kept apart from `RunCounters`, which only the kernel writes after the start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunControl {
+    /// Non-zero: the run is being attached to; its hooks adopt tasks of the tree that are not
+    /// followed yet.
+    pub attaching: u32,
+    /// Non-zero: the run is being killed with this signal; a member that forks gets it at
+    /// once (`bpf_send_signal`), so a fork bomb cannot outgrow the kill.
+    pub kill_signal: u32,
+}
+
+/// Who the tracker is, recorded by the `control` program in the tracker's own context
+/// (value of `TRACKER`, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackerInfo {
+    /// The tracker process's `signal_struct` address: it and its threads never join a run.
+    pub signal: u64,
+    /// The depth of the tracker's pid namespace: pids in records are as the tracker sees them.
+    pub pid_level: u32,
+    /// 1 once recorded.
+    pub known: u32,
+}
+
+/// Operations of the `control` program (its first argument).
+pub mod control {
+    /// Record the tracker itself ([`crate::TrackerInfo`]). Returns 0.
+    pub const HELLO: u64 = 1;
+    /// `(SPAWNER, run)`: the calling thread's next new task is the root of `run`. Returns 0,
+    /// or [`crate::control::E_FULL`].
+    pub const SPAWNER: u64 = 2;
+    /// `(ADOPT, fd, run, flags)`: adopt into `run` the task behind `fd`, a directory
+    /// `/proc/PID/task/TID` the caller holds open. Returns [`ADOPTED`], [`ALREADY`] (followed
+    /// already, by this run), or a negative `E_*`.
+    pub const ADOPT: u64 = 3;
+    /// Flag of `ADOPT`: the task's process is the root of the run.
+    pub const ADOPT_ROOT: u64 = 1;
+    /// Forget the calling thread's `SPAWNER` registration (after a spawn that created no
+    /// task). Returns 0.
+    pub const UNSPAWN: u64 = 4;
+
+    pub const ADOPTED: i32 = 0;
+    pub const ALREADY: i32 = 1;
+    /// The fd does not lead to a task (it has exited: its `struct pid` has no task left).
+    pub const E_GONE: i32 = -1;
+    /// The task is followed by another run.
+    pub const E_OTHER_RUN: i32 = -2;
+    /// A kernel read failed.
+    pub const E_READ: i32 = -3;
+    /// A map is full.
+    pub const E_FULL: i32 = -4;
+    /// The task is the tracker's own.
+    pub const E_SELF: i32 = -5;
+    /// Unknown operation or bad argument.
+    pub const E_INVAL: i32 = -6;
 }
 
 impl RunCounters {
@@ -250,6 +464,107 @@ pub mod event_kind {
     pub const RUN_EMPTY: u32 = 1;
 }
 
+/// Kinds of per-process records (`RECORDS` ring buffer); every record starts with a
+/// [`RecordHeader`].
+pub mod record_kind {
+    /// [`crate::ProcStart`]: a process joined the run (created in it, or adopted).
+    pub const PROC_START: u32 = 1;
+    /// [`crate::ProcExec`]: a process of the run executed a new program.
+    pub const PROC_EXEC: u32 = 2;
+    /// [`crate::ProcExit`]: the last thread of a process passed do_exit().
+    pub const PROC_EXIT: u32 = 3;
+    /// [`crate::ThreadEnd`]: a thread of the run switched out for the last time; what it
+    /// used over its whole life.
+    pub const THREAD_END: u32 = 4;
+    /// [`crate::ThreadEnd`] too: what an adopted thread had used when it was adopted.
+    pub const THREAD_ADOPTED: u32 = 5;
+}
+
+/// The start of every record in `RECORDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub kind: u32,
+    pub run: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub time_ns: u64,
+    /// The process's identity: the address of its `signal_struct`, unique while it lives.
+    pub process: u64,
+}
+
+/// Bits of [`ProcStart::flags`].
+pub mod proc_flags {
+    /// The root of its run.
+    pub const ROOT: u32 = 1;
+    /// Present when the run attached, rather than created inside it.
+    pub const ADOPTED: u32 = 2;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcStart {
+    pub header: RecordHeader,
+    /// The parent's identity (`signal_struct` address), 0 if unknown.
+    pub parent: u64,
+    /// `task_struct.start_boottime` of the process (ns since boot).
+    pub start_boottime_ns: u64,
+    /// Pid in the initial pid namespace, in the tracker's, and in the process's own.
+    pub pid_global: u32,
+    pub pid: u32,
+    pub pid_own_ns: u32,
+    /// The parent's pid in the tracker's namespace (0 when not visible there).
+    pub ppid: u32,
+    pub flags: u32,
+    pub _pad0: u32,
+    pub comm: [u8; COMM_BYTES],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcExec {
+    pub header: RecordHeader,
+    /// The peak RSS (pages) of the address space the exec left, if it was the last user.
+    pub old_mm_peak_pages: u64,
+    /// The pid in the tracker's namespace after the exec (a non-leader thread that execs
+    /// takes the leader's).
+    pub pid: u32,
+    /// Bytes of `argv` kept, and whether more were cut off (1).
+    pub argv_len: u32,
+    pub argv_truncated: u32,
+    pub _pad0: u32,
+    pub comm: [u8; COMM_BYTES],
+    /// NUL-terminated.
+    pub filename: [u8; FILENAME_BYTES],
+    pub argv: [u8; ARGV_BYTES],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcExit {
+    pub header: RecordHeader,
+    /// The wait status the parent sees (`task_struct.exit_code` of its last thread).
+    pub exit_code: u32,
+    pub _pad0: u32,
+    /// Peak RSS (pages) of its address space, where memory is followed.
+    pub mm_peak_pages: u64,
+    /// Its threads that joined the run: as many `THREAD_END` records complete it.
+    pub threads: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadEnd {
+    pub header: RecordHeader,
+    pub cpu_runtime_ns: u64,
+    pub cpu_utime_ns: u64,
+    pub cpu_stime_ns: u64,
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+    pub disk_cancelled_write_bytes: u64,
+    pub io_rchar: u64,
+    pub io_wchar: u64,
+}
+
 /// A record in the `EVENTS` ring buffer: only what userspace must see promptly.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -258,10 +573,17 @@ pub struct Event {
     pub run: u32,
 }
 
-const _: () = assert!(size_of::<Offsets>() == 128);
-const _: () = assert!(size_of::<TaskMember>() == 32);
-const _: () = assert!(size_of::<ProcMember>() == 16);
-const _: () = assert!(size_of::<RunCounters>() == 144);
+const _: () = assert!(size_of::<Offsets>() == 208);
+const _: () = assert!(size_of::<TaskMember>() == 40);
+const _: () = assert!(size_of::<ProcMember>() == 24);
+const _: () = assert!(size_of::<RunCounters>() == 248);
+const _: () = assert!(size_of::<RunControl>() == 8);
+const _: () = assert!(size_of::<TrackerInfo>() == 16);
+const _: () = assert!(size_of::<RecordHeader>() == 24);
+const _: () = assert!(size_of::<ProcStart>() == 80);
+const _: () = assert!(size_of::<ProcExec>() == 448);
+const _: () = assert!(size_of::<ProcExit>() == 48);
+const _: () = assert!(size_of::<ThreadEnd>() == 88);
 const _: () = assert!(size_of::<Event>() == 8);
 const _: () = assert!(size_of::<MmMember>() == 64);
 const _: () = assert!(size_of::<DevKey>() == 8);
@@ -278,4 +600,6 @@ mod pod {
     unsafe impl aya::Pod for super::MmMember {}
     unsafe impl aya::Pod for super::DevKey {}
     unsafe impl aya::Pod for super::DevCounters {}
+    unsafe impl aya::Pod for super::RunControl {}
+    unsafe impl aya::Pod for super::TrackerInfo {}
 }
