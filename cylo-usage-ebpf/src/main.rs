@@ -793,21 +793,40 @@ fn on_exit<const ATOMICS: bool>() -> i32 {
         mm_release(proc.mm, counters);
     }
     if wants_records(counters) {
-        match RECORDS.reserve::<ProcExit>(0) {
-            Some(mut entry) => {
-                entry.write(ProcExit {
-                    header: header(record_kind::PROC_EXIT, member.run, member.signal),
-                    exit_code: code,
-                    _pad0: 0,
-                    mm_peak_pages: peak,
-                    threads: proc.threads,
-                });
-                entry.submit(0);
-            }
-            None => add(&mut counters.lost_events, 1),
-        }
+        record_exit(&member, current, code, peak, proc.threads, counters);
     }
     0
+}
+
+/// A `PROC_EXIT` record.
+#[inline(always)]
+fn record_exit(
+    member: &TaskMember,
+    task: u64,
+    code: u32,
+    peak: u64,
+    threads: u64,
+    counters: &mut RunCounters,
+) {
+    let Some(mut entry) = RECORDS.reserve::<ProcExit>(0) else {
+        add(&mut counters.lost_events, 1);
+        return;
+    };
+    let leader = read::<u64>(task, offset!(task_group_leader)).unwrap_or(task);
+    let comm = (leader + offset!(task_comm) as u64) as *const u8;
+    let p = entry.as_mut_ptr();
+    // SAFETY: `p` points to reserved ring-buffer memory of the record's size.
+    unsafe {
+        (*p).header = header(record_kind::PROC_EXIT, member.run, member.signal);
+        (*p).exit_code = code;
+        (*p)._pad0 = 0;
+        (*p).mm_peak_pages = peak;
+        (*p).threads = threads;
+        if bpf_probe_read_kernel_buf(comm, &mut (*p).comm).is_err() {
+            (*p).comm = [0; 16];
+        }
+    }
+    entry.submit(0);
 }
 
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next
@@ -1025,19 +1044,6 @@ fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
     }
     add(&mut counters.threads_started, 1);
     add(&mut counters.threads_adopted, 1);
-    if let Some(u) = thread_usage(task) {
-        add(&mut counters.before_cpu_runtime_ns, u[0]);
-        add(&mut counters.before_cpu_utime_ns, u[1]);
-        add(&mut counters.before_cpu_stime_ns, u[2]);
-        add(&mut counters.before_disk_read_bytes, u[3]);
-        add(&mut counters.before_disk_write_bytes, u[4]);
-        add(&mut counters.before_disk_cancelled_write_bytes, u[5]);
-        add(&mut counters.before_io_rchar, u[6]);
-        add(&mut counters.before_io_wchar, u[7]);
-        if wants_records(counters) {
-            record_thread(record_kind::THREAD_ADOPTED, &member, &u, counters);
-        }
-    }
     if root {
         store(&mut counters.root_signal, signal);
     }
@@ -1086,6 +1092,20 @@ fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
             mm_use(run, mm, counters);
         }
     }
+    // After its process's record, so the breakdown knows whose it is.
+    if let Some(u) = thread_usage(task) {
+        add(&mut counters.before_cpu_runtime_ns, u[0]);
+        add(&mut counters.before_cpu_utime_ns, u[1]);
+        add(&mut counters.before_cpu_stime_ns, u[2]);
+        add(&mut counters.before_disk_read_bytes, u[3]);
+        add(&mut counters.before_disk_write_bytes, u[4]);
+        add(&mut counters.before_disk_cancelled_write_bytes, u[5]);
+        add(&mut counters.before_io_rchar, u[6]);
+        add(&mut counters.before_io_wchar, u[7]);
+        if wants_records(counters) {
+            record_thread(record_kind::THREAD_ADOPTED, &member, &u, counters);
+        }
+    }
     if task_state(task) & offset!(task_dead) as u64 != 0 {
         // It died while being adopted: its last switch may have passed before the entry was
         // there. Whoever removes the entry (the switch hook or this) accounts for it, once.
@@ -1096,17 +1116,23 @@ fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
     control::ADOPTED
 }
 
+// The two `control` programs are written out rather than with `#[raw_tracepoint]`: its
+// expansion returns 0 whatever the handler returns, and userspace needs the result (the
+// `retval` of `BPF_PROG_TEST_RUN`).
+
 /// Never attached: userspace runs it in its own context with `BPF_PROG_TEST_RUN`, with the
 /// arguments `(op, a, b, c)`; see `cylo_usage_abi::control`.
-#[raw_tracepoint(tracepoint = "control")]
-pub fn control(ctx: RawTracePointContext) -> i32 {
-    on_control::<true>(ctx)
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp/control")]
+pub fn control(ctx: *mut core::ffi::c_void) -> u32 {
+    on_control::<true>(RawTracePointContext::new(ctx)) as u32
 }
 
 /// `control` for kernels without BPF atomic fetch, exchange and cmpxchg.
-#[raw_tracepoint(tracepoint = "control")]
-pub fn control_no_atomics(ctx: RawTracePointContext) -> i32 {
-    on_control::<false>(ctx)
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp/control")]
+pub fn control_no_atomics(ctx: *mut core::ffi::c_void) -> u32 {
+    on_control::<false>(RawTracePointContext::new(ctx)) as u32
 }
 
 #[inline(always)]

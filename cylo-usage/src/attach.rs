@@ -93,7 +93,9 @@ pub(crate) struct Adopted {
     pub root: bool,
     /// The root is followed by another run.
     pub root_elsewhere: bool,
+    /// Threads and processes adopted by the scan (the hooks adopt more meanwhile).
     pub threads: u64,
+    pub processes: u64,
     pub passes: usize,
 }
 
@@ -233,6 +235,7 @@ pub(crate) fn adopt_tree(
                 Some(s) if s.start_ticks == start => {}
                 _ => continue,
             }
+            let mut adopted_here = false;
             for tid in threads_of(&dir) {
                 let Some(thread) = open_dir(&format!("task/{tid}"), Some(&dir)) else {
                     continue; // exited
@@ -256,6 +259,7 @@ pub(crate) fn adopt_tree(
                         fresh += 1;
                         result.threads += 1;
                         result.root |= is_root;
+                        adopted_here = true;
                     }
                     control::ALREADY => result.root |= is_root,
                     control::E_OTHER_RUN if is_root => result.root_elsewhere = true,
@@ -264,6 +268,7 @@ pub(crate) fn adopt_tree(
                     _ => {}
                 }
             }
+            result.processes += u64::from(adopted_here);
         }
         if pass == 0 && !result.root {
             break;

@@ -224,10 +224,10 @@ fn start_error_code(e: &SessionError) -> u8 {
 
 fn open_events(path: &std::path::Path) -> Result<cylo_usage::tree::EventSink, String> {
     if path.as_os_str() == "-" {
-        return Ok(Box::new(std::io::stdout()));
+        return Ok(Box::new(std::io::BufWriter::new(std::io::stdout())));
     }
     std::fs::File::create(path)
-        .map(|f| Box::new(f) as cylo_usage::tree::EventSink)
+        .map(|f| Box::new(std::io::BufWriter::new(f)) as cylo_usage::tree::EventSink)
         .map_err(|e| format!("cannot write events to {}: {e}", path.display()))
 }
 

@@ -192,6 +192,8 @@ pub struct Run {
     timed_out: bool,
     /// Checks that found the attached root exited without the kernel's exit record.
     exited_unrecorded: u32,
+    /// Whether the report has a per-process breakdown (records may be kept for events only).
+    breakdown: bool,
 }
 
 /// Zeroes slot `slot`'s record (with `flags`) and its controls, and marks it used.
@@ -229,13 +231,12 @@ impl Tracker {
         options: RunOptions,
     ) -> Result<Run, SessionError> {
         let inner = self.inner.clone();
-        let mut maps = inner.maps();
         let flags = if options.wants_records() {
             run_flags::RECORDS
         } else {
             0
         };
-        let slot = claim_slot(&mut maps, flags)?;
+        let slot = claim_slot(&mut inner.maps(), flags)?;
         let started_ns = monotonic_ns();
         let mut run = Run {
             inner: inner.clone(),
@@ -249,8 +250,11 @@ impl Tracker {
             attaching: false,
             timed_out: false,
             exited_unrecorded: 0,
+            breakdown: false,
         };
         run.start_records(options, started_ns);
+        // Declared after `run`, so that it is released before `run` is dropped on an error.
+        let mut maps = inner.maps();
         // This thread's next new task is the root: recorded in the kernel by its task_struct,
         // so it works in any pid namespace.
         let code = inner
@@ -337,12 +341,19 @@ impl Tracker {
             attaching: false,
             timed_out: false,
             exited_unrecorded: 0,
+            breakdown: false,
         };
         run.start_records(options, started_ns);
         run.set_attaching(true)?;
         let adopted = crate::attach::adopt_tree(&inner, slot, &target);
         run.set_attaching(false)?;
         let adopted = adopted?;
+        if let Some(tree) = &run.tree {
+            inner.sinks.drain();
+            tree.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .note_attached(adopted.processes, adopted.threads, adopted.passes);
+        }
         if !adopted.root {
             return Err(if adopted.root_elsewhere {
                 SessionError::AlreadyFollowed { pid }
@@ -367,8 +378,10 @@ impl Run {
             0 => crate::tree::DEFAULT_TREE_LIMIT,
             n => n,
         };
+        self.breakdown = options.tree;
         let tree = Arc::new(Mutex::new(Tree::new(
             started_ns,
+            options.tree,
             limit,
             options.events,
             units,
@@ -715,7 +728,7 @@ impl Run {
     ) -> ResourceUsage {
         u.attached = self.is_attached();
         u.timed_out = self.timed_out;
-        let Some(tree) = self.tree.as_ref().filter(|_| with_tree) else {
+        let Some(tree) = self.tree.as_ref().filter(|_| with_tree && self.breakdown) else {
             return u;
         };
         self.inner.sinks.drain();

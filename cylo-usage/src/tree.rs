@@ -101,7 +101,6 @@ struct Proc {
     own_pid: u32,
     ppid: u32,
     start_mono_ns: u64,
-    start_boottime_ns: u64,
     end_mono_ns: Option<u64>,
     status: Option<u32>,
     comm: Vec<u8>,
@@ -131,7 +130,10 @@ pub type EventSink = Box<dyn Write + Send>;
 /// The per-process records of one run.
 pub struct Tree {
     started_mono_ns: u64,
-    procs: Vec<Proc>,
+    /// Whether to keep every process for the breakdown; without, a process is forgotten once
+    /// its exit event is out (events only).
+    keep: bool,
+    procs: Vec<Option<Proc>>,
     /// Processes by identity (`signal_struct` address). A later process with the same
     /// address replaces an earlier one (the address is reused only after the earlier one's
     /// records are all in).
@@ -150,12 +152,14 @@ impl Tree {
     /// `events` if given.
     pub fn new(
         started_mono_ns: u64,
+        keep: bool,
         limit: usize,
         events: Option<EventSink>,
         units: Units,
     ) -> Tree {
         let mut tree = Tree {
             started_mono_ns,
+            keep,
             procs: Vec::new(),
             by_id: HashMap::new(),
             limit,
@@ -195,8 +199,34 @@ impl Tree {
         };
         let mut text = line.to_string();
         text.push('\n');
-        if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        // Flushed after each batch of records (`flush`), so `tail -f` follows.
+        if let Err(e) = out.write_all(text.as_bytes()) {
             // A closed pipe (`| head`) ends the stream, never the measurement.
+            self.events_error = Some(e.to_string());
+            self.events = None;
+        }
+    }
+
+    /// The `attached` event: the attach has registered the tree that was there (the moment
+    /// `usage_before_attach` stops and the totals begin).
+    pub fn note_attached(&mut self, processes: u64, threads: u64, passes: usize) {
+        let now = crate::session::monotonic_ns();
+        let line = serde_json::json!({
+            "event": "attached",
+            "time_ns": self.rel(now),
+            "processes": processes,
+            "threads": threads,
+            "passes": passes,
+        });
+        self.emit(line);
+        self.flush();
+    }
+
+    /// Hands what the event stream holds to its destination.
+    pub fn flush(&mut self) {
+        if let Some(out) = self.events.as_mut()
+            && let Err(e) = out.flush()
+        {
             self.events_error = Some(e.to_string());
             self.events = None;
         }
@@ -243,7 +273,7 @@ impl Tree {
     }
 
     fn on_start(&mut self, r: &ProcStart) {
-        if self.procs.len() >= self.limit {
+        if self.keep && self.procs.len() >= self.limit {
             self.dropped += 1;
             self.by_id.remove(&r.header.process);
             return;
@@ -255,7 +285,6 @@ impl Tree {
             own_pid: r.pid_own_ns,
             ppid: r.ppid,
             start_mono_ns: r.header.time_ns,
-            start_boottime_ns: r.start_boottime_ns,
             comm: trim_nul(&r.comm).to_vec(),
             adopted: r.flags & proc_flags::ADOPTED != 0,
             root: r.flags & proc_flags::ROOT != 0,
@@ -272,13 +301,13 @@ impl Tree {
             "attached": p.adopted,
         });
         self.by_id.insert(p.id, self.procs.len());
-        self.procs.push(p);
+        self.procs.push(Some(p));
         self.emit(line);
     }
 
     fn get(&mut self, id: u64) -> Option<&mut Proc> {
         let i = *self.by_id.get(&id)?;
-        self.procs.get_mut(i)
+        self.procs.get_mut(i)?.as_mut()
     }
 
     fn on_exec(&mut self, r: &ProcExec) {
@@ -313,6 +342,10 @@ impl Tree {
         };
         p.end_mono_ns = Some(r.header.time_ns);
         p.status = Some(r.exit_code);
+        let comm = trim_nul(&r.comm);
+        if !comm.is_empty() {
+            p.comm = comm.to_vec();
+        }
         p.peak_pages = p.peak_pages.max(r.mm_peak_pages);
         p.threads = Some(r.threads);
         self.report_exit(r.header.process);
@@ -337,7 +370,9 @@ impl Tree {
         let Some(&i) = self.by_id.get(&id) else {
             return;
         };
-        let p = &self.procs[i];
+        let Some(p) = self.procs[i].as_ref() else {
+            return;
+        };
         if p.exit_reported || !p.complete() {
             return;
         }
@@ -358,7 +393,14 @@ impl Tree {
             "io_write_chars": u.io_write_chars,
             "peak_memory_bytes": u.peak_memory_bytes,
         });
-        self.procs[i].exit_reported = true;
+        if self.keep {
+            if let Some(p) = self.procs[i].as_mut() {
+                p.exit_reported = true;
+            }
+        } else {
+            self.procs[i] = None;
+            self.by_id.remove(&id);
+        }
         self.emit(line);
     }
 
@@ -416,6 +458,7 @@ impl Tree {
         let tick_ns = 1_000_000_000 / self.units.ticks_per_second.max(1);
         self.procs
             .iter()
+            .flatten()
             .map(|p| {
                 let (mut counters, threads) = live.get(&p.id).copied().unwrap_or_default();
                 // /proc gives utime/stime in ticks.
@@ -437,25 +480,6 @@ impl Tree {
                 u
             })
             .collect()
-    }
-
-    /// The start time (ns since boot) of the process with identity `id`, if known.
-    pub fn start_boottime(&self, id: u64) -> Option<u64> {
-        let i = *self.by_id.get(&id)?;
-        Some(self.procs[i].start_boottime_ns)
-    }
-
-    /// Bytes this tree holds per process, roughly: for the README's memory figure.
-    pub fn approximate_bytes(&self) -> usize {
-        let per = std::mem::size_of::<Proc>() + 24;
-        self.procs
-            .iter()
-            .map(|p| {
-                per + p.comm.capacity()
-                    + p.argv.as_ref().map_or(0, Vec::capacity)
-                    + p.filename.as_ref().map_or(0, Vec::capacity)
-            })
-            .sum()
     }
 }
 
@@ -575,6 +599,7 @@ impl Sinks {
             return;
         };
         let slots = lock(&self.slots);
+        let mut touched = [false; MAX_RUNS as usize];
         while let Some(item) = ring.next() {
             let bytes: &[u8] = &item;
             let Some(h) = read_record::<RecordHeader>(bytes) else {
@@ -582,6 +607,14 @@ impl Sinks {
             };
             if let Some(Some(tree)) = slots.get(h.run as usize) {
                 lock(tree).take(bytes);
+                touched[h.run as usize] = true;
+            }
+        }
+        for (slot, tree) in slots.iter().enumerate() {
+            if let Some(tree) = tree
+                && touched[slot]
+            {
+                lock(tree).flush();
             }
         }
     }
@@ -592,8 +625,13 @@ impl Sinks {
 }
 
 /// The reader thread: waits for the ring buffer's fd and drains it, until the tracker goes.
+/// It asks for a real-time priority (the lowest), so a fork bomb in a traced tree cannot
+/// starve it and overflow the ring buffer; it only ever runs to drain, then sleeps.
 fn reader(fd: RawFd, sinks: std::sync::Weak<Sinks>, stop: Arc<AtomicBool>) {
     const TICK: Duration = Duration::from_millis(100);
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sets this thread's own policy; failure (no CAP_SYS_NICE) leaves it as it was.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
     while !stop.load(Ordering::SeqCst) {
         let mut pfd = libc::pollfd {
             fd,
@@ -683,6 +721,7 @@ mod tests {
             _pad0: 0,
             mm_peak_pages: 7,
             threads,
+            comm: comm(b"true"),
         })
     }
 
@@ -701,7 +740,7 @@ mod tests {
     #[test]
     fn records_make_processes_whose_parts_sum_up() {
         let out = Shared::default();
-        let mut t = Tree::new(1_000, 10, Some(Box::new(out.clone())), UNITS);
+        let mut t = Tree::new(1_000, true, 10, Some(Box::new(out.clone())), UNITS);
         t.take(&start(0xa, 0, 100, b"sh"));
         t.take(&start(0xb, 0xa, 101, b"sh"));
         let mut argv = [0u8; ARGV_BYTES];
@@ -761,7 +800,7 @@ mod tests {
 
     #[test]
     fn adopted_usage_is_taken_off() {
-        let mut t = Tree::new(0, 10, None, UNITS);
+        let mut t = Tree::new(0, true, 10, None, UNITS);
         t.take(&start(0xa, 0, 100, b"job"));
         t.take(&thread_end(0xa, 400, record_kind::THREAD_ADOPTED));
         t.take(&exit(0xa, 9, 1));
@@ -774,7 +813,7 @@ mod tests {
 
     #[test]
     fn the_limit_drops_and_counts() {
-        let mut t = Tree::new(0, 2, None, UNITS);
+        let mut t = Tree::new(0, true, 2, None, UNITS);
         for i in 0..5 {
             t.take(&start(0x10 + i, 0, 100 + i as u32, b"x"));
         }
@@ -785,7 +824,7 @@ mod tests {
 
     #[test]
     fn garbage_records_are_ignored() {
-        let mut t = Tree::new(0, 2, None, UNITS);
+        let mut t = Tree::new(0, true, 2, None, UNITS);
         t.take(&[]);
         t.take(&[1, 2, 3]);
         let mut short = start(0xa, 0, 1, b"x");

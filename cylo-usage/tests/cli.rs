@@ -127,6 +127,9 @@ fn json_report_is_one_flat_object_with_the_documented_names() {
         "exit_code",
         "signal",
         "wall_time_ms",
+        "attached",
+        "usage_before_attach",
+        "timed_out",
     ];
     want.sort_unstable();
     assert_eq!(keys, want);

@@ -13,6 +13,12 @@
 //! - (b) the same storm left untracked while a tracker follows another tree (`sleep 3600`),
 //!   against the storm with no tracker at all: what every other process on the host pays.
 //! - (c) `/bin/true` with and without `cylo-usage run`: the fixed cost of one tracked command.
+//! - (f) the storm with a per-process breakdown and event stream (`--tree --events FILE`)
+//!   against the same storm tracked for totals only: what the records cost.
+//!
+//! Then, without a ratio: the kernel's per-program run time on the tracked paths (the storm
+//! with and without records), the latency of attaching to a tree of 1,000 processes, and the
+//! tracker's own peak RSS on trees of 1,000 and 10,000 processes, with and without `--tree`.
 //!
 //! To add a case, push another [`Case`] in [`cases`]: a name, a [`Goal`] and two closures that
 //! each do one run and return its [`Sample`].
@@ -192,6 +198,7 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let costs = handler_costs(&bins, storm)?;
+    let sessions = session_costs(&bins, storm, args.quick, &out_dir)?;
     let elapsed = started.elapsed();
     let _ = std::fs::remove_file(out_dir.join("direct-io.data"));
 
@@ -222,6 +229,7 @@ pub fn run(args: Args) -> Result<()> {
     let _ = writeln!(md, "|---|---|---|---|---|---|");
     md.push_str(&table);
     md.push_str(&costs);
+    md.push_str(&sessions);
     let _ = writeln!(md, "\nRaw samples (ms, in run order):\n");
     md.push_str(&raw);
 
@@ -298,6 +306,32 @@ fn cases(bins: &Bins, storm: u64, quick: bool, out_dir: &Path) -> Vec<Case> {
                 cmd.args(["run", "-o", "/dev/null", "--", "/bin/true"]);
                 Ok(Sample::wall(time(&mut cmd)?))
             }),
+            reported_row: None,
+        });
+    }
+
+    // (f) The storm with per-process records (breakdown and event stream) against the storm
+    // tracked for totals only: both sides are tracked, both include the tracker's start-up.
+    {
+        let tracker = bins.tracker.clone();
+        let workload = bins.workload.clone();
+        let events = out_dir.join("storm-events.ndjson");
+        let storm_arg = storm_arg.clone();
+        let aggregate = move |records: bool| -> Result<Sample> {
+            let mut cmd = Command::new(&tracker);
+            cmd.args(["run", "-o", "/dev/null"]);
+            if records {
+                cmd.args(["--tree", "--events"]).arg(&events);
+            }
+            cmd.arg("--").arg(&workload).args(["storm", &storm_arg]);
+            Ok(Sample::wall(time(&mut cmd)?))
+        };
+        let plain = aggregate.clone();
+        cases.push(Case {
+            name: format!("(f) storm {storm}: --tree --events vs totals only"),
+            goal: Goal::MaxRatio(1.05),
+            untraced: Box::new(move || plain(false)),
+            traced: Box::new(move || aggregate(true)),
             reported_row: None,
         });
     }
@@ -739,5 +773,211 @@ fn handler_costs(bins: &Bins, storm: u64) -> Result<String> {
         total as f64 / 1e6,
         total as f64 / wall.as_nanos() as f64 * 100.0
     );
+    Ok(md)
+}
+
+/// Runs `cmd` to completion; returns its peak RSS (KiB, from wait4) and its wall time.
+fn peak_rss(cmd: &mut Command) -> Result<(u64, Duration)> {
+    let shown = format!("{cmd:?}");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let start = Instant::now();
+    let child = cmd.spawn().with_context(|| format!("starting {shown}"))?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is valid; wait4 reaps our own child (std never waits for it:
+    // `child` is forgotten below).
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    std::mem::forget(child);
+    let wall = start.elapsed();
+    if r != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{shown} failed (wait status {status:#x})");
+    }
+    Ok((ru.ru_maxrss as u64, wall))
+}
+
+/// The kernel's run time of the tracker's handlers during `cmd`: name -> (ns, calls).
+fn handler_delta(
+    cmd: &mut Command,
+) -> Result<(std::collections::BTreeMap<String, (u64, u64)>, Duration)> {
+    let before = handler_stats()?;
+    let wall = time(cmd)?;
+    let after = handler_stats()?;
+    let mut rows: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for (id, (name, ns, calls)) in &after {
+        let (_, ns0, calls0) = before.get(id).cloned().unwrap_or_default();
+        let row = rows.entry(name.clone()).or_default();
+        row.0 += ns.saturating_sub(ns0);
+        row.1 += calls.saturating_sub(calls0);
+    }
+    Ok((rows, wall))
+}
+
+/// Sessions: the tracked paths' kernel cost with and without records, the attach latency,
+/// and the tracker's memory per process of a breakdown.
+fn session_costs(bins: &Bins, storm: u64, quick: bool, out_dir: &Path) -> Result<String> {
+    let mut md = String::new();
+    // Tracked paths, by the kernel's per-program statistics: the storm under `run`, totals
+    // only and with records. The tracker's own start-up (its loader thread) is in both.
+    {
+        let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .context("BPF_ENABLE_STATS (per-program run time)")?;
+        let events = out_dir.join("storm-events.ndjson");
+        let mut table = Vec::new();
+        for records in [false, true] {
+            let mut cmd = Command::new(&bins.tracker);
+            cmd.args(["run", "-o", "/dev/null"]);
+            if records {
+                cmd.args(["--tree", "--events"]).arg(&events);
+            }
+            cmd.arg("--")
+                .arg(&bins.workload)
+                .args(["storm", &storm.to_string()]);
+            table.push((records, handler_delta(&mut cmd)?));
+        }
+        let _ = writeln!(
+            md,
+            "\nWhat a tracked process pays (kernel per-program run time during one tracked storm \
+             of {storm}, totals only and with `--tree --events`):\n"
+        );
+        let _ = writeln!(
+            md,
+            "| handler | totals: calls | ns per call | with records: calls | ns per call |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        let names: std::collections::BTreeSet<&String> = table
+            .iter()
+            .flat_map(|(_, (rows, _))| rows.keys())
+            .collect();
+        let mut totals = [0u64; 2];
+        for name in names {
+            let mut cells = Vec::new();
+            for (i, (_, (rows, _))) in table.iter().enumerate() {
+                let (ns, calls) = rows.get(name).copied().unwrap_or_default();
+                totals[i] += ns;
+                cells.push(if calls == 0 {
+                    "0 | -".to_string()
+                } else {
+                    format!("{calls} | {:.1}", ns as f64 / calls as f64)
+                });
+            }
+            let _ = writeln!(md, "| {name} | {} | {} |", cells[0], cells[1]);
+        }
+        let walls: Vec<f64> = table
+            .iter()
+            .map(|(_, (_, w))| w.as_secs_f64() * 1e3)
+            .collect();
+        let _ = writeln!(
+            md,
+            "| all, ms (share of the run's wall time) | {:.2} ({:.2}%) | | {:.2} ({:.2}%) | |",
+            totals[0] as f64 / 1e6,
+            totals[0] as f64 / 1e6 / walls[0] * 100.0,
+            totals[1] as f64 / 1e6,
+            totals[1] as f64 / 1e6 / walls[1] * 100.0,
+        );
+    }
+
+    // Attach latency: a tree of 1,000 processes (blocked on stdin) that the tracker did not
+    // start; the time from the session's start to its `attached` event (the tracker's own
+    // start-up before that is timed apart).
+    let tree = if quick { 300 } else { 1_000 };
+    let rounds = if quick { 2 } else { 5 };
+    let mut adopt = Vec::new();
+    let mut total = Vec::new();
+    for _ in 0..rounds {
+        let mut target = Command::new(&bins.workload)
+            .args(["hold", &tree.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the tree to attach to")?;
+        // Let the tree form.
+        let children = format!("/proc/{0}/task/{0}/children", target.id());
+        let formed = Instant::now();
+        while std::fs::read_to_string(&children)
+            .map(|s| s.split_whitespace().count())
+            .unwrap_or(tree)
+            < tree
+        {
+            if formed.elapsed() > BACKGROUND_TIMEOUT {
+                bail!("the tree of {tree} did not form");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let events = out_dir.join("attach-events.ndjson");
+        let _ = std::fs::remove_file(&events);
+        let start = Instant::now();
+        let mut attach = Command::new(&bins.tracker)
+            .args(["attach", "-o", "/dev/null", "--events"])
+            .arg(&events)
+            .arg(target.id().to_string())
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting cylo-usage attach")?;
+        let attached = loop {
+            let text = std::fs::read_to_string(&events).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains("\"event\":\"attached\"")) {
+                let v: serde_json::Value = serde_json::from_str(line)?;
+                break v;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = attach.kill();
+                bail!("no attached event within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        total.push(start.elapsed());
+        let ns = attached["time_ns"].as_u64().unwrap_or(0);
+        adopt.push(Duration::from_nanos(ns));
+        drop(target.stdin.take());
+        target.wait()?;
+        attach.wait()?;
+    }
+    let adopt_stats = Stats::of(&adopt);
+    let total_stats = Stats::of(&total);
+    let _ = writeln!(
+        md,
+        "\nAttach to a running tree of {} processes (median of {rounds}): registering the tree \
+         (session start to its `attached` event) {:.1} ms (min {:.1}); from starting \
+         `cylo-usage attach` to that event, start-up included, {:.1} ms (min {:.1}).",
+        tree + 1,
+        adopt_stats.median,
+        adopt_stats.min,
+        total_stats.median,
+        total_stats.min
+    );
+
+    // The tracker's own memory: peak RSS on sequential storms of 1,000 and 10,000 processes,
+    // totals only and with --tree (and --events to a file).
+    let sizes: [u64; 2] = if quick { [500, 2_000] } else { [1_000, 10_000] };
+    let events = out_dir.join("rss-events.ndjson");
+    let mut rss = Vec::new();
+    for records in [false, true] {
+        for n in sizes {
+            let mut cmd = Command::new(&bins.tracker);
+            cmd.args(["run", "-o", "/dev/null"]);
+            if records {
+                cmd.args(["--tree", "--events"]).arg(&events);
+            }
+            cmd.arg("--")
+                .arg(&bins.workload)
+                .args(["storm", &n.to_string()]);
+            rss.push(peak_rss(&mut cmd)?.0);
+        }
+    }
+    let per_process = (rss[3] as f64 - rss[2] as f64) * 1024.0 / (sizes[1] - sizes[0]) as f64;
+    let _ = writeln!(
+        md,
+        "\nTracker peak RSS (wait4 ru_maxrss): totals only {} KiB ({} processes) and {} KiB \
+         ({}); with --tree --events {} KiB and {} KiB: about {:.0} bytes per process of the \
+         breakdown.",
+        rss[0], sizes[0], rss[1], sizes[1], rss[2], rss[3], per_process
+    );
+    let _ = std::fs::remove_file(&events);
+    let _ = std::fs::remove_file(out_dir.join("storm-events.ndjson"));
+    let _ = std::fs::remove_file(out_dir.join("attach-events.ndjson"));
     Ok(md)
 }

@@ -24,7 +24,7 @@ pub const MAX_SPAWNERS: u32 = 64;
 pub const EVENTS_BYTES: u32 = 64 * 4096;
 /// Size of the ring buffer that carries per-process records of the runs that asked for them
 /// (`--tree`, `--events`). A record is 64 to 640 bytes; a full buffer counts in `lost_events`.
-pub const RECORDS_BYTES: u32 = 512 * 4096;
+pub const RECORDS_BYTES: u32 = 2048 * 4096;
 /// Bytes of a process's argv kept from its exec (the strings, NUL-separated, as in
 /// `/proc/PID/cmdline`).
 pub const ARGV_BYTES: usize = 256;
@@ -539,7 +539,7 @@ pub struct ProcExec {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcExit {
     pub header: RecordHeader,
     /// The wait status the parent sees (`task_struct.exit_code` of its last thread).
@@ -549,6 +549,8 @@ pub struct ProcExit {
     pub mm_peak_pages: u64,
     /// Its threads that joined the run: as many `THREAD_END` records complete it.
     pub threads: u64,
+    /// Its leader's `comm` at the end (a process may rename itself without exec).
+    pub comm: [u8; COMM_BYTES],
 }
 
 #[repr(C)]
@@ -582,7 +584,7 @@ const _: () = assert!(size_of::<TrackerInfo>() == 16);
 const _: () = assert!(size_of::<RecordHeader>() == 24);
 const _: () = assert!(size_of::<ProcStart>() == 80);
 const _: () = assert!(size_of::<ProcExec>() == 448);
-const _: () = assert!(size_of::<ProcExit>() == 48);
+const _: () = assert!(size_of::<ProcExit>() == 64);
 const _: () = assert!(size_of::<ThreadEnd>() == 88);
 const _: () = assert!(size_of::<Event>() == 8);
 const _: () = assert!(size_of::<MmMember>() == 64);

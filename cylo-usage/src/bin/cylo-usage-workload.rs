@@ -25,6 +25,15 @@
 //! - `hostile-name MS`: rename itself to a name that breaks naive /proc parsers, burn MS ms.
 //! - `spike MIB MS AFTER [small]`: touch MIB MiB, hold them MS ms, unmap them, then live
 //!   AFTER ms more; `small` asks for 4 KiB pages (no transparent huge pages): one fault each.
+//! - `attach-target K`: a tree to attach to that keeps forking: K workers and a forker that
+//!   makes a new child every millisecond or so; every process blocks reading stdin until it
+//!   is closed, then burns 5 ms (workers 50 ms) and exits. Nothing exits before stdin is
+//!   closed. At the end the root prints how many processes the tree had, itself included.
+//! - `hold N`: N children that block reading stdin until it is closed, then exit; the root
+//!   waits for them.
+//! - `bomb N`: a fork bomb of exactly N processes, itself included: each process forks two
+//!   subtrees that share what is left, then waits for them (a fork that hits the pid limit is
+//!   retried until pids free up).
 use std::time::Duration;
 
 fn usage() -> ! {
@@ -32,7 +41,8 @@ fn usage() -> ! {
         "usage: cylo-usage-workload burn MS | threads N MS | fork N | storm N | daemon MS | \
          clone-parent | vfork | exec-from-thread PATH [ARGS] | write-direct FILE MIB [BLOCK] | \
          read-direct FILE MIB [BLOCK] | write FILE MIB fsync|truncate|none | read FILE | \
-         mem A B MS | pidns N | hostile-name MS | spike MIB MS AFTER [small]"
+         mem A B MS | pidns N | hostile-name MS | spike MIB MS AFTER [small] | \
+         attach-target K | hold N | bomb N"
     );
     std::process::exit(2)
 }
@@ -147,6 +157,91 @@ fn direct(path: &str, write: bool) -> std::fs::File {
         eprintln!("open {path} with O_DIRECT: {e}");
         std::process::exit(1)
     })
+}
+
+/// Blocks until stdin reaches its end (the parent closed it).
+fn until_stdin_closes() {
+    let mut b = [0u8; 64];
+    // SAFETY: reads into a local buffer until EOF or an error.
+    while unsafe { libc::read(0, b.as_mut_ptr().cast(), b.len()) } > 0 {}
+}
+
+/// Whether stdin is at its end now.
+fn stdin_closed() -> bool {
+    let mut p = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & (libc::POLLHUP | libc::POLLIN) != 0 }
+}
+
+fn attach_target(workers: u64) {
+    for _ in 0..workers {
+        if fork() == 0 {
+            until_stdin_closes();
+            burn(50);
+            // SAFETY: ends the child.
+            unsafe { libc::_exit(0) };
+        }
+    }
+    // The forker reports its count through a pipe.
+    let mut fds = [0; 2];
+    // SAFETY: valid array for pipe().
+    unsafe { libc::pipe(fds.as_mut_ptr()) };
+    if fork() == 0 {
+        let mut made: u64 = 0;
+        while !stdin_closed() {
+            if fork() == 0 {
+                until_stdin_closes();
+                burn(5);
+                // SAFETY: ends the child.
+                unsafe { libc::_exit(0) };
+            }
+            made += 1;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let bytes = made.to_le_bytes();
+        // SAFETY: writes 8 bytes from a local.
+        unsafe { libc::write(fds[1], bytes.as_ptr().cast(), 8) };
+        wait_all();
+        burn(5);
+        // SAFETY: ends the child.
+        unsafe { libc::_exit(0) };
+    }
+    let mut bytes = [0u8; 8];
+    // SAFETY: reads 8 bytes into a local.
+    unsafe {
+        libc::close(fds[1]);
+        libc::read(fds[0], bytes.as_mut_ptr().cast(), 8);
+    }
+    wait_all();
+    // The root, the workers, the forker and what it made.
+    println!("{}", 1 + workers + 1 + u64::from_le_bytes(bytes));
+}
+
+/// This process and `rest` more below it, split between two subtrees.
+fn bomb(rest: u64) {
+    let first = rest.div_ceil(2);
+    let subtrees = [first, rest - first];
+    for size in subtrees.into_iter().filter(|&n| n > 0) {
+        loop {
+            // SAFETY: the child only recurses into fork/waitpid/_exit.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                bomb(size - 1);
+                // SAFETY: ends the child.
+                unsafe { libc::_exit(0) };
+            }
+            if pid > 0 {
+                break;
+            }
+            // Out of pids or memory for a moment: wait for some to free up.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    wait_all();
 }
 
 fn main() {
@@ -379,6 +474,18 @@ fn main() {
             // SAFETY: unmaps exactly the mapping made above.
             unsafe { libc::munmap(p, len) };
             std::thread::sleep(Duration::from_millis(after));
+        }
+        Some("attach-target") => attach_target(num(args.get(1))),
+        Some("bomb") => bomb(num(args.get(1)).max(1) - 1),
+        Some("hold") => {
+            for _ in 0..num(args.get(1)) {
+                if fork() == 0 {
+                    until_stdin_closes();
+                    // SAFETY: ends the child.
+                    unsafe { libc::_exit(0) };
+                }
+            }
+            wait_all();
         }
         _ => usage(),
     }

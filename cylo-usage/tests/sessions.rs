@@ -1,0 +1,546 @@
+//! Tracing sessions against the real kernel: attaching to running trees, the per-process
+//! breakdown and its sums, the event stream, killing a whole tree, hostile names, and the
+//! tracker inside its own pid namespace.
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{CLI, WORKLOAD, cpu_group, rel_diff, tracker, workload};
+use cylo_usage::{Precision, ProcessUsage, ResourceUsage, RunOptions};
+
+fn json_of(text: &str) -> serde_json::Value {
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {text}"))
+}
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(CLI)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The breakdown adds up to the totals exactly: CPU, threads, disk and I/O bytes.
+fn assert_parts_sum(u: &ResourceUsage) {
+    let ps = u.processes.as_ref().expect("a breakdown");
+    let sum = |f: fn(&ProcessUsage) -> u64| ps.iter().map(f).sum::<u64>();
+    assert_eq!(ps.len() as u64, u.process_count, "one entry per process");
+    assert_eq!(sum(|p| p.cpu_time_ns), u.cpu_time_ns, "CPU");
+    assert_eq!(sum(|p| p.thread_count), u.thread_count, "threads");
+    let opt = |f: fn(&ProcessUsage) -> Option<u64>| ps.iter().map(f).sum::<Option<u64>>();
+    assert_eq!(opt(|p| p.disk_bytes_read), u.disk_bytes_read, "disk read");
+    assert_eq!(
+        opt(|p| p.disk_bytes_written),
+        u.disk_bytes_written,
+        "disk written"
+    );
+    assert_eq!(
+        opt(|p| p.disk_cancelled_write_bytes),
+        u.disk_cancelled_write_bytes
+    );
+    assert_eq!(opt(|p| p.io_read_chars), u.io_read_chars, "rchar");
+    assert_eq!(opt(|p| p.io_write_chars), u.io_write_chars, "wchar");
+}
+
+/// An in-memory NDJSON sink.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Lines {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn events(&self) -> Vec<serde_json::Value> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(json_of).collect()
+    }
+}
+
+fn count(events: &[serde_json::Value], kind: &str) -> usize {
+    events.iter().filter(|e| e["event"] == kind).count()
+}
+
+#[tokio::test]
+async fn attach_follows_a_tree_that_keeps_forking() {
+    let Some(t) = tracker() else { return };
+    let Some(group) = cpu_group() else { return };
+    // Started outside the tracker: 4 workers and a forker that makes a child every ms; all
+    // block on stdin, so nothing has exited before the attach.
+    let mut cmd = workload(&["attach-target", "4"]);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+    group.join(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    let lines = Lines::default();
+    let options = RunOptions {
+        tree: true,
+        events: Some(Box::new(lines.clone())),
+        ..RunOptions::default()
+    };
+    let begun = Instant::now();
+    let mut run = t.attach_with(child.id(), options).expect("attach");
+    let attach_ms = begun.elapsed().as_millis();
+    // It keeps forking after the attach too.
+    std::thread::sleep(Duration::from_millis(100));
+    drop(child.stdin.take());
+    tokio::time::timeout(Duration::from_secs(60), async {
+        run.wait_root().await.expect("root");
+        run.wait_finished().await.expect("tree");
+    })
+    .await
+    .expect("finished in time");
+    let status = child.wait().unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let truth: u64 = out.trim().parse().unwrap();
+    let u = run.usage().unwrap();
+    assert_eq!(u.lost_events, 0, "{u:?}");
+    assert_eq!(u.precision, Precision::Exact);
+    assert!(u.attached);
+    assert_eq!(
+        u.exit_code,
+        status.code(),
+        "the kernel's exit status is wait()'s"
+    );
+    assert_eq!(
+        u.process_count, truth,
+        "every process, old and new (attach {attach_ms} ms)"
+    );
+    assert_eq!(u.live_process_count, 0);
+    let before = u
+        .usage_before_attach
+        .clone()
+        .expect("usage before the attach");
+    assert!(
+        before.process_count >= 6,
+        "root, 4 workers, forker at least: {before:?}"
+    );
+    assert!(
+        u.process_count > before.process_count + 50,
+        "it kept forking: {u:?}"
+    );
+    // Whole lives = since + before: the cgroup's own figure (nothing exited before).
+    let lives = u.cpu_time_ns + before.cpu_time_ns;
+    let cgroup = group.usage_ns();
+    assert!(
+        rel_diff(lives, cgroup) < 0.02,
+        "since {} + before {} = {lives} vs cpuacct {cgroup}",
+        u.cpu_time_ns,
+        before.cpu_time_ns
+    );
+    // 4 × 50 ms + 5 ms per forked child, all after the attach.
+    assert!(u.cpu_time_ns >= 200_000_000, "{u:?}");
+    assert_parts_sum(&u);
+    let events = lines.events();
+    assert_eq!(count(&events, "fork") as u64, truth, "one fork per process");
+    assert_eq!(count(&events, "exit") as u64, truth, "one exit per process");
+    let attached = events.iter().filter(|e| e["attached"] == true).count() as u64;
+    assert_eq!(attached, before.process_count);
+}
+
+#[tokio::test]
+async fn attach_refuses_what_cannot_be_followed() {
+    let Some(t) = tracker() else { return };
+    use cylo_usage::SessionError as E;
+    let me = std::process::id();
+    assert!(matches!(t.attach(me), Err(E::Itself { .. })));
+    assert!(matches!(
+        t.attach(u32::MAX / 2),
+        Err(E::NoSuchProcess { .. })
+    ));
+    // A zombie: a child that exited and was not waited for.
+    let mut zombie = Command::new("/bin/true").spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(matches!(t.attach(zombie.id()), Err(E::Zombie { .. })));
+    zombie.wait().unwrap();
+    // Through the command line: one line, exit 125, nothing run.
+    let o = cli(&["attach", "4000000"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("no process 4000000"), "{}", stderr(&o));
+    if std::fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd") {
+        let o = cli(&["attach", "2"]);
+        assert_eq!(o.status.code(), Some(125));
+        assert!(stderr(&o).contains("kernel thread"), "{}", stderr(&o));
+    }
+    let o = cli(&["attach", "not-a-pid"]);
+    assert_eq!(o.status.code(), Some(125));
+    // The slots were all given back.
+    for _ in 0..300 {
+        assert!(matches!(
+            t.attach(u32::MAX / 2),
+            Err(E::NoSuchProcess { .. })
+        ));
+    }
+    let u = common::run_to_end(&t, Command::new("/bin/true").arg("x")).await;
+    assert_eq!(u.process_count, 1);
+}
+
+#[test]
+fn attach_to_its_own_ancestor_leaves_itself_out() {
+    if tracker().is_none() {
+        return;
+    }
+    let dir = tempdir("ancestor");
+    let report = dir.join("report.json");
+    // The shell starts the tracker on itself, then runs two more commands and exits without
+    // waiting for the tracker, which ends when the last of the shell's tree has.
+    let script = format!(
+        "({CLI} attach --json -o {} $$ &) ; sleep 0.5; /bin/true; /bin/true; exit 0",
+        report.display()
+    );
+    let o = Command::new("/bin/sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        if let Ok(text) = std::fs::read_to_string(&report)
+            && text.ends_with('\n')
+        {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no report from the attach");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let j = json_of(&text);
+    assert_eq!(j["attached"], true);
+    assert_eq!(j["exit_code"], 0, "{j}");
+    assert_eq!(j["lost_events"], 0, "{j}");
+    // The shell, its sleep and the two /bin/true: not the tracker (nor its subshell, which
+    // became the tracker).
+    assert_eq!(j["process_count"], 4, "{j}");
+}
+
+#[tokio::test]
+async fn the_breakdown_sums_to_the_totals_and_cpu_matches_cpuacct() {
+    let Some(t) = tracker() else { return };
+    let Some(group) = cpu_group() else { return };
+    let script = format!(
+        "{WORKLOAD} fork 20; {WORKLOAD} threads 3 60; {WORKLOAD} daemon 100; \
+         {WORKLOAD} burn 50; /bin/true a b c"
+    );
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", &script]);
+    group.join(&mut cmd);
+    let options = RunOptions {
+        tree: true,
+        ..RunOptions::default()
+    };
+    let mut run = t.spawn_with(&mut cmd, options).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        run.wait_root().await.unwrap();
+        run.wait_finished().await.unwrap();
+    })
+    .await
+    .unwrap();
+    let u = run.usage().unwrap();
+    assert_eq!((u.lost_events, u.precision), (0, Precision::Exact));
+    assert_parts_sum(&u);
+    let truth = group.usage_ns();
+    assert!(
+        rel_diff(u.cpu_time_ns, truth) < 0.02,
+        "ours {} vs cpuacct {truth}",
+        u.cpu_time_ns
+    );
+    let ps = u.processes.unwrap();
+    // sh, fork + 20 children, threads, daemon + 2, burn, true.
+    assert_eq!(ps.len(), 1 + 21 + 1 + 3 + 1 + 1, "{ps:#?}");
+    let root = &ps[0];
+    assert_eq!(root.parent_index, None);
+    assert_eq!(root.argv.as_ref().unwrap()[0], "/bin/sh");
+    let threads = ps
+        .iter()
+        .find(|p| {
+            p.argv
+                .as_ref()
+                .is_some_and(|a| a.get(1).is_some_and(|x| x == "threads"))
+        })
+        .unwrap();
+    assert_eq!(threads.thread_count, 4);
+    assert!(threads.cpu_time_ns >= 180_000_000, "{threads:?}");
+    let truep = ps.iter().find(|p| p.comm == "true").unwrap();
+    assert_eq!(truep.argv.as_deref().unwrap(), ["/bin/true", "a", "b", "c"]);
+    assert_eq!(truep.filename.as_deref(), Some("/bin/true"));
+    assert_eq!(ps[truep.parent_index.unwrap()].pid, root.pid);
+    assert!(
+        ps.iter()
+            .all(|p| p.end_ns.is_some() && p.exit_code == Some(0))
+    );
+    assert!(
+        ps.iter()
+            .all(|p| p.start_ns >= 0 && p.end_ns.unwrap() >= p.start_ns as u64)
+    );
+}
+
+#[test]
+fn events_stream_one_fork_and_one_exit_per_process() {
+    if tracker().is_none() {
+        return;
+    }
+    let dir = tempdir("events");
+    let file = dir.join("events.ndjson");
+    let script = format!("{WORKLOAD} storm 100; /bin/true; /bin/true");
+    let o = cli(&[
+        "run",
+        "--json",
+        "--events",
+        file.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let u = json_of(&stderr(&o));
+    assert!(
+        u.get("processes").is_none(),
+        "--events alone keeps no breakdown"
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    let events: Vec<serde_json::Value> = text.lines().map(json_of).collect();
+    assert_eq!(events[0]["event"], "start");
+    assert!(events[0]["unix_time_ns"].as_u64().unwrap() > 1_600_000_000_000_000_000);
+    // sh, the workload and its 100 children, two /bin/true.
+    assert_eq!(u["process_count"], 104);
+    assert_eq!(count(&events, "fork"), 104);
+    assert_eq!(count(&events, "exit"), 104);
+    // sh itself, the workload, two /bin/true: the storm's children do not exec.
+    assert_eq!(count(&events, "exec"), 4);
+    let mut per_pid: HashMap<u64, Vec<&str>> = HashMap::new();
+    let mut last = 0;
+    for e in &events[1..] {
+        let t = e["time_ns"].as_u64().unwrap();
+        assert!(t >= last || e["event"] == "exit", "time goes forward: {e}");
+        last = last.max(t);
+        per_pid
+            .entry(e["pid"].as_u64().unwrap())
+            .or_default()
+            .push(e["event"].as_str().unwrap());
+    }
+    for (pid, seq) in per_pid {
+        assert_eq!(seq.first(), Some(&"fork"), "{pid}: {seq:?}");
+        assert_eq!(seq.last(), Some(&"exit"), "{pid}: {seq:?}");
+    }
+    let root = events.iter().find(|e| e["root"] == true).unwrap();
+    assert_eq!(root["event"], "fork");
+}
+
+#[test]
+fn a_timeout_kills_the_whole_tree_daemons_included() {
+    if tracker().is_none() {
+        return;
+    }
+    // The root ignores SIGTERM; a double-forked setsid daemon burns CPU and ignores it too.
+    let script = format!("trap '' TERM; {WORKLOAD} daemon 100000 & sleep 100");
+    let start = Instant::now();
+    let o = cli(&[
+        "run",
+        "--json",
+        "--tree",
+        "--timeout",
+        "700ms",
+        "--kill-after",
+        "300ms",
+        "--",
+        "/bin/sh",
+        "-c",
+        &script,
+    ]);
+    let took = start.elapsed();
+    assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    let u = json_of(&stderr(&o));
+    assert_eq!(u["timed_out"], true);
+    assert_eq!(u["live_process_count"], 0, "{u}");
+    let ps = u["processes"].as_array().unwrap();
+    assert!(
+        ps.len() >= 5,
+        "sh, sleep, workload, its child and the daemon: {u}"
+    );
+    for p in ps {
+        assert!(!p["end_ns"].is_null(), "{p}");
+        let pid = p["pid"].as_u64().unwrap();
+        // Gone, or at most a zombie waiting for a parent outside the tree.
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            state.is_empty() || state.contains(") Z "),
+            "{pid} survived: {state}"
+        );
+    }
+    let daemon = ps.iter().filter(|p| p["signal"] == 9).count();
+    assert!(daemon >= 2, "SIGKILL for what ignored SIGTERM: {u}");
+}
+
+#[tokio::test]
+async fn kill_reaches_every_member_while_they_fork() {
+    let Some(t) = tracker() else { return };
+    // A tree that forks as fast as it can, with a daemon that left its session.
+    let script = format!(
+        "{WORKLOAD} daemon 100000 & while true; do /bin/true; done & \
+         while true; do {WORKLOAD} storm 1000; done"
+    );
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", &script]);
+    let mut run = t.spawn(&mut cmd).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let signalled = run.kill(libc::SIGKILL).unwrap();
+    assert!(signalled >= 3, "{signalled}");
+    tokio::time::timeout(Duration::from_secs(30), async {
+        run.wait_root().await.unwrap();
+        run.wait_finished().await.unwrap();
+    })
+    .await
+    .expect("everything died");
+    let u = run.usage().unwrap();
+    assert_eq!(u.live_process_count, 0);
+    assert_eq!(u.signal, Some(9));
+    assert!(u.process_count > 20, "{u:?}");
+}
+
+#[test]
+fn hostile_names_and_argv_stay_escaped() {
+    if tracker().is_none() {
+        return;
+    }
+    let evil = std::ffi::OsStr::from_bytes(b"\x1b[2J\x1b]0;pwned\x07\n\xff\xfe(x) y");
+    // A hostile comm (the workload renames itself) in a tree whose root has a hostile argv.
+    let script = format!("{WORKLOAD} hostile-name 20");
+    let o = Command::new(CLI)
+        .args(["run", "--tree", "--", "/bin/sh", "-c", &script])
+        .arg(evil)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        !o.stderr.contains(&0x1b),
+        "no raw escape reaches the terminal"
+    );
+    assert!(!o.stderr.contains(&0x07));
+    let text = stderr(&o);
+    assert!(text.contains("\\u{1b}[2J"), "{text}");
+    assert!(text.contains("\\xff\\xfe(x) y"), "{text}");
+    let o = Command::new(CLI)
+        .args(["run", "--json", "--tree", "--", "/bin/sh", "-c", &script])
+        .arg(evil)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let u = json_of(&stderr(&o));
+    let ps = u["processes"].as_array().unwrap();
+    let argv = ps[0]["argv"].as_array().unwrap();
+    assert_eq!(argv[3], "\x1b[2J\x1b]0;pwned\x07\n\\xff\\xfe(x) y");
+    let renamed = ps[1]["comm"].as_str().unwrap();
+    assert_ne!(
+        renamed, "cylo-usage-work",
+        "the workload renamed itself: {renamed:?}"
+    );
+}
+
+#[test]
+fn the_tracker_works_inside_its_own_pid_namespace() {
+    if tracker().is_none() {
+        return;
+    }
+    if !Command::new("unshare")
+        .args(["-fp", "--mount-proc", "/bin/true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("SKIPPED: no unshare(1) with -fp --mount-proc here");
+        return;
+    }
+    let script = format!("{WORKLOAD} storm 10; echo $$");
+    let o = Command::new("unshare")
+        .args(["-fp", "--mount-proc", CLI, "run", "--json", "--tree", "--"])
+        .args(["/bin/sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let u = json_of(&stderr(&o));
+    assert_eq!(u["process_count"], 12, "{u}");
+    assert_eq!(u["lost_events"], 0);
+    let shown: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    let ps = u["processes"].as_array().unwrap();
+    assert_eq!(ps[0]["pid"], shown);
+    // The tracker is pid 1 and its threads come next: a pid of its own namespace.
+    assert!(shown < 10, "{shown}");
+    assert!(
+        ps.iter().all(|p| p["ns_pid"].is_null()),
+        "pids as its namespace sees them"
+    );
+}
+
+#[test]
+fn attach_reports_on_sigterm_with_what_still_runs() {
+    if tracker().is_none() {
+        return;
+    }
+    let mut target = Command::new(WORKLOAD)
+        .args(["threads", "2", "100000"])
+        .spawn()
+        .unwrap();
+    let mut attach = Command::new(CLI)
+        .args(["attach", "--json", &target.id().to_string()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(attach.id() as i32, libc::SIGTERM) };
+    let mut text = String::new();
+    attach
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    let status = attach.wait().unwrap();
+    target.kill().unwrap();
+    target.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{text}");
+    let u = json_of(&text);
+    assert_eq!(u["live_process_count"], 1, "{u}");
+    assert_eq!(u["thread_count"], 3, "{u}");
+    assert!(u["exit_code"].is_null());
+    // Two threads burning since the attach, and before it.
+    assert!(u["cpu_time_ns"].as_u64().unwrap() > 0, "{u}");
+    assert!(
+        u["usage_before_attach"]["cpu_time_ns"].as_u64().unwrap() > 0,
+        "{u}"
+    );
+    assert_eq!(u["usage_before_attach"]["thread_count"], 3, "{u}");
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("cylo-usage-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
