@@ -798,14 +798,15 @@ fn peak_rss(cmd: &mut Command) -> Result<(u64, Duration)> {
     Ok((ru.ru_maxrss as u64, wall))
 }
 
-/// The kernel's run time of the tracker's handlers during `cmd`: name -> (ns, calls).
-fn handler_delta(
-    cmd: &mut Command,
-) -> Result<(std::collections::BTreeMap<String, (u64, u64)>, Duration)> {
+/// Handler name -> (run time in ns, calls).
+type HandlerRows = std::collections::BTreeMap<String, (u64, u64)>;
+
+/// The kernel's run time of the tracker's handlers during `cmd`, and its wall time.
+fn handler_delta(cmd: &mut Command) -> Result<(HandlerRows, Duration)> {
     let before = handler_stats()?;
     let wall = time(cmd)?;
     let after = handler_stats()?;
-    let mut rows: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    let mut rows = HandlerRows::new();
     for (id, (name, ns, calls)) in &after {
         let (_, ns0, calls0) = before.get(id).cloned().unwrap_or_default();
         let row = rows.entry(name.clone()).or_default();
