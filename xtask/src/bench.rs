@@ -695,7 +695,6 @@ fn handler_stats() -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>
         PROG_TASK_NEWTASK,
         PROG_TASK_NEWTASK_NO_ATOMICS,
         PROG_SCHED_PROCESS_EXIT,
-        PROG_SCHED_PROCESS_EXIT_NO_ATOMICS,
         PROG_SCHED_PROCESS_EXEC,
         PROG_SCHED_SWITCH,
         PROG_RSS_STAT,
@@ -709,12 +708,15 @@ fn handler_stats() -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>
         let Some(name) = info.name_as_str() else {
             continue;
         };
-        if let Some(handler) = HANDLERS
+        // Names that share their first 15 bytes (sched_process_exit and _exec) share a row.
+        let matching: Vec<&str> = HANDLERS
             .iter()
-            .find(|h| h.as_bytes().starts_with(name.as_bytes()))
-        {
+            .copied()
+            .filter(|h| h.as_bytes().starts_with(name.as_bytes()))
+            .collect();
+        if !matching.is_empty() {
             let ns = info.run_time().as_nanos() as u64;
-            out.insert(info.id(), (handler.to_string(), ns, info.run_count()));
+            out.insert(info.id(), (matching.join(" or "), ns, info.run_count()));
         }
     }
     Ok(out)
