@@ -691,7 +691,7 @@ fn machine_facts() -> Vec<(&'static str, String)> {
 /// like one of the tracker's handlers: id -> (name, ns, calls).
 fn handler_stats() -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>> {
     use cylo_usage_abi::names::*;
-    const HANDLERS: [&str; 9] = [
+    const HANDLERS: [&str; 8] = [
         PROG_TASK_NEWTASK,
         PROG_TASK_NEWTASK_NO_ATOMICS,
         PROG_SCHED_PROCESS_EXIT,
