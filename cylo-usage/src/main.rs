@@ -389,6 +389,7 @@ async fn wait(
     let mut killed_at: Option<Instant> = None;
     let live_view = args.watch && std::io::stderr().is_terminal();
     let mut root_done = false;
+    let mut drawn: Option<Instant> = None;
     let result = loop {
         if !root_done && run.try_wait_root().map_err(err)?.is_some() {
             root_done = true;
@@ -420,8 +421,9 @@ async fn wait(
             // Whatever SIGKILL could not end in 10 s (uninterruptible sleep) is reported live.
             break Ok(None);
         }
-        if live_view {
+        if live_view && drawn.is_none_or(|d| d.elapsed() >= Duration::from_millis(500)) {
             draw_status(run, started);
+            drawn = Some(Instant::now());
         }
         // Wake on: the root's exit, a run's end, a signal, or the next tick.
         let tick = if live_view || kill_at.is_some() || deadline.is_some() {

@@ -260,7 +260,7 @@ pub fn tree(processes: &[ProcessUsage]) -> String {
                     ends.dedup();
                     let _ = writeln!(
                         out,
-                        "\t{indent}{} × {cmd}: {figures} (summed), {}",
+                        "\t{indent}{} × {cmd}: {figures} (sums; rss: the largest), {}",
                         ps.len(),
                         ends.join(" / ")
                     );
@@ -289,6 +289,72 @@ pub fn features(kernel: &str, list: &[Feature], layout: &str, json: bool) -> Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn proc(pid: u32, parent: Option<usize>, argv: &[&str], cpu: u64) -> ProcessUsage {
+        ProcessUsage {
+            pid,
+            ns_pid: None,
+            ppid: 1,
+            parent_index: parent,
+            comm: argv.first().copied().unwrap_or("x").to_string(),
+            argv: Some(argv.iter().map(|a| a.to_string()).collect()),
+            argv_truncated: false,
+            filename: None,
+            start_ns: 0,
+            end_ns: Some(5),
+            exit_code: Some(0),
+            signal: None,
+            attached: false,
+            thread_count: 1,
+            cpu_time_ns: cpu,
+            cpu_user_ns: cpu,
+            cpu_system_ns: 0,
+            disk_bytes_read: Some(0),
+            disk_bytes_written: Some(0),
+            disk_cancelled_write_bytes: Some(0),
+            io_read_chars: Some(0),
+            io_write_chars: Some(0),
+            peak_memory_bytes: Some(4096),
+            network_bytes_sent: None,
+            network_bytes_received: None,
+        }
+    }
+
+    #[test]
+    fn the_tree_nests_folds_leaves_and_escapes() {
+        let mut ps = vec![proc(10, None, &["sh", "-c", "x"], 100)];
+        for i in 0..2000 {
+            ps.push(proc(11 + i, Some(0), &["/bin/true"], 1));
+        }
+        ps.push(proc(5000, Some(0), &["make", "\x1b[2J\n"], 7));
+        ps.push(proc(5001, Some(2001), &["cc"], 3));
+        ps[5].signal = Some(9);
+        ps[5].exit_code = None;
+        let text = tree(&ps);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(
+            lines[1].starts_with("\t  10 sh -c x: 0.000000100 s"),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("\t    2000 × /bin/true: 0.000002000 s, 2000 thr"),
+            "{text}"
+        );
+        assert!(lines[2].ends_with("exit 0 / signal 9"), "{text}");
+        assert!(lines[3].contains("5000 make \\u{1b}[2J\\n: "), "{text}");
+        assert!(lines[4].starts_with("\t      5001 cc: "), "{text}");
+        assert!(!text.contains('\x1b'));
+    }
+
+    #[test]
+    fn a_deep_chain_does_not_overflow() {
+        let ps: Vec<ProcessUsage> = (0..100_000)
+            .map(|i| proc(i + 1, i.checked_sub(1).map(|p| p as usize), &["sh"], 1))
+            .collect();
+        let text = tree(&ps);
+        assert_eq!(text.lines().count(), 100_001);
+    }
     use crate::usage::{DiskDevice, Live, Measured, RootExit, Units, merge};
     use cylo_usage_abi::RunCounters;
 

@@ -544,3 +544,38 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn watch_draws_only_on_a_terminal() {
+    if tracker().is_none() {
+        return;
+    }
+    // Not a terminal: nothing drawn, the report unchanged.
+    let o = cli(&["run", "--watch", "--", "sleep", "0.6"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("\x1b[K"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("\tCommand being timed"),
+        "{}",
+        stderr(&o)
+    );
+    // A terminal (script(1) gives the command a pty): a refreshed status line.
+    let command = format!("{CLI} run --watch -- sleep 1.2");
+    let Ok(o) = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+    else {
+        eprintln!("SKIPPED: no script(1) to give the tracker a terminal");
+        return;
+    };
+    if !o.status.success() {
+        eprintln!("SKIPPED: script(1) failed: {}", stderr(&o));
+        return;
+    }
+    let screen = String::from_utf8_lossy(&o.stdout);
+    let updates = screen.matches("\r\x1b[K").count();
+    assert!(updates >= 2, "a line about twice a second: {screen:?}");
+    assert!(screen.contains(" live / "), "{screen:?}");
+    assert!(screen.contains("Command being timed"), "{screen:?}");
+}
