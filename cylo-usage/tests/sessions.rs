@@ -205,11 +205,16 @@ fn attach_to_its_own_ancestor_leaves_itself_out() {
     }
     let dir = tempdir("ancestor");
     let report = dir.join("report.json");
-    // The shell starts the tracker on itself, then runs two more commands and exits without
-    // waiting for the tracker, which ends when the last of the shell's tree has.
+    let events = dir.join("events.ndjson");
+    // The shell starts the tracker on itself, waits (with builtins only: no process) until
+    // the tracker says it has attached, runs two more commands and exits without waiting for
+    // the tracker, which ends when the last of the shell's tree has.
     let script = format!(
-        "({CLI} attach --json -o {} $$ &) ; sleep 0.5; /bin/true; /bin/true; exit 0",
-        report.display()
+        "({CLI} attach --json -o {r} --events {e} $$ &); \
+         while :; do while read -r l; do case $l in *'\"attached\"'*) break 2;; esac; \
+         done < {e}; done 2>/dev/null; /bin/true; /bin/true; exit 0",
+        r = report.display(),
+        e = events.display()
     );
     let o = Command::new("/bin/sh")
         .args(["-c", &script])
@@ -231,9 +236,8 @@ fn attach_to_its_own_ancestor_leaves_itself_out() {
     assert_eq!(j["attached"], true);
     assert_eq!(j["exit_code"], 0, "{j}");
     assert_eq!(j["lost_events"], 0, "{j}");
-    // The shell, its sleep and the two /bin/true: not the tracker (nor its subshell, which
-    // became the tracker).
-    assert_eq!(j["process_count"], 4, "{j}");
+    // The shell and the two /bin/true: not the tracker (nor its subshell).
+    assert_eq!(j["process_count"], 3, "{j}");
 }
 
 #[tokio::test]
@@ -242,7 +246,7 @@ async fn the_breakdown_sums_to_the_totals_and_cpu_matches_cpuacct() {
     let Some(group) = cpu_group() else { return };
     let script = format!(
         "{WORKLOAD} fork 20; {WORKLOAD} threads 3 60; {WORKLOAD} daemon 100; \
-         {WORKLOAD} burn 50; /bin/true a b c"
+         {WORKLOAD} burn 50; /bin/true a b c; exit 0"
     );
     let mut cmd = Command::new("/bin/sh");
     cmd.args(["-c", &script]);
@@ -304,7 +308,8 @@ fn events_stream_one_fork_and_one_exit_per_process() {
     }
     let dir = tempdir("events");
     let file = dir.join("events.ndjson");
-    let script = format!("{WORKLOAD} storm 100; /bin/true; /bin/true");
+    // `exit 0` last: a shell may exec its last command instead of forking it.
+    let script = format!("{WORKLOAD} storm 100; /bin/true; /bin/true; exit 0");
     let o = cli(&[
         "run",
         "--json",
@@ -356,7 +361,7 @@ fn a_timeout_kills_the_whole_tree_daemons_included() {
         return;
     }
     // The root ignores SIGTERM; a double-forked setsid daemon burns CPU and ignores it too.
-    let script = format!("trap '' TERM; {WORKLOAD} daemon 100000 & sleep 100");
+    let script = format!("trap '' TERM; {WORKLOAD} daemon 100000 & sleep 100; exit 0");
     let start = Instant::now();
     let o = cli(&[
         "run",
@@ -429,7 +434,7 @@ fn hostile_names_and_argv_stay_escaped() {
     }
     let evil = std::ffi::OsStr::from_bytes(b"\x1b[2J\x1b]0;pwned\x07\n\xff\xfe(x) y");
     // A hostile comm (the workload renames itself) in a tree whose root has a hostile argv.
-    let script = format!("{WORKLOAD} hostile-name 20");
+    let script = format!("{WORKLOAD} hostile-name 20; exit 0");
     let o = Command::new(CLI)
         .args(["run", "--tree", "--", "/bin/sh", "-c", &script])
         .arg(evil)
@@ -475,7 +480,7 @@ fn the_tracker_works_inside_its_own_pid_namespace() {
         eprintln!("SKIPPED: no unshare(1) with -fp --mount-proc here");
         return;
     }
-    let script = format!("{WORKLOAD} storm 10; echo $$");
+    let script = format!("{WORKLOAD} storm 10; echo $$; exit 0");
     let o = Command::new("unshare")
         .args(["-fp", "--mount-proc", CLI, "run", "--json", "--tree", "--"])
         .args(["/bin/sh", "-c", &script])
