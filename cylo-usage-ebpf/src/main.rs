@@ -272,7 +272,7 @@ fn on_newtask<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
         Some(member) => (member.run, Some(member)),
         None => match spawner_run(current) {
             Some(run) => (run, None),
-            None => match adopt_current::<ATOMICS>(current) {
+            None => match adopt_current::<ATOMICS, true>(current) {
                 // SAFETY: the value is copied out at once.
                 Some(run) => match (unsafe { TASKS.get(current) }).copied() {
                     Some(member) => (run, Some(member)),
@@ -537,7 +537,7 @@ fn on_exec<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
     let mut member = match (unsafe { TASKS.get(current) }).copied() {
         Some(member) => member,
         None => {
-            if adopt_current::<ATOMICS>(current).is_none() {
+            if adopt_current::<ATOMICS, false>(current).is_none() {
                 return 0;
             }
             // SAFETY: the value is copied out at once.
@@ -758,7 +758,7 @@ fn on_exit<const ATOMICS: bool>() -> i32 {
     let member = match (unsafe { TASKS.get(current) }).copied() {
         Some(member) => member,
         None => {
-            if adopt_current::<ATOMICS>(current).is_none() {
+            if adopt_current::<ATOMICS, false>(current).is_none() {
                 return 0;
             }
             // SAFETY: the value is copied out at once.
@@ -947,9 +947,12 @@ fn leave(task: u64, member: &TaskMember) {
 }
 
 /// While a run is being attached to: the run `task` belongs to if it is a task of that tree
-/// that is not followed yet (its process is, or one of its ancestors is), after adopting it.
+/// that is not followed yet (its process is, or, with `ANCESTORS`, one of its ancestors is),
+/// after adopting it. Only the fork hook walks the ancestors: a new process must join with
+/// its creator; at exec and exit the scan or the next fork adopts what this misses, and the
+/// programs stay small.
 #[inline(always)]
-fn adopt_current<const ATOMICS: bool>(task: u64) -> Option<u32> {
+fn adopt_current<const ATOMICS: bool, const ANCESTORS: bool>(task: u64) -> Option<u32> {
     if *ADOPT_GATE.get(0)? == 0 {
         return None;
     }
@@ -960,7 +963,7 @@ fn adopt_current<const ATOMICS: bool>(task: u64) -> Option<u32> {
     }
     // SAFETY: the value is copied out at once.
     let mut run = (unsafe { PROCS.get(signal) }).map(|p| p.run);
-    if run.is_none() {
+    if ANCESTORS && run.is_none() {
         let mut t = task;
         for _ in 0..ADOPT_ANCESTORS {
             let parent = read::<u64>(t, offset!(task_real_parent))?;
