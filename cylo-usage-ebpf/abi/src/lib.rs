@@ -55,6 +55,60 @@ pub mod names {
     pub const TP_SCHED_PROCESS_EXEC: &str = "sched_process_exec";
     pub const TP_RSS_STAT: &str = "rss_stat";
     pub const TP_BLOCK_BIO_QUEUE: &str = "block_bio_queue";
+
+    // Network (constants in [`crate::net`]).
+    /// Raw tracepoints `sock_send_length` / `sock_recv_length` and their programs.
+    pub const PROG_SOCK_SEND_LENGTH: &str = "sock_send_length";
+    pub const PROG_SOCK_RECV_LENGTH: &str = "sock_recv_length";
+    pub const TP_SOCK_SEND_LENGTH: &str = "sock_send_length";
+    pub const TP_SOCK_RECV_LENGTH: &str = "sock_recv_length";
+    /// Fallback without those tracepoints: (fexit program, kernel function) for each address
+    /// family's `proto_ops.sendmsg` / `recvmsg`.
+    pub const FEXIT_MSG: [(&str, &str); 8] = [
+        ("fx_inet_send", "inet_sendmsg"),
+        ("fx_inet6_send", "inet6_sendmsg"),
+        ("fx_unix_ssend", "unix_stream_sendmsg"),
+        ("fx_unix_dsend", "unix_dgram_sendmsg"),
+        ("fx_inet_recv", "inet_recvmsg"),
+        ("fx_inet6_recv", "inet6_recvmsg"),
+        ("fx_unix_srecv", "unix_stream_recvmsg"),
+        ("fx_unix_drecv", "unix_dgram_recvmsg"),
+    ];
+    /// Kernels with `proto_ops.sendpage` (before 6.5): sendfile and splice into a socket
+    /// reach these instead of `sendmsg`.
+    pub const FEXIT_SENDPAGE: [(&str, &str); 3] = [
+        ("fx_tcp_sendpage", "tcp_sendpage"),
+        ("fx_udp_sendpage", "udp_sendpage"),
+        ("fx_unix_spage", "unix_stream_sendpage"),
+    ];
+}
+
+/// Socket-layer constants of the stable UAPI (`<linux/socket.h>`, `<linux/net.h>`,
+/// `<linux/in.h>`), for the network counters.
+pub mod net {
+    pub const AF_UNIX: u16 = 1;
+    pub const AF_INET: u16 = 2;
+    pub const AF_INET6: u16 = 10;
+    pub const SOCK_STREAM: u16 = 1;
+    pub const SOCK_DGRAM: u16 = 2;
+    pub const IPPROTO_TCP: u16 = 6;
+    pub const IPPROTO_UDP: u16 = 17;
+    pub const IPPROTO_UDPLITE: u16 = 136;
+    pub const IPPROTO_MPTCP: u16 = 262;
+    /// Receive flags whose bytes are not counted: data left queued (`MSG_PEEK`), and error
+    /// queue messages (`MSG_ERRQUEUE`), which are not payload.
+    pub const MSG_PEEK: u32 = 0x2;
+    pub const MSG_ERRQUEUE: u32 = 0x2000;
+
+    /// Bits of [`super::Offsets::net_hooks`]: what the kernel offers, from BTF.
+    /// The raw tracepoints `sock_send_length(sk, ret, flags)` and `sock_recv_length(...)`.
+    pub const HOOK_TRACEPOINTS: u32 = 1;
+    /// Every function of [`super::names::FEXIT_MSG`], with the expected parameters.
+    pub const HOOK_FEXIT_MSG: u32 = 2;
+    /// `proto_ops` has `sendpage`: a send path (sendfile, splice) that bypasses `sendmsg`.
+    pub const HOOK_SENDPAGE_PATH: u32 = 4;
+    /// Every function of [`super::names::FEXIT_SENDPAGE`], with the expected parameters.
+    pub const HOOK_FEXIT_SENDPAGE: u32 = 8;
 }
 
 /// Kernel layout knowledge, resolved by userspace at start-up (from BTF) and handed to the
@@ -124,6 +178,17 @@ pub struct Offsets {
     pub bio_partno: u32,
     pub disk_major: u32,
     pub disk_first_minor: u32,
+
+    // Network.
+    /// Which socket hooks the kernel has: bits `net::HOOK_*`.
+    pub net_hooks: u32,
+    /// `socket.sk` (pointer to the `struct sock`).
+    pub socket_sk: u32,
+    /// `sock.__sk_common.skc_family`, `sock.sk_type`, `sock.sk_protocol` (u16 each); any of
+    /// them [`ABSENT`] (a bitfield before 5.6) leaves the network unmeasured.
+    pub sk_family: u32,
+    pub sk_type: u32,
+    pub sk_protocol: u32,
 }
 
 /// An offset the running kernel does not have.
@@ -235,6 +300,17 @@ pub struct RunCounters {
     pub rss_peak_pages: u64,
     /// The largest peak RSS (pages) of any address space of the run that has left it.
     pub max_process_rss_pages: u64,
+    /// Socket payload bytes tracked tasks sent and received, counted where the socket layer
+    /// accepted or delivered them: TCP (and MPTCP), UDP (and UDP-Lite) over IPv4 and IPv6,
+    /// AF_UNIX, and everything else (other families, raw and ICMP inet sockets).
+    pub net_tcp_sent: u64,
+    pub net_tcp_received: u64,
+    pub net_udp_sent: u64,
+    pub net_udp_received: u64,
+    pub net_unix_sent: u64,
+    pub net_unix_received: u64,
+    pub net_other_sent: u64,
+    pub net_other_received: u64,
 }
 
 impl RunCounters {
@@ -258,10 +334,10 @@ pub struct Event {
     pub run: u32,
 }
 
-const _: () = assert!(size_of::<Offsets>() == 128);
+const _: () = assert!(size_of::<Offsets>() == 148);
 const _: () = assert!(size_of::<TaskMember>() == 32);
 const _: () = assert!(size_of::<ProcMember>() == 16);
-const _: () = assert!(size_of::<RunCounters>() == 144);
+const _: () = assert!(size_of::<RunCounters>() == 208);
 const _: () = assert!(size_of::<Event>() == 8);
 const _: () = assert!(size_of::<MmMember>() == 64);
 const _: () = assert!(size_of::<DevKey>() == 8);
