@@ -13,6 +13,7 @@
 //!   are final, so they are added to the run and the task leaves it.
 //! - `rss_stat`: an RSS counter of a tracked address space changed: the run's RSS follows it.
 //! - `block_bio_queue`: a tracked task submits block I/O: counted per device.
+//! - socket sends and receives: see [`net`].
 //!
 //! The peaks and the memory counters need atomics that return the old value (BPF ISA v3,
 //! kernel 5.12): `task_newtask_no_atomics` and `sched_process_exit_no_atomics` do without
@@ -77,6 +78,11 @@ static OFFSETS: Offsets = Offsets {
     bio_partno: ABSENT,
     disk_major: ABSENT,
     disk_first_minor: ABSENT,
+    net_hooks: 0,
+    socket_sk: ABSENT,
+    sk_family: ABSENT,
+    sk_type: ABSENT,
+    sk_protocol: ABSENT,
 };
 
 /// Live tracked threads, keyed by the address of their `task_struct`.
@@ -609,6 +615,9 @@ fn add_ioac(task: u64, offset: u32, total: &mut u64) {
         add(total, v);
     }
 }
+
+// After the macros above, which it uses.
+mod net;
 
 #[cfg(not(test))]
 #[panic_handler]
