@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
-use aya::programs::{ProgramError, RawTracePoint};
+use aya::programs::{FExit, ProgramError, RawTracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use cylo_usage_abi::{
     ABSENT, DEFAULT_MAX_PROCS, DEFAULT_MAX_TASKS, DevCounters, DevKey, MAX_RUNS, MmMember, Offsets,
@@ -11,7 +11,7 @@ use cylo_usage_abi::{
 };
 
 use crate::resolve::{self, ResolveError};
-use crate::usage::Measured;
+use crate::usage::{Measured, NetworkPath};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("CYLO_USAGE_EBPF_OBJECT"));
@@ -45,6 +45,17 @@ pub enum LoadError {
         #[source]
         source: ProgramError,
     },
+    #[error(
+        "program {program} could not be loaded or attached (fexit) to kernel function {function}"
+    )]
+    AttachFunction {
+        program: &'static str,
+        function: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot read the kernel's BTF for the fexit programs")]
+    KernelBtf(#[source] aya::BtfError),
     #[error("the eBPF object has no usable map {name}")]
     Map {
         name: &'static str,
@@ -131,6 +142,8 @@ pub(crate) struct Unavailable {
     pub atomics: Option<String>,
     /// Why the per-device block I/O hook is not attached.
     pub devices: Option<String>,
+    /// Why the socket hooks are not attached.
+    pub network: Option<String>,
 }
 
 /// The first line of an error (a verifier log follows it), at most 300 characters.
@@ -184,6 +197,106 @@ fn attach(
             tracepoint,
             source,
         })
+}
+
+/// Loads and attaches fexit program `program` to kernel function `function`.
+fn attach_fexit(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    program: &'static str,
+    function: &'static str,
+) -> Result<(), LoadError> {
+    let err = |source| LoadError::AttachFunction {
+        program,
+        function,
+        source,
+    };
+    let prog: &mut FExit = ebpf
+        .program_mut(program)
+        .ok_or(LoadError::MissingProgram { name: program })?
+        .try_into()
+        .map_err(err)?;
+    prog.load(function, btf)
+        .and_then(|()| prog.attach().map(|_| ()))
+        .map_err(err)
+}
+
+/// Attaches the socket hooks the kernel offers (see `cylo-usage-ebpf/src/net.rs`): the
+/// `sock_*_length` raw tracepoints, else fexit programs on the address families' `sendmsg`
+/// and `recvmsg`; plus fexit programs on the `*_sendpage` functions where the kernel still
+/// sends sendfile and splice data through `proto_ops.sendpage`. All of them or none: on
+/// failure, what was attached is detached again, and the error says why the network is
+/// not measured.
+fn attach_network(ebpf: &mut Ebpf, o: &Offsets) -> Result<NetworkPath, String> {
+    use cylo_usage_abi::net::*;
+    if [o.socket_sk, o.sk_family, o.sk_type, o.sk_protocol].contains(&ABSENT) {
+        return Err("this kernel's BTF has no socket layout the programs can read                     (socket.sk, sock.__sk_common.skc_family, whole u16 sock.sk_type and                     sock.sk_protocol)"
+            .to_string());
+    }
+    let hooks = o.net_hooks;
+    let sendpage = hooks & HOOK_SENDPAGE_PATH != 0;
+    if sendpage && hooks & HOOK_FEXIT_SENDPAGE == 0 {
+        return Err("sendfile and splice into sockets go through proto_ops.sendpage on this                     kernel, and its BTF lacks tcp_sendpage, udp_sendpage or                     unix_stream_sendpage with the expected parameters"
+            .to_string());
+    }
+    let tracepoints = hooks & HOOK_TRACEPOINTS != 0;
+    if !tracepoints && hooks & HOOK_FEXIT_MSG == 0 {
+        return Err("the kernel has neither the sock_send_length / sock_recv_length                     tracepoints (6.3+) nor, in its BTF, every one of inet_sendmsg,                     inet6_sendmsg, unix_stream_sendmsg, unix_dgram_sendmsg and their recvmsg                     with the expected parameters"
+            .to_string());
+    }
+    let mut attached: Vec<&'static str> = Vec::new();
+    let result = attach_network_programs(ebpf, tracepoints, sendpage, &mut attached);
+    if let Err(e) = result {
+        for name in attached {
+            if let Some(prog) = ebpf.program_mut(name) {
+                let _ = match prog {
+                    aya::programs::Program::RawTracePoint(p) => p.unload(),
+                    aya::programs::Program::FExit(p) => p.unload(),
+                    _ => Ok(()),
+                };
+            }
+        }
+        return Err(first_line(&crate::error_chain(&e)));
+    }
+    Ok(if tracepoints {
+        NetworkPath::Tracepoints { sendpage }
+    } else {
+        NetworkPath::Functions { sendpage }
+    })
+}
+
+fn attach_network_programs(
+    ebpf: &mut Ebpf,
+    tracepoints: bool,
+    sendpage: bool,
+    attached: &mut Vec<&'static str>,
+) -> Result<(), LoadError> {
+    if tracepoints {
+        for (program, tracepoint) in [
+            (names::PROG_SOCK_SEND_LENGTH, names::TP_SOCK_SEND_LENGTH),
+            (names::PROG_SOCK_RECV_LENGTH, names::TP_SOCK_RECV_LENGTH),
+        ] {
+            attach(ebpf, program, tracepoint)?;
+            attached.push(program);
+        }
+        if !sendpage {
+            return Ok(());
+        }
+    }
+    // The fexit programs name their functions by BTF id: aya needs the kernel's BTF (read
+    // once more, only on kernels that need these programs).
+    let btf = aya::Btf::from_sys_fs().map_err(LoadError::KernelBtf)?;
+    let msg: &[(&'static str, &'static str)] = if tracepoints { &[] } else { &names::FEXIT_MSG };
+    let pages: &[(&'static str, &'static str)] = if sendpage {
+        &names::FEXIT_SENDPAGE
+    } else {
+        &[]
+    };
+    for &(program, function) in msg.iter().chain(pages) {
+        attach_fexit(ebpf, &btf, program, function)?;
+        attached.push(program);
+    }
+    Ok(())
 }
 
 impl Tracker {
@@ -289,6 +402,10 @@ impl Tracker {
                 .map(|e| first_line(&crate::error_chain(&e)))
         };
         let devices = devices_error.is_none();
+        let (network, network_error) = match attach_network(&mut ebpf, offsets) {
+            Ok(path) => (Some(path), None),
+            Err(why) => (None, Some(why)),
+        };
         let measured = Measured {
             atomics,
             disk: has(&[
@@ -298,6 +415,7 @@ impl Tracker {
             ]),
             io_chars: has(&[o.task_ioac_rchar, o.task_ioac_wchar]),
             devices,
+            network,
         };
         Ok(Tracker {
             inner: Arc::new(Inner {
@@ -308,6 +426,7 @@ impl Tracker {
                 unavailable: Unavailable {
                     atomics: atomics_error,
                     devices: devices_error,
+                    network: network_error,
                 },
                 _ebpf: Mutex::new(ebpf),
             }),
