@@ -25,14 +25,18 @@
 //! - `hostile-name MS`: rename itself to a name that breaks naive /proc parsers, burn MS ms.
 //! - `spike MIB MS AFTER [small]`: touch MIB MiB, hold them MS ms, unmap them, then live
 //!   AFTER ms more; `small` asks for 4 KiB pages (no transparent huge pages): one fault each.
+//! - `net MODE ...`: socket traffic with known byte counts (see `workload/net.rs`).
 use std::time::Duration;
+
+#[path = "workload/net.rs"]
+mod net;
 
 fn usage() -> ! {
     eprintln!(
         "usage: cylo-usage-workload burn MS | threads N MS | fork N | storm N | daemon MS | \
          clone-parent | vfork | exec-from-thread PATH [ARGS] | write-direct FILE MIB [BLOCK] | \
          read-direct FILE MIB [BLOCK] | write FILE MIB fsync|truncate|none | read FILE | \
-         mem A B MS | pidns N | hostile-name MS | spike MIB MS AFTER [small]"
+         mem A B MS | pidns N | hostile-name MS | spike MIB MS AFTER [small] | net MODE ..."
     );
     std::process::exit(2)
 }
@@ -380,6 +384,7 @@ fn main() {
             unsafe { libc::munmap(p, len) };
             std::thread::sleep(Duration::from_millis(after));
         }
+        Some("net") => net::main(&args[1..]),
         _ => usage(),
     }
 }
