@@ -199,6 +199,27 @@ fn attach(
         })
 }
 
+/// The kernel's BTF as aya reads it, which the fexit programs need to name their functions
+/// (by BTF id): parsed in a thread of its own, beside the rest of the loading, and only on
+/// kernels that need those programs.
+struct KernelBtf(Option<std::thread::JoinHandle<Result<aya::Btf, aya::BtfError>>>);
+
+impl KernelBtf {
+    fn start(o: &Offsets) -> KernelBtf {
+        use cylo_usage_abi::net::*;
+        let needed = o.net_hooks & HOOK_TRACEPOINTS == 0 || o.net_hooks & HOOK_SENDPAGE_PATH != 0;
+        KernelBtf(needed.then(|| std::thread::spawn(aya::Btf::from_sys_fs)))
+    }
+
+    fn get(self) -> Result<aya::Btf, LoadError> {
+        match self.0.map(|parse| parse.join()) {
+            Some(Ok(parsed)) => parsed.map_err(LoadError::KernelBtf),
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => aya::Btf::from_sys_fs().map_err(LoadError::KernelBtf),
+        }
+    }
+}
+
 /// Loads and attaches fexit program `program` to kernel function `function`.
 fn attach_fexit(
     ebpf: &mut Ebpf,
@@ -227,7 +248,7 @@ fn attach_fexit(
 /// sends sendfile and splice data through `proto_ops.sendpage`. All of them or none: on
 /// failure, what was attached is detached again, and the error says why the network is
 /// not measured.
-fn attach_network(ebpf: &mut Ebpf, o: &Offsets) -> Result<NetworkPath, String> {
+fn attach_network(ebpf: &mut Ebpf, o: &Offsets, btf: KernelBtf) -> Result<NetworkPath, String> {
     use cylo_usage_abi::net::*;
     if [o.socket_sk, o.sk_family, o.sk_type, o.sk_protocol].contains(&ABSENT) {
         return Err("this kernel's BTF has no socket layout the programs can read                     (socket.sk, sock.__sk_common.skc_family, whole u16 sock.sk_type and                     sock.sk_protocol)"
@@ -244,18 +265,9 @@ fn attach_network(ebpf: &mut Ebpf, o: &Offsets) -> Result<NetworkPath, String> {
         return Err("the kernel has neither the sock_send_length / sock_recv_length                     tracepoints (6.3+) nor, in its BTF, every one of inet_sendmsg,                     inet6_sendmsg, unix_stream_sendmsg, unix_dgram_sendmsg and their recvmsg                     with the expected parameters"
             .to_string());
     }
-    let mut attached: Vec<&'static str> = Vec::new();
-    let result = attach_network_programs(ebpf, tracepoints, sendpage, &mut attached);
+    let result = attach_network_programs(ebpf, btf, tracepoints, sendpage);
     if let Err(e) = result {
-        for name in attached {
-            if let Some(prog) = ebpf.program_mut(name) {
-                let _ = match prog {
-                    aya::programs::Program::RawTracePoint(p) => p.unload(),
-                    aya::programs::Program::FExit(p) => p.unload(),
-                    _ => Ok(()),
-                };
-            }
-        }
+        unload_network(ebpf);
         return Err(first_line(&crate::error_chain(&e)));
     }
     Ok(if tracepoints {
@@ -267,9 +279,9 @@ fn attach_network(ebpf: &mut Ebpf, o: &Offsets) -> Result<NetworkPath, String> {
 
 fn attach_network_programs(
     ebpf: &mut Ebpf,
+    btf: KernelBtf,
     tracepoints: bool,
     sendpage: bool,
-    attached: &mut Vec<&'static str>,
 ) -> Result<(), LoadError> {
     if tracepoints {
         for (program, tracepoint) in [
@@ -277,15 +289,12 @@ fn attach_network_programs(
             (names::PROG_SOCK_RECV_LENGTH, names::TP_SOCK_RECV_LENGTH),
         ] {
             attach(ebpf, program, tracepoint)?;
-            attached.push(program);
         }
         if !sendpage {
             return Ok(());
         }
     }
-    // The fexit programs name their functions by BTF id: aya needs the kernel's BTF (read
-    // once more, only on kernels that need these programs).
-    let btf = aya::Btf::from_sys_fs().map_err(LoadError::KernelBtf)?;
+    let btf = btf.get()?;
     let msg: &[(&'static str, &'static str)] = if tracepoints { &[] } else { &names::FEXIT_MSG };
     let pages: &[(&'static str, &'static str)] = if sendpage {
         &names::FEXIT_SENDPAGE
@@ -294,9 +303,30 @@ fn attach_network_programs(
     };
     for &(program, function) in msg.iter().chain(pages) {
         attach_fexit(ebpf, &btf, program, function)?;
-        attached.push(program);
     }
     Ok(())
+}
+
+/// Detaches and unloads the network programs (after a failure to attach them all).
+fn unload_network(ebpf: &mut Ebpf) {
+    let network = [names::PROG_SOCK_SEND_LENGTH, names::PROG_SOCK_RECV_LENGTH]
+        .into_iter()
+        .chain(
+            names::FEXIT_MSG
+                .iter()
+                .chain(&names::FEXIT_SENDPAGE)
+                .map(|&(p, _)| p),
+        );
+    let names: Vec<&str> = network.collect();
+    for (name, prog) in ebpf.programs_mut() {
+        if names.contains(&name) && prog.fd().is_ok() {
+            let _ = match prog {
+                aya::programs::Program::RawTracePoint(p) => p.unload(),
+                aya::programs::Program::FExit(p) => p.unload(),
+                _ => Ok(()),
+            };
+        }
+    }
 }
 
 impl Tracker {
@@ -329,6 +359,7 @@ impl Tracker {
         offsets: &'a Offsets,
         options: Options,
     ) -> Result<Tracker, LoadError> {
+        let kernel_btf = KernelBtf::start(offsets);
         let mut ebpf = loader
             .override_global(names::OFFSETS, offsets, true)
             .map_max_entries(names::TASKS, options.max_tasks)
@@ -402,7 +433,7 @@ impl Tracker {
                 .map(|e| first_line(&crate::error_chain(&e)))
         };
         let devices = devices_error.is_none();
-        let (network, network_error) = match attach_network(&mut ebpf, offsets) {
+        let (network, network_error) = match attach_network(&mut ebpf, offsets, kernel_btf) {
             Ok(path) => (Some(path), None),
             Err(why) => (None, Some(why)),
         };
