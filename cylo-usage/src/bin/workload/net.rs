@@ -21,8 +21,9 @@
 //!   parent reads it. TCP sent = received = BYTES.
 //! - `splice BYTES tcp|unix`: the child writes BYTES into a pipe, 64 KiB at a time, and
 //!   splice()s each from the pipe into a TCP or AF_UNIX stream socket; the parent reads.
-//! - `peek BYTES tcp|udp`: the child sends BYTES (one datagram for UDP); the parent peeks at
-//!   all of them with MSG_PEEK, then reads them. Sent = received = BYTES.
+//! - `peek BYTES tcp|udp`: the child sends BYTES (one datagram for UDP); the parent peeks
+//!   with MSG_PEEK at what is queued, reads exactly that, and repeats until all BYTES are in.
+//!   Sent = received = BYTES.
 //! - `fail`: sends and receives that fail: a UDP datagram too large (EMSGSIZE), a TCP socket
 //!   written until EAGAIN and once more, a receive with nothing queued (EAGAIN), a send after
 //!   the peer reset the connection. Prints `tcp_sent=A tcp_received=B udp_sent=0
@@ -470,25 +471,23 @@ fn peek(args: &[String]) {
     }
     {
         drop(tx);
+        // Peek at whatever is queued (blocking until something is), then read exactly that;
+        // repeat until every byte is in. Every byte is peeked once and read once.
         let mut buf = vec![0u8; bytes + 1];
-        // Peek until everything is queued (TCP may still be delivering), then read.
-        loop {
-            // SAFETY: a live buffer of `bytes + 1` bytes.
-            let got = unsafe { libc::recv(rx, buf.as_mut_ptr().cast(), bytes + 1, libc::MSG_PEEK) };
-            if got < 0 {
-                die("recv(MSG_PEEK)", last_error());
-            }
-            if got as usize == bytes {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
         let mut left = bytes;
         while left > 0 {
-            // SAFETY: as above.
-            let got = unsafe { libc::recv(rx, buf.as_mut_ptr().cast(), left, 0) };
-            if got <= 0 {
-                die("recv", format!("{got}: {}", last_error()));
+            // SAFETY: a live buffer of at least `left` bytes.
+            let peeked = unsafe { libc::recv(rx, buf.as_mut_ptr().cast(), left, libc::MSG_PEEK) };
+            if peeked <= 0 {
+                die("recv(MSG_PEEK)", format!("{peeked}: {}", last_error()));
+            }
+            // SAFETY: as above; the peeked bytes are queued, so this returns them all.
+            let got = unsafe { libc::recv(rx, buf.as_mut_ptr().cast(), peeked as usize, 0) };
+            if got != peeked {
+                die(
+                    "recv",
+                    format!("{got} bytes after peeking {peeked}: {}", last_error()),
+                );
             }
             left -= got as usize;
         }
