@@ -8,8 +8,9 @@
 //!   path into a socket ends there (write, send*, sendmmsg, io_uring, splice and sendfile
 //!   from 6.5 on).
 //! - Before: fexit programs on those family functions themselves (`inet_sendmsg`,
-//!   `inet6_recvmsg`, `unix_stream_sendmsg`, ...), which sit at the same point of the same
-//!   paths, `*_nosec` ones included (sendmmsg / recvmmsg after their first message). A
+//!   `inet6_recvmsg`, `unix_stream_sendmsg`, ...: each `proto_ops.sendmsg` / `recvmsg` of
+//!   the inet and AF_UNIX families), which sit at the same point of the same paths, `*_nosec`
+//!   ones included (sendmmsg / recvmmsg after their first message). A
 //!   trampoline hands each program the arguments and the return value together, with no
 //!   per-call state and no limit on calls in flight (a kretprobe has a fixed pool of
 //!   instances that blocked receives on the whole host can exhaust).
@@ -49,60 +50,75 @@ pub fn sock_recv_length(ctx: RawTracePointContext) -> i32 {
 
 // The fallback. A trampoline's context is the arguments, then the return value.
 
-/// `int sendmsg(struct socket *sock, struct msghdr *msg, size_t len)` of a family.
+/// `int sendmsg(struct socket *sock, struct msghdr *msg, size_t len)` of a family; sockets of
+/// type `skip` are not counted here.
 #[inline(always)]
-fn sendmsg(ctx: FExitContext) -> i32 {
+fn sendmsg(ctx: FExitContext, skip: u16) -> i32 {
     let ret = ctx.arg::<u64>(3) as i32;
-    count_socket::<true>(ctx.arg(0), ret, 0)
+    count_socket::<true>(ctx.arg(0), ret, 0, skip)
 }
 
 /// `int recvmsg(struct socket *sock, struct msghdr *msg, size_t size, int flags)`.
 #[inline(always)]
-fn recvmsg(ctx: FExitContext) -> i32 {
+fn recvmsg(ctx: FExitContext, skip: u16) -> i32 {
     let ret = ctx.arg::<u64>(4) as i32;
-    count_socket::<false>(ctx.arg(0), ret, ctx.arg::<u64>(3) as u32)
+    count_socket::<false>(ctx.arg(0), ret, ctx.arg::<u64>(3) as u32, skip)
 }
+
+/// No socket has type 0: nothing skipped.
+const NONE: u16 = 0;
 
 #[fexit(function = "inet_sendmsg")]
 pub fn fx_inet_send(ctx: FExitContext) -> i32 {
-    sendmsg(ctx)
+    sendmsg(ctx, NONE)
 }
 
 #[fexit(function = "inet6_sendmsg")]
 pub fn fx_inet6_send(ctx: FExitContext) -> i32 {
-    sendmsg(ctx)
+    sendmsg(ctx, NONE)
 }
 
 #[fexit(function = "unix_stream_sendmsg")]
 pub fn fx_unix_ssend(ctx: FExitContext) -> i32 {
-    sendmsg(ctx)
+    sendmsg(ctx, NONE)
 }
 
-/// Also AF_UNIX SOCK_SEQPACKET, whose `sendmsg` calls this one.
+/// AF_UNIX SOCK_SEQPACKET's `sendmsg` calls this one, out of line or inlined depending on
+/// the kernel and compiler: its own hook counts it, and this one skips it.
 #[fexit(function = "unix_dgram_sendmsg")]
 pub fn fx_unix_dsend(ctx: FExitContext) -> i32 {
-    sendmsg(ctx)
+    sendmsg(ctx, SOCK_SEQPACKET)
+}
+
+#[fexit(function = "unix_seqpacket_sendmsg")]
+pub fn fx_unix_qsend(ctx: FExitContext) -> i32 {
+    sendmsg(ctx, NONE)
 }
 
 #[fexit(function = "inet_recvmsg")]
 pub fn fx_inet_recv(ctx: FExitContext) -> i32 {
-    recvmsg(ctx)
+    recvmsg(ctx, NONE)
 }
 
 #[fexit(function = "inet6_recvmsg")]
 pub fn fx_inet6_recv(ctx: FExitContext) -> i32 {
-    recvmsg(ctx)
+    recvmsg(ctx, NONE)
 }
 
 #[fexit(function = "unix_stream_recvmsg")]
 pub fn fx_unix_srecv(ctx: FExitContext) -> i32 {
-    recvmsg(ctx)
+    recvmsg(ctx, NONE)
 }
 
-/// Also AF_UNIX SOCK_SEQPACKET, whose `recvmsg` calls this one.
+/// Like `fx_unix_dsend` (6.1 inlines it into `unix_seqpacket_recvmsg`, 5.10 calls it).
 #[fexit(function = "unix_dgram_recvmsg")]
 pub fn fx_unix_drecv(ctx: FExitContext) -> i32 {
-    recvmsg(ctx)
+    recvmsg(ctx, SOCK_SEQPACKET)
+}
+
+#[fexit(function = "unix_seqpacket_recvmsg")]
+pub fn fx_unix_qrecv(ctx: FExitContext) -> i32 {
+    recvmsg(ctx, NONE)
 }
 
 /// `int tcp_sendpage(struct sock *sk, struct page *page, int offset, size_t size, int flags)`
@@ -123,12 +139,12 @@ pub fn fx_udp_sendpage(ctx: FExitContext) -> i32 {
 /// size_t size, int flags)`.
 #[fexit(function = "unix_stream_sendpage")]
 pub fn fx_unix_spage(ctx: FExitContext) -> i32 {
-    count_socket::<true>(ctx.arg(0), ctx.arg::<u64>(5) as i32, 0)
+    count_socket::<true>(ctx.arg(0), ctx.arg::<u64>(5) as i32, 0, NONE)
 }
 
 /// [`count`] for a `struct socket *`: its `sk` is read only for a tracked task.
 #[inline(always)]
-fn count_socket<const SEND: bool>(socket: u64, ret: i32, flags: u32) -> i32 {
+fn count_socket<const SEND: bool>(socket: u64, ret: i32, flags: u32, skip: u16) -> i32 {
     if ret <= 0 {
         return 0; // failed, EAGAIN, or nothing moved
     }
@@ -136,7 +152,7 @@ fn count_socket<const SEND: bool>(socket: u64, ret: i32, flags: u32) -> i32 {
         return 0;
     };
     let sk = read::<u64>(socket, offset!(socket_sk)).unwrap_or(0);
-    add_bytes::<SEND>(run, sk, ret as u64, flags);
+    add_bytes::<SEND>(run, sk, ret as u64, flags, skip);
     0
 }
 
@@ -149,7 +165,7 @@ fn count<const SEND: bool>(sk: u64, ret: i32, flags: u32) -> i32 {
     let Some(run) = current_run() else {
         return 0;
     };
-    add_bytes::<SEND>(run, sk, ret as u64, flags);
+    add_bytes::<SEND>(run, sk, ret as u64, flags, NONE);
     0
 }
 
@@ -162,9 +178,9 @@ fn current_run() -> Option<u32> {
     unsafe { TASKS.get(current) }.map(|m| m.run)
 }
 
-/// Adds `bytes` to the run's counter for the socket's kind.
+/// Adds `bytes` to the run's counter for the socket's kind, unless its type is `skip`.
 #[inline(always)]
-fn add_bytes<const SEND: bool>(run: u32, sk: u64, bytes: u64, flags: u32) {
+fn add_bytes<const SEND: bool>(run: u32, sk: u64, bytes: u64, flags: u32, skip: u16) {
     if !SEND && flags & (MSG_PEEK | MSG_ERRQUEUE) != 0 {
         return;
     }
@@ -180,6 +196,9 @@ fn add_bytes<const SEND: bool>(run: u32, sk: u64, bytes: u64, flags: u32) {
         add(&mut c.lost_events, 1);
         return;
     };
+    if kind == skip {
+        return;
+    }
     let (sent, received) = match (family, kind, protocol) {
         (AF_INET | AF_INET6, SOCK_STREAM, IPPROTO_TCP | IPPROTO_MPTCP) => {
             (&mut c.net_tcp_sent, &mut c.net_tcp_received)

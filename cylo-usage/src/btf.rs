@@ -1364,8 +1364,12 @@ mod tests {
     fn fixture_function_params() {
         // The network fallback's fexit targets, by (kernel, function): its parameter count
         // and whether the first is a `struct socket *` (else a `struct sock *`).
-        let sendmsg = ["inet_sendmsg", "inet6_sendmsg", "unix_stream_sendmsg"];
-        let recvmsg = ["inet_recvmsg", "inet6_recvmsg", "unix_dgram_recvmsg"];
+        let sendmsg = ["inet_sendmsg", "inet6_sendmsg", "unix_seqpacket_sendmsg"];
+        let recvmsg = [
+            "inet_recvmsg",
+            "unix_dgram_recvmsg",
+            "unix_seqpacket_recvmsg",
+        ];
         for file in FIXTURES {
             let btf = Btf::from_bytes(&fixture(file)).unwrap();
             for (names, count) in [(&sendmsg, 3), (&recvmsg, 4)] {

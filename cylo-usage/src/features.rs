@@ -129,28 +129,27 @@ fn network(path: Option<NetworkPath>, refused: Option<&str>) -> Vec<Feature> {
     };
     let (hooks, sendpage) = match path {
         NetworkPath::Tracepoints { sendpage } => (
-            "raw tracepoints sock_send_length / sock_recv_length (in sock_sendmsg_nosec / \
-             sock_recvmsg_nosec, where every send and receive path ends: sendmmsg, recvmmsg, \
-             io_uring, sendfile and splice included)",
+            "raw tracepoints sock_send_length / sock_recv_length, which every send and receive \
+             path passes (sendmmsg, recvmmsg, io_uring, sendfile, splice)",
             sendpage,
         ),
         NetworkPath::Functions { sendpage } => (
-            "fexit programs on inet_sendmsg, inet6_sendmsg, unix_stream_sendmsg, \
-             unix_dgram_sendmsg and their recvmsg (no sock_*_length tracepoints here; every \
-             send and receive path of those families passes them)",
+            "fexit on inet_sendmsg, inet6_sendmsg, unix_stream_sendmsg, unix_dgram_sendmsg, \
+             unix_seqpacket_sendmsg and their recvmsg (this kernel has no sock_*_length \
+             tracepoints)",
             sendpage,
         ),
     };
     let sendpage = if sendpage {
-        "; fexit on tcp_sendpage, udp_sendpage and unix_stream_sendpage, where sendfile and \
-         splice into a socket go on this kernel"
+        "; fexit on tcp_sendpage, udp_sendpage and unix_stream_sendpage for sendfile and splice \
+         into sockets"
     } else {
         ""
     };
     let how = |what: &str| {
         Ok(format!(
-            "{what}: bytes each send accepted or receive delivered, in the task that moved \
-             them ({hooks}{sendpage}); failed calls and MSG_PEEK count 0"
+            "{what}: what each send accepted and each receive delivered, in the task that made \
+             the call (failed calls and MSG_PEEK count 0); {hooks}{sendpage}"
         ))
     };
     let other = if path.sees_other() {

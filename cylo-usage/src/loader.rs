@@ -251,19 +251,32 @@ fn attach_fexit(
 fn attach_network(ebpf: &mut Ebpf, o: &Offsets, btf: KernelBtf) -> Result<NetworkPath, String> {
     use cylo_usage_abi::net::*;
     if [o.socket_sk, o.sk_family, o.sk_type, o.sk_protocol].contains(&ABSENT) {
-        return Err("this kernel's BTF has no socket layout the programs can read                     (socket.sk, sock.__sk_common.skc_family, whole u16 sock.sk_type and                     sock.sk_protocol)"
-            .to_string());
+        return Err(
+            "this kernel's BTF has no socket layout the programs can read \
+             (socket.sk, sock.__sk_common.skc_family, whole u16 sock.sk_type and \
+             sock.sk_protocol)"
+                .to_string(),
+        );
     }
     let hooks = o.net_hooks;
     let sendpage = hooks & HOOK_SENDPAGE_PATH != 0;
     if sendpage && hooks & HOOK_FEXIT_SENDPAGE == 0 {
-        return Err("sendfile and splice into sockets go through proto_ops.sendpage on this                     kernel, and its BTF lacks tcp_sendpage, udp_sendpage or                     unix_stream_sendpage with the expected parameters"
-            .to_string());
+        return Err(
+            "sendfile and splice into sockets go through proto_ops.sendpage on this \
+             kernel, and its BTF lacks tcp_sendpage, udp_sendpage or \
+             unix_stream_sendpage with the expected parameters"
+                .to_string(),
+        );
     }
     let tracepoints = hooks & HOOK_TRACEPOINTS != 0;
     if !tracepoints && hooks & HOOK_FEXIT_MSG == 0 {
-        return Err("the kernel has neither the sock_send_length / sock_recv_length                     tracepoints (6.3+) nor, in its BTF, every one of inet_sendmsg,                     inet6_sendmsg, unix_stream_sendmsg, unix_dgram_sendmsg and their recvmsg                     with the expected parameters"
-            .to_string());
+        return Err(
+            "the kernel has neither the sock_send_length / sock_recv_length \
+             tracepoints (6.3+) nor, in its BTF, every one of the sendmsg and \
+             recvmsg functions of the inet, inet6 and AF_UNIX stream, dgram and \
+             seqpacket sockets with the expected parameters"
+                .to_string(),
+        );
     }
     let result = attach_network_programs(ebpf, btf, tracepoints, sendpage);
     if let Err(e) = result {
@@ -295,7 +308,11 @@ fn attach_network_programs(
         }
     }
     let btf = btf.get()?;
-    let msg: &[(&'static str, &'static str)] = if tracepoints { &[] } else { &names::FEXIT_MSG };
+    let msg: &[(&'static str, &'static str)] = if tracepoints {
+        &[]
+    } else {
+        &[names::FEXIT_SENDMSG, names::FEXIT_RECVMSG].concat()
+    };
     let pages: &[(&'static str, &'static str)] = if sendpage {
         &names::FEXIT_SENDPAGE
     } else {
@@ -312,8 +329,9 @@ fn unload_network(ebpf: &mut Ebpf) {
     let network = [names::PROG_SOCK_SEND_LENGTH, names::PROG_SOCK_RECV_LENGTH]
         .into_iter()
         .chain(
-            names::FEXIT_MSG
+            names::FEXIT_SENDMSG
                 .iter()
+                .chain(&names::FEXIT_RECVMSG)
                 .chain(&names::FEXIT_SENDPAGE)
                 .map(|&(p, _)| p),
         );

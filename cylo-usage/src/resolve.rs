@@ -373,11 +373,13 @@ pub fn network_hooks(btf: &Btf) -> u32 {
     if tracepoint(names::TP_SOCK_SEND_LENGTH) && tracepoint(names::TP_SOCK_RECV_LENGTH) {
         hooks |= net::HOOK_TRACEPOINTS;
     }
-    // sendmsg(sock, msg, len), recvmsg(sock, msg, size, flags): the first four send.
-    let msg = names::FEXIT_MSG.iter().enumerate().all(|(i, &(_, f))| {
-        let count = if i < 4 { 3 } else { 4 };
-        function(f, count, "socket")
-    });
+    // sendmsg(sock, msg, len), recvmsg(sock, msg, size, flags).
+    let msg = names::FEXIT_SENDMSG
+        .iter()
+        .all(|&(_, f)| function(f, 3, "socket"))
+        && names::FEXIT_RECVMSG
+            .iter()
+            .all(|&(_, f)| function(f, 4, "socket"));
     if msg {
         hooks |= net::HOOK_FEXIT_MSG;
     }
@@ -862,13 +864,11 @@ mod tests {
                     b.tracepoint(tp, &[void_ptr, sock_ptr, int4, int4]);
                 }
             }
-            for (i, (_, f)) in cylo_usage_abi::names::FEXIT_MSG.iter().enumerate() {
-                let params: &[u32] = if i < 4 {
-                    &[socket_ptr, void_ptr, int4]
-                } else {
-                    &[socket_ptr, void_ptr, int4, int4]
-                };
-                b.function(f, int4, params);
+            for (_, f) in cylo_usage_abi::names::FEXIT_SENDMSG {
+                b.function(f, int4, &[socket_ptr, void_ptr, int4]);
+            }
+            for (_, f) in cylo_usage_abi::names::FEXIT_RECVMSG {
+                b.function(f, int4, &[socket_ptr, void_ptr, int4, int4]);
             }
             if matches!(self.net, Net::Functions { sendpage: true } | Net::Bitfields) {
                 let [tcp, udp, unix] = cylo_usage_abi::names::FEXIT_SENDPAGE.map(|(_, f)| f);

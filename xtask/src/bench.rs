@@ -738,7 +738,13 @@ fn handler_stats() -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>
     use cylo_usage_abi::names::*;
     let network = [PROG_SOCK_SEND_LENGTH, PROG_SOCK_RECV_LENGTH]
         .into_iter()
-        .chain(FEXIT_MSG.iter().chain(&FEXIT_SENDPAGE).map(|&(p, _)| p));
+        .chain(
+            FEXIT_SENDMSG
+                .iter()
+                .chain(&FEXIT_RECVMSG)
+                .chain(&FEXIT_SENDPAGE)
+                .map(|&(p, _)| p),
+        );
     let handlers: Vec<&str> = [
         PROG_TASK_NEWTASK,
         PROG_TASK_NEWTASK_NO_ATOMICS,

@@ -62,17 +62,22 @@ pub mod names {
     pub const PROG_SOCK_RECV_LENGTH: &str = "sock_recv_length";
     pub const TP_SOCK_SEND_LENGTH: &str = "sock_send_length";
     pub const TP_SOCK_RECV_LENGTH: &str = "sock_recv_length";
-    /// Fallback without those tracepoints: (fexit program, kernel function) for each address
-    /// family's `proto_ops.sendmsg` / `recvmsg`.
-    pub const FEXIT_MSG: [(&str, &str); 8] = [
+    /// Fallback without those tracepoints: (fexit program, kernel function) for each
+    /// `proto_ops.sendmsg` of the inet and AF_UNIX families, `(sock, msg, len)`...
+    pub const FEXIT_SENDMSG: [(&str, &str); 5] = [
         ("fx_inet_send", "inet_sendmsg"),
         ("fx_inet6_send", "inet6_sendmsg"),
         ("fx_unix_ssend", "unix_stream_sendmsg"),
         ("fx_unix_dsend", "unix_dgram_sendmsg"),
+        ("fx_unix_qsend", "unix_seqpacket_sendmsg"),
+    ];
+    /// ... and each `proto_ops.recvmsg`, `(sock, msg, size, flags)`.
+    pub const FEXIT_RECVMSG: [(&str, &str); 5] = [
         ("fx_inet_recv", "inet_recvmsg"),
         ("fx_inet6_recv", "inet6_recvmsg"),
         ("fx_unix_srecv", "unix_stream_recvmsg"),
         ("fx_unix_drecv", "unix_dgram_recvmsg"),
+        ("fx_unix_qrecv", "unix_seqpacket_recvmsg"),
     ];
     /// Kernels with `proto_ops.sendpage` (before 6.5): sendfile and splice into a socket
     /// reach these instead of `sendmsg`.
@@ -91,6 +96,7 @@ pub mod net {
     pub const AF_INET6: u16 = 10;
     pub const SOCK_STREAM: u16 = 1;
     pub const SOCK_DGRAM: u16 = 2;
+    pub const SOCK_SEQPACKET: u16 = 5;
     pub const IPPROTO_TCP: u16 = 6;
     pub const IPPROTO_UDP: u16 = 17;
     pub const IPPROTO_UDPLITE: u16 = 136;
@@ -103,7 +109,8 @@ pub mod net {
     /// Bits of [`super::Offsets::net_hooks`]: what the kernel offers, from BTF.
     /// The raw tracepoints `sock_send_length(sk, ret, flags)` and `sock_recv_length(...)`.
     pub const HOOK_TRACEPOINTS: u32 = 1;
-    /// Every function of [`super::names::FEXIT_MSG`], with the expected parameters.
+    /// Every function of [`super::names::FEXIT_SENDMSG`] and [`super::names::FEXIT_RECVMSG`],
+    /// with the expected parameters.
     pub const HOOK_FEXIT_MSG: u32 = 2;
     /// `proto_ops` has `sendpage`: a send path (sendfile, splice) that bypasses `sendmsg`.
     pub const HOOK_SENDPAGE_PATH: u32 = 4;
