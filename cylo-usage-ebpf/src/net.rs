@@ -178,6 +178,22 @@ fn current_run() -> Option<u32> {
     unsafe { TASKS.get(current) }.map(|m| m.run)
 }
 
+/// `sk->sk_type` and `sk->sk_protocol`: side by side (u16 each) on every kernel with them as
+/// whole members so far, in either order, so one read does (each read is a helper call).
+#[inline(always)]
+fn type_and_protocol(sk: u64) -> Option<(u16, u16)> {
+    let (kind, protocol) = (offset!(sk_type), offset!(sk_protocol));
+    if protocol == kind.wrapping_add(2) {
+        let both = read::<u32>(sk, kind)?;
+        Some((both as u16, (both >> 16) as u16))
+    } else if kind == protocol.wrapping_add(2) {
+        let both = read::<u32>(sk, protocol)?;
+        Some(((both >> 16) as u16, both as u16))
+    } else {
+        Some((read::<u16>(sk, kind)?, read::<u16>(sk, protocol)?))
+    }
+}
+
 /// Adds `bytes` to the run's counter for the socket's kind, unless its type is `skip`.
 #[inline(always)]
 fn add_bytes<const SEND: bool>(run: u32, sk: u64, bytes: u64, flags: u32, skip: u16) {
@@ -187,11 +203,9 @@ fn add_bytes<const SEND: bool>(run: u32, sk: u64, bytes: u64, flags: u32, skip: 
     let Some(c) = run_counters(run) else {
         return;
     };
-    let (Some(family), Some(kind), Some(protocol)) = (
-        read::<u16>(sk, offset!(sk_family)),
-        read::<u16>(sk, offset!(sk_type)),
-        read::<u16>(sk, offset!(sk_protocol)),
-    ) else {
+    let (Some(family), Some((kind, protocol))) =
+        (read::<u16>(sk, offset!(sk_family)), type_and_protocol(sk))
+    else {
         // Bytes moved that cannot be told apart: say so rather than guess.
         add(&mut c.lost_events, 1);
         return;
