@@ -21,6 +21,7 @@
 //! process start, exec and exit, and per thread end, in the `RECORDS` ring buffer; the totals
 //! never depend on it. While a run is being attached to (`ADOPT_GATE` open), the hooks adopt a
 //! task of the tree that is not followed yet at its next fork, exec, exit or last switch.
+//! - socket sends and receives: see [`net`].
 //!
 //! The peaks and the memory counters need atomics that return the old value (BPF ISA v3,
 //! kernel 5.12): `task_newtask_no_atomics` and `sched_process_exit_no_atomics` do without
@@ -1221,6 +1222,9 @@ fn task_of_fd(current: u64, fd: u64) -> Result<u64, i32> {
     }
     Ok(first.wrapping_sub(offset!(task_pid_links) as u64))
 }
+
+// After the macros above, which it uses.
+mod net;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -209,6 +209,10 @@ pub enum BtfError {
     NotTracepointProto { tracepoint: String, kind: Kind },
     #[error("tracepoint {tracepoint}: the prototype lacks its first `void *__data` parameter")]
     NoDataParam { tracepoint: String },
+    #[error("function {name} is not in BTF")]
+    FunctionNotFound { name: String },
+    #[error("function {name}: its type is not a function prototype (found {kind})")]
+    NotFunctionProto { name: String, kind: Kind },
 }
 
 /// Where a member lives: a byte offset from the start of the outermost struct, and its size.
@@ -936,6 +940,33 @@ impl Btf {
             .collect()
     }
 
+    /// The parameter types of kernel function `name` (a BTF `FUNC`), in order: what a
+    /// trampoline (fentry/fexit) program attached to it gets as arguments.
+    pub fn function_params(&self, name: &str) -> Result<Vec<TypeInfo>, BtfError> {
+        let func = self
+            .types
+            .iter()
+            .find(|t| t.kind == Kind::Func && self.name_is(t.name_off, name))
+            .ok_or_else(|| BtfError::FunctionNotFound {
+                name: name.to_owned(),
+            })?;
+        let proto = self.skip_modifiers(func.size_or_type)?;
+        let Some(Type {
+            data: Data::Params(params),
+            ..
+        }) = self.get(proto)
+        else {
+            return Err(BtfError::NotFunctionProto {
+                name: name.to_owned(),
+                kind: self.kind_of(proto),
+            });
+        };
+        params
+            .iter()
+            .map(|&(_, ty)| self.type_info(ty, 0))
+            .collect()
+    }
+
     /// The (name, type) parameters of `btf_trace_<tracepoint>` after `void *__data`.
     fn tracepoint_args(&self, tracepoint: &str) -> Result<&[(u32, u32)], BtfError> {
         let wanted = format!("btf_trace_{tracepoint}");
@@ -989,6 +1020,7 @@ pub(crate) mod testutil {
     pub(crate) const TYPEDEF: u32 = 8;
     pub(crate) const VOLATILE: u32 = 9;
     pub(crate) const CONST: u32 = 10;
+    pub(crate) const FUNC: u32 = 12;
     pub(crate) const FUNC_PROTO: u32 = 13;
 
     /// Appends types in id order (the first is id 1) and serializes a little-endian blob.
@@ -1076,6 +1108,16 @@ pub(crate) mod testutil {
             let proto = self.raw("", FUNC_PROTO, params.len() as u32, false, 0, &extra);
             let ptr = self.ptr(proto);
             self.typedef(&format!("btf_trace_{tp}"), ptr)
+        }
+
+        /// A kernel function `name(params...)` returning `ret` (a FUNC and its FUNC_PROTO).
+        pub(crate) fn function(&mut self, name: &str, ret: u32, params: &[u32]) -> u32 {
+            let mut extra = Vec::new();
+            for &ty in params {
+                extra.extend([0, ty]);
+            }
+            let proto = self.raw("", FUNC_PROTO, params.len() as u32, false, ret, &extra);
+            self.raw(name, FUNC, 0, false, proto, &[])
         }
 
         pub(crate) fn build(&self) -> Vec<u8> {
@@ -1316,6 +1358,67 @@ mod tests {
                 btf.raw_tracepoint_arg_count("rss_stat").unwrap()
             );
         }
+    }
+
+    #[test]
+    fn fixture_function_params() {
+        // The network fallback's fexit targets, by (kernel, function): its parameter count
+        // and whether the first is a `struct socket *` (else a `struct sock *`).
+        let sendmsg = ["inet_sendmsg", "inet6_sendmsg", "unix_seqpacket_sendmsg"];
+        let recvmsg = [
+            "inet_recvmsg",
+            "unix_dgram_recvmsg",
+            "unix_seqpacket_recvmsg",
+        ];
+        for file in FIXTURES {
+            let btf = Btf::from_bytes(&fixture(file)).unwrap();
+            for (names, count) in [(&sendmsg, 3), (&recvmsg, 4)] {
+                for name in names {
+                    let params = btf.function_params(name).unwrap();
+                    assert_eq!(params.len(), count, "{file}: {name}");
+                    assert!(params[0].is_pointer_to_struct("socket"), "{file}: {name}");
+                }
+            }
+            let sendpage = btf.function_params("tcp_sendpage");
+            if file.contains("5.10") || file.contains("6.1.") {
+                let params = sendpage.unwrap();
+                assert_eq!(params.len(), 5, "{file}");
+                assert!(params[0].is_pointer_to_struct("sock"), "{file}");
+            } else {
+                assert!(
+                    matches!(&sendpage, Err(BtfError::FunctionNotFound { name }) if name == "tcp_sendpage"),
+                    "{file}: {sendpage:?}"
+                );
+            }
+            // A typedef or struct of that name is not a function.
+            assert!(matches!(
+                btf.function_params("task_struct"),
+                Err(BtfError::FunctionNotFound { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn function_params_of_a_synthetic_kernel() {
+        let mut b = Builder::new();
+        let int = b.int("int", 4);
+        let s = b.composite(STRUCT, "socket", 8, &[("sk", int, 0)]);
+        let p = b.ptr(s);
+        b.function("f", int, &[p, int]);
+        b.function("none", int, &[]);
+        // A FUNC whose type is not a prototype.
+        b.raw("bad", FUNC, 0, false, int, &[]);
+        let btf = Btf::from_bytes(&b.build()).unwrap();
+        let params = btf.function_params("f").unwrap();
+        assert_eq!(params.len(), 2);
+        assert!(params[0].is_pointer_to_struct("socket"));
+        assert_eq!(btf.function_params("none").unwrap(), vec![]);
+        let e = btf.function_params("bad").unwrap_err();
+        assert!(
+            matches!(&e, BtfError::NotFunctionProto { name, kind: Kind::Int } if name == "bad"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("bad"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::loader::Unavailable;
-use crate::usage::Measured;
+use crate::usage::{Measured, NetworkPath};
 
 /// One counter of [`crate::ResourceUsage`] and whether (and how) it is measured here.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -15,7 +15,6 @@ pub struct Feature {
     pub how: String,
 }
 
-const NOT_YET: &str = "not measured by this build (null)";
 const IOAC: &str = "task_struct.ioac of each thread at its last context switch; live threads \
                     from /proc/PID/task/TID/io";
 const NO_IOAC: &str = "the kernel has no task I/O accounting (CONFIG_TASK_IO_ACCOUNTING)";
@@ -103,8 +102,6 @@ pub(crate) fn features(m: Measured, refused: &Unavailable) -> Vec<Feature> {
              like the kernel's own (VmHWM); VmHWM for live processes",
             &no_atomics,
         ),
-        no("network_bytes_sent", NOT_YET),
-        no("network_bytes_received", NOT_YET),
         pick(
             m.records,
             "processes",
@@ -127,6 +124,69 @@ pub(crate) fn features(m: Measured, refused: &Unavailable) -> Vec<Feature> {
                 refused.attach.as_deref().unwrap_or("unknown")
             ),
         ),
+    ]
+    .into_iter()
+    .chain(network(m.network, refused.network.as_deref()))
+    .collect()
+}
+
+/// The network counters, and how the socket hooks that were attached count them.
+fn network(path: Option<NetworkPath>, refused: Option<&str>) -> Vec<Feature> {
+    let feature = |counter, how: Result<String, String>| Feature {
+        counter,
+        measured: how.is_ok(),
+        how: how.unwrap_or_else(|why| why),
+    };
+    let Some(path) = path else {
+        let why = format!("not measured (null): {}", refused.unwrap_or("unknown"));
+        return [
+            "network_bytes_sent",
+            "network_bytes_received",
+            "network",
+            "network.other",
+        ]
+        .into_iter()
+        .map(|c| feature(c, Err(why.clone())))
+        .collect();
+    };
+    let (hooks, sendpage) = match path {
+        NetworkPath::Tracepoints { sendpage } => (
+            "raw tracepoints sock_send_length / sock_recv_length, which every send and receive \
+             path passes (sendmmsg, recvmmsg, io_uring, sendfile, splice)",
+            sendpage,
+        ),
+        NetworkPath::Functions { sendpage } => (
+            "fexit on inet_sendmsg, inet6_sendmsg, unix_stream_sendmsg, unix_dgram_sendmsg, \
+             unix_seqpacket_sendmsg and their recvmsg (this kernel has no sock_*_length \
+             tracepoints)",
+            sendpage,
+        ),
+    };
+    let sendpage = if sendpage {
+        "; fexit on tcp_sendpage, udp_sendpage and unix_stream_sendpage for sendfile and splice \
+         into sockets"
+    } else {
+        ""
+    };
+    let how = |what: &str| {
+        Ok(format!(
+            "{what}: what each send accepted and each receive delivered, in the task that made \
+             the call (failed calls and MSG_PEEK count 0); {hooks}{sendpage}"
+        ))
+    };
+    let other = if path.sees_other() {
+        how("other families (netlink, packet, ...) and inet sockets that are neither TCP nor UDP")
+    } else {
+        Err("not measured (null): the fallback hooks only the inet and AF_UNIX families".into())
+    };
+    vec![
+        feature("network_bytes_sent", how("TCP and UDP, IPv4 and IPv6")),
+        feature("network_bytes_received", how("TCP and UDP, IPv4 and IPv6")),
+        feature(
+            "network",
+            how("tcp_*, udp_* and unix_* (AF_UNIX, not in the totals)"),
+        ),
+        feature("network.other", other),
     ]
 }
 
@@ -153,5 +213,39 @@ mod tests {
             atomics: false,
             ..Measured::ALL
         }));
+    }
+
+    #[test]
+    fn network_says_how_or_why_not() {
+        let find = |m: Measured, refused: &Unavailable, counter: &str| {
+            features(m, refused)
+                .into_iter()
+                .find(|f| f.counter == counter)
+                .unwrap()
+        };
+        let none = Unavailable::default();
+        let f = find(Measured::ALL, &none, "network_bytes_sent");
+        assert!(f.measured && f.how.contains("sock_send_length"), "{f:?}");
+        assert!(find(Measured::ALL, &none, "network.other").measured);
+        let fallback = Measured {
+            network: Some(NetworkPath::Functions { sendpage: true }),
+            ..Measured::ALL
+        };
+        let f = find(fallback, &none, "network_bytes_received");
+        assert!(f.measured && f.how.contains("inet_sendmsg"), "{f:?}");
+        assert!(f.how.contains("tcp_sendpage"), "{f:?}");
+        assert!(!find(fallback, &none, "network.other").measured);
+        let refused = Unavailable {
+            network: Some("no hooks here".into()),
+            ..Unavailable::default()
+        };
+        let off = Measured {
+            network: None,
+            ..Measured::ALL
+        };
+        for counter in ["network_bytes_sent", "network", "network.other"] {
+            let f = find(off, &refused, counter);
+            assert!(!f.measured && f.how.contains("no hooks here"), "{f:?}");
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::os::fd::{AsFd, AsRawFd};
 
 use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
-use aya::programs::{ProgramError, ProgramFd, RawTracePoint};
+use aya::programs::{FExit, ProgramError, ProgramFd, RawTracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use cylo_usage_abi::{
     ABSENT, DEFAULT_MAX_PROCS, DEFAULT_MAX_TASKS, DevCounters, DevKey, MAX_RUNS, MmMember, Offsets,
@@ -13,7 +13,7 @@ use cylo_usage_abi::{
 };
 
 use crate::resolve::{self, ResolveError};
-use crate::usage::Measured;
+use crate::usage::{Measured, NetworkPath};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("CYLO_USAGE_EBPF_OBJECT"));
@@ -47,6 +47,17 @@ pub enum LoadError {
         #[source]
         source: ProgramError,
     },
+    #[error(
+        "program {program} could not be loaded or attached (fexit) to kernel function {function}"
+    )]
+    AttachFunction {
+        program: &'static str,
+        function: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot read the kernel's BTF for the fexit programs")]
+    KernelBtf(#[source] aya::BtfError),
     #[error("the eBPF object has no usable map {name}")]
     Map {
         name: &'static str,
@@ -211,6 +222,8 @@ pub(crate) struct Unavailable {
     pub attach: Option<String>,
     /// Why per-process records lack parts (argv, file names).
     pub records: Option<String>,
+    /// Why the socket hooks are not attached.
+    pub network: Option<String>,
 }
 
 /// The first line of an error (a verifier log follows it), at most 300 characters.
@@ -286,6 +299,154 @@ fn load_control(ebpf: &mut Ebpf, program: &'static str) -> Result<ProgramFd, Loa
     })
 }
 
+/// The kernel's BTF as aya reads it, which the fexit programs need to name their functions
+/// (by BTF id): parsed in a thread of its own, beside the rest of the loading, and only on
+/// kernels that need those programs.
+struct KernelBtf(Option<std::thread::JoinHandle<Result<aya::Btf, aya::BtfError>>>);
+
+impl KernelBtf {
+    fn start(o: &Offsets) -> KernelBtf {
+        use cylo_usage_abi::net::*;
+        let needed = o.net_hooks & HOOK_TRACEPOINTS == 0 || o.net_hooks & HOOK_SENDPAGE_PATH != 0;
+        KernelBtf(needed.then(|| std::thread::spawn(aya::Btf::from_sys_fs)))
+    }
+
+    fn get(self) -> Result<aya::Btf, LoadError> {
+        match self.0.map(|parse| parse.join()) {
+            Some(Ok(parsed)) => parsed.map_err(LoadError::KernelBtf),
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => aya::Btf::from_sys_fs().map_err(LoadError::KernelBtf),
+        }
+    }
+}
+
+/// Loads and attaches fexit program `program` to kernel function `function`.
+fn attach_fexit(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    program: &'static str,
+    function: &'static str,
+) -> Result<(), LoadError> {
+    let err = |source| LoadError::AttachFunction {
+        program,
+        function,
+        source,
+    };
+    let prog: &mut FExit = ebpf
+        .program_mut(program)
+        .ok_or(LoadError::MissingProgram { name: program })?
+        .try_into()
+        .map_err(err)?;
+    prog.load(function, btf)
+        .and_then(|()| prog.attach().map(|_| ()))
+        .map_err(err)
+}
+
+/// Attaches the socket hooks the kernel offers (see `cylo-usage-ebpf/src/net.rs`): the
+/// `sock_*_length` raw tracepoints, else fexit programs on the address families' `sendmsg`
+/// and `recvmsg`; plus fexit programs on the `*_sendpage` functions where the kernel still
+/// sends sendfile and splice data through `proto_ops.sendpage`. All of them or none: on
+/// failure, what was attached is detached again, and the error says why the network is
+/// not measured.
+fn attach_network(ebpf: &mut Ebpf, o: &Offsets, btf: KernelBtf) -> Result<NetworkPath, String> {
+    use cylo_usage_abi::net::*;
+    if [o.socket_sk, o.sk_family, o.sk_type, o.sk_protocol].contains(&ABSENT) {
+        return Err(
+            "this kernel's BTF has no socket layout the programs can read \
+             (socket.sk, sock.__sk_common.skc_family, whole u16 sock.sk_type and \
+             sock.sk_protocol)"
+                .to_string(),
+        );
+    }
+    let hooks = o.net_hooks;
+    let sendpage = hooks & HOOK_SENDPAGE_PATH != 0;
+    if sendpage && hooks & HOOK_FEXIT_SENDPAGE == 0 {
+        return Err(
+            "sendfile and splice into sockets go through proto_ops.sendpage on this \
+             kernel, and its BTF lacks tcp_sendpage, udp_sendpage or \
+             unix_stream_sendpage with the expected parameters"
+                .to_string(),
+        );
+    }
+    let tracepoints = hooks & HOOK_TRACEPOINTS != 0;
+    if !tracepoints && hooks & HOOK_FEXIT_MSG == 0 {
+        return Err(
+            "the kernel has neither the sock_send_length / sock_recv_length \
+             tracepoints (6.3+) nor, in its BTF, every one of the sendmsg and \
+             recvmsg functions of the inet, inet6 and AF_UNIX stream, dgram and \
+             seqpacket sockets with the expected parameters"
+                .to_string(),
+        );
+    }
+    let result = attach_network_programs(ebpf, btf, tracepoints, sendpage);
+    if let Err(e) = result {
+        unload_network(ebpf);
+        return Err(first_line(&crate::error_chain(&e)));
+    }
+    Ok(if tracepoints {
+        NetworkPath::Tracepoints { sendpage }
+    } else {
+        NetworkPath::Functions { sendpage }
+    })
+}
+
+fn attach_network_programs(
+    ebpf: &mut Ebpf,
+    btf: KernelBtf,
+    tracepoints: bool,
+    sendpage: bool,
+) -> Result<(), LoadError> {
+    if tracepoints {
+        for (program, tracepoint) in [
+            (names::PROG_SOCK_SEND_LENGTH, names::TP_SOCK_SEND_LENGTH),
+            (names::PROG_SOCK_RECV_LENGTH, names::TP_SOCK_RECV_LENGTH),
+        ] {
+            attach(ebpf, program, tracepoint)?;
+        }
+        if !sendpage {
+            return Ok(());
+        }
+    }
+    let btf = btf.get()?;
+    let msg: &[(&'static str, &'static str)] = if tracepoints {
+        &[]
+    } else {
+        &[names::FEXIT_SENDMSG, names::FEXIT_RECVMSG].concat()
+    };
+    let pages: &[(&'static str, &'static str)] = if sendpage {
+        &names::FEXIT_SENDPAGE
+    } else {
+        &[]
+    };
+    for &(program, function) in msg.iter().chain(pages) {
+        attach_fexit(ebpf, &btf, program, function)?;
+    }
+    Ok(())
+}
+
+/// Detaches and unloads the network programs (after a failure to attach them all).
+fn unload_network(ebpf: &mut Ebpf) {
+    let network = [names::PROG_SOCK_SEND_LENGTH, names::PROG_SOCK_RECV_LENGTH]
+        .into_iter()
+        .chain(
+            names::FEXIT_SENDMSG
+                .iter()
+                .chain(&names::FEXIT_RECVMSG)
+                .chain(&names::FEXIT_SENDPAGE)
+                .map(|&(p, _)| p),
+        );
+    let names: Vec<&str> = network.collect();
+    for (name, prog) in ebpf.programs_mut() {
+        if names.contains(&name) && prog.fd().is_ok() {
+            let _ = match prog {
+                aya::programs::Program::RawTracePoint(p) => p.unload(),
+                aya::programs::Program::FExit(p) => p.unload(),
+                _ => Ok(()),
+            };
+        }
+    }
+}
+
 impl Tracker {
     /// Checks privileges, resolves the kernel layout from BTF, loads and attaches the programs.
     pub fn load() -> Result<Tracker, LoadError> {
@@ -316,6 +477,7 @@ impl Tracker {
         offsets: &'a Offsets,
         options: Options,
     ) -> Result<Tracker, LoadError> {
+        let kernel_btf = KernelBtf::start(offsets);
         let mut ebpf = loader
             .override_global(names::OFFSETS, offsets, true)
             .map_max_entries(names::TASKS, options.max_tasks)
@@ -420,6 +582,10 @@ impl Tracker {
         let records_error = (o.task_comm == ABSENT || o.mm_arg_start == ABSENT).then(|| {
             "this kernel's BTF lacks task_struct.comm/exit_code or mm_struct.arg_start".to_string()
         });
+        let (network, network_error) = match attach_network(&mut ebpf, offsets, kernel_btf) {
+            Ok(path) => (Some(path), None),
+            Err(why) => (None, Some(why)),
+        };
         let measured = Measured {
             atomics,
             disk: has(&[
@@ -431,6 +597,7 @@ impl Tracker {
             devices,
             attach: attach_error.is_none(),
             records: o.task_comm != ABSENT,
+            network,
         };
         Ok(Tracker {
             inner: Arc::new(Inner {
@@ -446,6 +613,7 @@ impl Tracker {
                     devices: devices_error,
                     attach: attach_error,
                     records: records_error,
+                    network: network_error,
                 },
                 _ebpf: Mutex::new(ebpf),
             }),

@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use crate::features::Feature;
 use crate::tree::ProcessUsage;
-use crate::usage::{Precision, ResourceUsage};
+use crate::usage::{NetworkUsage, Precision, ResourceUsage};
 
 /// One flat JSON object with the field names of [`ResourceUsage`], and a newline.
 pub fn json(usage: &ResourceUsage) -> String {
@@ -92,6 +92,7 @@ pub fn human_titled(usage: &ResourceUsage, title: &str, what: &str) -> String {
         "Network bytes received",
         maybe(usage.network_bytes_received),
     );
+    network_lines(usage, &mut line);
     line("Lost events", usage.lost_events.to_string());
     line(
         "Precision",
@@ -271,6 +272,32 @@ pub fn tree(processes: &[ProcessUsage]) -> String {
     out
 }
 
+/// The socket bytes by kind, one line each; AF_UNIX on its own line, apart from the totals.
+fn network_lines(usage: &ResourceUsage, line: &mut impl FnMut(&str, String)) {
+    let pair = |sent: Option<u64>, received: Option<u64>| match (sent, received) {
+        (Some(s), Some(r)) => format!("{s} sent, {r} received"),
+        _ => "not measured".to_string(),
+    };
+    let n = usage.network.as_ref();
+    let get = |f: fn(&NetworkUsage) -> Option<u64>| n.and_then(f);
+    line(
+        "TCP bytes",
+        pair(get(|n| Some(n.tcp_sent)), get(|n| Some(n.tcp_received))),
+    );
+    line(
+        "UDP bytes",
+        pair(get(|n| Some(n.udp_sent)), get(|n| Some(n.udp_received))),
+    );
+    line(
+        "Unix socket bytes",
+        pair(get(|n| Some(n.unix_sent)), get(|n| Some(n.unix_received))),
+    );
+    line(
+        "Other socket bytes",
+        pair(get(|n| n.other_sent), get(|n| n.other_received)),
+    );
+}
+
 /// The kernel and the list of counters with how each is measured, as text or JSON.
 /// `layout` is the kernel layout the programs were given (for bug reports).
 pub fn features(kernel: &str, list: &[Feature], layout: &str, json: bool) -> String {
@@ -355,7 +382,7 @@ mod tests {
         let text = tree(&ps);
         assert_eq!(text.lines().count(), 100_001);
     }
-    use crate::usage::{DiskDevice, Live, Measured, RootExit, Units, merge};
+    use crate::usage::{DiskDevice, Live, Measured, NetworkPath, RootExit, Units, merge};
     use cylo_usage_abi::RunCounters;
 
     #[test]
@@ -367,6 +394,12 @@ mod tests {
             processes_started: 3,
             threads_started: 4,
             processes_peak: 2,
+            net_tcp_sent: 10,
+            net_tcp_received: 20,
+            net_udp_sent: 1,
+            net_udp_received: 2,
+            net_unix_sent: 300,
+            net_unix_received: 400,
             ..Default::default()
         };
         let root = RootExit {
@@ -390,6 +423,7 @@ mod tests {
         };
         let measured = Measured {
             io_chars: false,
+            network: Some(NetworkPath::Functions { sendpage: true }),
             ..Measured::ALL
         };
         let u = merge(&c, measured, &live, units, root, 2000);
@@ -404,6 +438,12 @@ mod tests {
             "\tBlock I/O on 254:0: 4096 bytes read in 1 requests, 8192 bytes written in 2 requests\n"
         ));
         assert!(text.contains("\tPrecision: exact\n"));
+        assert!(text.contains("\tNetwork bytes sent: 11\n"));
+        assert!(text.contains("\tNetwork bytes received: 22\n"));
+        assert!(text.contains("\tTCP bytes: 10 sent, 20 received\n"));
+        assert!(text.contains("\tUDP bytes: 1 sent, 2 received\n"));
+        assert!(text.contains("\tUnix socket bytes: 300 sent, 400 received\n"));
+        assert!(text.contains("\tOther socket bytes: not measured\n"));
         assert!(text.contains("\tExit status: 3\n"));
         assert!(json(&u).ends_with("}\n"));
     }

@@ -117,6 +117,13 @@ pub mod fields {
     pub const MM_ARG_END: Field = f("mm_struct", &["arg_end"], &[8]);
     pub const BPRM_FILENAME: Field = f("linux_binprm", &["filename"], &[8]);
 
+    // Network: the socket a hook gets, and how to tell TCP, UDP and AF_UNIX apart.
+    pub const SOCKET_SK: Field = f("socket", &["sk"], &[8]);
+    pub const SK_FAMILY: Field = f("sock", &["__sk_common.skc_family"], &[2]);
+    /// `u16` since 5.6; bitfields before, which leave the network unmeasured.
+    pub const SK_TYPE: Field = f("sock", &["sk_type"], &[2]);
+    pub const SK_PROTOCOL: Field = f("sock", &["sk_protocol"], &[2]);
+
     // Not in `Offsets`; resolvable on every fixture kernel.
     pub const MM_HIWATER_RSS: Field = f("mm_struct", &["hiwater_rss"], &[8]);
 }
@@ -414,6 +421,71 @@ fn resolve_sessions(btf: &Btf) -> Result<Sessions, ResolveError> {
     })
 }
 
+/// The socket layout the network handlers read: `socket.sk`, `sock`'s family, type and
+/// protocol; all [`ABSENT`] unless every one is a whole member (not a bitfield, as `sk_type`
+/// and `sk_protocol` were before 5.6).
+fn socket_layout(btf: &Btf) -> Result<[u32; 4], ResolveError> {
+    use fields::*;
+    let mut out = [ABSENT; 4];
+    for (slot, field) in out
+        .iter_mut()
+        .zip([SOCKET_SK, SK_FAMILY, SK_TYPE, SK_PROTOCOL])
+    {
+        match field.resolve_optional(btf) {
+            Ok(Some(member)) => *slot = member.offset,
+            Ok(None) => return Ok([ABSENT; 4]),
+            Err(ResolveError::Field { source, .. })
+                if matches!(*source, BtfError::Bitfield { .. }) =>
+            {
+                return Ok([ABSENT; 4]);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Which socket hooks the kernel offers (bits `cylo_usage_abi::net::HOOK_*`), told by BTF:
+/// the `sock_send_length` / `sock_recv_length` tracepoints (6.3+) with `(sk, ret, flags)`;
+/// the address families' `sendmsg` / `recvmsg` functions with the parameters the fallback
+/// reads; whether `proto_ops` has `sendpage` (before 6.5), and the `*_sendpage` functions.
+pub fn network_hooks(btf: &Btf) -> u32 {
+    use cylo_usage_abi::{names, net};
+    let tracepoint = |tp: &str| {
+        btf.raw_tracepoint_params(tp)
+            .is_ok_and(|p| p.len() == 3 && p[0].is_pointer_to_struct("sock"))
+    };
+    // A function with `count` parameters, the first a pointer to `struct <first>`.
+    let function = |name: &str, count: usize, first: &str| {
+        btf.function_params(name)
+            .is_ok_and(|p| p.len() == count && p[0].is_pointer_to_struct(first))
+    };
+    let mut hooks = 0;
+    if tracepoint(names::TP_SOCK_SEND_LENGTH) && tracepoint(names::TP_SOCK_RECV_LENGTH) {
+        hooks |= net::HOOK_TRACEPOINTS;
+    }
+    // sendmsg(sock, msg, len), recvmsg(sock, msg, size, flags).
+    let msg = names::FEXIT_SENDMSG
+        .iter()
+        .all(|&(_, f)| function(f, 3, "socket"))
+        && names::FEXIT_RECVMSG
+            .iter()
+            .all(|&(_, f)| function(f, 4, "socket"));
+    if msg {
+        hooks |= net::HOOK_FEXIT_MSG;
+    }
+    if btf.has_member("proto_ops", "sendpage") {
+        hooks |= net::HOOK_SENDPAGE_PATH;
+    }
+    // tcp_sendpage(sk, page, offset, size, flags), udp_sendpage(sk, ...),
+    // unix_stream_sendpage(socket, ...).
+    let [tcp, udp, unix] = names::FEXIT_SENDPAGE.map(|(_, f)| f);
+    if function(tcp, 5, "sock") && function(udp, 5, "sock") && function(unix, 5, "socket") {
+        hooks |= net::HOOK_FEXIT_SENDPAGE;
+    }
+    hooks
+}
+
 /// Resolves every offset the eBPF programs need from the given BTF.
 pub fn resolve_offsets(btf: &Btf) -> Result<Offsets, ResolveError> {
     use fields::*;
@@ -438,6 +510,7 @@ pub fn resolve_offsets(btf: &Btf) -> Result<Offsets, ResolveError> {
         let disk = [BIO_DISK, BIO_PARTNO, DISK_MAJOR, DISK_FIRST_MINOR];
         ([ABSENT; 2], all_or_absent(btf, disk)?)
     };
+    let [socket_sk, sk_family, sk_type, sk_protocol] = socket_layout(btf)?;
     let sessions = resolve_sessions(btf)?;
     let [
         task_exit_code,
@@ -468,6 +541,11 @@ pub fn resolve_offsets(btf: &Btf) -> Result<Offsets, ResolveError> {
         task_stime: TASK_STIME.resolve(btf)?.offset,
         task_state: state.offset,
         task_state_size: state.size,
+        net_hooks: network_hooks(btf),
+        socket_sk,
+        sk_family,
+        sk_type,
+        sk_protocol,
         switch_has_prev_state: u32::from(switch_args >= 4),
         task_dead: TASK_DEAD,
         signal_live: SIGNAL_LIVE.resolve(btf)?.offset,
@@ -533,6 +611,10 @@ pub fn resolve_host() -> Result<Offsets, ResolveError> {
 mod tests {
     use super::*;
     use crate::btf::testutil::{Builder, FWD, STRUCT};
+    use cylo_usage_abi::net::{
+        HOOK_FEXIT_MSG as FEXIT_MSG, HOOK_FEXIT_SENDPAGE as FEXIT_SENDPAGE,
+        HOOK_SENDPAGE_PATH as SENDPAGE_PATH, HOOK_TRACEPOINTS as TRACEPOINTS,
+    };
 
     fn fixture(name: &str) -> Btf {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -572,6 +654,9 @@ mod tests {
             pid_tasks: 16, task_pid_links: 2344, task_files: 2808, files_fdt: 32, fdt_fd: 8,
             fdt_max_fds: 0, file_inode: 32, proc_inode_pid: 0, proc_inode_vfs_inode: 72,
             mm_arg_start: 312, mm_arg_end: 320, bprm_filename: 96,
+            // No sock_*_length tracepoints; the family functions, and sendpage.
+            net_hooks: FEXIT_MSG | SENDPAGE_PATH | FEXIT_SENDPAGE,
+            socket_sk: 24, sk_family: 16, sk_type: 538, sk_protocol: 540,
         }),
         ("debian-6.1.btf", Offsets {
             task_pid: 2416, task_tgid: 2420, task_signal: 3072, task_start_boottime: 2784,
@@ -591,6 +676,8 @@ mod tests {
             pid_tasks: 16, task_pid_links: 2528, task_files: 3048, files_fdt: 32, fdt_fd: 8,
             fdt_max_fds: 0, file_inode: 32, proc_inode_pid: 0, proc_inode_vfs_inode: 72,
             mm_arg_start: 312, mm_arg_end: 320, bprm_filename: 96,
+            net_hooks: FEXIT_MSG | SENDPAGE_PATH | FEXIT_SENDPAGE,
+            socket_sk: 24, sk_family: 16, sk_type: 514, sk_protocol: 516,
         }),
         ("debian-6.12.btf", Offsets {
             task_pid: 2432, task_tgid: 2436, task_signal: 3072, task_start_boottime: 2784,
@@ -612,6 +699,9 @@ mod tests {
             pid_tasks: 32, task_pid_links: 2544, task_files: 3048, files_fdt: 32, fdt_fd: 8,
             fdt_max_fds: 0, file_inode: 40, proc_inode_pid: 0, proc_inode_vfs_inode: 72,
             mm_arg_start: 376, mm_arg_end: 384, bprm_filename: 96,
+            // The tracepoints; sendpage is gone (splice into a socket is a sendmsg since 6.5).
+            net_hooks: TRACEPOINTS | FEXIT_MSG,
+            socket_sk: 24, sk_family: 16, sk_type: 572, sk_protocol: 574,
         }),
         ("host-6.18.btf", Offsets {
             task_pid: 1264, task_tgid: 1268, task_signal: 1848, task_start_boottime: 1560,
@@ -632,6 +722,9 @@ mod tests {
             pid_tasks: 64, task_pid_links: 1376, task_files: 1824, files_fdt: 32, fdt_fd: 8,
             fdt_max_fds: 0, file_inode: 32, proc_inode_pid: 0, proc_inode_vfs_inode: 72,
             mm_arg_start: 480, mm_arg_end: 488, bprm_filename: 96,
+            // sk_protocol and sk_type in the other order than on 6.12.
+            net_hooks: TRACEPOINTS | FEXIT_MSG,
+            socket_sk: 24, sk_family: 16, sk_type: 534, sk_protocol: 532,
         }),
     ];
     /// `uname -r` of the machine `host-6.18.btf` was taken from.
@@ -681,6 +774,20 @@ mod tests {
         Disk { typed: bool },
     }
 
+    /// How a synthetic kernel describes sockets.
+    #[derive(Clone, Copy)]
+    enum Net {
+        /// No `struct socket` or `struct sock`, no hooks.
+        None,
+        /// 6.5+: the `sock_*_length(sk, ret, flags)` tracepoints; no `proto_ops.sendpage`.
+        Tracepoints,
+        /// Before 6.3: the families' functions; `proto_ops.sendpage` and the `*_sendpage`
+        /// functions unless `sendpage` is false (then only the `proto_ops` member).
+        Functions { sendpage: bool },
+        /// Before 5.6: `sk_type` and `sk_protocol` are bitfields.
+        Bitfields,
+    }
+
     /// A synthetic kernel; [`Synth::default`] resolves completely, except for the session
     /// groups, whose structs it does not have (see [`session_groups`]).
     #[derive(Clone, Copy)]
@@ -693,6 +800,7 @@ mod tests {
         ioac: &'static [&'static str],
         rss: Rss,
         block: Block,
+        net: Net,
         /// `Some(offset of upid.nr)`: `task_struct.thread_pid`, `struct pid` with `level` and
         /// `numbers[1]`, and `struct upid` (the pid-namespace group). `None`: none of them.
         upid_nr: Option<u32>,
@@ -720,6 +828,7 @@ mod tests {
                 ioac: ALL_IOAC,
                 rss: Rss::PerCpu,
                 block: Block::Bdev,
+                net: Net::Tracepoints,
                 upid_nr: None,
             }
         }
@@ -874,7 +983,83 @@ mod tests {
                     b.tracepoint("block_bio_queue", &[void_ptr, q, bio]);
                 }
             }
+            self.build_net(&mut b, int4);
             Btf::from_bytes(&b.build()).unwrap()
+        }
+
+        /// `struct sock_common` (family at 16), `struct sock` (type at 540, protocol at 542),
+        /// `struct socket` (sk at 24), and the hooks of [`Synth::net`].
+        fn build_net(self, b: &mut Builder, int4: u32) {
+            let u16_ = b.int("short unsigned int", 2);
+            let void_ptr = b.ptr(0);
+            let sock = match self.net {
+                Net::None => return,
+                Net::Bitfields => {
+                    // kind_flag members: bitfield size << 24 | bit offset.
+                    let common =
+                        b.composite(STRUCT, "sock_common", 136, &[("skc_family", u16_, 16)]);
+                    let words = [
+                        b.str("__sk_common"),
+                        common,
+                        0,
+                        b.str("sk_type"),
+                        u16_,
+                        (16 << 24) | (540 * 8),
+                        b.str("sk_protocol"),
+                        u16_,
+                        (8 << 24) | (542 * 8),
+                    ];
+                    b.raw("sock", STRUCT, 3, true, 768, &words)
+                }
+                _ => {
+                    let common =
+                        b.composite(STRUCT, "sock_common", 136, &[("skc_family", u16_, 16)]);
+                    b.composite(
+                        STRUCT,
+                        "sock",
+                        768,
+                        &[
+                            ("__sk_common", common, 0),
+                            ("sk_type", u16_, 540),
+                            ("sk_protocol", u16_, 542),
+                        ],
+                    )
+                }
+            };
+            let sock_ptr = b.ptr(sock);
+            let socket = b.composite(
+                STRUCT,
+                "socket",
+                128,
+                &[("state", int4, 0), ("sk", sock_ptr, 24)],
+            );
+            let socket_ptr = b.ptr(socket);
+            let sendpage = matches!(self.net, Net::Functions { .. } | Net::Bitfields);
+            let mut ops = vec![("sendmsg", void_ptr, 0)];
+            if sendpage {
+                ops.push(("sendpage", void_ptr, 8));
+            }
+            b.composite(STRUCT, "proto_ops", 16, &ops);
+            if matches!(self.net, Net::Tracepoints) {
+                for tp in ["sock_send_length", "sock_recv_length"] {
+                    b.tracepoint(tp, &[void_ptr, sock_ptr, int4, int4]);
+                }
+            }
+            for (_, f) in cylo_usage_abi::names::FEXIT_SENDMSG {
+                b.function(f, int4, &[socket_ptr, void_ptr, int4]);
+            }
+            for (_, f) in cylo_usage_abi::names::FEXIT_RECVMSG {
+                b.function(f, int4, &[socket_ptr, void_ptr, int4, int4]);
+            }
+            if matches!(self.net, Net::Functions { sendpage: true } | Net::Bitfields) {
+                let [tcp, udp, unix] = cylo_usage_abi::names::FEXIT_SENDPAGE.map(|(_, f)| f);
+                let page = [void_ptr, int4, int4, int4];
+                for (f, first) in [(tcp, sock_ptr), (udp, sock_ptr), (unix, socket_ptr)] {
+                    let mut params = vec![first];
+                    params.extend(page);
+                    b.function(f, int4, &params);
+                }
+            }
         }
     }
 
@@ -979,6 +1164,35 @@ mod tests {
         assert_eq!(session_groups(&got).1, [ABSENT; 4]);
         // Everything else still resolves.
         assert_eq!((got.task_mm, got.mm_rss), (104, [32, 72, 112, 152]));
+    }
+
+    #[test]
+    fn network_hooks_and_socket_layout() {
+        let layout = |o: &Offsets| [o.socket_sk, o.sk_family, o.sk_type, o.sk_protocol];
+        let got = resolve_offsets(&Synth::default().build()).unwrap();
+        assert_eq!(got.net_hooks, TRACEPOINTS | FEXIT_MSG);
+        assert_eq!(layout(&got), [24, 16, 540, 542]);
+        let old = |net| {
+            let synth = Synth {
+                net,
+                ..Synth::default()
+            };
+            resolve_offsets(&synth.build()).unwrap()
+        };
+        let got = old(Net::Functions { sendpage: true });
+        assert_eq!(got.net_hooks, FEXIT_MSG | SENDPAGE_PATH | FEXIT_SENDPAGE);
+        assert_eq!(layout(&got), [24, 16, 540, 542]);
+        // A sendpage path without the functions the fallback hooks there.
+        let got = old(Net::Functions { sendpage: false });
+        assert_eq!(got.net_hooks, FEXIT_MSG | SENDPAGE_PATH);
+        // No sockets at all: nothing to hook, nothing to read; everything else resolves.
+        let got = old(Net::None);
+        assert_eq!((got.net_hooks, layout(&got)), (0, [ABSENT; 4]));
+        assert_eq!(got.mm_rss, [32, 72, 112, 152]);
+        // Bitfields cannot be read: the layout is absent, not an error.
+        let got = old(Net::Bitfields);
+        assert_eq!(layout(&got), [ABSENT; 4]);
+        assert_eq!(got.net_hooks, FEXIT_MSG | SENDPAGE_PATH | FEXIT_SENDPAGE);
     }
 
     #[test]

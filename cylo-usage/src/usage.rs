@@ -26,7 +26,26 @@ pub struct DiskDevice {
     pub write_ops: u64,
 }
 
-/// Everything a run used. One flat record (`disk_devices` is the one list); counters this
+/// Socket payload bytes by kind: what the socket layer accepted from the tree's sends and
+/// delivered to its receives. TCP and UDP cover IPv4 and IPv6 (MPTCP counts as TCP, UDP-Lite
+/// as UDP); AF_UNIX is here but not in the inet totals.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkUsage {
+    pub tcp_sent: u64,
+    pub tcp_received: u64,
+    pub udp_sent: u64,
+    pub udp_received: u64,
+    pub unix_sent: u64,
+    pub unix_received: u64,
+    /// Every other socket: other families (netlink, packet, ...) and inet sockets that are
+    /// neither TCP nor UDP (raw, ICMP). `None` where the kernel path cannot see them (the
+    /// fallback hooks only the inet and AF_UNIX families).
+    pub other_sent: Option<u64>,
+    pub other_received: Option<u64>,
+}
+
+/// Everything a run used. One flat record (`disk_devices` is the one list, `network` the one
+/// object); counters this
 /// build does not measure on this kernel are `None` (`null` in JSON), never a made-up 0.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResourceUsage {
@@ -73,10 +92,14 @@ pub struct ResourceUsage {
     /// The largest peak RSS of any single process (what `time -v` calls "maximum resident
     /// set size"): the kernel's high-water mark at exit, VmHWM for live ones.
     pub max_process_rss_bytes: Option<u64>,
-    /// Bytes the tree sent over sockets. Not measured by this build.
+    /// Payload bytes the tree sent through TCP and UDP sockets (IPv4 and IPv6, loopback
+    /// included), as the socket layer accepted them; failed sends count 0.
     pub network_bytes_sent: Option<u64>,
-    /// Bytes the tree received over sockets. Not measured by this build.
+    /// Payload bytes the tree received through TCP and UDP sockets, as the socket layer
+    /// delivered them (`MSG_PEEK` does not count).
     pub network_bytes_received: Option<u64>,
+    /// Socket bytes by kind, AF_UNIX and the others included.
+    pub network: Option<NetworkUsage>,
     /// Records the kernel side could not make (map or ring buffer full).
     pub lost_events: u64,
     /// `exact` when nothing was lost; `approximate` otherwise.
@@ -140,6 +163,30 @@ pub struct Measured {
     pub attach: bool,
     /// Per-process records (`task_struct.comm`, exit code, parent).
     pub records: bool,
+    /// How socket bytes are counted, if they are.
+    pub network: Option<NetworkPath>,
+}
+
+/// The kernel hooks that count socket bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkPath {
+    /// The raw tracepoints `sock_send_length` / `sock_recv_length` (6.3+), which see every
+    /// socket family.
+    Tracepoints {
+        /// Plus fexit programs on the `*_sendpage` functions (kernels before 6.5 send
+        /// sendfile and splice data through them).
+        sendpage: bool,
+    },
+    /// fexit programs on the inet, inet6 and AF_UNIX families' `sendmsg` / `recvmsg`; other
+    /// families are not seen.
+    Functions { sendpage: bool },
+}
+
+impl NetworkPath {
+    /// Whether sockets other than TCP, UDP and AF_UNIX are seen.
+    pub fn sees_other(self) -> bool {
+        matches!(self, NetworkPath::Tracepoints { .. })
+    }
 }
 
 impl Measured {
@@ -151,6 +198,7 @@ impl Measured {
         devices: true,
         attach: true,
         records: true,
+        network: Some(NetworkPath::Tracepoints { sendpage: false }),
     };
 }
 
@@ -197,6 +245,22 @@ pub fn split_runtime(runtime: u64, utime: u64, stime: u64) -> (u64, u64) {
 /// `dev_t` in the kernel's internal encoding (major << 20 | minor) as "MAJOR:MINOR".
 pub fn device_name(dev: u32) -> String {
     format!("{}:{}", dev >> 20, dev & 0xfffff)
+}
+
+/// The run's socket bytes, where they are counted. The kernel adds them as they move, for
+/// live and exited tasks alike: no /proc part.
+fn network(c: &RunCounters, path: Option<NetworkPath>) -> Option<NetworkUsage> {
+    let other = path?.sees_other();
+    Some(NetworkUsage {
+        tcp_sent: c.net_tcp_sent,
+        tcp_received: c.net_tcp_received,
+        udp_sent: c.net_udp_sent,
+        udp_received: c.net_udp_received,
+        unix_sent: c.net_unix_sent,
+        unix_received: c.net_unix_received,
+        other_sent: other.then_some(c.net_other_sent),
+        other_received: other.then_some(c.net_other_received),
+    })
 }
 
 /// Merges the kernel's counters for a run with what a snapshot read of its live threads.
@@ -269,6 +333,7 @@ pub fn merge(
     let pages = |p: u64| p * units.page_size;
     let mut devices = live.devices.clone();
     devices.sort_by(|a, b| a.device.cmp(&b.device));
+    let network = network(c, measured.network);
     ResourceUsage {
         cpu_time_ns: runtime,
         cpu_time_ms: runtime / 1_000_000,
@@ -289,8 +354,9 @@ pub fn merge(
         max_process_rss_bytes: measured
             .atomics
             .then_some(pages(c.max_process_rss_pages).max(live.max_hwm_bytes)),
-        network_bytes_sent: None,
-        network_bytes_received: None,
+        network_bytes_sent: network.as_ref().map(|n| n.tcp_sent + n.udp_sent),
+        network_bytes_received: network.as_ref().map(|n| n.tcp_received + n.udp_received),
+        network,
         lost_events: c.lost_events,
         precision: if exact {
             Precision::Exact
@@ -442,20 +508,85 @@ mod tests {
             exit_code: None,
             signal: Some(9),
         };
-        let u = merge(&counters(), Measured::ALL, &whole(), UNITS, root, 7);
+        let m = Measured {
+            network: None,
+            ..Measured::ALL
+        };
+        let u = merge(&counters(), m, &whole(), UNITS, root, 7);
         let v: serde_json::Value = serde_json::to_value(&u).unwrap();
         let obj = v.as_object().unwrap();
-        for key in ["network_bytes_sent", "network_bytes_received", "exit_code"] {
+        for key in [
+            "network_bytes_sent",
+            "network_bytes_received",
+            "network",
+            "exit_code",
+        ] {
             assert!(obj[key].is_null(), "{key} should be null");
         }
         assert_eq!(obj["signal"], 9);
         assert_eq!(obj["precision"], "exact");
-        for (k, v) in obj {
-            assert!(!v.is_object(), "{k}");
+        let u = merge(&counters(), Measured::ALL, &whole(), UNITS, root, 7);
+        let v: serde_json::Value = serde_json::to_value(&u).unwrap();
+        for (k, v) in v.as_object().unwrap() {
+            assert!(!v.is_object() || k == "network", "{k}");
             assert!(!v.is_array() || k == "disk_devices", "{k}");
         }
         assert!(obj["usage_before_attach"].is_null());
         assert!(!obj.contains_key("processes"), "only with --tree");
+        let mut keys: Vec<_> = v["network"].as_object().unwrap().keys().cloned().collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "other_received",
+                "other_sent",
+                "tcp_received",
+                "tcp_sent",
+                "udp_received",
+                "udp_sent",
+                "unix_received",
+                "unix_sent"
+            ]
+        );
+    }
+
+    #[test]
+    fn network_totals_are_tcp_and_udp_and_unix_stands_apart() {
+        let c = RunCounters {
+            net_tcp_sent: 1,
+            net_tcp_received: 20,
+            net_udp_sent: 300,
+            net_udp_received: 4000,
+            net_unix_sent: 50_000,
+            net_unix_received: 600_000,
+            net_other_sent: 7_000_000,
+            net_other_received: 80_000_000,
+            ..counters()
+        };
+        let u = merge(&c, Measured::ALL, &whole(), UNITS, RootExit::default(), 0);
+        assert_eq!(u.network_bytes_sent, Some(301));
+        assert_eq!(u.network_bytes_received, Some(4020));
+        let want = NetworkUsage {
+            tcp_sent: 1,
+            tcp_received: 20,
+            udp_sent: 300,
+            udp_received: 4000,
+            unix_sent: 50_000,
+            unix_received: 600_000,
+            other_sent: Some(7_000_000),
+            other_received: Some(80_000_000),
+        };
+        assert_eq!(u.network.as_ref(), Some(&want));
+        // The fallback does not see other families: those are null, the rest is counted.
+        let fallback = Measured {
+            network: Some(NetworkPath::Functions { sendpage: true }),
+            ..Measured::ALL
+        };
+        let u = merge(&c, fallback, &whole(), UNITS, RootExit::default(), 0);
+        assert_eq!(u.network_bytes_sent, Some(301));
+        let n = u.network.unwrap();
+        assert_eq!((n.other_sent, n.other_received), (None, None));
+        assert_eq!((n.unix_sent, n.unix_received), (50_000, 600_000));
     }
 
     #[test]
@@ -467,6 +598,7 @@ mod tests {
             devices: false,
             attach: false,
             records: false,
+            network: None,
         };
         let u = merge(&counters(), none, &whole(), UNITS, RootExit::default(), 0);
         assert_eq!(u.peak_process_count, None);
@@ -474,6 +606,11 @@ mod tests {
         assert_eq!(u.max_process_rss_bytes, None);
         assert_eq!((u.disk_bytes_read, u.disk_bytes_written), (None, None));
         assert_eq!((u.io_read_chars, u.disk_devices), (None, None));
+        assert_eq!(
+            (u.network_bytes_sent, u.network_bytes_received),
+            (None, None)
+        );
+        assert_eq!(u.network, None);
         assert_eq!(u.precision, Precision::Exact, "unmeasured is not imprecise");
     }
 

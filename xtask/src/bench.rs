@@ -13,12 +13,21 @@
 //! - (b) the same storm left untracked while a tracker follows another tree (`sleep 3600`),
 //!   against the storm with no tracker at all: what every other process on the host pays.
 //! - (c) `/bin/true` with and without `cylo-usage run`: the fixed cost of one tracked command.
-//! - (f) the storm with a per-process breakdown and event stream (`--tree --events FILE`)
+//! - (h) the storm with a per-process breakdown and event stream (`--tree --events FILE`)
 //!   against the same storm tracked for totals only: what the records cost.
 //!
 //! Then, without a ratio: the kernel's per-program run time on the tracked paths (the storm
 //! with and without records), the latency of attaching to a tree of 1,000 processes, and the
 //! tracker's own peak RSS on trees of 1,000 and 10,000 processes, with and without `--tree`.
+//! - (d) 4 KiB O_DIRECT writes; (e) touching memory in 4 KiB pages.
+//! - (f) loopback TCP, 1 GiB in 64 KiB writes (both ends in the tree); (g) UDP, 1,000,000
+//!   datagrams of 64 bytes (both ends in the tree, acknowledged every 64).
+//! - Handler costs: what the handlers cost an untracked process, from the kernel's
+//!   per-program statistics, during the storm (`costs`) and during (f) and (g) run untracked
+//!   (`net-costs`).
+//!
+//! `--case` picks cases (a letter, `costs`, `net-costs` or `sessions`; repeatable); all by
+//! default.
 //!
 //! To add a case, push another [`Case`] in [`cases`]: a name, a [`Goal`] and two closures that
 //! each do one run and return its [`Sample`].
@@ -52,9 +61,35 @@ pub struct Args {
     /// Timed runs per side of each case (at least 5), after one warm-up of each side.
     #[arg(long, value_name = "N")]
     runs: Option<usize>,
-    /// Smoke run: 3 runs per side and a storm of 2,000 processes.
+    /// Smoke run: 3 runs per side and a storm of 2,000 processes (smaller I/O, memory and
+    /// network cases too).
     #[arg(long)]
     quick: bool,
+    /// Only these cases: `a`..`h`, `costs` (handler costs during the storm), `net-costs`
+    /// (handler costs during untracked TCP and UDP traffic), `sessions` (tracked-path costs
+    /// with and without records, attach latency, tracker memory). Repeatable; default: all.
+    #[arg(long = "case", value_name = "CASE")]
+    cases: Vec<String>,
+}
+
+/// The cases `--case` can name.
+const CASE_IDS: [&str; 11] = [
+    "a",
+    "b",
+    "c",
+    "d",
+    "e",
+    "f",
+    "g",
+    "h",
+    "costs",
+    "net-costs",
+    "sessions",
+];
+
+/// Whether `--case` selects `id` (everything when none is given).
+fn selected(args: &Args, id: &str) -> bool {
+    args.cases.is_empty() || args.cases.iter().any(|c| c == id)
 }
 
 /// One timed run of one side of a case.
@@ -161,6 +196,12 @@ pub fn run(args: Args) -> Result<()> {
         (None, false) => DEFAULT_RUNS,
     };
     let storm = if args.quick { QUICK_STORM } else { STORM };
+    if let Some(unknown) = args.cases.iter().find(|c| !CASE_IDS.contains(&c.as_str())) {
+        bail!(
+            "unknown case {unknown:?}: expected one of {}",
+            CASE_IDS.join(", ")
+        );
+    }
 
     crate::ebpf::build()?;
     crate::ebpf::cargo(&["build", "--release", "-p", "cylo-usage"])?;
@@ -182,7 +223,13 @@ pub fn run(args: Args) -> Result<()> {
     let others = other_trackers();
     let mut table = String::new();
     let mut raw = String::new();
-    for mut case in cases(&bins, storm, args.quick, &out_dir) {
+    let all = cases(&bins, storm, args.quick, &out_dir);
+    // A case's id is the letter its name starts with: "(a) ...".
+    let chosen = all.into_iter().filter(|c| {
+        let id = c.name.get(1..2).unwrap_or_default();
+        selected(&args, id)
+    });
+    for mut case in chosen {
         let measured = measure(&mut case, runs)?;
         let untraced = Stats::of(&measured.untraced);
         let traced = Stats::of(&measured.traced);
@@ -197,8 +244,16 @@ pub fn run(args: Args) -> Result<()> {
             push_raw(&mut raw, name, "reported", &measured.reported);
         }
     }
-    let costs = handler_costs(&bins, storm)?;
-    let sessions = session_costs(&bins, storm, args.quick, &out_dir)?;
+    let mut costs = String::new();
+    if selected(&args, "costs") {
+        costs.push_str(&handler_costs(&bins, storm)?);
+    }
+    if selected(&args, "net-costs") {
+        costs.push_str(&network_costs(&bins, args.quick)?);
+    }
+    if selected(&args, "sessions") {
+        costs.push_str(&session_costs(&bins, storm, args.quick, &out_dir)?);
+    }
     let elapsed = started.elapsed();
     let _ = std::fs::remove_file(out_dir.join("direct-io.data"));
 
@@ -229,7 +284,6 @@ pub fn run(args: Args) -> Result<()> {
     let _ = writeln!(md, "|---|---|---|---|---|---|");
     md.push_str(&table);
     md.push_str(&costs);
-    md.push_str(&sessions);
     let _ = writeln!(md, "\nRaw samples (ms, in run order):\n");
     md.push_str(&raw);
 
@@ -310,7 +364,7 @@ fn cases(bins: &Bins, storm: u64, quick: bool, out_dir: &Path) -> Vec<Case> {
         });
     }
 
-    // (f) The storm with per-process records (breakdown and event stream) against the storm
+    // (h) The storm with per-process records (breakdown and event stream) against the storm
     // tracked for totals only: both sides are tracked, both include the tracker's start-up.
     {
         let tracker = bins.tracker.clone();
@@ -328,7 +382,7 @@ fn cases(bins: &Bins, storm: u64, quick: bool, out_dir: &Path) -> Vec<Case> {
         };
         let plain = aggregate.clone();
         cases.push(Case {
-            name: format!("(f) storm {storm}: --tree --events vs totals only"),
+            name: format!("(h) storm {storm}: --tree --events vs totals only"),
             goal: Goal::MaxRatio(1.05),
             untraced: Box::new(move || plain(false)),
             traced: Box::new(move || aggregate(true)),
@@ -370,7 +424,47 @@ fn cases(bins: &Bins, storm: u64, quick: bool, out_dir: &Path) -> Vec<Case> {
         ],
     ));
 
+    // (f) Loopback TCP, both ends in the tree: every write and read a socket hook call.
+    let (tcp_bytes, udp_count) = net_sizes(quick);
+    cases.push(workload_case(
+        bins,
+        out_dir,
+        format!("(f) loopback TCP, {} MiB in 64 KiB writes", tcp_bytes >> 20),
+        Goal::MaxRatio(1.03),
+        net_tcp_args(tcp_bytes),
+    ));
+
+    // (g) UDP datagrams of 64 bytes: the most socket calls per byte.
+    cases.push(workload_case(
+        bins,
+        out_dir,
+        format!("(g) UDP, {udp_count} datagrams of 64 bytes"),
+        Goal::MaxRatio(1.05),
+        net_udp_args(udp_count),
+    ));
+
     cases
+}
+
+/// Bytes of case (f) and datagrams of case (g).
+fn net_sizes(quick: bool) -> (u64, u64) {
+    if quick {
+        (256 << 20, 200_000)
+    } else {
+        (1 << 30, 1_000_000)
+    }
+}
+
+fn net_tcp_args(bytes: u64) -> Vec<String> {
+    ["net", "tcp", &bytes.to_string(), "0", "v4", "65536"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn net_udp_args(count: u64) -> Vec<String> {
+    ["net", "udp", &count.to_string(), "64", "64"]
+        .map(String::from)
+        .to_vec()
 }
 
 /// A case that runs the workload with `args` plainly and under `cylo-usage run`, with a
@@ -691,7 +785,16 @@ fn machine_facts() -> Vec<(&'static str, String)> {
 /// like one of the tracker's handlers: id -> (name, ns, calls).
 fn handler_stats() -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>> {
     use cylo_usage_abi::names::*;
-    const HANDLERS: [&str; 8] = [
+    let network = [PROG_SOCK_SEND_LENGTH, PROG_SOCK_RECV_LENGTH]
+        .into_iter()
+        .chain(
+            FEXIT_SENDMSG
+                .iter()
+                .chain(&FEXIT_RECVMSG)
+                .chain(&FEXIT_SENDPAGE)
+                .map(|&(p, _)| p),
+        );
+    let handlers: Vec<&str> = [
         PROG_TASK_NEWTASK,
         PROG_TASK_NEWTASK_NO_ATOMICS,
         PROG_SCHED_PROCESS_EXIT,
@@ -700,7 +803,10 @@ fn handler_stats() -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>
         PROG_RSS_STAT,
         PROG_BLOCK_BIO_QUEUE,
         PROG_BLOCK_BIO_QUEUE_WITH_QUEUE,
-    ];
+    ]
+    .into_iter()
+    .chain(network)
+    .collect();
     let mut out = std::collections::BTreeMap::new();
     for info in aya::programs::loaded_programs() {
         let info = info.context("listing loaded eBPF programs")?;
@@ -709,7 +815,7 @@ fn handler_stats() -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>
             continue;
         };
         // Names that share their first 15 bytes (sched_process_exit and _exec) share a row.
-        let matching: Vec<&str> = HANDLERS
+        let matching: Vec<&str> = handlers
             .iter()
             .copied()
             .filter(|h| h.as_bytes().starts_with(name.as_bytes()))
@@ -722,10 +828,12 @@ fn handler_stats() -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>
     Ok(out)
 }
 
-/// What every untracked process pays, measured by the kernel rather than by wall clocks:
-/// the tracker's handlers' run time during one untracked storm while a tracker follows
-/// another tree. Much steadier than case (b) on a noisy machine.
-fn handler_costs(bins: &Bins, storm: u64) -> Result<String> {
+/// Per handler name: (run time in ns, calls).
+type CostRows = std::collections::BTreeMap<String, (u64, u64)>;
+
+/// The tracker's handlers' run time and calls (kernel statistics) while `workload args`
+/// runs untracked and a tracker follows another tree: (wall time, name -> (ns, calls)).
+fn costs_during(bins: &Bins, args: &[String]) -> Result<(Duration, CostRows)> {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("BPF_ENABLE_STATS (per-program run time)")?;
     let mut cmd = Command::new(&bins.tracker);
@@ -733,30 +841,29 @@ fn handler_costs(bins: &Bins, storm: u64) -> Result<String> {
     let mut background = Background::start(cmd)?;
     background.wait_attached(ATTACH_WAIT)?;
     let before = handler_stats()?;
-    let wall = time(Command::new(&bins.workload).args(["storm", &storm.to_string()]))?;
+    let wall = time(Command::new(&bins.workload).args(args))?;
     let after = handler_stats()?;
     background.stop()?;
-    let mut rows: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    let mut rows = CostRows::new();
     for (id, (name, ns, calls)) in &after {
         let (_, ns0, calls0) = before.get(id).cloned().unwrap_or_default();
         let row = rows.entry(name.clone()).or_default();
         row.0 += ns - ns0;
         row.1 += calls - calls0;
     }
+    Ok((wall, rows))
+}
+
+/// The table of [`costs_during`]'s rows: calls, ns per call, total, share of `wall`.
+fn cost_table(wall: Duration, rows: &CostRows) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "\nWhat an untracked process pays (kernel per-program run time during one untracked \
-         storm of {storm} while a tracker follows another tree; storm wall time {:.1} ms):\n",
-        wall.as_secs_f64() * 1e3
-    );
-    let _ = writeln!(
-        md,
-        "| handler | calls | ns per call | total ms | share of the storm |"
+        "| handler | calls | ns per call | total ms | share of the run |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|");
     let mut total = 0;
-    for (name, (ns, calls)) in &rows {
+    for (name, (ns, calls)) in rows {
         if *calls == 0 {
             continue;
         }
@@ -775,6 +882,51 @@ fn handler_costs(bins: &Bins, storm: u64) -> Result<String> {
         total as f64 / 1e6,
         total as f64 / wall.as_nanos() as f64 * 100.0
     );
+    md
+}
+
+/// What every untracked process pays, measured by the kernel rather than by wall clocks:
+/// the tracker's handlers' run time during one untracked storm while a tracker follows
+/// another tree. Much steadier than case (b) on a noisy machine.
+fn handler_costs(bins: &Bins, storm: u64) -> Result<String> {
+    let (wall, rows) = costs_during(bins, &["storm".to_string(), storm.to_string()])?;
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "\nWhat an untracked process pays (kernel per-program run time during one untracked \
+         storm of {storm} while a tracker follows another tree; storm wall time {:.1} ms):\n",
+        wall.as_secs_f64() * 1e3
+    );
+    md.push_str(&cost_table(wall, &rows));
+    Ok(md)
+}
+
+/// The same for socket traffic: cases (f) and (g) run untracked while a tracker follows
+/// another tree; every send and receive calls a network handler, which returns after one
+/// lookup.
+fn network_costs(bins: &Bins, quick: bool) -> Result<String> {
+    let (tcp_bytes, udp_count) = net_sizes(quick);
+    let mut md = String::new();
+    for (what, args) in [
+        (
+            format!("loopback TCP, {} MiB in 64 KiB writes", tcp_bytes >> 20),
+            net_tcp_args(tcp_bytes),
+        ),
+        (
+            format!("UDP, {udp_count} datagrams of 64 bytes"),
+            net_udp_args(udp_count),
+        ),
+    ] {
+        let (wall, rows) = costs_during(bins, &args)?;
+        let _ = writeln!(
+            md,
+            "\nWhat an untracked process pays per socket call (kernel per-program run time \
+             during {what}, untracked, while a tracker follows another tree; wall time \
+             {:.1} ms):\n",
+            wall.as_secs_f64() * 1e3
+        );
+        md.push_str(&cost_table(wall, &rows));
+    }
     Ok(md)
 }
 

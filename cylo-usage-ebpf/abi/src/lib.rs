@@ -80,6 +80,67 @@ pub mod names {
     pub const TP_SCHED_PROCESS_EXEC: &str = "sched_process_exec";
     pub const TP_RSS_STAT: &str = "rss_stat";
     pub const TP_BLOCK_BIO_QUEUE: &str = "block_bio_queue";
+
+    // Network (constants in [`crate::net`]).
+    /// Raw tracepoints `sock_send_length` / `sock_recv_length` and their programs.
+    pub const PROG_SOCK_SEND_LENGTH: &str = "sock_send_length";
+    pub const PROG_SOCK_RECV_LENGTH: &str = "sock_recv_length";
+    pub const TP_SOCK_SEND_LENGTH: &str = "sock_send_length";
+    pub const TP_SOCK_RECV_LENGTH: &str = "sock_recv_length";
+    /// Fallback without those tracepoints: (fexit program, kernel function) for each
+    /// `proto_ops.sendmsg` of the inet and AF_UNIX families, `(sock, msg, len)`...
+    pub const FEXIT_SENDMSG: [(&str, &str); 5] = [
+        ("fx_inet_send", "inet_sendmsg"),
+        ("fx_inet6_send", "inet6_sendmsg"),
+        ("fx_unix_ssend", "unix_stream_sendmsg"),
+        ("fx_unix_dsend", "unix_dgram_sendmsg"),
+        ("fx_unix_qsend", "unix_seqpacket_sendmsg"),
+    ];
+    /// ... and each `proto_ops.recvmsg`, `(sock, msg, size, flags)`.
+    pub const FEXIT_RECVMSG: [(&str, &str); 5] = [
+        ("fx_inet_recv", "inet_recvmsg"),
+        ("fx_inet6_recv", "inet6_recvmsg"),
+        ("fx_unix_srecv", "unix_stream_recvmsg"),
+        ("fx_unix_drecv", "unix_dgram_recvmsg"),
+        ("fx_unix_qrecv", "unix_seqpacket_recvmsg"),
+    ];
+    /// Kernels with `proto_ops.sendpage` (before 6.5): sendfile and splice into a socket
+    /// reach these instead of `sendmsg`.
+    pub const FEXIT_SENDPAGE: [(&str, &str); 3] = [
+        ("fx_tcp_sendpage", "tcp_sendpage"),
+        ("fx_udp_sendpage", "udp_sendpage"),
+        ("fx_unix_spage", "unix_stream_sendpage"),
+    ];
+}
+
+/// Socket-layer constants of the stable UAPI (`<linux/socket.h>`, `<linux/net.h>`,
+/// `<linux/in.h>`), for the network counters.
+pub mod net {
+    pub const AF_UNIX: u16 = 1;
+    pub const AF_INET: u16 = 2;
+    pub const AF_INET6: u16 = 10;
+    pub const SOCK_STREAM: u16 = 1;
+    pub const SOCK_DGRAM: u16 = 2;
+    pub const SOCK_SEQPACKET: u16 = 5;
+    pub const IPPROTO_TCP: u16 = 6;
+    pub const IPPROTO_UDP: u16 = 17;
+    pub const IPPROTO_UDPLITE: u16 = 136;
+    pub const IPPROTO_MPTCP: u16 = 262;
+    /// Receive flags whose bytes are not counted: data left queued (`MSG_PEEK`), and error
+    /// queue messages (`MSG_ERRQUEUE`), which are not payload.
+    pub const MSG_PEEK: u32 = 0x2;
+    pub const MSG_ERRQUEUE: u32 = 0x2000;
+
+    /// Bits of [`super::Offsets::net_hooks`]: what the kernel offers, from BTF.
+    /// The raw tracepoints `sock_send_length(sk, ret, flags)` and `sock_recv_length(...)`.
+    pub const HOOK_TRACEPOINTS: u32 = 1;
+    /// Every function of [`super::names::FEXIT_SENDMSG`] and [`super::names::FEXIT_RECVMSG`],
+    /// with the expected parameters.
+    pub const HOOK_FEXIT_MSG: u32 = 2;
+    /// `proto_ops` has `sendpage`: a send path (sendfile, splice) that bypasses `sendmsg`.
+    pub const HOOK_SENDPAGE_PATH: u32 = 4;
+    /// Every function of [`super::names::FEXIT_SENDPAGE`], with the expected parameters.
+    pub const HOOK_FEXIT_SENDPAGE: u32 = 8;
 }
 
 /// Kernel layout knowledge, resolved by userspace at start-up (from BTF) and handed to the
@@ -187,6 +248,17 @@ pub struct Offsets {
     pub mm_arg_end: u32,
     /// `linux_binprm.filename` (`const char *`).
     pub bprm_filename: u32,
+
+    // Network.
+    /// Which socket hooks the kernel has: bits `net::HOOK_*`.
+    pub net_hooks: u32,
+    /// `socket.sk` (pointer to the `struct sock`).
+    pub socket_sk: u32,
+    /// `sock.__sk_common.skc_family`, `sock.sk_type`, `sock.sk_protocol` (u16 each); any of
+    /// them [`ABSENT`] (a bitfield before 5.6) leaves the network unmeasured.
+    pub sk_family: u32,
+    pub sk_type: u32,
+    pub sk_protocol: u32,
 }
 
 impl Offsets {
@@ -241,6 +313,11 @@ impl Offsets {
         mm_arg_start: 0,
         mm_arg_end: 0,
         bprm_filename: 0,
+        net_hooks: 0,
+        socket_sk: ABSENT,
+        sk_family: ABSENT,
+        sk_type: ABSENT,
+        sk_protocol: ABSENT,
     };
 }
 
@@ -381,6 +458,22 @@ pub struct RunCounters {
     /// Processes and threads that were adopted rather than created inside the run.
     pub processes_adopted: u64,
     pub threads_adopted: u64,
+
+    /// Socket payload bytes tracked tasks sent and received, counted where the socket layer
+    /// accepted or delivered them: TCP (and MPTCP), UDP (and UDP-Lite) over IPv4 and IPv6,
+    /// AF_UNIX, and everything else (other families, raw and ICMP inet sockets).
+    pub net_tcp_sent: u64,
+    pub net_udp_sent: u64,
+    pub net_unix_sent: u64,
+    pub net_other_sent: u64,
+    /// Keeps the sent and the received counters on different cache lines, whatever the
+    /// record's alignment: the two ends of a connection, both tracked, usually run on
+    /// different CPUs, and sharing one line made every socket call wait for it (~50 ns).
+    pub _pad_net: [u64; 8],
+    pub net_tcp_received: u64,
+    pub net_udp_received: u64,
+    pub net_unix_received: u64,
+    pub net_other_received: u64,
 }
 
 /// Bit of [`RunCounters::root_status`]: the root has ended.
@@ -575,10 +668,10 @@ pub struct Event {
     pub run: u32,
 }
 
-const _: () = assert!(size_of::<Offsets>() == 208);
+const _: () = assert!(size_of::<Offsets>() == 228);
 const _: () = assert!(size_of::<TaskMember>() == 40);
 const _: () = assert!(size_of::<ProcMember>() == 24);
-const _: () = assert!(size_of::<RunCounters>() == 248);
+const _: () = assert!(size_of::<RunCounters>() == 376);
 const _: () = assert!(size_of::<RunControl>() == 8);
 const _: () = assert!(size_of::<TrackerInfo>() == 16);
 const _: () = assert!(size_of::<RecordHeader>() == 24);

@@ -34,7 +34,11 @@
 //! - `bomb N`: a fork bomb of exactly N processes, itself included: each process forks two
 //!   subtrees that share what is left, then waits for them (a fork that hits the pid limit is
 //!   retried until pids free up).
+//! - `net MODE ...`: socket traffic with known byte counts (see `workload/net.rs`).
 use std::time::Duration;
+
+#[path = "workload/net.rs"]
+mod net;
 
 fn usage() -> ! {
     eprintln!(
@@ -42,7 +46,7 @@ fn usage() -> ! {
          clone-parent | vfork | exec-from-thread PATH [ARGS] | write-direct FILE MIB [BLOCK] | \
          read-direct FILE MIB [BLOCK] | write FILE MIB fsync|truncate|none | read FILE | \
          mem A B MS | pidns N | hostile-name MS | spike MIB MS AFTER [small] | \
-         attach-target K | hold N | bomb N"
+         attach-target K | hold N | bomb N | net MODE ..."
     );
     std::process::exit(2)
 }
@@ -487,6 +491,7 @@ fn main() {
             }
             wait_all();
         }
+        Some("net") => net::main(&args[1..]),
         _ => usage(),
     }
 }
