@@ -339,6 +339,8 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, creator: Opt
         signal,
         start_boottime_ns: start,
         process_start_boottime_ns: process_start,
+        net_sent: 0,
+        net_received: 0,
     };
     if TASKS.insert(child, member, BPF_NOEXIST as u64).is_err() {
         add(&mut counters.lost_events, 1);
@@ -895,6 +897,11 @@ fn ioac(task: u64, offset: u32) -> u64 {
 fn record_thread(kind: u32, member: &TaskMember, u: &[u64; 8], counters: &mut RunCounters) {
     match RECORDS.reserve::<ThreadEnd>(0) {
         Some(mut entry) => {
+            let (net_sent, net_received) = if kind == record_kind::THREAD_END {
+                (member.net_sent, member.net_received)
+            } else {
+                (0, 0)
+            };
             entry.write(ThreadEnd {
                 header: header(kind, member.run, member.signal),
                 cpu_runtime_ns: u[0],
@@ -905,6 +912,8 @@ fn record_thread(kind: u32, member: &TaskMember, u: &[u64; 8], counters: &mut Ru
                 disk_cancelled_write_bytes: u[5],
                 io_rchar: u[6],
                 io_wchar: u[7],
+                net_sent,
+                net_received,
             });
             entry.submit(0);
         }
@@ -1034,6 +1043,8 @@ fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
         signal,
         start_boottime_ns: start,
         process_start_boottime_ns: process_start,
+        net_sent: 0,
+        net_received: 0,
     };
     if TASKS.insert(task, member, BPF_NOEXIST as u64).is_err() {
         // SAFETY: the value is copied out at once.

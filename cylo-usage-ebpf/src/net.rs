@@ -30,7 +30,9 @@ use aya_ebpf::{
 };
 use cylo_usage_abi::net::*;
 
-use crate::{OFFSETS, TASKS, add, read, run_counters};
+use cylo_usage_abi::{RunCounters, TaskMember};
+
+use crate::{OFFSETS, TASKS, add, read, run_counters, wants_records};
 
 /// `sock_send_length(struct sock *sk, int ret, int flags)`, in `sock_sendmsg_nosec()`.
 #[raw_tracepoint(tracepoint = "sock_send_length")]
@@ -148,11 +150,11 @@ fn count_socket<const SEND: bool>(socket: u64, ret: i32, flags: u32, skip: u16) 
     if ret <= 0 {
         return 0; // failed, EAGAIN, or nothing moved
     }
-    let Some(run) = current_run() else {
+    let Some(member) = current_member() else {
         return 0;
     };
     let sk = read::<u64>(socket, offset!(socket_sk)).unwrap_or(0);
-    add_bytes::<SEND>(run, sk, ret as u64, flags, skip);
+    add_bytes::<SEND>(member, sk, ret as u64, flags, skip);
     0
 }
 
@@ -162,20 +164,21 @@ fn count<const SEND: bool>(sk: u64, ret: i32, flags: u32) -> i32 {
     if ret <= 0 {
         return 0; // failed, EAGAIN, or nothing moved
     }
-    let Some(run) = current_run() else {
+    let Some(member) = current_member() else {
         return 0;
     };
-    add_bytes::<SEND>(run, sk, ret as u64, flags, NONE);
+    add_bytes::<SEND>(member, sk, ret as u64, flags, NONE);
     0
 }
 
-/// The run of the current task, if it is tracked.
+/// The current task's membership record, if it is tracked.
 #[inline(always)]
-fn current_run() -> Option<u32> {
+fn current_member() -> Option<&'static mut TaskMember> {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
-    // SAFETY: the value is copied out at once.
-    unsafe { TASKS.get(current) }.map(|m| m.run)
+    // SAFETY: a map value, live while the task is (only its own exit removes it); its
+    // counters are updated atomically.
+    TASKS.get_ptr_mut(current).map(|m| unsafe { &mut *m })
 }
 
 /// `sk->sk_type` and `sk->sk_protocol`: side by side (u16 each) on every kernel with them as
@@ -194,13 +197,34 @@ fn type_and_protocol(sk: u64) -> Option<(u16, u16)> {
     }
 }
 
+/// The thread's own TCP/UDP byte count, for runs with per-process records (`--tree`).
+#[inline(always)]
+fn per_thread<const SEND: bool>(member: &mut TaskMember, c: &RunCounters, bytes: u64) {
+    if wants_records(c) {
+        add(
+            if SEND {
+                &mut member.net_sent
+            } else {
+                &mut member.net_received
+            },
+            bytes,
+        );
+    }
+}
+
 /// Adds `bytes` to the run's counter for the socket's kind, unless its type is `skip`.
 #[inline(always)]
-fn add_bytes<const SEND: bool>(run: u32, sk: u64, bytes: u64, flags: u32, skip: u16) {
+fn add_bytes<const SEND: bool>(
+    member: &mut TaskMember,
+    sk: u64,
+    bytes: u64,
+    flags: u32,
+    skip: u16,
+) {
     if !SEND && flags & (MSG_PEEK | MSG_ERRQUEUE) != 0 {
         return;
     }
-    let Some(c) = run_counters(run) else {
+    let Some(c) = run_counters(member.run) else {
         return;
     };
     let (Some(family), Some((kind, protocol))) =
@@ -215,9 +239,11 @@ fn add_bytes<const SEND: bool>(run: u32, sk: u64, bytes: u64, flags: u32, skip: 
     }
     let (sent, received) = match (family, kind, protocol) {
         (AF_INET | AF_INET6, SOCK_STREAM, IPPROTO_TCP | IPPROTO_MPTCP) => {
+            per_thread::<SEND>(member, c, bytes);
             (&mut c.net_tcp_sent, &mut c.net_tcp_received)
         }
         (AF_INET | AF_INET6, SOCK_DGRAM, IPPROTO_UDP | IPPROTO_UDPLITE) => {
+            per_thread::<SEND>(member, c, bytes);
             (&mut c.net_udp_sent, &mut c.net_udp_received)
         }
         (AF_UNIX, _, _) => (&mut c.net_unix_sent, &mut c.net_unix_received),

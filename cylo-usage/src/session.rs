@@ -745,6 +745,8 @@ impl Run {
                 io.cancelled_write_bytes,
                 io.rchar,
                 io.wchar,
+                m.net_sent,
+                m.net_received,
             ];
             for (total, v) in e.0.iter_mut().zip(add) {
                 *total += v;

@@ -70,8 +70,8 @@ pub struct ProcessUsage {
 }
 
 /// What a thread used: runtime, utime, stime (ns), then disk read, write, cancelled, rchar,
-/// wchar (bytes).
-pub type ThreadCounters = [u64; 8];
+/// wchar, TCP/UDP bytes sent and received.
+pub type ThreadCounters = [u64; 10];
 
 fn thread_counters(t: &ThreadEnd) -> ThreadCounters {
     [
@@ -83,6 +83,8 @@ fn thread_counters(t: &ThreadEnd) -> ThreadCounters {
         t.disk_cancelled_write_bytes,
         t.io_rchar,
         t.io_wchar,
+        t.net_sent,
+        t.net_received,
     ]
 }
 
@@ -376,7 +378,7 @@ impl Tree {
         if p.exit_reported || !p.complete() {
             return;
         }
-        let u = self.usage_of(p, &[0; 8], true);
+        let u = self.usage_of(p, &[0; 10], true, true);
         let line = serde_json::json!({
             "event": "exit",
             "time_ns": u.end_ns,
@@ -391,6 +393,8 @@ impl Tree {
             "disk_bytes_written": u.disk_bytes_written,
             "io_read_chars": u.io_read_chars,
             "io_write_chars": u.io_write_chars,
+            "network_bytes_sent": u.network_bytes_sent,
+            "network_bytes_received": u.network_bytes_received,
             "peak_memory_bytes": u.peak_memory_bytes,
         });
         if self.keep {
@@ -406,10 +410,16 @@ impl Tree {
 
     /// `p`'s figures, with `live` (what its live threads have used, from /proc) added and
     /// what it had used before an attach taken off.
-    fn usage_of(&self, p: &Proc, live: &ThreadCounters, measured_memory: bool) -> ProcessUsage {
+    fn usage_of(
+        &self,
+        p: &Proc,
+        live: &ThreadCounters,
+        measured_memory: bool,
+        measured_network: bool,
+    ) -> ProcessUsage {
         let mut used = p.used;
         add_to(&mut used, live);
-        let mut c = [0u64; 8];
+        let mut c = [0u64; 10];
         for (i, slot) in c.iter_mut().enumerate() {
             *slot = used[i].saturating_sub(p.before[i]);
         }
@@ -443,8 +453,8 @@ impl Tree {
             io_read_chars: Some(c[6]),
             io_write_chars: Some(c[7]),
             peak_memory_bytes: measured_memory.then_some(p.peak_pages * self.units.page_size),
-            network_bytes_sent: None,
-            network_bytes_received: None,
+            network_bytes_sent: measured_network.then_some(c[8]),
+            network_bytes_received: measured_network.then_some(c[9]),
         }
     }
 
@@ -464,7 +474,8 @@ impl Tree {
                 // /proc gives utime/stime in ticks.
                 counters[1] *= tick_ns;
                 counters[2] *= tick_ns;
-                let mut u = self.usage_of(p, &counters, measured.atomics);
+                let mut u =
+                    self.usage_of(p, &counters, measured.atomics, measured.network.is_some());
                 if p.end_mono_ns.is_none() {
                     u.thread_count = p.threads_ended + threads;
                 }
@@ -711,6 +722,8 @@ mod tests {
             disk_cancelled_write_bytes: 0,
             io_rchar: 30,
             io_wchar: 40,
+            net_sent: 7,
+            net_received: 9,
         })
     }
 
@@ -766,7 +779,7 @@ mod tests {
             "no exit event before every thread is in"
         );
         t.take(&thread_end(0xb, 700, record_kind::THREAD_END));
-        let live = HashMap::from([(0xa, ([50, 0, 0, 0, 0, 0, 0, 0], 1))]);
+        let live = HashMap::from([(0xa, ([50, 0, 0, 0, 0, 0, 0, 0, 1, 2], 1))]);
         let ps = t.processes(&live, Measured::ALL);
         assert_eq!(ps.len(), 2);
         assert_eq!(ps[1].comm, "true");
@@ -778,6 +791,12 @@ mod tests {
         assert_eq!(ps[1].cpu_time_ns, 1200);
         assert_eq!(ps[1].thread_count, 2);
         assert_eq!(ps[1].disk_bytes_written, Some(40));
+        assert_eq!(ps[1].network_bytes_sent, Some(14));
+        assert_eq!(
+            ps[0].network_bytes_received,
+            Some(2),
+            "live threads' own counts"
+        );
         assert_eq!(ps[1].peak_memory_bytes, Some(7 * 4096));
         assert_eq!(ps[1].start_ns, 101);
         assert_eq!(ps[1].end_ns, Some(7_000));

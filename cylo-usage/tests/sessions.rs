@@ -50,6 +50,12 @@ fn assert_parts_sum(u: &ResourceUsage) {
     );
     assert_eq!(opt(|p| p.io_read_chars), u.io_read_chars, "rchar");
     assert_eq!(opt(|p| p.io_write_chars), u.io_write_chars, "wchar");
+    assert_eq!(opt(|p| p.network_bytes_sent), u.network_bytes_sent, "sent");
+    assert_eq!(
+        opt(|p| p.network_bytes_received),
+        u.network_bytes_received,
+        "received"
+    );
 }
 
 /// An in-memory NDJSON sink.
@@ -583,4 +589,44 @@ fn watch_draws_only_on_a_terminal() {
     assert!(updates >= 2, "a line about twice a second: {screen:?}");
     assert!(screen.contains(" live / "), "{screen:?}");
     assert!(screen.contains("Command being timed"), "{screen:?}");
+}
+
+#[tokio::test]
+async fn the_breakdown_has_each_process_s_socket_bytes() {
+    let Some(t) = tracker() else { return };
+    if !t
+        .features()
+        .iter()
+        .any(|f| f.counter == "network_bytes_sent" && f.measured)
+    {
+        eprintln!("SKIPPED: the network is not measured on this kernel (cylo-usage features)");
+        return;
+    }
+    // TCP: the child writes 300,000 bytes, the parent reads them and writes 50,000 back.
+    let options = RunOptions {
+        tree: true,
+        ..RunOptions::default()
+    };
+    let mut cmd = workload(&["net", "tcp", "300000", "50000"]);
+    let mut run = t.spawn_with(&mut cmd, options).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        run.wait_root().await.unwrap();
+        run.wait_finished().await.unwrap();
+    })
+    .await
+    .unwrap();
+    let u = run.usage().unwrap();
+    assert_eq!(u.network_bytes_sent, Some(350_000), "{u:?}");
+    assert_parts_sum(&u);
+    let ps = u.processes.as_ref().unwrap();
+    assert_eq!(ps.len(), 2);
+    // The parent received 300,000 and sent 50,000; the child the other way round.
+    assert_eq!(
+        (ps[0].network_bytes_sent, ps[0].network_bytes_received),
+        (Some(50_000), Some(300_000))
+    );
+    assert_eq!(
+        (ps[1].network_bytes_sent, ps[1].network_bytes_received),
+        (Some(300_000), Some(50_000))
+    );
 }

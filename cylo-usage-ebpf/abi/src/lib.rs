@@ -345,6 +345,10 @@ pub struct TaskMember {
     /// The start time of its process (its thread-group leader's `start_boottime`): guards
     /// signals sent to the process against pid reuse.
     pub process_start_boottime_ns: u64,
+    /// Payload bytes this thread sent and received through TCP and UDP sockets (what
+    /// `network_bytes_*` count), kept only for runs with per-process records.
+    pub net_sent: u64,
+    pub net_received: u64,
 }
 
 /// One live tracked process; value of `PROCS`, keyed by the address of its `signal_struct`.
@@ -658,6 +662,10 @@ pub struct ThreadEnd {
     pub disk_cancelled_write_bytes: u64,
     pub io_rchar: u64,
     pub io_wchar: u64,
+    /// TCP and UDP payload bytes it sent and received (0 for `THREAD_ADOPTED`: the kernel
+    /// keeps no history of a thread's socket traffic before it was followed).
+    pub net_sent: u64,
+    pub net_received: u64,
 }
 
 /// A record in the `EVENTS` ring buffer: only what userspace must see promptly.
@@ -669,7 +677,7 @@ pub struct Event {
 }
 
 const _: () = assert!(size_of::<Offsets>() == 228);
-const _: () = assert!(size_of::<TaskMember>() == 40);
+const _: () = assert!(size_of::<TaskMember>() == 56);
 const _: () = assert!(size_of::<ProcMember>() == 24);
 const _: () = assert!(size_of::<RunCounters>() == 376);
 const _: () = assert!(size_of::<RunControl>() == 8);
@@ -678,7 +686,7 @@ const _: () = assert!(size_of::<RecordHeader>() == 24);
 const _: () = assert!(size_of::<ProcStart>() == 80);
 const _: () = assert!(size_of::<ProcExec>() == 448);
 const _: () = assert!(size_of::<ProcExit>() == 64);
-const _: () = assert!(size_of::<ThreadEnd>() == 88);
+const _: () = assert!(size_of::<ThreadEnd>() == 104);
 const _: () = assert!(size_of::<Event>() == 8);
 const _: () = assert!(size_of::<MmMember>() == 64);
 const _: () = assert!(size_of::<DevKey>() == 8);
