@@ -536,19 +536,8 @@ pub fn sched_process_exec_no_atomics(ctx: RawTracePointContext) -> i32 {
 fn on_exec<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
-    // SAFETY: the value is copied out at once.
-    let mut member = match (unsafe { TASKS.get(current) }).copied() {
-        Some(member) => member,
-        None => {
-            if adopt_current::<ATOMICS, false>(current).is_none() {
-                return 0;
-            }
-            // SAFETY: the value is copied out at once.
-            match (unsafe { TASKS.get(current) }).copied() {
-                Some(member) => member,
-                None => return 0,
-            }
-        }
+    let Some(mut member) = member_or_adopted::<ATOMICS>(current) else {
+        return 0;
     };
     let Some(counters) = run_counters(member.run) else {
         return 0;
@@ -757,19 +746,8 @@ pub fn sched_process_exit_no_atomics(_ctx: RawTracePointContext) -> i32 {
 fn on_exit<const ATOMICS: bool>() -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
-    // SAFETY: the value is copied out at once.
-    let member = match (unsafe { TASKS.get(current) }).copied() {
-        Some(member) => member,
-        None => {
-            if adopt_current::<ATOMICS, false>(current).is_none() {
-                return 0;
-            }
-            // SAFETY: the value is copied out at once.
-            match (unsafe { TASKS.get(current) }).copied() {
-                Some(member) => member,
-                None => return 0,
-            }
-        }
+    let Some(member) = member_or_adopted::<ATOMICS>(current) else {
+        return 0;
     };
     // do_exit() has already decremented `signal->live`; at 0 the process is over. Several of
     // its threads may see 0; removing the process's entry succeeds for exactly one of them.
@@ -1000,6 +978,19 @@ fn adopt_current<const ATOMICS: bool, const ANCESTORS: bool>(task: u64) -> Optio
         control::ADOPTED | control::ALREADY => Some(run),
         _ => None,
     }
+}
+
+/// `task`'s membership, or, while a run is being attached to, its membership once adopted
+/// (its process is followed already).
+#[inline(always)]
+fn member_or_adopted<const ATOMICS: bool>(task: u64) -> Option<TaskMember> {
+    // SAFETY: the value is copied out at once.
+    if let Some(member) = unsafe { TASKS.get(task) } {
+        return Some(*member);
+    }
+    adopt_current::<ATOMICS, false>(task)?;
+    // SAFETY: the value is copied out at once.
+    unsafe { TASKS.get(task) }.copied()
 }
 
 /// Adopts `task` into `run`: it was not created inside the run, so what it had used so far

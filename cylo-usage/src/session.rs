@@ -167,6 +167,15 @@ impl RunOptions {
     fn wants_records(&self) -> bool {
         self.tree || self.events.is_some()
     }
+
+    /// The run's flags in the kernel.
+    fn run_flags(&self) -> u64 {
+        if self.wants_records() {
+            run_flags::RECORDS
+        } else {
+            0
+        }
+    }
 }
 
 /// How the run's root came to be followed.
@@ -231,11 +240,7 @@ impl Tracker {
         options: RunOptions,
     ) -> Result<Run, SessionError> {
         let inner = self.inner.clone();
-        let flags = if options.wants_records() {
-            run_flags::RECORDS
-        } else {
-            0
-        };
+        let flags = options.run_flags();
         let slot = claim_slot(&mut inner.maps(), flags)?;
         let started_ns = monotonic_ns();
         let mut run = Run {
@@ -322,11 +327,7 @@ impl Tracker {
         if crate::attach::check_target(pid)?.start_ticks != target.start_ticks {
             return Err(SessionError::NoSuchProcess { pid });
         }
-        let flags = if options.wants_records() {
-            run_flags::RECORDS
-        } else {
-            0
-        };
+        let flags = options.run_flags();
         let started_ns = monotonic_ns();
         let slot = claim_slot(&mut inner.maps(), flags)?;
         let mut run = Run {

@@ -7,19 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{CLI, WORKLOAD, tracker};
-
-fn cli(args: &[&str]) -> Output {
-    Command::new(CLI)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{CLI, WORKLOAD, cli, stderr, tracker};
 
 fn json(o: &Output) -> serde_json::Map<String, serde_json::Value> {
     let text = stderr(o);

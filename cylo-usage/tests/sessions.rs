@@ -6,28 +6,16 @@ mod common;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{CLI, WORKLOAD, cpu_group, rel_diff, tracker, workload};
+use common::{CLI, WORKLOAD, cli, cpu_group, rel_diff, stderr, tracker, workload};
 use cylo_usage::{Precision, ProcessUsage, ResourceUsage, RunOptions};
 
 fn json_of(text: &str) -> serde_json::Value {
     serde_json::from_str(text.trim())
         .unwrap_or_else(|e| panic!("not one JSON object ({e}): {text}"))
-}
-
-fn cli(args: &[&str]) -> Output {
-    Command::new(CLI)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// The breakdown adds up to the totals exactly: CPU, threads, disk and I/O bytes.

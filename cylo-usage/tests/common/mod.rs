@@ -5,7 +5,7 @@
 use std::ffi::CString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -200,4 +200,18 @@ pub fn kernel_version() -> (u32, u32) {
 /// fetch and compare-and-exchange came with 5.12; before, the peak is unmeasured (null).
 pub fn expected_peak(n: u64) -> Option<u64> {
     (kernel_version() >= (5, 12)).then_some(n)
+}
+
+/// Runs the `cylo-usage` command line with `args` (no stdin) to completion.
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(CLI)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A command's standard error, as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
