@@ -91,8 +91,14 @@ async fn attach_follows_a_tree_that_keeps_forking() {
     let begun = Instant::now();
     let mut run = t.attach_with(child.id(), options).expect("attach");
     let attach_ms = begun.elapsed().as_millis();
-    // It keeps forking after the attach too.
-    std::thread::sleep(Duration::from_millis(100));
+    // It keeps forking after the attach too: wait for ten processes born since (however
+    // slow the machine).
+    let adopted = run.usage_totals().unwrap().process_count;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while run.usage_totals().unwrap().process_count < adopted + 10 {
+        assert!(Instant::now() < deadline, "no fork after the attach");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     drop(child.stdin.take());
     tokio::time::timeout(Duration::from_secs(60), async {
         run.wait_root().await.expect("root");
