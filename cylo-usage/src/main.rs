@@ -48,6 +48,10 @@ struct SessionArgs {
     /// Add a per-process breakdown to the report (JSON: a `processes` array).
     #[arg(long)]
     tree: bool,
+    /// The most processes the breakdown keeps (about 800 bytes each); past it, processes are
+    /// counted in `processes_dropped` and left out.
+    #[arg(long, value_name = "N", default_value_t = cylo_usage::tree::DEFAULT_TREE_LIMIT)]
+    tree_limit: usize,
     /// Stream every process's fork, exec and exit as NDJSON to FILE (`-`: standard output).
     #[arg(long, value_name = "FILE")]
     events: Option<PathBuf>,
@@ -257,7 +261,7 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
     let options = RunOptions {
         tree: args.tree,
         events,
-        tree_limit: 0,
+        tree_limit: args.tree_limit.max(1),
     };
     let (started, title, shown) = match &target {
         Target::Command(cmd) => {

@@ -624,3 +624,35 @@ async fn the_breakdown_has_each_process_s_socket_bytes() {
         (Some(300_000), Some(50_000))
     );
 }
+
+#[test]
+fn attach_works_inside_a_pid_namespace_with_its_pids() {
+    if tracker().is_none() {
+        return;
+    }
+    if !Command::new("unshare")
+        .args(["-fp", "--mount-proc", "/bin/true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("SKIPPED: no unshare(1) with -fp --mount-proc here");
+        return;
+    }
+    // In a new pid namespace, the shell is pid 1; its background job (a shell that runs two
+    // commands after a pause) is pid 2; the shell then becomes the tracker, attached to it.
+    let script = format!("sh -c 'sleep 1; /bin/true; exit 0' & exec {CLI} attach --json --tree $!");
+    let o = Command::new("unshare")
+        .args(["-fp", "--mount-proc", "/bin/sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let u = json_of(&stderr(&o));
+    assert_eq!(u["attached"], true);
+    assert_eq!(u["lost_events"], 0, "{u}");
+    // The job's shell, its sleep (maybe forked already) and /bin/true.
+    assert_eq!(u["process_count"], 3, "{u}");
+    let ps = u["processes"].as_array().unwrap();
+    assert_eq!(ps[0]["pid"], 2, "the namespace's own pid: {u}");
+    assert!(ps.iter().all(|p| p["pid"].as_u64().unwrap() < 100), "{u}");
+}
