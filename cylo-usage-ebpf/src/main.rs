@@ -1127,28 +1127,35 @@ fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
 // `retval` of `BPF_PROG_TEST_RUN`).
 
 /// Never attached: userspace runs it in its own context with `BPF_PROG_TEST_RUN`, with the
-/// arguments `(op, a, b, c)`; see `cylo_usage_abi::control`.
+/// arguments `(op, a, b, c)`, for the small operations (`HELLO`, `SPAWNER`, `UNSPAWN`); see
+/// `cylo_usage_abi::control`. Small, so every start-up verifies it quickly.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "raw_tp/control")]
 pub fn control(ctx: *mut core::ffi::c_void) -> u32 {
-    on_control::<true>(RawTracePointContext::new(ctx)) as u32
+    on_control(RawTracePointContext::new(ctx)) as u32
 }
 
-/// `control` for kernels without BPF atomic fetch, exchange and cmpxchg.
+/// `ADOPT`, run like `control`; loaded only when a tracker first attaches (it carries the
+/// whole adoption path, which takes the verifier a while).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "raw_tp/control")]
-pub fn control_no_atomics(ctx: *mut core::ffi::c_void) -> u32 {
-    on_control::<false>(RawTracePointContext::new(ctx)) as u32
+pub fn control_adopt(ctx: *mut core::ffi::c_void) -> u32 {
+    on_adopt::<true>(RawTracePointContext::new(ctx)) as u32
+}
+
+/// `control_adopt` for kernels without BPF atomic fetch, exchange and cmpxchg.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp/control")]
+pub fn control_adopt_no_atomics(ctx: *mut core::ffi::c_void) -> u32 {
+    on_adopt::<false>(RawTracePointContext::new(ctx)) as u32
 }
 
 #[inline(always)]
-fn on_control<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
+fn on_control(ctx: RawTracePointContext) -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
     let op: u64 = ctx.arg(0);
     let a: u64 = ctx.arg(1);
-    let b: u64 = ctx.arg(2);
-    let c: u64 = ctx.arg(3);
     match op {
         control::HELLO => {
             let (Some(signal), Some(pid)) = (
@@ -1186,16 +1193,22 @@ fn on_control<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
             let _ = SPAWNERS.remove(current);
             0
         }
-        control::ADOPT => {
-            if b >= MAX_RUNS as u64 {
-                return control::E_INVAL;
-            }
-            match task_of_fd(current, a) {
-                Ok(task) => adopt::<ATOMICS>(task, b as u32, c & control::ADOPT_ROOT != 0),
-                Err(e) => e,
-            }
-        }
         _ => control::E_INVAL,
+    }
+}
+
+#[inline(always)]
+fn on_adopt<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
+    // SAFETY: returns the address of the current task_struct.
+    let current = unsafe { bpf_get_current_task() };
+    let (op, fd, run, flags): (u64, u64, u64, u64) =
+        (ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3));
+    if op != control::ADOPT || run >= MAX_RUNS as u64 {
+        return control::E_INVAL;
+    }
+    match task_of_fd(current, fd) {
+        Ok(task) => adopt::<ATOMICS>(task, run as u32, flags & control::ADOPT_ROOT != 0),
+        Err(e) => e,
     }
 }
 

@@ -2,7 +2,7 @@
 //! each of their threads.
 //!
 //! The kernel keys members by `task_struct` address, which userspace cannot know. So the
-//! tracker opens each thread's `/proc/PID/task/TID` directory and runs the `control` program
+//! tracker opens each thread's `/proc/PID/task/TID` directory and runs the `control_adopt` program
 //! with that file descriptor: from it the kernel finds the thread's `struct pid`, then its
 //! task, and adopts it (reading what it had used so far as "before the attach"). The hooks
 //! are armed first, and while the run is attaching they adopt, at its next fork, exec or
@@ -247,13 +247,7 @@ pub(crate) fn adopt_tree(
                     slot as u64,
                     flags,
                 ];
-                let code = inner
-                    .control(args)
-                    .map_err(|source| SessionError::Syscall {
-                        syscall: "bpf(BPF_PROG_TEST_RUN)",
-                        pid: tid,
-                        source,
-                    })?;
+                let code = inner.control_adopt(args).map_err(Box::new)?;
                 match code {
                     control::ADOPTED => {
                         fresh += 1;

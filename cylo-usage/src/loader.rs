@@ -118,6 +118,8 @@ pub(crate) struct Inner {
     pub sinks: Arc<crate::tree::Sinks>,
     /// The `control` program, run in the caller's context (`BPF_PROG_TEST_RUN`).
     pub control: ProgramFd,
+    /// The `control_adopt` program, loaded when the first attach needs it.
+    adopt: std::sync::OnceLock<ProgramFd>,
     pub offsets: Offsets,
     pub measured: Measured,
     /// Why what is not measured is not.
@@ -136,6 +138,32 @@ impl Inner {
     /// it returned (see `cylo_usage_abi::control`).
     pub fn control(&self, args: [u64; 4]) -> std::io::Result<i32> {
         run_control(&self.control, args)
+    }
+
+    /// Runs the `control_adopt` program (`ADOPT`), loading it the first time.
+    pub fn control_adopt(&self, args: [u64; 4]) -> Result<i32, LoadError> {
+        let prog = match self.adopt.get() {
+            Some(p) => p,
+            None => {
+                let name = if self.measured.atomics {
+                    names::PROG_CONTROL_ADOPT
+                } else {
+                    names::PROG_CONTROL_ADOPT_NO_ATOMICS
+                };
+                let mut ebpf = self._ebpf.lock().unwrap_or_else(|e| e.into_inner());
+                match self.adopt.get() {
+                    Some(p) => p,
+                    None => {
+                        let fd = load_control(&mut ebpf, name)?;
+                        self.adopt.get_or_init(|| fd)
+                    }
+                }
+            }
+        };
+        run_control(prog, args).map_err(|source| LoadError::Control {
+            op: "adopt",
+            source,
+        })
     }
 }
 
@@ -535,14 +563,7 @@ impl Tracker {
             let exec = names::PROG_SCHED_PROCESS_EXEC_NO_ATOMICS;
             attach(&mut ebpf, exec, names::TP_SCHED_PROCESS_EXEC)?;
         }
-        let control = load_control(
-            &mut ebpf,
-            if atomics {
-                names::PROG_CONTROL
-            } else {
-                names::PROG_CONTROL_NO_ATOMICS
-            },
-        )?;
+        let control = load_control(&mut ebpf, names::PROG_CONTROL)?;
         // Who the tracker is: its pid namespace, and its own tasks, which never join a run.
         match run_control(&control, [control::HELLO, 0, 0, 0]) {
             Ok(0) => {}
@@ -606,6 +627,7 @@ impl Tracker {
                 records: Mutex::new(Some(records)),
                 sinks: Arc::default(),
                 control,
+                adopt: std::sync::OnceLock::new(),
                 offsets: *offsets,
                 measured,
                 unavailable: Unavailable {

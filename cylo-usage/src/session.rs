@@ -73,6 +73,8 @@ pub enum SessionError {
     NoExitStatus { pid: u32 },
     #[error(transparent)]
     Proc(#[from] procfs::ProcError),
+    #[error("cannot load the adoption program")]
+    Adopt(#[from] Box<crate::loader::LoadError>),
 }
 
 fn map_err(what: &'static str) -> impl FnOnce(MapError) -> SessionError {

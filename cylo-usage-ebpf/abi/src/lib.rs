@@ -69,7 +69,9 @@ pub mod names {
     /// Never attached: run by userspace (`BPF_PROG_TEST_RUN`) in its own context to register
     /// itself, a spawning thread, or a task to adopt. See [`crate::control`].
     pub const PROG_CONTROL: &str = "control";
-    pub const PROG_CONTROL_NO_ATOMICS: &str = "control_no_atomics";
+    /// `ADOPT`, loaded when a tracker first attaches.
+    pub const PROG_CONTROL_ADOPT: &str = "control_adopt";
+    pub const PROG_CONTROL_ADOPT_NO_ATOMICS: &str = "control_adopt_no_atomics";
     pub const PROG_RSS_STAT: &str = "rss_stat";
     pub const PROG_BLOCK_BIO_QUEUE: &str = "block_bio_queue";
     pub const PROG_BLOCK_BIO_QUEUE_WITH_QUEUE: &str = "block_bio_queue_with_queue";
