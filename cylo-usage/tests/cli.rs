@@ -124,6 +124,8 @@ fn json_report_is_one_flat_object_with_the_documented_names() {
         "network_bytes_received",
         "lost_events",
         "precision",
+        "precision_notes",
+        "tracker",
         "exit_code",
         "signal",
         "wall_time_ms",
@@ -135,15 +137,21 @@ fn json_report_is_one_flat_object_with_the_documented_names() {
     assert_eq!(keys, want);
     assert_eq!(j["process_count"], 11);
     assert_eq!(j["precision"], "exact");
+    assert_eq!(j["precision_notes"], serde_json::json!([]));
+    assert_eq!(j["tracker"], "in-process");
     assert_eq!(j["lost_events"], 0);
     assert!(
         j["network_bytes_sent"].is_null(),
         "not measured yet: null, never 0"
     );
-    // Only disk_devices is a list (of flat objects); everything else is a scalar or null.
+    // Only disk_devices (of flat objects) and precision_notes (of strings) are lists;
+    // everything else is a scalar or null.
     for (k, v) in &j {
         assert!(!v.is_object(), "{k}");
-        assert!(!v.is_array() || k == "disk_devices", "{k}");
+        assert!(
+            !v.is_array() || k == "disk_devices" || k == "precision_notes",
+            "{k}"
+        );
     }
 }
 
