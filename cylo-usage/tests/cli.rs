@@ -266,9 +266,9 @@ fn sigterm_and_sigint_are_forwarded_and_the_report_still_printed() {
 }
 
 #[test]
-fn without_privileges_it_says_what_is_missing() {
+fn without_privileges_require_exact_says_what_is_missing() {
     let mut cmd = Command::new(CLI);
-    cmd.args(["run", "--", "/bin/true"]);
+    cmd.args(["run", "--require-exact", "--", "/bin/true"]);
     // SAFETY: async-signal-safe calls only.
     unsafe {
         cmd.pre_exec(|| {
