@@ -244,3 +244,24 @@ impl AnyRun {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trackers_and_runs_can_move_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>() {}
+        send_sync::<AnyTracker>();
+        send::<AnyRun>();
+        send_sync::<Error>();
+    }
+
+    #[test]
+    fn the_fallback_reason_is_one_short_line() {
+        let long = format!("verifier said no\n{}", "x".repeat(1000));
+        assert_eq!(first_line(&long), "verifier said no");
+        assert_eq!(first_line(&"y".repeat(500)).len(), 300);
+    }
+}
