@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use cylo_usage::report;
-use cylo_usage::{ResourceUsage, Run, RunOptions, SessionError, Tracker};
+use cylo_usage::{AnyRun, AnyTracker, OpenOptions, ResourceUsage, RunOptions, Tracker};
 use tokio::io::unix::AsyncFd;
 
 const EXIT_TIMED_OUT: u8 = 124;
@@ -65,6 +65,10 @@ struct SessionArgs {
     /// How long after the timeout's SIGTERM the SIGKILL comes.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "2s")]
     kill_after: Duration,
+    /// Fail (exit 125, naming what is missing) rather than fall back to the approximate
+    /// /proc tracker when the eBPF programs cannot be loaded.
+    #[arg(long)]
+    require_exact: bool,
 }
 
 #[derive(Subcommand)]
@@ -215,14 +219,14 @@ enum Target {
     Pid(u32),
 }
 
-/// The exit code for a failure to start the session.
-fn start_error_code(e: &SessionError) -> u8 {
-    match e {
-        SessionError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            EXIT_NOT_FOUND
+/// The exit code and the one-line message for a failure to start the session.
+fn start_error(e: &cylo_usage::Error, program: &str) -> (u8, String) {
+    match e.spawn_error() {
+        Some(source) if source.kind() == std::io::ErrorKind::NotFound => {
+            (EXIT_NOT_FOUND, format!("{program}: {source}"))
         }
-        SessionError::Spawn { .. } => EXIT_CANNOT_RUN,
-        _ => EXIT_TRACKER_FAILED,
+        Some(source) => (EXIT_CANNOT_RUN, format!("{program}: {source}")),
+        None => (EXIT_TRACKER_FAILED, cylo_usage::error_chain(e)),
     }
 }
 
@@ -250,13 +254,33 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
             );
         }
     };
+    let open = OpenOptions {
+        require_exact: args.require_exact,
+        ..OpenOptions::default()
+    };
+    let tracker = match Tracker::open(open) {
+        Ok(t) => t,
+        Err(e) => return fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
+    };
+    if let AnyTracker::Proc(p) = &tracker {
+        // What the fallback cannot give honestly, it refuses rather than make up.
+        let refused = [
+            (args.tree, "--tree (a per-process breakdown)"),
+            (args.events.is_some(), "--events (the process event stream)"),
+        ];
+        if let Some((_, what)) = refused.iter().find(|(asked, _)| *asked) {
+            return fail(
+                EXIT_TRACKER_FAILED,
+                format!(
+                    "{what} needs the eBPF tracker, which cannot be loaded: {}",
+                    p.reason()
+                ),
+            );
+        }
+    }
     let events = match args.events.as_deref().map(open_events).transpose() {
         Ok(e) => e,
         Err(e) => return fail(EXIT_TRACKER_FAILED, e),
-    };
-    let tracker = match Tracker::load() {
-        Ok(t) => t,
-        Err(e) => return fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
     };
     let options = RunOptions {
         tree: args.tree,
@@ -294,11 +318,11 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
     let mut run = match started {
         Ok(run) => run,
         Err(e) => {
-            let code = start_error_code(&e);
-            let message = match &e {
-                SessionError::Spawn { program, source } => format!("{program}: {source}"),
-                e => cylo_usage::error_chain(e),
+            let program = match &target {
+                Target::Command(cmd) => cmd[0].to_string_lossy().into_owned(),
+                Target::Pid(pid) => pid.to_string(),
             };
+            let (code, message) = start_error(&e, &program);
             return fail(code, message);
         }
     };
@@ -357,6 +381,11 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         return ExitCode::from(EXIT_TIMED_OUT);
     }
     let status = run.root_status();
+    if status.is_none() && interrupted.is_none() && matches!(run, AnyRun::Proc(_)) && attached {
+        // The /proc fallback cannot know the exit status of a root that is not its child
+        // (unless a sample saw it as a zombie): the session itself succeeded.
+        return ExitCode::SUCCESS;
+    }
     match (
         status.and_then(|s| s.code()),
         status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),
@@ -374,12 +403,12 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
 /// signal is forwarded to the root, and stops the waiting once the root has exited; for
 /// `attach`, a signal stops the waiting at once (returned). The timeout kills the tree.
 async fn wait(
-    run: &mut Run,
+    run: &mut AnyRun,
     signals: &AsyncFd<OwnedFd>,
     args: &SessionArgs,
     attached: bool,
 ) -> Result<Option<i32>, String> {
-    let err = |e: SessionError| cylo_usage::error_chain(&e);
+    let err = |e: cylo_usage::Error| cylo_usage::error_chain(&e);
     let fds: Vec<AsyncFd<OwnedFd>> = run
         .wake_fds()
         .map_err(|e| format!("cannot watch the run: {e}"))?
@@ -395,7 +424,7 @@ async fn wait(
     let mut root_done = false;
     let mut drawn: Option<Instant> = None;
     let result = loop {
-        if !root_done && run.try_wait_root().map_err(err)?.is_some() {
+        if !root_done && run.root_ended().map_err(err)? {
             root_done = true;
         }
         let finished = run.is_finished().map_err(err)?;
@@ -473,7 +502,7 @@ async fn wait(
 }
 
 /// The `--watch` status line: elapsed time, CPU, live and total processes, RSS, disk, network.
-fn draw_status(run: &Run, started: Instant) {
+fn draw_status(run: &AnyRun, started: Instant) {
     let Ok(u) = run.usage_totals() else {
         return;
     };

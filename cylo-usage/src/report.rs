@@ -4,7 +4,7 @@ use std::fmt::Write;
 
 use crate::features::Feature;
 use crate::tree::ProcessUsage;
-use crate::usage::{NetworkUsage, Precision, ResourceUsage};
+use crate::usage::{NetworkUsage, Precision, ResourceUsage, TrackerKind};
 
 /// One flat JSON object with the field names of [`ResourceUsage`], and a newline.
 pub fn json(usage: &ResourceUsage) -> String {
@@ -101,9 +101,23 @@ pub fn human_titled(usage: &ResourceUsage, title: &str, what: &str) -> String {
             Precision::Approximate => "approximate".to_string(),
         },
     );
+    for note in &usage.precision_notes {
+        line("Approximate", printable(note));
+    }
+    line(
+        "Tracker",
+        match usage.tracker {
+            TrackerKind::InProcess => "in-process (eBPF)".to_string(),
+            TrackerKind::Proc => "proc (no eBPF: wait4() and /proc samples)".to_string(),
+        },
+    );
     match (usage.exit_code, usage.signal) {
         (_, Some(sig)) => line("Command terminated by signal", sig.to_string()),
         (Some(code), None) => line("Exit status", code.to_string()),
+        (None, None) if usage.tracker == TrackerKind::Proc && usage.attached => line(
+            "Exit status",
+            "unknown (not the tracker's child, and no sample saw it exit)".to_string(),
+        ),
         (None, None) => line("Exit status", "still running".to_string()),
     }
     if usage.timed_out {
@@ -444,6 +458,8 @@ mod tests {
         assert!(text.contains("\tUDP bytes: 1 sent, 2 received\n"));
         assert!(text.contains("\tUnix socket bytes: 300 sent, 400 received\n"));
         assert!(text.contains("\tOther socket bytes: not measured\n"));
+        assert!(text.contains("\tTracker: in-process (eBPF)\n"));
+        assert!(!text.contains("Approximate:"));
         assert!(text.contains("\tExit status: 3\n"));
         assert!(json(&u).ends_with("}\n"));
     }

@@ -602,9 +602,17 @@ pub fn resolve_file(path: &Path) -> Result<Offsets, ResolveError> {
     resolve_offsets(&btf)
 }
 
-/// Resolves the offsets of the running kernel, from [`VMLINUX_BTF_PATH`].
+/// For tests only: a path read instead of [`VMLINUX_BTF_PATH`], to simulate a kernel
+/// without BTF (`CYLO_USAGE_TEST_BTF=/nonexistent`). It can only make loading fail.
+pub const TEST_BTF_PATH_ENV: &str = "CYLO_USAGE_TEST_BTF";
+
+/// Resolves the offsets of the running kernel, from [`VMLINUX_BTF_PATH`] (or, in tests,
+/// [`TEST_BTF_PATH_ENV`]).
 pub fn resolve_host() -> Result<Offsets, ResolveError> {
-    resolve_file(Path::new(VMLINUX_BTF_PATH))
+    match std::env::var_os(TEST_BTF_PATH_ENV) {
+        Some(path) => resolve_file(Path::new(&path)),
+        None => resolve_file(Path::new(VMLINUX_BTF_PATH)),
+    }
 }
 
 #[cfg(test)]

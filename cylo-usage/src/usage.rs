@@ -15,6 +15,18 @@ pub enum Precision {
     Approximate,
 }
 
+/// Which tracker made a report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrackerKind {
+    /// The eBPF programs, loaded by this process: exact.
+    #[default]
+    InProcess,
+    /// The /proc fallback (no eBPF): CPU and disk from `wait4()`, the rest sampled; or a
+    /// /proc snapshot ([`crate::get_resource_usage`]). Always approximate.
+    Proc,
+}
+
 /// Block I/O that tracked tasks submitted to one device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskDevice {
@@ -104,6 +116,13 @@ pub struct ResourceUsage {
     pub lost_events: u64,
     /// `exact` when nothing was lost; `approximate` otherwise.
     pub precision: Precision,
+    /// When `precision` is `approximate`: one note per approximate field (or group of
+    /// fields), `"field: why"`. Empty when exact.
+    #[serde(default)]
+    pub precision_notes: Vec<String>,
+    /// Which tracker measured: `in-process` (eBPF) or `proc` (the /proc fallback).
+    #[serde(default)]
+    pub tracker: TrackerKind,
     /// The root's exit status, when it exited normally; `None` while it runs or if a signal
     /// killed it.
     pub exit_code: Option<i32>,
@@ -128,6 +147,48 @@ pub struct ResourceUsage {
     /// Processes left out of `processes` because the breakdown's limit was reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processes_dropped: Option<u64>,
+}
+
+impl ResourceUsage {
+    /// A report of `tracker` with nothing measured: every optional counter `None`, every
+    /// count 0, precision approximate. The /proc fallback starts from here and fills in what
+    /// it knows, so a counter it does not know stays `null`.
+    pub fn unmeasured(tracker: TrackerKind) -> ResourceUsage {
+        ResourceUsage {
+            cpu_time_ns: 0,
+            cpu_time_ms: 0,
+            cpu_user_ns: 0,
+            cpu_system_ns: 0,
+            process_count: 0,
+            thread_count: 0,
+            peak_process_count: None,
+            live_process_count: 0,
+            disk_bytes_read: None,
+            disk_bytes_written: None,
+            disk_cancelled_write_bytes: None,
+            disk_devices: None,
+            io_read_chars: None,
+            io_write_chars: None,
+            memory_bytes: None,
+            peak_memory_bytes: None,
+            max_process_rss_bytes: None,
+            network_bytes_sent: None,
+            network_bytes_received: None,
+            network: None,
+            lost_events: 0,
+            precision: Precision::Approximate,
+            precision_notes: Vec::new(),
+            tracker,
+            exit_code: None,
+            signal: None,
+            wall_time_ms: 0,
+            attached: false,
+            usage_before_attach: None,
+            timed_out: false,
+            processes: None,
+            processes_dropped: None,
+        }
+    }
 }
 
 /// What the processes present at an attach had already used by then, read in the kernel as
@@ -330,6 +391,21 @@ pub fn merge(
         }
     });
     let exact = live.complete && c.lost_events == 0;
+    let mut precision_notes = Vec::new();
+    if c.lost_events > 0 {
+        precision_notes.push(format!(
+            "lost_events: {} records could not be made (a membership map or ring buffer was \
+             full): what those tasks did is missing",
+            c.lost_events
+        ));
+    }
+    if !live.complete {
+        precision_notes.push(
+            "cpu_time_ns, disk_bytes_read, disk_bytes_written, io_read_chars, io_write_chars: \
+             the tree changed during every attempt at a consistent live snapshot"
+                .to_string(),
+        );
+    }
     let pages = |p: u64| p * units.page_size;
     let mut devices = live.devices.clone();
     devices.sort_by(|a, b| a.device.cmp(&b.device));
@@ -363,6 +439,8 @@ pub fn merge(
         } else {
             Precision::Approximate
         },
+        precision_notes,
+        tracker: TrackerKind::InProcess,
         exit_code: root.exit_code,
         signal: root.signal,
         wall_time_ms,
@@ -491,6 +569,10 @@ mod tests {
         c.lost_events = 3;
         let u = merge(&c, Measured::ALL, &whole(), UNITS, RootExit::default(), 0);
         assert_eq!((u.lost_events, u.precision), (3, Precision::Approximate));
+        assert!(
+            u.precision_notes[0].starts_with("lost_events: 3 records"),
+            "{u:?}"
+        );
         let u = merge(
             &counters(),
             Measured::ALL,
@@ -529,8 +611,13 @@ mod tests {
         let v: serde_json::Value = serde_json::to_value(&u).unwrap();
         for (k, v) in v.as_object().unwrap() {
             assert!(!v.is_object() || k == "network", "{k}");
-            assert!(!v.is_array() || k == "disk_devices", "{k}");
+            assert!(
+                !v.is_array() || k == "disk_devices" || k == "precision_notes",
+                "{k}"
+            );
         }
+        assert_eq!(obj["tracker"], "in-process");
+        assert_eq!(obj["precision_notes"], serde_json::json!([]));
         assert!(obj["usage_before_attach"].is_null());
         assert!(!obj.contains_key("processes"), "only with --tree");
         let mut keys: Vec<_> = v["network"].as_object().unwrap().keys().cloned().collect();

@@ -113,6 +113,8 @@ fn json_report_is_one_flat_object_with_the_documented_names() {
         "network",
         "lost_events",
         "precision",
+        "precision_notes",
+        "tracker",
         "exit_code",
         "signal",
         "wall_time_ms",
@@ -124,17 +126,22 @@ fn json_report_is_one_flat_object_with_the_documented_names() {
     assert_eq!(keys, want);
     assert_eq!(j["process_count"], 11);
     assert_eq!(j["precision"], "exact");
+    assert_eq!(j["precision_notes"], serde_json::json!([]));
+    assert_eq!(j["tracker"], "in-process");
     assert_eq!(j["lost_events"], 0);
     // Sockets: counted wherever the kernel has hooks for them (every kernel of the matrix),
     // and this command moves no socket bytes.
     assert_eq!(j["network_bytes_sent"], 0, "{j:?}");
     assert_eq!(j["network_bytes_received"], 0, "{j:?}");
     assert_eq!(j["network"]["unix_sent"], 0, "{j:?}");
-    // Only disk_devices is a list (of flat objects) and network an object of counters;
-    // everything else is a scalar or null.
+    // Only disk_devices (of flat objects) and precision_notes (of strings) are lists, and
+    // network an object of counters; everything else is a scalar or null.
     for (k, v) in &j {
         assert!(!v.is_object() || k == "network", "{k}");
-        assert!(!v.is_array() || k == "disk_devices", "{k}");
+        assert!(
+            !v.is_array() || k == "disk_devices" || k == "precision_notes",
+            "{k}"
+        );
     }
 }
 
@@ -250,9 +257,9 @@ fn sigterm_and_sigint_are_forwarded_and_the_report_still_printed() {
 }
 
 #[test]
-fn without_privileges_it_says_what_is_missing() {
+fn without_privileges_require_exact_says_what_is_missing() {
     let mut cmd = Command::new(CLI);
-    cmd.args(["run", "--", "/bin/true"]);
+    cmd.args(["run", "--require-exact", "--", "/bin/true"]);
     // SAFETY: async-signal-safe calls only.
     unsafe {
         cmd.pre_exec(|| {

@@ -35,6 +35,10 @@
 //!   subtrees that share what is left, then waits for them (a fork that hits the pid limit is
 //!   retried until pids free up).
 //! - `net MODE ...`: socket traffic with known byte counts (see `workload/net.rs`).
+//! - `hold-threads N T`: `hold N`, and T more threads in the root, blocked reading stdin too:
+//!   1 + N processes, 1 + N + T threads until stdin is closed.
+//! - `snapshot PID`: prints `cylo_usage::get_resource_usage(PID)` as JSON; on an error,
+//!   prints it on stderr and exits with 3 (permission denied), 4 (no such process) or 1.
 use std::time::Duration;
 
 #[path = "workload/net.rs"]
@@ -46,7 +50,7 @@ fn usage() -> ! {
          clone-parent | vfork | exec-from-thread PATH [ARGS] | write-direct FILE MIB [BLOCK] | \
          read-direct FILE MIB [BLOCK] | write FILE MIB fsync|truncate|none | read FILE | \
          mem A B MS | pidns N | hostile-name MS | spike MIB MS AFTER [small] | \
-         attach-target K | hold N | bomb N | net MODE ..."
+         attach-target K | hold N | bomb N | hold-threads N T | snapshot PID | net MODE ..."
     );
     std::process::exit(2)
 }
@@ -481,6 +485,44 @@ fn main() {
         }
         Some("attach-target") => attach_target(num(args.get(1))),
         Some("bomb") => bomb(num(args.get(1)).max(1) - 1),
+        Some("hold-threads") => {
+            let (n, t) = (num(args.get(1)), num(args.get(2)));
+            for _ in 0..n {
+                if fork() == 0 {
+                    until_stdin_closes();
+                    // SAFETY: ends the child.
+                    unsafe { libc::_exit(0) };
+                }
+            }
+            let threads: Vec<_> = (0..t)
+                .map(|_| std::thread::spawn(until_stdin_closes))
+                .collect();
+            until_stdin_closes();
+            for h in threads {
+                h.join().expect("thread");
+            }
+            wait_all();
+        }
+        Some("snapshot") => {
+            let pid: i64 = args
+                .get(1)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| usage());
+            match cylo_usage::get_resource_usage(pid as libc::pid_t) {
+                Ok(u) => println!("{}", serde_json::to_string(&u).expect("serialisable")),
+                Err(e) => {
+                    eprintln!("{}", cylo_usage::error_chain(&e));
+                    let code = if e.is_permission_denied() {
+                        3
+                    } else if e.is_no_such_process() {
+                        4
+                    } else {
+                        1
+                    };
+                    std::process::exit(code);
+                }
+            }
+        }
         Some("hold") => {
             for _ in 0..num(args.get(1)) {
                 if fork() == 0 {

@@ -202,6 +202,142 @@ pub fn expected_peak(n: u64) -> Option<u64> {
     (kernel_version() >= (5, 12)).then_some(n)
 }
 
+impl CpuGroup {
+    /// The group's `cgroup.procs`: a process that writes `0` into it joins the group.
+    pub fn procs_file(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
+    /// Lets user `uid` move its own processes into the group (cgroup v1: write access to
+    /// `cgroup.procs` is enough for a process to move itself).
+    pub fn allow(&self, uid: u32) {
+        std::os::unix::fs::chown(self.procs_file(), Some(uid), Some(uid)).unwrap();
+    }
+
+    /// The pids in the group now.
+    pub fn pids(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.procs_file())
+            .unwrap()
+            .split_ascii_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect()
+    }
+}
+
+/// The unprivileged user of the unprivileged tests (nobody).
+pub const NOBODY: u32 = 65534;
+
+/// Whether this process can drop privileges (it is root), or else a skip (a panic in CI).
+pub fn can_drop_privileges() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if ebpf_required() {
+        panic!(
+            "CYLO_USAGE_REQUIRE_EBPF=1, but the unprivileged tests need root to drop privileges"
+        );
+    }
+    eprintln!("SKIPPED: not root: cannot drop privileges to test without them");
+    false
+}
+
+/// Whether util-linux's `setpriv` (with `--reuid`) is installed; busybox's has no such option.
+fn util_linux_setpriv() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        Command::new("setpriv")
+            .arg("--help")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--reuid"))
+    })
+}
+
+/// `program args` run as user and group [`NOBODY`] without supplementary groups and without
+/// capabilities: `setpriv --reuid=65534 --regid=65534 --clear-groups` where util-linux has it
+/// (CI), else the same calls (setgroups, setresgid, setresuid) made before exec.
+pub fn as_nobody(program: &Path, args: &[&str]) -> Command {
+    if util_linux_setpriv() {
+        let mut c = Command::new("setpriv");
+        c.args([
+            format!("--reuid={NOBODY}"),
+            format!("--regid={NOBODY}"),
+            "--clear-groups".to_string(),
+            "--".to_string(),
+        ]);
+        c.arg(program).args(args);
+        return c;
+    }
+    let mut c = Command::new(program);
+    c.args(args);
+    // SAFETY: async-signal-safe calls only.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(NOBODY, NOBODY, NOBODY) != 0
+                || libc::setresuid(NOBODY, NOBODY, NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
+/// Whether every folder above `path` lets others through and `path` lets them run it.
+fn others_can_run(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0)
+    };
+    mode(path) & 0o005 == 0o005 && path.ancestors().skip(1).all(|a| mode(a) & 0o001 != 0)
+}
+
+/// A folder that [`NOBODY`] can write, with the binaries it must run (copied there when the
+/// build folder is closed to others, as under /root). Removed when dropped.
+pub struct Scratch {
+    pub dir: PathBuf,
+    pub cli: PathBuf,
+    pub workload: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cylo-usage-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let place = |bin: &str| {
+            let bin = PathBuf::from(bin);
+            if others_can_run(&bin) {
+                return bin;
+            }
+            let copy = dir.join(bin.file_name().unwrap());
+            std::fs::copy(&bin, &copy).unwrap();
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+            copy
+        };
+        let cli = place(CLI);
+        let workload = place(WORKLOAD);
+        assert!(
+            others_can_run(&cli),
+            "{} is not reachable by others",
+            dir.display()
+        );
+        Scratch { dir, cli, workload }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Runs the `cylo-usage` command line with `args` (no stdin) to completion.
 pub fn cli(args: &[&str]) -> Output {
     Command::new(CLI)
