@@ -2,7 +2,7 @@
 //! this process (no `CAP_BPF`/`CAP_PERFMON`, no kernel BTF, a verifier that refuses them, no
 //! BPF ring buffer). It is not a poller:
 //!
-//! - **`run`**: the command's parent is a helper process, the reaper (see [`reaper`]), that
+//! - **`run`**: the command's parent is a helper process, the reaper (see `reaper.rs`), that
 //!   is a child subreaper: every orphan of the tree, double-forked daemons included, comes
 //!   back to it, and it `wait()`s for each. `wait4()`'s `rusage` of a reaped process holds its
 //!   CPU time and that of every descendant it waited for, to the µs, so the sum over what the
@@ -133,7 +133,7 @@ impl ProcTracker {
     /// Starts `command` under a reaper (see the module documentation). A `pre_exec` hook is
     /// added to `command`; it acts only during this call. The command's `pre_exec` hooks,
     /// process group and session settings apply to the reaper (the root's parent), and the
-    /// root inherits them: with [`Command::process_group`], the group's id is the reaper's pid.
+    /// root inherits them: with `CommandExt::process_group`, the group's id is the reaper's pid.
     pub fn spawn(&self, command: &mut Command) -> Result<ProcRun, FallbackError> {
         self.spawn_with(command, RunOptions::default())
     }
