@@ -638,20 +638,37 @@ fn attach_works_inside_a_pid_namespace_with_its_pids() {
         eprintln!("SKIPPED: no unshare(1) with -fp --mount-proc here");
         return;
     }
-    // In a new pid namespace, the shell is pid 1; its background job (a shell that runs two
-    // commands after a pause) is pid 2; the shell then becomes the tracker, attached to it.
-    let script = format!("sh -c 'sleep 1; /bin/true; exit 0' & exec {CLI} attach --json --tree $!");
-    let o = Command::new("unshare")
+    // In a new pid namespace, the shell is pid 1; its background job (a shell that waits,
+    // with builtins only, for a file the test makes once the tracker has attached, then runs
+    // /bin/true) is pid 2; the shell then becomes the tracker, attached to it.
+    let dir = tempdir("pidns-attach");
+    let events = dir.join("events.ndjson");
+    let go = dir.join("go");
+    let script = format!(
+        "sh -c 'while [ ! -e {go} ]; do :; done; /bin/true; exit 0' & \
+         exec {CLI} attach --json --tree --events {events} $!",
+        go = go.display(),
+        events = events.display()
+    );
+    let child = Command::new("unshare")
         .args(["-fp", "--mount-proc", "/bin/sh", "-c", &script])
         .stdin(Stdio::null())
-        .output()
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&events).is_ok_and(|t| t.contains("\"attached\"")) {
+        assert!(Instant::now() < deadline, "the tracker did not attach");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&go, b"").unwrap();
+    let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let u = json_of(&stderr(&o));
     assert_eq!(u["attached"], true);
     assert_eq!(u["lost_events"], 0, "{u}");
-    // The job's shell, its sleep (maybe forked already) and /bin/true.
-    assert_eq!(u["process_count"], 3, "{u}");
+    // The job's shell and /bin/true.
+    assert_eq!(u["process_count"], 2, "{u}");
     let ps = u["processes"].as_array().unwrap();
     assert_eq!(ps[0]["pid"], 2, "the namespace's own pid: {u}");
     assert!(ps.iter().all(|p| p["pid"].as_u64().unwrap() < 100), "{u}");
