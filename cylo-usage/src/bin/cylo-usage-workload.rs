@@ -26,7 +26,7 @@
 //! - `spike MIB MS AFTER [small]`: touch MIB MiB, hold them MS ms, unmap them, then live
 //!   AFTER ms more; `small` asks for 4 KiB pages (no transparent huge pages): one fault each.
 //! - `attach-target K`: a tree to attach to that keeps forking: K workers and a forker that
-//!   makes a new child every millisecond or so; every process blocks reading stdin until it
+//!   makes a new child every 2 ms or so (3,000 at most); every process blocks reading stdin until it
 //!   is closed, then burns 5 ms (workers 50 ms) and exits. Nothing exits before stdin is
 //!   closed. At the end the root prints how many processes the tree had, itself included.
 //! - `hold N`: N children that block reading stdin until it is closed, then exit; the root
@@ -185,6 +185,9 @@ fn stdin_closed() -> bool {
     unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & (libc::POLLHUP | libc::POLLIN) != 0 }
 }
 
+/// The most children `attach-target`'s forker makes.
+const ATTACH_TARGET_MAX: u64 = 3_000;
+
 fn attach_target(workers: u64) {
     for _ in 0..workers {
         if fork() == 0 {
@@ -200,15 +203,22 @@ fn attach_target(workers: u64) {
     unsafe { libc::pipe(fds.as_mut_ptr()) };
     if fork() == 0 {
         let mut made: u64 = 0;
-        while !stdin_closed() {
-            if fork() == 0 {
+        // At most ATTACH_TARGET_MAX children, one every 2 ms, so a slow machine (an emulated
+        // CPU) cannot run out of pids or memory before stdin closes.
+        while !stdin_closed() && made < ATTACH_TARGET_MAX {
+            // SAFETY: the child only reads, burns and _exits.
+            let pid = unsafe { libc::fork() };
+            if pid < 0 {
+                break; // out of pids or memory: the count stays true
+            }
+            if pid == 0 {
                 until_stdin_closes();
                 burn(5);
                 // SAFETY: ends the child.
                 unsafe { libc::_exit(0) };
             }
             made += 1;
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_millis(2));
         }
         let bytes = made.to_le_bytes();
         // SAFETY: writes 8 bytes from a local.
