@@ -110,7 +110,7 @@ pub(crate) fn pidfd_open(pid: u32) -> Result<OwnedFd, SessionError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-fn pidfd_send_signal(fd: &OwnedFd, signal: i32) -> std::io::Result<()> {
+pub(crate) fn pidfd_send_signal(fd: &OwnedFd, signal: i32) -> std::io::Result<()> {
     // SAFETY: pidfd_send_signal on a pidfd we own; no siginfo.
     let r = unsafe {
         libc::syscall(

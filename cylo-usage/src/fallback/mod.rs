@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use crate::procfs::{self, ProcError};
 use crate::proctree::{self, Detail, Node, ProcFs, Read, Seed};
-use crate::session::{RunOptions, SessionError, monotonic_ns, pidfd_open};
+use crate::session::{RunOptions, SessionError, monotonic_ns, pidfd_open, pidfd_send_signal};
 use crate::usage::ResourceUsage;
 
 use account::{Account, AttachAccount, RootEnd, Units};
@@ -705,23 +705,6 @@ impl Drop for ProcRun {
         self.shared.stop.store(true, Ordering::Relaxed);
         drop(self.sampler.take());
     }
-}
-
-fn pidfd_send_signal(fd: &OwnedFd, signal: i32) -> std::io::Result<()> {
-    // SAFETY: pidfd_send_signal on a pidfd we own; no siginfo.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn seeds_of(root: &Seed, acc: &AttachAccount) -> Vec<Seed> {
