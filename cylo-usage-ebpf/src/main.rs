@@ -1158,14 +1158,20 @@ fn on_control(ctx: RawTracePointContext) -> i32 {
     let a: u64 = ctx.arg(1);
     match op {
         control::HELLO => {
-            let (Some(signal), Some(pid)) = (
-                read::<u64>(current, offset!(task_signal)),
-                read::<u64>(current, offset!(task_thread_pid)),
-            ) else {
+            let Some(signal) = read::<u64>(current, offset!(task_signal)) else {
                 return control::E_READ;
             };
-            let Some(level) = read::<u32>(pid, offset!(pid_level)) else {
-                return control::E_READ;
+            // Without the pid-namespace layout, pids are global (level 0).
+            let level = if offset!(task_thread_pid) == ABSENT {
+                0
+            } else {
+                let Some(pid) = read::<u64>(current, offset!(task_thread_pid)) else {
+                    return control::E_READ;
+                };
+                let Some(level) = read::<u32>(pid, offset!(pid_level)) else {
+                    return control::E_READ;
+                };
+                level
             };
             let Some(info) = TRACKER.get_ptr_mut(0) else {
                 return control::E_INVAL;
