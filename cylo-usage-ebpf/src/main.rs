@@ -342,6 +342,16 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, creator: Opt
         net_sent: 0,
         net_received: 0,
     };
+    // A run's share of the membership maps (a daemon's session): past it, a new task is
+    // lost to this run alone, and other runs keep their room.
+    if let Some(control) = RUN_CONTROL.get(run)
+        && control.max_tasks != 0
+        && load(&counters.threads_started).wrapping_sub(load(&counters.threads_exited))
+            >= control.max_tasks as u64
+    {
+        add(&mut counters.lost_events, 1);
+        return;
+    }
     if TASKS.insert(child, member, BPF_NOEXIST as u64).is_err() {
         add(&mut counters.lost_events, 1);
         return;
@@ -1198,6 +1208,27 @@ fn on_control(ctx: RawTracePointContext) -> i32 {
         control::UNSPAWN => {
             let _ = SPAWNERS.remove(current);
             0
+        }
+        control::SPAWNER_FD => {
+            let (run, tgid): (u64, u64) = (ctx.arg(2), ctx.arg(3));
+            if run >= MAX_RUNS as u64 || tgid == 0 {
+                return control::E_INVAL;
+            }
+            let task = match task_of_fd(current, a) {
+                Ok(task) => task,
+                Err(e) => return e,
+            };
+            let info = tracker();
+            if process_pid(task, info.pid_level) as u64 != tgid {
+                return control::E_NOT_PEER;
+            }
+            if read::<u64>(task, offset!(task_signal)) == Some(info.signal) {
+                return control::E_SELF;
+            }
+            match SPAWNERS.insert(task, run as u32, 0) {
+                Ok(()) => 0,
+                Err(_) => control::E_FULL,
+            }
         }
         _ => control::E_INVAL,
     }

@@ -19,6 +19,9 @@ pub enum Error {
     /// asked for does not exist.
     #[error(transparent)]
     Session(#[from] SessionError),
+    /// The daemon refused, failed, or went away.
+    #[error(transparent)]
+    Daemon(#[from] crate::daemon::DaemonError),
     /// A session of the /proc fallback failed.
     #[error(transparent)]
     Fallback(#[from] FallbackError),
@@ -73,7 +76,8 @@ impl Error {
     pub fn spawn_error(&self) -> Option<&std::io::Error> {
         match self {
             Error::Session(SessionError::Spawn { source, .. })
-            | Error::Fallback(FallbackError::Spawn { source, .. }) => Some(source),
+            | Error::Fallback(FallbackError::Spawn { source, .. })
+            | Error::Daemon(crate::daemon::DaemonError::Spawn { source, .. }) => Some(source),
             _ => None,
         }
     }

@@ -1,15 +1,17 @@
 //! Which counters this build measures on the running kernel, and how. Decided when the
 //! programs load (the verifier and BTF say what the kernel offers), never from its version.
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 
 use crate::loader::Unavailable;
 use crate::usage::{Measured, NetworkPath};
 
 /// One counter of [`crate::ResourceUsage`] and whether (and how) it is measured here.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Feature {
     /// The field name in `ResourceUsage` / the JSON report.
-    pub counter: &'static str,
+    pub counter: Cow<'static, str>,
     pub measured: bool,
     /// How it is measured, or why it is not.
     pub how: String,
@@ -25,18 +27,18 @@ const RSS: &str = "raw tracepoint rss_stat on every change of a tracked address 
 /// The counters and how each is measured given what the kernel accepted;
 /// `refused` says what the kernel refused, where it did.
 pub(crate) fn features(m: Measured, refused: &Unavailable) -> Vec<Feature> {
-    let yes = |counter, how: &str| Feature {
-        counter,
+    let yes = |counter: &'static str, how: &str| Feature {
+        counter: Cow::Borrowed(counter),
         measured: true,
         how: how.to_string(),
     };
-    let no = |counter, how: &str| Feature {
-        counter,
+    let no = |counter: &'static str, how: &str| Feature {
+        counter: Cow::Borrowed(counter),
         measured: false,
         how: how.to_string(),
     };
-    let pick = |measured, counter, how: &str, why: &str| Feature {
-        counter,
+    let pick = |measured, counter: &'static str, how: &str, why: &str| Feature {
+        counter: Cow::Borrowed(counter),
         measured,
         how: if measured { how } else { why }.to_string(),
     };
@@ -132,8 +134,8 @@ pub(crate) fn features(m: Measured, refused: &Unavailable) -> Vec<Feature> {
 
 /// The network counters, and how the socket hooks that were attached count them.
 fn network(path: Option<NetworkPath>, refused: Option<&str>) -> Vec<Feature> {
-    let feature = |counter, how: Result<String, String>| Feature {
-        counter,
+    let feature = |counter: &'static str, how: Result<String, String>| Feature {
+        counter: Cow::Borrowed(counter),
         measured: how.is_ok(),
         how: how.unwrap_or_else(|why| why),
     };
@@ -197,7 +199,7 @@ mod tests {
     #[test]
     fn every_usage_field_that_is_a_counter_is_listed_once() {
         let list = features(Measured::ALL, &Unavailable::default());
-        let mut names: Vec<_> = list.iter().map(|f| f.counter).collect();
+        let mut names: Vec<&str> = list.iter().map(|f| &*f.counter).collect();
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), list.len());

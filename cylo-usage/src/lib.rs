@@ -31,6 +31,7 @@
 //! ```
 mod attach;
 pub mod btf;
+pub mod daemon;
 mod error;
 pub mod fallback;
 pub mod features;

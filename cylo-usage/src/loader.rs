@@ -5,11 +5,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::os::fd::{AsFd, AsRawFd};
 
 use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
+use aya::programs::fexit::FExitLinkId;
+use aya::programs::raw_trace_point::RawTracePointLinkId;
 use aya::programs::{FExit, ProgramError, ProgramFd, RawTracePoint};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use cylo_usage_abi::{
-    ABSENT, DEFAULT_MAX_PROCS, DEFAULT_MAX_TASKS, DevCounters, DevKey, MAX_RUNS, MmMember, Offsets,
-    ProcMember, RunControl, RunCounters, TaskMember, control, names,
+    ABSENT, DEFAULT_MAX_MMS, DEFAULT_MAX_PROCS, DEFAULT_MAX_TASKS, DevCounters, DevKey, MAX_RUNS,
+    MmMember, Offsets, ProcMember, RunControl, RunCounters, TaskMember, control, names,
 };
 
 use crate::resolve::{self, ResolveError};
@@ -99,6 +101,7 @@ pub(crate) struct Maps {
     pub mms: HashMap<MapData, u64, MmMember>,
     pub devs: HashMap<MapData, DevKey, DevCounters>,
     pub runs: Array<MapData, RunCounters>,
+    pub spawners: HashMap<MapData, u64, u32>,
     pub spawn_gate: Array<MapData, u64>,
     pub adopt_gate: Array<MapData, u64>,
     pub run_control: Array<MapData, RunControl>,
@@ -121,14 +124,40 @@ pub(crate) struct Inner {
     /// The `control_adopt` program, loaded when the first attach needs it.
     adopt: std::sync::OnceLock<ProgramFd>,
     pub offsets: Offsets,
+    /// Capacities of TASKS, PROCS and MMS.
+    capacity: [u32; 3],
     pub measured: Measured,
     /// Why what is not measured is not.
     pub unavailable: Unavailable,
-    /// Keeps the programs and their links attached.
-    _ebpf: Mutex<Ebpf>,
+    /// Keeps the programs loaded and their hooks attached (or detached, while idle).
+    programs: Mutex<Programs>,
+}
+
+/// The loaded object and the hooks attached from it.
+struct Programs {
+    ebpf: Ebpf,
+    hooks: Vec<Hook>,
+}
+
+/// A program attached to a kernel hook; its link is `None` while it is detached.
+enum Hook {
+    Tracepoint {
+        program: &'static str,
+        tracepoint: &'static str,
+        link: Option<RawTracePointLinkId>,
+    },
+    Function {
+        program: &'static str,
+        function: &'static str,
+        link: Option<FExitLinkId>,
+    },
 }
 
 impl Inner {
+    fn programs(&self) -> MutexGuard<'_, Programs> {
+        self.programs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn maps(&self) -> MutexGuard<'_, Maps> {
         // A panic while holding the lock leaves plain data behind: keep using it.
         self.maps.lock().unwrap_or_else(|e| e.into_inner())
@@ -150,11 +179,11 @@ impl Inner {
                 } else {
                     names::PROG_CONTROL_ADOPT_NO_ATOMICS
                 };
-                let mut ebpf = self._ebpf.lock().unwrap_or_else(|e| e.into_inner());
+                let mut programs = self.programs.lock().unwrap_or_else(|e| e.into_inner());
                 match self.adopt.get() {
                     Some(p) => p,
                     None => {
-                        let fd = load_control(&mut ebpf, name)?;
+                        let fd = load_control(&mut programs.ebpf, name)?;
                         self.adopt.get_or_init(|| fd)
                     }
                 }
@@ -286,6 +315,7 @@ where
 
 fn attach(
     ebpf: &mut Ebpf,
+    hooks: &mut Vec<Hook>,
     program: &'static str,
     tracepoint: &'static str,
 ) -> Result<(), LoadError> {
@@ -298,13 +328,20 @@ fn attach(
             tracepoint,
             source,
         })?;
-    prog.load()
-        .and_then(|()| prog.attach(tracepoint).map(|_| ()))
+    let link = prog
+        .load()
+        .and_then(|()| prog.attach(tracepoint))
         .map_err(|source| LoadError::Attach {
             program,
             tracepoint,
             source,
-        })
+        })?;
+    hooks.push(Hook::Tracepoint {
+        program,
+        tracepoint,
+        link: Some(link),
+    });
+    Ok(())
 }
 
 /// Loads the never-attached `control` program and returns a handle to run it.
@@ -351,6 +388,7 @@ impl KernelBtf {
 /// Loads and attaches fexit program `program` to kernel function `function`.
 fn attach_fexit(
     ebpf: &mut Ebpf,
+    hooks: &mut Vec<Hook>,
     btf: &aya::Btf,
     program: &'static str,
     function: &'static str,
@@ -365,9 +403,16 @@ fn attach_fexit(
         .ok_or(LoadError::MissingProgram { name: program })?
         .try_into()
         .map_err(err)?;
-    prog.load(function, btf)
-        .and_then(|()| prog.attach().map(|_| ()))
-        .map_err(err)
+    let link = prog
+        .load(function, btf)
+        .and_then(|()| prog.attach())
+        .map_err(err)?;
+    hooks.push(Hook::Function {
+        program,
+        function,
+        link: Some(link),
+    });
+    Ok(())
 }
 
 /// Attaches the socket hooks the kernel offers (see `cylo-usage-ebpf/src/net.rs`): the
@@ -376,7 +421,12 @@ fn attach_fexit(
 /// sends sendfile and splice data through `proto_ops.sendpage`. All of them or none: on
 /// failure, what was attached is detached again, and the error says why the network is
 /// not measured.
-fn attach_network(ebpf: &mut Ebpf, o: &Offsets, btf: KernelBtf) -> Result<NetworkPath, String> {
+fn attach_network(
+    ebpf: &mut Ebpf,
+    attached: &mut Vec<Hook>,
+    o: &Offsets,
+    btf: KernelBtf,
+) -> Result<NetworkPath, String> {
     use cylo_usage_abi::net::*;
     if [o.socket_sk, o.sk_family, o.sk_type, o.sk_protocol].contains(&ABSENT) {
         return Err(
@@ -406,8 +456,10 @@ fn attach_network(ebpf: &mut Ebpf, o: &Offsets, btf: KernelBtf) -> Result<Networ
                 .to_string(),
         );
     }
-    let result = attach_network_programs(ebpf, btf, tracepoints, sendpage);
+    let before = attached.len();
+    let result = attach_network_programs(ebpf, attached, btf, tracepoints, sendpage);
     if let Err(e) = result {
+        attached.truncate(before);
         unload_network(ebpf);
         return Err(first_line(&crate::error_chain(&e)));
     }
@@ -420,6 +472,7 @@ fn attach_network(ebpf: &mut Ebpf, o: &Offsets, btf: KernelBtf) -> Result<Networ
 
 fn attach_network_programs(
     ebpf: &mut Ebpf,
+    hooks: &mut Vec<Hook>,
     btf: KernelBtf,
     tracepoints: bool,
     sendpage: bool,
@@ -429,7 +482,7 @@ fn attach_network_programs(
             (names::PROG_SOCK_SEND_LENGTH, names::TP_SOCK_SEND_LENGTH),
             (names::PROG_SOCK_RECV_LENGTH, names::TP_SOCK_RECV_LENGTH),
         ] {
-            attach(ebpf, program, tracepoint)?;
+            attach(ebpf, hooks, program, tracepoint)?;
         }
         if !sendpage {
             return Ok(());
@@ -447,7 +500,7 @@ fn attach_network_programs(
         &[]
     };
     for &(program, function) in msg.iter().chain(pages) {
-        attach_fexit(ebpf, &btf, program, function)?;
+        attach_fexit(ebpf, hooks, &btf, program, function)?;
     }
     Ok(())
 }
@@ -506,6 +559,7 @@ impl Tracker {
         options: Options,
     ) -> Result<Tracker, LoadError> {
         let kernel_btf = KernelBtf::start(offsets);
+        let mut hooks = Vec::new();
         let mut ebpf = loader
             .override_global(names::OFFSETS, offsets, true)
             .map_max_entries(names::TASKS, options.max_tasks)
@@ -518,6 +572,7 @@ impl Tracker {
             mms: take(&mut ebpf, names::MMS)?,
             devs: take(&mut ebpf, names::DEVS)?,
             runs: take(&mut ebpf, names::RUNS)?,
+            spawners: take(&mut ebpf, names::SPAWNERS)?,
             spawn_gate: take(&mut ebpf, names::SPAWN_GATE)?,
             adopt_gate: take(&mut ebpf, names::ADOPT_GATE)?,
             run_control: take(&mut ebpf, names::RUN_CONTROL)?,
@@ -528,40 +583,52 @@ impl Tracker {
         let records: RingBuf<MapData> = take(&mut ebpf, names::RECORDS)?;
         // Atomics that return the old value (BPF ISA v3) came with 5.12: the verifier decides.
         // Without them, the variants that do without the peaks and the memory counters.
-        let atomics_error =
-            match attach(&mut ebpf, names::PROG_TASK_NEWTASK, names::TP_TASK_NEWTASK) {
-                Ok(()) => None,
-                Err(
-                    e @ LoadError::Attach {
-                        source: ProgramError::LoadError { .. },
-                        ..
-                    },
-                ) => Some(first_line(&crate::error_chain(&e))),
-                Err(e) => return Err(e),
-            };
+        let atomics_error = match attach(
+            &mut ebpf,
+            &mut hooks,
+            names::PROG_TASK_NEWTASK,
+            names::TP_TASK_NEWTASK,
+        ) {
+            Ok(()) => None,
+            Err(
+                e @ LoadError::Attach {
+                    source: ProgramError::LoadError { .. },
+                    ..
+                },
+            ) => Some(first_line(&crate::error_chain(&e))),
+            Err(e) => return Err(e),
+        };
         let atomics = atomics_error.is_none();
         if atomics {
             attach(
                 &mut ebpf,
+                &mut hooks,
                 names::PROG_SCHED_PROCESS_EXIT,
                 names::TP_SCHED_PROCESS_EXIT,
             )?;
             attach(
                 &mut ebpf,
+                &mut hooks,
                 names::PROG_SCHED_PROCESS_EXEC,
                 names::TP_SCHED_PROCESS_EXEC,
             )?;
-            attach(&mut ebpf, names::PROG_RSS_STAT, names::TP_RSS_STAT)?;
+            attach(
+                &mut ebpf,
+                &mut hooks,
+                names::PROG_RSS_STAT,
+                names::TP_RSS_STAT,
+            )?;
         } else {
             attach(
                 &mut ebpf,
+                &mut hooks,
                 names::PROG_TASK_NEWTASK_NO_ATOMICS,
                 names::TP_TASK_NEWTASK,
             )?;
             let exit = names::PROG_SCHED_PROCESS_EXIT_NO_ATOMICS;
-            attach(&mut ebpf, exit, names::TP_SCHED_PROCESS_EXIT)?;
+            attach(&mut ebpf, &mut hooks, exit, names::TP_SCHED_PROCESS_EXIT)?;
             let exec = names::PROG_SCHED_PROCESS_EXEC_NO_ATOMICS;
-            attach(&mut ebpf, exec, names::TP_SCHED_PROCESS_EXEC)?;
+            attach(&mut ebpf, &mut hooks, exec, names::TP_SCHED_PROCESS_EXEC)?;
         }
         let control = load_control(&mut ebpf, names::PROG_CONTROL)?;
         // Who the tracker is: its pid namespace, and its own tasks, which never join a run.
@@ -577,7 +644,12 @@ impl Tracker {
                 });
             }
         }
-        attach(&mut ebpf, names::PROG_SCHED_SWITCH, names::TP_SCHED_SWITCH)?;
+        attach(
+            &mut ebpf,
+            &mut hooks,
+            names::PROG_SCHED_SWITCH,
+            names::TP_SCHED_SWITCH,
+        )?;
         let o = offsets;
         let has = |fields: &[u32]| fields.iter().all(|&f| f != ABSENT);
         let bio_layout = has(&[o.bio_queue_bio_arg, o.bio_size, o.bio_opf])
@@ -592,7 +664,7 @@ impl Tracker {
             } else {
                 names::PROG_BLOCK_BIO_QUEUE
             };
-            attach(&mut ebpf, program, names::TP_BLOCK_BIO_QUEUE)
+            attach(&mut ebpf, &mut hooks, program, names::TP_BLOCK_BIO_QUEUE)
                 .err()
                 .map(|e| first_line(&crate::error_chain(&e)))
         };
@@ -603,10 +675,11 @@ impl Tracker {
         let records_error = (o.task_comm == ABSENT || o.mm_arg_start == ABSENT).then(|| {
             "this kernel's BTF lacks task_struct.comm/exit_code or mm_struct.arg_start".to_string()
         });
-        let (network, network_error) = match attach_network(&mut ebpf, offsets, kernel_btf) {
-            Ok(path) => (Some(path), None),
-            Err(why) => (None, Some(why)),
-        };
+        let (network, network_error) =
+            match attach_network(&mut ebpf, &mut hooks, offsets, kernel_btf) {
+                Ok(path) => (Some(path), None),
+                Err(why) => (None, Some(why)),
+            };
         let measured = Measured {
             atomics,
             disk: has(&[
@@ -629,6 +702,7 @@ impl Tracker {
                 control,
                 adopt: std::sync::OnceLock::new(),
                 offsets: *offsets,
+                capacity: [options.max_tasks, options.max_procs, DEFAULT_MAX_MMS],
                 measured,
                 unavailable: Unavailable {
                     atomics: atomics_error,
@@ -637,7 +711,7 @@ impl Tracker {
                     records: records_error,
                     network: network_error,
                 },
-                _ebpf: Mutex::new(ebpf),
+                programs: Mutex::new(Programs { ebpf, hooks }),
             }),
         })
     }
@@ -655,5 +729,180 @@ impl Tracker {
     /// The kernel layout the programs were loaded with.
     pub fn offsets(&self) -> Offsets {
         self.inner.offsets
+    }
+
+    /// Whether the hooks are attached (they are from the load on, until
+    /// [`Tracker::detach_hooks`]).
+    pub fn hooks_attached(&self) -> bool {
+        let programs = self.inner.programs();
+        programs.hooks.iter().all(|h| match h {
+            Hook::Tracepoint { link, .. } => link.is_some(),
+            Hook::Function { link, .. } => link.is_some(),
+        })
+    }
+
+    /// Detaches every hook while keeping the programs and maps loaded, so that an idle
+    /// tracker costs the host nothing; [`Tracker::attach_hooks`] attaches them again (quickly:
+    /// nothing is verified again). Nothing is followed meanwhile: only for a tracker without
+    /// runs.
+    pub fn detach_hooks(&self) -> Result<(), LoadError> {
+        let mut programs = self.inner.programs();
+        let Programs { ebpf, hooks } = &mut *programs;
+        for hook in hooks.iter_mut() {
+            match hook {
+                Hook::Tracepoint {
+                    program,
+                    tracepoint,
+                    link,
+                } => {
+                    let Some(id) = link.take() else { continue };
+                    let err = |source| LoadError::Attach {
+                        program,
+                        tracepoint,
+                        source,
+                    };
+                    let prog: &mut RawTracePoint = ebpf
+                        .program_mut(program)
+                        .ok_or(LoadError::MissingProgram { name: program })?
+                        .try_into()
+                        .map_err(err)?;
+                    prog.detach(id).map_err(err)?;
+                }
+                Hook::Function {
+                    program,
+                    function,
+                    link,
+                } => {
+                    let Some(id) = link.take() else { continue };
+                    let err = |source| LoadError::AttachFunction {
+                        program,
+                        function,
+                        source,
+                    };
+                    let prog: &mut FExit = ebpf
+                        .program_mut(program)
+                        .ok_or(LoadError::MissingProgram { name: program })?
+                        .try_into()
+                        .map_err(err)?;
+                    prog.detach(id).map_err(err)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches again the hooks [`Tracker::detach_hooks`] detached.
+    pub fn attach_hooks(&self) -> Result<(), LoadError> {
+        let mut programs = self.inner.programs();
+        let Programs { ebpf, hooks } = &mut *programs;
+        for hook in hooks.iter_mut() {
+            match hook {
+                Hook::Tracepoint {
+                    program,
+                    tracepoint,
+                    link,
+                } => {
+                    if link.is_some() {
+                        continue;
+                    }
+                    let err = |source| LoadError::Attach {
+                        program,
+                        tracepoint,
+                        source,
+                    };
+                    let prog: &mut RawTracePoint = ebpf
+                        .program_mut(program)
+                        .ok_or(LoadError::MissingProgram { name: program })?
+                        .try_into()
+                        .map_err(err)?;
+                    *link = Some(prog.attach(tracepoint).map_err(err)?);
+                }
+                Hook::Function {
+                    program,
+                    function,
+                    link,
+                } => {
+                    if link.is_some() {
+                        continue;
+                    }
+                    let err = |source| LoadError::AttachFunction {
+                        program,
+                        function,
+                        source,
+                    };
+                    let prog: &mut FExit = ebpf
+                        .program_mut(program)
+                        .ok_or(LoadError::MissingProgram { name: program })?
+                        .try_into()
+                        .map_err(err)?;
+                    *link = Some(prog.attach().map_err(err)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Each loaded program's name, kernel run time (ns) and calls: the kernel's statistics,
+    /// which count only while `BPF_ENABLE_STATS` is on.
+    pub fn program_stats(&self) -> Vec<(String, u64, u64)> {
+        let programs = self.inner.programs();
+        programs
+            .ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let info = p.info().ok()?;
+                Some((
+                    name.to_string(),
+                    info.run_time().as_nanos() as u64,
+                    info.run_count(),
+                ))
+            })
+            .collect()
+    }
+
+    /// A descriptor of the run-end notification ring buffer (readable when a run ended).
+    pub(crate) fn events_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        let events = self.inner.events.lock().unwrap_or_else(|e| e.into_inner());
+        events.as_fd().try_clone_to_owned()
+    }
+
+    /// The slots of the runs whose last thread ended since the last call.
+    pub(crate) fn take_run_ends(&self) -> Vec<u32> {
+        let mut events = self.inner.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        while let Some(item) = events.next() {
+            if item.len() >= std::mem::size_of::<cylo_usage_abi::Event>() {
+                // SAFETY: the kernel wrote an `Event` (plain data) at the start of the item.
+                let e: cylo_usage_abi::Event =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                out.push(e.run);
+            }
+        }
+        out
+    }
+
+    /// Entries and capacity of the membership maps, and the records lost by the runs open
+    /// now (for metrics).
+    pub(crate) fn map_fill(&self) -> (Vec<(&'static str, usize, u32)>, u64) {
+        let maps = self.inner.maps();
+        let fill = vec![
+            (
+                names::TASKS,
+                maps.tasks.keys().count(),
+                self.inner.capacity[0],
+            ),
+            (
+                names::PROCS,
+                maps.procs.keys().count(),
+                self.inner.capacity[1],
+            ),
+            (names::MMS, maps.mms.keys().count(), self.inner.capacity[2]),
+        ];
+        let lost = (0..MAX_RUNS)
+            .filter(|&s| maps.slots[s as usize])
+            .filter_map(|s| maps.runs.get(&s, 0).ok())
+            .map(|c| c.lost_events)
+            .sum();
+        (fill, lost)
     }
 }

@@ -69,6 +69,10 @@ struct SessionArgs {
     /// /proc tracker when the eBPF programs cannot be loaded.
     #[arg(long)]
     require_exact: bool,
+    /// Load the programs in this process even when a daemon (`cylo-usage serve`) answers on
+    /// its socket ($CYLO_USAGE_SOCKET, default /run/cylo-usage.sock).
+    #[arg(long)]
+    no_daemon: bool,
 }
 
 #[derive(Subcommand)]
@@ -95,7 +99,80 @@ enum Cmd {
         /// As one JSON object.
         #[arg(long)]
         json: bool,
+        /// Load the programs here rather than ask the daemon.
+        #[arg(long)]
+        no_daemon: bool,
     },
+    /// Load the programs once and serve sessions to local clients over a Unix socket.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The socket to listen on (default $CYLO_USAGE_SOCKET, else /run/cylo-usage.sock).
+    /// Ignored when systemd passes one (socket activation).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Let the members of group NAME connect (socket mode 0660); default: root only (0600).
+    #[arg(long, value_name = "NAME", conflicts_with = "allow_all_users")]
+    group: Option<String>,
+    /// Let every local user connect (socket mode 0666).
+    #[arg(long)]
+    allow_all_users: bool,
+    /// Sessions one user may hold at once.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_sessions_per_user: usize,
+    /// The most threads one session may have followed at once (its share of the kernel's
+    /// maps, which hold 65,536); past it that session alone loses tasks, and reports it.
+    #[arg(long, value_name = "N", default_value_t = 16384)]
+    session_max_tasks: u32,
+    /// Serve Prometheus/OpenMetrics text at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Turn on the kernel's per-program statistics (a small cost on every handler call) and
+    /// export each handler's run time and calls in the metrics.
+    #[arg(long)]
+    bpf_stats: bool,
+}
+
+/// The gid of group `name`.
+fn group_id(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: getgrnam_r with valid buffers; `out` points into `grp` or is null.
+    let r =
+        unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
+    (r == 0 && !out.is_null()).then_some(grp.gr_gid)
+}
+
+fn serve_main(args: ServeArgs) -> ExitCode {
+    use cylo_usage::daemon::{Access, ServeOptions};
+    let mut options =
+        ServeOptions::new(args.socket.unwrap_or_else(cylo_usage::daemon::socket_path));
+    options.access = match (&args.group, args.allow_all_users) {
+        (Some(name), _) => match group_id(name) {
+            Some(gid) => Access::Group(gid),
+            None => return fail(EXIT_TRACKER_FAILED, format!("serve: no group {name:?}")),
+        },
+        (None, true) => Access::AllUsers,
+        (None, false) => Access::Root,
+    };
+    if args.max_sessions_per_user == 0 {
+        return fail(
+            EXIT_TRACKER_FAILED,
+            "serve: --max-sessions-per-user must be at least 1",
+        );
+    }
+    options.max_sessions_per_user = args.max_sessions_per_user;
+    options.session_max_tasks = args.session_max_tasks;
+    options.metrics = args.metrics;
+    options.bpf_stats = args.bpf_stats;
+    match cylo_usage::daemon::serve(options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
+    }
 }
 
 /// Parses `500ms`, `10s`, `1.5s`, `2m`, `1h`, or a bare number of seconds.
@@ -142,7 +219,17 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::Run { session, cmd } => session_main(session, Target::Command(cmd)),
         Cmd::Attach { session, pid } => session_main(session, Target::Pid(pid)),
-        Cmd::Features { json } => {
+        Cmd::Serve(args) => serve_main(args),
+        Cmd::Features { json, no_daemon } => {
+            if !no_daemon && let Ok(daemon) = Tracker::connect(&cylo_usage::daemon::socket_path()) {
+                return match daemon.features() {
+                    Ok((kernel, list, layout)) => {
+                        print!("{}", report::features(&kernel, &list, &layout, json));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
+                };
+            }
             let tracker = match Tracker::load() {
                 Ok(t) => t,
                 Err(e) => return fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
@@ -256,6 +343,7 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
     };
     let open = OpenOptions {
         require_exact: args.require_exact,
+        daemon: !args.no_daemon,
         ..OpenOptions::default()
     };
     let tracker = match Tracker::open(open) {
@@ -286,6 +374,7 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         tree: args.tree,
         events,
         tree_limit: args.tree_limit.max(1),
+        max_tasks: 0,
     };
     let (started, title, shown) = match &target {
         Target::Command(cmd) => {
@@ -348,6 +437,11 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         Ok(interrupted) => (interrupted, None),
         Err(e) => (None, Some(e)),
     };
+    if problem.is_some() && matches!(run, AnyRun::Daemon(_)) && !attached {
+        // The daemon went away (or failed): the measurement is lost, but the command is this
+        // process's own child, and its exit status is still the one to return.
+        let _ = rt.block_on(run.wait_root());
+    }
     // Whatever happened above, what was measured is reported.
     let usage: Option<ResourceUsage> = match run.usage() {
         Ok(u) => Some(u),
@@ -375,6 +469,11 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         }
     }
     if let Some(p) = problem {
+        let status = run.root_status();
+        if matches!(run, AnyRun::Daemon(_)) && !attached && status.is_some() {
+            eprintln!("cylo-usage: {p}");
+            return exit_status(status, None);
+        }
         return fail(EXIT_TRACKER_FAILED, p);
     }
     if usage.as_ref().is_some_and(|u| u.timed_out) {
@@ -386,6 +485,11 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         // (unless a sample saw it as a zombie): the session itself succeeded.
         return ExitCode::SUCCESS;
     }
+    exit_status(status, interrupted)
+}
+
+/// The exit code for the root's `status` (or, for an interrupted attach, the signal).
+fn exit_status(status: Option<std::process::ExitStatus>, interrupted: Option<i32>) -> ExitCode {
     match (
         status.and_then(|s| s.code()),
         status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)),

@@ -1,11 +1,14 @@
-//! The best tracker this process can have: [`Tracker::open`] loads the eBPF programs if it
-//! can (exact), and otherwise gives the /proc fallback (approximate), unless
-//! [`OpenOptions::require_exact`] says to fail instead. Runs of either have the same
-//! surface ([`AnyRun`]). (When a daemon exists, it will come first.)
+//! The best tracker this process can have: [`Tracker::open`] uses the daemon
+//! (`cylo-usage serve`) when its socket answers, else loads the eBPF programs if it can
+//! (exact), and otherwise gives the /proc fallback (approximate), unless
+//! [`OpenOptions::require_exact`] says to fail instead. Runs of any of them have the same
+//! surface ([`AnyRun`]).
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
+use crate::daemon::{DaemonTracker, RemoteRun};
 use crate::error::Error;
 use crate::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
 use crate::loader::{Options, Tracker};
@@ -13,8 +16,12 @@ use crate::session::{Run, RunOptions};
 use crate::usage::{ResourceUsage, TrackerKind};
 
 /// How [`Tracker::open`] chooses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenOptions {
+    /// Try the daemon first (default); `false` is `--no-daemon`.
+    pub daemon: bool,
+    /// The daemon's socket (default: [`crate::daemon::socket_path`]).
+    pub socket: Option<PathBuf>,
     /// Fail ([`Error::ExactUnavailable`], naming what is missing) rather than fall back to
     /// the approximate /proc tracker.
     pub require_exact: bool,
@@ -27,6 +34,8 @@ pub struct OpenOptions {
 impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
+            daemon: true,
+            socket: None,
             require_exact: false,
             sample_interval: DEFAULT_INTERVAL,
             load: Options::default(),
@@ -37,6 +46,8 @@ impl Default for OpenOptions {
 /// A tracker of either kind. Cheap to clone.
 #[derive(Clone)]
 pub enum AnyTracker {
+    /// The daemon's programs, through its socket: exact.
+    Daemon(DaemonTracker),
     /// The eBPF programs, loaded in this process: exact.
     InProcess(Tracker),
     /// The /proc fallback: approximate.
@@ -58,6 +69,16 @@ impl Tracker {
     /// /proc fallback (no `CAP_BPF`/`CAP_PERFMON`, no kernel BTF, a verifier that refuses the
     /// programs, no BPF ring buffer), unless `options.require_exact`.
     pub fn open(options: OpenOptions) -> Result<AnyTracker, Error> {
+        if options.daemon {
+            let path = options
+                .socket
+                .clone()
+                .unwrap_or_else(crate::daemon::socket_path);
+            // No daemon, or one this user may not use: the tracker is loaded here instead.
+            if let Ok(daemon) = Tracker::connect(&path) {
+                return Ok(AnyTracker::Daemon(daemon));
+            }
+        }
         match Tracker::load_with_options(options.load) {
             Ok(t) => Ok(AnyTracker::InProcess(t)),
             Err(source) if options.require_exact => Err(Error::ExactUnavailable { source }),
@@ -73,6 +94,7 @@ impl AnyTracker {
     /// Which kind it is (the reports' `tracker` field).
     pub fn kind(&self) -> TrackerKind {
         match self {
+            AnyTracker::Daemon(_) => TrackerKind::Daemon,
             AnyTracker::InProcess(_) => TrackerKind::InProcess,
             AnyTracker::Proc(_) => TrackerKind::Proc,
         }
@@ -81,7 +103,7 @@ impl AnyTracker {
     /// Why the eBPF tracker is not used, for the fallback.
     pub fn fallback_reason(&self) -> Option<&str> {
         match self {
-            AnyTracker::InProcess(_) => None,
+            AnyTracker::Daemon(_) | AnyTracker::InProcess(_) => None,
             AnyTracker::Proc(p) => Some(p.reason()),
         }
     }
@@ -95,6 +117,7 @@ impl AnyTracker {
     /// [`AnyTracker::spawn`] with a breakdown or an event stream (the fallback refuses both).
     pub fn spawn_with(&self, command: &mut Command, options: RunOptions) -> Result<AnyRun, Error> {
         Ok(match self {
+            AnyTracker::Daemon(t) => AnyRun::Daemon(t.spawn_with(command, options)?),
             AnyTracker::InProcess(t) => AnyRun::InProcess(t.spawn_with(command, options)?),
             AnyTracker::Proc(t) => AnyRun::Proc(t.spawn_with(command, options)?),
         })
@@ -108,6 +131,7 @@ impl AnyTracker {
     /// [`AnyTracker::attach`] with a breakdown or an event stream (the fallback refuses both).
     pub fn attach_with(&self, pid: u32, options: RunOptions) -> Result<AnyRun, Error> {
         Ok(match self {
+            AnyTracker::Daemon(t) => AnyRun::Daemon(t.attach_with(pid, options)?),
             AnyTracker::InProcess(t) => AnyRun::InProcess(t.attach_with(pid, options)?),
             AnyTracker::Proc(t) => AnyRun::Proc(t.attach_with(pid, options)?),
         })
@@ -116,6 +140,7 @@ impl AnyTracker {
 
 /// A run of either tracker.
 pub enum AnyRun {
+    Daemon(RemoteRun),
     InProcess(Run),
     Proc(ProcRun),
 }
@@ -123,6 +148,7 @@ pub enum AnyRun {
 impl AnyRun {
     pub fn kind(&self) -> TrackerKind {
         match self {
+            AnyRun::Daemon(_) => TrackerKind::Daemon,
             AnyRun::InProcess(_) => TrackerKind::InProcess,
             AnyRun::Proc(_) => TrackerKind::Proc,
         }
@@ -131,6 +157,7 @@ impl AnyRun {
     /// The root's pid.
     pub fn root_pid(&self) -> u32 {
         match self {
+            AnyRun::Daemon(r) => r.root_pid(),
             AnyRun::InProcess(r) => r.root_pid(),
             AnyRun::Proc(r) => r.root_pid(),
         }
@@ -139,6 +166,7 @@ impl AnyRun {
     /// Whether the run attached to running processes.
     pub fn is_attached(&self) -> bool {
         match self {
+            AnyRun::Daemon(r) => r.is_attached(),
             AnyRun::InProcess(r) => r.is_attached(),
             AnyRun::Proc(r) => r.is_attached(),
         }
@@ -148,6 +176,7 @@ impl AnyRun {
     /// for a root the fallback attached to and never saw as a zombie).
     pub fn root_status(&self) -> Option<ExitStatus> {
         match self {
+            AnyRun::Daemon(r) => r.root_status(),
             AnyRun::InProcess(r) => r.root_status(),
             AnyRun::Proc(r) => r.root_status(),
         }
@@ -156,6 +185,7 @@ impl AnyRun {
     /// Whether the root has ended, without waiting (reaps it when it is the tracker's child).
     pub fn root_ended(&mut self) -> Result<bool, Error> {
         Ok(match self {
+            AnyRun::Daemon(r) => r.try_wait_root()?.is_some(),
             AnyRun::InProcess(r) => r.try_wait_root()?.is_some(),
             AnyRun::Proc(r) => r.root_ended(),
         })
@@ -164,6 +194,7 @@ impl AnyRun {
     /// Waits for the root to end; its status when known (see [`AnyRun::root_status`]).
     pub async fn wait_root(&mut self) -> Result<Option<ExitStatus>, Error> {
         Ok(match self {
+            AnyRun::Daemon(r) => Some(r.wait_root().await?),
             AnyRun::InProcess(r) => Some(r.wait_root().await?),
             AnyRun::Proc(r) => r.wait_root().await,
         })
@@ -172,6 +203,7 @@ impl AnyRun {
     /// Waits until every process of the tree has ended, daemons included.
     pub async fn wait_finished(&self) -> Result<(), Error> {
         match self {
+            AnyRun::Daemon(r) => r.wait_finished().await?,
             AnyRun::InProcess(r) => r.wait_finished().await?,
             AnyRun::Proc(r) => r.wait_finished().await,
         }
@@ -181,6 +213,7 @@ impl AnyRun {
     /// True once every process of the tree has ended.
     pub fn is_finished(&self) -> Result<bool, Error> {
         Ok(match self {
+            AnyRun::Daemon(r) => r.is_finished()?,
             AnyRun::InProcess(r) => r.is_finished()?,
             AnyRun::Proc(r) => r.is_finished(),
         })
@@ -189,6 +222,7 @@ impl AnyRun {
     /// What the tree has used so far (with the breakdown, if one was asked for).
     pub fn usage(&self) -> Result<ResourceUsage, Error> {
         Ok(match self {
+            AnyRun::Daemon(r) => r.usage()?,
             AnyRun::InProcess(r) => r.usage()?,
             AnyRun::Proc(r) => r.usage()?,
         })
@@ -197,6 +231,7 @@ impl AnyRun {
     /// [`AnyRun::usage`] without the breakdown: cheaper, for live views.
     pub fn usage_totals(&self) -> Result<ResourceUsage, Error> {
         Ok(match self {
+            AnyRun::Daemon(r) => r.usage_totals()?,
             AnyRun::InProcess(r) => r.usage_totals()?,
             AnyRun::Proc(r) => r.usage()?,
         })
@@ -205,6 +240,7 @@ impl AnyRun {
     /// Sends `signal` to every live process of the tree; returns how many were signalled.
     pub fn kill(&self, signal: i32) -> Result<usize, Error> {
         Ok(match self {
+            AnyRun::Daemon(r) => r.kill(signal)?,
             AnyRun::InProcess(r) => r.kill(signal)?,
             AnyRun::Proc(r) => r.kill(signal)?,
         })
@@ -213,6 +249,7 @@ impl AnyRun {
     /// Sends `signal` to the root, if it has not ended.
     pub fn signal_root(&self, signal: i32) -> Result<(), Error> {
         match self {
+            AnyRun::Daemon(r) => r.signal_root(signal)?,
             AnyRun::InProcess(r) => r.signal_root(signal)?,
             AnyRun::Proc(r) => r.signal_root(signal)?,
         }
@@ -222,6 +259,7 @@ impl AnyRun {
     /// Marks the run as ended by a timeout (the report says so).
     pub fn set_timed_out(&mut self) {
         match self {
+            AnyRun::Daemon(r) => r.set_timed_out(),
             AnyRun::InProcess(r) => r.set_timed_out(),
             AnyRun::Proc(r) => r.set_timed_out(),
         }
@@ -231,6 +269,7 @@ impl AnyRun {
     /// the one [`AnyRun::clear_wake`] empties). For event loops.
     pub fn wake_fds(&self) -> std::io::Result<Vec<OwnedFd>> {
         match self {
+            AnyRun::Daemon(r) => r.wake_fds(),
             AnyRun::InProcess(r) => r.wake_fds(),
             AnyRun::Proc(r) => r.wake_fds(),
         }
@@ -239,6 +278,7 @@ impl AnyRun {
     /// Empties the wake-up descriptor after a wake-up.
     pub fn clear_wake(&self) {
         match self {
+            AnyRun::Daemon(r) => r.clear_wake(),
             AnyRun::InProcess(r) => r.clear_wake(),
             AnyRun::Proc(r) => r.clear_wake(),
         }

@@ -72,6 +72,29 @@ pub fn read_vm_hwm(tgid: u32) -> Option<u64> {
     parse_vm_hwm(&std::fs::read_to_string(format!("/proc/{tgid}/status")).ok()?)
 }
 
+/// Parses the `Uid:` line of `/proc/PID/status`: real, effective, saved and file-system uid.
+pub fn parse_uids(text: &str) -> Option<[u32; 4]> {
+    let line = text.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let mut ids = line.split_whitespace().map(|v| v.parse::<u32>().ok());
+    Some([ids.next()??, ids.next()??, ids.next()??, ids.next()??])
+}
+
+/// The uids of live process `pid` (see [`parse_uids`]); `None` once it is gone.
+pub fn read_uids(pid: u32) -> Option<[u32; 4]> {
+    parse_uids(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// The supplementary groups of live process `pid` (the `Groups:` line of its status).
+pub fn read_groups(pid: u32) -> Option<Vec<u32>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find_map(|l| l.strip_prefix("Groups:"))?;
+    Some(
+        line.split_whitespace()
+            .filter_map(|g| g.parse().ok())
+            .collect(),
+    )
+}
+
 /// The system's page size in bytes.
 pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.

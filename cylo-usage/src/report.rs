@@ -108,6 +108,7 @@ pub fn human_titled(usage: &ResourceUsage, title: &str, what: &str) -> String {
         "Tracker",
         match usage.tracker {
             TrackerKind::InProcess => "in-process (eBPF)".to_string(),
+            TrackerKind::Daemon => "daemon (eBPF, cylo-usage serve)".to_string(),
             TrackerKind::Proc => "proc (no eBPF: wait4() and /proc samples)".to_string(),
         },
     );

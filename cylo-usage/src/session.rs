@@ -163,6 +163,9 @@ pub struct RunOptions {
     pub events: Option<EventSink>,
     /// The most processes the breakdown keeps ([`crate::tree::DEFAULT_TREE_LIMIT`] if 0).
     pub tree_limit: usize,
+    /// The most threads of the run the kernel follows at once (0: as many as the maps hold,
+    /// shared with other runs). A task past it is not followed and counts as lost.
+    pub max_tasks: u32,
 }
 
 impl RunOptions {
@@ -186,6 +189,8 @@ enum Origin {
     Spawned(Child),
     /// Attached to: someone else's child.
     Attached,
+    /// Started by a daemon's client (see [`PendingSpawn`]): the client's child.
+    Remote,
 }
 
 /// A tree followed by the tracker: a command it started, or running processes it attached to.
@@ -207,8 +212,9 @@ pub struct Run {
     breakdown: bool,
 }
 
-/// Zeroes slot `slot`'s record (with `flags`) and its controls, and marks it used.
-fn claim_slot(maps: &mut Maps, flags: u64) -> Result<u32, SessionError> {
+/// Zeroes a free slot's record (with `flags`) and its controls (with `max_tasks`), and marks
+/// it used.
+fn claim_slot(maps: &mut Maps, flags: u64, max_tasks: u32) -> Result<u32, SessionError> {
     let slot = (0..MAX_RUNS)
         .map(|i| (maps.next_slot + i) % MAX_RUNS)
         .find(|&s| !maps.slots[s as usize])
@@ -221,14 +227,164 @@ fn claim_slot(maps: &mut Maps, flags: u64) -> Result<u32, SessionError> {
         .set(slot, record, 0)
         .map_err(map_err("zeroing the run record"))?;
     maps.run_control
-        .set(slot, RunControl::default(), 0)
+        .set(
+            slot,
+            RunControl {
+                max_tasks,
+                ..RunControl::default()
+            },
+            0,
+        )
         .map_err(map_err("zeroing the run's controls"))?;
     maps.slots[slot as usize] = true;
     maps.next_slot = (slot + 1) % MAX_RUNS;
     Ok(slot)
 }
 
+/// Opens the spawn gate one more time, or closes it once: it counts the registrations that
+/// may be pending (the fork hooks of untracked tasks look up `SPAWNERS` only while it is
+/// not 0).
+fn move_spawn_gate(maps: &mut Maps, open: bool) -> Result<(), SessionError> {
+    let now = maps
+        .spawn_gate
+        .get(&0, 0)
+        .map_err(map_err("reading the spawn gate"))?;
+    let next = if open { now + 1 } else { now.saturating_sub(1) };
+    maps.spawn_gate
+        .set(0, next, 0)
+        .map_err(map_err("moving the spawn gate"))
+}
+
+/// A run whose root another process is about to create (a daemon's client): its spawning
+/// thread is registered in the kernel, and the gate is open until [`PendingSpawn::finish`]
+/// or the drop.
+pub(crate) struct PendingSpawn {
+    run: Option<Run>,
+    gate_open: bool,
+}
+
+impl PendingSpawn {
+    /// The client has created its child (`created`) or failed to: closes the gate, forgets a
+    /// registration the fork did not consume, and returns the run if its root joined.
+    pub(crate) fn finish(mut self, created: bool) -> Result<Run, SessionError> {
+        let mut run = self.run.take().expect("finished once");
+        let inner = run.inner.clone();
+        {
+            let mut maps = inner.maps();
+            let slot = run.slot;
+            remove_where(&mut maps.spawners, |&r| r == slot);
+            if std::mem::take(&mut self.gate_open) {
+                move_spawn_gate(&mut maps, false)?;
+            }
+        }
+        let c = run.counters()?;
+        if !created {
+            return Err(SessionError::NotJoined { pid: 0 });
+        }
+        if c.processes_started == 0 {
+            return Err(SessionError::NotJoined { pid: 0 });
+        }
+        // The root, as this process's pid namespace sees it: the member whose process is the
+        // root's, checked against its start time through a pidfd.
+        let root = run
+            .live_members()?
+            .into_iter()
+            .find(|m| m.signal == c.root_signal);
+        if let Some(m) = root
+            && let Ok(fd) = pidfd_open(m.tgid)
+        {
+            let tick_ns = 1_000_000_000 / procfs::clock_ticks_per_second().max(1);
+            if procfs::process_start_ticks(m.tgid) == Some(m.process_start_boottime_ns / tick_ns) {
+                run.root_pid = m.tgid;
+                run.pidfd = Some(fd);
+            }
+        }
+        Ok(run)
+    }
+}
+
+impl PendingSpawn {
+    /// The run's slot in the kernel.
+    pub(crate) fn slot(&self) -> u32 {
+        self.run.as_ref().map_or(u32::MAX, |r| r.slot)
+    }
+}
+
+impl Drop for PendingSpawn {
+    fn drop(&mut self) {
+        if let Some(run) = &self.run {
+            let mut maps = run.inner.maps();
+            let slot = run.slot;
+            remove_where(&mut maps.spawners, |&r| r == slot);
+            if self.gate_open {
+                let _ = move_spawn_gate(&mut maps, false);
+            }
+        }
+    }
+}
+
 impl Tracker {
+    /// For a daemon: a run whose root will be the next task that the thread behind
+    /// `thread_dir` (its `/proc/PID/task/TID` directory, opened by its owner) creates. The
+    /// kernel checks that the thread belongs to process `tgid` (as this process's pid
+    /// namespace sees it), so a client can register only a thread of its own.
+    pub(crate) fn prepare_remote_spawn(
+        &self,
+        thread_dir: &OwnedFd,
+        tgid: u32,
+        options: RunOptions,
+    ) -> Result<PendingSpawn, SessionError> {
+        let inner = self.inner.clone();
+        let flags = options.run_flags();
+        let slot = claim_slot(&mut inner.maps(), flags, options.max_tasks)?;
+        let started_ns = monotonic_ns();
+        let mut run = Run {
+            inner: inner.clone(),
+            slot,
+            origin: Origin::Remote,
+            root_pid: 0,
+            pidfd: None,
+            started_ns,
+            root_status: None,
+            tree: None,
+            attaching: false,
+            timed_out: false,
+            exited_unrecorded: 0,
+            breakdown: false,
+        };
+        run.start_records(options, started_ns);
+        let mut maps = inner.maps();
+        let code = inner
+            .control([
+                control::SPAWNER_FD,
+                thread_dir.as_raw_fd() as u64,
+                slot as u64,
+                tgid as u64,
+            ])
+            .map_err(|source| SessionError::Syscall {
+                syscall: "bpf(BPF_PROG_TEST_RUN)",
+                pid: tgid,
+                source,
+            })?;
+        if code != 0 {
+            return Err(SessionError::Control {
+                what: match code {
+                    control::E_NOT_PEER => "register a thread of another process",
+                    control::E_SELF => "register a thread of the tracker itself",
+                    control::E_GONE => "register a thread that has exited",
+                    _ => "register the spawning thread",
+                },
+                code,
+            });
+        }
+        move_spawn_gate(&mut maps, true)?;
+        drop(maps);
+        Ok(PendingSpawn {
+            run: Some(run),
+            gate_open: true,
+        })
+    }
+
     /// Starts `command` as the root of a new run. The root and everything it ever creates are
     /// followed from the kernel's fork hook on.
     pub fn spawn(&self, command: &mut Command) -> Result<Run, SessionError> {
@@ -243,7 +399,7 @@ impl Tracker {
     ) -> Result<Run, SessionError> {
         let inner = self.inner.clone();
         let flags = options.run_flags();
-        let slot = claim_slot(&mut inner.maps(), flags)?;
+        let slot = claim_slot(&mut inner.maps(), flags, options.max_tasks)?;
         let started_ns = monotonic_ns();
         let mut run = Run {
             inner: inner.clone(),
@@ -277,15 +433,11 @@ impl Tracker {
                 code,
             });
         }
-        maps.spawn_gate
-            .set(0, 1, 0)
-            .map_err(map_err("opening the spawn gate"))?;
+        move_spawn_gate(&mut maps, true)?;
         let spawned = command.spawn();
         // The kernel forgot the registration at the fork; after a failed spawn it is still there.
         let _ = inner.control([control::UNSPAWN, 0, 0, 0]);
-        maps.spawn_gate
-            .set(0, 0, 0)
-            .map_err(map_err("closing the spawn gate"))?;
+        move_spawn_gate(&mut maps, false)?;
         let mut child = spawned.map_err(|source| SessionError::Spawn {
             program: command.get_program().to_string_lossy().into_owned(),
             source,
@@ -331,7 +483,7 @@ impl Tracker {
         }
         let flags = options.run_flags();
         let started_ns = monotonic_ns();
-        let slot = claim_slot(&mut inner.maps(), flags)?;
+        let slot = claim_slot(&mut inner.maps(), flags, options.max_tasks)?;
         let mut run = Run {
             inner: inner.clone(),
             slot,
@@ -423,6 +575,11 @@ impl Run {
 }
 
 impl Run {
+    /// The run's slot in the kernel.
+    pub(crate) fn slot(&self) -> u32 {
+        self.slot
+    }
+
     /// The root's pid (in cylo-usage's pid namespace).
     pub fn root_pid(&self) -> u32 {
         self.root_pid
@@ -483,7 +640,7 @@ impl Run {
                         return Ok(status);
                     }
                 }
-                Origin::Attached => {
+                Origin::Attached | Origin::Remote => {
                     // Not our child: its status comes from the kernel, at its exit.
                     let c = self.counters()?;
                     if c.root_status & ROOT_ENDED != 0 {
@@ -525,7 +682,7 @@ impl Run {
                 self.root_status = status;
                 Ok(status)
             }
-            Origin::Attached => {
+            Origin::Attached | Origin::Remote => {
                 let c = self.counters()?;
                 if c.root_status & ROOT_ENDED != 0 {
                     let status = ExitStatus::from_raw(c.root_status as u32 as i32);
@@ -775,7 +932,15 @@ impl Run {
     /// the kill. Each process is signalled through a pidfd checked against its start time, so
     /// a reused pid is never signalled. Returns how many processes were signalled.
     pub fn kill(&self, signal: i32) -> Result<usize, SessionError> {
-        {
+        self.kill_as(signal, None)
+    }
+
+    /// [`Run::kill`] on behalf of user `uid` (a daemon's client), when not `None`: only the
+    /// members `uid` could signal itself (its real or saved uid is `uid`, as `kill(2)` would
+    /// check) are signalled, from userspace (the kernel's signal at fork, which cannot check,
+    /// is not used).
+    pub(crate) fn kill_as(&self, signal: i32, uid: Option<u32>) -> Result<usize, SessionError> {
+        if uid.is_none() {
             let mut maps = self.inner.maps();
             let mut ctl = maps
                 .run_control
@@ -810,6 +975,12 @@ impl Run {
                 match procfs::process_start_ticks(tgid) {
                     Some(t) if t == start / tick_ns => {}
                     _ => continue,
+                }
+                if let Some(uid) = uid {
+                    match procfs::read_uids(tgid) {
+                        Some([real, _, saved, _]) if real == uid || saved == uid => {}
+                        _ => continue,
+                    }
                 }
                 if pidfd_send_signal(&fd, signal).is_ok() {
                     fresh += 1;

@@ -25,6 +25,8 @@ pub enum TrackerKind {
     /// The /proc fallback (no eBPF): CPU and disk from `wait4()`, the rest sampled; or a
     /// /proc snapshot ([`crate::get_resource_usage`]). Always approximate.
     Proc,
+    /// The eBPF programs of `cylo-usage serve`, through its socket: exact.
+    Daemon,
 }
 
 /// Block I/O that tracked tasks submitted to one device.

@@ -502,6 +502,10 @@ pub struct RunControl {
     /// Non-zero: the run is being killed with this signal; a member that forks gets it at
     /// once (`bpf_send_signal`), so a fork bomb cannot outgrow the kill.
     pub kill_signal: u32,
+    /// Non-zero: the most threads of the run the kernel follows at once (its share of the
+    /// membership maps). A new task past it is not followed, and counted in `lost_events`.
+    pub max_tasks: u32,
+    pub _pad0: u32,
 }
 
 /// Who the tracker is, recorded by the `control` program in the tracker's own context
@@ -533,6 +537,11 @@ pub mod control {
     /// Forget the calling thread's `SPAWNER` registration (after a spawn that created no
     /// task). Returns 0.
     pub const UNSPAWN: u64 = 4;
+    /// `(SPAWNER_FD, fd, run, tgid)`: like `SPAWNER`, for the thread behind `fd` (a
+    /// `/proc/PID/task/TID` directory the caller holds open), which must belong to process
+    /// `tgid` as the caller's pid namespace sees it. For a daemon registering a client's
+    /// spawning thread. Returns 0, [`E_NOT_PEER`], or another negative `E_*`.
+    pub const SPAWNER_FD: u64 = 5;
 
     pub const ADOPTED: i32 = 0;
     pub const ALREADY: i32 = 1;
@@ -548,6 +557,8 @@ pub mod control {
     pub const E_SELF: i32 = -5;
     /// Unknown operation or bad argument.
     pub const E_INVAL: i32 = -6;
+    /// `SPAWNER_FD`: the thread is not in the process the caller named.
+    pub const E_NOT_PEER: i32 = -7;
 }
 
 impl RunCounters {
@@ -682,7 +693,7 @@ const _: () = assert!(size_of::<Offsets>() == 228);
 const _: () = assert!(size_of::<TaskMember>() == 56);
 const _: () = assert!(size_of::<ProcMember>() == 24);
 const _: () = assert!(size_of::<RunCounters>() == 376);
-const _: () = assert!(size_of::<RunControl>() == 8);
+const _: () = assert!(size_of::<RunControl>() == 16);
 const _: () = assert!(size_of::<TrackerInfo>() == 16);
 const _: () = assert!(size_of::<RecordHeader>() == 24);
 const _: () = assert!(size_of::<ProcStart>() == 80);

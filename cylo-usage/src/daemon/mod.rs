@@ -1,0 +1,105 @@
+//! One program set per host: `cylo-usage serve` ([`serve`]) loads the programs once and
+//! serves tracing sessions to local clients over a Unix socket; [`DaemonTracker`] is the
+//! client, with the same surface as an in-process [`crate::Tracker`].
+//!
+//! Who may do what (the daemon checks each request against the peer's `SO_PEERCRED`):
+//! - connecting: root, or as `serve --group` / `--allow-all-users` open it;
+//! - spawning: any client, for a command it starts itself (the kernel checks that the
+//!   registered thread belongs to the connecting process);
+//! - attaching: root to anything; others to a process whose real, effective and saved uids
+//!   are all their own;
+//! - reading, killing and ending: only the sessions of the same connection. A kill by a
+//!   non-root client signals only the members it could signal itself.
+//!
+//! The wire protocol is in [`protocol`] and `docs/protocol.md`.
+mod client;
+pub(crate) mod metrics;
+pub mod protocol;
+mod server;
+
+use std::path::PathBuf;
+
+pub use client::{DaemonTracker, RemoteRun};
+pub use protocol::ErrorKind;
+pub use server::{Access, ServeOptions, serve};
+
+/// Where clients and the daemon meet unless `CYLO_USAGE_SOCKET` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/cylo-usage.sock";
+
+/// The socket path: `CYLO_USAGE_SOCKET`, else [`DEFAULT_SOCKET`].
+pub fn socket_path() -> PathBuf {
+    std::env::var_os("CYLO_USAGE_SOCKET")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// What can go wrong between a client and the daemon, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot connect to the daemon at {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the daemon went away")]
+    Gone,
+    #[error("talking to the daemon failed")]
+    Frame(#[source] protocol::FrameError),
+    #[error("the daemon refused: {message}")]
+    Refused { kind: ErrorKind, message: String },
+    #[error("the daemon answered {what} with something else")]
+    Unexpected { what: &'static str },
+    #[error("cannot run {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{syscall} failed for pid {pid}")]
+    Syscall {
+        syscall: &'static str,
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the root (pid {pid}) ended, but the daemon has no exit status for it")]
+    NoExitStatus { pid: u32 },
+    #[error("cannot {what} {path}")]
+    Socket {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a daemon already answers at {path}")]
+    AlreadyServing { path: PathBuf },
+    #[error("{path} exists and is not a socket; not touching it")]
+    NotASocket { path: PathBuf },
+    #[error("socket activation: {why}")]
+    Activation { why: String },
+    #[error("cannot set up the daemon: {what}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load the eBPF programs")]
+    Load(#[source] crate::loader::LoadError),
+    #[error("cannot serve metrics on {addr}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<protocol::FrameError> for DaemonError {
+    fn from(e: protocol::FrameError) -> Self {
+        match e {
+            protocol::FrameError::Closed => DaemonError::Gone,
+            other => DaemonError::Frame(other),
+        }
+    }
+}

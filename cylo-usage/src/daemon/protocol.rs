@@ -1,0 +1,346 @@
+//! The daemon's wire protocol (version [`VERSION`]; documented in `docs/protocol.md`).
+//!
+//! A Unix stream socket carries frames: a 4-byte little-endian length, then that many bytes
+//! of one JSON object. The client sends a request and reads its reply before the next; the
+//! daemon never speaks first. File descriptors travel as `SCM_RIGHTS` with the request or
+//! reply that needs them. The first request of a connection is `hello` with the client's
+//! protocol version; another version gets an error reply and the connection is closed.
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use serde::{Deserialize, Serialize};
+
+use crate::features::Feature;
+use crate::usage::ResourceUsage;
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+/// The largest request the daemon reads (requests are small; a larger one is an error).
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// The largest reply a client reads (a report with a large breakdown).
+pub const MAX_REPLY: usize = 512 * 1024 * 1024;
+/// The most file descriptors one frame may carry.
+pub const MAX_FDS: usize = 4;
+
+/// What a session records besides the totals (the daemon's `RunOptions`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionOptions {
+    /// A per-process breakdown in the report.
+    #[serde(default)]
+    pub tree: bool,
+    /// The request carries a pipe's write end for the NDJSON event stream.
+    #[serde(default)]
+    pub events: bool,
+    /// The most processes the breakdown keeps (0: the default).
+    #[serde(default)]
+    pub tree_limit: u64,
+}
+
+/// A client's request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// First on every connection.
+    Hello { version: u32 },
+    /// The counters measured on this kernel, and how.
+    Features,
+    /// Carries the fd of the client's `/proc/thread-self` directory (then, with
+    /// `options.events`, the events pipe): that thread's next new task is the root of a new
+    /// session. The client creates it right after the reply, then sends `spawned`.
+    Spawn { options: SessionOptions },
+    /// The client created its child (`created`), or failed to.
+    Spawned { session: u64, created: bool },
+    /// Carries a pidfd of the process to attach to (then the events pipe).
+    Attach { options: SessionOptions },
+    /// Whether the session's tree has ended, and the root's status once known.
+    Status { session: u64 },
+    /// What the session's tree has used so far.
+    Usage { session: u64, breakdown: bool },
+    /// Sends `signal` to every live process of the session's tree.
+    Kill { session: u64, signal: i32 },
+    /// Marks the session as ended by the client's timeout.
+    TimedOut { session: u64 },
+    /// Ends the session (its kernel state is freed; its processes keep running).
+    End { session: u64 },
+}
+
+/// Why the daemon refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// Not a request of this protocol (garbage, too long, missing descriptors).
+    BadRequest,
+    /// Another protocol version.
+    Version,
+    /// The client may not do this (another user's process, another user's session).
+    Permission,
+    /// Every run slot of the daemon is taken.
+    Busy,
+    /// The client's user has as many sessions as the daemon allows.
+    Limit,
+    /// No such session on this connection.
+    NoSuchSession,
+    /// The process asked for does not exist (or has exited).
+    NoSuchProcess,
+    /// This kernel cannot do it (e.g. attach without the layout it needs).
+    Unsupported,
+    /// The operation failed in the daemon.
+    Failed,
+}
+
+/// The daemon's reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum Reply {
+    Hello {
+        version: u32,
+        /// The daemon's crate version.
+        daemon: String,
+        /// The client's uid as the daemon authenticated it (`SO_PEERCRED`).
+        uid: u32,
+    },
+    Features {
+        kernel: String,
+        features: Vec<Feature>,
+        layout: String,
+    },
+    /// `spawn`: registered; carries the session's wake-up eventfd.
+    Prepared {
+        session: u64,
+    },
+    /// `spawned` or `attach`: the session runs (`attach` carries the wake-up eventfd).
+    Started {
+        session: u64,
+    },
+    Status {
+        finished: bool,
+        /// The root's wait status (`code << 8 | signal`), once the kernel recorded its end.
+        root_status: Option<i32>,
+    },
+    Usage {
+        usage: Box<ResourceUsage>,
+    },
+    Killed {
+        signalled: u64,
+    },
+    Done,
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("a frame of {len} bytes is larger than the {max} allowed")]
+    TooLong { len: usize, max: usize },
+    #[error("{syscall} on the daemon socket failed")]
+    Io {
+        syscall: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Writes `bytes` as one frame, with `fds` attached to its first byte.
+pub fn send_frame(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> Result<(), FrameError> {
+    let mut frame = Vec::with_capacity(4 + bytes.len());
+    frame.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    frame.extend_from_slice(bytes);
+    let mut sent = 0;
+    let mut first = true;
+    while sent < frame.len() {
+        let n = send_some(sock, &frame[sent..], if first { fds } else { &[] })?;
+        first = false;
+        sent += n;
+    }
+    Ok(())
+}
+
+fn send_some(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> Result<usize, FrameError> {
+    assert!(fds.len() <= MAX_FDS);
+    let iov = [IoSlice::new(bytes)];
+    let mut control = [0u64; 8]; // CMSG_SPACE(4 * MAX_FDS), 8-aligned
+    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let len = std::mem::size_of_val(fds);
+        // SAFETY: CMSG macros on a control buffer large enough for MAX_FDS descriptors.
+        unsafe {
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(len as u32) as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(len as u32) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        }
+    }
+    loop {
+        // SAFETY: msg is fully initialised; MSG_NOSIGNAL: a closed peer is an error, not SIGPIPE.
+        let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EPIPE) | Some(libc::ECONNRESET) => return Err(FrameError::Closed),
+            _ => {
+                return Err(FrameError::Io {
+                    syscall: "sendmsg",
+                    source: e,
+                });
+            }
+        }
+    }
+}
+
+/// Reads up to `buf.len()` bytes; descriptors that come with them are appended to `fds`
+/// (beyond [`MAX_FDS`] per frame they are closed). 0 bytes: the peer closed.
+fn recv_some(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize, FrameError> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut control = [0u64; 8];
+    loop {
+        // SAFETY: a zeroed msghdr is valid; the buffers outlive the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr().cast();
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        // SAFETY: valid msghdr; received descriptors are close-on-exec.
+        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ECONNRESET) => return Err(FrameError::Closed),
+                _ => {
+                    return Err(FrameError::Io {
+                        syscall: "recvmsg",
+                        source: e,
+                    });
+                }
+            }
+        }
+        // SAFETY: walking the control messages the kernel wrote, within msg_controllen.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(cmsg) as *const RawFd;
+                    let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                    for i in 0..bytes / std::mem::size_of::<RawFd>() {
+                        let fd = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
+                        if fds.len() < MAX_FDS {
+                            fds.push(fd);
+                        }
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        return Ok(n as usize);
+    }
+}
+
+/// Reads one frame of at most `max` bytes, and the descriptors that came with it.
+pub fn recv_frame(sock: RawFd, max: usize) -> Result<(Vec<u8>, Vec<OwnedFd>), FrameError> {
+    let mut fds = Vec::new();
+    let mut head = [0u8; 4];
+    read_exact(sock, &mut head, &mut fds)?;
+    let len = u32::from_le_bytes(head) as usize;
+    if len > max {
+        return Err(FrameError::TooLong { len, max });
+    }
+    let mut body = vec![0u8; len];
+    read_exact(sock, &mut body, &mut fds)?;
+    Ok((body, fds))
+}
+
+fn read_exact(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<(), FrameError> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = recv_some(sock, &mut buf[got..], fds)?;
+        if n == 0 {
+            return Err(FrameError::Closed);
+        }
+        got += n;
+    }
+    Ok(())
+}
+
+/// Sends `value` as one frame with `fds`.
+pub fn send<T: Serialize>(sock: &impl AsRawFd, value: &T, fds: &[RawFd]) -> Result<(), FrameError> {
+    let bytes = serde_json::to_vec(value).expect("protocol types serialise");
+    send_frame(sock.as_raw_fd(), &bytes, fds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn requests_round_trip_and_unknown_fields_are_refused() {
+        let r = Request::Spawn {
+            options: SessionOptions {
+                tree: true,
+                events: false,
+                tree_limit: 10,
+            },
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            text,
+            r#"{"op":"spawn","options":{"tree":true,"events":false,"tree_limit":10}}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        assert!(serde_json::from_str::<Request>(r#"{"op":"hello","version":1,"x":2}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format-disk"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"kill","session":1}"#).is_err());
+        let hello: Request = serde_json::from_str(r#"{"op":"hello","version":7}"#).unwrap();
+        assert_eq!(hello, Request::Hello { version: 7 });
+    }
+
+    #[test]
+    fn frames_carry_bytes_and_descriptors() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (r, _w) = std::io::pipe().unwrap();
+        send_frame(a.as_raw_fd(), b"{\"op\":\"features\"}", &[r.as_raw_fd()]).unwrap();
+        let (body, fds) = recv_frame(b.as_raw_fd(), MAX_REQUEST).unwrap();
+        assert_eq!(body, b"{\"op\":\"features\"}");
+        assert_eq!(fds.len(), 1);
+        // Too long: refused from the header alone.
+        send_frame(a.as_raw_fd(), &[b'x'; 100], &[]).unwrap();
+        assert!(matches!(
+            recv_frame(b.as_raw_fd(), 50),
+            Err(FrameError::TooLong { len: 100, max: 50 })
+        ));
+        drop(a);
+        let mut rest = [0u8; 100];
+        let _ = read_exact(b.as_raw_fd(), &mut rest, &mut Vec::new());
+        assert!(matches!(
+            recv_frame(b.as_raw_fd(), 50),
+            Err(FrameError::Closed)
+        ));
+    }
+
+    #[test]
+    fn a_truncated_frame_is_a_closed_connection() {
+        let (a, b) = UnixStream::pair().unwrap();
+        use std::io::Write;
+        (&a).write_all(&[10, 0, 0, 0, b'{']).unwrap();
+        drop(a);
+        assert!(matches!(
+            recv_frame(b.as_raw_fd(), MAX_REQUEST),
+            Err(FrameError::Closed)
+        ));
+    }
+}
