@@ -580,6 +580,14 @@ impl Run {
         self.slot
     }
 
+    /// Delivers the records the kernel has made so far to this run's breakdown and event
+    /// stream (before the run ends, so that the stream is complete).
+    pub(crate) fn drain_records(&self) {
+        if self.tree.is_some() {
+            self.inner.sinks.drain();
+        }
+    }
+
     /// The root's pid (in cylo-usage's pid namespace).
     pub fn root_pid(&self) -> u32 {
         self.root_pid

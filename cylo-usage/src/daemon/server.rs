@@ -398,6 +398,9 @@ pub fn serve(options: ServeOptions) -> Result<(), DaemonError> {
         what: "signalfd",
         source,
     })?;
+    let tracker = Tracker::load_with_options(options.load).map_err(DaemonError::Load)?;
+    tracker.detach_hooks().map_err(DaemonError::Load)?;
+    // Listening once the programs are loaded: a client that connects is served at once.
     let (listener, path) = listen(&options)?;
     listener
         .set_nonblocking(true)
@@ -405,8 +408,6 @@ pub fn serve(options: ServeOptions) -> Result<(), DaemonError> {
             what: "O_NONBLOCK on the socket",
             source,
         })?;
-    let tracker = Tracker::load_with_options(options.load).map_err(DaemonError::Load)?;
-    tracker.detach_hooks().map_err(DaemonError::Load)?;
     let _stats = if options.bpf_stats {
         Some(
             aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|source| {
@@ -707,7 +708,9 @@ impl Connection {
             let (reply, send_fds, close) = match self.handle(request, fds) {
                 Ok((reply, fds)) => (reply, fds, false),
                 Err((kind, message)) => {
-                    let close = matches!(kind, ErrorKind::Version | ErrorKind::BadRequest);
+                    // A request that parsed leaves the connection usable; another version
+                    // does not.
+                    let close = kind == ErrorKind::Version;
                     if kind == ErrorKind::BadRequest {
                         self.state
                             .counters
@@ -899,12 +902,20 @@ impl Connection {
     fn end(&mut self, id: u64) {
         if let Some(s) = self.sessions.remove(&id)
             && let Stage::Running(run) = &s.stage
-            && let Ok(c) = run.counters()
         {
-            self.state
-                .counters
-                .lost_events_ended
-                .fetch_add(c.lost_events, Ordering::Relaxed);
+            run.drain_records();
+            if let Ok(c) = run.counters() {
+                self.state
+                    .counters
+                    .lost_events_ended
+                    .fetch_add(c.lost_events, Ordering::Relaxed);
+            }
+            if let Some(d) = &s.events_dropped {
+                self.state
+                    .counters
+                    .events_dropped_bytes
+                    .fetch_add(d.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
         }
     }
 

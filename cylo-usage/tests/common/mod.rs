@@ -342,6 +342,8 @@ impl Drop for Scratch {
 pub fn cli(args: &[&str]) -> Output {
     Command::new(CLI)
         .args(args)
+        // In-process, whatever daemon the host may run (the daemon has its own tests).
+        .env("CYLO_USAGE_SOCKET", "/nonexistent/cylo-usage-tests.sock")
         .stdin(Stdio::null())
         .output()
         .unwrap()

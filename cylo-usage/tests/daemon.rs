@@ -1,0 +1,714 @@
+//! `cylo-usage serve`: real daemons on private sockets, real clients (the command line and the
+//! library), the real kernel. The tests of this file run one at a time (each owns the host's
+//! program count while it runs).
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{CLI, Scratch, WORKLOAD, as_nobody, can_drop_privileges, ebpf_required};
+use cylo_usage::{Precision, Tracker, TrackerKind};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Whether the daemon can load its programs here, or a skip (a failure in CI).
+fn privileged() -> bool {
+    match cylo_usage::loader::missing_privileges() {
+        Ok(None) => true,
+        _ if ebpf_required() => panic!("CYLO_USAGE_REQUIRE_EBPF=1 but this process lacks CAP_BPF"),
+        _ => {
+            eprintln!("SKIPPED: the daemon needs CAP_BPF and CAP_PERFMON (run as root)");
+            false
+        }
+    }
+}
+
+/// How many programs named `task_newtask` the kernel holds (one per loaded program set).
+fn program_sets() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some("task_newtask"))
+        .count()
+}
+
+/// The ids of the eBPF programs process `pid` holds open (from its fdinfo).
+fn programs_of(pid: u32) -> Vec<u32> {
+    let mut ids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .filter_map(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("prog_id:"))
+                        .and_then(|v| v.trim().parse().ok())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// How many of `ids` are `task_newtask` programs: the program sets among them.
+fn sets_among(ids: &[u32]) -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| ids.contains(&p.id()) && p.name_as_str() == Some("task_newtask"))
+        .count()
+}
+
+/// Waits (up to 10 s: the kernel frees programs after their last reference goes) until none
+/// of `ids` is loaded any more.
+fn wait_unloaded(ids: &[u32]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<u32> = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .map(|p| p.id())
+            .filter(|id| ids.contains(id))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "programs {left:?} are still loaded"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A daemon on a private socket; killed when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("cylo-usage-serve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+impl Daemon {
+    fn start(name: &str, args: &[&str]) -> Daemon {
+        let dir = scratch_dir(name);
+        let socket = dir.join("sock");
+        let child = Command::new(CLI)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, socket, dir };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `cylo-usage ARGS` as a client of this daemon.
+    fn client(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(CLI);
+        c.args(args)
+            .env("CYLO_USAGE_SOCKET", &self.socket)
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(self.pid(), libc::SIGKILL) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stderr);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON report in: {text}"));
+    serde_json::from_str(line).unwrap()
+}
+
+fn assert_exact(v: &serde_json::Value) {
+    assert_eq!(v["tracker"], "daemon", "{v}");
+    assert_eq!(v["precision"], "exact", "{v}");
+    assert_eq!(v["lost_events"], 0, "{v}");
+    assert_eq!(v["live_process_count"], 0, "{v}");
+}
+
+#[test]
+fn sixteen_concurrent_runs_share_one_program_set_and_each_is_exact() {
+    if !privileged() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let daemon = Daemon::start("sixteen", &[]);
+    let held = programs_of(daemon.child.id());
+    assert_eq!(sets_among(&held), 1, "the daemon loads one program set");
+    let loaded = program_sets();
+    let children: Vec<_> = (0..16)
+        .map(|i| {
+            let n = (20 + i * 5).to_string();
+            daemon
+                .client(&["run", "--json", "--", WORKLOAD, "storm", &n])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // While they run, nothing more is loaded: the clients use the daemon's programs.
+    assert!(program_sets() <= loaded);
+    for (i, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let v = json(&out);
+        assert_exact(&v);
+        let n = 20 + i as u64 * 5;
+        assert_eq!(v["process_count"], n + 1, "{v}");
+        assert_eq!(v["thread_count"], n + 1, "{v}");
+        assert_eq!(v["exit_code"], 0, "{v}");
+    }
+    assert!(program_sets() <= loaded);
+}
+
+#[test]
+fn the_library_spawns_attaches_and_breaks_down_through_the_daemon() {
+    if !privileged() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let daemon = Daemon::start("library", &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tracker = Tracker::connect(&daemon.socket).unwrap();
+    // Spawn with a breakdown: the root is our own child, with our stdio.
+    let mut cmd = Command::new(WORKLOAD);
+    cmd.args(["threads", "3", "20"]);
+    let mut run = tracker
+        .spawn_with(
+            &mut cmd,
+            cylo_usage::RunOptions {
+                tree: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    rt.block_on(async {
+        let status = run.wait_root().await.unwrap();
+        assert!(status.success());
+        run.wait_finished().await.unwrap();
+    });
+    let u = run.usage().unwrap();
+    assert_eq!(u.tracker, TrackerKind::Daemon);
+    assert_eq!(u.precision, Precision::Exact, "{u:?}");
+    assert_eq!((u.process_count, u.thread_count), (1, 4), "{u:?}");
+    let p = u.processes.as_ref().expect("a breakdown");
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].cpu_time_ns, u.cpu_time_ns);
+    assert!(u.cpu_time_ns >= 60_000_000, "{u:?}");
+    drop(run);
+    // Attach to a process of ours that we did not start under the tracker.
+    let mut target = Command::new(WORKLOAD)
+        .args(["hold", "2"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let run = tracker.attach(target.id()).unwrap();
+    assert!(run.is_attached());
+    drop(target.stdin.take());
+    rt.block_on(async { run.wait_finished().await.unwrap() });
+    let u = run.usage().unwrap();
+    assert!(u.attached);
+    assert_eq!(u.tracker, TrackerKind::Daemon);
+    assert_eq!(u.usage_before_attach.as_ref().unwrap().process_count, 3);
+    assert!(target.wait().unwrap().success());
+    // Events through the daemon: exactly one fork and one exit per process.
+    let (mut r, w) = std::io::pipe().unwrap();
+    let mut cmd = Command::new(WORKLOAD);
+    cmd.args(["storm", "10"]);
+    let run = tracker
+        .spawn_with(
+            &mut cmd,
+            cylo_usage::RunOptions {
+                events: Some(Box::new(w)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    rt.block_on(async { run.wait_finished().await.unwrap() });
+    drop(run);
+    let mut text = String::new();
+    r.read_to_string(&mut text).unwrap();
+    let count = |kind: &str| {
+        text.lines()
+            .filter(|l| l.contains(&format!("\"event\":\"{kind}\"")))
+            .count()
+    };
+    assert_eq!((count("fork"), count("exit")), (11, 11), "{text}");
+}
+
+#[test]
+fn an_unprivileged_user_gets_exact_figures_and_only_its_own_processes() {
+    if !privileged() || !can_drop_privileges() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("daemon-nobody");
+    let daemon = Daemon::start("nobody", &["--allow-all-users"]);
+    let run = |args: &[&str]| {
+        let mut c = as_nobody(&scratch.cli, args);
+        c.env("CYLO_USAGE_SOCKET", &daemon.socket)
+            .stdin(Stdio::null())
+            .current_dir(&scratch.dir);
+        c.output().unwrap()
+    };
+    let w = scratch.workload.to_str().unwrap();
+    let out = run(&["run", "--json", "--", w, "storm", "30"]);
+    assert!(out.status.success(), "{out:?}");
+    let v = json(&out);
+    assert_exact(&v);
+    assert_eq!(v["process_count"], 31, "{v}");
+    // Its own process: allowed.
+    let mut own = as_nobody(Path::new("sleep"), &["1"]).spawn().unwrap();
+    let out = run(&["attach", "--json", &own.id().to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(json(&out)["attached"], true);
+    let _ = own.wait();
+    // Root's process: refused, in one line, and nothing is registered.
+    let mut root = Command::new("sleep").arg("30").spawn().unwrap();
+    let out = run(&["attach", "--json", &root.id().to_string()]);
+    let _ = root.kill();
+    let _ = root.wait();
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = common::stderr(&out);
+    assert!(err.contains("does not belong to user 65534"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // A kill of its own session reaches only what it may signal: its own tree here.
+    let out = run(&["run", "--json", "--timeout", "300ms", "--", "sleep", "30"]);
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    assert_eq!(json(&out)["timed_out"], true);
+    // A root-only daemon: nobody falls back, honestly marked.
+    drop(daemon);
+    let daemon = Daemon::start("root-only", &[]);
+    let mut c = as_nobody(&scratch.cli, &["run", "--json", "--", "/bin/true"]);
+    let out = c
+        .env("CYLO_USAGE_SOCKET", &daemon.socket)
+        .stdin(Stdio::null())
+        .current_dir(&scratch.dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(json(&out)["tracker"], "proc");
+    let mode = std::fs::metadata(&daemon.socket).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+}
+
+#[test]
+fn a_fork_bomb_fills_only_its_own_quota() {
+    if !privileged() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let daemon = Daemon::start("quota", &["--session-max-tasks", "100"]);
+    let bomb = daemon
+        .client(&["run", "--json", "--", WORKLOAD, "fork", "400"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let calm = daemon
+        .client(&["run", "--json", "--", WORKLOAD, "fork", "90"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let calm = json(&calm.wait_with_output().unwrap());
+    let bomb = json(&bomb.wait_with_output().unwrap());
+    assert_exact(&calm);
+    assert_eq!(calm["process_count"], 91, "{calm}");
+    assert_eq!(bomb["precision"], "approximate", "{bomb}");
+    assert!(bomb["lost_events"].as_u64().unwrap() >= 300, "{bomb}");
+    assert!(bomb["process_count"].as_u64().unwrap() <= 100, "{bomb}");
+}
+
+/// One request frame, raw.
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+/// The next reply on `s`, raw (None if the daemon closed the connection).
+fn reply(s: &mut UnixStream) -> Option<serde_json::Value> {
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).ok()?;
+    let mut body = vec![0; u32::from_le_bytes(head) as usize];
+    s.read_exact(&mut body).ok()?;
+    Some(serde_json::from_slice(&body).unwrap())
+}
+
+fn closed(s: &mut UnixStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+#[test]
+fn hostile_clients_get_errors_and_the_daemon_serves_the_others() {
+    if !privileged() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let daemon = Daemon::start("hostile", &["--max-sessions-per-user", "300"]);
+    let connect = || UnixStream::connect(&daemon.socket).unwrap();
+    let kind = |v: &serde_json::Value| v["kind"].as_str().unwrap_or_default().to_string();
+    // Garbage: an HTTP request is a 0x20544547-byte frame.
+    let mut s = connect();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    assert_eq!(kind(&reply(&mut s).unwrap()), "bad-request");
+    assert!(closed(&mut s));
+    // Oversized.
+    let mut s = connect();
+    s.write_all(&(1u32 << 30).to_le_bytes()).unwrap();
+    assert_eq!(kind(&reply(&mut s).unwrap()), "bad-request");
+    // Valid length, not JSON; JSON, not a request; a request before hello.
+    for body in [
+        &b"\xff\xfe\x00garbage"[..],
+        b"{\"op\":\"rm -rf\"}",
+        b"{\"op\":\"features\"}",
+    ] {
+        let mut s = connect();
+        s.write_all(&frame(body)).unwrap();
+        assert_eq!(kind(&reply(&mut s).unwrap()), "bad-request", "{body:?}");
+        assert!(closed(&mut s));
+    }
+    // An unknown protocol version.
+    let mut s = connect();
+    s.write_all(&frame(br#"{"op":"hello","version":999}"#))
+        .unwrap();
+    let r = reply(&mut s).unwrap();
+    assert_eq!(kind(&r), "version", "{r}");
+    assert!(closed(&mut s));
+    // Truncated: a header promising more than comes, then the client leaves.
+    let mut s = connect();
+    s.write_all(&[100, 0, 0, 0, b'{']).unwrap();
+    drop(s);
+    // Spawn with a descriptor that is not a /proc thread directory, and with none.
+    let mut s = connect();
+    s.write_all(&frame(br#"{"op":"hello","version":1}"#))
+        .unwrap();
+    assert_eq!(reply(&mut s).unwrap()["reply"], "hello");
+    s.write_all(&frame(br#"{"op":"spawn","options":{}}"#))
+        .unwrap();
+    assert_eq!(kind(&reply(&mut s).unwrap()), "bad-request");
+    // Someone else's session.
+    s.write_all(&frame(br#"{"op":"usage","session":1,"breakdown":true}"#))
+        .unwrap();
+    assert_eq!(kind(&reply(&mut s).unwrap()), "no-such-session");
+    s.write_all(&frame(br#"{"op":"kill","session":1,"signal":9}"#))
+        .unwrap();
+    assert_eq!(kind(&reply(&mut s).unwrap()), "no-such-session");
+    drop(s);
+    // A client that never reads its replies: it is cut off, the others are served meanwhile.
+    let mut greedy = connect();
+    greedy
+        .write_all(&frame(br#"{"op":"hello","version":1}"#))
+        .unwrap();
+    let flood = std::thread::spawn(move || {
+        let req = frame(br#"{"op":"features"}"#);
+        greedy
+            .set_write_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut sent = 0;
+        while greedy.write_all(&req).is_ok() && sent < 200_000 {
+            sent += 1;
+        }
+        sent
+    });
+    let out = daemon
+        .client(&["run", "--json", "--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_exact(&json(&out));
+    flood.join().unwrap();
+    // 1,000 connect/disconnect cycles, some greeting, some mid-frame.
+    for i in 0..1000 {
+        let mut s = connect();
+        match i % 3 {
+            0 => {}
+            1 => {
+                s.write_all(&frame(br#"{"op":"hello","version":1}"#))
+                    .unwrap();
+            }
+            _ => {
+                let _ = s.write_all(&[50, 0, 0]);
+            }
+        }
+    }
+    // 256 sessions at once (every run slot), from the library; the 257th is told "busy".
+    let tracker = Tracker::connect(&daemon.socket).unwrap();
+    let mut runs = Vec::new();
+    let mut sleepers = Vec::new();
+    for _ in 0..256 {
+        let mut c = Command::new("sleep");
+        c.arg("5");
+        let run = tracker.spawn(&mut c).unwrap();
+        sleepers.push(run.root_pid());
+        runs.push(run);
+    }
+    let err = tracker.spawn(&mut Command::new("/bin/true")).err().unwrap();
+    let text = cylo_usage::error_chain(&err);
+    assert!(text.contains("256 run slots are in use"), "{text}");
+    for run in &runs {
+        let u = run.usage_totals().unwrap();
+        assert_eq!(u.process_count, 1, "{u:?}");
+    }
+    for pid in sleepers {
+        // SAFETY: signals a child of ours.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    drop(runs);
+    // Still serving, exactly.
+    let out = daemon
+        .client(&["run", "--json", "--", WORKLOAD, "storm", "5"])
+        .output()
+        .unwrap();
+    let v = json(&out);
+    assert_exact(&v);
+    assert_eq!(v["process_count"], 6);
+}
+
+#[test]
+fn the_per_user_session_limit_is_a_clear_refusal() {
+    if !privileged() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let daemon = Daemon::start("limit", &["--max-sessions-per-user", "2"]);
+    let tracker = Tracker::connect(&daemon.socket).unwrap();
+    let a = tracker.spawn(Command::new("sleep").arg("2")).unwrap();
+    let b = tracker.spawn(Command::new("sleep").arg("2")).unwrap();
+    let err = tracker.spawn(Command::new("sleep").arg("2")).err().unwrap();
+    let text = cylo_usage::error_chain(&err);
+    assert!(text.contains("already has 2 sessions open"), "{text}");
+    for r in [&a, &b] {
+        let _ = r.kill(libc::SIGKILL);
+    }
+    drop((a, b));
+    tracker.spawn(&mut Command::new("/bin/true")).unwrap();
+}
+
+fn scrape(addr: &str) -> prometheus_parse::Scrape {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    prometheus_parse::Scrape::parse(lines).unwrap()
+}
+
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, label: Option<(&str, &str)>) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .unwrap_or_else(|| panic!("no sample {name} {label:?}"))
+}
+
+#[test]
+fn metrics_are_prometheus_text_and_the_hooks_detach_while_idle() {
+    if !privileged() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = Daemon::start("metrics", &["--metrics", &addr, "--bpf-stats"]);
+    let idle = scrape(&addr);
+    assert_eq!(sample(&idle, "cylo_usage_hooks_attached", None), 0.0);
+    assert_eq!(sample(&idle, "cylo_usage_sessions_active", None), 0.0);
+    assert_eq!(
+        sample(&idle, "cylo_usage_map_capacity", Some(("map", "TASKS"))),
+        65536.0
+    );
+    let tracker = Tracker::connect(&daemon.socket).unwrap();
+    let run = tracker.spawn(Command::new("sleep").arg("3")).unwrap();
+    let busy = scrape(&addr);
+    assert_eq!(sample(&busy, "cylo_usage_hooks_attached", None), 1.0);
+    assert_eq!(sample(&busy, "cylo_usage_sessions_active", None), 1.0);
+    assert!(sample(&busy, "cylo_usage_map_entries", Some(("map", "TASKS"))) >= 1.0);
+    assert!(sample(&busy, "cylo_usage_hooks_attach_last_nanoseconds", None) > 0.0);
+    let _ = run.kill(libc::SIGKILL);
+    drop(run);
+    let after = scrape(&addr);
+    assert_eq!(sample(&after, "cylo_usage_hooks_attached", None), 0.0);
+    assert_eq!(sample(&after, "cylo_usage_sessions_total", None), 1.0);
+    assert!(
+        sample(
+            &after,
+            "cylo_usage_handler_calls_total",
+            Some(("program", "task_newtask"))
+        ) >= 1.0
+    );
+}
+
+#[test]
+fn sigterm_and_sigkill_leave_nothing_loaded() {
+    if !privileged() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut daemon = Daemon::start("term", &[]);
+    let held = programs_of(daemon.child.id());
+    assert_eq!(sets_among(&held), 1);
+    let tracker = Tracker::connect(&daemon.socket).unwrap();
+    let run = tracker.spawn(Command::new("sleep").arg("0.2")).unwrap();
+    // SAFETY: signals our child.
+    unsafe { libc::kill(daemon.pid(), libc::SIGTERM) };
+    let status = daemon.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!daemon.socket.exists(), "the socket is removed");
+    wait_unloaded(&held);
+    // Its client is told, in one line.
+    let err = run.usage().err().unwrap();
+    assert!(cylo_usage::error_chain(&err).contains("daemon"));
+    drop(run);
+    let daemon = Daemon::start("kill", &[]);
+    let held = programs_of(daemon.child.id());
+    assert_eq!(sets_among(&held), 1);
+    // SAFETY: signals our child.
+    unsafe { libc::kill(daemon.pid(), libc::SIGKILL) };
+    drop(daemon);
+    wait_unloaded(&held);
+}
+
+#[test]
+fn a_client_whose_daemon_dies_keeps_its_commands_exit_status() {
+    if !privileged() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let daemon = Daemon::start("dies", &[]);
+    let client = daemon
+        .client(&["run", "--", "sh", "-c", "sleep 1; exit 7"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signals our child.
+    unsafe { libc::kill(daemon.pid(), libc::SIGKILL) };
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    let err = common::stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("daemon"), "{err}");
+}
+
+#[test]
+fn socket_activation_serves_on_the_socket_it_is_given() {
+    if !privileged() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir("activation");
+    let socket = dir.join("sock");
+    let systemd = Path::new("/usr/bin/systemd-socket-activate").exists();
+    let mut child = if systemd {
+        Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(&socket)
+            .arg(CLI)
+            .arg("serve")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap()
+    } else {
+        // The same protocol by hand: the listening socket as fd 3, LISTEN_PID, LISTEN_FDS.
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        let mut c = Command::new("sh");
+        c.args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve", CLI])
+            .stdin(Stdio::null());
+        // SAFETY: dup2 is async-signal-safe.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = c.spawn().unwrap();
+        drop(listener);
+        child
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The first connection starts the daemon (systemd-socket-activate runs it on demand).
+    let out = Command::new(CLI)
+        .args(["run", "--json", "--", WORKLOAD, "storm", "3"])
+        .env("CYLO_USAGE_SOCKET", &socket)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    // SAFETY: signals our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{out:?}");
+    let v = json(&out);
+    assert_exact(&v);
+    assert_eq!(v["process_count"], 4);
+}
