@@ -712,3 +712,97 @@ fn socket_activation_serves_on_the_socket_it_is_given() {
     assert_exact(&v);
     assert_eq!(v["process_count"], 4);
 }
+
+#[test]
+fn a_client_in_another_pid_namespace_is_served_with_its_own_processes() {
+    if !privileged() {
+        return;
+    }
+    if !Command::new("unshare")
+        .args(["-fp", "--mount-proc", "/bin/true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("SKIPPED: no unshare(1) with -fp --mount-proc here");
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let daemon = Daemon::start("pidns", &[]);
+    // Spawn from inside a container-like pid namespace.
+    let out = Command::new("unshare")
+        .args([
+            "-fp",
+            "--mount-proc",
+            CLI,
+            "run",
+            "--json",
+            "--",
+            WORKLOAD,
+            "storm",
+            "7",
+        ])
+        .env("CYLO_USAGE_SOCKET", &daemon.socket)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = json(&out);
+    assert_exact(&v);
+    assert_eq!(v["process_count"], 8, "{v}");
+    // Attach from inside: pid 2 of that namespace is its own process, not the host's pid 2.
+    let script = format!("sleep 1 & exec {CLI} attach --json $!");
+    let out = Command::new("unshare")
+        .args(["-fp", "--mount-proc", "/bin/sh", "-c", &script])
+        .env("CYLO_USAGE_SOCKET", &daemon.socket)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = json(&out);
+    assert_eq!(v["tracker"], "daemon", "{v}");
+    assert_eq!(v["attached"], true, "{v}");
+    assert_eq!(v["usage_before_attach"]["process_count"], 1, "{v}");
+}
+
+#[test]
+fn a_thread_of_another_process_is_never_registered() {
+    if !privileged() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let daemon = Daemon::start("foreign", &[]);
+    let mut s = UnixStream::connect(&daemon.socket).unwrap();
+    s.write_all(&frame(br#"{"op":"hello","version":1}"#))
+        .unwrap();
+    assert_eq!(reply(&mut s).unwrap()["reply"], "hello");
+    // A thread of another process: the kernel refuses to register it.
+    let mut victim = Command::new("sleep").arg("5").spawn().unwrap();
+    let dir = std::fs::File::open(format!("/proc/{0}/task/{0}", victim.id())).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
+    cylo_usage::daemon::protocol::send_frame(
+        std::os::fd::AsRawFd::as_raw_fd(&s),
+        br#"{"op":"spawn","options":{}}"#,
+        &[fd],
+    )
+    .unwrap();
+    let r = reply(&mut s).unwrap();
+    let _ = victim.kill();
+    let _ = victim.wait();
+    assert_eq!(r["kind"], "permission", "{r}");
+    // A descriptor that is not a /proc directory at all.
+    let file = std::fs::File::open("/etc/hostname").unwrap();
+    cylo_usage::daemon::protocol::send_frame(
+        std::os::fd::AsRawFd::as_raw_fd(&s),
+        br#"{"op":"spawn","options":{}}"#,
+        &[std::os::fd::AsRawFd::as_raw_fd(&file)],
+    )
+    .unwrap();
+    assert_eq!(reply(&mut s).unwrap()["kind"], "bad-request");
+    // And the connection still serves a real spawn afterwards.
+    drop(s);
+    let out = daemon
+        .client(&["run", "--json", "--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert_exact(&json(&out));
+}

@@ -19,7 +19,8 @@ pub const DEFAULT_MAX_MMS: u32 = 65_536;
 pub const MAX_DEVS: u32 = 4096;
 /// Capacity of the `SPAWNERS` map: userspace threads about to fork the root of a run (keyed by
 /// the address of their `task_struct`, recorded by the `control` program in their context).
-pub const MAX_SPAWNERS: u32 = 64;
+/// One per run slot: every registration holds a slot, so the map is never full.
+pub const MAX_SPAWNERS: u32 = MAX_RUNS;
 /// Size of the ring buffer that carries notifications to userspace.
 pub const EVENTS_BYTES: u32 = 64 * 4096;
 /// Size of the ring buffer that carries per-process records of the runs that asked for them

@@ -259,6 +259,24 @@ fn allowed(access: Access, peer: Peer) -> bool {
     }
 }
 
+/// Whether the peer's uid is the overflow uid standing for a user of another user namespace
+/// that has no mapping here (it would pass for `nobody`).
+fn unmapped_user(peer: Peer) -> bool {
+    let overflow = std::fs::read_to_string("/proc/sys/kernel/overflowuid")
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .unwrap_or(65534);
+    if peer.uid != overflow {
+        return false;
+    }
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/user")).ok();
+    match (ns(&peer.pid.to_string()), ns("self")) {
+        (Some(theirs), Some(ours)) => theirs != ours,
+        // Unknown: the safe answer.
+        _ => true,
+    }
+}
+
 fn set_timeouts(sock: &UnixStream) -> std::io::Result<()> {
     sock.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     sock.set_write_timeout(Some(CLIENT_TIMEOUT))
@@ -535,6 +553,14 @@ fn accept(state: &Arc<State>, sock: UnixStream, id: u64) {
     let Ok(peer) = peer_credentials(&sock) else {
         return;
     };
+    if unmapped_user(peer) {
+        refuse(
+            &sock,
+            ErrorKind::Permission,
+            "the client's user is not mapped into the daemon's user namespace".to_string(),
+        );
+        return;
+    }
     if !allowed(state.options.access, peer) {
         refuse(
             &sock,
