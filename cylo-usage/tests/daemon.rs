@@ -806,3 +806,29 @@ fn a_thread_of_another_process_is_never_registered() {
         .unwrap();
     assert_exact(&json(&out));
 }
+
+#[test]
+fn the_shipped_systemd_units_are_valid() {
+    let Ok(found) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("SKIPPED: no systemd-analyze here");
+        return;
+    };
+    assert!(found.status.success());
+    let dir = scratch_dir("units");
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/systemd");
+    for unit in ["cylo-usage.service", "cylo-usage.socket"] {
+        let text = std::fs::read_to_string(units.join(unit)).unwrap();
+        // Verified against the binary this build made.
+        let text = text.replace("/usr/local/bin/cylo-usage", CLI);
+        std::fs::write(dir.join(unit), text).unwrap();
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.join("cylo-usage.socket"))
+        .arg(dir.join("cylo-usage.service"))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}
