@@ -830,5 +830,9 @@ fn the_shipped_systemd_units_are_valid() {
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(out.status.success(), "{out:?}");
-    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

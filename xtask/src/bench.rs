@@ -26,8 +26,11 @@
 //!   per-program statistics, during the storm (`costs`) and during (f) and (g) run untracked
 //!   (`net-costs`).
 //!
-//! `--case` picks cases (a letter, `costs`, `net-costs` or `sessions`; repeatable); all by
-//! default.
+//! - `daemon` (`bench_daemon.rs`): the daemon idle and with 16 sessions, against in-process
+//!   trackers; `run -- /bin/true` through it; the tracked storm through it.
+//!
+//! `--case` picks cases (a letter, `costs`, `net-costs`, `sessions` or `daemon`; repeatable);
+//! all by default.
 //!
 //! To add a case, push another [`Case`] in [`cases`]: a name, a [`Goal`] and two closures that
 //! each do one run and return its [`Sample`].
@@ -67,13 +70,14 @@ pub struct Args {
     quick: bool,
     /// Only these cases: `a`..`h`, `costs` (handler costs during the storm), `net-costs`
     /// (handler costs during untracked TCP and UDP traffic), `sessions` (tracked-path costs
-    /// with and without records, attach latency, tracker memory). Repeatable; default: all.
+    /// with and without records, attach latency, tracker memory), `daemon` (one shared
+    /// program set against in-process trackers). Repeatable; default: all.
     #[arg(long = "case", value_name = "CASE")]
     cases: Vec<String>,
 }
 
 /// The cases `--case` can name.
-const CASE_IDS: [&str; 11] = [
+const CASE_IDS: [&str; 12] = [
     "a",
     "b",
     "c",
@@ -85,6 +89,7 @@ const CASE_IDS: [&str; 11] = [
     "costs",
     "net-costs",
     "sessions",
+    "daemon",
 ];
 
 /// Whether `--case` selects `id` (everything when none is given).
@@ -155,13 +160,13 @@ struct Case {
 }
 
 /// Median and minimum of a side's samples, in milliseconds.
-struct Stats {
-    median: f64,
-    min: f64,
+pub(crate) struct Stats {
+    pub(crate) median: f64,
+    pub(crate) min: f64,
 }
 
 impl Stats {
-    fn of(samples: &[Duration]) -> Self {
+    pub(crate) fn of(samples: &[Duration]) -> Self {
         let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
         ms.sort_by(f64::total_cmp);
         let n = ms.len();
@@ -173,7 +178,7 @@ impl Stats {
         Stats { median, min: ms[0] }
     }
 
-    fn cell(&self) -> String {
+    pub(crate) fn cell(&self) -> String {
         format!("{:.1} ms ({:.1})", self.median, self.min)
     }
 }
@@ -254,6 +259,11 @@ pub fn run(args: Args) -> Result<()> {
     if selected(&args, "sessions") {
         costs.push_str(&session_costs(&bins, storm, args.quick, &out_dir)?);
     }
+    if selected(&args, "daemon") {
+        costs.push_str(&crate::bench_daemon::daemon_costs(
+            &bins, storm, runs, &out_dir,
+        )?);
+    }
     let elapsed = started.elapsed();
     let _ = std::fs::remove_file(out_dir.join("direct-io.data"));
 
@@ -294,9 +304,9 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-struct Bins {
-    tracker: PathBuf,
-    workload: PathBuf,
+pub(crate) struct Bins {
+    pub(crate) tracker: PathBuf,
+    pub(crate) workload: PathBuf,
 }
 
 /// The benchmark's cases, in the order they run.
@@ -551,7 +561,7 @@ fn push_raw(raw: &mut String, case: &str, side: &str, samples: &[Duration]) {
 }
 
 /// Runs `cmd` to completion and returns its wall time. Fails with its stderr when it fails.
-fn time(cmd: &mut Command) -> Result<Duration> {
+pub(crate) fn time(cmd: &mut Command) -> Result<Duration> {
     let shown = format!("{cmd:?}");
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -573,7 +583,7 @@ fn time(cmd: &mut Command) -> Result<Duration> {
 }
 
 /// `wall_time_ms` from a `cylo-usage run --json` report.
-fn reported_wall(report: &Path) -> Result<Duration> {
+pub(crate) fn reported_wall(report: &Path) -> Result<Duration> {
     let text = std::fs::read_to_string(report)
         .with_context(|| format!("reading the report {}", report.display()))?;
     let value: serde_json::Value = serde_json::from_str(&text)
@@ -599,7 +609,7 @@ fn send(pid: u32, sig: i32) {
 
 /// A `cylo-usage run` in the background; stopped (SIGTERM, which it forwards to its command)
 /// when dropped, also on error paths.
-struct Background {
+pub(crate) struct Background {
     child: Option<Child>,
     shown: String,
     /// The tracker's own children (its command), once seen: killed too if the tracker must be
@@ -608,7 +618,7 @@ struct Background {
 }
 
 impl Background {
-    fn start(mut cmd: Command) -> Result<Self> {
+    pub(crate) fn start(mut cmd: Command) -> Result<Self> {
         let shown = format!("{cmd:?}");
         let child = cmd
             .stdin(Stdio::null())
@@ -629,7 +639,7 @@ impl Background {
 
     /// Waits until the tracker has started its command (it loads and attaches its programs
     /// first) and at least `min` has passed since it started.
-    fn wait_attached(&mut self, min: Duration) -> Result<()> {
+    pub(crate) fn wait_attached(&mut self, min: Duration) -> Result<()> {
         let start = Instant::now();
         let children_file = format!("/proc/{0}/task/{0}/children", self.pid());
         loop {
@@ -671,7 +681,7 @@ impl Background {
 
     /// Stops the tracker and checks it ended as expected: its command killed by SIGTERM, so
     /// exit status 128 + 15.
-    fn stop(mut self) -> Result<()> {
+    pub(crate) fn stop(mut self) -> Result<()> {
         let (status, stderr) = self.terminate()?;
         if status.code() != Some(128 + SIGTERM) && !status.success() {
             bail!("{} failed ({status}): {}", self.shown, stderr.trim());
@@ -783,7 +793,7 @@ fn machine_facts() -> Vec<(&'static str, String)> {
 
 /// The kernel's run-time statistics (BPF_ENABLE_STATS) of every raw-tracepoint program named
 /// like one of the tracker's handlers: id -> (name, ns, calls).
-fn handler_stats() -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>> {
+pub(crate) fn handler_stats() -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>> {
     use cylo_usage_abi::names::*;
     let network = [PROG_SOCK_SEND_LENGTH, PROG_SOCK_RECV_LENGTH]
         .into_iter()
@@ -829,7 +839,7 @@ fn handler_stats() -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>
 }
 
 /// Per handler name: (run time in ns, calls).
-type CostRows = std::collections::BTreeMap<String, (u64, u64)>;
+pub(crate) type CostRows = std::collections::BTreeMap<String, (u64, u64)>;
 
 /// The tracker's handlers' run time and calls (kernel statistics) while `workload args`
 /// runs untracked and a tracker follows another tree: (wall time, name -> (ns, calls)).
@@ -855,7 +865,7 @@ fn costs_during(bins: &Bins, args: &[String]) -> Result<(Duration, CostRows)> {
 }
 
 /// The table of [`costs_during`]'s rows: calls, ns per call, total, share of `wall`.
-fn cost_table(wall: Duration, rows: &CostRows) -> String {
+pub(crate) fn cost_table(wall: Duration, rows: &CostRows) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,

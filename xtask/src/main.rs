@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's build, test, benchmark and kernel-matrix tasks.
 mod bench;
+mod bench_daemon;
 mod ebpf;
 mod vm;
 

@@ -1,0 +1,384 @@
+//! `cargo xtask bench --case daemon`: what one shared program set (`cylo-usage serve`) costs
+//! and saves, against in-process trackers. Wall-clock ratios with medians, and beside each the
+//! kernel's per-program run time of every handler loaded on the host (all trackers' together).
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::bench::{
+    Background, Bins, CostRows, Stats, cost_table, handler_stats, reported_wall, time,
+};
+
+/// Sessions (or in-process trackers) open during the crowded side of the contrast cases.
+const CROWD: usize = 16;
+
+/// A daemon on a private socket, with metrics; killed when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    metrics: String,
+}
+
+impl Daemon {
+    fn start(bins: &Bins, dir: &Path) -> Result<Daemon> {
+        let socket = dir.join("bench-daemon.sock");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let metrics = format!("127.0.0.1:{port}");
+        let child = Command::new(&bins.tracker)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--metrics", &metrics])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting cylo-usage serve")?;
+        let d = Daemon {
+            child,
+            socket,
+            metrics,
+        };
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("cylo-usage serve did not listen within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(d)
+    }
+
+    /// `cylo-usage ARGS` as this daemon's client.
+    fn client(&self, bins: &Bins, args: &[&str]) -> Command {
+        let mut c = Command::new(&bins.tracker);
+        c.args(args).env("CYLO_USAGE_SOCKET", &self.socket);
+        c
+    }
+
+    /// One metric's value from `GET /metrics`.
+    fn metric(&self, name: &str) -> Result<f64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.metrics)?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .with_context(|| format!("no metric {name}"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// `n` background `cylo-usage run -- sleep 3600`, each made by `make`, all following.
+fn crowd(n: usize, make: impl Fn() -> Command) -> Result<Vec<Background>> {
+    let mut all = Vec::new();
+    for _ in 0..n {
+        let mut cmd = make();
+        cmd.args(["run", "-o", "/dev/null", "--", "sleep", "3600"]);
+        let mut b = Background::start(cmd)?;
+        b.wait_attached(Duration::ZERO)?;
+        all.push(b);
+    }
+    Ok(all)
+}
+
+fn stop(all: Vec<Background>) -> Result<()> {
+    for b in all {
+        b.stop()?;
+    }
+    Ok(())
+}
+
+/// Handler rows (name -> ns, calls) during `cmd`, and its wall time.
+fn with_costs(cmd: &mut Command) -> Result<(Duration, CostRows)> {
+    let before = handler_stats()?;
+    let wall = time(cmd)?;
+    let after = handler_stats()?;
+    let mut rows = CostRows::new();
+    for (id, (name, ns, calls)) in &after {
+        let (_, ns0, calls0) = before.get(id).cloned().unwrap_or_default();
+        let row = rows.entry(name.clone()).or_default();
+        row.0 += ns.saturating_sub(ns0);
+        row.1 += calls.saturating_sub(calls0);
+    }
+    Ok((wall, rows))
+}
+
+fn share(wall: Duration, rows: &CostRows) -> f64 {
+    let ns: u64 = rows.values().map(|r| r.0).sum();
+    ns as f64 / wall.as_nanos().max(1) as f64 * 100.0
+}
+
+/// Medians of the per-run handler shares.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Row {
+    name: String,
+    a: Vec<Duration>,
+    b: Vec<Duration>,
+    a_share: Vec<f64>,
+    b_share: Vec<f64>,
+    goal: Option<(&'static str, f64)>,
+    added: bool,
+}
+
+impl Row {
+    fn line(&self) -> String {
+        let (a, b) = (Stats::of(&self.a), Stats::of(&self.b));
+        let figure = if self.added {
+            b.median - a.median
+        } else {
+            b.median / a.median
+        };
+        let shown = if self.added {
+            format!("{figure:+.1} ms")
+        } else {
+            format!("{figure:.3}×")
+        };
+        let (goal, met) = match self.goal {
+            Some((text, max)) => (text.to_string(), if figure <= max { "yes" } else { "no" }),
+            None => ("report".to_string(), "-"),
+        };
+        format!(
+            "| {} | {} | {} | {shown} | {:.2}% → {:.2}% | {goal} | {met} |\n",
+            self.name,
+            a.cell(),
+            b.cell(),
+            median(self.a_share.clone()),
+            median(self.b_share.clone()),
+        )
+    }
+}
+
+pub(crate) fn daemon_costs(bins: &Bins, storm: u64, runs: usize, out_dir: &Path) -> Result<String> {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("BPF_ENABLE_STATS (per-program run time)")?;
+    let storm_arg = storm.to_string();
+    let storm_cmd = || {
+        let mut c = Command::new(&bins.workload);
+        c.args(["storm", &storm_arg]);
+        c
+    };
+    let mut rows = Vec::new();
+    let mut notes = String::new();
+
+    // Idle: the storm with no daemon, and with a daemon that has no session (hooks detached).
+    let mut idle = Row {
+        name: format!("untracked storm {storm}: no daemon → idle daemon"),
+        a: vec![],
+        b: vec![],
+        a_share: vec![],
+        b_share: vec![],
+        goal: Some(("≤ 1.01×", 1.01)),
+        added: false,
+    };
+    let mut reattach_ns = Vec::new();
+    let mut idle_calls = 0;
+    for i in 0..=runs {
+        let (wa, ra) = with_costs(&mut storm_cmd())?;
+        let daemon = Daemon::start(bins, out_dir)?;
+        let (wb, rb) = with_costs(&mut storm_cmd())?;
+        idle_calls += rb.values().map(|r| r.1).sum::<u64>();
+        // The first session after idling attaches the hooks again.
+        time(&mut daemon.client(bins, &["run", "-o", "/dev/null", "--", "/bin/true"]))?;
+        reattach_ns.push(daemon.metric("cylo_usage_hooks_attach_last_nanoseconds")?);
+        drop(daemon);
+        if i > 0 {
+            idle.a.push(wa);
+            idle.b.push(wb);
+            idle.a_share.push(share(wa, &ra));
+            idle.b_share.push(share(wb, &rb));
+        }
+    }
+    let _ = writeln!(
+        notes,
+        "- Idle daemon: its handlers ran {idle_calls} times in {} storms (hooks detached). \
+         Re-attaching them for the first session took {:.2} ms (median of {}; min {:.2}).",
+        runs + 1,
+        median(reattach_ns.clone()) / 1e6,
+        reattach_ns.len(),
+        reattach_ns.iter().copied().fold(f64::INFINITY, f64::min) / 1e6
+    );
+    rows.push(idle);
+
+    let daemon = Daemon::start(bins, out_dir)?;
+    // 16 sessions against 1 in the daemon: the untracked storm pays for one program set.
+    {
+        let mut row = Row {
+            name: format!("untracked storm {storm}: 1 → {CROWD} daemon sessions"),
+            a: vec![],
+            b: vec![],
+            a_share: vec![],
+            b_share: vec![],
+            goal: Some(("≤ 1.01×", 1.01)),
+            added: false,
+        };
+        let base = crowd(1, || daemon.client(bins, &[]))?;
+        for i in 0..=runs {
+            let (wa, ra) = with_costs(&mut storm_cmd())?;
+            let more = crowd(CROWD - 1, || daemon.client(bins, &[]))?;
+            let (wb, rb) = with_costs(&mut storm_cmd())?;
+            stop(more)?;
+            if i > 0 {
+                row.a.push(wa);
+                row.b.push(wb);
+                row.a_share.push(share(wa, &ra));
+                row.b_share.push(share(wb, &rb));
+            }
+        }
+        stop(base)?;
+        rows.push(row);
+    }
+    // The same with in-process trackers, for contrast.
+    {
+        let mut row = Row {
+            name: format!("untracked storm {storm}: 1 → {CROWD} in-process trackers"),
+            a: vec![],
+            b: vec![],
+            a_share: vec![],
+            b_share: vec![],
+            goal: None,
+            added: false,
+        };
+        let make = || {
+            let mut c = Command::new(&bins.tracker);
+            c.env("CYLO_USAGE_SOCKET", "/nonexistent/cylo-usage-bench.sock");
+            c
+        };
+        let base = crowd(1, make)?;
+        for i in 0..=runs {
+            let (wa, ra) = with_costs(&mut storm_cmd())?;
+            let more = crowd(CROWD - 1, make)?;
+            let (wb, rb) = with_costs(&mut storm_cmd())?;
+            stop(more)?;
+            if i > 0 {
+                row.a.push(wa);
+                row.b.push(wb);
+                row.a_share.push(share(wa, &ra));
+                row.b_share.push(share(wb, &rb));
+            }
+        }
+        stop(base)?;
+        rows.push(row);
+    }
+    // One tracked command's fixed cost through the daemon (idle: it re-attaches the hooks).
+    {
+        let mut row = Row {
+            name: "`run -- /bin/true` through the daemon vs bare".to_string(),
+            a: vec![],
+            b: vec![],
+            a_share: vec![],
+            b_share: vec![],
+            goal: Some(("≤ 5 ms added", 5.0)),
+            added: true,
+        };
+        for i in 0..=runs * 2 {
+            let wa = time(&mut Command::new("/bin/true"))?;
+            let wb =
+                time(&mut daemon.client(bins, &["run", "-o", "/dev/null", "--", "/bin/true"]))?;
+            if i > 0 {
+                row.a.push(wa);
+                row.b.push(wb);
+            }
+        }
+        rows.push(row);
+    }
+    // The tracked storm: through the daemon against in-process, by the wall time each
+    // reports itself (spawn to last exit: the in-process start-up left out).
+    {
+        let mut row = Row {
+            name: format!("tracked storm {storm}: in-process → daemon (reported wall)"),
+            a: vec![],
+            b: vec![],
+            a_share: vec![],
+            b_share: vec![],
+            goal: Some(("≤ 1.01×", 1.01)),
+            added: false,
+        };
+        let report = out_dir.join("daemon-storm.json");
+        let tracked = |via_daemon: bool| -> Result<(Duration, f64)> {
+            let mut c = if via_daemon {
+                daemon.client(bins, &[])
+            } else {
+                Command::new(&bins.tracker)
+            };
+            c.args(["run", "--json", "-o"]).arg(&report);
+            if !via_daemon {
+                c.arg("--no-daemon");
+            }
+            c.arg("--").arg(&bins.workload).args(["storm", &storm_arg]);
+            let (_, rows) = with_costs(&mut c)?;
+            let wall = reported_wall(&report)?;
+            Ok((wall, share(wall, &rows)))
+        };
+        for i in 0..=runs {
+            let (wa, sa) = tracked(false)?;
+            let (wb, sb) = tracked(true)?;
+            if i > 0 {
+                row.a.push(wa);
+                row.b.push(wb);
+                row.a_share.push(sa);
+                row.b_share.push(sb);
+            }
+        }
+        let _ = std::fs::remove_file(&report);
+        rows.push(row);
+    }
+    // Where the handlers' time goes with 16 sessions open.
+    let crowd_costs = {
+        let all = crowd(CROWD, || daemon.client(bins, &[]))?;
+        let costs = with_costs(&mut storm_cmd());
+        stop(all)?;
+        costs?
+    };
+    drop(daemon);
+
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "\nOne program set per host (`cylo-usage serve`; {runs} runs per side after one \
+         warm-up, interleaved; handler share = the kernel's run time of every loaded handler \
+         as a share of the run's wall time, median, A → B):\n"
+    );
+    let _ = writeln!(
+        md,
+        "| case (A → B) | A median (min) | B median (min) | ratio or added | handler share | goal | met? |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    for r in &rows {
+        md.push_str(&r.line());
+    }
+    md.push('\n');
+    md.push_str(&notes);
+    let _ = writeln!(
+        md,
+        "\nHandlers during one untracked storm with {CROWD} daemon sessions open (wall {:.1} ms):\n",
+        crowd_costs.0.as_secs_f64() * 1e3
+    );
+    md.push_str(&cost_table(crowd_costs.0, &crowd_costs.1));
+    Ok(md)
+}
