@@ -526,6 +526,7 @@ async fn wait(
     let mut killed_at: Option<Instant> = None;
     let live_view = args.watch && std::io::stderr().is_terminal();
     let mut root_done = false;
+    let mut root_readable = false;
     let mut drawn: Option<Instant> = None;
     let result = loop {
         if !root_done && run.root_ended().map_err(err)? {
@@ -573,9 +574,14 @@ async fn wait(
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
             r = async { root_fd.unwrap().readable().await }, if root_fd.is_some() => {
-                // The pidfd stays readable: the next check takes the exit; no spinning meanwhile.
+                // The pidfd stays readable: the next check takes the exit at once. Should the
+                // exit not be known yet (the kernel's record of an attached root may trail),
+                // the checks after it wait a little, so as not to spin.
                 if let Ok(mut g) = r { g.retain_ready(); }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                if root_readable {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                root_readable = true;
             }
             r = async { events_fd.unwrap().readable().await }, if events_fd.is_some() => {
                 run.clear_wake();
