@@ -814,8 +814,12 @@ fn the_shipped_systemd_units_are_valid() {
         return;
     };
     assert!(found.status.success());
-    let dir = scratch_dir("units");
     let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/systemd");
+    if !units.is_dir() {
+        eprintln!("SKIPPED: the source tree (contrib/systemd) is not here");
+        return;
+    }
+    let dir = scratch_dir("units");
     for unit in ["cylo-usage.service", "cylo-usage.socket"] {
         let text = std::fs::read_to_string(units.join(unit)).unwrap();
         // Verified against the binary this build made.

@@ -82,6 +82,22 @@ impl Drop for Daemon {
     }
 }
 
+/// The ids of the eBPF programs process `pid` holds (from its fdinfo).
+fn programs_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .filter_map(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("prog_id:"))
+                        .and_then(|v| v.trim().parse().ok())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// `n` background `cylo-usage run -- sleep 3600`, each made by `make`, all following.
 fn crowd(n: usize, make: impl Fn() -> Command) -> Result<Vec<Background>> {
     let mut all = Vec::new();
@@ -201,8 +217,16 @@ pub(crate) fn daemon_costs(bins: &Bins, storm: u64, runs: usize, out_dir: &Path)
     for i in 0..=runs {
         let (wa, ra) = with_costs(&mut storm_cmd())?;
         let daemon = Daemon::start(bins, out_dir)?;
+        let held = programs_of(daemon.child.id());
+        let before = handler_stats()?;
         let (wb, rb) = with_costs(&mut storm_cmd())?;
-        idle_calls += rb.values().map(|r| r.1).sum::<u64>();
+        let after = handler_stats()?;
+        // Calls of the idle daemon's own programs (others' trackers may run on the host).
+        idle_calls += after
+            .iter()
+            .filter(|(id, _)| held.contains(id))
+            .map(|(id, (_, _, calls))| calls - before.get(id).map_or(0, |b| b.2))
+            .sum::<u64>();
         // The first session after idling attaches the hooks again.
         time(&mut daemon.client(bins, &["run", "-o", "/dev/null", "--", "/bin/true"]))?;
         reattach_ns.push(daemon.metric("cylo_usage_hooks_attach_last_nanoseconds")?);
