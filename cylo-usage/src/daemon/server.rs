@@ -605,7 +605,11 @@ fn accept(state: &Arc<State>, sock: UnixStream, id: u64) {
                 sessions: HashMap::new(),
                 greeted: false,
             };
-            conn.serve();
+            // A bug must cost this connection only, never the daemon or its other clients.
+            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| conn.serve()));
+            if served.is_err() {
+                eprintln!("cylo-usage serve: a connection of user {} failed", peer.uid);
+            }
             st.sockets
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
