@@ -743,8 +743,9 @@ impl Tracker {
 
     /// Detaches every hook while keeping the programs and maps loaded, so that an idle
     /// tracker costs the host nothing; [`Tracker::attach_hooks`] attaches them again (quickly:
-    /// nothing is verified again). Nothing is followed meanwhile: only for a tracker without
-    /// runs.
+    /// the raw tracepoint programs are not verified again; the fexit ones, which the kernel
+    /// cannot re-attach, are unloaded here and loaded again there). Nothing is followed
+    /// meanwhile: only for a tracker without runs.
     pub fn detach_hooks(&self) -> Result<(), LoadError> {
         let mut programs = self.inner.programs();
         let Programs { ebpf, hooks } = &mut *programs;
@@ -773,7 +774,9 @@ impl Tracker {
                     function,
                     link,
                 } => {
-                    let Some(id) = link.take() else { continue };
+                    if link.take().is_none() {
+                        continue;
+                    }
                     let err = |source| LoadError::AttachFunction {
                         program,
                         function,
@@ -784,17 +787,22 @@ impl Tracker {
                         .ok_or(LoadError::MissingProgram { name: program })?
                         .try_into()
                         .map_err(err)?;
-                    prog.detach(id).map_err(err)?;
+                    // The kernel cannot attach an fexit program to a kernel function again
+                    // once its link is gone (its trampoline target went with it): unloaded
+                    // now, loaded again by `attach_hooks`.
+                    prog.unload().map_err(err)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Attaches again the hooks [`Tracker::detach_hooks`] detached.
+    /// Attaches again the hooks [`Tracker::detach_hooks`] detached. The fexit programs (the
+    /// network hooks of kernels before 6.3) are loaded again, which reads the kernel's BTF.
     pub fn attach_hooks(&self) -> Result<(), LoadError> {
         let mut programs = self.inner.programs();
         let Programs { ebpf, hooks } = &mut *programs;
+        let mut btf = None;
         for hook in hooks.iter_mut() {
             match hook {
                 Hook::Tracepoint {
@@ -825,6 +833,10 @@ impl Tracker {
                     if link.is_some() {
                         continue;
                     }
+                    let btf = match &btf {
+                        Some(b) => b,
+                        None => btf.insert(aya::Btf::from_sys_fs().map_err(LoadError::KernelBtf)?),
+                    };
                     let err = |source| LoadError::AttachFunction {
                         program,
                         function,
@@ -835,6 +847,7 @@ impl Tracker {
                         .ok_or(LoadError::MissingProgram { name: program })?
                         .try_into()
                         .map_err(err)?;
+                    prog.load(function, btf).map_err(err)?;
                     *link = Some(prog.attach().map_err(err)?);
                 }
             }
