@@ -609,7 +609,7 @@ fn metrics_are_prometheus_text_and_the_hooks_detach_while_idle() {
                     .is_some_and(|p| p.starts_with("task_newtask"))
         })
         .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) => v,
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
             _ => 0.0,
         })
         .sum();

@@ -195,11 +195,17 @@ impl DaemonTracker {
             program: command.get_program().to_string_lossy().into_owned(),
             source,
         })?;
-        if let Err(e) = confirmed {
-            // Not followed: it must not run unmeasured.
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
+        match confirmed {
+            Ok(_) => {}
+            // The daemon died just now: the child is ours and runs; every later request says
+            // the daemon went away, and the caller still gets the child's own exit status.
+            Err(DaemonError::Gone) => {}
+            Err(e) => {
+                // Refused (the root did not join): it must not run unmeasured.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
         }
         let root_pid = child.id();
         let pidfd = pidfd_open(root_pid).ok();

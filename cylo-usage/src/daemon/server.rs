@@ -301,9 +301,12 @@ fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> bool {
     }
 }
 
-/// Listens where `options` says, or takes the socket systemd passed (`LISTEN_FDS`).
-fn listen(options: &ServeOptions) -> Result<(UnixListener, Option<PathBuf>), DaemonError> {
-    if let Some(fd) = socket_activation()? {
+/// Listens where `options` says, or on the socket systemd passed (`activated`).
+fn listen(
+    options: &ServeOptions,
+    activated: Option<RawFd>,
+) -> Result<(UnixListener, Option<PathBuf>), DaemonError> {
+    if let Some(fd) = activated {
         // SAFETY: systemd passed fd 3 to this process; it is a listening socket we now own.
         let listener = unsafe { UnixListener::from_raw_fd(fd) };
         return Ok((listener, None));
@@ -372,7 +375,7 @@ fn socket_activation() -> Result<Option<RawFd>, DaemonError> {
     if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
         return Ok(None);
     }
-    // SAFETY: single-threaded at this point (nothing else reads the environment).
+    // SAFETY: called before the daemon starts any thread (nothing else reads the environment).
     unsafe {
         std::env::remove_var("LISTEN_PID");
         std::env::remove_var("LISTEN_FDS");
@@ -416,16 +419,10 @@ pub fn serve(options: ServeOptions) -> Result<(), DaemonError> {
         what: "signalfd",
         source,
     })?;
+    // Still single-threaded: the environment is read and cleaned before any thread exists.
+    let activated = socket_activation()?;
     let tracker = Tracker::load_with_options(options.load).map_err(DaemonError::Load)?;
     tracker.detach_hooks().map_err(DaemonError::Load)?;
-    // Listening once the programs are loaded: a client that connects is served at once.
-    let (listener, path) = listen(&options)?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| DaemonError::Setup {
-            what: "O_NONBLOCK on the socket",
-            source,
-        })?;
     let _stats = if options.bpf_stats {
         Some(
             aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|source| {
@@ -450,6 +447,14 @@ pub fn serve(options: ServeOptions) -> Result<(), DaemonError> {
     if let Some(addr) = options.metrics {
         super::metrics::start(addr, state.clone())?;
     }
+    // Listening once everything is ready: a client that connects is served at once.
+    let (listener, path) = listen(&options, activated)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| DaemonError::Setup {
+            what: "O_NONBLOCK on the socket",
+            source,
+        })?;
     let events = state
         .tracker
         .events_fd()
