@@ -817,21 +817,30 @@ impl Connection {
             }
             Request::Spawn { options } => self.spawn(options, fds),
             Request::Spawned { session, created } => {
-                let s = self.session(session)?;
-                let Stage::Pending(..) = s.stage else {
-                    return Err(refusal(
-                        ErrorKind::BadRequest,
-                        format!("session {session} is not waiting for its spawn"),
-                    ));
-                };
+                self.session(session)?;
                 let DaemonSession {
                     stage,
                     wake,
                     events_dropped,
                     _seat,
                 } = self.sessions.remove(&session).expect("looked up above");
-                let Stage::Pending(pending, _) = stage else {
-                    unreachable!("checked above")
+                let pending = match stage {
+                    Stage::Pending(pending, _) => pending,
+                    running @ Stage::Running(_) => {
+                        self.sessions.insert(
+                            session,
+                            DaemonSession {
+                                stage: running,
+                                wake,
+                                events_dropped,
+                                _seat,
+                            },
+                        );
+                        return Err(refusal(
+                            ErrorKind::BadRequest,
+                            format!("session {session} is not waiting for its spawn"),
+                        ));
+                    }
                 };
                 // On failure the seat and the wake-up descriptor go with the session.
                 let run = pending.finish(created).map_err(|e| session_refusal(&e))?;
