@@ -6,9 +6,16 @@
 //! passes and of which types. The format is described in the kernel's
 //! `Documentation/bpf/btf.rst`.
 //!
-//! The input is treated as untrusted: every read is bounds-checked, every type reference is
-//! validated when the blob is loaded, and every walk over the type graph (typedef chains, array
-//! nesting, anonymous members, pointer levels) is bounded, so malformed input yields a [`BtfError`], never a
+//! Kernel BTF holds about 126,000 types (5.5 MB) of which the resolver needs a few dozen, so
+//! nothing is parsed up front: [`Btf::open`] maps the file where the kernel allows it, makes
+//! one pass over the type section that records where each type starts and which types carry
+//! the [`Wanted`] names (compared in place in the string section, which is never copied), and
+//! each lookup then decodes only the types it reaches.
+//!
+//! The input is treated as untrusted: every read is bounds-checked, the layout of every type
+//! is checked by the pass, every type reference is checked when the type holding it is
+//! decoded, and every walk over the type graph (typedef chains, array nesting, anonymous
+//! members, pointer levels) is bounded, so malformed input yields a [`BtfError`], never a
 //! panic or a hang.
 
 use std::fmt;
@@ -256,7 +263,7 @@ impl TypeInfo {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct RawMember {
     name_off: u32,
     ty: u32,
@@ -265,7 +272,7 @@ struct RawMember {
     offset: u32,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 enum Data {
     None,
     /// INT: the encoding word (bits 0..8 width, 16..24 bit offset, 24..28 encoding).
@@ -279,7 +286,8 @@ enum Data {
     Params(Vec<(u32, u32)>),
 }
 
-#[derive(Debug)]
+/// One type, decoded from the type section when a lookup reaches it.
+#[derive(Debug, PartialEq, Eq)]
 struct Type {
     name_off: u32,
     kind: Kind,
@@ -289,18 +297,139 @@ struct Type {
     data: Data,
 }
 
-/// Parsed BTF: the types (id 1 is `types[0]`) and the string section.
+/// The names a caller will look up, given when the BTF is opened so that the one pass over
+/// the type section notes where each is (see [`Btf::open`]). Names not listed are still
+/// found, by a scan of the type section per lookup.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Wanted<'a> {
+    /// Structs and unions ([`Btf::member`], [`Btf::struct_size`], ...).
+    pub composites: &'a [&'a str],
+    /// Raw tracepoints, without the `btf_trace_` of their typedefs.
+    pub tracepoints: &'a [&'a str],
+    /// Kernel functions ([`Btf::function_params`]).
+    pub functions: &'a [&'a str],
+}
+
+/// The kinds a name is looked up among.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum NameClass {
+    /// STRUCT or UNION.
+    Composite,
+    Typedef,
+    Func,
+}
+
+impl NameClass {
+    fn of(kind: Kind) -> Option<NameClass> {
+        match kind {
+            Kind::Struct | Kind::Union => Some(NameClass::Composite),
+            Kind::Typedef => Some(NameClass::Typedef),
+            Kind::Func => Some(NameClass::Func),
+            _ => None,
+        }
+    }
+}
+
+/// A wanted name and the first type of its class that has it.
+#[derive(Debug)]
+struct Want {
+    class: NameClass,
+    name: Box<str>,
+    id: Option<u32>,
+}
+
+/// The raw blob: mapped read-only from the kernel, or owned.
+enum Bytes {
+    Owned(Vec<u8>),
+    Mapped(Mapping),
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Owned(v) => v,
+            Bytes::Mapped(m) => m.as_slice(),
+        }
+    }
+}
+
+/// A private read-only mapping of a whole file, unmapped on drop.
+struct Mapping {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value alone; `&[u8]` views of it are
+// shared like any other immutable bytes.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `file` (PROT_READ, MAP_PRIVATE); `None` where the kernel refuses
+    /// (sysfs BTF can be mapped since Linux 6.16).
+    fn new(file: &std::fs::File, len: usize) -> Option<Mapping> {
+        use std::os::fd::AsRawFd;
+        if len == 0 {
+            return None;
+        }
+        // SAFETY: a fresh private read-only mapping of an open file descriptor; the pointer
+        // is only used through `as_slice` while the mapping lives.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        std::ptr::NonNull::new(ptr.cast()).map(|ptr| Mapping { ptr, len })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes for as long as `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`, which nothing borrows any more.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// Kernel BTF, read lazily: opening it makes one pass over the type section that records
+/// where each type starts and where the [`Wanted`] names are; a lookup then decodes only the
+/// types it reaches. The string section is used in place, never copied.
 pub struct Btf {
-    types: Vec<Type>,
-    strings: Vec<u8>,
+    bytes: Bytes,
+    big_endian: bool,
+    /// Byte range of the type section in `bytes`.
+    type_section: std::ops::Range<usize>,
+    /// Byte range of the string section in `bytes`.
+    string_section: std::ops::Range<usize>,
+    /// Offset in the type section of each type (id 1 is `index[0]`).
+    index: Vec<u32>,
+    wanted: Vec<Want>,
     pointer_size: u32,
+    /// Lookups of names that were not [`Wanted`], each a scan of the type section.
+    scans: std::sync::atomic::AtomicUsize,
 }
 
 impl fmt::Debug for Btf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Btf")
-            .field("types", &self.types.len())
-            .field("strings", &self.strings.len())
+            .field("types", &self.index.len())
+            .field("strings", &self.string_section.len())
+            .field("mapped", &matches!(self.bytes, Bytes::Mapped(_)))
             .field("pointer_size", &self.pointer_size)
             .finish()
     }
@@ -314,15 +443,19 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn u32(&self, offset: usize, what: &'static str) -> Result<u32, BtfError> {
-        let b = offset
+        // `let else` rather than `ok_or`: an error value built on every read and dropped
+        // again was a third of the time of the pass over the type section.
+        let Some(b) = offset
             .checked_add(4)
             .and_then(|end| self.bytes.get(offset..end))
-            .ok_or(BtfError::Truncated {
+        else {
+            return Err(BtfError::Truncated {
                 what,
                 offset,
                 need: 4,
                 len: self.bytes.len(),
-            })?;
+            });
+        };
         let b = [b[0], b[1], b[2], b[3]];
         Ok(if self.big_endian {
             u32::from_be_bytes(b)
@@ -344,35 +477,201 @@ impl Reader<'_> {
     }
 }
 
-fn section<'a>(
-    body: &'a [u8],
+/// The byte range of a section inside the blob (`base` is where the body starts).
+fn section(
+    data_len: usize,
+    base: usize,
     off: u32,
     len: u32,
     what: &'static str,
-) -> Result<&'a [u8], BtfError> {
+) -> Result<std::ops::Range<usize>, BtfError> {
+    let body_len = data_len - base;
     let (off, len) = (off as usize, len as usize);
-    off.checked_add(len)
-        .and_then(|end| body.get(off..end))
-        .ok_or(BtfError::Truncated {
+    match off.checked_add(len) {
+        Some(end) if end <= body_len => Ok(base + off..base + end),
+        _ => Err(BtfError::Truncated {
             what,
             offset: off,
             need: len,
-            len: body.len(),
-        })
+            len: body_len,
+        }),
+    }
+}
+
+/// Size in bytes of the kind-specific data after a type's 12-byte header.
+fn extra_len(kind: Kind, vlen: usize) -> usize {
+    match kind {
+        Kind::Int | Kind::Var | Kind::DeclTag => 4,
+        Kind::Array => 12,
+        Kind::Struct | Kind::Union | Kind::Enum64 | Kind::Datasec => vlen * 12,
+        Kind::FuncProto | Kind::Enum => vlen * 8,
+        Kind::Void
+        | Kind::Ptr
+        | Kind::Fwd
+        | Kind::Typedef
+        | Kind::Volatile
+        | Kind::Const
+        | Kind::Restrict
+        | Kind::Func
+        | Kind::Float
+        | Kind::TypeTag => 0,
+    }
+}
+
+/// What `extra_len` reports a shortage of.
+fn extra_what(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Int => "int encoding",
+        Kind::Array => "array",
+        Kind::Struct | Kind::Union => "struct/union members",
+        Kind::FuncProto => "function parameters",
+        Kind::Enum => "enum values",
+        Kind::Enum64 => "enum64 values",
+        Kind::Datasec => "datasec entries",
+        _ => "var/decl tag",
+    }
+}
+
+/// Whether the NUL-terminated string at `offset` of `strings` is exactly `name`.
+fn str_is(strings: &[u8], offset: u32, name: &[u8]) -> bool {
+    let start = offset as usize;
+    let end = start.saturating_add(name.len());
+    strings.get(start..end) == Some(name) && strings.get(end) == Some(&0)
+}
+
+const LONGS: [&[u8]; 4] = [b"long", b"long int", b"unsigned long", b"long unsigned int"];
+
+/// Compares `name` with the NUL-terminated string at `offset` of `strings` (which is in
+/// bounds and NUL-terminated), in the order of `[u8]` slices.
+fn cmp_name(name: &[u8], strings: &[u8], offset: usize) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let s = &strings[offset..];
+    for (i, &b) in name.iter().enumerate() {
+        match s.get(i) {
+            Some(&c) if c == b => {}
+            Some(&0) | None => return Ordering::Greater,
+            Some(&c) => return b.cmp(&c),
+        }
+    }
+    if s.get(name.len()) == Some(&0) {
+        Ordering::Equal
+    } else {
+        Ordering::Less
+    }
+}
+
+/// The wanted names of each class, sorted, with a bitmap of their first bytes: most names
+/// of the type section are turned down by one bit test, the rest by a binary search.
+struct NameLookup {
+    /// Per [`NameClass`]: (name, index into the wants), sorted by name.
+    sorted: [Vec<(Box<[u8]>, usize)>; 3],
+    first_bytes: [[u64; 4]; 3],
+    pending: usize,
+}
+
+impl NameLookup {
+    fn slot(class: NameClass) -> usize {
+        match class {
+            NameClass::Composite => 0,
+            NameClass::Typedef => 1,
+            NameClass::Func => 2,
+        }
+    }
+
+    fn new(wants: &[Want]) -> NameLookup {
+        let mut sorted: [Vec<(Box<[u8]>, usize)>; 3] = Default::default();
+        let mut first_bytes = [[0u64; 4]; 3];
+        for (i, w) in wants.iter().enumerate() {
+            let slot = Self::slot(w.class);
+            if let Some(&b) = w.name.as_bytes().first() {
+                first_bytes[slot][usize::from(b >> 6)] |= 1 << (b & 63);
+                sorted[slot].push((w.name.as_bytes().into(), i));
+            }
+        }
+        for names in &mut sorted {
+            names.sort_unstable();
+        }
+        NameLookup {
+            sorted,
+            first_bytes,
+            pending: wants.len(),
+        }
+    }
+
+    /// Notes type `type_id` (of `class`, named at `name_off`) if it is the first of a wanted
+    /// name.
+    fn offer(
+        &mut self,
+        wants: &mut [Want],
+        class: NameClass,
+        strings: &[u8],
+        name_off: u32,
+        type_id: u32,
+    ) {
+        if self.pending == 0 {
+            return;
+        }
+        let slot = Self::slot(class);
+        let off = name_off as usize;
+        let b = strings[off];
+        if self.first_bytes[slot][usize::from(b >> 6)] & (1 << (b & 63)) == 0 {
+            return;
+        }
+        let names = &self.sorted[slot];
+        if let Ok(i) = names.binary_search_by(|(n, _)| cmp_name(n, strings, off)) {
+            let want = &mut wants[names[i].1];
+            if want.id.is_none() {
+                want.id = Some(type_id);
+                self.pending -= 1;
+            }
+        }
+    }
 }
 
 impl Btf {
-    /// Reads and parses a raw BTF file such as `/sys/kernel/btf/vmlinux`.
+    /// Reads and indexes a raw BTF file such as `/sys/kernel/btf/vmlinux`, with no
+    /// [`Wanted`] names.
     pub fn from_file(path: &Path) -> Result<Btf, BtfError> {
-        let bytes = std::fs::read(path).map_err(|source| BtfError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        Btf::from_bytes(&bytes)
+        Btf::open(path, &Wanted::default())
     }
 
-    /// Parses a raw BTF blob (header, type section, string section), in either byte order.
+    /// Opens a raw BTF file, mapped where the kernel allows it (sysfs BTF since 6.16) and
+    /// read otherwise, and notes where the `wanted` names are in one pass over its types.
+    pub fn open(path: &Path, wanted: &Wanted<'_>) -> Result<Btf, BtfError> {
+        let io = |source| BtfError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mapped = usize::try_from(len)
+            .ok()
+            .and_then(|len| Mapping::new(&file, len));
+        let bytes = match mapped {
+            Some(m) => Bytes::Mapped(m),
+            None => {
+                let mut v = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+                std::io::Read::read_to_end(&mut file, &mut v).map_err(io)?;
+                Bytes::Owned(v)
+            }
+        };
+        Btf::index(bytes, wanted)
+    }
+
+    /// Parses a raw BTF blob (header, type section, string section), in either byte order,
+    /// with no [`Wanted`] names.
     pub fn from_bytes(data: &[u8]) -> Result<Btf, BtfError> {
+        Btf::index(Bytes::Owned(data.to_vec()), &Wanted::default())
+    }
+
+    /// [`Btf::from_bytes`], noting where the `wanted` names are.
+    pub fn from_bytes_wanting(data: &[u8], wanted: &Wanted<'_>) -> Result<Btf, BtfError> {
+        Btf::index(Bytes::Owned(data.to_vec()), wanted)
+    }
+
+    /// Checks the header, then makes the one pass over the type section.
+    fn index(bytes: Bytes, wanted: &Wanted<'_>) -> Result<Btf, BtfError> {
+        let data = bytes.as_slice();
         if data.len() < HEADER_LEN {
             return Err(BtfError::Truncated {
                 what: "header",
@@ -404,257 +703,306 @@ impl Btf {
             });
         }
         // Later header versions append fields; they are after the 24 bytes read here.
-        let body = data.get(hdr_len..).ok_or(BtfError::Truncated {
-            what: "header (hdr_len)",
-            offset: 0,
-            need: hdr_len,
-            len: data.len(),
-        })?;
+        if hdr_len > data.len() {
+            return Err(BtfError::Truncated {
+                what: "header (hdr_len)",
+                offset: 0,
+                need: hdr_len,
+                len: data.len(),
+            });
+        }
         let type_section = section(
-            body,
+            data.len(),
+            hdr_len,
             hdr.u32(8, "header")?,
             hdr.u32(12, "header")?,
             "type section",
         )?;
-        let strings = section(
-            body,
+        let string_section = section(
+            data.len(),
+            hdr_len,
             hdr.u32(16, "header")?,
             hdr.u32(20, "header")?,
             "string section",
         )?;
+        let strings = &data[string_section.clone()];
         if strings.first() != Some(&0) {
             return Err(BtfError::BadHeader {
                 reason: "the string section must start with a NUL byte",
             });
         }
-        let mut btf = Btf {
-            types: Vec::new(),
-            strings: strings.to_vec(),
-            pointer_size: 8,
+        let mut wants: Vec<Want> = Vec::new();
+        let mut add = |class, name: String| {
+            if !wants.iter().any(|w| w.class == class && *w.name == *name) {
+                wants.push(Want {
+                    class,
+                    name: name.into(),
+                    id: None,
+                });
+            }
         };
-        btf.parse_types(&Reader {
-            bytes: type_section,
+        for &name in wanted.composites {
+            add(NameClass::Composite, name.to_owned());
+        }
+        for &tp in wanted.tracepoints {
+            add(NameClass::Typedef, format!("btf_trace_{tp}"));
+        }
+        for &name in wanted.functions {
+            add(NameClass::Func, name.to_owned());
+        }
+        let r = Reader {
+            bytes: &data[type_section.clone()],
             big_endian,
-        })?;
-        btf.validate_refs()?;
-        btf.pointer_size = btf.guess_pointer_size();
-        Ok(btf)
+        };
+        let (index, pointer_size) = Self::scan(&r, strings, &mut wants)?;
+        Ok(Btf {
+            bytes,
+            big_endian,
+            type_section,
+            string_section,
+            index,
+            wanted: wants,
+            pointer_size,
+            scans: std::sync::atomic::AtomicUsize::new(0),
+        })
     }
 
-    fn parse_types(&mut self, r: &Reader<'_>) -> Result<(), BtfError> {
+    /// The one pass: the offset of every type, the first type of each wanted name, and the
+    /// pointer width (the size of `long`, as libbpf tells it; 8 without a `long`).
+    fn scan(
+        r: &Reader<'_>,
+        strings: &[u8],
+        wants: &mut [Want],
+    ) -> Result<(Vec<u32>, u32), BtfError> {
+        // A string section that ends with NUL terminates every string in it: one O(1) check
+        // per name instead of a scan.
+        let nul_terminated = strings.last() == Some(&0);
+        let mut lookup = NameLookup::new(wants);
+        // About 40 bytes per type in kernel BTF.
+        let mut index = Vec::with_capacity(r.bytes.len() / 40);
+        let mut pointer_size = None;
         let mut pos = 0usize;
         while pos < r.bytes.len() {
-            let type_id = u32::try_from(self.types.len() + 1).map_err(|_| BtfError::BadHeader {
+            let type_id = u32::try_from(index.len() + 1).map_err(|_| BtfError::BadHeader {
                 reason: "too many types",
             })?;
-            let start = pos;
+            let start = u32::try_from(pos).map_err(|_| BtfError::BadHeader {
+                reason: "type section larger than 4 GiB",
+            })?;
             let name_off = r.u32(pos, "type")?;
             let info = r.u32(pos + 4, "type")?;
-            let size_or_type = r.u32(pos + 8, "type")?;
-            pos += 12;
+            r.need(pos + 8, 4, "type")?;
             let raw_kind = (info >> 24) & 0x1f;
-            let kind = Kind::from_raw(raw_kind).ok_or(BtfError::UnknownKind {
-                type_id,
-                kind: raw_kind,
-                offset: start,
-            })?;
-            let vlen = (info & 0xffff) as usize;
-            let kind_flag = info >> 31 == 1;
-            self.check_name(type_id, name_off)?;
-            let data = match kind {
-                Kind::Int => {
-                    let enc = r.u32(pos, "int encoding")?;
-                    pos += 4;
-                    Data::Int(enc)
-                }
-                Kind::Array => {
-                    let elem = r.u32(pos, "array")?;
-                    let nelems = r.u32(pos + 8, "array")?;
-                    // The index type is validated with the other references.
-                    pos += 12;
-                    Data::Array { elem, nelems }
-                }
-                Kind::Struct | Kind::Union => {
-                    r.need(pos, vlen * 12, "struct/union members")?;
-                    let mut members = Vec::with_capacity(vlen);
-                    for _ in 0..vlen {
-                        let m = RawMember {
-                            name_off: r.u32(pos, "member")?,
-                            ty: r.u32(pos + 4, "member")?,
-                            offset: r.u32(pos + 8, "member")?,
-                        };
-                        self.check_name(type_id, m.name_off)?;
-                        members.push(m);
-                        pos += 12;
-                    }
-                    Data::Members(members)
-                }
-                Kind::FuncProto => {
-                    r.need(pos, vlen * 8, "function parameters")?;
-                    let mut params = Vec::with_capacity(vlen);
-                    for _ in 0..vlen {
-                        let name_off = r.u32(pos, "parameter")?;
-                        self.check_name(type_id, name_off)?;
-                        params.push((name_off, r.u32(pos + 4, "parameter")?));
-                        pos += 8;
-                    }
-                    Data::Params(params)
-                }
-                Kind::Enum => {
-                    r.need(pos, vlen * 8, "enum values")?;
-                    pos += vlen * 8;
-                    Data::None
-                }
-                Kind::Enum64 => {
-                    r.need(pos, vlen * 12, "enum64 values")?;
-                    pos += vlen * 12;
-                    Data::None
-                }
-                Kind::Datasec => {
-                    r.need(pos, vlen * 12, "datasec entries")?;
-                    pos += vlen * 12;
-                    Data::None
-                }
-                Kind::Var | Kind::DeclTag => {
-                    r.need(pos, 4, "var/decl tag")?;
-                    pos += 4;
-                    Data::None
-                }
-                Kind::Ptr
-                | Kind::Fwd
-                | Kind::Typedef
-                | Kind::Volatile
-                | Kind::Const
-                | Kind::Restrict
-                | Kind::Func
-                | Kind::Float
-                | Kind::TypeTag => Data::None,
-                // Kind 0 is rejected by `Kind::from_raw`; never reached.
-                Kind::Void => {
-                    return Err(BtfError::UnknownKind {
-                        type_id,
-                        kind: raw_kind,
-                        offset: start,
-                    });
-                }
+            let Some(kind) = Kind::from_raw(raw_kind) else {
+                return Err(BtfError::UnknownKind {
+                    type_id,
+                    kind: raw_kind,
+                    offset: pos,
+                });
             };
-            self.types.push(Type {
-                name_off,
-                kind,
-                kind_flag,
-                size_or_type,
-                data,
-            });
-        }
-        Ok(())
-    }
-
-    fn check_name(&self, type_id: u32, offset: u32) -> Result<(), BtfError> {
-        // A string section that ends with NUL terminates every string in it: one O(1) check
-        // instead of a scan per name.
-        match self.strings.last() {
-            Some(0) if (offset as usize) < self.strings.len() => Ok(()),
-            _ => Err(BtfError::BadString {
-                type_id,
-                offset,
-                len: self.strings.len(),
-            }),
-        }
-    }
-
-    /// Checks that every type reference points at an existing type, so that later lookups
-    /// of referenced ids cannot fail.
-    fn validate_refs(&self) -> Result<(), BtfError> {
-        let count = self.types.len() as u32;
-        for (i, t) in self.types.iter().enumerate() {
-            let type_id = i as u32 + 1;
-            let check = |target: u32| {
-                if target > count {
-                    Err(BtfError::BadTypeRef {
-                        type_id,
-                        kind: t.kind,
-                        target,
-                        count,
-                    })
-                } else {
-                    Ok(())
-                }
-            };
-            match (&t.data, t.kind) {
-                (Data::Array { elem, .. }, _) => check(*elem)?,
-                (Data::Members(members), _) => {
-                    for m in members {
-                        check(m.ty)?;
-                    }
-                }
-                (Data::Params(params), _) => {
-                    check(t.size_or_type)?;
-                    for (_, ty) in params {
-                        check(*ty)?;
-                    }
-                }
-                (
-                    _,
-                    Kind::Ptr
-                    | Kind::Typedef
-                    | Kind::Volatile
-                    | Kind::Const
-                    | Kind::Restrict
-                    | Kind::Func
-                    | Kind::Var
-                    | Kind::DeclTag
-                    | Kind::TypeTag,
-                ) => check(t.size_or_type)?,
-                _ => {}
+            if !nul_terminated || name_off as usize >= strings.len() {
+                return Err(BtfError::BadString {
+                    type_id,
+                    offset: name_off,
+                    len: strings.len(),
+                });
             }
+            let extra = extra_len(kind, (info & 0xffff) as usize);
+            r.need(pos + 12, extra, extra_what(kind))?;
+            if name_off != 0 {
+                if let Some(class) = NameClass::of(kind) {
+                    lookup.offer(wants, class, strings, name_off, type_id);
+                } else if kind == Kind::Int && pointer_size.is_none() {
+                    let size = r.u32(pos + 8, "type")?;
+                    if matches!(size, 4 | 8) && LONGS.iter().any(|l| str_is(strings, name_off, l)) {
+                        pointer_size = Some(size);
+                    }
+                }
+            }
+            index.push(start);
+            pos += 12 + extra;
         }
-        Ok(())
+        Ok((index, pointer_size.unwrap_or(8)))
     }
 
-    /// Pointer width, from the size of `long` as libbpf does; 8 when there is no `long`.
-    fn guess_pointer_size(&self) -> u32 {
-        const LONGS: [&[u8]; 4] = [b"long", b"long int", b"unsigned long", b"long unsigned int"];
-        self.types
-            .iter()
-            .find(|t| {
-                t.kind == Kind::Int
-                    && matches!(t.size_or_type, 4 | 8)
-                    && LONGS.contains(&self.name_bytes(t.name_off))
-            })
-            .map_or(8, |t| t.size_or_type)
+    fn types(&self) -> Reader<'_> {
+        Reader {
+            bytes: &self.bytes.as_slice()[self.type_section.clone()],
+            big_endian: self.big_endian,
+        }
+    }
+
+    fn strings(&self) -> &[u8] {
+        &self.bytes.as_slice()[self.string_section.clone()]
     }
 
     /// Number of types (not counting the implicit `void`, id 0).
     pub fn type_count(&self) -> usize {
-        self.types.len()
+        self.index.len()
     }
 
-    /// Whether the string at `offset` is exactly `name` (without scanning past it).
-    fn name_is(&self, offset: u32, name: &str) -> bool {
-        let start = offset as usize;
-        let end = start.saturating_add(name.len());
-        self.strings.get(start..end) == Some(name.as_bytes()) && self.strings.get(end) == Some(&0)
+    /// Whether the blob is mapped from the kernel rather than read into memory.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.bytes, Bytes::Mapped(_))
+    }
+
+    /// Lookups so far of names that were not [`Wanted`] (each one a scan of all types).
+    #[cfg(test)]
+    pub(crate) fn scans(&self) -> usize {
+        self.scans.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn name_bytes(&self, offset: u32) -> &[u8] {
-        let rest = self.strings.get(offset as usize..).unwrap_or_default();
+        let rest = self.strings().get(offset as usize..).unwrap_or_default();
         let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
         &rest[..end]
     }
 
-    fn get(&self, id: u32) -> Option<&Type> {
-        id.checked_sub(1).and_then(|i| self.types.get(i as usize))
+    fn check_name(&self, type_id: u32, offset: u32) -> Result<(), BtfError> {
+        let strings = self.strings();
+        match strings.last() {
+            Some(0) if (offset as usize) < strings.len() => Ok(()),
+            _ => Err(BtfError::BadString {
+                type_id,
+                offset,
+                len: strings.len(),
+            }),
+        }
     }
 
-    fn kind_of(&self, id: u32) -> Kind {
-        self.get(id).map_or(Kind::Void, |t| t.kind)
+    /// Kind and name offset of type `id` (1..=count), without decoding the rest.
+    fn head(&self, id: u32) -> Option<(Kind, u32)> {
+        let pos = *self.index.get(id.checked_sub(1)? as usize)? as usize;
+        let r = self.types();
+        let name_off = r.u32(pos, "type").ok()?;
+        let info = r.u32(pos + 4, "type").ok()?;
+        Some((Kind::from_raw((info >> 24) & 0x1f)?, name_off))
+    }
+
+    /// Decodes type `id`: `None` for `void` (id 0) and ids past the last type. The types it
+    /// refers to are checked to exist, so that following them cannot leave the blob.
+    fn get(&self, id: u32) -> Result<Option<Type>, BtfError> {
+        let Some(&pos) = id.checked_sub(1).and_then(|i| self.index.get(i as usize)) else {
+            return Ok(None);
+        };
+        let r = self.types();
+        let pos = pos as usize;
+        let name_off = r.u32(pos, "type")?;
+        let info = r.u32(pos + 4, "type")?;
+        let size_or_type = r.u32(pos + 8, "type")?;
+        let raw_kind = (info >> 24) & 0x1f;
+        let Some(kind) = Kind::from_raw(raw_kind) else {
+            return Err(BtfError::UnknownKind {
+                type_id: id,
+                kind: raw_kind,
+                offset: pos,
+            });
+        };
+        let vlen = (info & 0xffff) as usize;
+        let pos = pos + 12;
+        let count = self.index.len() as u32;
+        let check = |target: u32| {
+            if target > count {
+                Err(BtfError::BadTypeRef {
+                    type_id: id,
+                    kind,
+                    target,
+                    count,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        let data = match kind {
+            Kind::Int => Data::Int(r.u32(pos, "int encoding")?),
+            Kind::Array => {
+                let elem = r.u32(pos, "array")?;
+                check(elem)?;
+                Data::Array {
+                    elem,
+                    nelems: r.u32(pos + 8, "array")?,
+                }
+            }
+            Kind::Struct | Kind::Union => {
+                let mut members = Vec::with_capacity(vlen);
+                for i in 0..vlen {
+                    let at = pos + i * 12;
+                    let m = RawMember {
+                        name_off: r.u32(at, "member")?,
+                        ty: r.u32(at + 4, "member")?,
+                        offset: r.u32(at + 8, "member")?,
+                    };
+                    self.check_name(id, m.name_off)?;
+                    check(m.ty)?;
+                    members.push(m);
+                }
+                Data::Members(members)
+            }
+            Kind::FuncProto => {
+                check(size_or_type)?;
+                let mut params = Vec::with_capacity(vlen);
+                for i in 0..vlen {
+                    let at = pos + i * 8;
+                    let name_off = r.u32(at, "parameter")?;
+                    self.check_name(id, name_off)?;
+                    let ty = r.u32(at + 4, "parameter")?;
+                    check(ty)?;
+                    params.push((name_off, ty));
+                }
+                Data::Params(params)
+            }
+            Kind::Ptr
+            | Kind::Typedef
+            | Kind::Volatile
+            | Kind::Const
+            | Kind::Restrict
+            | Kind::Func
+            | Kind::Var
+            | Kind::DeclTag
+            | Kind::TypeTag => {
+                check(size_or_type)?;
+                Data::None
+            }
+            _ => Data::None,
+        };
+        Ok(Some(Type {
+            name_off,
+            kind,
+            kind_flag: info >> 31 == 1,
+            size_or_type,
+            data,
+        }))
+    }
+
+    fn kind_of(&self, id: u32) -> Result<Kind, BtfError> {
+        Ok(self.get(id)?.map_or(Kind::Void, |t| t.kind))
+    }
+
+    /// The first type of `class` named `name`: from the index of wanted names, else by a
+    /// scan of every type.
+    fn find(&self, class: NameClass, name: &str) -> Option<u32> {
+        if let Some(w) = self
+            .wanted
+            .iter()
+            .find(|w| w.class == class && &*w.name == name)
+        {
+            return w.id;
+        }
+        self.scans
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let strings = self.strings();
+        (1..=self.index.len() as u32).find(|&id| {
+            self.head(id).is_some_and(|(kind, name_off)| {
+                NameClass::of(kind) == Some(class) && str_is(strings, name_off, name.as_bytes())
+            })
+        })
     }
 
     /// Follows typedef/const/volatile/restrict/type-tag links to the underlying type id.
     fn skip_modifiers(&self, mut id: u32) -> Result<u32, BtfError> {
         let start = id;
         for _ in 0..MAX_CHAIN {
-            match self.get(id) {
+            match self.get(id)? {
                 Some(t) if t.kind.is_modifier() => id = t.size_or_type,
                 _ => return Ok(id),
             }
@@ -671,7 +1019,7 @@ impl Btf {
         let mut id = id;
         let mut factor: u64 = 1;
         for _ in 0..MAX_CHAIN {
-            let t = self.get(id).ok_or(BtfError::NoSize {
+            let t = self.get(id)?.ok_or(BtfError::NoSize {
                 type_id: id,
                 kind: Kind::Void,
             })?;
@@ -708,22 +1056,17 @@ impl Btf {
 
     /// The first struct or union with this name (`Fwd` declarations are not candidates).
     fn find_composite(&self, name: &str) -> Option<u32> {
-        self.types
-            .iter()
-            .position(|t| {
-                matches!(t.kind, Kind::Struct | Kind::Union) && self.name_is(t.name_off, name)
-            })
-            .map(|i| i as u32 + 1)
+        self.find(NameClass::Composite, name)
     }
 
     /// Size in bytes of the named struct or union.
     pub fn struct_size(&self, struct_name: &str) -> Result<u32, BtfError> {
         let id = self
             .find_composite(struct_name)
-            .ok_or(BtfError::StructNotFound {
+            .ok_or_else(|| BtfError::StructNotFound {
                 name: struct_name.to_owned(),
             })?;
-        Ok(self.get(id).map_or(0, |t| t.size_or_type))
+        Ok(self.get(id)?.map_or(0, |t| t.size_or_type))
     }
 
     /// Finds the member `name` of composite `id`, looking through anonymous struct/union
@@ -742,7 +1085,7 @@ impl Btf {
                 limit: MAX_ANON_DEPTH,
             });
         }
-        let Some(t) = self.get(id) else {
+        let Some(t) = self.get(id)? else {
             return Ok(None);
         };
         let Data::Members(members) = &t.data else {
@@ -761,7 +1104,7 @@ impl Btf {
             }
             if member_name.is_empty() {
                 let inner = self.skip_modifiers(m.ty)?;
-                if matches!(self.kind_of(inner), Kind::Struct | Kind::Union)
+                if matches!(self.kind_of(inner)?, Kind::Struct | Kind::Union)
                     && let Some((off, ty, bits)) = self.find_in(inner, name, depth + 1, visits)?
                 {
                     return Ok(Some((bit_offset + off, ty, bits)));
@@ -778,11 +1121,11 @@ impl Btf {
             data: Data::Int(enc),
             size_or_type: size,
             ..
-        }) = self.get(id)
+        }) = self.get(id)?
         {
             let bits = enc & 0xff;
             let int_offset = (enc >> 16) & 0xff;
-            if int_offset != 0 || u64::from(bits) != u64::from(*size) * 8 {
+            if int_offset != 0 || u64::from(bits) != u64::from(size) * 8 {
                 return Ok(Some(bits));
             }
         }
@@ -806,12 +1149,12 @@ impl Btf {
 
     /// [`Btf::member`], plus the member's type id.
     fn locate(&self, struct_name: &str, path: &str) -> Result<(Member, u32), BtfError> {
-        let mut current = self
-            .find_composite(struct_name)
-            .ok_or(BtfError::StructNotFound {
-                name: struct_name.to_owned(),
-            })?;
-        let mut container = format!("{} {struct_name}", self.kind_of(current));
+        let mut current =
+            self.find_composite(struct_name)
+                .ok_or_else(|| BtfError::StructNotFound {
+                    name: struct_name.to_owned(),
+                })?;
+        let mut container = format!("{} {struct_name}", self.kind_of(current)?);
         let mut bits_total: u64 = 0;
         let mut last_ty = current;
         let mut components = path.split('.').peekable();
@@ -855,7 +1198,7 @@ impl Btf {
             last_ty = ty;
             if components.peek().is_some() {
                 current = self.skip_modifiers(ty)?;
-                let kind = self.kind_of(current);
+                let kind = self.kind_of(current)?;
                 if !matches!(kind, Kind::Struct | Kind::Union) {
                     return Err(BtfError::NotComposite {
                         struct_name: struct_name.to_owned(),
@@ -884,7 +1227,7 @@ impl Btf {
             });
         }
         let id = self.skip_modifiers(id)?;
-        let Some(t) = self.get(id) else {
+        let Some(t) = self.get(id)? else {
             return Ok(TypeInfo::Other {
                 kind: Kind::Void,
                 name: String::new(),
@@ -928,7 +1271,7 @@ impl Btf {
     /// `btf_trace_<tracepoint>`: a pointer to a FUNC_PROTO whose first parameter is the
     /// `void *__data` of the tracepoint machinery, which is not counted.
     pub fn raw_tracepoint_arg_count(&self, tracepoint: &str) -> Result<usize, BtfError> {
-        self.tracepoint_args(tracepoint).map(<[_]>::len)
+        self.tracepoint_args(tracepoint).map(|args| args.len())
     }
 
     /// The types of a raw tracepoint's arguments (those [`Btf::raw_tracepoint_arg_count`]
@@ -944,21 +1287,22 @@ impl Btf {
     /// trampoline (fentry/fexit) program attached to it gets as arguments.
     pub fn function_params(&self, name: &str) -> Result<Vec<TypeInfo>, BtfError> {
         let func = self
-            .types
-            .iter()
-            .find(|t| t.kind == Kind::Func && self.name_is(t.name_off, name))
+            .find(NameClass::Func, name)
             .ok_or_else(|| BtfError::FunctionNotFound {
                 name: name.to_owned(),
             })?;
+        let func = self.get(func)?.ok_or_else(|| BtfError::FunctionNotFound {
+            name: name.to_owned(),
+        })?;
         let proto = self.skip_modifiers(func.size_or_type)?;
         let Some(Type {
             data: Data::Params(params),
             ..
-        }) = self.get(proto)
+        }) = self.get(proto)?
         else {
             return Err(BtfError::NotFunctionProto {
                 name: name.to_owned(),
-                kind: self.kind_of(proto),
+                kind: self.kind_of(proto)?,
             });
         };
         params
@@ -968,38 +1312,40 @@ impl Btf {
     }
 
     /// The (name, type) parameters of `btf_trace_<tracepoint>` after `void *__data`.
-    fn tracepoint_args(&self, tracepoint: &str) -> Result<&[(u32, u32)], BtfError> {
+    fn tracepoint_args(&self, tracepoint: &str) -> Result<Vec<(u32, u32)>, BtfError> {
         let wanted = format!("btf_trace_{tracepoint}");
+        let not_found = || BtfError::TracepointNotFound {
+            tracepoint: tracepoint.to_owned(),
+        };
         let typedef = self
-            .types
-            .iter()
-            .find(|t| t.kind == Kind::Typedef && self.name_is(t.name_off, &wanted))
-            .ok_or(BtfError::TracepointNotFound {
-                tracepoint: tracepoint.to_owned(),
-            })?;
+            .find(NameClass::Typedef, &wanted)
+            .ok_or_else(not_found)?;
+        let typedef = self.get(typedef)?.ok_or_else(not_found)?;
         let not_proto = |kind| BtfError::NotTracepointProto {
             tracepoint: tracepoint.to_owned(),
             kind,
         };
         let ptr = self.skip_modifiers(typedef.size_or_type)?;
-        let ptr_t = self.get(ptr).filter(|t| t.kind == Kind::Ptr);
-        let ptr_t = ptr_t.ok_or_else(|| not_proto(self.kind_of(ptr)))?;
+        let ptr_t = match self.get(ptr)? {
+            Some(t) if t.kind == Kind::Ptr => t,
+            other => return Err(not_proto(other.map_or(Kind::Void, |t| t.kind))),
+        };
         let proto = self.skip_modifiers(ptr_t.size_or_type)?;
         let Some(Type {
             data: Data::Params(params),
             ..
-        }) = self.get(proto)
+        }) = self.get(proto)?
         else {
-            return Err(not_proto(self.kind_of(proto)));
+            return Err(not_proto(self.kind_of(proto)?));
         };
         // A trailing (0, 0) parameter marks a variadic prototype; it is not an argument.
         let params = match params.split_last() {
             Some((&(0, 0), rest)) => rest,
-            _ => params,
+            _ => &params[..],
         };
         match params.split_first() {
-            Some((&(_, data), args)) if self.kind_of(self.skip_modifiers(data)?) == Kind::Ptr => {
-                Ok(args)
+            Some((&(_, data), args)) if self.kind_of(self.skip_modifiers(data)?)? == Kind::Ptr => {
+                Ok(args.to_vec())
             }
             _ => Err(BtfError::NoDataParam {
                 tracepoint: tracepoint.to_owned(),
@@ -1211,6 +1557,136 @@ mod tests {
                 assert!(btf.has_member(strukt, path));
             }
             assert_eq!(btf.struct_size("task_struct").unwrap(), size, "{file}");
+        }
+    }
+
+    /// The reference reader: every type decoded up front, in one loop over the type section,
+    /// as this module did before it read lazily. Layout errors are not its concern (the
+    /// blobs it reads are the valid fixtures and the host's BTF).
+    fn parse_all(btf: &Btf) -> Vec<Type> {
+        let r = btf.types();
+        let mut types = Vec::new();
+        let mut pos = 0;
+        while pos < r.bytes.len() {
+            let u = |at: usize| r.u32(at, "test").unwrap();
+            let (name_off, info, size_or_type) = (u(pos), u(pos + 4), u(pos + 8));
+            let kind = Kind::from_raw((info >> 24) & 0x1f).unwrap();
+            let vlen = (info & 0xffff) as usize;
+            pos += 12;
+            let data = match kind {
+                Kind::Int => Data::Int(u(pos)),
+                Kind::Array => Data::Array {
+                    elem: u(pos),
+                    nelems: u(pos + 8),
+                },
+                Kind::Struct | Kind::Union => Data::Members(
+                    (0..vlen)
+                        .map(|i| RawMember {
+                            name_off: u(pos + 12 * i),
+                            ty: u(pos + 12 * i + 4),
+                            offset: u(pos + 12 * i + 8),
+                        })
+                        .collect(),
+                ),
+                Kind::FuncProto => Data::Params(
+                    (0..vlen)
+                        .map(|i| (u(pos + 8 * i), u(pos + 8 * i + 4)))
+                        .collect(),
+                ),
+                _ => Data::None,
+            };
+            pos += match kind {
+                Kind::Int | Kind::Var | Kind::DeclTag => 4,
+                Kind::Array => 12,
+                Kind::Struct | Kind::Union | Kind::Enum64 | Kind::Datasec => 12 * vlen,
+                Kind::FuncProto | Kind::Enum => 8 * vlen,
+                _ => 0,
+            };
+            types.push(Type {
+                name_off,
+                kind,
+                kind_flag: info >> 31 == 1,
+                size_or_type,
+                data,
+            });
+        }
+        types
+    }
+
+    /// The lazy decoding of every type equals the reference reader's, and the one pass finds
+    /// names (struct, union, typedef, function) where a scan of all types finds them first:
+    /// every name of the blob, or about `sample` of each class.
+    fn agrees_with_the_full_parse(what: &str, data: &[u8], sample: usize) {
+        let plain = Btf::from_bytes(data).unwrap();
+        let full = parse_all(&plain);
+        assert_eq!(plain.type_count(), full.len(), "{what}");
+        for (i, want) in full.iter().enumerate() {
+            let got = plain.get(i as u32 + 1).unwrap().unwrap();
+            assert_eq!(&got, want, "{what}: type [{}]", i + 1);
+        }
+        // Every name of a class with the first id that has it, in id order.
+        let mut seen = std::collections::HashSet::new();
+        let mut first: Vec<(NameClass, String, u32)> = Vec::new();
+        for (i, t) in full.iter().enumerate() {
+            let Some(class) = NameClass::of(t.kind) else {
+                continue;
+            };
+            let name = String::from_utf8(plain.name_bytes(t.name_off).to_vec()).unwrap();
+            if !name.is_empty() && seen.insert((class, name.clone())) {
+                first.push((class, name, i as u32 + 1));
+            }
+        }
+        let mut picked: Vec<(NameClass, String, u32)> = Vec::new();
+        for class in [NameClass::Composite, NameClass::Typedef, NameClass::Func] {
+            let of_class: Vec<_> = first.iter().filter(|(c, ..)| *c == class).collect();
+            let step = (of_class.len() / sample).max(1);
+            picked.extend(of_class.into_iter().step_by(step).cloned());
+        }
+        // The tracepoint typedefs only (the others are not lookups the reader offers).
+        picked.retain(|(c, n, _)| *c != NameClass::Typedef || n.starts_with("btf_trace_"));
+        let names = |class| {
+            picked
+                .iter()
+                .filter(move |(c, ..)| *c == class)
+                .map(|(_, n, _)| n.as_str())
+        };
+        let composites: Vec<&str> = names(NameClass::Composite).collect();
+        let tracepoints: Vec<&str> = names(NameClass::Typedef)
+            .filter_map(|n| n.strip_prefix("btf_trace_"))
+            .collect();
+        let functions: Vec<&str> = names(NameClass::Func).collect();
+        assert!(!composites.is_empty() && !tracepoints.is_empty() && !functions.is_empty());
+        let wanted = Wanted {
+            composites: &composites,
+            tracepoints: &tracepoints,
+            functions: &functions,
+        };
+        let targeted = Btf::from_bytes_wanting(data, &wanted).unwrap();
+        for (class, name, id) in &picked {
+            assert_eq!(targeted.find(*class, name), Some(*id), "{what}: {name}");
+            assert_eq!(plain.find(*class, name), Some(*id), "{what}: {name}");
+        }
+        assert_eq!(targeted.scans(), 0, "{what}: a wanted name was scanned for");
+        assert_eq!(plain.scans(), picked.len(), "{what}");
+        assert_eq!(targeted.find(NameClass::Composite, "no such struct"), None);
+        assert_eq!(targeted.scans(), 1);
+        assert_eq!(targeted.pointer_size, plain.pointer_size);
+    }
+
+    #[test]
+    fn targeted_reading_agrees_with_the_full_parse() {
+        for file in FIXTURES {
+            agrees_with_the_full_parse(file, &fixture(file), usize::MAX);
+        }
+    }
+
+    /// The same on the host's complete kernel BTF (about 126,000 types on 6.18).
+    #[test]
+    fn targeted_reading_agrees_with_the_full_parse_of_the_host() {
+        let path = Path::new("/sys/kernel/btf/vmlinux");
+        match std::fs::read(path) {
+            Ok(data) => agrees_with_the_full_parse("host vmlinux", &data, 100),
+            Err(e) => eprintln!("skipping: {}: {e}", path.display()),
         }
     }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use cylo_usage_abi::{ABSENT, Offsets};
 
-use crate::btf::{Btf, BtfError, Kind, Member, TypeInfo};
+use crate::btf::{Btf, BtfError, Kind, Member, TypeInfo, Wanted};
 
 /// Where the running kernel exposes its own BTF (needs `CONFIG_DEBUG_INFO_BTF=y`).
 pub const VMLINUX_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -589,17 +589,71 @@ pub fn resolve_offsets(btf: &Btf) -> Result<Offsets, ResolveError> {
     })
 }
 
-/// Resolves the offsets from a raw BTF file.
+/// The structs and unions [`resolve_offsets`] looks up by name (their members are reached
+/// through type ids).
+const STRUCTS: &[&str] = &[
+    "task_struct",
+    "signal_struct",
+    "mm_struct",
+    "percpu_counter",
+    "bio",
+    "block_device",
+    "gendisk",
+    "pid",
+    "upid",
+    "files_struct",
+    "fdtable",
+    "file",
+    "proc_inode",
+    "linux_binprm",
+    "socket",
+    "sock",
+    "proto_ops",
+];
+
+/// The raw tracepoints [`resolve_offsets`] reads the prototypes of.
+const TRACEPOINTS: &[&str] = &[
+    cylo_usage_abi::names::TP_SCHED_SWITCH,
+    cylo_usage_abi::names::TP_RSS_STAT,
+    cylo_usage_abi::names::TP_BLOCK_BIO_QUEUE,
+    cylo_usage_abi::names::TP_SOCK_SEND_LENGTH,
+    cylo_usage_abi::names::TP_SOCK_RECV_LENGTH,
+];
+
+/// Calls `f` with every name [`resolve_offsets`] looks up, for [`Btf::open`] to note in its
+/// one pass over the types. A name missing here still resolves, by a slower scan (the
+/// fixture tests check that none is missing).
+fn with_wanted<T>(f: impl FnOnce(&Wanted<'_>) -> T) -> T {
+    use cylo_usage_abi::names;
+    let functions: Vec<&str> = names::FEXIT_SENDMSG
+        .iter()
+        .chain(&names::FEXIT_RECVMSG)
+        .chain(&names::FEXIT_SENDPAGE)
+        .map(|&(_, function)| function)
+        .collect();
+    f(&Wanted {
+        composites: STRUCTS,
+        tracepoints: TRACEPOINTS,
+        functions: &functions,
+    })
+}
+
+/// Opens a raw BTF file for [`resolve_offsets`]: mapped where the kernel allows it, with the
+/// names the resolver asks for found in one pass.
+pub fn open_btf(path: &Path) -> Result<Btf, ResolveError> {
+    with_wanted(|wanted| Btf::open(path, wanted)).map_err(|e| match e {
+        BtfError::Io { path, source } => ResolveError::Read { path, source },
+        source => ResolveError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        },
+    })
+}
+
+/// Resolves the offsets from a raw BTF file. The BTF is dropped (and unmapped) before this
+/// returns.
 pub fn resolve_file(path: &Path) -> Result<Offsets, ResolveError> {
-    let bytes = std::fs::read(path).map_err(|source| ResolveError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let btf = Btf::from_bytes(&bytes).map_err(|source| ResolveError::Parse {
-        path: path.to_owned(),
-        source: Box::new(source),
-    })?;
-    resolve_offsets(&btf)
+    resolve_offsets(&open_btf(path)?)
 }
 
 /// For tests only: a path read instead of [`VMLINUX_BTF_PATH`], to simulate a kernel
@@ -629,7 +683,8 @@ mod tests {
             .join("tests/fixtures/btf")
             .join(name);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        Btf::from_bytes(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        with_wanted(|w| Btf::from_bytes_wanting(&bytes, w))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     /// Expected numbers: gcc `offsetof` over `bpftool btf dump file FULL format c` of each
@@ -741,8 +796,52 @@ mod tests {
     #[test]
     fn fixtures_resolve_exactly() {
         for (file, want) in EXPECTED {
-            let got = resolve_offsets(&fixture(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let btf = fixture(file);
+            let got = resolve_offsets(&btf).unwrap_or_else(|e| panic!("{file}: {e}"));
             assert_eq!(got, want, "{file}");
+            // Every name the resolver asks for was noted by the one pass.
+            assert_eq!(btf.scans(), 0, "{file}: a name is missing from with_wanted");
+        }
+    }
+
+    /// Without the wanted names (every lookup a scan), the same offsets.
+    #[test]
+    fn fixtures_resolve_the_same_without_wanted_names() {
+        for (file, want) in EXPECTED {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/btf")
+                .join(file);
+            let btf = Btf::from_file(&path).unwrap();
+            assert_eq!(resolve_offsets(&btf).unwrap(), want, "{file}");
+            assert!(btf.scans() > 0);
+        }
+    }
+
+    /// The host's BTF, opened as the tracker opens it (mapped on 6.16+, targeted), resolves
+    /// as a plain read of the whole file with every lookup a scan does.
+    #[test]
+    fn host_btf_opened_targeted_resolves_as_a_full_read() {
+        let path = Path::new(VMLINUX_BTF_PATH);
+        let Ok(bytes) = std::fs::read(path) else {
+            eprintln!("skipping: {VMLINUX_BTF_PATH} is absent on this machine");
+            return;
+        };
+        let targeted = open_btf(path).unwrap();
+        let plain = Btf::from_bytes(&bytes).unwrap();
+        assert_eq!(
+            resolve_offsets(&targeted).unwrap(),
+            resolve_offsets(&plain).unwrap()
+        );
+        assert_eq!(targeted.scans(), 0);
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut version = release.trim().split(['.', '-']).map(|p| p.parse::<u32>());
+        if let (Some(Ok(major)), Some(Ok(minor))) = (version.next(), version.next())
+            && (major, minor) >= (6, 16)
+        {
+            assert!(
+                targeted.is_mapped(),
+                "{release}: sysfs BTF can be mapped since 6.16"
+            );
         }
     }
 
