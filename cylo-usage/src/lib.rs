@@ -30,6 +30,7 @@
 //! # Ok(()) }
 //! ```
 mod attach;
+mod aya_loader;
 pub mod btf;
 pub mod daemon;
 mod error;

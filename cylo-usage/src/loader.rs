@@ -539,18 +539,18 @@ impl Tracker {
         if let Some(needed) = missing_privileges()? {
             return Err(LoadError::MissingPrivileges { needed });
         }
-        // aya's loader reads and parses the kernel's BTF when it is made; our resolver reads
-        // it too. Done side by side, start-up waits for one of them, not both.
-        let loader = std::thread::spawn(EbpfLoader::new);
+        // The loader (without aya 0.14's parse of the kernel BTF, and with its feature
+        // probes: see aya_loader) is made beside the resolver's work.
+        let loader = crate::aya_loader::start();
         let offsets = resolve::resolve_host();
-        let loader = loader.join().unwrap_or_else(|_| EbpfLoader::new());
+        let loader = loader.join().unwrap_or_else(|_| crate::aya_loader::new());
         let offsets = offsets?;
         Self::load_from(loader, &offsets, options)
     }
 
     /// Loads with an explicit kernel layout (no privilege pre-check).
     pub fn load_with(offsets: Offsets, options: Options) -> Result<Tracker, LoadError> {
-        Self::load_from(EbpfLoader::new(), &offsets, options)
+        Self::load_from(crate::aya_loader::new(), &offsets, options)
     }
 
     fn load_from<'a>(
