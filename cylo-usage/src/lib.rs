@@ -37,6 +37,7 @@ mod error;
 pub mod fallback;
 pub mod features;
 pub mod loader;
+mod offsets_cache;
 mod open;
 pub mod procfs;
 pub mod proctree;

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use cylo_usage_abi::{ABSENT, Offsets};
 
 use crate::btf::{Btf, BtfError, Kind, Member, TypeInfo, Wanted};
+use crate::offsets_cache::{Cache, Key};
 
 /// Where the running kernel exposes its own BTF (needs `CONFIG_DEBUG_INFO_BTF=y`).
 pub const VMLINUX_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -660,13 +661,28 @@ pub fn resolve_file(path: &Path) -> Result<Offsets, ResolveError> {
 /// without BTF (`CYLO_USAGE_TEST_BTF=/nonexistent`). It can only make loading fail.
 pub const TEST_BTF_PATH_ENV: &str = "CYLO_USAGE_TEST_BTF";
 
-/// Resolves the offsets of the running kernel, from [`VMLINUX_BTF_PATH`] (or, in tests,
-/// [`TEST_BTF_PATH_ENV`]).
+/// Resolves the offsets of the running kernel, from [`VMLINUX_BTF_PATH`] or, when this boot
+/// already did, from the root-only cache in `/run/cylo-usage` (see `offsets_cache`); in
+/// tests, from [`TEST_BTF_PATH_ENV`] without the cache.
 pub fn resolve_host() -> Result<Offsets, ResolveError> {
     match std::env::var_os(TEST_BTF_PATH_ENV) {
         Some(path) => resolve_file(Path::new(&path)),
-        None => resolve_file(Path::new(VMLINUX_BTF_PATH)),
+        None => resolve_cached(&Cache::system(), Path::new(VMLINUX_BTF_PATH)),
     }
+}
+
+/// The offsets `cache` holds for the BTF at `path`, else resolved from it and stored. A
+/// cache that cannot be used or written only costs the resolving.
+fn resolve_cached(cache: &Cache, path: &Path) -> Result<Offsets, ResolveError> {
+    let key = Key::host(path).ok();
+    if let Some(offsets) = key.as_ref().and_then(|key| cache.load(key).ok()) {
+        return Ok(offsets);
+    }
+    let offsets = resolve_file(path)?;
+    if let Some(key) = key {
+        let _ = cache.store(&key, &offsets);
+    }
+    Ok(offsets)
 }
 
 #[cfg(test)]
@@ -1460,6 +1476,46 @@ mod tests {
         let e = resolve_file(Path::new("/nonexistent/vmlinux")).unwrap_err();
         assert!(matches!(e, ResolveError::Read { .. }));
         assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
+    }
+
+    /// The cache is used when it holds the key (a planted value comes back), refused when it
+    /// does not, and written with what the BTF resolves to.
+    #[test]
+    fn host_offsets_come_from_the_cache_when_it_holds_them() {
+        let path = Path::new(VMLINUX_BTF_PATH);
+        if !path.exists() {
+            eprintln!("skipping: {VMLINUX_BTF_PATH} is absent on this machine");
+            return;
+        }
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        let base =
+            std::env::temp_dir().join(format!("cylo-usage-resolve-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir(&base).unwrap();
+        let cache = Cache::new(&base.join("cache"), euid);
+        let resolved = resolve_file(path).unwrap();
+        assert_eq!(resolve_cached(&cache, path).unwrap(), resolved);
+        let key = Key::host(path).unwrap();
+        assert_eq!(cache.load(&key).unwrap(), resolved, "stored");
+        let planted = Offsets {
+            task_pid: 12345,
+            ..resolved
+        };
+        cache.store(&key, &planted).unwrap();
+        assert_eq!(resolve_cached(&cache, path).unwrap(), planted);
+        // Not the expected owner: neither read nor written.
+        let stranger = Cache::new(&base.join("cache"), euid.wrapping_add(1));
+        assert_eq!(resolve_cached(&stranger, path).unwrap(), resolved);
+        assert_eq!(cache.load(&key).unwrap(), planted);
+        // A damaged file: resolved again and rewritten.
+        let file = base.join("cache/offsets");
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[20] ^= 1;
+        std::fs::write(&file, bytes).unwrap();
+        assert_eq!(resolve_cached(&cache, path).unwrap(), resolved);
+        assert_eq!(cache.load(&key).unwrap(), resolved);
+        std::fs::remove_dir_all(base).unwrap();
     }
 
     #[test]
