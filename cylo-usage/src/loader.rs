@@ -115,8 +115,9 @@ pub(crate) struct Maps {
 pub(crate) struct Inner {
     pub maps: Mutex<Maps>,
     pub events: Mutex<RingBuf<MapData>>,
-    /// Per-process records; taken by the reader thread when the first run wants them.
-    pub records: Mutex<Option<RingBuf<MapData>>>,
+    /// Per-process records; taken (and only then mapped: the 8 MiB ring buffer's mapping
+    /// counts 16 MiB of resident memory) by the reader thread when the first run wants them.
+    pub records: Mutex<Option<aya::maps::Map>>,
     /// Where the reader thread delivers each run's records.
     pub sinks: Arc<crate::tree::Sinks>,
     /// The `control` program, run in the caller's context (`BPF_PROG_TEST_RUN`).
@@ -580,7 +581,13 @@ impl Tracker {
             next_slot: 0,
         };
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
-        let records: RingBuf<MapData> = take(&mut ebpf, names::RECORDS)?;
+        let records = ebpf
+            .take_map(names::RECORDS)
+            .filter(|m| matches!(m, aya::maps::Map::RingBuf(_)))
+            .ok_or(LoadError::Map {
+                name: names::RECORDS,
+                source: None,
+            })?;
         // Atomics that return the old value (BPF ISA v3) came with 5.12: the verifier decides.
         // Without them, the variants that do without the peaks and the memory counters.
         let atomics_error = match attach(

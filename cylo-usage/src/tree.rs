@@ -582,12 +582,15 @@ impl Sinks {
         }
     }
 
-    /// Hands the ring buffer to the sinks and starts the reader thread, once.
-    pub fn start(self: &Arc<Self>, ring: &Mutex<Option<RingBuf<MapData>>>) {
+    /// Maps the ring buffer, hands it to the sinks and starts the reader thread, once.
+    pub fn start(self: &Arc<Self>, ring: &Mutex<Option<aya::maps::Map>>) {
         if self.reader_started.swap(true, Ordering::SeqCst) {
             return;
         }
-        let Some(ring) = lock(ring).take() else {
+        let Some(ring) = lock(ring)
+            .take()
+            .and_then(|map| RingBuf::try_from(map).ok())
+        else {
             return;
         };
         let fd = ring.as_raw_fd();
