@@ -366,11 +366,20 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Maps `len` bytes of `file` (PROT_READ, MAP_PRIVATE); `None` where the kernel refuses
-    /// (sysfs BTF can be mapped since Linux 6.16).
+    /// Maps `len` bytes of `file` (PROT_READ, MAP_PRIVATE) if it is on sysfs; `None` where
+    /// the kernel refuses (sysfs BTF can be mapped since Linux 6.16). Other files are read:
+    /// one that shrank while mapped would fault (SIGBUS) on access, where sysfs BTF is the
+    /// kernel's own read-only data.
     fn new(file: &std::fs::File, len: usize) -> Option<Mapping> {
         use std::os::fd::AsRawFd;
-        if len == 0 {
+        const SYSFS_MAGIC: libc::c_long = 0x6265_6572;
+        // SAFETY: `st` is written by fstatfs before it is read.
+        let on_sysfs = unsafe {
+            let mut st = std::mem::zeroed::<libc::statfs>();
+            libc::fstatfs(file.as_raw_fd(), &mut st) == 0
+                && st.f_type as libc::c_long == SYSFS_MAGIC
+        };
+        if len == 0 || !on_sysfs {
             return None;
         }
         // SAFETY: a fresh private read-only mapping of an open file descriptor; the pointer
@@ -1688,6 +1697,20 @@ mod tests {
             Ok(data) => agrees_with_the_full_parse("host vmlinux", &data, 100),
             Err(e) => eprintln!("skipping: {}: {e}", path.display()),
         }
+    }
+
+    /// Only sysfs is mapped; other files are read (and resolve the same).
+    #[test]
+    fn regular_files_are_read_not_mapped() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/btf/host-6.18.btf");
+        let btf = Btf::from_file(&path).unwrap();
+        assert!(!btf.is_mapped());
+        assert_eq!(
+            btf.type_count(),
+            Btf::from_bytes(&fixture("host-6.18.btf"))
+                .unwrap()
+                .type_count()
+        );
     }
 
     #[test]
