@@ -576,8 +576,13 @@ pub(crate) mod fixture {
 
     impl FakeProc {
         pub fn new(name: &str) -> FakeProc {
-            let root = std::env::temp_dir()
-                .join(format!("cylo-usage-fakeproc-{}-{name}", std::process::id()));
+            // One folder per instance: tests that share a helper (and so a name) run at once.
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let root = std::env::temp_dir().join(format!(
+                "cylo-usage-fakeproc-{}-{name}-{n}",
+                std::process::id()
+            ));
             let _ = std::fs::remove_dir_all(&root);
             std::fs::create_dir_all(&root).unwrap();
             FakeProc { root }
