@@ -62,11 +62,9 @@ pub(crate) fn check_target(pid: u32) -> Result<Target, SessionError> {
         what: "expected at least 22 fields after the command name",
     })?;
     // A thread id that is not a process id has a /proc entry too (hidden from listings).
-    if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        && let Some(tgid) = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Tgid:"))
-            .and_then(|v| v.trim().parse::<u32>().ok())
+    if let Ok(status) = std::fs::read(format!("/proc/{pid}/status"))
+        && let Some(tgid) =
+            procfs::status_field(&status, "Tgid").and_then(|v| v.trim().parse::<u32>().ok())
         && tgid != pid
     {
         if tgid == std::process::id() {

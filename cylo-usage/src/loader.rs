@@ -79,11 +79,9 @@ pub enum LoadError {
 /// Which capabilities the running process lacks for [`Tracker::load`], if any.
 pub fn missing_privileges() -> Result<Option<&'static str>, LoadError> {
     const PATH: &str = "/proc/self/status";
-    let status = std::fs::read_to_string(PATH)
-        .map_err(|source| LoadError::Capabilities { path: PATH, source })?;
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
+    let status =
+        std::fs::read(PATH).map_err(|source| LoadError::Capabilities { path: PATH, source })?;
+    let eff = crate::procfs::status_field(&status, "CapEff")
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
     let has = |cap: u32| eff & (1u64 << cap) != 0;

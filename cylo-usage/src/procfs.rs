@@ -59,17 +59,37 @@ pub fn parse_io(text: &str) -> Option<ThreadIo> {
     })
 }
 
+/// The value of field `key` in the text of a `/proc/PID/status` file: what follows `KEY:` and
+/// the tab after it, to the end of the line, untrimmed (callers parse it). `None` when the
+/// field is missing, or its value is not UTF-8.
+///
+/// The text may be bytes: a process name is any bytes but NUL, so a status file need not be
+/// UTF-8. Only the `Name:` line holds text the process chose, and the kernel escapes it (a
+/// newline as the two characters `\n`, a backslash as `\\`; tabs and everything else as
+/// they are), so it never spans lines and no other line can be forged: a line that starts
+/// with `KEY:` is the kernel's. `Name`'s value is returned escaped.
+pub fn status_field<'a, S: AsRef<[u8]> + ?Sized>(status: &'a S, key: &str) -> Option<&'a str> {
+    status.as_ref().split(|&b| b == b'\n').find_map(|line| {
+        let rest = line.strip_prefix(key.as_bytes())?.strip_prefix(b":")?;
+        std::str::from_utf8(rest.strip_prefix(b"\t").unwrap_or(rest)).ok()
+    })
+}
+
 /// Parses the VmHWM line of `/proc/PID/status` into bytes.
-pub fn parse_vm_hwm(text: &str) -> Option<u64> {
-    let line = text.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
-    let kb: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+pub fn parse_vm_hwm(status: &(impl AsRef<[u8]> + ?Sized)) -> Option<u64> {
+    let kb: u64 = status_field(status, "VmHWM")?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
     Some(kb * 1024)
 }
 
 /// The peak RSS (VmHWM) of a live process, in bytes; `None` for one without an address
 /// space, or gone.
 pub fn read_vm_hwm(tgid: u32) -> Option<u64> {
-    parse_vm_hwm(&std::fs::read_to_string(format!("/proc/{tgid}/status")).ok()?)
+    parse_vm_hwm(&std::fs::read(format!("/proc/{tgid}/status")).ok()?)
 }
 
 /// Parses the `Uid:` line of `/proc/PID/status`: real, effective, saved and file-system uid.
@@ -261,6 +281,70 @@ mod tests {
         let status = "Name:\tx\nVmPeak:\t  9000 kB\nVmHWM:\t    1536 kB\nVmRSS:\t 1000 kB\n";
         assert_eq!(parse_vm_hwm(status), Some(1536 * 1024));
         assert_eq!(parse_vm_hwm("Name:\tkthreadd\n"), None);
+    }
+
+    /// `/proc/PID/status` as the kernel prints it for a task named `a\nTgid:\t1` (set with
+    /// `prctl(PR_SET_NAME)`): the newline escaped as `\n`, the tab left as it is.
+    const HOSTILE_STATUS: &[u8] = b"Name:\ta\\nTgid:\t1\nUmask:\t0022\nState:\tS (sleeping)\n\
+        Tgid:\t4242\nNgid:\t0\nPid:\t4243\nPPid:\t1\nVmPeak:\t    9000 kB\n\
+        VmHWM:\t    1536 kB\nThreads:\t2\nCapEff:\t000001ffffffffff\n";
+
+    #[test]
+    fn status_fields_despite_hostile_names() {
+        assert_eq!(status_field(HOSTILE_STATUS, "Tgid"), Some("4242"));
+        assert_eq!(status_field(HOSTILE_STATUS, "Pid"), Some("4243"));
+        assert_eq!(status_field(HOSTILE_STATUS, "Name"), Some("a\\nTgid:\t1"));
+        assert_eq!(
+            status_field(HOSTILE_STATUS, "CapEff"),
+            Some("000001ffffffffff")
+        );
+        assert_eq!(parse_vm_hwm(HOSTILE_STATUS), Some(1536 * 1024));
+        // Whole keys only.
+        assert_eq!(status_field(HOSTILE_STATUS, "Tgi"), None);
+        assert_eq!(status_field(HOSTILE_STATUS, "Vm"), None);
+        assert_eq!(status_field(HOSTILE_STATUS, "Cpus_allowed"), None);
+        assert_eq!(status_field("", "Tgid"), None);
+
+        // A name that is not UTF-8 (any bytes but NUL), with a backslash (escaped `\\`), a
+        // carriage return and a tab (both as they are): the other fields read as usual.
+        let raw = b"Name:\t\xff\\\\n\r\tPid:\t1\nTgid:\t7\nVmHWM:\t 4 kB\n";
+        assert_eq!(status_field(raw, "Tgid"), Some("7"));
+        assert_eq!(status_field(raw, "Pid"), None);
+        assert_eq!(status_field(raw, "Name"), None);
+        assert_eq!(parse_vm_hwm(raw), Some(4096));
+        // Text read as a String works the same.
+        let text = String::from("Name:\tx\nTgid:\t9\n");
+        assert_eq!(status_field(&text, "Tgid"), Some("9"));
+    }
+
+    #[test]
+    fn status_fields_of_a_thread_with_a_hostile_name() {
+        // What the kernel really prints: a thread names itself, then reads its own status.
+        let pid = std::process::id();
+        let (name, tgid, tid, hwm) = std::thread::spawn(|| {
+            // 15 bytes and the NUL: a newline, a forged field, a backslash, a non-UTF-8 byte.
+            let comm = b"a\nTgid:\t1\\\xffzzzz\0";
+            // SAFETY: PR_SET_NAME reads at most 16 bytes from a valid NUL-terminated buffer.
+            let r = unsafe { libc::prctl(libc::PR_SET_NAME, comm.as_ptr() as libc::c_ulong) };
+            assert_eq!(r, 0, "prctl(PR_SET_NAME)");
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() } as u32;
+            let status = std::fs::read("/proc/thread-self/status").unwrap();
+            let name_line = status.split(|&b| b == b'\n').next().unwrap().to_vec();
+            let field = |k| status_field(&status, k).map(|v| v.trim().parse::<u64>().unwrap());
+            (
+                name_line,
+                field("Tgid"),
+                (field("Pid"), tid),
+                parse_vm_hwm(&status),
+            )
+        })
+        .join()
+        .unwrap();
+        assert_eq!(name, b"Name:\ta\\nTgid:\t1\\\\\xffzzzz");
+        assert_eq!(tgid, Some(u64::from(pid)));
+        assert_eq!(tid.0, Some(u64::from(tid.1)));
+        assert!(hwm.is_some_and(|b| b > 0), "{hwm:?}");
     }
 
     #[test]
