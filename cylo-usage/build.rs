@@ -1,14 +1,18 @@
 //! Embeds the eBPF object built by `cargo xtask build-ebpf`, or stops with one line saying so.
 use std::path::PathBuf;
 
+// `ebpf_object_in`: the object's default path, shared with xtask (see the file's comment).
+include!("ebpf_object.rs");
+
 fn main() {
     println!("cargo::rerun-if-env-changed=CYLO_USAGE_EBPF_OBJECT");
     let object = match std::env::var_os("CYLO_USAGE_EBPF_OBJECT") {
         Some(path) => PathBuf::from(path),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("the crate lives in the workspace")
-            .join("target/ebpf/bpfel-unknown-none/release/cylo-usage-ebpf"),
+        None => ebpf_object_in(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("the crate lives in the workspace"),
+        ),
     };
     println!("cargo::rerun-if-changed={}", object.display());
     if !object.is_file() {

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::workspace_root;
+use crate::{cargo, paths};
 
 /// Runs per side when `--runs` is not given.
 const DEFAULT_RUNS: usize = 7;
@@ -209,18 +209,12 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     crate::ebpf::build()?;
-    crate::ebpf::cargo(&["build", "--release", "-p", "cylo-usage"])?;
-    let root = workspace_root();
+    let built = cargo::build_release()?;
     let bins = Bins {
-        tracker: root.join("target/release/cylo-usage"),
-        workload: root.join("target/release/cylo-usage-workload"),
+        tracker: cargo::executable(&built, "cylo-usage")?,
+        workload: cargo::executable(&built, "cylo-usage-workload")?,
     };
-    for bin in [&bins.tracker, &bins.workload] {
-        if !bin.exists() {
-            bail!("{} is missing after the build", bin.display());
-        }
-    }
-    let out_dir = root.join("target/bench");
+    let out_dir = paths::bench_dir();
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
 
     let started = Instant::now();
@@ -572,13 +566,8 @@ pub(crate) fn time(cmd: &mut Command) -> Result<Duration> {
         .wait_with_output()
         .with_context(|| format!("waiting for {shown}"))?;
     let wall = start.elapsed();
-    if !out.status.success() {
-        bail!(
-            "{shown} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    crate::cmd::check(cmd, out.status, stderr)?;
     Ok(wall)
 }
 

@@ -7,57 +7,11 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::workspace_root;
+use crate::cmd::{output, run};
+use crate::paths::{self, EBPF_PACKAGE, EBPF_TARGET};
 
 const NIGHTLY: &str = "nightly";
-const BPF_TARGET: &str = "bpfel-unknown-none";
 const BPF_LINKER_VERSION: &str = "0.13.0";
-
-/// Where the eBPF object ends up; `cylo-usage/build.rs` embeds it from here.
-pub fn object_path() -> PathBuf {
-    workspace_root().join("target/ebpf/bpfel-unknown-none/release/cylo-usage-ebpf")
-}
-
-/// Folder holding the project's own bpf-linker (`bin/`) and the LLVM prefix it links to.
-fn tools_dir() -> PathBuf {
-    workspace_root().join("target/tools")
-}
-
-/// Runs `cargo` (the one that runs xtask) in the workspace root.
-pub fn cargo(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .args(args)
-        .current_dir(workspace_root())
-        .status()
-        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
-    if !status.success() {
-        bail!("`cargo {}` failed ({status})", args.join(" "));
-    }
-    Ok(())
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let shown = format!("{cmd:?}");
-    let status = cmd.status().with_context(|| format!("running {shown}"))?;
-    if !status.success() {
-        bail!("{shown} failed ({status})");
-    }
-    Ok(())
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.output().with_context(|| format!("running {shown}"))?;
-    if !out.status.success() {
-        bail!(
-            "{shown} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// Makes sure the nightly toolchain with `rust-src` is there.
 fn ensure_nightly() -> Result<PathBuf> {
@@ -115,7 +69,7 @@ fn nightly_llvm(sysroot: &Path) -> Result<(PathBuf, u32)> {
 
 /// Makes sure `target/tools/bin/bpf-linker` exists and was built against `llvm_lib`.
 fn ensure_bpf_linker(llvm_lib: &Path, major: u32) -> Result<PathBuf> {
-    let tools = tools_dir();
+    let tools = paths::tools_dir();
     let linker = tools.join("bin/bpf-linker");
     let stamp = tools.join("bpf-linker.llvm");
     let want = llvm_lib.display().to_string();
@@ -163,43 +117,57 @@ fn ensure_bpf_linker(llvm_lib: &Path, major: u32) -> Result<PathBuf> {
     Ok(linker)
 }
 
-/// Builds the eBPF object and returns its path.
+/// Builds the eBPF object and returns its path ([`paths::ebpf_object`]).
 pub fn build() -> Result<PathBuf> {
     let sysroot = ensure_nightly()?;
     let (llvm_lib, major) = nightly_llvm(&sysroot)?;
     let linker = ensure_bpf_linker(&llvm_lib, major)?;
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut paths = vec![linker.parent().unwrap().to_path_buf()];
-    paths.extend(std::env::split_paths(&path));
-    let root = workspace_root();
-    run(Command::new("cargo")
-        .arg(format!("+{NIGHTLY}"))
-        .args([
-            "build",
-            "--package",
-            "cylo-usage-ebpf",
-            "--release",
-            "--target",
-            BPF_TARGET,
-            "-Z",
-            "build-std=core",
-            "--target-dir",
-        ])
-        .arg(root.join("target/ebpf"))
-        .env("PATH", std::env::join_paths(paths)?)
-        // Atomic fetch-and-add / compare-and-exchange need BPF ISA v3. Warnings are errors (only
-        // for this workspace's crates: cargo caps lints of dependencies).
-        .env(
-            "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
-            "-C debuginfo=2 -C link-arg=--btf -C target-cpu=v3 -D warnings",
-        )
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("CARGO")
-        .env_remove("RUSTC")
-        .current_dir(&root))?;
-    let obj = object_path();
+    let mut search_path = vec![linker.parent().unwrap().to_path_buf()];
+    search_path.extend(std::env::split_paths(&path));
+    let built = crate::cargo::artifacts(
+        Command::new("cargo")
+            .arg(format!("+{NIGHTLY}"))
+            .args([
+                "build",
+                "--package",
+                EBPF_PACKAGE,
+                "--release",
+                "--target",
+                EBPF_TARGET,
+                "-Z",
+                "build-std=core",
+                "--target-dir",
+            ])
+            .arg(paths::ebpf_target_dir())
+            .env("PATH", std::env::join_paths(search_path)?)
+            // Atomic fetch-and-add / compare-and-exchange need BPF ISA v3. Warnings are errors
+            // (only for this workspace's crates: cargo caps lints of dependencies).
+            .env(
+                "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
+                "-C debuginfo=2 -C link-arg=--btf -C target-cpu=v3 -D warnings",
+            )
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO")
+            .env_remove("RUSTC")
+            .current_dir(paths::workspace_root()),
+    )?;
+    // Where cargo says it linked the object must be where the build script looks for it.
+    let obj = paths::ebpf_object();
+    let linked: Vec<_> = built
+        .iter()
+        .filter(|a| a.target.name == EBPF_PACKAGE)
+        .flat_map(|a| &a.filenames)
+        .collect();
+    if !linked.iter().any(|f| f.as_std_path() == obj) {
+        bail!(
+            "cargo linked the eBPF object as {linked:?}, not at {} where cylo-usage/build.rs \
+             looks for it",
+            obj.display()
+        );
+    }
     if !obj.exists() {
         bail!("the build finished but {} is missing", obj.display());
     }

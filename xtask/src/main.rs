@@ -1,12 +1,13 @@
 //! `cargo xtask`: the project's build, test, benchmark and kernel-matrix tasks.
 mod bench;
 mod bench_daemon;
+mod cargo;
+mod cmd;
 mod ebpf;
+mod paths;
 mod vm;
 
-use std::path::PathBuf;
-
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -55,19 +56,21 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Build => {
             ebpf::build()?;
-            ebpf::cargo(&["build", "--release", "-p", "cylo-usage"])?;
+            cargo::build_release()?;
         }
         Command::Run { args } => {
             ebpf::build()?;
-            ebpf::cargo(&["build", "--release", "-p", "cylo-usage"])?;
-            let bin = workspace_root().join("target/release/cylo-usage");
+            let bin = cargo::executable(&cargo::build_release()?, "cylo-usage")?;
             let mut full = vec!["run".to_string()];
             // Without options first, everything is the command.
             if !args.first().is_some_and(|a| a.starts_with('-')) {
                 full.push("--".to_string());
             }
             full.extend(args);
-            let status = std::process::Command::new(&bin).args(&full).status()?;
+            let status = std::process::Command::new(&bin)
+                .args(&full)
+                .status()
+                .with_context(|| format!("cannot run {}", bin.display()))?;
             std::process::exit(status.code().unwrap_or(125));
         }
         Command::Test { args } => {
@@ -75,18 +78,10 @@ fn run(cli: Cli) -> Result<()> {
             // The default members: everything but the eBPF crate, which only builds for BPF.
             let mut full = vec!["test"];
             full.extend(args.iter().map(String::as_str));
-            ebpf::cargo(&full)?;
+            cargo::run(&full)?;
         }
         Command::VmTest(args) => vm::run(args)?,
         Command::Bench(args) => bench::run(args)?,
     }
     Ok(())
-}
-
-/// The workspace root (the parent of this crate's manifest directory).
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives inside the workspace")
-        .to_path_buf()
 }

@@ -27,7 +27,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::workspace_root;
+use crate::cmd::{output, run_quiet};
+use crate::paths::{self, workspace_root};
 
 /// Prefix of every line the guest's `/init` prints for the host to parse.
 const MARK: &str = "@@vm-test@@";
@@ -113,7 +114,7 @@ struct Kernel {
 pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let root = workspace_root();
-    let vm_dir = root.join("target/vm");
+    let vm_dir = paths::vm_dir();
     let cache = vm_dir.join("cache");
     fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
 
@@ -1983,28 +1984,6 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>)
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
-
-fn run_quiet(cmd: &mut Command) -> Result<()> {
-    output(cmd).map(|_| ())
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.output().with_context(|| format!("running {shown}"))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let tail: Vec<&str> = stderr
-            .lines()
-            .chain(stdout.lines())
-            .rev()
-            .take(15)
-            .collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bail!("{shown} failed ({}):\n{}", out.status, tail.join("\n"));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 fn find_file(dir: &Path, pred: impl Fn(&str) -> bool) -> Result<Option<PathBuf>> {
     if !dir.is_dir() {
