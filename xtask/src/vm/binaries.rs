@@ -2,16 +2,17 @@
 //! static (glibc `crt-static`) into `target/vm/build`, found in cargo's JSON messages.
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
+use cargo_metadata::{Artifact, TargetKind};
 
 use super::host::elf_has_interp;
+use crate::{cargo, paths};
 
 /// The target the test binaries are built for (explicit, so build scripts stay dynamic).
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
-/// One test executable from cargo's JSON output.
+/// One test executable.
 #[derive(Debug, Clone)]
 pub(super) struct TestBinary {
     /// `package` (lib tests), `package/tests/NAME`, `package/bin/NAME`, ...
@@ -31,106 +32,59 @@ pub(super) struct Built {
     pub(super) package_dirs: BTreeSet<PathBuf>,
 }
 
-pub(super) fn build_binaries(root: &Path) -> Result<Built> {
+/// Builds the eBPF object, then `cylo-usage` and every test of the workspace, static, into
+/// `target_dir`.
+pub(super) fn build_binaries(target_dir: &Path) -> Result<Built> {
     crate::ebpf::build().context("building the eBPF object")?;
-    let target_dir = root.join("target/vm/build");
-    let cargo_json = |args: &[&str]| -> Result<Vec<serde_json::Value>> {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(&cargo);
-        cmd.args(args)
-            .args([
-                "--release",
-                "--target",
-                TARGET,
-                "--message-format=json-render-diagnostics",
-                "--target-dir",
-            ])
-            .arg(&target_dir)
-            .current_dir(root)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .stderr(Stdio::inherit());
-        let shown = format!(
-            "{cargo} {} (static, --target-dir {})",
+    let build = |args: &[&str]| -> Result<Vec<Artifact>> {
+        eprintln!(
+            "vm-test: cargo {} (static, --target-dir {})",
             args.join(" "),
             target_dir.display()
         );
-        eprintln!("vm-test: {shown}");
-        let out = cmd.output().with_context(|| format!("running {shown}"))?;
-        if !out.status.success() {
-            bail!("{shown} failed ({})", out.status);
-        }
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect())
+        cargo::artifacts(
+            cargo::command()
+                .args(args)
+                .args(["--release", "--target", TARGET, "--target-dir"])
+                .arg(target_dir)
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .env_remove("CARGO_ENCODED_RUSTFLAGS"),
+        )
     };
+    let mut artifacts = build(&["build", "-p", "cylo-usage"])?;
+    artifacts.extend(build(&["test", "--workspace", "--no-run"])?);
 
     let mut bins = BTreeSet::new();
-    let mut collect_bin = |msg: &serde_json::Value| {
-        if msg["reason"] == "compiler-artifact"
-            && msg["profile"]["test"] == false
-            && let Some(exe) = msg["executable"].as_str()
-        {
-            bins.insert(PathBuf::from(exe));
-            return Some(
-                (msg["target"]["name"].as_str() == Some("cylo-usage")).then(|| PathBuf::from(exe)),
-            );
-        }
-        None
-    };
     let mut cylo_usage = None;
-    for msg in cargo_json(&["build", "-p", "cylo-usage"])? {
-        if let Some(Some(exe)) = collect_bin(&msg) {
-            cylo_usage = Some(exe);
-        }
-    }
-    let cylo_usage =
-        cylo_usage.context("cargo build -p cylo-usage reported no cylo-usage binary")?;
-
     let mut tests = Vec::new();
     let mut package_dirs = BTreeSet::new();
-    for msg in cargo_json(&["test", "--workspace", "--no-run"])? {
-        collect_bin(&msg);
-        if msg["reason"] != "compiler-artifact" || msg["profile"]["test"] != true {
+    for artifact in artifacts {
+        let Some(exe) = artifact.executable.clone() else {
+            continue;
+        };
+        let exe = exe.into_std_path_buf();
+        if !artifact.profile.test {
+            if artifact.target.name == "cylo-usage" {
+                cylo_usage = Some(exe.clone());
+            }
+            bins.insert(exe);
             continue;
         }
-        let Some(exe) = msg["executable"].as_str() else {
-            continue;
-        };
-        let manifest_dir = msg["manifest_path"]
-            .as_str()
-            .map(|p| {
-                Path::new(p)
-                    .parent()
-                    .unwrap_or(Path::new("/"))
-                    .to_path_buf()
-            })
-            .unwrap_or_else(|| root.to_path_buf());
-        let package = manifest_dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let package = msg["package_id"]
-            .as_str()
-            .and_then(package_name_from_id)
-            .unwrap_or(package);
-        let kind = msg["target"]["kind"][0].as_str().unwrap_or("lib");
-        let target = msg["target"]["name"].as_str().unwrap_or("?");
-        let name = match kind {
-            "lib" | "rlib" | "cdylib" | "staticlib" | "proc-macro" => package.clone(),
-            k => format!(
-                "{package}/{}/{target}",
-                if k == "test" { "tests" } else { k }
-            ),
-        };
+        let manifest_dir = artifact
+            .manifest_path
+            .parent()
+            .map(|p| p.as_std_path().to_path_buf())
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(paths::workspace_root);
         package_dirs.insert(manifest_dir.clone());
         tests.push(TestBinary {
-            name,
-            executable: PathBuf::from(exe),
+            name: test_name(&artifact, &manifest_dir),
+            executable: exe,
             manifest_dir,
         });
     }
+    let cylo_usage =
+        cylo_usage.context("cargo build -p cylo-usage reported no cylo-usage binary")?;
     tests.sort_by(|a, b| a.name.cmp(&b.name));
     for exe in tests.iter().map(|t| &t.executable).chain(&bins) {
         if elf_has_interp(exe)? {
@@ -144,9 +98,31 @@ pub(super) fn build_binaries(root: &Path) -> Result<Built> {
         tests,
         cylo_usage,
         bins,
-        target_dir,
+        target_dir: target_dir.to_path_buf(),
         package_dirs,
     })
+}
+
+/// `package` for a library's unit tests, else `package/tests/NAME`, `package/bin/NAME`, ...
+fn test_name(artifact: &Artifact, manifest_dir: &Path) -> String {
+    let package = package_name_from_id(&artifact.package_id.repr).unwrap_or_else(|| {
+        manifest_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    match artifact.target.kind.first() {
+        None
+        | Some(
+            TargetKind::Lib
+            | TargetKind::RLib
+            | TargetKind::CDyLib
+            | TargetKind::StaticLib
+            | TargetKind::ProcMacro,
+        ) => package,
+        Some(TargetKind::Test) => format!("{package}/tests/{}", artifact.target.name),
+        Some(kind) => format!("{package}/{kind}/{}", artifact.target.name),
+    }
 }
 
 /// `path+file:///work/main/cylo-usage#0.1.0` -> `cylo-usage`;

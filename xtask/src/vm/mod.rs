@@ -76,7 +76,7 @@ pub fn run(args: Args) -> Result<()> {
     let kernels = kernels::resolve_kernels(&args, &cache)?;
 
     let t = Instant::now();
-    let built = binaries::build_binaries(&paths::workspace_root())?;
+    let built = binaries::build_binaries(&vm_dir.join("build"))?;
     eprintln!(
         "vm-test: built {} test binaries and cylo-usage in {:.1} s",
         built.tests.len(),
