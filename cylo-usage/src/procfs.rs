@@ -93,21 +93,21 @@ pub fn read_vm_hwm(tgid: u32) -> Option<u64> {
 }
 
 /// Parses the `Uid:` line of `/proc/PID/status`: real, effective, saved and file-system uid.
-pub fn parse_uids(text: &str) -> Option<[u32; 4]> {
-    let line = text.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+pub fn parse_uids(status: &(impl AsRef<[u8]> + ?Sized)) -> Option<[u32; 4]> {
+    let line = status_field(status, "Uid")?;
     let mut ids = line.split_whitespace().map(|v| v.parse::<u32>().ok());
     Some([ids.next()??, ids.next()??, ids.next()??, ids.next()??])
 }
 
 /// The uids of live process `pid` (see [`parse_uids`]); `None` once it is gone.
 pub fn read_uids(pid: u32) -> Option<[u32; 4]> {
-    parse_uids(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+    parse_uids(&std::fs::read(format!("/proc/{pid}/status")).ok()?)
 }
 
 /// The supplementary groups of live process `pid` (the `Groups:` line of its status).
 pub fn read_groups(pid: u32) -> Option<Vec<u32>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find_map(|l| l.strip_prefix("Groups:"))?;
+    let status = std::fs::read(format!("/proc/{pid}/status")).ok()?;
+    let line = status_field(&status, "Groups")?;
     Some(
         line.split_whitespace()
             .filter_map(|g| g.parse().ok())
@@ -286,7 +286,8 @@ mod tests {
     /// `/proc/PID/status` as the kernel prints it for a task named `a\nTgid:\t1` (set with
     /// `prctl(PR_SET_NAME)`): the newline escaped as `\n`, the tab left as it is.
     const HOSTILE_STATUS: &[u8] = b"Name:\ta\\nTgid:\t1\nUmask:\t0022\nState:\tS (sleeping)\n\
-        Tgid:\t4242\nNgid:\t0\nPid:\t4243\nPPid:\t1\nVmPeak:\t    9000 kB\n\
+        Tgid:\t4242\nNgid:\t0\nPid:\t4243\nPPid:\t1\nUid:\t1000\t1001\t1002\t1003\n\
+        Gid:\t1000\t1000\t1000\t1000\nGroups:\t4 27 \nVmPeak:\t    9000 kB\n\
         VmHWM:\t    1536 kB\nThreads:\t2\nCapEff:\t000001ffffffffff\n";
 
     #[test]
@@ -299,6 +300,8 @@ mod tests {
             Some("000001ffffffffff")
         );
         assert_eq!(parse_vm_hwm(HOSTILE_STATUS), Some(1536 * 1024));
+        assert_eq!(parse_uids(HOSTILE_STATUS), Some([1000, 1001, 1002, 1003]));
+        assert_eq!(status_field(HOSTILE_STATUS, "Groups"), Some("4 27 "));
         // Whole keys only.
         assert_eq!(status_field(HOSTILE_STATUS, "Tgi"), None);
         assert_eq!(status_field(HOSTILE_STATUS, "Vm"), None);
@@ -312,6 +315,7 @@ mod tests {
         assert_eq!(status_field(raw, "Pid"), None);
         assert_eq!(status_field(raw, "Name"), None);
         assert_eq!(parse_vm_hwm(raw), Some(4096));
+        assert_eq!(parse_uids(raw), None);
         // Text read as a String works the same.
         let text = String::from("Name:\tx\nTgid:\t9\n");
         assert_eq!(status_field(&text, "Tgid"), Some("9"));
@@ -321,7 +325,7 @@ mod tests {
     fn status_fields_of_a_thread_with_a_hostile_name() {
         // What the kernel really prints: a thread names itself, then reads its own status.
         let pid = std::process::id();
-        let (name, tgid, tid, hwm) = std::thread::spawn(|| {
+        let (name, tgid, tid, hwm, uids) = std::thread::spawn(|| {
             // 15 bytes and the NUL: a newline, a forged field, a backslash, a non-UTF-8 byte.
             let comm = b"a\nTgid:\t1\\\xffzzzz\0";
             // SAFETY: PR_SET_NAME reads at most 16 bytes from a valid NUL-terminated buffer.
@@ -337,6 +341,7 @@ mod tests {
                 field("Tgid"),
                 (field("Pid"), tid),
                 parse_vm_hwm(&status),
+                parse_uids(&status),
             )
         })
         .join()
@@ -345,6 +350,9 @@ mod tests {
         assert_eq!(tgid, Some(u64::from(pid)));
         assert_eq!(tid.0, Some(u64::from(tid.1)));
         assert!(hwm.is_some_and(|b| b > 0), "{hwm:?}");
+        // SAFETY: getuid and geteuid have no preconditions.
+        let (uid, euid) = unsafe { (libc::getuid(), libc::geteuid()) };
+        assert_eq!(uids.map(|u| (u[0], u[1])), Some((uid, euid)));
     }
 
     #[test]
