@@ -19,9 +19,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use cylo_usage_abi::control;
 
-use crate::loader::Inner;
 use crate::procfs;
-use crate::session::SessionError;
+use crate::run::SessionError;
+use crate::tracker::Inner;
 
 /// Passes over /proc before the attach settles for what it has (a tree that forks faster
 /// than a pass can scan it; what the hooks adopt meanwhile is still followed).

@@ -638,6 +638,7 @@ impl NameLookup {
 }
 
 impl Btf {
+    #[cfg(test)]
     /// Reads and indexes a raw BTF file such as `/sys/kernel/btf/vmlinux`, with no
     /// [`Wanted`] names.
     pub fn from_file(path: &Path) -> Result<Btf, BtfError> {
@@ -667,12 +668,14 @@ impl Btf {
         Btf::index(bytes, wanted)
     }
 
+    #[cfg(test)]
     /// Parses a raw BTF blob (header, type section, string section), in either byte order,
     /// with no [`Wanted`] names.
     pub fn from_bytes(data: &[u8]) -> Result<Btf, BtfError> {
         Btf::index(Bytes::Owned(data.to_vec()), &Wanted::default())
     }
 
+    #[cfg(test)]
     /// [`Btf::from_bytes`], noting where the `wanted` names are.
     pub fn from_bytes_wanting(data: &[u8], wanted: &Wanted<'_>) -> Result<Btf, BtfError> {
         Btf::index(Bytes::Owned(data.to_vec()), wanted)
@@ -845,11 +848,13 @@ impl Btf {
         &self.bytes.as_slice()[self.string_section.clone()]
     }
 
+    #[cfg(test)]
     /// Number of types (not counting the implicit `void`, id 0).
     pub fn type_count(&self) -> usize {
         self.index.len()
     }
 
+    #[cfg(test)]
     /// Whether the blob is mapped from the kernel rather than read into memory.
     pub fn is_mapped(&self) -> bool {
         matches!(self.bytes, Bytes::Mapped(_))

@@ -2,10 +2,10 @@
 //! library user can `?` everything into one type (and map it to a variant of their own).
 use crate::btf::BtfError;
 use crate::fallback::FallbackError;
-use crate::loader::LoadError;
 use crate::procfs::ProcError;
 use crate::resolve::ResolveError;
-use crate::session::SessionError;
+use crate::run::SessionError;
+use crate::tracker::LoadError;
 
 /// Anything cylo-usage can fail with. Each variant wraps a module's error, which names what
 /// failed (which pid, file, syscall or map); [`crate::error_chain`] puts it on one line.

@@ -1,11 +1,10 @@
-//! Which counters this build measures on the running kernel, and how. Decided when the
-//! programs load (the verifier and BTF say what the kernel offers), never from its version.
+//! Which counters this build measures on the running kernel, and how: what the loaded
+//! programs can measure ([`Measured`]), why what is not measured is not (`Unavailable`),
+//! and the list `cylo-usage features` prints ([`Feature`]). Decided when the programs load
+//! (the verifier and BTF say what the kernel offers), never from its version.
 use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
-
-use crate::loader::Unavailable;
-use crate::usage::{Measured, NetworkPath};
 
 /// One counter of [`crate::ResourceUsage`] and whether (and how) it is measured here.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,6 +14,77 @@ pub struct Feature {
     pub measured: bool,
     /// How it is measured, or why it is not.
     pub how: String,
+}
+
+/// What the loaded programs can measure on this kernel (decided at load time from what the
+/// verifier accepted and what BTF has).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Measured {
+    /// BPF atomics that return the old value (fetch-add, exchange, cmpxchg): the peaks and
+    /// the memory counters.
+    pub atomics: bool,
+    /// `task_struct.ioac` read/write/cancelled bytes (CONFIG_TASK_IO_ACCOUNTING).
+    pub disk: bool,
+    /// `task_struct.ioac` rchar/wchar (CONFIG_TASK_XACCT).
+    pub io_chars: bool,
+    /// The block_bio_queue hook and the bio layout.
+    pub devices: bool,
+    /// Attaching to running processes (the layouts that lead from a /proc directory to a task).
+    pub attach: bool,
+    /// Per-process records (`task_struct.comm`, exit code, parent).
+    pub records: bool,
+    /// How socket bytes are counted, if they are.
+    pub network: Option<NetworkPath>,
+}
+
+/// The kernel hooks that count socket bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkPath {
+    /// The raw tracepoints `sock_send_length` / `sock_recv_length` (6.3+), which see every
+    /// socket family.
+    Tracepoints {
+        /// Plus fexit programs on the `*_sendpage` functions (kernels before 6.5 send
+        /// sendfile and splice data through them).
+        sendpage: bool,
+    },
+    /// fexit programs on the inet, inet6 and AF_UNIX families' `sendmsg` / `recvmsg`; other
+    /// families are not seen.
+    Functions { sendpage: bool },
+}
+
+impl NetworkPath {
+    /// Whether sockets other than TCP, UDP and AF_UNIX are seen.
+    pub fn sees_other(self) -> bool {
+        matches!(self, NetworkPath::Tracepoints { .. })
+    }
+}
+
+impl Measured {
+    /// Everything this build can measure.
+    pub const ALL: Measured = Measured {
+        atomics: true,
+        disk: true,
+        io_chars: true,
+        devices: true,
+        attach: true,
+        records: true,
+        network: Some(NetworkPath::Tracepoints { sendpage: false }),
+    };
+}
+
+/// What the kernel refused, for `features` to say.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Unavailable {
+    /// Why the handlers with atomics that return the old value did not load.
+    pub atomics: Option<String>,
+    /// Why the per-device block I/O hook is not attached.
+    pub devices: Option<String>,
+    /// Why `attach` cannot work here.
+    pub attach: Option<String>,
+    /// Why per-process records lack parts (argv, file names).
+    pub records: Option<String>,
+    /// Why the socket hooks are not attached.
+    pub network: Option<String>,
 }
 
 const IOAC: &str = "task_struct.ioac of each thread at its last context switch; live threads \

@@ -13,15 +13,17 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Without the privileges (or the kernel BTF) the eBPF programs need, [`Tracker::open`] gives
-//! the /proc fallback instead ([`fallback`]): CPU and disk still exact from `wait4()`, the
-//! rest sampled, every report marked approximate. [`get_resource_usage`] is a one-call
-//! snapshot of a live process tree from /proc.
+//! [`Tracker::open`] takes the best tracker there is: the host's daemon (`cylo-usage serve`,
+//! [`daemon`]) when its socket answers, which any allowed user may use; else the programs
+//! loaded in this process; and without the privileges (or the kernel BTF) they need, the
+//! /proc fallback ([`ProcTracker`]): CPU and disk still exact from `wait4()`, the rest
+//! sampled, every report marked approximate. [`get_resource_usage`] is a one-call snapshot of
+//! a live process tree from /proc.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), cylo_usage::Error> {
 //! use cylo_usage::{OpenOptions, Tracker};
-//! let tracker = Tracker::open(OpenOptions::default())?; // eBPF if possible, else /proc
+//! let tracker = Tracker::open(OpenOptions::default())?; // daemon, in-process, else /proc
 //! let mut run = tracker.spawn(std::process::Command::new("make").arg("-j2"))?;
 //! run.wait_root().await?;
 //! run.wait_finished().await?;
@@ -29,33 +31,40 @@
 //! println!("{:?}: {} ns of CPU ({:?})", usage.tracker, usage.cpu_time_ns, usage.precision);
 //! # Ok(()) }
 //! ```
+// The public surface: the trackers and their runs, what they report, the daemon, the
+// counters' feature list, the reports' formats and the errors. Everything else is internal.
 mod attach;
 mod aya_loader;
-pub mod btf;
+mod btf;
 pub mod daemon;
 mod error;
-pub mod fallback;
+mod fallback;
 pub mod features;
-pub mod loader;
 mod offsets_cache;
 mod open;
-pub mod procfs;
-pub mod proctree;
+mod procfs;
+mod proctree;
 pub mod report;
-pub mod resolve;
-pub mod session;
+mod resolve;
+mod run;
 mod snapshot;
-pub mod tree;
-pub mod usage;
+mod tracker;
+mod tree;
+mod usage;
 
+pub use btf::BtfError;
 pub use error::Error;
-pub use fallback::{FallbackError, ProcRun, ProcTracker};
-pub use loader::{LoadError, Options, Tracker};
+pub use fallback::{DEFAULT_INTERVAL, FallbackError, ProcRun, ProcTracker};
 pub use open::{AnyRun, AnyTracker, OpenOptions};
-pub use session::{Run, RunOptions, SessionError};
+pub use procfs::ProcError;
+pub use resolve::ResolveError;
+pub use run::{Run, RunOptions, SessionError, watch};
 pub use snapshot::get_resource_usage;
-pub use tree::ProcessUsage;
-pub use usage::{Precision, ResourceUsage, TrackerKind};
+pub use tracker::{LoadError, Options, Tracker, missing_privileges};
+pub use tree::{DEFAULT_TREE_LIMIT, EventSink, ProcessUsage};
+pub use usage::{
+    DiskDevice, NetworkUsage, Precision, ResourceUsage, TrackerKind, UsageBeforeAttach,
+};
 
 /// An error and all its sources on one line (`a: b: c`), for one-line messages.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

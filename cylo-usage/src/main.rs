@@ -50,7 +50,7 @@ struct SessionArgs {
     tree: bool,
     /// The most processes the breakdown keeps (about 800 bytes each); past it, processes are
     /// counted in `processes_dropped` and left out.
-    #[arg(long, value_name = "N", default_value_t = cylo_usage::tree::DEFAULT_TREE_LIMIT)]
+    #[arg(long, value_name = "N", default_value_t = cylo_usage::DEFAULT_TREE_LIMIT)]
     tree_limit: usize,
     /// Stream every process's fork, exec and exit as NDJSON to FILE (`-`: standard output).
     #[arg(long, value_name = "FILE")]
@@ -317,12 +317,12 @@ fn start_error(e: &cylo_usage::Error, program: &str) -> (u8, String) {
     }
 }
 
-fn open_events(path: &std::path::Path) -> Result<cylo_usage::tree::EventSink, String> {
+fn open_events(path: &std::path::Path) -> Result<cylo_usage::EventSink, String> {
     if path.as_os_str() == "-" {
         return Ok(Box::new(std::io::BufWriter::new(std::io::stdout())));
     }
     std::fs::File::create(path)
-        .map(|f| Box::new(std::io::BufWriter::new(f)) as cylo_usage::tree::EventSink)
+        .map(|f| Box::new(std::io::BufWriter::new(f)) as cylo_usage::EventSink)
         .map_err(|e| format!("cannot write events to {}: {e}", path.display()))
 }
 
@@ -429,8 +429,8 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
     };
     let attached = run.is_attached();
     let waited = rt.block_on(async {
-        let signals = cylo_usage::session::watch(signals)
-            .map_err(|e| format!("cannot watch signals: {e}"))?;
+        let signals =
+            cylo_usage::watch(signals).map_err(|e| format!("cannot watch signals: {e}"))?;
         wait(&mut run, &signals, &args, attached).await
     });
     let (interrupted, mut problem) = match waited {
@@ -517,7 +517,7 @@ async fn wait(
         .wake_fds()
         .map_err(|e| format!("cannot watch the run: {e}"))?
         .into_iter()
-        .map(cylo_usage::session::watch)
+        .map(cylo_usage::watch)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("cannot watch the run: {e}"))?;
     let started = Instant::now();

@@ -11,8 +11,8 @@ use std::time::Duration;
 use crate::daemon::{DaemonTracker, RemoteRun};
 use crate::error::Error;
 use crate::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
-use crate::loader::{Options, Tracker};
-use crate::session::{Run, RunOptions};
+use crate::run::{Run, RunOptions};
+use crate::tracker::{Options, Tracker};
 use crate::usage::{ResourceUsage, TrackerKind};
 
 /// How [`Tracker::open`] chooses.

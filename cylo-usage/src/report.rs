@@ -397,7 +397,8 @@ mod tests {
         let text = tree(&ps);
         assert_eq!(text.lines().count(), 100_001);
     }
-    use crate::usage::{DiskDevice, Live, Measured, NetworkPath, RootExit, Units, merge};
+    use crate::features::{Measured, NetworkPath};
+    use crate::usage::{DiskDevice, Live, RootExit, Units, merge};
     use cylo_usage_abi::RunCounters;
 
     #[test]

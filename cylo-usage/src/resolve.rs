@@ -126,6 +126,7 @@ pub mod fields {
     pub const SK_PROTOCOL: Field = f("sock", &["sk_protocol"], &[2]);
 
     // Not in `Offsets`; resolvable on every fixture kernel.
+    #[cfg(test)]
     pub const MM_HIWATER_RSS: Field = f("mm_struct", &["hiwater_rss"], &[8]);
 }
 

@@ -8,7 +8,7 @@ use crate::error::Error;
 use crate::fallback::account::interval_text;
 use crate::procfs::{self, ThreadIo};
 use crate::proctree::{self, Detail, Node, ProcFs, Read, Seed};
-use crate::session::SessionError;
+use crate::run::SessionError;
 use crate::usage::{ResourceUsage, TrackerKind, split_runtime};
 
 /// A snapshot of process `pid` and its live descendants, from `/proc`:

@@ -178,7 +178,7 @@ impl Tree {
     /// start, so `time_ns` can be placed in time.
     fn anchor(&mut self) {
         let realtime = realtime_ns();
-        let mono = crate::session::monotonic_ns();
+        let mono = crate::run::monotonic_ns();
         // The wall clock at the session start.
         let start_unix_ns = realtime.saturating_sub(mono.saturating_sub(self.started_mono_ns));
         let line = serde_json::json!({
@@ -212,7 +212,7 @@ impl Tree {
     /// The `attached` event: the attach has registered the tree that was there (the moment
     /// `usage_before_attach` stops and the totals begin).
     pub fn note_attached(&mut self, processes: u64, threads: u64, passes: usize) {
-        let now = crate::session::monotonic_ns();
+        let now = crate::run::monotonic_ns();
         let line = serde_json::json!({
             "event": "attached",
             "time_ns": self.rel(now),
@@ -232,11 +232,6 @@ impl Tree {
             self.events_error = Some(e.to_string());
             self.events = None;
         }
-    }
-
-    /// Why the event stream stopped early, if it did.
-    pub fn events_error(&self) -> Option<&str> {
-        self.events_error.as_deref()
     }
 
     /// Processes left out of the breakdown because of the limit.
@@ -463,7 +458,7 @@ impl Tree {
     pub fn processes(
         &self,
         live: &HashMap<u64, (ThreadCounters, u64)>,
-        measured: crate::usage::Measured,
+        measured: crate::features::Measured,
     ) -> Vec<ProcessUsage> {
         let tick_ns = 1_000_000_000 / self.units.ticks_per_second.max(1);
         self.procs
@@ -668,7 +663,7 @@ fn reader(fd: RawFd, sinks: std::sync::Weak<Sinks>, stop: Arc<AtomicBool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::Measured;
+    use crate::features::Measured;
     use cylo_usage_abi::{COMM_BYTES, FILENAME_BYTES};
 
     const UNITS: Units = Units {

@@ -3,6 +3,8 @@
 use cylo_usage_abi::RunCounters;
 use serde::{Deserialize, Serialize};
 
+use crate::features::{Measured, NetworkPath};
+
 use crate::procfs::ThreadSample;
 
 /// Whether the figures are complete.
@@ -207,62 +209,6 @@ pub struct UsageBeforeAttach {
     pub disk_cancelled_write_bytes: Option<u64>,
     pub io_read_chars: Option<u64>,
     pub io_write_chars: Option<u64>,
-}
-
-/// What the loaded programs can measure on this kernel (decided at load time from what the
-/// verifier accepted and what BTF has).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Measured {
-    /// BPF atomics that return the old value (fetch-add, exchange, cmpxchg): the peaks and
-    /// the memory counters.
-    pub atomics: bool,
-    /// `task_struct.ioac` read/write/cancelled bytes (CONFIG_TASK_IO_ACCOUNTING).
-    pub disk: bool,
-    /// `task_struct.ioac` rchar/wchar (CONFIG_TASK_XACCT).
-    pub io_chars: bool,
-    /// The block_bio_queue hook and the bio layout.
-    pub devices: bool,
-    /// Attaching to running processes (the layouts that lead from a /proc directory to a task).
-    pub attach: bool,
-    /// Per-process records (`task_struct.comm`, exit code, parent).
-    pub records: bool,
-    /// How socket bytes are counted, if they are.
-    pub network: Option<NetworkPath>,
-}
-
-/// The kernel hooks that count socket bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NetworkPath {
-    /// The raw tracepoints `sock_send_length` / `sock_recv_length` (6.3+), which see every
-    /// socket family.
-    Tracepoints {
-        /// Plus fexit programs on the `*_sendpage` functions (kernels before 6.5 send
-        /// sendfile and splice data through them).
-        sendpage: bool,
-    },
-    /// fexit programs on the inet, inet6 and AF_UNIX families' `sendmsg` / `recvmsg`; other
-    /// families are not seen.
-    Functions { sendpage: bool },
-}
-
-impl NetworkPath {
-    /// Whether sockets other than TCP, UDP and AF_UNIX are seen.
-    pub fn sees_other(self) -> bool {
-        matches!(self, NetworkPath::Tracepoints { .. })
-    }
-}
-
-impl Measured {
-    /// Everything this build can measure.
-    pub const ALL: Measured = Measured {
-        atomics: true,
-        disk: true,
-        io_chars: true,
-        devices: true,
-        attach: true,
-        records: true,
-        network: Some(NetworkPath::Tracepoints { sendpage: false }),
-    };
 }
 
 /// How the root ended, as far as it is known.

@@ -18,7 +18,7 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Whether the daemon can load its programs here, or a skip (a failure in CI).
 fn privileged() -> bool {
-    match cylo_usage::loader::missing_privileges() {
+    match cylo_usage::missing_privileges() {
         Ok(None) => true,
         _ if ebpf_required() => panic!("CYLO_USAGE_REQUIRE_EBPF=1 but this process lacks CAP_BPF"),
         _ => {

@@ -7,7 +7,8 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Command, Stdio};
 
 use common::{CLI, WORKLOAD, kernel_version, run_to_end, tracker, workload};
-use cylo_usage::usage::{NetworkPath, NetworkUsage};
+use cylo_usage::NetworkUsage;
+use cylo_usage::features::NetworkPath;
 use cylo_usage::{ResourceUsage, Tracker};
 
 const MIB: u64 = 1 << 20;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::DaemonError;
 use super::protocol::{self, MAX_REPLY, Reply, Request, SessionOptions};
-use crate::session::{RunOptions, pidfd_open, pidfd_send_signal, watch};
+use crate::run::{RunOptions, pidfd_open, pidfd_send_signal, watch};
 use crate::tree::EventSink;
 use crate::usage::{ResourceUsage, TrackerKind};
 
@@ -48,7 +48,7 @@ pub struct DaemonTracker {
     path: PathBuf,
 }
 
-impl crate::loader::Tracker {
+impl crate::tracker::Tracker {
     /// Connects to the daemon listening at `path` (see [`super::socket_path`]).
     pub fn connect(path: &Path) -> Result<DaemonTracker, DaemonError> {
         let sock = UnixStream::connect(path).map_err(|source| DaemonError::Connect {

@@ -86,7 +86,7 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     #[error("cannot load the eBPF programs")]
-    Load(#[source] crate::loader::LoadError),
+    Load(#[source] crate::tracker::LoadError),
     #[error("cannot serve metrics on {addr}")]
     Metrics {
         addr: std::net::SocketAddr,

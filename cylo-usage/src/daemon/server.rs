@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use super::DaemonError;
 use super::protocol::{self, ErrorKind, FrameError, MAX_REQUEST, Reply, Request, SessionOptions};
-use crate::loader::{Options, Tracker};
-use crate::session::{PendingSpawn, Run, RunOptions, SessionError};
+use crate::run::{PendingSpawn, Run, RunOptions, SessionError};
+use crate::tracker::{Options, Tracker};
 use crate::usage::TrackerKind;
 
 /// The most connections the daemon serves at once (one thread each).
@@ -606,7 +606,7 @@ fn accept(state: &Arc<State>, sock: UnixStream, id: u64) {
                 state: st.clone(),
                 sock,
                 peer,
-                peer_pidfd: crate::session::pidfd_open(peer.pid).ok(),
+                peer_pidfd: crate::run::pidfd_open(peer.pid).ok(),
                 sessions: HashMap::new(),
                 greeted: false,
             };
@@ -1338,7 +1338,7 @@ mod tests {
 
     #[test]
     fn pidfds_give_the_pid_and_other_descriptors_are_refused() {
-        let fd = crate::session::pidfd_open(std::process::id()).unwrap();
+        let fd = crate::run::pidfd_open(std::process::id()).unwrap();
         assert_eq!(pidfd_pid(&fd).unwrap(), std::process::id());
         let file = std::fs::File::open("/proc/self/status").unwrap();
         assert_eq!(

@@ -14,8 +14,8 @@ use cylo_usage_abi::{
     MmMember, Offsets, ProcMember, RunControl, RunCounters, TaskMember, control, names,
 };
 
+use crate::features::{Measured, NetworkPath, Unavailable};
 use crate::resolve::{self, ResolveError};
-use crate::usage::{Measured, NetworkPath};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("CYLO_USAGE_EBPF_OBJECT"));
@@ -265,21 +265,6 @@ impl Default for Options {
             max_procs: DEFAULT_MAX_PROCS,
         }
     }
-}
-
-/// What the kernel refused, for `features` to say.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Unavailable {
-    /// Why the handlers with atomics that return the old value did not load.
-    pub atomics: Option<String>,
-    /// Why the per-device block I/O hook is not attached.
-    pub devices: Option<String>,
-    /// Why `attach` cannot work here.
-    pub attach: Option<String>,
-    /// Why per-process records lack parts (argv, file names).
-    pub records: Option<String>,
-    /// Why the socket hooks are not attached.
-    pub network: Option<String>,
 }
 
 /// The first line of an error (a verifier log follows it), at most 300 characters.

@@ -17,8 +17,8 @@ use cylo_usage_abi::{
 };
 use tokio::io::unix::AsyncFd;
 
-use crate::loader::{Inner, Maps, Tracker};
 use crate::procfs::{self, ThreadSample};
+use crate::tracker::{Inner, Maps, Tracker};
 use crate::tree::{EventSink, ThreadCounters, Tree};
 use crate::usage::{self, DiskDevice, Live, ResourceUsage, RootExit, Units};
 
@@ -74,7 +74,7 @@ pub enum SessionError {
     #[error(transparent)]
     Proc(#[from] procfs::ProcError),
     #[error("cannot load the adoption program")]
-    Adopt(#[from] Box<crate::loader::LoadError>),
+    Adopt(#[from] Box<crate::tracker::LoadError>),
 }
 
 fn map_err(what: &'static str) -> impl FnOnce(MapError) -> SessionError {
