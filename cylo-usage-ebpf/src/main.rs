@@ -51,10 +51,10 @@ use aya_ebpf::{
 };
 use cylo_usage_abi::{
     ABSENT, ADOPT_ANCESTORS, ARGV_BYTES, CLONE_THREAD, DEFAULT_MAX_MMS, DEFAULT_MAX_PROCS,
-    DEFAULT_MAX_TASKS, DevCounters, DevKey, EVENTS_BYTES, Event, MAX_DEVS, MAX_RUNS, MAX_SPAWNERS,
-    MmMember, Offsets, ProcExec, ProcExit, ProcMember, ProcStart, RECORDS_BYTES, ROOT_ENDED,
-    RSS_MEMBERS, RecordHeader, RunControl, RunCounters, TaskMember, ThreadEnd, TrackerInfo,
-    control, event_kind, proc_flags, record_kind, run_flags,
+    DEFAULT_MAX_TASKS, DevCounters, DevKey, EVENTS_BYTES, Event, FILTER_SLOTS, MAX_DEVS, MAX_RUNS,
+    MAX_SPAWNERS, MmMember, Offsets, ProcExec, ProcExit, ProcMember, ProcStart, RECORDS_BYTES,
+    ROOT_ENDED, RSS_MEMBERS, RecordHeader, RunControl, RunCounters, TaskMember, ThreadEnd,
+    TrackerInfo, control, event_kind, filter_slot, proc_flags, record_kind, run_flags,
 };
 
 /// Kernel layout, resolved by userspace from BTF at start-up (read-only global).
@@ -72,6 +72,19 @@ static PROCS: HashMap<u64, ProcMember> = HashMap::with_max_entries(DEFAULT_MAX_P
 /// Address spaces of tracked processes, keyed by the address of their `mm_struct`.
 #[map]
 static MMS: HashMap<u64, MmMember> = HashMap::with_max_entries(DEFAULT_MAX_MMS, 0);
+
+/// Counting filters over the keys of `TASKS` and `MMS`: slot `filter_slot(key)` counts the
+/// entries whose key hashes there. Every handler runs for every task on the host (`rss_stat`
+/// for every RSS change); a key whose slot is 0 is not followed, which one array load tells
+/// (the verifier inlines array lookups, and the 16 KiB array stays in cache), where a miss in
+/// the hash map costs a hash, a lookup in a 1 MiB bucket array and, for a cold bucket, a cache
+/// and TLB miss. Exact: a slot counts an entry from before its insertion until after its
+/// removal; other keys in the same slot only send the call on to the hash lookup. Userspace
+/// removes entries through `control` (`FORGET_TASK`, `FORGET_MM`), which keeps the counts.
+#[map]
+static TASK_FILTER: Array<u32> = Array::with_max_entries(FILTER_SLOTS, 0);
+#[map]
+static MM_FILTER: Array<u32> = Array::with_max_entries(FILTER_SLOTS, 0);
 
 /// Block I/O per (run, device).
 #[map]
@@ -164,6 +177,58 @@ fn raise_to(field: &mut u64, v: u64) {
         }
         seen = now;
     }
+}
+
+/// Adds `v` (`u32::MAX`: subtracts 1) to the count of `key` in `filter` (a plain atomic add,
+/// which every kernel has).
+#[inline(always)]
+fn filter_add(filter: &Array<u32>, key: u64, v: u32) {
+    if let Some(count) = filter.get_ptr_mut(filter_slot(key)) {
+        // SAFETY: array value pointer, 4-byte aligned; updated atomically.
+        unsafe { atomic_xadd::<u32, u32, { Relaxed }>(count, v) };
+    }
+}
+
+/// Whether `key` may be in the map `filter` counts: false means it is not.
+#[inline(always)]
+fn maybe_in(filter: &Array<u32>, key: u64) -> bool {
+    match filter.get_ptr(filter_slot(key)) {
+        // SAFETY: an aligned 4-byte load of an array value is single-copy atomic.
+        Some(count) => (unsafe { core::ptr::read_volatile(count) }) != 0,
+        None => false,
+    }
+}
+
+/// `task`'s membership: the untracked path of every handler (one array load, and a hash
+/// lookup only when the filter lets it through).
+#[inline(always)]
+fn task_member(task: u64) -> Option<TaskMember> {
+    if !maybe_in(&TASK_FILTER, task) {
+        return None;
+    }
+    // SAFETY: the value is copied out at once.
+    unsafe { TASKS.get(task) }.copied()
+}
+
+/// Inserts `task`'s (new) membership, counted in `TASK_FILTER` before it can be found.
+#[inline(always)]
+fn insert_task(task: u64, member: TaskMember) -> Result<(), i32> {
+    filter_add(&TASK_FILTER, task, 1);
+    let r = TASKS.insert(task, member, BPF_NOEXIST as u64);
+    if r.is_err() {
+        filter_add(&TASK_FILTER, task, u32::MAX);
+    }
+    r
+}
+
+/// Removes `task`'s membership, then its count (only if this call removed it). Whether it did.
+#[inline(always)]
+fn forget_task(task: u64) -> bool {
+    if TASKS.remove(task).is_ok() {
+        filter_add(&TASK_FILTER, task, u32::MAX);
+        return true;
+    }
+    false
 }
 
 #[inline(always)]
@@ -269,7 +334,7 @@ fn on_newtask<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
     // SAFETY: the value is copied out at once.
-    let (run, creator) = match (unsafe { TASKS.get(current) }).copied() {
+    let (run, creator) = match task_member(current) {
         Some(member) => (member.run, Some(member)),
         None => match spawner_run(current) {
             Some(run) => (run, None),
@@ -352,7 +417,7 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, creator: Opt
         add(&mut counters.lost_events, 1);
         return;
     }
-    if TASKS.insert(child, member, BPF_NOEXIST as u64).is_err() {
+    if insert_task(child, member).is_err() {
         add(&mut counters.lost_events, 1);
         return;
     }
@@ -460,7 +525,10 @@ fn mm_use(run: u32, mm: u64, counters: &mut RunCounters) {
         rss: 0,
         peak: 0,
     };
+    // Counted before it can be found, so `rss_stat` never skips a followed address space.
+    filter_add(&MM_FILTER, mm, 1);
     if MMS.insert(mm, fresh, BPF_NOEXIST as u64).is_err() {
+        filter_add(&MM_FILTER, mm, u32::MAX);
         // Another CPU registered it first (or the map is full).
         match MMS.get_ptr_mut(mm) {
             // SAFETY: map value pointer; updated atomically.
@@ -509,7 +577,15 @@ fn mm_release(mm: u64, counters: &mut RunCounters) {
     }
     let peak = load(&entry.peak);
     raise_to(&mut counters.max_process_rss_pages, peak);
-    let _ = MMS.remove(mm);
+    forget_mm(mm);
+}
+
+/// Removes `mm` from `MMS`, then its count from `MM_FILTER` (only if this call removed it).
+#[inline(always)]
+fn forget_mm(mm: u64) {
+    if MMS.remove(mm).is_ok() {
+        filter_add(&MM_FILTER, mm, u32::MAX);
+    }
 }
 
 /// Records the new value of one RSS counter of a tracked address space. The exchange makes
@@ -519,8 +595,7 @@ fn set_rss(entry: &mut MmMember, member: usize, pages: i64, counters: &mut RunCo
     if member >= 4 {
         return;
     }
-    // A per-CPU counter's central count can dip below 0 for a moment.
-    let new = if pages < 0 { 0 } else { pages as u64 };
+    let new = rss_pages(pages);
     let old = exchange(&mut entry.pages[member], new);
     let delta = new.wrapping_sub(old);
     let own = add_fetch(&mut entry.rss, delta);
@@ -642,6 +717,10 @@ fn record_exec(
 #[raw_tracepoint(tracepoint = "rss_stat")]
 pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
     let mm: u64 = ctx.arg(0);
+    // The untracked path: one array load.
+    if !maybe_in(&MM_FILTER, mm) {
+        return 0;
+    }
     let Some(entry) = MMS.get_ptr_mut(mm) else {
         return 0;
     };
@@ -659,10 +738,24 @@ pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
             None => return 0,
         }
     };
+    // Most events find the value they read already recorded (since 6.2 the program reads the
+    // central count of a per-CPU counter, which moves once per batch of 32 or more pages):
+    // then nothing changes and no atomic is needed. The same as an exchange that returned
+    // the value it stored, so the totals stay the sum of the last values seen.
+    if load(&entry.pages[member]) == rss_pages(pages) {
+        return 0;
+    }
     if let Some(counters) = run_counters(entry.run) {
         set_rss(entry, member, pages, counters);
     }
     0
+}
+
+/// An RSS counter's value as recorded: a per-CPU counter's central count can dip below 0 for
+/// a moment.
+#[inline(always)]
+fn rss_pages(pages: i64) -> u64 {
+    if pages < 0 { 0 } else { pages as u64 }
 }
 /// `block_bio_queue(struct bio *bio)` (5.11+), in the submitter's context.
 #[raw_tracepoint(tracepoint = "block_bio_queue")]
@@ -681,8 +774,7 @@ pub fn block_bio_queue_with_queue(ctx: RawTracePointContext) -> i32 {
 fn on_bio_queue(bio: u64) -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
-    // SAFETY: the value is copied out at once.
-    let Some(member) = (unsafe { TASKS.get(current) }).copied() else {
+    let Some(member) = task_member(current) else {
         return 0;
     };
     let Some(counters) = run_counters(member.run) else {
@@ -833,8 +925,7 @@ pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
     if state & offset!(task_dead) as u64 == 0 {
         return 0;
     }
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(member) = (unsafe { TASKS.get(prev) }).copied() else {
+    let Some(member) = task_member(prev) else {
         return 0;
     };
     leave(prev, &member);
@@ -931,7 +1022,7 @@ fn leave(task: u64, member: &TaskMember) {
         }
         None => add(&mut counters.lost_events, 1),
     }
-    let _ = TASKS.remove(task);
+    forget_task(task);
     // Last: the exit generation (userspace's consistency check for snapshots).
     add(&mut counters.threads_exited, 1);
     // The thread being the last is seen by at least the last of concurrent exits.
@@ -994,9 +1085,8 @@ fn adopt_current<const ATOMICS: bool, const ANCESTORS: bool>(task: u64) -> Optio
 /// (its process is followed already).
 #[inline(always)]
 fn member_or_adopted<const ATOMICS: bool>(task: u64) -> Option<TaskMember> {
-    // SAFETY: the value is copied out at once.
-    if let Some(member) = unsafe { TASKS.get(task) } {
-        return Some(*member);
+    if let Some(member) = task_member(task) {
+        return Some(member);
     }
     adopt_current::<ATOMICS, false>(task)?;
     // SAFETY: the value is copied out at once.
@@ -1047,7 +1137,7 @@ fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
         net_sent: 0,
         net_received: 0,
     };
-    if TASKS.insert(task, member, BPF_NOEXIST as u64).is_err() {
+    if insert_task(task, member).is_err() {
         // SAFETY: the value is copied out at once.
         return match unsafe { TASKS.get(task) } {
             Some(m) if m.run == run => control::ALREADY,
@@ -1125,7 +1215,7 @@ fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
     if task_state(task) & offset!(task_dead) as u64 != 0 {
         // It died while being adopted: its last switch may have passed before the entry was
         // there. Whoever removes the entry (the switch hook or this) accounts for it, once.
-        if TASKS.remove(task).is_ok() {
+        if forget_task(task) {
             leave(task, &member);
         }
     }
@@ -1229,6 +1319,14 @@ fn on_control(ctx: RawTracePointContext) -> i32 {
                 Ok(()) => 0,
                 Err(_) => control::E_FULL,
             }
+        }
+        control::FORGET_MM => {
+            forget_mm(a);
+            0
+        }
+        control::FORGET_TASK => {
+            forget_task(a);
+            0
         }
         _ => control::E_INVAL,
     }

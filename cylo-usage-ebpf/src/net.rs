@@ -32,7 +32,7 @@ use cylo_usage_abi::net::*;
 
 use cylo_usage_abi::{RunCounters, TaskMember};
 
-use crate::{OFFSETS, TASKS, add, read, run_counters, wants_records};
+use crate::{OFFSETS, TASK_FILTER, TASKS, add, maybe_in, read, run_counters, wants_records};
 
 /// `sock_send_length(struct sock *sk, int ret, int flags)`, in `sock_sendmsg_nosec()`.
 #[raw_tracepoint(tracepoint = "sock_send_length")]
@@ -176,6 +176,9 @@ fn count<const SEND: bool>(sk: u64, ret: i32, flags: u32) -> i32 {
 fn current_member() -> Option<&'static mut TaskMember> {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
+    if !maybe_in(&TASK_FILTER, current) {
+        return None;
+    }
     // SAFETY: a map value, live while the task is (only its own exit removes it); its
     // counters are updated atomically.
     TASKS.get_ptr_mut(current).map(|m| unsafe { &mut *m })

@@ -1025,9 +1025,29 @@ impl Drop for Run {
         let mut maps = self.inner.maps();
         let slot = self.slot;
         let _ = maps.run_control.set(slot, RunControl::default(), 0);
-        remove_where(&mut maps.tasks, |m| m.run == slot);
+        // Tasks and address spaces through the kernel side, which also drops their counts in
+        // its filters.
+        let tasks: Vec<u64> = maps
+            .tasks
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, m)| m.run == slot)
+            .map(|(k, _)| k)
+            .collect();
+        for task in tasks {
+            let _ = self.inner.control([control::FORGET_TASK, task, 0, 0]);
+        }
         remove_where(&mut maps.procs, |p| p.run == slot);
-        remove_where(&mut maps.mms, |m| m.run == slot);
+        let mms: Vec<u64> = maps
+            .mms
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, m)| m.run == slot)
+            .map(|(k, _)| k)
+            .collect();
+        for mm in mms {
+            let _ = self.inner.control([control::FORGET_MM, mm, 0, 0]);
+        }
         let devs: Vec<DevKey> = maps
             .devs
             .keys()

@@ -15,6 +15,20 @@ pub const DEFAULT_MAX_TASKS: u32 = 65_536;
 pub const DEFAULT_MAX_PROCS: u32 = 65_536;
 /// Capacity of the `MMS` map: live address spaces of tracked processes on the host.
 pub const DEFAULT_MAX_MMS: u32 = 65_536;
+/// log2 of the slots of the filter arrays `TASK_FILTER` and `MM_FILTER`: counting filters
+/// over the keys of `TASKS` and `MMS`, which the handlers test before those hash maps.
+pub const FILTER_BITS: u32 = 12;
+/// Slots of each filter array: 4,096 `u32` counts, 16 KiB. The kernel allocates an array of
+/// at most 32 KiB with kmalloc (the direct map: no TLB miss) and a larger one with vmalloc.
+pub const FILTER_SLOTS: u32 = 1 << FILTER_BITS;
+
+/// The filter slot of a key (a kernel address): Fibonacci hashing (multiply by 2^64 / φ,
+/// keep the top bits), which spreads a slab's evenly spaced addresses over the slots.
+#[inline(always)]
+pub const fn filter_slot(key: u64) -> u32 {
+    (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - FILTER_BITS)) as u32
+}
+
 /// Capacity of the `DEVS` map: (run, block device) pairs.
 pub const MAX_DEVS: u32 = 4096;
 /// Capacity of the `SPAWNERS` map: userspace threads about to fork the root of a run (keyed by
@@ -45,6 +59,8 @@ pub mod names {
     pub const TASKS: &str = "TASKS";
     pub const PROCS: &str = "PROCS";
     pub const MMS: &str = "MMS";
+    pub const MM_FILTER: &str = "MM_FILTER";
+    pub const TASK_FILTER: &str = "TASK_FILTER";
     pub const DEVS: &str = "DEVS";
     pub const RUNS: &str = "RUNS";
     pub const SPAWNERS: &str = "SPAWNERS";
@@ -543,6 +559,12 @@ pub mod control {
     /// `tgid` as the caller's pid namespace sees it. For a daemon registering a client's
     /// spawning thread. Returns 0, [`E_NOT_PEER`], or another negative `E_*`.
     pub const SPAWNER_FD: u64 = 5;
+    /// `(FORGET_MM, mm)`: remove the `MMS` entry of address space `mm` (a run that ends while
+    /// some of its processes live on) and its count in `MM_FILTER`. Returns 0.
+    pub const FORGET_MM: u64 = 16;
+    /// `(FORGET_TASK, task)`: remove the `TASKS` entry of `task` (a run that ends while
+    /// some of its threads live on) and its count in `TASK_FILTER`. Returns 0.
+    pub const FORGET_TASK: u64 = 17;
 
     pub const ADOPTED: i32 = 0;
     pub const ALREADY: i32 = 1;
