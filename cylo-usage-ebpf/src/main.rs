@@ -42,11 +42,12 @@ use core::intrinsics::{
 use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
-        bpf_probe_read_kernel_str_bytes, generated,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_kernel_str_bytes,
+        generated,
     },
     macros::{map, raw_tracepoint},
-    maps::{Array, HashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::RawTracePointContext,
 };
 use cylo_usage_abi::{
@@ -263,7 +264,180 @@ fn notify(run: u32, kind: u32, counters: &mut RunCounters) {
             entry.write(Event { kind, run });
             entry.submit(0);
         }
-        None => add(&mut counters.lost_events, 1),
+        None => lost(diag_kind::EVENTS_FULL, run, 0, counters),
+    }
+}
+
+/// Diagnostics on the rare paths that lose something (a full map or ring buffer, a failed
+/// kernel read): aya-log records at debug level, which userspace reads only while logging is
+/// on (`cylo-usage -v`, `RUST_LOG=debug`). Otherwise userspace loads the programs with
+/// `AYA_LOG_LEVEL` at 0, a read-only global: the verifier sees that every branch on it is
+/// never taken and removes what it guards, so with logging off they cost nothing, not even a
+/// test. Never on a hot path.
+///
+/// A rare path notes what it lost ([`lost`]) in a per-CPU record; the handler's entry point
+/// logs it on its way out ([`diag_flush`]): one log statement per program, which the verifier
+/// walks once rather than once per path that loses something.
+mod diag_kind {
+    pub const TASKS_FULL: u32 = 1;
+    pub const PROCS_FULL: u32 = 2;
+    pub const MMS_FULL: u32 = 3;
+    pub const DEVS_FULL: u32 = 4;
+    pub const RECORDS_FULL: u32 = 5;
+    pub const EVENTS_FULL: u32 = 6;
+    pub const READ_NEW_TASK: u32 = 7;
+    pub const READ_CPU: u32 = 8;
+    pub const READ_BIO: u32 = 9;
+    pub const READ_SOCKET: u32 = 10;
+}
+
+/// What a rare path lost, until its handler logs it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Diag {
+    kind: u32,
+    run: u32,
+    tid: u32,
+    _pad: u32,
+    comm: [u8; 16],
+}
+
+#[map]
+static DIAG: PerCpuArray<Diag> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether the programs were loaded with their log statements in (known to the verifier).
+#[inline(always)]
+fn logging() -> bool {
+    aya_log_ebpf::macro_support::level_enabled(aya_log_ebpf::macro_support::Level::Debug)
+}
+
+/// The current thread's global tid.
+#[inline(always)]
+fn current_tid() -> u32 {
+    bpf_get_current_pid_tgid() as u32
+}
+
+/// The current thread's comm as 16 printable ASCII bytes: padded with spaces after its end,
+/// any other byte shown as `?`. A fixed length keeps the log statement's size a constant,
+/// which the verifier walks once (a variable-length string made it walk every length).
+#[inline(always)]
+fn current_comm() -> [u8; 16] {
+    let mut comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    let mut end = false;
+    for b in comm.iter_mut() {
+        end |= *b == 0;
+        *b = if end {
+            b' '
+        } else if (0x20..0x7f).contains(b) {
+            *b
+        } else {
+            b'?'
+        };
+    }
+    comm
+}
+
+/// Something of `run` is lost (`lost_events` + 1), for the reason `kind` (`diag_kind`);
+/// `tid` is the thread concerned (0: the current one).
+#[inline(always)]
+fn lost(kind: u32, run: u32, tid: u32, counters: &mut RunCounters) {
+    add(&mut counters.lost_events, 1);
+    if !logging() {
+        return;
+    }
+    if let Some(d) = DIAG.get_ptr_mut(0) {
+        let tid = if tid == 0 { current_tid() } else { tid };
+        // SAFETY: per-CPU map value pointer.
+        unsafe {
+            *d = Diag {
+                kind,
+                run,
+                tid,
+                _pad: 0,
+                comm: current_comm(),
+            }
+        };
+    }
+}
+
+/// Logs what the handler noted as lost, if anything (see [`diag_kind`]).
+#[inline(always)]
+fn diag_flush() {
+    use aya_log_ebpf::debug;
+    use diag_kind::*;
+    if !logging() {
+        return;
+    }
+    let Some(d) = DIAG.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU map value pointer.
+    let d = unsafe { &mut *d };
+    let (kind, run, tid, comm) = (d.kind, d.run, d.tid, d.comm);
+    if kind == 0 {
+        return;
+    }
+    d.kind = 0;
+    // SAFETY: `current_comm` leaves only printable ASCII.
+    let c = unsafe { core::str::from_utf8_unchecked(&comm) };
+    // The comm last: its padding is then invisible.
+    match kind {
+        TASKS_FULL => debug!(
+            &(),
+            "run {}: TASKS is full: not followed: thread {} {}", run, tid, c
+        ),
+        PROCS_FULL => debug!(
+            &(),
+            "run {}: PROCS is full: not followed: the process of thread {} {}", run, tid, c
+        ),
+        MMS_FULL => debug!(
+            &(),
+            "run {}: MMS is full: memory not followed: thread {} {}", run, tid, c
+        ),
+        DEVS_FULL => debug!(
+            &(),
+            "run {}: DEVS is full: block I/O lost: thread {} {}", run, tid, c
+        ),
+        RECORDS_FULL => debug!(
+            &(),
+            "run {}: the RECORDS ring buffer is full: a record lost: thread {} {}", run, tid, c
+        ),
+        EVENTS_FULL => debug!(
+            &(),
+            "run {}: the EVENTS ring buffer is full: a notification lost: thread {} {}",
+            run,
+            tid,
+            c
+        ),
+        READ_NEW_TASK => debug!(
+            &(),
+            "run {}: reading task_struct.signal or start_boottime failed: not followed: new thread {} {}",
+            run,
+            tid,
+            c
+        ),
+        READ_CPU => debug!(
+            &(),
+            "run {}: reading task_struct.se.sum_exec_runtime/utime/stime failed: CPU time lost: ended thread {} {}",
+            run,
+            tid,
+            c
+        ),
+        READ_BIO => debug!(
+            &(),
+            "run {}: reading bio.bi_opf, bi_size or the device failed: block I/O lost: thread {} {}",
+            run,
+            tid,
+            c
+        ),
+        READ_SOCKET => debug!(
+            &(),
+            "run {}: reading the socket's family, type or protocol failed: bytes lost: thread {} {}",
+            run,
+            tid,
+            c
+        ),
+        _ => {}
     }
 }
 
@@ -320,13 +494,17 @@ fn process_pid(task: u64, tracker_level: u32) -> u32 {
 /// `task_newtask(struct task_struct *task, unsigned long clone_flags)`, in the creator's context.
 #[raw_tracepoint(tracepoint = "task_newtask")]
 pub fn task_newtask(ctx: RawTracePointContext) -> i32 {
-    on_newtask::<true>(ctx)
+    let r = on_newtask::<true>(ctx);
+    diag_flush();
+    r
 }
 
 /// `task_newtask` for kernels without BPF atomic fetch, exchange and compare-and-exchange.
 #[raw_tracepoint(tracepoint = "task_newtask")]
 pub fn task_newtask_no_atomics(ctx: RawTracePointContext) -> i32 {
-    on_newtask::<false>(ctx)
+    let r = on_newtask::<false>(ctx);
+    diag_flush();
+    r
 }
 
 #[inline(always)]
@@ -388,7 +566,7 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, creator: Opt
         read::<u64>(child, offset!(task_signal)),
         read::<u64>(child, offset!(task_start_boottime)),
     ) else {
-        add(&mut counters.lost_events, 1);
+        lost(diag_kind::READ_NEW_TASK, run, tid, counters);
         return;
     };
     // A thread is in its creator's process; a new process is its own.
@@ -418,7 +596,7 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, creator: Opt
         return;
     }
     if insert_task(child, member).is_err() {
-        add(&mut counters.lost_events, 1);
+        lost(diag_kind::TASKS_FULL, run, tid, counters);
         return;
     }
     add(&mut counters.threads_started, 1);
@@ -444,7 +622,7 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, creator: Opt
         threads: 1,
     };
     if PROCS.insert(signal, proc, BPF_NOEXIST as u64).is_err() {
-        add(&mut counters.lost_events, 1);
+        lost(diag_kind::PROCS_FULL, run, tid, counters);
         return;
     }
     if root {
@@ -478,7 +656,7 @@ fn record_start(
     counters: &mut RunCounters,
 ) {
     let Some(mut entry) = RECORDS.reserve::<ProcStart>(0) else {
-        add(&mut counters.lost_events, 1);
+        lost(diag_kind::RECORDS_FULL, run, pid, counters);
         return;
     };
     let level = tracker().pid_level;
@@ -533,7 +711,7 @@ fn mm_use(run: u32, mm: u64, counters: &mut RunCounters) {
         match MMS.get_ptr_mut(mm) {
             // SAFETY: map value pointer; updated atomically.
             Some(entry) => add(unsafe { &mut (*entry).users }, 1),
-            None => add(&mut counters.lost_events, 1),
+            None => lost(diag_kind::MMS_FULL, run, 0, counters),
         }
         return;
     }
@@ -608,13 +786,17 @@ fn set_rss(entry: &mut MmMember, member: usize, pages: i64, counters: &mut RunCo
 /// after the new program is loaded: the process has a new address space.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
-    on_exec::<true>(ctx)
+    let r = on_exec::<true>(ctx);
+    diag_flush();
+    r
 }
 
 /// `sched_process_exec` for kernels without BPF atomic fetch: records and pids only.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn sched_process_exec_no_atomics(ctx: RawTracePointContext) -> i32 {
-    on_exec::<false>(ctx)
+    let r = on_exec::<false>(ctx);
+    diag_flush();
+    r
 }
 
 #[inline(always)]
@@ -664,7 +846,7 @@ fn record_exec(
     counters: &mut RunCounters,
 ) {
     let Some(mut entry) = RECORDS.reserve::<ProcExec>(0) else {
-        add(&mut counters.lost_events, 1);
+        lost(diag_kind::RECORDS_FULL, member.run, 0, counters);
         return;
     };
     let p = entry.as_mut_ptr();
@@ -760,14 +942,18 @@ fn rss_pages(pages: i64) -> u64 {
 /// `block_bio_queue(struct bio *bio)` (5.11+), in the submitter's context.
 #[raw_tracepoint(tracepoint = "block_bio_queue")]
 pub fn block_bio_queue(ctx: RawTracePointContext) -> i32 {
-    on_bio_queue(ctx.arg(0))
+    let r = on_bio_queue(ctx.arg(0));
+    diag_flush();
+    r
 }
 
 /// `block_bio_queue(struct request_queue *q, struct bio *bio)` (before 5.11). A separate
 /// program, not a branch: a context offset chosen at run time is refused by older verifiers.
 #[raw_tracepoint(tracepoint = "block_bio_queue")]
 pub fn block_bio_queue_with_queue(ctx: RawTracePointContext) -> i32 {
-    on_bio_queue(ctx.arg(1))
+    let r = on_bio_queue(ctx.arg(1));
+    diag_flush();
+    r
 }
 
 #[inline(always)]
@@ -781,7 +967,7 @@ fn on_bio_queue(bio: u64) -> i32 {
         return 0;
     };
     let Some(opf) = read::<u32>(bio, offset!(bio_opf)) else {
-        add(&mut counters.lost_events, 1);
+        lost(diag_kind::READ_BIO, member.run, 0, counters);
         return 0;
     };
     let write = match opf & 0xff {
@@ -790,7 +976,7 @@ fn on_bio_queue(bio: u64) -> i32 {
         _ => return 0,
     };
     let (Some(size), Some(dev)) = (read::<u32>(bio, offset!(bio_size)), bio_dev(bio)) else {
-        add(&mut counters.lost_events, 1);
+        lost(diag_kind::READ_BIO, member.run, 0, counters);
         return 0;
     };
     let key = DevKey {
@@ -803,7 +989,7 @@ fn on_bio_queue(bio: u64) -> i32 {
         slot = DEVS.get_ptr_mut(key);
     }
     let Some(c) = slot else {
-        add(&mut counters.lost_events, 1);
+        lost(diag_kind::DEVS_FULL, member.run, 0, counters);
         return 0;
     };
     // SAFETY: map value pointer; updated atomically.
@@ -835,13 +1021,17 @@ fn bio_dev(bio: u64) -> Option<u32> {
 /// `sched_process_exit(struct task_struct *p[, bool group_dead])`, in the exiting thread.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
-    on_exit::<true>()
+    let r = on_exit::<true>();
+    diag_flush();
+    r
 }
 
 /// `sched_process_exit` for kernels without BPF atomic fetch, exchange and cmpxchg.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit_no_atomics(_ctx: RawTracePointContext) -> i32 {
-    on_exit::<false>()
+    let r = on_exit::<false>();
+    diag_flush();
+    r
 }
 
 #[inline(always)]
@@ -892,7 +1082,7 @@ fn record_exit(
     counters: &mut RunCounters,
 ) {
     let Some(mut entry) = RECORDS.reserve::<ProcExit>(0) else {
-        add(&mut counters.lost_events, 1);
+        lost(diag_kind::RECORDS_FULL, member.run, 0, counters);
         return;
     };
     let leader = read::<u64>(task, offset!(task_group_leader)).unwrap_or(task);
@@ -929,6 +1119,7 @@ pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
         return 0;
     };
     leave(prev, &member);
+    diag_flush();
     0
 }
 
@@ -996,7 +1187,9 @@ fn record_thread(kind: u32, member: &TaskMember, u: &[u64; 8], counters: &mut Ru
             });
             entry.submit(0);
         }
-        None => add(&mut counters.lost_events, 1),
+        None => {
+            lost(diag_kind::RECORDS_FULL, member.run, member.tid, counters);
+        }
     }
 }
 
@@ -1020,7 +1213,7 @@ fn leave(task: u64, member: &TaskMember) {
                 record_thread(record_kind::THREAD_END, member, &u, counters);
             }
         }
-        None => add(&mut counters.lost_events, 1),
+        None => lost(diag_kind::READ_CPU, member.run, member.tid, counters),
     }
     forget_task(task);
     // Last: the exit generation (userspace's consistency check for snapshots).
@@ -1143,7 +1336,7 @@ fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
             Some(m) if m.run == run => control::ALREADY,
             Some(_) => control::E_OTHER_RUN,
             None => {
-                add(&mut counters.lost_events, 1);
+                lost(diag_kind::TASKS_FULL, run, tid, counters);
                 control::E_FULL
             }
         };
@@ -1240,14 +1433,18 @@ pub fn control(ctx: *mut core::ffi::c_void) -> u32 {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "raw_tp/control")]
 pub fn control_adopt(ctx: *mut core::ffi::c_void) -> u32 {
-    on_adopt::<true>(RawTracePointContext::new(ctx)) as u32
+    let r = on_adopt::<true>(RawTracePointContext::new(ctx));
+    diag_flush();
+    r as u32
 }
 
 /// `control_adopt` for kernels without BPF atomic fetch, exchange and cmpxchg.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "raw_tp/control")]
 pub fn control_adopt_no_atomics(ctx: *mut core::ffi::c_void) -> u32 {
-    on_adopt::<false>(RawTracePointContext::new(ctx)) as u32
+    let r = on_adopt::<false>(RawTracePointContext::new(ctx));
+    diag_flush();
+    r as u32
 }
 
 #[inline(always)]

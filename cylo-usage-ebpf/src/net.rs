@@ -32,7 +32,9 @@ use cylo_usage_abi::net::*;
 
 use cylo_usage_abi::{RunCounters, TaskMember};
 
-use crate::{OFFSETS, TASK_FILTER, TASKS, add, maybe_in, read, run_counters, wants_records};
+use crate::{
+    OFFSETS, TASK_FILTER, TASKS, add, diag_flush, lost, maybe_in, read, run_counters, wants_records,
+};
 
 /// `sock_send_length(struct sock *sk, int ret, int flags)`, in `sock_sendmsg_nosec()`.
 #[raw_tracepoint(tracepoint = "sock_send_length")]
@@ -155,6 +157,7 @@ fn count_socket<const SEND: bool>(socket: u64, ret: i32, flags: u32, skip: u16) 
     };
     let sk = read::<u64>(socket, offset!(socket_sk)).unwrap_or(0);
     add_bytes::<SEND>(member, sk, ret as u64, flags, skip);
+    diag_flush();
     0
 }
 
@@ -168,6 +171,7 @@ fn count<const SEND: bool>(sk: u64, ret: i32, flags: u32) -> i32 {
         return 0;
     };
     add_bytes::<SEND>(member, sk, ret as u64, flags, NONE);
+    diag_flush();
     0
 }
 
@@ -234,7 +238,7 @@ fn add_bytes<const SEND: bool>(
         (read::<u16>(sk, offset!(sk_family)), type_and_protocol(sk))
     else {
         // Bytes moved that cannot be told apart: say so rather than guess.
-        add(&mut c.lost_events, 1);
+        lost(crate::diag_kind::READ_SOCKET, member.run, 0, c);
         return;
     };
     if kind == skip {

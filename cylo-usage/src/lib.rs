@@ -37,6 +37,7 @@ mod attach;
 mod aya_loader;
 mod btf;
 pub mod daemon;
+mod ebpf_log;
 mod error;
 mod fallback;
 pub mod features;

@@ -29,6 +29,10 @@ const EXIT_NOT_FOUND: u8 = 127;
     about = "Precise, eBPF-backed resource usage of a command and every descendant it ever has"
 )]
 struct Cli {
+    /// Log what the tracker does, and why something is lost or not measured, on standard
+    /// error (`-v` debug, `-vv` trace; or set RUST_LOG).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -216,6 +220,7 @@ fn main() -> ExitCode {
             };
         }
     };
+    init_logging(cli.verbose);
     match cli.command {
         Cmd::Run { session, cmd } => session_main(session, Target::Command(cmd)),
         Cmd::Attach { session, pid } => session_main(session, Target::Pid(pid)),
@@ -241,6 +246,28 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// `log` through env_logger: RUST_LOG, or `-v` (cylo-usage's own debug messages and its
+/// eBPF programs', others' warnings) and `-vv` (trace, and aya's debug); off otherwise.
+fn init_logging(verbose: u8) {
+    use log::LevelFilter::{Debug, Trace, Warn};
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off"));
+    match verbose {
+        0 => {}
+        1 => {
+            builder
+                .filter_level(Warn)
+                .filter_module("cylo_usage", Debug);
+        }
+        _ => {
+            builder
+                .filter_level(Debug)
+                .filter_module("cylo_usage", Trace);
+        }
+    }
+    let _ = builder.try_init();
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {

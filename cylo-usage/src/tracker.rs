@@ -128,6 +128,8 @@ pub(crate) struct Inner {
     pub measured: Measured,
     /// Why what is not measured is not.
     pub unavailable: Unavailable,
+    /// Reads the programs' diagnostics while logging is on.
+    _log: Option<crate::ebpf_log::Reader>,
     /// Keeps the programs loaded and their hooks attached (or detached, while idle).
     programs: Mutex<Programs>,
 }
@@ -544,12 +546,15 @@ impl Tracker {
     ) -> Result<Tracker, LoadError> {
         let kernel_btf = KernelBtf::start(offsets);
         let mut hooks = Vec::new();
+        let log_level = crate::ebpf_log::level();
         let mut ebpf = loader
             .override_global(names::OFFSETS, offsets, true)
+            .override_global(aya_log::LEVEL, log_level, false)
             .map_max_entries(names::TASKS, options.max_tasks)
             .map_max_entries(names::PROCS, options.max_procs)
             .load(OBJECT)
             .map_err(LoadError::Load)?;
+        let log = crate::ebpf_log::start(&mut ebpf, *log_level);
         let maps = Maps {
             tasks: take(&mut ebpf, names::TASKS)?,
             procs: take(&mut ebpf, names::PROCS)?,
@@ -589,6 +594,11 @@ impl Tracker {
             Err(e) => return Err(e),
         };
         let atomics = atomics_error.is_none();
+        if let Some(why) = &atomics_error {
+            log::debug!(
+                "the kernel refused the handlers with atomics, using the variants without: {why}"
+            );
+        }
         if atomics {
             attach(
                 &mut ebpf,
@@ -670,6 +680,14 @@ impl Tracker {
                 Ok(path) => (Some(path), None),
                 Err(why) => (None, Some(why)),
             };
+        for (what, why) in [
+            ("per-device block I/O", &devices_error),
+            ("network", &network_error),
+        ] {
+            if let Some(why) = why {
+                log::debug!("{what} is not measured: {why}");
+            }
+        }
         let measured = Measured {
             atomics,
             disk: has(&[
@@ -701,6 +719,7 @@ impl Tracker {
                     records: records_error,
                     network: network_error,
                 },
+                _log: log,
                 programs: Mutex::new(Programs { ebpf, hooks }),
             }),
         })
