@@ -44,6 +44,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::{cargo, paths};
 
+mod stats;
+
 /// Runs per side when `--runs` is not given.
 const DEFAULT_RUNS: usize = 7;
 /// Fewest runs per side a full (not `--quick`) benchmark accepts.
@@ -54,6 +56,9 @@ const QUICK_RUNS: usize = 3;
 const STORM: u64 = 5_000;
 /// Processes in the storm with `--quick`.
 const QUICK_STORM: u64 = 2_000;
+/// Runs with the kernel's per-program statistics on, per case (after its timed runs, which
+/// run without them: the statistics add a clock read to every program call).
+const COST_RUNS: usize = 3;
 /// How long the background tracker of case (b) gets to attach before the storm starts.
 const ATTACH_WAIT: Duration = Duration::from_secs(1);
 /// Upper bound for a background tracker to start or to stop.
@@ -157,7 +162,11 @@ struct Case {
     /// When set, a second row with this name and goal compares the untraced wall time with
     /// the wall time the traced side reported itself ([`Sample::reported`]).
     reported_row: Option<(String, Goal)>,
+    /// One traced run with the kernel's per-program statistics on.
+    stats: Option<StatsSide>,
 }
+
+type StatsSide = Box<dyn FnMut() -> Result<stats::Measure>>;
 
 /// Median and minimum of a side's samples, in milliseconds.
 pub(crate) struct Stats {
@@ -228,18 +237,33 @@ pub fn run(args: Args) -> Result<()> {
         let id = c.name.get(1..2).unwrap_or_default();
         selected(&args, id)
     });
+    let mut per_case = String::new();
     for mut case in chosen {
         let measured = measure(&mut case, runs)?;
         let untraced = Stats::of(&measured.untraced);
         let traced = Stats::of(&measured.traced);
-        push_row(&mut table, &case.name, case.goal, &untraced, &traced);
+        let mut handlers = "-".to_string();
+        if let Some(side) = case.stats.as_mut() {
+            eprintln!("xtask: {}: {COST_RUNS} runs with statistics", case.name);
+            let mut m = Vec::new();
+            for i in 1..=COST_RUNS {
+                m.push(side().with_context(|| format!("{}: statistics run {i}", case.name))?);
+            }
+            let (t, net) = stats::table(&m);
+            let _ = writeln!(per_case, "\n{}:\n", case.name);
+            per_case.push_str(&t);
+            handlers = format!("{net:.2}%");
+        }
+        push_row(
+            &mut table, &case.name, case.goal, &untraced, &traced, &handlers,
+        );
         push_raw(&mut raw, &case.name, "untraced", &measured.untraced);
         push_raw(&mut raw, &case.name, "traced", &measured.traced);
         if let Some((name, goal)) = &case.reported_row
             && measured.reported.len() == measured.traced.len()
         {
             let reported = Stats::of(&measured.reported);
-            push_row(&mut table, name, *goal, &untraced, &reported);
+            push_row(&mut table, name, *goal, &untraced, &reported, &handlers);
             push_raw(&mut raw, name, "reported", &measured.reported);
         }
     }
@@ -283,10 +307,22 @@ pub fn run(args: Args) -> Result<()> {
     let _ = writeln!(md, "- benchmark time: {:.1} s\n", elapsed.as_secs_f64());
     let _ = writeln!(
         md,
-        "| case | untraced median (min) | traced median (min) | ratio or added ms | goal | met? |"
+        "| case | untraced median (min) | traced median (min) | ratio or added ms | goal | met? \
+         | handlers (kernel) |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
     md.push_str(&table);
+    if !per_case.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n\"handlers (kernel)\": the tracker's handlers' run time, by the kernel's \
+             per-program statistics, beyond what an empty program on the same tracepoints \
+             measures (the statistics' own clock reads), as a share of the traced side's wall \
+             time (the tracker's own `wall_time_ms` where the row has one). Medians of \
+             {COST_RUNS} traced runs with statistics on, after the timed runs:"
+        );
+        md.push_str(&per_case);
+    }
     md.push_str(&costs);
     let _ = writeln!(md, "\nRaw samples (ms, in run order):\n");
     md.push_str(&raw);
@@ -349,6 +385,14 @@ fn cases(bins: &Bins, storm: u64, quick: bool, out_dir: &Path) -> Vec<Case> {
                 Ok(Sample::wall(wall))
             }),
             reported_row: None,
+            stats: Some({
+                let bins = Bins {
+                    tracker: bins.tracker.clone(),
+                    workload: bins.workload.clone(),
+                };
+                let args = vec!["storm".to_string(), storm_arg.clone()];
+                Box::new(move || costs_during(&bins, &args))
+            }),
         });
     }
 
@@ -365,6 +409,14 @@ fn cases(bins: &Bins, storm: u64, quick: bool, out_dir: &Path) -> Vec<Case> {
                 Ok(Sample::wall(time(&mut cmd)?))
             }),
             reported_row: None,
+            stats: Some({
+                let tracker = bins.tracker.clone();
+                Box::new(move || {
+                    let mut cmd = Command::new(&tracker);
+                    cmd.args(["run", "-o", "/dev/null", "--", "/bin/true"]);
+                    tracked_stats(cmd, None)
+                })
+            }),
         });
     }
 
@@ -375,14 +427,20 @@ fn cases(bins: &Bins, storm: u64, quick: bool, out_dir: &Path) -> Vec<Case> {
         let workload = bins.workload.clone();
         let events = out_dir.join("storm-events.ndjson");
         let storm_arg = storm_arg.clone();
-        let aggregate = move |records: bool| -> Result<Sample> {
+        let command = move |records: bool| {
             let mut cmd = Command::new(&tracker);
             cmd.args(["run", "-o", "/dev/null"]);
             if records {
                 cmd.args(["--tree", "--events"]).arg(&events);
             }
             cmd.arg("--").arg(&workload).args(["storm", &storm_arg]);
-            Ok(Sample::wall(time(&mut cmd)?))
+            cmd
+        };
+        let aggregate = {
+            let command = command.clone();
+            move |records: bool| -> Result<Sample> {
+                Ok(Sample::wall(time(&mut command(records))?))
+            }
         };
         let plain = aggregate.clone();
         cases.push(Case {
@@ -391,6 +449,7 @@ fn cases(bins: &Bins, storm: u64, quick: bool, out_dir: &Path) -> Vec<Case> {
             untraced: Box::new(move || plain(false)),
             traced: Box::new(move || aggregate(true)),
             reported_row: None,
+            stats: Some(Box::new(move || tracked_stats(command(true), None))),
         });
     }
 
@@ -411,9 +470,9 @@ fn cases(bins: &Bins, storm: u64, quick: bool, out_dir: &Path) -> Vec<Case> {
         ],
     ));
 
-    // (e) Page-fault-heavy: touching 2 GiB in 4 KiB pages (no THP): 524,288 faults, each an
+    // (e) Page-fault-heavy: touching 1 GiB in 4 KiB pages (no THP): 262,144 faults, each an
     // rss_stat event on a tracked address space.
-    let touch_mib = if quick { 512 } else { 2048 };
+    let touch_mib = if quick { 512 } else { 1024 };
     cases.push(workload_case(
         bins,
         out_dir,
@@ -479,7 +538,23 @@ fn workload_case(bins: &Bins, out_dir: &Path, name: String, goal: Goal, args: Ve
     let tracker = bins.tracker.clone();
     let traced_workload = bins.workload.clone();
     let report = out_dir.join("workload-report.json");
+    let stats_side: StatsSide = {
+        let tracker = bins.tracker.clone();
+        let workload = bins.workload.clone();
+        let args = args.clone();
+        let report = out_dir.join("stats-report.json");
+        Box::new(move || {
+            let mut cmd = Command::new(&tracker);
+            cmd.args(["run", "--json", "-o"])
+                .arg(&report)
+                .arg("--")
+                .arg(&workload)
+                .args(&args);
+            tracked_stats(cmd, Some(&report))
+        })
+    };
     Case {
+        stats: Some(stats_side),
         reported_row: Some((format!("{name}: in-tracker wall_time_ms only"), goal)),
         name,
         goal,
@@ -534,11 +609,18 @@ fn measure(case: &mut Case, runs: usize) -> Result<Measured> {
     Ok(m)
 }
 
-fn push_row(table: &mut String, name: &str, goal: Goal, untraced: &Stats, traced: &Stats) {
+fn push_row(
+    table: &mut String,
+    name: &str,
+    goal: Goal,
+    untraced: &Stats,
+    traced: &Stats,
+    handlers: &str,
+) {
     let (figure, met) = goal.judge(untraced, traced);
     let _ = writeln!(
         table,
-        "| {name} | {} | {} | {figure} | {} | {} |",
+        "| {name} | {} | {} | {figure} | {} | {} | {handlers} |",
         untraced.cell(),
         traced.cell(),
         goal.describe(),
@@ -780,6 +862,72 @@ fn machine_facts() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The handlers' kernel statistics while `workload args` runs untracked and a tracker follows
+/// another tree (`sleep 3600`).
+fn costs_during(bins: &Bins, args: &[String]) -> Result<stats::Measure> {
+    let _stats = stats::enable()?;
+    let mut cmd = Command::new(&bins.tracker);
+    cmd.args(["run", "-o", "/dev/null", "--", "sleep", "3600"]);
+    let mut background = Background::start(cmd)?;
+    background.wait_attached(ATTACH_WAIT)?;
+    let mut handlers = stats::Handlers::of(background.pid())?;
+    handlers.settle(Duration::ZERO, || false);
+    let empty = stats::EmptyPrograms::attach(&stats::tracepoints())?;
+    let (before, floor_before) = (handlers.snapshot()?, empty.snapshot()?);
+    let wall = time(Command::new(&bins.workload).args(args))?;
+    let (after, floor_after) = (handlers.snapshot()?, empty.snapshot()?);
+    background.stop()?;
+    Ok(stats::Measure {
+        handlers: stats::delta(&before, &after),
+        floor: stats::delta(&floor_before, &floor_after),
+        wall,
+    })
+}
+
+/// One tracked run of `cmd` (a `cylo-usage` command) with the kernel's statistics on: its
+/// handlers' run time, the empty program's on the same tracepoints, and the wall time the
+/// shares are of: the tracker's own `wall_time_ms` (spawn to last exit) when `report` names
+/// its JSON report, else the whole command's.
+fn tracked_stats(mut cmd: Command, report: Option<&Path>) -> Result<stats::Measure> {
+    let _stats = stats::enable()?;
+    let empty = stats::EmptyPrograms::attach(&stats::tracepoints())?;
+    let floor_before = empty.snapshot()?;
+    if let Some(r) = report {
+        let _ = std::fs::remove_file(r);
+    }
+    let shown = format!("{cmd:?}");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("starting {shown}"))?;
+    let mut handlers = stats::Handlers::of(child.id())?;
+    handlers.settle(Duration::from_millis(50), || {
+        child.try_wait().map(|s| s.is_some()).unwrap_or(true)
+    });
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for {shown}"))?;
+    let mut wall = start.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    if let Some(r) = report {
+        wall = reported_wall(r)?;
+    }
+    Ok(stats::Measure {
+        handlers: handlers.snapshot()?,
+        floor: stats::delta(&floor_before, &empty.snapshot()?),
+        wall,
+    })
+}
+
+// By program name over the whole host: the daemon case (`bench_daemon.rs`) counts the
+// idle daemon's programs this way.
 /// The kernel's run-time statistics (BPF_ENABLE_STATS) of every raw-tracepoint program named
 /// like one of the tracker's handlers: id -> (name, ns, calls).
 pub(crate) fn handler_stats() -> Result<std::collections::BTreeMap<u32, (String, u64, u64)>> {
@@ -830,30 +978,7 @@ pub(crate) fn handler_stats() -> Result<std::collections::BTreeMap<u32, (String,
 /// Per handler name: (run time in ns, calls).
 pub(crate) type CostRows = std::collections::BTreeMap<String, (u64, u64)>;
 
-/// The tracker's handlers' run time and calls (kernel statistics) while `workload args`
-/// runs untracked and a tracker follows another tree: (wall time, name -> (ns, calls)).
-fn costs_during(bins: &Bins, args: &[String]) -> Result<(Duration, CostRows)> {
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .context("BPF_ENABLE_STATS (per-program run time)")?;
-    let mut cmd = Command::new(&bins.tracker);
-    cmd.args(["run", "-o", "/dev/null", "--", "sleep", "3600"]);
-    let mut background = Background::start(cmd)?;
-    background.wait_attached(ATTACH_WAIT)?;
-    let before = handler_stats()?;
-    let wall = time(Command::new(&bins.workload).args(args))?;
-    let after = handler_stats()?;
-    background.stop()?;
-    let mut rows = CostRows::new();
-    for (id, (name, ns, calls)) in &after {
-        let (_, ns0, calls0) = before.get(id).cloned().unwrap_or_default();
-        let row = rows.entry(name.clone()).or_default();
-        row.0 += ns - ns0;
-        row.1 += calls - calls0;
-    }
-    Ok((wall, rows))
-}
-
-/// The table of [`costs_during`]'s rows: calls, ns per call, total, share of `wall`.
+/// The table of [`CostRows`]: calls, ns per call, total, share of `wall`.
 pub(crate) fn cost_table(wall: Duration, rows: &CostRows) -> String {
     let mut md = String::new();
     let _ = writeln!(
@@ -888,15 +1013,20 @@ pub(crate) fn cost_table(wall: Duration, rows: &CostRows) -> String {
 /// the tracker's handlers' run time during one untracked storm while a tracker follows
 /// another tree. Much steadier than case (b) on a noisy machine.
 fn handler_costs(bins: &Bins, storm: u64) -> Result<String> {
-    let (wall, rows) = costs_during(bins, &["storm".to_string(), storm.to_string()])?;
+    let mut runs = Vec::new();
+    for _ in 0..COST_RUNS {
+        runs.push(costs_during(
+            bins,
+            &["storm".to_string(), storm.to_string()],
+        )?);
+    }
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "\nWhat an untracked process pays (kernel per-program run time during one untracked \
-         storm of {storm} while a tracker follows another tree; storm wall time {:.1} ms):\n",
-        wall.as_secs_f64() * 1e3
+        "\nWhat an untracked process pays (kernel per-program run time during an untracked \
+         storm of {storm} while a tracker follows another tree; medians of {COST_RUNS} storms):\n"
     );
-    md.push_str(&cost_table(wall, &rows));
+    md.push_str(&stats::table(&runs).0);
     Ok(md)
 }
 
@@ -916,15 +1046,13 @@ fn network_costs(bins: &Bins, quick: bool) -> Result<String> {
             net_udp_args(udp_count),
         ),
     ] {
-        let (wall, rows) = costs_during(bins, &args)?;
+        let m = costs_during(bins, &args)?;
         let _ = writeln!(
             md,
             "\nWhat an untracked process pays per socket call (kernel per-program run time \
-             during {what}, untracked, while a tracker follows another tree; wall time \
-             {:.1} ms):\n",
-            wall.as_secs_f64() * 1e3
+             during {what}, untracked, while a tracker follows another tree):\n"
         );
-        md.push_str(&cost_table(wall, &rows));
+        md.push_str(&stats::table(&[m]).0);
     }
     Ok(md)
 }
@@ -951,86 +1079,40 @@ fn peak_rss(cmd: &mut Command) -> Result<(u64, Duration)> {
     Ok((ru.ru_maxrss as u64, wall))
 }
 
-/// Handler name -> (run time in ns, calls).
-type HandlerRows = std::collections::BTreeMap<String, (u64, u64)>;
-
-/// The kernel's run time of the tracker's handlers during `cmd`, and its wall time.
-fn handler_delta(cmd: &mut Command) -> Result<(HandlerRows, Duration)> {
-    let before = handler_stats()?;
-    let wall = time(cmd)?;
-    let after = handler_stats()?;
-    let mut rows = HandlerRows::new();
-    for (id, (name, ns, calls)) in &after {
-        let (_, ns0, calls0) = before.get(id).cloned().unwrap_or_default();
-        let row = rows.entry(name.clone()).or_default();
-        row.0 += ns.saturating_sub(ns0);
-        row.1 += calls.saturating_sub(calls0);
-    }
-    Ok((rows, wall))
-}
-
 /// Sessions: the tracked paths' kernel cost with and without records, the attach latency,
 /// and the tracker's memory per process of a breakdown.
 fn session_costs(bins: &Bins, storm: u64, quick: bool, out_dir: &Path) -> Result<String> {
     let mut md = String::new();
     // Tracked paths, by the kernel's per-program statistics: the storm under `run`, totals
-    // only and with records. The tracker's own start-up (its loader thread) is in both.
+    // only and with records. The tracker's own start-up is in both (the shares are of the
+    // whole command's wall time).
     {
-        let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-            .context("BPF_ENABLE_STATS (per-program run time)")?;
         let events = out_dir.join("storm-events.ndjson");
-        let mut table = Vec::new();
         for records in [false, true] {
-            let mut cmd = Command::new(&bins.tracker);
-            cmd.args(["run", "-o", "/dev/null"]);
-            if records {
-                cmd.args(["--tree", "--events"]).arg(&events);
+            let mut runs = Vec::new();
+            for _ in 0..COST_RUNS {
+                let mut cmd = Command::new(&bins.tracker);
+                cmd.args(["run", "-o", "/dev/null"]);
+                if records {
+                    cmd.args(["--tree", "--events"]).arg(&events);
+                }
+                cmd.arg("--")
+                    .arg(&bins.workload)
+                    .args(["storm", &storm.to_string()]);
+                runs.push(tracked_stats(cmd, None)?);
             }
-            cmd.arg("--")
-                .arg(&bins.workload)
-                .args(["storm", &storm.to_string()]);
-            table.push((records, handler_delta(&mut cmd)?));
-        }
-        let _ = writeln!(
-            md,
-            "\nWhat a tracked process pays (kernel per-program run time during one tracked storm \
-             of {storm}, totals only and with `--tree --events`):\n"
-        );
-        let _ = writeln!(
-            md,
-            "| handler | totals: calls | ns per call | with records: calls | ns per call |"
-        );
-        let _ = writeln!(md, "|---|---|---|---|---|");
-        let names: std::collections::BTreeSet<&String> = table
-            .iter()
-            .flat_map(|(_, (rows, _))| rows.keys())
-            .collect();
-        let mut totals = [0u64; 2];
-        for name in names {
-            let mut cells = Vec::new();
-            for (i, (_, (rows, _))) in table.iter().enumerate() {
-                let (ns, calls) = rows.get(name).copied().unwrap_or_default();
-                totals[i] += ns;
-                cells.push(if calls == 0 {
-                    "0 | -".to_string()
+            let _ = writeln!(
+                md,
+                "\nWhat a tracked process pays (kernel per-program run time during a tracked storm \
+                 of {storm}, {}; medians of {COST_RUNS}):\n",
+                if records {
+                    "with `--tree --events`"
                 } else {
-                    format!("{calls} | {:.1}", ns as f64 / calls as f64)
-                });
-            }
-            let _ = writeln!(md, "| {name} | {} | {} |", cells[0], cells[1]);
+                    "totals only"
+                }
+            );
+            md.push_str(&stats::table(&runs).0);
         }
-        let walls: Vec<f64> = table
-            .iter()
-            .map(|(_, (_, w))| w.as_secs_f64() * 1e3)
-            .collect();
-        let _ = writeln!(
-            md,
-            "| all, ms (share of the run's wall time) | {:.2} ({:.2}%) | | {:.2} ({:.2}%) | |",
-            totals[0] as f64 / 1e6,
-            totals[0] as f64 / 1e6 / walls[0] * 100.0,
-            totals[1] as f64 / 1e6,
-            totals[1] as f64 / 1e6 / walls[1] * 100.0,
-        );
     }
 
     // Attach latency: a tree of 1,000 processes (blocked on stdin) that the tracker did not
