@@ -19,7 +19,8 @@
 //! Then, without a ratio: the kernel's per-program run time on the tracked paths (the storm
 //! with and without records), the latency of attaching to a tree of 1,000 processes, and the
 //! tracker's own peak RSS on trees of 1,000 and 10,000 processes, with and without `--tree`.
-//! - (d) 4 KiB O_DIRECT writes; (e) touching memory in 4 KiB pages.
+//! - (d) 4 KiB O_DIRECT writes; (e) touching 1 GiB in 4 KiB pages (one `rss_stat` call per
+//!   page).
 //! - (f) loopback TCP, 1 GiB in 64 KiB writes (both ends in the tree); (g) UDP, 1,000,000
 //!   datagrams of 64 bytes (both ends in the tree, acknowledged every 64).
 //! - Handler costs: what the handlers cost an untracked process, from the kernel's
@@ -31,6 +32,13 @@
 //!
 //! `--case` picks cases (a letter, `costs`, `net-costs`, `sessions` or `daemon`; repeatable);
 //! all by default.
+//!
+//! Every lettered case also reports, beside its wall-clock ratio, the kernel's per-program
+//! statistics of its traced side ([`stats`]): [`COST_RUNS`] more traced runs with statistics
+//! on (the timed runs go without: the statistics add two clock reads to every program call),
+//! each handler's calls and ns per call, and all handlers' time as a share of the wall time,
+//! also net of what an empty program on the same tracepoints measures. Wall clocks on a shared
+//! 2-CPU VM vary by 2× from run to run; those figures do not.
 //!
 //! To add a case, push another [`Case`] in [`cases`]: a name, a [`Goal`] and two closures that
 //! each do one run and return its [`Sample`].
