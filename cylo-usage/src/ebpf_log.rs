@@ -38,6 +38,7 @@ pub(crate) fn start(ebpf: &mut Ebpf, level: u8) -> Option<Reader> {
     if !enabled(level) {
         return None;
     }
+    let started = std::time::Instant::now();
     let mut logger = match aya_log::EbpfLogger::init(ebpf) {
         Ok(l) => l,
         Err(e) => {
@@ -85,7 +86,10 @@ pub(crate) fn start(ebpf: &mut Ebpf, level: u8) -> Option<Reader> {
             }
         })
         .ok()?;
-    log::debug!("reading the eBPF programs' log");
+    log::debug!(
+        "reading the eBPF programs' log (set up in {} µs)",
+        started.elapsed().as_micros()
+    );
     Some(Reader {
         wake,
         thread: Some(thread),
