@@ -67,6 +67,9 @@ const QUICK_STORM: u64 = 2_000;
 /// Runs with the kernel's per-program statistics on, per case (after its timed runs, which
 /// run without them: the statistics add a clock read to every program call).
 const COST_RUNS: usize = 3;
+/// A daemon socket that does not exist: the statistics runs measure trackers that load their
+/// own programs.
+const NO_DAEMON: &str = "/nonexistent/cylo-usage-bench.sock";
 /// How long the background tracker of case (b) gets to attach before the storm starts.
 const ATTACH_WAIT: Duration = Duration::from_secs(1);
 /// Upper bound for a background tracker to start or to stop.
@@ -876,6 +879,8 @@ fn costs_during(bins: &Bins, args: &[String]) -> Result<stats::Measure> {
     let _stats = stats::enable()?;
     let mut cmd = Command::new(&bins.tracker);
     cmd.args(["run", "-o", "/dev/null", "--", "sleep", "3600"]);
+    // Its own programs, never a daemon's.
+    cmd.env("CYLO_USAGE_SOCKET", NO_DAEMON);
     let mut background = Background::start(cmd)?;
     background.wait_attached(ATTACH_WAIT)?;
     let mut handlers = stats::Handlers::of(background.pid())?;
@@ -906,7 +911,8 @@ fn tracked_stats(mut cmd: Command, report: Option<&Path>) -> Result<stats::Measu
     let shown = format!("{cmd:?}");
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        .env("CYLO_USAGE_SOCKET", NO_DAEMON);
     let start = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("starting {shown}"))?;
     let mut handlers = stats::Handlers::of(child.id())?;

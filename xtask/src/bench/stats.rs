@@ -160,11 +160,15 @@ impl Handlers {
     }
 
     /// Polls every few milliseconds until the tracker has attached `sched_switch` and no
-    /// program has come for `quiet`, or until `done()` (the tracker exited).
+    /// program has come for `quiet`, or until `done()` (the tracker exited), or 15 s.
     pub fn settle(&mut self, quiet: Duration, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
         let mut last_change = Instant::now();
         let mut held = 0;
         loop {
+            if start.elapsed() > Duration::from_secs(15) {
+                return;
+            }
             self.poll();
             if self.progs.len() != held {
                 held = self.progs.len();
@@ -184,6 +188,12 @@ impl Handlers {
     /// Per handler (the raw tracepoint it is attached to, or its program name): run time and
     /// calls so far. The never-attached `control` programs are left out.
     pub fn snapshot(&self) -> Result<BTreeMap<String, Counts>> {
+        if self.progs.is_empty() {
+            bail!(
+                "tracker {} holds no eBPF programs (did it use a daemon?)",
+                self.pid
+            );
+        }
         let mut names = BTreeMap::new();
         for info in aya::programs::loaded_programs() {
             let info = info.context("listing loaded eBPF programs")?;
