@@ -311,6 +311,55 @@ struct Diag {
     tid: u32,
     _pad: u32,
     comm: [u8; 16],
+    /// What was lost, padded with spaces (the reader squeezes them).
+    msg: [u8; DIAG_MSG],
+}
+
+/// Bytes of a diagnostic's message: a fixed length keeps the log statement's size a
+/// constant, which the verifier walks once.
+const DIAG_MSG: usize = 80;
+
+/// Writes the message of diagnostic `kind` into `msg`, padded with spaces.
+#[inline(always)]
+fn diag_msg(msg: &mut [u8; DIAG_MSG], kind: u32) {
+    use diag_kind::*;
+    /// Copies a text of constant length (a few stores, nothing to loop over).
+    #[inline(always)]
+    fn put<const N: usize>(msg: &mut [u8; DIAG_MSG], text: &[u8; N]) {
+        msg[..N].copy_from_slice(text);
+    }
+    *msg = [b' '; DIAG_MSG];
+    match kind {
+        TASKS_FULL => put(msg, b"TASKS is full: a thread is not followed"),
+        PROCS_FULL => put(msg, b"PROCS is full: a process is not followed"),
+        MMS_FULL => put(
+            msg,
+            b"MMS is full: an address space's memory is not followed",
+        ),
+        DEVS_FULL => put(msg, b"DEVS is full: block I/O is lost"),
+        RECORDS_FULL => put(msg, b"the RECORDS ring buffer is full: a record is lost"),
+        EVENTS_FULL => put(
+            msg,
+            b"the EVENTS ring buffer is full: a notification is lost",
+        ),
+        READ_NEW_TASK => put(
+            msg,
+            b"reading task_struct.signal or start_boottime failed: not followed",
+        ),
+        READ_CPU => put(
+            msg,
+            b"reading task_struct.se.sum_exec_runtime/utime/stime failed: CPU lost",
+        ),
+        READ_BIO => put(
+            msg,
+            b"reading bio.bi_opf, bi_size or its device failed: block I/O lost",
+        ),
+        READ_SOCKET => put(
+            msg,
+            b"reading the socket's family, type or protocol failed: bytes lost",
+        ),
+        _ => put(msg, b"?"),
+    }
 }
 
 #[map]
@@ -357,25 +406,19 @@ fn lost(kind: u32, run: u32, tid: u32, counters: &mut RunCounters) {
         return;
     }
     if let Some(d) = DIAG.get_ptr_mut(0) {
-        let tid = if tid == 0 { current_tid() } else { tid };
-        // SAFETY: per-CPU map value pointer.
-        unsafe {
-            *d = Diag {
-                kind,
-                run,
-                tid,
-                _pad: 0,
-                comm: current_comm(),
-            }
-        };
+        // SAFETY: per-CPU map value pointer; written in place (the stack is small).
+        let d = unsafe { &mut *d };
+        d.kind = kind;
+        d.run = run;
+        d.tid = if tid == 0 { current_tid() } else { tid };
+        d.comm = current_comm();
+        diag_msg(&mut d.msg, kind);
     }
 }
 
 /// Logs what the handler noted as lost, if anything (see [`diag_kind`]).
 #[inline(always)]
 fn diag_flush() {
-    use aya_log_ebpf::debug;
-    use diag_kind::*;
     if !logging() {
         return;
     }
@@ -384,72 +427,19 @@ fn diag_flush() {
     };
     // SAFETY: per-CPU map value pointer.
     let d = unsafe { &mut *d };
-    let (kind, run, tid, comm) = (d.kind, d.run, d.tid, d.comm);
-    if kind == 0 {
+    if d.kind == 0 {
         return;
     }
     d.kind = 0;
-    // SAFETY: `current_comm` leaves only printable ASCII.
-    let c = unsafe { core::str::from_utf8_unchecked(&comm) };
-    // The comm last: its padding is then invisible.
-    match kind {
-        TASKS_FULL => debug!(
-            &(),
-            "run {}: TASKS is full: not followed: thread {} {}", run, tid, c
-        ),
-        PROCS_FULL => debug!(
-            &(),
-            "run {}: PROCS is full: not followed: the process of thread {} {}", run, tid, c
-        ),
-        MMS_FULL => debug!(
-            &(),
-            "run {}: MMS is full: memory not followed: thread {} {}", run, tid, c
-        ),
-        DEVS_FULL => debug!(
-            &(),
-            "run {}: DEVS is full: block I/O lost: thread {} {}", run, tid, c
-        ),
-        RECORDS_FULL => debug!(
-            &(),
-            "run {}: the RECORDS ring buffer is full: a record lost: thread {} {}", run, tid, c
-        ),
-        EVENTS_FULL => debug!(
-            &(),
-            "run {}: the EVENTS ring buffer is full: a notification lost: thread {} {}",
-            run,
-            tid,
-            c
-        ),
-        READ_NEW_TASK => debug!(
-            &(),
-            "run {}: reading task_struct.signal or start_boottime failed: not followed: new thread {} {}",
-            run,
-            tid,
-            c
-        ),
-        READ_CPU => debug!(
-            &(),
-            "run {}: reading task_struct.se.sum_exec_runtime/utime/stime failed: CPU time lost: ended thread {} {}",
-            run,
-            tid,
-            c
-        ),
-        READ_BIO => debug!(
-            &(),
-            "run {}: reading bio.bi_opf, bi_size or the device failed: block I/O lost: thread {} {}",
-            run,
-            tid,
-            c
-        ),
-        READ_SOCKET => debug!(
-            &(),
-            "run {}: reading the socket's family, type or protocol failed: bytes lost: thread {} {}",
-            run,
-            tid,
-            c
-        ),
-        _ => {}
-    }
+    let (run, tid) = (d.run, d.tid);
+    // SAFETY: `diag_msg` and `current_comm` leave only printable ASCII.
+    let (msg, comm) = unsafe {
+        (
+            core::str::from_utf8_unchecked(&d.msg),
+            core::str::from_utf8_unchecked(&d.comm),
+        )
+    };
+    aya_log_ebpf::debug!(&(), "run {}: {} (thread {} {})", run, msg, tid, comm);
 }
 
 #[inline(always)]

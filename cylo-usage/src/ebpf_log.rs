@@ -39,7 +39,7 @@ pub(crate) fn start(ebpf: &mut Ebpf, level: u8) -> Option<Reader> {
         return None;
     }
     let started = std::time::Instant::now();
-    let mut logger = match aya_log::EbpfLogger::init(ebpf) {
+    let mut logger = match aya_log::EbpfLogger::init_with_logger(ebpf, Squeeze) {
         Ok(l) => l,
         Err(e) => {
             log::warn!("the eBPF programs' log cannot be read: {e}");
@@ -94,6 +94,41 @@ pub(crate) fn start(ebpf: &mut Ebpf, level: u8) -> Option<Reader> {
         wake,
         thread: Some(thread),
     })
+}
+
+/// Hands records on to `log`'s logger with runs of spaces squeezed: the programs pad their
+/// strings to fixed lengths, which keeps their log statement cheap to verify.
+struct Squeeze;
+
+impl log::Log for Squeeze {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        log::logger().enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        let text = record.args().to_string();
+        let mut squeezed = String::with_capacity(text.len());
+        for c in text.chars() {
+            if !(c == ' ' && squeezed.ends_with(' ')) {
+                squeezed.push(c);
+            }
+        }
+        let squeezed = squeezed.replace(" )", ")");
+        log::logger().log(
+            &log::Record::builder()
+                .args(format_args!("{}", squeezed.trim_end()))
+                .level(record.level())
+                .target(record.target())
+                .module_path(record.module_path())
+                .file(record.file())
+                .line(record.line())
+                .build(),
+        );
+    }
+
+    fn flush(&self) {
+        log::logger().flush();
+    }
 }
 
 impl Drop for Reader {
