@@ -21,8 +21,13 @@ pub(crate) fn level() -> &'static u8 {
     &LEVELS[(log::max_level() as usize).min(5)]
 }
 
+/// `AYA_LOG_LEVEL` with the programs' statements out.
+pub(crate) fn level_off() -> &'static u8 {
+    &LEVELS[0]
+}
+
 /// Whether the programs' statements (debug level) are in.
-fn enabled(level: u8) -> bool {
+pub(crate) fn enabled(level: u8) -> bool {
     level >= aya_log::Level::Debug as u8
 }
 

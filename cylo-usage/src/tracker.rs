@@ -544,9 +544,46 @@ impl Tracker {
         offsets: &'a Offsets,
         options: Options,
     ) -> Result<Tracker, LoadError> {
+        let level = crate::ebpf_log::level();
+        if !crate::ebpf_log::enabled(*level) {
+            return Self::load_at(&mut loader, offsets, options, level);
+        }
+        // With their log statements in, the programs take the verifier longer: an older one
+        // refuses them (5.10: too complex) or the variant with atomics. Logging must never
+        // change what loads and what is measured: without them, then.
+        let quiet = crate::ebpf_log::level_off();
+        match Self::load_at(&mut loader, offsets, options, level) {
+            Ok(t) if t.inner.measured.atomics => Ok(t),
+            Ok(t) => {
+                drop(t);
+                let retry = Self::load_at(&mut loader, offsets, options, quiet)?;
+                if retry.inner.measured.atomics {
+                    log::warn!(
+                        "the eBPF programs' log statements are left out: with them this \
+                         kernel's verifier refused the handlers with atomics"
+                    );
+                }
+                Ok(retry)
+            }
+            Err(e) => {
+                log::warn!(
+                    "the eBPF programs' log statements are left out: with them this kernel's \
+                     verifier refused the programs ({})",
+                    first_line(&crate::error_chain(&e))
+                );
+                Self::load_at(&mut loader, offsets, options, quiet)
+            }
+        }
+    }
+
+    fn load_at<'a>(
+        loader: &mut EbpfLoader<'a>,
+        offsets: &'a Offsets,
+        options: Options,
+        log_level: &'static u8,
+    ) -> Result<Tracker, LoadError> {
         let kernel_btf = KernelBtf::start(offsets);
         let mut hooks = Vec::new();
-        let log_level = crate::ebpf_log::level();
         let mut ebpf = loader
             .override_global(names::OFFSETS, offsets, true)
             .override_global(aya_log::LEVEL, log_level, false)

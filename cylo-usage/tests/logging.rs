@@ -1,5 +1,6 @@
 //! aya-log: with logging on, the eBPF programs report what they lose from the kernel side
-//! (which map, which thread and comm), and they still load the same variants as without.
+//! (which map, which thread and comm), and they still load the same variants as without
+//! (where the verifier refuses them with their log statements, they load without).
 mod common;
 
 use std::sync::Mutex;
@@ -58,6 +59,15 @@ async fn a_full_map_is_logged_from_the_kernel_side() {
     .expect("the storm finished");
     let usage = run.usage().expect("usage");
     assert!(usage.lost_events > 0, "{usage:?}");
+    if LINES
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("log statements are left out"))
+    {
+        eprintln!("this kernel's verifier refuses the log statements: no kernel-side record");
+        return;
+    }
     let start = Instant::now();
     loop {
         let lines = LINES.lock().unwrap().clone();
