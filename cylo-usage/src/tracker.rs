@@ -314,8 +314,13 @@ fn attach(
             tracepoint,
             source,
         })?;
-    let link = prog
-        .load()
+    // Loaded already when `preload` verified it.
+    let loaded = if prog.fd().is_ok() {
+        Ok(())
+    } else {
+        prog.load()
+    };
+    let link = loaded
         .and_then(|()| prog.attach(tracepoint))
         .map_err(|source| LoadError::Attach {
             program,
@@ -328,6 +333,25 @@ fn attach(
         link: Some(link),
     });
     Ok(())
+}
+
+/// Loads (verifies) the raw tracepoint programs `names` side by side, one thread each: the
+/// kernel verifies each in its caller's context, so start-up waits for the slowest
+/// (`task_newtask`) rather than for the sum. What fails to load here is left unloaded, for
+/// [`attach`] to load again and report.
+fn preload(ebpf: &mut Ebpf, names: &[&str]) {
+    let mut programs: Vec<&mut RawTracePoint> = ebpf
+        .programs_mut()
+        .filter(|(name, _)| names.contains(name))
+        .filter_map(|(_, p)| <&mut RawTracePoint>::try_from(p).ok())
+        .collect();
+    std::thread::scope(|scope| {
+        for prog in programs.iter_mut() {
+            scope.spawn(move || {
+                let _ = prog.load();
+            });
+        }
+    });
 }
 
 /// Loads the never-attached `control` program and returns a handle to run it.
@@ -613,6 +637,18 @@ impl Tracker {
                 name: names::RECORDS,
                 source: None,
             })?;
+        // The big handlers, verified in parallel (with atomics: where the verifier refuses
+        // them, `attach` reports it and the variants without are loaded one by one).
+        preload(
+            &mut ebpf,
+            &[
+                names::PROG_TASK_NEWTASK,
+                names::PROG_SCHED_PROCESS_EXIT,
+                names::PROG_SCHED_PROCESS_EXEC,
+                names::PROG_RSS_STAT,
+                names::PROG_SCHED_SWITCH,
+            ],
+        );
         // Atomics that return the old value (BPF ISA v3) came with 5.12: the verifier decides.
         // Without them, the variants that do without the peaks and the memory counters.
         let atomics_error = match attach(

@@ -26,6 +26,9 @@ const MAX_CONNECTIONS: usize = 1024;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of event stream the daemon keeps for a client that does not read, per session.
 const EVENTS_BACKLOG: usize = 4 << 20;
+/// How long the daemon stays idle with its hooks attached before detaching them: back-to-back
+/// sessions (a CI executor's jobs) neither wait for a detach nor pay a re-attach.
+const IDLE_LINGER: Duration = Duration::from_secs(1);
 /// `statfs.f_type` of procfs.
 const PROC_SUPER_MAGIC: i64 = 0x9fa0;
 
@@ -99,6 +102,8 @@ struct Table {
     /// Run slot -> the session's wake-up eventfd.
     wake: HashMap<u32, Arc<OwnedFd>>,
     sessions: usize,
+    /// Since when no session is open (while the hooks are still attached).
+    idle_since: Option<Instant>,
     sessions_by_uid: HashMap<u32, usize>,
     connections: usize,
     connections_by_uid: HashMap<u32, usize>,
@@ -168,6 +173,7 @@ impl State {
                 .store(ns, Ordering::Relaxed);
         }
         t.sessions += 1;
+        t.idle_since = None;
         *t.sessions_by_uid.entry(uid).or_default() += 1;
         Ok(SessionSeat {
             state: self.clone(),
@@ -198,14 +204,29 @@ impl Drop for SessionSeat {
                 t.sessions_by_uid.remove(&self.uid);
             }
         }
-        if t.sessions == 0 && !self.state.stopping.load(Ordering::Relaxed) {
-            // Idle: nothing left to follow, so the host pays nothing until the next session.
-            if self.state.tracker.detach_hooks().is_ok() {
-                self.state
-                    .counters
+        if t.sessions == 0 {
+            // Idle from now: the main loop detaches the hooks once it has lasted IDLE_LINGER.
+            t.idle_since = Some(Instant::now());
+        }
+    }
+}
+
+impl State {
+    /// Detaches the hooks once no session has been open for [`IDLE_LINGER`], so that an idle
+    /// daemon costs the host nothing. Detaching waits for the kernel's RCU grace periods
+    /// (milliseconds), which is why it happens here and not in a client's `end`.
+    fn detach_when_idle(&self) {
+        let mut t = self.table();
+        let idle = t
+            .idle_since
+            .is_some_and(|since| since.elapsed() >= IDLE_LINGER);
+        if t.sessions == 0 && idle && self.tracker.hooks_attached() {
+            if self.tracker.detach_hooks().is_ok() {
+                self.counters
                     .hooks_detach_total
                     .fetch_add(1, Ordering::Relaxed);
             }
+            t.idle_since = None;
         }
     }
 }
@@ -489,6 +510,7 @@ pub fn serve(options: ServeOptions) -> Result<(), DaemonError> {
         if fds[1].revents != 0 {
             break;
         }
+        state.detach_when_idle();
         // Runs that ended: wake their clients.
         let ended = state.tracker.take_run_ends();
         {
