@@ -179,13 +179,20 @@ impl Row {
             Some((text, max)) => (text.to_string(), if figure <= max { "yes" } else { "no" }),
             None => ("report".to_string(), "-"),
         };
+        let shares = if self.a_share.is_empty() {
+            "-".to_string()
+        } else {
+            format!(
+                "{:.2}% → {:.2}%",
+                median(self.a_share.clone()),
+                median(self.b_share.clone())
+            )
+        };
         format!(
-            "| {} | {} | {} | {shown} | {:.2}% → {:.2}% | {goal} | {met} |\n",
+            "| {} | {} | {} | {shown} | {shares} | {goal} | {met} |\n",
             self.name,
             a.cell(),
             b.cell(),
-            median(self.a_share.clone()),
-            median(self.b_share.clone()),
         )
     }
 }
