@@ -265,8 +265,10 @@ pub(crate) struct PendingSpawn {
 
 impl PendingSpawn {
     /// The client has created its child (`created`) or failed to: closes the gate, forgets a
-    /// registration the fork did not consume, and returns the run if its root joined.
-    pub(crate) fn finish(mut self, created: bool) -> Result<Run, SessionError> {
+    /// registration the fork did not consume, and returns the run if its root joined and is
+    /// a child of process `parent` (the client: a registered thread that exited before it
+    /// forked could have left its `task_struct` address to a stranger's new task).
+    pub(crate) fn finish(mut self, created: bool, parent: u32) -> Result<Run, SessionError> {
         let mut run = self.run.take().expect("finished once");
         let inner = run.inner.clone();
         {
@@ -290,14 +292,30 @@ impl PendingSpawn {
             .live_members()?
             .into_iter()
             .find(|m| m.signal == c.root_signal);
-        if let Some(m) = root
-            && let Ok(fd) = pidfd_open(m.tgid)
-        {
-            let tick_ns = 1_000_000_000 / procfs::clock_ticks_per_second().max(1);
-            if procfs::process_start_ticks(m.tgid) == Some(m.process_start_boottime_ns / tick_ns) {
+        // A root that has already ended (and left the membership map) was checked by the
+        // kernel: a registration dies with its thread, so no stranger's task inherits it.
+        let Some(m) = root else {
+            return Ok(run);
+        };
+        let Ok(fd) = pidfd_open(m.tgid) else {
+            return Ok(run);
+        };
+        // The pidfd pins the pid: with the member's start time, it is the member. Its parent
+        // must be the client (a zombie keeps its parent until the client reaps it).
+        let tick_ns = 1_000_000_000 / procfs::clock_ticks_per_second().max(1);
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", m.tgid))
+            .ok()
+            .and_then(|t| procfs::parse_stat_fields(&t));
+        match stat {
+            Some(s) if s.start_ticks == m.process_start_boottime_ns / tick_ns => {
+                if s.ppid != parent {
+                    return Err(SessionError::NotJoined { pid: m.tgid });
+                }
                 run.root_pid = m.tgid;
                 run.pidfd = Some(fd);
             }
+            // Ended meanwhile.
+            _ => {}
         }
         Ok(run)
     }

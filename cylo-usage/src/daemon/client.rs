@@ -17,6 +17,8 @@ use crate::run::{RunOptions, pidfd_open, pidfd_send_signal, watch};
 use crate::tree::EventSink;
 use crate::usage::{ResourceUsage, TrackerKind};
 
+/// How long the daemon may take to answer a request.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a waiting run asks when no wake-up comes.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -52,6 +54,16 @@ impl crate::tracker::Tracker {
     /// Connects to the daemon listening at `path` (see [`super::socket_path`]).
     pub fn connect(path: &Path) -> Result<DaemonTracker, DaemonError> {
         let sock = UnixStream::connect(path).map_err(|source| DaemonError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // A daemon that stops answering is an error after a while, never a hang (a socket
+        // activated daemon loads its programs before its first answer: seconds at most).
+        let set = |s: &UnixStream| {
+            s.set_read_timeout(Some(REPLY_TIMEOUT))?;
+            s.set_write_timeout(Some(REPLY_TIMEOUT))
+        };
+        set(&sock).map_err(|source| DaemonError::Connect {
             path: path.to_path_buf(),
             source,
         })?;

@@ -865,7 +865,10 @@ impl Connection {
                     }
                 };
                 // On failure the seat and the wake-up descriptor go with the session.
-                let run = pending.finish(created).map_err(|e| session_refusal(&e))?;
+                let parent = self.peer.pid;
+                let run = pending
+                    .finish(created, parent)
+                    .map_err(|e| session_refusal(&e))?;
                 self.sessions.insert(
                     session,
                     DaemonSession {
