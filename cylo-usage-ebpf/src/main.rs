@@ -555,15 +555,6 @@ fn spawner_run(current: u64) -> Option<u32> {
     Some(run)
 }
 
-/// A thread registered in `SPAWNERS` that exits before it creates its run's root takes its
-/// registration with it: its `task_struct` address may go to a new task of anyone.
-#[inline(always)]
-fn forget_spawner(current: u64) {
-    if SPAWN_GATE.get(0).is_some_and(|open| *open != 0) {
-        let _ = SPAWNERS.remove(current);
-    }
-}
-
 /// `child` joins `run`, created by `creator` (a member), or as the root (`creator` is `None`).
 #[inline(always)]
 fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, creator: Option<&TaskMember>) {
@@ -1048,7 +1039,6 @@ pub fn sched_process_exit_no_atomics(_ctx: RawTracePointContext) -> i32 {
 fn on_exit<const ATOMICS: bool>() -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
-    forget_spawner(current);
     let Some(member) = member_or_adopted::<ATOMICS>(current) else {
         return 0;
     };

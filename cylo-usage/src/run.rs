@@ -266,8 +266,8 @@ pub(crate) struct PendingSpawn {
 impl PendingSpawn {
     /// The client has created its child (`created`) or failed to: closes the gate, forgets a
     /// registration the fork did not consume, and returns the run if its root joined and is
-    /// a child of process `parent` (the client: a registered thread that exited before it
-    /// forked could have left its `task_struct` address to a stranger's new task).
+    /// a child of process `parent` while it lives (the client: a registered thread that exited
+    /// before it forked could have left its `task_struct` address to a stranger's new task).
     pub(crate) fn finish(mut self, created: bool, parent: u32) -> Result<Run, SessionError> {
         let mut run = self.run.take().expect("finished once");
         let inner = run.inner.clone();
@@ -292,8 +292,8 @@ impl PendingSpawn {
             .live_members()?
             .into_iter()
             .find(|m| m.signal == c.root_signal);
-        // A root that has already ended (and left the membership map) was checked by the
-        // kernel: a registration dies with its thread, so no stranger's task inherits it.
+        // A root that has already ended (and left the membership map) cannot be checked here
+        // any more (see the README's threat model for what that leaves open).
         let Some(m) = root else {
             return Ok(run);
         };
