@@ -356,20 +356,7 @@ impl Tracker {
         let flags = options.run_flags();
         let slot = claim_slot(&mut inner.maps(), flags, options.max_tasks)?;
         let started_ns = monotonic_ns();
-        let mut run = Run {
-            inner: inner.clone(),
-            slot,
-            origin: Origin::Remote,
-            root_pid: 0,
-            pidfd: None,
-            started_ns,
-            root_status: None,
-            tree: None,
-            attaching: false,
-            timed_out: false,
-            exited_unrecorded: 0,
-            breakdown: false,
-        };
+        let mut run = Run::new(inner.clone(), slot, Origin::Remote, 0, None, started_ns);
         run.start_records(options, started_ns);
         let mut maps = inner.maps();
         let code = inner
@@ -419,20 +406,7 @@ impl Tracker {
         let flags = options.run_flags();
         let slot = claim_slot(&mut inner.maps(), flags, options.max_tasks)?;
         let started_ns = monotonic_ns();
-        let mut run = Run {
-            inner: inner.clone(),
-            slot,
-            origin: Origin::Attached,
-            root_pid: 0,
-            pidfd: None,
-            started_ns,
-            root_status: None,
-            tree: None,
-            attaching: false,
-            timed_out: false,
-            exited_unrecorded: 0,
-            breakdown: false,
-        };
+        let mut run = Run::new(inner.clone(), slot, Origin::Attached, 0, None, started_ns);
         run.start_records(options, started_ns);
         // Declared after `run`, so that it is released before `run` is dropped on an error.
         let mut maps = inner.maps();
@@ -502,20 +476,14 @@ impl Tracker {
         let flags = options.run_flags();
         let started_ns = monotonic_ns();
         let slot = claim_slot(&mut inner.maps(), flags, options.max_tasks)?;
-        let mut run = Run {
-            inner: inner.clone(),
+        let mut run = Run::new(
+            inner.clone(),
             slot,
-            origin: Origin::Attached,
-            root_pid: pid,
-            pidfd: Some(pidfd),
+            Origin::Attached,
+            pid,
+            Some(pidfd),
             started_ns,
-            root_status: None,
-            tree: None,
-            attaching: false,
-            timed_out: false,
-            exited_unrecorded: 0,
-            breakdown: false,
-        };
+        );
         run.start_records(options, started_ns);
         run.set_attaching(true)?;
         let adopted = crate::attach::adopt_tree(&inner, slot, &target);
@@ -593,6 +561,31 @@ impl Run {
 }
 
 impl Run {
+    /// A run in slot `slot`, started (spawned, attached, or registered) at `started_ns`.
+    fn new(
+        inner: Arc<Inner>,
+        slot: u32,
+        origin: Origin,
+        root_pid: u32,
+        pidfd: Option<OwnedFd>,
+        started_ns: u64,
+    ) -> Run {
+        Run {
+            inner,
+            slot,
+            origin,
+            root_pid,
+            pidfd,
+            started_ns,
+            root_status: None,
+            tree: None,
+            attaching: false,
+            timed_out: false,
+            exited_unrecorded: 0,
+            breakdown: false,
+        }
+    }
+
     /// The run's slot in the kernel.
     pub(crate) fn slot(&self) -> u32 {
         self.slot

@@ -305,15 +305,11 @@ fn attach(
     program: &'static str,
     tracepoint: &'static str,
 ) -> Result<(), LoadError> {
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut(program)
-        .ok_or(LoadError::MissingProgram { name: program })?
-        .try_into()
-        .map_err(|source| LoadError::Attach {
-            program,
-            tracepoint,
-            source,
-        })?;
+    let prog: &mut RawTracePoint = program_as(ebpf, program, |source| LoadError::Attach {
+        program,
+        tracepoint,
+        source,
+    })?;
     // Loaded already when `preload` verified it.
     let loaded = if prog.fd().is_ok() {
         Ok(())
@@ -354,6 +350,21 @@ fn preload(ebpf: &mut Ebpf, names: &[&str]) {
     });
 }
 
+/// Program `name` of the object as its kind `T` (`err` names the hook it is for).
+fn program_as<'e, T>(
+    ebpf: &'e mut Ebpf,
+    name: &'static str,
+    err: impl FnOnce(ProgramError) -> LoadError,
+) -> Result<&'e mut T, LoadError>
+where
+    &'e mut T: TryFrom<&'e mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoadError::MissingProgram { name })?
+        .try_into()
+        .map_err(err)
+}
+
 /// Loads the never-attached `control` program and returns a handle to run it.
 fn load_control(ebpf: &mut Ebpf, program: &'static str) -> Result<ProgramFd, LoadError> {
     let err = |source| LoadError::Attach {
@@ -361,11 +372,7 @@ fn load_control(ebpf: &mut Ebpf, program: &'static str) -> Result<ProgramFd, Loa
         tracepoint: "(none: run by userspace)",
         source,
     };
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut(program)
-        .ok_or(LoadError::MissingProgram { name: program })?
-        .try_into()
-        .map_err(err)?;
+    let prog: &mut RawTracePoint = program_as(ebpf, program, err)?;
     prog.load().map_err(err)?;
     let fd = prog.fd().map_err(err)?;
     fd.try_clone().map_err(|source| LoadError::Control {
@@ -408,11 +415,7 @@ fn attach_fexit(
         function,
         source,
     };
-    let prog: &mut FExit = ebpf
-        .program_mut(program)
-        .ok_or(LoadError::MissingProgram { name: program })?
-        .try_into()
-        .map_err(err)?;
+    let prog: &mut FExit = program_as(ebpf, program, err)?;
     let link = prog
         .load(function, btf)
         .and_then(|()| prog.attach())
@@ -844,11 +847,7 @@ impl Tracker {
                         tracepoint,
                         source,
                     };
-                    let prog: &mut RawTracePoint = ebpf
-                        .program_mut(program)
-                        .ok_or(LoadError::MissingProgram { name: program })?
-                        .try_into()
-                        .map_err(err)?;
+                    let prog: &mut RawTracePoint = program_as(ebpf, program, err)?;
                     prog.detach(id).map_err(err)?;
                 }
                 Hook::Function {
@@ -864,11 +863,7 @@ impl Tracker {
                         function,
                         source,
                     };
-                    let prog: &mut FExit = ebpf
-                        .program_mut(program)
-                        .ok_or(LoadError::MissingProgram { name: program })?
-                        .try_into()
-                        .map_err(err)?;
+                    let prog: &mut FExit = program_as(ebpf, program, err)?;
                     // The kernel cannot attach an fexit program to a kernel function again
                     // once its link is gone (its trampoline target went with it): unloaded
                     // now, loaded again by `attach_hooks`.
@@ -900,11 +895,7 @@ impl Tracker {
                         tracepoint,
                         source,
                     };
-                    let prog: &mut RawTracePoint = ebpf
-                        .program_mut(program)
-                        .ok_or(LoadError::MissingProgram { name: program })?
-                        .try_into()
-                        .map_err(err)?;
+                    let prog: &mut RawTracePoint = program_as(ebpf, program, err)?;
                     *link = Some(prog.attach(tracepoint).map_err(err)?);
                 }
                 Hook::Function {
@@ -924,11 +915,7 @@ impl Tracker {
                         function,
                         source,
                     };
-                    let prog: &mut FExit = ebpf
-                        .program_mut(program)
-                        .ok_or(LoadError::MissingProgram { name: program })?
-                        .try_into()
-                        .map_err(err)?;
+                    let prog: &mut FExit = program_as(ebpf, program, err)?;
                     prog.load(function, btf).map_err(err)?;
                     *link = Some(prog.attach().map_err(err)?);
                 }

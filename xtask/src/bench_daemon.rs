@@ -163,6 +163,18 @@ struct Row {
 }
 
 impl Row {
+    fn new(name: String, goal: Option<(&'static str, f64)>, added: bool) -> Row {
+        Row {
+            name,
+            a: vec![],
+            b: vec![],
+            a_share: vec![],
+            b_share: vec![],
+            goal,
+            added,
+        }
+    }
+
     fn line(&self) -> String {
         let (a, b) = (Stats::of(&self.a), Stats::of(&self.b));
         let figure = if self.added {
@@ -210,15 +222,11 @@ pub(crate) fn daemon_costs(bins: &Bins, storm: u64, runs: usize, out_dir: &Path)
     let mut notes = String::new();
 
     // Idle: the storm with no daemon, and with a daemon that has no session (hooks detached).
-    let mut idle = Row {
-        name: format!("untracked storm {storm}: no daemon → idle daemon"),
-        a: vec![],
-        b: vec![],
-        a_share: vec![],
-        b_share: vec![],
-        goal: Some(("≤ 1.01×", 1.01)),
-        added: false,
-    };
+    let mut idle = Row::new(
+        format!("untracked storm {storm}: no daemon → idle daemon"),
+        Some(("≤ 1.01×", 1.01)),
+        false,
+    );
     let mut reattach_ns = Vec::new();
     let mut idle_calls = 0;
     for i in 0..=runs {
@@ -259,15 +267,11 @@ pub(crate) fn daemon_costs(bins: &Bins, storm: u64, runs: usize, out_dir: &Path)
     let daemon = Daemon::start(bins, out_dir)?;
     // 16 sessions against 1 in the daemon: the untracked storm pays for one program set.
     {
-        let mut row = Row {
-            name: format!("untracked storm {storm}: 1 → {CROWD} daemon sessions"),
-            a: vec![],
-            b: vec![],
-            a_share: vec![],
-            b_share: vec![],
-            goal: Some(("≤ 1.01×", 1.01)),
-            added: false,
-        };
+        let mut row = Row::new(
+            format!("untracked storm {storm}: 1 → {CROWD} daemon sessions"),
+            Some(("≤ 1.01×", 1.01)),
+            false,
+        );
         let base = crowd(1, || daemon.client(bins, &[]))?;
         for i in 0..=runs {
             let (wa, ra) = with_costs(&mut storm_cmd())?;
@@ -286,15 +290,11 @@ pub(crate) fn daemon_costs(bins: &Bins, storm: u64, runs: usize, out_dir: &Path)
     }
     // The same with in-process trackers, for contrast.
     {
-        let mut row = Row {
-            name: format!("untracked storm {storm}: 1 → {CROWD} in-process trackers"),
-            a: vec![],
-            b: vec![],
-            a_share: vec![],
-            b_share: vec![],
-            goal: None,
-            added: false,
-        };
+        let mut row = Row::new(
+            format!("untracked storm {storm}: 1 → {CROWD} in-process trackers"),
+            None,
+            false,
+        );
         let make = || {
             let mut c = Command::new(&bins.tracker);
             c.env("CYLO_USAGE_SOCKET", "/nonexistent/cylo-usage-bench.sock");
@@ -318,15 +318,11 @@ pub(crate) fn daemon_costs(bins: &Bins, storm: u64, runs: usize, out_dir: &Path)
     }
     // One tracked command's fixed cost through the daemon (idle: it re-attaches the hooks).
     {
-        let mut row = Row {
-            name: "`run -- /bin/true` through the daemon vs bare".to_string(),
-            a: vec![],
-            b: vec![],
-            a_share: vec![],
-            b_share: vec![],
-            goal: Some(("≤ 5 ms added", 5.0)),
-            added: true,
-        };
+        let mut row = Row::new(
+            "`run -- /bin/true` through the daemon vs bare".to_string(),
+            Some(("≤ 5 ms added", 5.0)),
+            true,
+        );
         for i in 0..=runs * 2 {
             let wa = time(&mut Command::new("/bin/true"))?;
             let wb =
@@ -341,15 +337,11 @@ pub(crate) fn daemon_costs(bins: &Bins, storm: u64, runs: usize, out_dir: &Path)
     // The tracked storm: through the daemon against in-process, by the wall time each
     // reports itself (spawn to last exit: the in-process start-up left out).
     {
-        let mut row = Row {
-            name: format!("tracked storm {storm}: in-process → daemon (reported wall)"),
-            a: vec![],
-            b: vec![],
-            a_share: vec![],
-            b_share: vec![],
-            goal: Some(("≤ 1.01×", 1.01)),
-            added: false,
-        };
+        let mut row = Row::new(
+            format!("tracked storm {storm}: in-process → daemon (reported wall)"),
+            Some(("≤ 1.01×", 1.01)),
+            false,
+        );
         let report = out_dir.join("daemon-storm.json");
         let tracked = |via_daemon: bool| -> Result<(Duration, f64)> {
             let mut c = if via_daemon {
