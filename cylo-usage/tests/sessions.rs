@@ -494,8 +494,9 @@ fn the_tracker_works_inside_its_own_pid_namespace() {
     let shown: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
     let ps = u["processes"].as_array().unwrap();
     assert_eq!(ps[0]["pid"], shown);
-    // The tracker is pid 1 and its threads come next: a pid of its own namespace.
-    assert!(shown < 10, "{shown}");
+    // The tracker is pid 1 and its threads (loader, verifiers, readers: about ten) come
+    // next: a pid of its own namespace, not one of the host's.
+    assert!(shown < 32, "{shown}");
     assert!(
         ps.iter().all(|p| p["ns_pid"].is_null()),
         "pids as its namespace sees them"
