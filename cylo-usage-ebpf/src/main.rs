@@ -286,21 +286,11 @@ fn notify(run: u32, kind: u32, counters: &mut RunCounters) {
 /// never taken and removes what it guards, so with logging off they cost nothing, not even a
 /// test. Never on a hot path.
 ///
-/// A rare path notes what it lost ([`lost`]) in a per-CPU record; the handler's entry point
-/// logs it on its way out ([`diag_flush`]): one log statement per program, which the verifier
-/// walks once rather than once per path that loses something.
-mod diag_kind {
-    pub const TASKS_FULL: u32 = 1;
-    pub const PROCS_FULL: u32 = 2;
-    pub const MMS_FULL: u32 = 3;
-    pub const DEVS_FULL: u32 = 4;
-    pub const RECORDS_FULL: u32 = 5;
-    pub const EVENTS_FULL: u32 = 6;
-    pub const READ_NEW_TASK: u32 = 7;
-    pub const READ_CPU: u32 = 8;
-    pub const READ_BIO: u32 = 9;
-    pub const READ_SOCKET: u32 = 10;
-}
+/// A rare path notes what it lost ([`lost`]: three stores) in a per-CPU record; the
+/// handler's entry point logs it on its way out ([`diag_flush`]): one small log statement per
+/// program, of numbers and the comm, which the verifier walks once rather than once per path
+/// that loses something. The reason's text is userspace's (`cylo_usage_abi::diag::text`).
+pub(crate) use cylo_usage_abi::diag as diag_kind;
 
 /// What a rare path lost, until its handler logs it.
 #[repr(C)]
@@ -310,56 +300,6 @@ struct Diag {
     run: u32,
     tid: u32,
     _pad: u32,
-    comm: [u8; 16],
-    /// What was lost, padded with spaces (the reader squeezes them).
-    msg: [u8; DIAG_MSG],
-}
-
-/// Bytes of a diagnostic's message: a fixed length keeps the log statement's size a
-/// constant, which the verifier walks once.
-const DIAG_MSG: usize = 80;
-
-/// Writes the message of diagnostic `kind` into `msg`, padded with spaces.
-#[inline(always)]
-fn diag_msg(msg: &mut [u8; DIAG_MSG], kind: u32) {
-    use diag_kind::*;
-    /// Copies a text of constant length (a few stores, nothing to loop over).
-    #[inline(always)]
-    fn put<const N: usize>(msg: &mut [u8; DIAG_MSG], text: &[u8; N]) {
-        msg[..N].copy_from_slice(text);
-    }
-    *msg = [b' '; DIAG_MSG];
-    match kind {
-        TASKS_FULL => put(msg, b"TASKS is full: a thread is not followed"),
-        PROCS_FULL => put(msg, b"PROCS is full: a process is not followed"),
-        MMS_FULL => put(
-            msg,
-            b"MMS is full: an address space's memory is not followed",
-        ),
-        DEVS_FULL => put(msg, b"DEVS is full: block I/O is lost"),
-        RECORDS_FULL => put(msg, b"the RECORDS ring buffer is full: a record is lost"),
-        EVENTS_FULL => put(
-            msg,
-            b"the EVENTS ring buffer is full: a notification is lost",
-        ),
-        READ_NEW_TASK => put(
-            msg,
-            b"reading task_struct.signal or start_boottime failed: not followed",
-        ),
-        READ_CPU => put(
-            msg,
-            b"reading task_struct.se.sum_exec_runtime/utime/stime failed: CPU lost",
-        ),
-        READ_BIO => put(
-            msg,
-            b"reading bio.bi_opf, bi_size or its device failed: block I/O lost",
-        ),
-        READ_SOCKET => put(
-            msg,
-            b"reading the socket's family, type or protocol failed: bytes lost",
-        ),
-        _ => put(msg, b"?"),
-    }
 }
 
 #[map]
@@ -377,26 +317,6 @@ fn current_tid() -> u32 {
     bpf_get_current_pid_tgid() as u32
 }
 
-/// The current thread's comm as 16 printable ASCII bytes: padded with spaces after its end,
-/// any other byte shown as `?`. A fixed length keeps the log statement's size a constant,
-/// which the verifier walks once (a variable-length string made it walk every length).
-#[inline(always)]
-fn current_comm() -> [u8; 16] {
-    let mut comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    let mut end = false;
-    for b in comm.iter_mut() {
-        end |= *b == 0;
-        *b = if end {
-            b' '
-        } else if (0x20..0x7f).contains(b) {
-            *b
-        } else {
-            b'?'
-        };
-    }
-    comm
-}
-
 /// Something of `run` is lost (`lost_events` + 1), for the reason `kind` (`diag_kind`);
 /// `tid` is the thread concerned (0: the current one).
 #[inline(always)]
@@ -406,17 +326,16 @@ fn lost(kind: u32, run: u32, tid: u32, counters: &mut RunCounters) {
         return;
     }
     if let Some(d) = DIAG.get_ptr_mut(0) {
-        // SAFETY: per-CPU map value pointer; written in place (the stack is small).
+        // SAFETY: per-CPU map value pointer; written in place.
         let d = unsafe { &mut *d };
         d.kind = kind;
         d.run = run;
-        d.tid = if tid == 0 { current_tid() } else { tid };
-        d.comm = current_comm();
-        diag_msg(&mut d.msg, kind);
+        d.tid = tid;
     }
 }
 
-/// Logs what the handler noted as lost, if anything (see [`diag_kind`]).
+/// Logs what the handler noted as lost, if anything (see [`diag_kind`]): `lost KIND RUN TID
+/// COMM`, which userspace writes out in words.
 #[inline(always)]
 fn diag_flush() {
     if !logging() {
@@ -427,19 +346,24 @@ fn diag_flush() {
     };
     // SAFETY: per-CPU map value pointer.
     let d = unsafe { &mut *d };
-    if d.kind == 0 {
+    let kind = d.kind;
+    if kind == 0 {
         return;
     }
     d.kind = 0;
-    let (run, tid) = (d.run, d.tid);
-    // SAFETY: `diag_msg` and `current_comm` leave only printable ASCII.
-    let (msg, comm) = unsafe {
-        (
-            core::str::from_utf8_unchecked(&d.msg),
-            core::str::from_utf8_unchecked(&d.comm),
-        )
-    };
-    aya_log_ebpf::debug!(&(), "run {}: {} (thread {} {})", run, msg, tid, comm);
+    let (run, tid) = (d.run, if d.tid == 0 { current_tid() } else { d.tid });
+    // The comm as two numbers (its bytes, little-endian), which userspace turns into text:
+    // cheaper to verify than a string, and any byte the thread put there stays harmless.
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    let (lo, hi) = (
+        u64::from_le_bytes([
+            comm[0], comm[1], comm[2], comm[3], comm[4], comm[5], comm[6], comm[7],
+        ]),
+        u64::from_le_bytes([
+            comm[8], comm[9], comm[10], comm[11], comm[12], comm[13], comm[14], comm[15],
+        ]),
+    );
+    aya_log_ebpf::debug!(&(), "lost {} {} {} {} {}", kind, run, tid, lo, hi);
 }
 
 #[inline(always)]

@@ -44,7 +44,7 @@ pub(crate) fn start(ebpf: &mut Ebpf, level: u8) -> Option<Reader> {
         return None;
     }
     let started = std::time::Instant::now();
-    let mut logger = match aya_log::EbpfLogger::init_with_logger(ebpf, Squeeze) {
+    let mut logger = match aya_log::EbpfLogger::init_with_logger(ebpf, Describe) {
         Ok(l) => l,
         Err(e) => {
             log::warn!("the eBPF programs' log cannot be read: {e}");
@@ -101,27 +101,57 @@ pub(crate) fn start(ebpf: &mut Ebpf, level: u8) -> Option<Reader> {
     })
 }
 
-/// Hands records on to `log`'s logger with runs of spaces squeezed: the programs pad their
-/// strings to fixed lengths, which keeps their log statement cheap to verify.
-struct Squeeze;
+/// Hands the programs' records on to `log`'s logger, their diagnostics
+/// (`lost KIND RUN TID COMM-LO COMM-HI`, numbers being cheaper to verify than text) written
+/// out in words.
+struct Describe;
 
-impl log::Log for Squeeze {
+/// `lost KIND RUN TID COMM-LO COMM-HI` in words: `run RUN: what was lost (thread TID COMM)`.
+/// The comm's bytes are the traced thread's choice: anything but printable ASCII is shown
+/// as `?`. None for any other text.
+fn describe(text: &str) -> Option<String> {
+    use cylo_usage_abi::diag;
+    let fields = text.strip_prefix(diag::RECORD_PREFIX)?;
+    let n: Vec<u64> = fields
+        .split(' ')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let [kind, run, tid, lo, hi] = n[..] else {
+        return None;
+    };
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&lo.to_le_bytes());
+    bytes[8..].copy_from_slice(&hi.to_le_bytes());
+    let comm: String = bytes
+        .iter()
+        .take_while(|&&b| b != 0)
+        .map(|&b| {
+            if (0x20..0x7f).contains(&b) {
+                b as char
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    let kind = u32::try_from(kind).unwrap_or(u32::MAX);
+    Some(format!(
+        "run {run}: {} (thread {tid} {comm})",
+        diag::text(kind)
+    ))
+}
+
+impl log::Log for Describe {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
         log::logger().enabled(metadata)
     }
 
     fn log(&self, record: &log::Record) {
         let text = record.args().to_string();
-        let mut squeezed = String::with_capacity(text.len());
-        for c in text.chars() {
-            if !(c == ' ' && squeezed.ends_with(' ')) {
-                squeezed.push(c);
-            }
-        }
-        let squeezed = squeezed.replace(" )", ")");
+        let text = describe(&text).unwrap_or(text);
         log::logger().log(
             &log::Record::builder()
-                .args(format_args!("{}", squeezed.trim_end()))
+                .args(format_args!("{text}"))
                 .level(record.level())
                 .target(record.target())
                 .module_path(record.module_path())
@@ -144,5 +174,33 @@ impl Drop for Reader {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[test]
+    fn a_diagnostic_is_written_out_in_words() {
+        // "cylo-usage-work" and "a\x01b\n", as the comm's two little-endian words.
+        let lo = u64::from_le_bytes(*b"cylo-usa");
+        let hi = u64::from_le_bytes(*b"ge-work\0");
+        assert_eq!(
+            describe(&format!("lost 1 3 4242 {lo} {hi}")).unwrap(),
+            "run 3: TASKS is full: a thread is not followed (thread 4242 cylo-usage-work)"
+        );
+        let lo = u64::from_le_bytes(*b"a\x01b\n\0\0\0\0");
+        assert_eq!(
+            describe(&format!("lost 99 0 1 {lo} 0")).unwrap(),
+            "run 0: something was lost (an unknown diagnostic) (thread 1 a?b?)"
+        );
+    }
+
+    #[test]
+    fn other_text_is_left_alone() {
+        assert_eq!(describe("hello"), None);
+        assert_eq!(describe("lost 1 2 3"), None);
+        assert_eq!(describe("lost 1 2 3 x 5"), None);
     }
 }

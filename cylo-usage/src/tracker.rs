@@ -575,9 +575,9 @@ impl Tracker {
         if !crate::ebpf_log::enabled(*level) {
             return Self::load_at(&mut loader, offsets, options, level);
         }
-        // With their log statements in, the programs take the verifier longer: an older one
-        // refuses them (5.10: too complex) or the variant with atomics. Logging must never
-        // change what loads and what is measured: without them, then.
+        // With their log statements in, the programs take the verifier longer: a kernel may
+        // refuse them, or only the variant with atomics. Logging must never change what loads
+        // and what is measured: without them, then.
         let quiet = crate::ebpf_log::level_off();
         match Self::load_at(&mut loader, offsets, options, level) {
             Ok(t) if t.inner.measured.atomics => Ok(t),
@@ -589,8 +589,13 @@ impl Tracker {
                         "the eBPF programs' log statements are left out: with them this \
                          kernel's verifier refused the handlers with atomics"
                     );
+                    return Ok(retry);
                 }
-                Ok(retry)
+                // No atomics either way (a kernel without them, 5.10): the statements change
+                // nothing that is measured, so they go back in.
+                drop(retry);
+                Self::load_at(&mut loader, offsets, options, level)
+                    .or_else(|_| Self::load_at(&mut loader, offsets, options, quiet))
             }
             Err(e) => {
                 log::warn!(

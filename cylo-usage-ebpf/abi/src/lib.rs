@@ -591,6 +591,43 @@ impl RunCounters {
     }
 }
 
+/// Why a handler lost something (a run's `lost_events`), as its aya-log record names it
+/// while logging is on: the programs log the number, userspace the text ([`diag::text`]), so
+/// that no handler carries the text, which made their log statements too big to verify on
+/// older kernels.
+pub mod diag {
+    pub const TASKS_FULL: u32 = 1;
+    pub const PROCS_FULL: u32 = 2;
+    pub const MMS_FULL: u32 = 3;
+    pub const DEVS_FULL: u32 = 4;
+    pub const RECORDS_FULL: u32 = 5;
+    pub const EVENTS_FULL: u32 = 6;
+    pub const READ_NEW_TASK: u32 = 7;
+    pub const READ_CPU: u32 = 8;
+    pub const READ_BIO: u32 = 9;
+    pub const READ_SOCKET: u32 = 10;
+
+    /// The first word of the programs' diagnostic records: `lost KIND RUN TID COMM`.
+    pub const RECORD_PREFIX: &str = "lost ";
+
+    /// What diagnostic `kind` means.
+    pub const fn text(kind: u32) -> &'static str {
+        match kind {
+            TASKS_FULL => "TASKS is full: a thread is not followed",
+            PROCS_FULL => "PROCS is full: a process is not followed",
+            MMS_FULL => "MMS is full: an address space's memory is not followed",
+            DEVS_FULL => "DEVS is full: block I/O is lost",
+            RECORDS_FULL => "the RECORDS ring buffer is full: a record is lost",
+            EVENTS_FULL => "the EVENTS ring buffer is full: a notification is lost",
+            READ_NEW_TASK => "reading task_struct.signal or start_boottime failed: not followed",
+            READ_CPU => "reading task_struct.se.sum_exec_runtime/utime/stime failed: CPU lost",
+            READ_BIO => "reading bio.bi_opf, bi_size or its device failed: block I/O lost",
+            READ_SOCKET => "reading the socket's family, type or protocol failed: bytes lost",
+            _ => "something was lost (an unknown diagnostic)",
+        }
+    }
+}
+
 /// Kinds of [`Event`].
 pub mod event_kind {
     /// The last thread of a run has exited (may come twice when the last two exit together).
