@@ -57,6 +57,25 @@ pub(super) fn clean_line(raw: &str) -> String {
     }
 }
 
+/// A kernel message of `line` that says something went wrong, without its timestamp and
+/// with its varying numbers left as they are (`soft lockup - CPU#1 stuck for 26s!`).
+fn kernel_report(line: &str) -> Option<&str> {
+    const SIGNS: [&str; 5] = [
+        "BUG: ",
+        "WARNING: CPU: ",
+        "rcu: INFO: ",
+        "INFO: task ",
+        "Kernel panic",
+    ];
+    let at = SIGNS.iter().filter_map(|s| line.find(s)).min()?;
+    let report = line[at..].trim();
+    // The first words name the problem; the rest (seconds stuck, pids) varies.
+    Some(match report.find(" stuck for ") {
+        Some(i) => &report[..i],
+        None => report,
+    })
+}
+
 /// Parses the serial console: markers from `/init` and libtest's output in between.
 pub(super) fn parse_console(lines: &[String], timed_out: bool) -> Parsed {
     let mut p = Parsed::default();
@@ -115,6 +134,14 @@ pub(super) fn parse_console(lines: &[String], timed_out: bool) -> Parsed {
             text.push_str(line);
             text.push('\n');
             continue;
+        }
+        if let Some(report) = kernel_report(line)
+            && !p.notes.iter().any(|n| n.ends_with(report))
+            && p.notes.len() < 16
+        {
+            // What the guest kernel said went wrong (a lockup, a stall, a splat): the first
+            // of each, so that a hung guest says why.
+            p.notes.push(format!("the guest kernel: {report}"));
         }
         let Some(b) = current.as_mut() else { continue };
         if line.starts_with("test result:") {
@@ -233,5 +260,24 @@ mod tests {
         let features = p.features.unwrap();
         assert_eq!(features["fork"]["how"], "raw_tracepoint");
         assert_eq!(features["features"][0]["counter"], "cpu");
+    }
+
+    #[test]
+    fn a_hung_guest_says_what_its_kernel_reported() {
+        let p = parse_console(
+            &lines(
+                "@@vm-test@@ begin x\n\
+                 test a ... [  716.8] watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [cylo-usage:18245]\n\
+                 [  744.8] watchdog: BUG: soft lockup - CPU#0 stuck for 52s! [cylo-usage:18245]\n",
+            ),
+            true,
+        );
+        assert_eq!(
+            p.notes[0], "the guest kernel: BUG: soft lockup - CPU#0",
+            "{:?}",
+            p.notes
+        );
+        assert_eq!(p.notes.len(), 2, "{:?}", p.notes);
+        assert_eq!(p.binaries[0].tests[0].status, Status::Failed);
     }
 }
