@@ -54,7 +54,7 @@ use cylo_usage_abi::{
     ABSENT, ADOPT_ANCESTORS, ARGV_BYTES, CLONE_THREAD, DEFAULT_MAX_MMS, DEFAULT_MAX_PROCS,
     DEFAULT_MAX_TASKS, DevCounters, DevKey, EVENTS_BYTES, Event, FILTER_SLOTS, MAX_DEVS, MAX_RUNS,
     MAX_SPAWNERS, MmMember, Offsets, ProcExec, ProcExit, ProcMember, ProcStart, RECORDS_BYTES,
-    ROOT_ENDED, RSS_MEMBERS, RecordHeader, RunControl, RunCounters, TaskMember, ThreadEnd,
+    ROOT_ENDED, RSS_MEMBERS, RecordHeader, RunControl, RunCounters, Spawner, TaskMember, ThreadEnd,
     TrackerInfo, control, event_kind, filter_slot, proc_flags, record_kind, run_flags,
 };
 
@@ -107,9 +107,9 @@ static DEVS: HashMap<DevKey, DevCounters> = HashMap::with_max_entries(MAX_DEVS, 
 static RUNS: Array<RunCounters> = Array::with_max_entries(MAX_RUNS, 0);
 
 /// Userspace threads (by `task_struct` address) whose next new task is the root of a run
-/// (value: slot).
+/// (the run's slot, and the thread's start time: see [`Spawner`]).
 #[map]
-static SPAWNERS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SPAWNERS, 0);
+static SPAWNERS: HashMap<u64, Spawner> = HashMap::with_max_entries(MAX_SPAWNERS, 0);
 
 /// Index 0: number of entries userspace has put in `SPAWNERS`. While it is 0 (nearly always),
 /// an untracked fork looks nothing else up.
@@ -473,10 +473,12 @@ fn spawner_run(current: u64) -> Option<u32> {
         return None;
     }
     // SAFETY: the value is copied out before the entry is removed.
-    let run = *unsafe { SPAWNERS.get(current) }?;
-    // Only the first task this thread creates is the root.
+    let spawner = *unsafe { SPAWNERS.get(current) }?;
+    // Only the first task this thread creates is the root; and an entry whose thread is gone
+    // (another start time at the same address) is no one's.
     let _ = SPAWNERS.remove(current);
-    Some(run)
+    (read::<u64>(current, offset!(task_start_boottime)) == Some(spawner.start_boottime_ns))
+        .then_some(spawner.run)
 }
 
 /// `child` joins `run`, created by `creator` (a member), or as the root (`creator` is `None`).
@@ -1412,7 +1414,15 @@ fn on_control(ctx: RawTracePointContext) -> i32 {
             if a >= MAX_RUNS as u64 {
                 return control::E_INVAL;
             }
-            match SPAWNERS.insert(current, a as u32, 0) {
+            let Some(start) = read::<u64>(current, offset!(task_start_boottime)) else {
+                return control::E_INVAL;
+            };
+            let spawner = Spawner {
+                run: a as u32,
+                _pad: 0,
+                start_boottime_ns: start,
+            };
+            match SPAWNERS.insert(current, spawner, 0) {
                 Ok(()) => 0,
                 Err(_) => control::E_FULL,
             }
@@ -1437,7 +1447,15 @@ fn on_control(ctx: RawTracePointContext) -> i32 {
             if read::<u64>(task, offset!(task_signal)) == Some(info.signal) {
                 return control::E_SELF;
             }
-            match SPAWNERS.insert(task, run as u32, 0) {
+            let Some(start) = read::<u64>(task, offset!(task_start_boottime)) else {
+                return control::E_INVAL;
+            };
+            let spawner = Spawner {
+                run: run as u32,
+                _pad: 0,
+                start_boottime_ns: start,
+            };
+            match SPAWNERS.insert(task, spawner, 0) {
                 Ok(()) => 0,
                 Err(_) => control::E_FULL,
             }

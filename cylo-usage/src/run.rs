@@ -274,7 +274,7 @@ impl PendingSpawn {
         {
             let mut maps = inner.maps();
             let slot = run.slot;
-            remove_where(&mut maps.spawners, |&r| r == slot);
+            remove_where(&mut maps.spawners, |s| s.run == slot);
             if std::mem::take(&mut self.gate_open) {
                 move_spawn_gate(&mut maps, false)?;
             }
@@ -333,7 +333,7 @@ impl Drop for PendingSpawn {
         if let Some(run) = &self.run {
             let mut maps = run.inner.maps();
             let slot = run.slot;
-            remove_where(&mut maps.spawners, |&r| r == slot);
+            remove_where(&mut maps.spawners, |s| s.run == slot);
             if self.gate_open {
                 let _ = move_spawn_gate(&mut maps, false);
             }

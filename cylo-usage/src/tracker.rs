@@ -99,7 +99,7 @@ pub(crate) struct Maps {
     pub mms: HashMap<MapData, u64, MmMember>,
     pub devs: HashMap<MapData, DevKey, DevCounters>,
     pub runs: Array<MapData, RunCounters>,
-    pub spawners: HashMap<MapData, u64, u32>,
+    pub spawners: HashMap<MapData, u64, cylo_usage_abi::Spawner>,
     pub spawn_gate: Array<MapData, u64>,
     pub adopt_gate: Array<MapData, u64>,
     pub run_control: Array<MapData, RunControl>,

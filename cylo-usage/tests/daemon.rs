@@ -850,6 +850,69 @@ fn a_thread_of_another_process_is_never_registered() {
     assert_exact(&json(&out));
 }
 
+/// A registered thread that exits without forking leaves its registration until the client
+/// confirms or 10 s pass. A new task that the kernel puts at the same `task_struct` address
+/// (which it soon does: the slab hands freed objects out again, first on the same CPU) is not
+/// that thread: its forks never join the session.
+#[test]
+fn a_registration_outliving_its_thread_is_no_one_elses() {
+    if !privileged() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let daemon = Daemon::start("outlived", &[]);
+    let s = UnixStream::connect(&daemon.socket).unwrap();
+    let mut s2 = s.try_clone().unwrap();
+    s2.write_all(&frame(br#"{"op":"hello","version":1}"#))
+        .unwrap();
+    assert_eq!(reply(&mut s2).unwrap()["reply"], "hello");
+    // Registered from a thread that then exits without creating anything.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let registered = std::thread::spawn(move || {
+        let me = std::fs::File::open("/proc/thread-self").unwrap();
+        cylo_usage::daemon::protocol::send_frame(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            br#"{"op":"spawn","options":{}}"#,
+            &[std::os::fd::AsRawFd::as_raw_fd(&me)],
+        )
+        .unwrap();
+        // Alive until the daemon has registered it.
+        let _ = done_rx.recv();
+    });
+    let r = reply(&mut s2).unwrap();
+    let _ = done_tx.send(());
+    registered.join().unwrap();
+    assert_eq!(r["reply"], "prepared", "{r}");
+    let session = r["session"].as_u64().unwrap();
+    // Its task_struct is freed after an RCU grace period; then new threads, each forking a
+    // child, take the freed objects again.
+    std::thread::sleep(Duration::from_millis(100));
+    for _ in 0..300 {
+        std::thread::spawn(|| {
+            // SAFETY: the child only calls _exit; the parent reaps it.
+            unsafe {
+                let pid = libc::fork();
+                if pid == 0 {
+                    libc::_exit(0);
+                }
+                if pid > 0 {
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
+            }
+        })
+        .join()
+        .unwrap();
+    }
+    // Nothing joined: confirming the spawn is refused, with no root.
+    let confirm = format!(r#"{{"op":"spawned","session":{session},"created":true}}"#);
+    s2.write_all(&frame(confirm.as_bytes())).unwrap();
+    let r = reply(&mut s2).unwrap();
+    assert_ne!(
+        r["reply"], "started",
+        "a stranger's fork was taken for the root: {r}"
+    );
+}
+
 #[test]
 fn the_shipped_systemd_units_are_valid() {
     let Ok(found) = Command::new("systemd-analyze").arg("--version").output() else {

@@ -628,6 +628,19 @@ pub mod diag {
     }
 }
 
+/// A `SPAWNERS` entry (keyed by the thread's `task_struct` address): the run whose root the
+/// thread's next new task is, and the thread's start time. A thread that exits before it forks
+/// leaves its entry behind until userspace removes it; a new task that reuses the address has
+/// another start time, so it is never taken for the registered thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spawner {
+    pub run: u32,
+    pub _pad: u32,
+    /// `task_struct.start_boottime` of the registered thread.
+    pub start_boottime_ns: u64,
+}
+
 /// Kinds of [`Event`].
 pub mod event_kind {
     /// The last thread of a run has exited (may come twice when the last two exit together).
@@ -777,5 +790,6 @@ mod pod {
     unsafe impl aya::Pod for super::DevKey {}
     unsafe impl aya::Pod for super::DevCounters {}
     unsafe impl aya::Pod for super::RunControl {}
+    unsafe impl aya::Pod for super::Spawner {}
     unsafe impl aya::Pod for super::TrackerInfo {}
 }
