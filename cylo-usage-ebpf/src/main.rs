@@ -481,6 +481,23 @@ fn spawner_run(current: u64) -> Option<u32> {
         .then_some(spawner.run)
 }
 
+/// Registers thread `task`: its next new task is the root of `run` (see [`Spawner`]).
+#[inline(always)]
+fn register_spawner(task: u64, run: u32) -> i32 {
+    let Some(start) = read::<u64>(task, offset!(task_start_boottime)) else {
+        return control::E_INVAL;
+    };
+    let spawner = Spawner {
+        run,
+        _pad: 0,
+        start_boottime_ns: start,
+    };
+    match SPAWNERS.insert(task, spawner, 0) {
+        Ok(()) => 0,
+        Err(_) => control::E_FULL,
+    }
+}
+
 /// `child` joins `run`, created by `creator` (a member), or as the root (`creator` is `None`).
 #[inline(always)]
 fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, creator: Option<&TaskMember>) {
@@ -1414,18 +1431,7 @@ fn on_control(ctx: RawTracePointContext) -> i32 {
             if a >= MAX_RUNS as u64 {
                 return control::E_INVAL;
             }
-            let Some(start) = read::<u64>(current, offset!(task_start_boottime)) else {
-                return control::E_INVAL;
-            };
-            let spawner = Spawner {
-                run: a as u32,
-                _pad: 0,
-                start_boottime_ns: start,
-            };
-            match SPAWNERS.insert(current, spawner, 0) {
-                Ok(()) => 0,
-                Err(_) => control::E_FULL,
-            }
+            register_spawner(current, a as u32)
         }
         control::UNSPAWN => {
             let _ = SPAWNERS.remove(current);
@@ -1447,18 +1453,7 @@ fn on_control(ctx: RawTracePointContext) -> i32 {
             if read::<u64>(task, offset!(task_signal)) == Some(info.signal) {
                 return control::E_SELF;
             }
-            let Some(start) = read::<u64>(task, offset!(task_start_boottime)) else {
-                return control::E_INVAL;
-            };
-            let spawner = Spawner {
-                run: run as u32,
-                _pad: 0,
-                start_boottime_ns: start,
-            };
-            match SPAWNERS.insert(task, spawner, 0) {
-                Ok(()) => 0,
-                Err(_) => control::E_FULL,
-            }
+            register_spawner(task, run as u32)
         }
         control::FORGET_MM => {
             forget_mm(a);
