@@ -10,7 +10,8 @@
 //!   process, the process is over (before its parent can reap it): its RSS high-water mark
 //!   is final, and it leaves its address space.
 //! - `sched_switch`: the last context switch of a dead task: its runtime and I/O accounting
-//!   are final, so they are added to the run and the task leaves it.
+//!   are final, so they are added to the run and the task leaves it. While a task killed at
+//!   birth is alive (`DOOMED_ALIVE`), any switch of it sends it SIGKILL.
 //! - `rss_stat`: an RSS counter of a tracked address space changed: the run's RSS follows it.
 //! - `block_bio_queue`: a tracked task submits block I/O: counted per device.
 //! - `control`: never attached; userspace runs it in its own context (`BPF_PROG_TEST_RUN`) to
@@ -22,6 +23,15 @@
 //! never depend on it. While a run is being attached to (`ADOPT_GATE` open), the hooks adopt a
 //! task of the tree that is not followed yet at its next fork, exec, exit or last switch.
 //! - socket sends and receives: see [`net`].
+//!
+//! Fail closed at a run's share: a task the run cannot follow within its share
+//! (`RunControl::max_tasks`) must not outlive a kill of the run. `task_newtask` runs after the
+//! fork's last signal check, too late to refuse it, and `bpf_send_signal` reaches only the
+//! current task: so the creator gets SIGKILL there, and the new task still joins the run,
+//! marked `DOOMED` (a kill of the run reaches it, its usage counts), and gets SIGKILL itself
+//! at its first context switch, fork or exec. Only when the maps are full is a new task not
+//! followed: its creator is killed, a new thread dies with it, and a new process is counted
+//! as escaped.
 //!
 //! The peaks and the memory counters need atomics that return the old value (BPF ISA v3,
 //! kernel 5.12): `task_newtask_no_atomics` and `sched_process_exit_no_atomics` do without
@@ -51,11 +61,12 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use cylo_usage_abi::{
-    ABSENT, ADOPT_ANCESTORS, ARGV_BYTES, CLONE_THREAD, DEFAULT_MAX_MMS, DEFAULT_MAX_PROCS,
-    DEFAULT_MAX_TASKS, DevCounters, DevKey, EVENTS_BYTES, Event, FILTER_SLOTS, MAX_DEVS, MAX_RUNS,
-    MAX_SPAWNERS, MmMember, Offsets, ProcExec, ProcExit, ProcMember, ProcStart, RECORDS_BYTES,
-    ROOT_ENDED, RSS_MEMBERS, RecordHeader, RunControl, RunCounters, Spawner, TaskMember, ThreadEnd,
-    TrackerInfo, control, event_kind, filter_slot, proc_flags, record_kind, run_flags,
+    ABSENT, ADOPT_ANCESTORS, ARGV_BYTES, CLONE_THREAD, Creds, DEFAULT_MAX_MMS, DEFAULT_MAX_PROCS,
+    DEFAULT_MAX_TASKS, DevCounters, DevKey, EVENTS_BYTES, Event, FILTER_SLOTS, GroupCpu,
+    KERNEL_SPLIT, MAX_DEVS, MAX_RUNS, MAX_SPAWNERS, MmMember, Offsets, ProcExec, ProcExit,
+    ProcMember, ProcStart, RECORDS_BYTES, ROOT_ENDED, RSS_MEMBERS, RecordHeader, RunControl,
+    RunCounters, Spawner, TaskMember, ThreadEnd, TrackerInfo, control, cputime_split, creds_known,
+    event_kind, filter_slot, member_flags, proc_flags, record_kind, run_flags,
 };
 
 /// Kernel layout, resolved by userspace from BTF at start-up (read-only global).
@@ -80,6 +91,11 @@ static TASKS: HashMap<u64, TaskMember> = HashMap::with_max_entries(DEFAULT_MAX_T
 /// Live tracked processes, keyed by the address of their `signal_struct`.
 #[map]
 static PROCS: HashMap<u64, ProcMember> = HashMap::with_max_entries(DEFAULT_MAX_PROCS, 0);
+
+/// The CPU figures of tracked processes' threads that have left, keyed by the address of
+/// their `signal_struct`, until the last one leaves (kernels with BPF atomic fetch only).
+#[map]
+static GROUPS: HashMap<u64, GroupCpu> = HashMap::with_max_entries(DEFAULT_MAX_PROCS, 0);
 
 /// Address spaces of tracked processes, keyed by the address of their `mm_struct`.
 #[map]
@@ -120,6 +136,13 @@ static SPAWN_GATE: Array<u64> = Array::with_max_entries(1, 0);
 /// task looks nothing else up.
 #[map]
 static ADOPT_GATE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Number of live tasks killed at birth (`member_flags::DOOMED`) on the host. While it is 0
+/// (nearly always), a context switch of a live task looks nothing else up. A global (`.bss`)
+/// rather than an array map: the live switch path, which every context switch on the host
+/// takes, reads it with one load from a known address (no key on the stack, no lookup).
+#[unsafe(no_mangle)]
+static mut DOOMED_ALIVE: u64 = 0;
 
 /// What userspace changes while a run goes on (attaching, killing), per slot.
 #[map]
@@ -302,6 +325,18 @@ struct Diag {
     _pad: u32,
 }
 
+/// Scratch for [`adopt`], which must keep its stack frame small (see there): what an adopted
+/// process's `signal_struct` keeps of its past ([`group_usage`]), between reading it and
+/// adding it, and what the adopted thread used so far ([`thread_usage`]).
+#[repr(C)]
+struct AdoptScratch {
+    group: [u64; 10],
+    thread: [u64; 8],
+}
+
+#[map]
+static ADOPT_SCRATCH: PerCpuArray<AdoptScratch> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 static DIAG: PerCpuArray<Diag> = PerCpuArray::with_max_entries(1, 0);
 
@@ -332,6 +367,44 @@ fn lost(kind: u32, run: u32, tid: u32, counters: &mut RunCounters) {
         d.run = run;
         d.tid = tid;
     }
+}
+
+/// Notes `kind` (`diag_kind`) for the log without counting anything as lost.
+#[inline(always)]
+fn note(kind: u32, run: u32, tid: u32) {
+    if !logging() {
+        return;
+    }
+    if let Some(d) = DIAG.get_ptr_mut(0) {
+        // SAFETY: per-CPU map value pointer; written in place.
+        let d = unsafe { &mut *d };
+        d.kind = kind;
+        d.run = run;
+        d.tid = tid;
+    }
+}
+
+/// SIGKILL to the current task's process (`bpf_send_signal`: at once in process context,
+/// through irq_work where interrupts are off, as in `sched_switch`).
+#[inline(always)]
+fn kill_current() {
+    // SAFETY: signals the current process; no memory is passed.
+    unsafe { generated::bpf_send_signal(SIGKILL) };
+}
+
+const SIGKILL: u32 = 9;
+
+/// Whether a task is marked to be killed at birth.
+#[inline(always)]
+fn doomed(member: &TaskMember) -> bool {
+    member.flags & member_flags::DOOMED != 0
+}
+
+/// Adds `v` (`u64::MAX`: subtracts 1) to the host-wide count of live doomed tasks.
+#[inline(always)]
+fn doomed_alive_add(v: u64) {
+    // SAFETY: a global's address, 8-byte aligned; updated atomically.
+    add(unsafe { &mut *core::ptr::addr_of_mut!(DOOMED_ALIVE) }, v);
 }
 
 /// Logs what the handler noted as lost, if anything (see [`diag_kind`]): `lost KIND RUN TID
@@ -460,6 +533,10 @@ fn on_newtask<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
             unsafe { generated::bpf_send_signal(control.kill_signal) };
         }
     }
+    // A task killed at birth that forks dies now (its new task is doomed too, in `join`).
+    if creator.as_ref().is_some_and(doomed) {
+        kill_current();
+    }
     let child: u64 = ctx.arg(0);
     let flags: u64 = ctx.arg(1);
     join::<ATOMICS>(run, child, flags & CLONE_THREAD != 0, creator.as_ref());
@@ -499,7 +576,10 @@ fn register_spawner(task: u64, run: u32) -> i32 {
 }
 
 /// `child` joins `run`, created by `creator` (a member), or as the root (`creator` is `None`).
-#[inline(always)]
+///
+/// A function of its own (a BPF-to-BPF call): the fork hook's frame and [`adopt`]'s, which
+/// it may call first, must fit the verifier's 512 bytes of stack together.
+#[inline(never)]
 fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, creator: Option<&TaskMember>) {
     let Some(counters) = run_counters(run) else {
         return;
@@ -510,7 +590,14 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, creator: Opt
         read::<u64>(child, offset!(task_signal)),
         read::<u64>(child, offset!(task_start_boottime)),
     ) else {
-        lost(diag_kind::READ_NEW_TASK, run, tid, counters);
+        unfollowed(
+            diag_kind::READ_NEW_TASK,
+            run,
+            tid,
+            is_thread,
+            creator,
+            counters,
+        );
         return;
     };
     // A thread is in its creator's process; a new process is its own.
@@ -518,30 +605,46 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, creator: Opt
         Some(c) if is_thread => (c.tgid, c.process_start_boottime_ns),
         _ => (tid, start),
     };
-    let member = TaskMember {
+    // A run's share of the membership maps (a daemon's session): past it, or created by a
+    // task killed at birth, a new task is killed at birth with its creator (fail closed), so
+    // it never outlives a kill of the run, and other runs keep their room. The root (created
+    // by the tracker, never past a share) is never killed.
+    let past_share = match creator {
+        Some(c) => {
+            doomed(c)
+                || RUN_CONTROL.get(run).is_some_and(|control| {
+                    control.max_tasks != 0
+                        && load(&counters.threads_started)
+                            .wrapping_sub(load(&counters.threads_exited))
+                            >= control.max_tasks as u64
+                })
+        }
+        None => false,
+    };
+    let mut member = TaskMember {
         run,
         tid,
         tgid,
-        _pad0: 0,
+        flags: if past_share { member_flags::DOOMED } else { 0 },
         signal,
         start_boottime_ns: start,
         process_start_boottime_ns: process_start,
         net_sent: 0,
         net_received: 0,
     };
-    // A run's share of the membership maps (a daemon's session): past it, a new task is
-    // lost to this run alone, and other runs keep their room.
-    if let Some(control) = RUN_CONTROL.get(run)
-        && control.max_tasks != 0
-        && load(&counters.threads_started).wrapping_sub(load(&counters.threads_exited))
-            >= control.max_tasks as u64
-    {
-        add(&mut counters.lost_events, 1);
+    if insert_task(child, member).is_err() {
+        unfollowed(
+            diag_kind::TASKS_FULL,
+            run,
+            tid,
+            is_thread,
+            creator,
+            counters,
+        );
         return;
     }
-    if insert_task(child, member).is_err() {
-        lost(diag_kind::TASKS_FULL, run, tid, counters);
-        return;
+    if past_share {
+        doom(run, tid, counters);
     }
     add(&mut counters.threads_started, 1);
     if is_thread {
@@ -567,6 +670,14 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, creator: Opt
     };
     if PROCS.insert(signal, proc, BPF_NOEXIST as u64).is_err() {
         lost(diag_kind::PROCS_FULL, run, tid, counters);
+        // Followed as a thread only: doomed (if it is not already), so it cannot outlive the
+        // run's kill uncounted in `processes_alive`.
+        if !root && !past_share {
+            member.flags |= member_flags::DOOMED;
+            if TASKS.insert(child, member, BPF_EXIST as u64).is_ok() {
+                doom(run, tid, counters);
+            }
+        }
         return;
     }
     if root {
@@ -583,6 +694,40 @@ fn join<const ATOMICS: bool>(run: u32, child: u64, is_thread: bool, creator: Opt
     if wants_records(counters) {
         let flags = if root { proc_flags::ROOT } else { 0 };
         record_start(run, child, signal, start, tid, own_pid, flags, counters);
+    }
+}
+
+/// A new task joined `run` marked `DOOMED`: its creator (the current task) dies now, and it
+/// at its first switch, fork or exec.
+#[inline(always)]
+fn doom(run: u32, tid: u32, counters: &mut RunCounters) {
+    doomed_alive_add(1);
+    add(&mut counters.tasks_killed_at_birth, 1);
+    kill_current();
+    note(diag_kind::KILLED_AT_BIRTH, run, tid);
+}
+
+/// A new task of `run` cannot be followed at all (`kind`: a full map, a failed read): lost.
+/// Fail closed: its creator is killed; a new thread dies with it, a new process may escape.
+/// The root is the tracker's own child (it knows it): only lost. (The log says `kind`.)
+#[inline(always)]
+fn unfollowed(
+    kind: u32,
+    run: u32,
+    tid: u32,
+    is_thread: bool,
+    creator: Option<&TaskMember>,
+    counters: &mut RunCounters,
+) {
+    lost(kind, run, tid, counters);
+    if creator.is_none() {
+        return;
+    }
+    kill_current();
+    if is_thread {
+        add(&mut counters.tasks_killed_at_birth, 1);
+    } else {
+        add(&mut counters.tasks_escaped, 1);
     }
 }
 
@@ -609,12 +754,14 @@ fn record_start(
     let ppid = process_pid(parent_task, level);
     let pid_global = read::<u32>(task, offset!(task_tgid)).unwrap_or(0);
     let comm = (task + offset!(task_comm) as u64) as *const u8;
+    let start_mono = read::<u64>(task, offset!(task_start_time)).unwrap_or(0);
     let p = entry.as_mut_ptr();
     // SAFETY: `p` points to reserved ring-buffer memory of the record's size.
     unsafe {
         (*p).header = header(record_kind::PROC_START, run, signal);
         (*p).parent = parent;
         (*p).start_boottime_ns = start;
+        (*p).start_mono_ns = start_mono;
         (*p).pid_global = pid_global;
         (*p).pid = pid;
         (*p).pid_own_ns = own_pid;
@@ -624,8 +771,48 @@ fn record_start(
         if bpf_probe_read_kernel_buf(comm, &mut (*p).comm).is_err() {
             (*p).comm = [0; 16];
         }
+        (*p).creds = creds_of(task);
     }
     entry.submit(0);
+}
+
+/// `task`'s objective credentials and its address space's dumpable mode, for records only
+/// (see [`Creds`]); what could not be read is left out of `known`.
+#[inline(always)]
+fn creds_of(task: u64) -> Creds {
+    let mut c = Creds::default();
+    if offset!(cred_uid) != ABSENT
+        && let Some(cred) = read::<u64>(task, offset!(task_real_cred))
+        && cred != 0
+        && let (Some(uid), Some(gid), Some(suid), Some(sgid), Some(euid), Some(egid)) = (
+            read::<u32>(cred, offset!(cred_uid)),
+            read::<u32>(cred, offset!(cred_gid)),
+            read::<u32>(cred, offset!(cred_suid)),
+            read::<u32>(cred, offset!(cred_sgid)),
+            read::<u32>(cred, offset!(cred_euid)),
+            read::<u32>(cred, offset!(cred_egid)),
+        )
+    {
+        c = Creds {
+            uid,
+            gid,
+            suid,
+            sgid,
+            euid,
+            egid,
+            dumpable: 0,
+            known: creds_known::IDS,
+        };
+    }
+    if offset!(mm_flags) != ABSENT
+        && let Some(mm) = read::<u64>(task, offset!(task_mm))
+        && mm != 0
+        && let Some(flags) = read::<u64>(mm, offset!(mm_flags))
+    {
+        c.dumpable = (flags & 3) as u32;
+        c.known |= creds_known::DUMPABLE;
+    }
+    c
 }
 
 /// A tracked process starts using address space `mm`.
@@ -750,6 +937,9 @@ fn on_exec<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
     let Some(mut member) = member_or_adopted::<ATOMICS>(current) else {
         return 0;
     };
+    if doomed(&member) {
+        kill_current();
+    }
     let Some(counters) = run_counters(member.run) else {
         return 0;
     };
@@ -834,6 +1024,7 @@ fn record_exec(
         }
         (*p).argv_len = len;
         (*p).argv_truncated = u32::from(total > ARGV_BYTES as u64);
+        (*p).creds = creds_of(task);
     }
     entry.submit(0);
 }
@@ -1005,6 +1196,10 @@ fn on_exit<const ATOMICS: bool>() -> i32 {
         store(&mut counters.root_status, ROOT_ENDED | code as u64);
     }
     add(&mut counters.processes_alive, u64::MAX); // -1
+    if ATOMICS && KERNEL_SPLIT {
+        // Its threads still have to leave (this one included): the last one splits.
+        group_pending(&member, proc.threads, counters);
+    }
     let peak = if ATOMICS { mm_peak(proc.mm) } else { 0 };
     if ATOMICS {
         mm_release(proc.mm, counters);
@@ -1050,6 +1245,17 @@ fn record_exit(
 /// [, unsigned int prev_state])`, still in `prev`'s context.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
+    on_switch::<true>(ctx)
+}
+
+/// `sched_switch` for kernels without BPF atomic fetch (no per-process CPU split).
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch_no_atomics(ctx: RawTracePointContext) -> i32 {
+    on_switch::<false>(ctx)
+}
+
+#[inline(always)]
+fn on_switch<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
     let prev: u64 = ctx.arg(1);
     let state: u64 = if offset!(switch_has_prev_state) != 0 {
         ctx.arg(3)
@@ -1057,12 +1263,25 @@ pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
         task_state(prev)
     };
     if state & offset!(task_dead) as u64 == 0 {
+        // A live task: only a task killed at birth has anything to do here, and while none
+        // is alive on the host (nearly always) one array load says so.
+        // SAFETY: an aligned 8-byte load of a global is single-copy atomic.
+        if unsafe { core::ptr::read_volatile(core::ptr::addr_of!(DOOMED_ALIVE)) } == 0 {
+            return 0;
+        }
+        if let Some(member) = task_member(prev)
+            && doomed(&member)
+        {
+            // Still in `prev`'s context (the switch has not happened): interrupts are off,
+            // so the helper queues the signal on irq_work, delivered as they come back on.
+            kill_current();
+        }
         return 0;
     }
     let Some(member) = task_member(prev) else {
         return 0;
     };
-    leave(prev, &member);
+    leave::<ATOMICS>(prev, &member);
     diag_flush();
     0
 }
@@ -1097,7 +1316,74 @@ fn thread_usage(task: u64) -> Option<[u64; 8]> {
     ])
 }
 
-/// One `task_struct.ioac` counter, where the kernel has it.
+/// [`thread_usage`] written into `u` (not returned on the stack); false if the runtime cannot
+/// be read.
+#[inline(always)]
+fn thread_usage_into(task: u64, u: &mut [u64; 8]) -> bool {
+    let cpu = [
+        offset!(task_sum_exec_runtime),
+        offset!(task_utime),
+        offset!(task_stime),
+    ];
+    for (i, offset) in cpu.into_iter().enumerate() {
+        match read::<u64>(task, offset) {
+            Some(v) => u[i] = v,
+            None => return false,
+        }
+    }
+    u[3] = ioac(task, offset!(task_ioac_read_bytes));
+    u[4] = ioac(task, offset!(task_ioac_write_bytes));
+    u[5] = ioac(task, offset!(task_ioac_cancelled_write_bytes));
+    u[6] = ioac(task, offset!(task_ioac_rchar));
+    u[7] = ioac(task, offset!(task_ioac_wchar));
+    true
+}
+
+/// What a process's `signal_struct` keeps of its past: its exited threads' runtime, user
+/// and system time (as `thread_usage`), its reaped children's user and system time, then the
+/// I/O accounting of both (as `thread_usage`, from index 5). A leader that has exited while
+/// other threads run (a zombie until the group ends, so not in `signal_struct` yet, and never
+/// adopted) is an exited thread too: `task` is the thread being adopted, `leader` its leader.
+/// Fills `g`; false (and `g` not to be used) if the CPU figures cannot be read.
+#[inline(always)]
+fn group_usage(signal: u64, task: u64, leader: u64, g: &mut [u64; 10]) -> bool {
+    let cpu = [
+        offset!(signal_sum_sched_runtime),
+        offset!(signal_utime),
+        offset!(signal_stime),
+        offset!(signal_cutime),
+        offset!(signal_cstime),
+    ];
+    for (i, offset) in cpu.into_iter().enumerate() {
+        match read::<u64>(signal, offset) {
+            Some(v) => g[i] = v,
+            None => return false,
+        }
+    }
+    g[5] = ioac(signal, offset!(signal_ioac_read_bytes));
+    g[6] = ioac(signal, offset!(signal_ioac_write_bytes));
+    g[7] = ioac(signal, offset!(signal_ioac_cancelled_write_bytes));
+    g[8] = ioac(signal, offset!(signal_ioac_rchar));
+    g[9] = ioac(signal, offset!(signal_ioac_wchar));
+    // SAFETY (TASKS.get): only checked for presence.
+    if leader != task
+        && task_state(leader) & offset!(task_dead) as u64 != 0
+        && unsafe { TASKS.get(leader) }.is_none()
+        && let Some(u) = thread_usage(leader)
+    {
+        g[0] = g[0].wrapping_add(u[0]);
+        g[1] = g[1].wrapping_add(u[1]);
+        g[2] = g[2].wrapping_add(u[2]);
+        g[5] = g[5].wrapping_add(u[3]);
+        g[6] = g[6].wrapping_add(u[4]);
+        g[7] = g[7].wrapping_add(u[5]);
+        g[8] = g[8].wrapping_add(u[6]);
+        g[9] = g[9].wrapping_add(u[7]);
+    }
+    true
+}
+
+/// One `task_struct.ioac` (or `signal_struct.ioac`) counter, where the kernel has it.
 #[inline(always)]
 fn ioac(task: u64, offset: u32) -> u64 {
     if offset == ABSENT {
@@ -1137,14 +1423,79 @@ fn record_thread(kind: u32, member: &TaskMember, u: &[u64; 8], counters: &mut Ru
     }
 }
 
+/// The `GROUPS` entry of `member`'s process, made if missing (or replacing one an earlier
+/// process at the same address left). `None` if the map is full (the run's split then falls
+/// back to the tree's sums: userspace sees the runtime it does not cover).
+#[inline(always)]
+fn group_of(member: &TaskMember) -> Option<&'static mut GroupCpu> {
+    let key = member.signal;
+    if let Some(g) = GROUPS.get_ptr_mut(key) {
+        // SAFETY: hash map value pointer, live while the entry is; fields updated atomically.
+        let g = unsafe { &mut *g };
+        if load(&g.start_boottime_ns) == member.process_start_boottime_ns {
+            return Some(g);
+        }
+        let _ = GROUPS.remove(key);
+    }
+    let fresh = GroupCpu {
+        run: member.run,
+        start_boottime_ns: member.process_start_boottime_ns,
+        ..GroupCpu::default()
+    };
+    // Two threads may race to make it: one insert wins, both use the winner's.
+    let _ = GROUPS.insert(key, fresh, BPF_NOEXIST as u64);
+    // SAFETY: as above.
+    GROUPS.get_ptr_mut(key).map(|g| unsafe { &mut *g })
+}
+
+/// The last of a process's threads has left: its split, as the kernel makes it for `wait4`,
+/// goes into the run's counters.
+#[inline(always)]
+fn group_done(member: &TaskMember, g: &mut GroupCpu, counters: &mut RunCounters) {
+    let runtime = load(&g.runtime_ns);
+    let (user, _) = cputime_split(runtime, load(&g.utime_ns), load(&g.stime_ns));
+    add(&mut counters.cpu_split_runtime_ns, runtime);
+    add(&mut counters.cpu_split_user_ns, user);
+    let _ = GROUPS.remove(member.signal);
+}
+
+/// A thread of `member`'s process has left, having used `u` (runtime, utime, stime first).
+#[inline(always)]
+fn group_left(member: &TaskMember, u: &[u64; 8], counters: &mut RunCounters) {
+    let Some(g) = group_of(member) else {
+        return;
+    };
+    add(&mut g.runtime_ns, u[0]);
+    add(&mut g.utime_ns, u[1]);
+    add(&mut g.stime_ns, u[2]);
+    // After the sums (a fetch is a full barrier): whoever sees 0 sees them all.
+    if add_fetch(&mut g.pending, u64::MAX) == 0 {
+        group_done(member, g, counters);
+    }
+}
+
+/// `member`'s process has ended with `threads` threads followed, each still to leave.
+#[inline(always)]
+fn group_pending(member: &TaskMember, threads: u64, counters: &mut RunCounters) {
+    let Some(g) = group_of(member) else {
+        return;
+    };
+    if add_fetch(&mut g.pending, threads) == 0 {
+        group_done(member, g, counters);
+    }
+}
+
 /// A tracked thread has switched out for the last time: its runtime is final.
 #[inline(always)]
-fn leave(task: u64, member: &TaskMember) {
+fn leave<const ATOMICS: bool>(task: u64, member: &TaskMember) {
     let Some(counters) = run_counters(member.run) else {
         return;
     };
     match thread_usage(task) {
         Some(u) => {
+            if ATOMICS && KERNEL_SPLIT {
+                group_left(member, &u, counters);
+            }
             add(&mut counters.cpu_runtime_ns, u[0]);
             add(&mut counters.cpu_utime_ns, u[1]);
             add(&mut counters.cpu_stime_ns, u[2]);
@@ -1159,7 +1510,9 @@ fn leave(task: u64, member: &TaskMember) {
         }
         None => lost(diag_kind::READ_CPU, member.run, member.tid, counters),
     }
-    forget_task(task);
+    if forget_task(task) && doomed(member) {
+        doomed_alive_add(u64::MAX);
+    }
     // Last: the exit generation (userspace's consistency check for snapshots).
     add(&mut counters.threads_exited, 1);
     // The thread being the last is seen by at least the last of concurrent exits.
@@ -1232,7 +1585,12 @@ fn member_or_adopted<const ATOMICS: bool>(task: u64) -> Option<TaskMember> {
 
 /// Adopts `task` into `run`: it was not created inside the run, so what it had used so far
 /// is recorded as used before the attach. Its process joins too if it is not followed yet.
-#[inline(always)]
+///
+/// A function of its own (a BPF-to-BPF call), not inlined: its many paths end at its return,
+/// so the verifier does not carry them on through the rest of each hook that adopts
+/// (inlined into the fork, exec and exit hooks, it took a 6.1 verifier past a million
+/// instructions).
+#[inline(never)]
 fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
     // SAFETY: the value is copied out at once.
     if let Some(m) = unsafe { TASKS.get(task) } {
@@ -1260,6 +1618,23 @@ fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
     if signal == me.signal {
         return control::E_SELF;
     }
+    // A run's share of the membership maps holds for what it adopts too: a tree larger than
+    // the share is refused, not followed in part (the attach fails and says so).
+    if RUN_CONTROL.get(run).is_some_and(|control| {
+        control.max_tasks != 0
+            && load(&counters.threads_started).wrapping_sub(load(&counters.threads_exited))
+                >= control.max_tasks as u64
+    }) {
+        return control::E_SHARE;
+    }
+    // Large figures go through a per-CPU scratch value, not the stack: this function's frame
+    // and its caller's must stay within the verifier's 512 bytes together.
+    let Some(scratch) = ADOPT_SCRATCH.get_ptr_mut(0) else {
+        return control::E_READ;
+    };
+    // SAFETY: per-CPU map value pointer; this CPU's alone while the program runs (raw
+    // tracepoint programs and test runs do not migrate, and nothing that adopts nests here).
+    let scratch = unsafe { &mut *scratch };
     let (tid, own_pid) = pids(task, me.pid_level);
     let tgid = pids(leader, me.pid_level).0;
     let process_start = read::<u64>(leader, offset!(task_start_boottime)).unwrap_or(start);
@@ -1267,7 +1642,7 @@ fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
         run,
         tid,
         tgid,
-        _pad0: 0,
+        flags: 0,
         signal,
         start_boottime_ns: start,
         process_start_boottime_ns: process_start,
@@ -1301,9 +1676,30 @@ fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
         mm,
         threads: 1,
     };
+    // What the process did before beyond its live threads, read before its entry is made:
+    // a thread adopted after the entry exists (by the scan or a hook) can only add to the
+    // group figures after this read, so it is never counted twice. A process past its
+    // last do_exit() (`live` 0) may have had its entry removed already: its group figures
+    // are left out rather than read a second time.
+    // (Through the scratch, not the stack.)
+    let have_group = read::<u32>(signal, offset!(signal_live)).unwrap_or(0) != 0
+        && group_usage(signal, task, leader, &mut scratch.group);
     if PROCS.insert(signal, proc, BPF_NOEXIST as u64).is_ok() {
         add(&mut counters.processes_started, 1);
         add(&mut counters.processes_adopted, 1);
+        if have_group {
+            let g = &scratch.group;
+            add(&mut counters.before_exited_runtime_ns, g[0]);
+            add(&mut counters.before_exited_utime_ns, g[1]);
+            add(&mut counters.before_exited_stime_ns, g[2]);
+            add(&mut counters.before_reaped_user_ns, g[3]);
+            add(&mut counters.before_reaped_system_ns, g[4]);
+            add(&mut counters.before_group_disk_read_bytes, g[5]);
+            add(&mut counters.before_group_disk_write_bytes, g[6]);
+            add(&mut counters.before_group_disk_cancelled_write_bytes, g[7]);
+            add(&mut counters.before_group_io_rchar, g[8]);
+            add(&mut counters.before_group_io_wchar, g[9]);
+        }
         if ATOMICS {
             let alive = add_fetch(&mut counters.processes_alive, 1);
             raise_to(&mut counters.processes_peak, alive);
@@ -1336,7 +1732,8 @@ fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
         }
     }
     // After its process's record, so the breakdown knows whose it is.
-    if let Some(u) = thread_usage(task) {
+    if thread_usage_into(task, &mut scratch.thread) {
+        let u = &scratch.thread;
         add(&mut counters.before_cpu_runtime_ns, u[0]);
         add(&mut counters.before_cpu_utime_ns, u[1]);
         add(&mut counters.before_cpu_stime_ns, u[2]);
@@ -1346,14 +1743,14 @@ fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32 {
         add(&mut counters.before_io_rchar, u[6]);
         add(&mut counters.before_io_wchar, u[7]);
         if wants_records(counters) {
-            record_thread(record_kind::THREAD_ADOPTED, &member, &u, counters);
+            record_thread(record_kind::THREAD_ADOPTED, &member, u, counters);
         }
     }
     if task_state(task) & offset!(task_dead) as u64 != 0 {
         // It died while being adopted: its last switch may have passed before the entry was
         // there. Whoever removes the entry (the switch hook or this) accounts for it, once.
         if forget_task(task) {
-            leave(task, &member);
+            leave::<ATOMICS>(task, &member);
         }
     }
     control::ADOPTED
@@ -1460,7 +1857,11 @@ fn on_control(ctx: RawTracePointContext) -> i32 {
             0
         }
         control::FORGET_TASK => {
-            forget_task(a);
+            // SAFETY: the value is copied out at once.
+            let member = unsafe { TASKS.get(a) }.copied();
+            if forget_task(a) && member.is_some_and(|m| doomed(&m)) {
+                doomed_alive_add(u64::MAX);
+            }
             0
         }
         _ => control::E_INVAL,

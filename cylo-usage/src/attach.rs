@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use cylo_usage_abi::control;
+use cylo_usage_abi::{ARGV_BYTES, control};
 
 use crate::procfs;
 use crate::run::SessionError;
@@ -84,8 +84,17 @@ pub(crate) fn check_target(pid: u32) -> Result<Target, SessionError> {
     })
 }
 
+/// A process's argv as `/proc/PID/cmdline` showed it at its adoption: at most
+/// [`ARGV_BYTES`] bytes (NUL-separated, as the exec records keep it), and whether more
+/// were cut off.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct AdoptedArgv {
+    pub bytes: Vec<u8>,
+    pub truncated: bool,
+}
+
 /// What an attach adopted.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Adopted {
     /// The root's threads were adopted (it was still there).
     pub root: bool,
@@ -95,6 +104,30 @@ pub(crate) struct Adopted {
     pub threads: u64,
     pub processes: u64,
     pub passes: usize,
+    /// Threads the kernel would not adopt: the run's share of its maps, or a map, was full.
+    pub refused: u64,
+    /// With `want_argv`: the argv of each process of the tree the scan found, by pid and
+    /// start time (ticks), read through the directory that pins it.
+    pub argv: HashMap<(u32, u64), AdoptedArgv>,
+}
+
+/// Reads `cmdline` in the process directory `dir`: at most [`ARGV_BYTES`] bytes kept (a
+/// hostile argv can be as long as the argument area). `None` when empty (a zombie, a process
+/// that cleared it) or unreadable.
+fn read_cmdline(dir: &OwnedFd) -> Option<AdoptedArgv> {
+    let f = open_at(dir, "cmdline")?;
+    let mut bytes = Vec::with_capacity(ARGV_BYTES + 1);
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(f, ARGV_BYTES as u64 + 1),
+        &mut bytes,
+    )
+    .ok()?;
+    if bytes.is_empty() {
+        return None;
+    }
+    let truncated = bytes.len() > ARGV_BYTES;
+    bytes.truncate(ARGV_BYTES);
+    Some(AdoptedArgv { bytes, truncated })
 }
 
 /// Every process visible in /proc: pid -> (ppid, start time in ticks).
@@ -166,7 +199,8 @@ fn open_dir(path: &str, at: Option<&OwnedFd>) -> Option<OwnedFd> {
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn read_at(dir: &OwnedFd, name: &str) -> Option<String> {
+/// Opens `name` in the directory `dir` for reading.
+fn open_at(dir: &OwnedFd, name: &str) -> Option<std::fs::File> {
     let c = CString::new(name).ok()?;
     // SAFETY: a valid C string; the fd is ours.
     let fd = unsafe {
@@ -176,11 +210,12 @@ fn read_at(dir: &OwnedFd, name: &str) -> Option<String> {
             libc::O_RDONLY | libc::O_CLOEXEC,
         )
     };
-    if fd < 0 {
-        return None;
-    }
     // SAFETY: a fresh fd, owned by the File from here.
-    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    (fd >= 0).then(|| unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+fn read_at(dir: &OwnedFd, name: &str) -> Option<String> {
+    let mut f = open_at(dir, name)?;
     let mut s = String::new();
     std::io::Read::read_to_string(&mut f, &mut s).ok()?;
     Some(s)
@@ -204,11 +239,14 @@ fn threads_of(dir: &OwnedFd) -> Vec<u32> {
 }
 
 /// Adopts every thread of the tree under `target` into run `slot`, pass after pass, until a
-/// pass finds nothing new. The run must be attaching (its hooks adopt meanwhile).
+/// pass finds nothing new. The run must be attaching (its hooks adopt meanwhile). With
+/// `want_argv`, also reads each process's argv (for the breakdown: a process present at the
+/// attach never execs while followed, so no exec record carries it).
 pub(crate) fn adopt_tree(
     inner: &Inner,
     slot: u32,
     target: &Target,
+    want_argv: bool,
 ) -> Result<Adopted, SessionError> {
     let mut result = Adopted::default();
     for pass in 0..MAX_PASSES {
@@ -233,6 +271,12 @@ pub(crate) fn adopt_tree(
                 Some(s) if s.start_ticks == start => {}
                 _ => continue,
             }
+            if want_argv
+                && !result.argv.contains_key(&(pid, start))
+                && let Some(argv) = read_cmdline(&dir)
+            {
+                result.argv.insert((pid, start), argv);
+            }
             let mut adopted_here = false;
             for tid in threads_of(&dir) {
                 let Some(thread) = open_dir(&format!("task/{tid}"), Some(&dir)) else {
@@ -255,8 +299,13 @@ pub(crate) fn adopt_tree(
                     }
                     control::ALREADY => result.root |= is_root,
                     control::E_OTHER_RUN if is_root => result.root_elsewhere = true,
-                    // Exited, followed by another run, the tracker's own, or a full map
-                    // (which the kernel counts in the run's lost events).
+                    // Past the run's share or a full map: the tree cannot be followed whole,
+                    // so a kill of the run could miss it. The attach fails (fail closed).
+                    control::E_SHARE | control::E_FULL => {
+                        result.refused += 1;
+                        return Ok(result);
+                    }
+                    // Exited, followed by another run, or the tracker's own.
                     _ => {}
                 }
             }

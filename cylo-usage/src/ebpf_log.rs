@@ -188,7 +188,8 @@ mod tests {
         let hi = u64::from_le_bytes(*b"ge-work\0");
         assert_eq!(
             describe(&format!("lost 1 3 4242 {lo} {hi}")).unwrap(),
-            "run 3: TASKS is full: a thread is not followed (thread 4242 cylo-usage-work)"
+            "run 3: TASKS is full: a new task is not followed; its creator was killed (a new \
+             process may escape) (thread 4242 cylo-usage-work)"
         );
         let lo = u64::from_le_bytes(*b"a\x01b\n\0\0\0\0");
         assert_eq!(

@@ -41,6 +41,18 @@ pub enum Error {
         #[source]
         source: LoadError,
     },
+    /// [`crate::OpenOptions::require_exact`]: the daemon answers but refused (or failed),
+    /// and the eBPF programs cannot be loaded in this process either.
+    #[error(
+        "exact figures are required, but {daemon}; and loading the eBPF programs in this \
+         process failed"
+    )]
+    ExactRefused {
+        /// What the daemon said (`the daemon at PATH refused: ...`).
+        daemon: String,
+        #[source]
+        source: Box<LoadError>,
+    },
 }
 
 impl Error {
@@ -64,10 +76,14 @@ impl Error {
                 source,
                 ..
             }))) => io(source),
-            Error::Load(LoadError::MissingPrivileges { .. })
+            Error::Fallback(FallbackError::NotOwnProcess { .. })
+            | Error::Load(LoadError::MissingPrivileges { .. })
             | Error::ExactUnavailable {
                 source: LoadError::MissingPrivileges { .. },
             } => true,
+            Error::ExactRefused { source, .. } => {
+                matches!(**source, LoadError::MissingPrivileges { .. })
+            }
             _ => false,
         }
     }
@@ -112,6 +128,17 @@ mod tests {
         assert!(e.is_permission_denied());
         let line = crate::error_chain(&e);
         assert!(line.starts_with("exact figures are required"), "{line}");
+        assert!(line.contains("CAP_BPF"), "{line}");
+        let e = Error::ExactRefused {
+            daemon: "the daemon at /s refused: no free run slot".to_string(),
+            source: Box::new(LoadError::MissingPrivileges { needed: "CAP_BPF" }),
+        };
+        assert!(e.is_permission_denied());
+        let line = crate::error_chain(&e);
+        assert!(
+            line.starts_with("exact figures are required, but the daemon at /s refused: no free"),
+            "{line}"
+        );
         assert!(line.contains("CAP_BPF"), "{line}");
         let e: Error = ResolveError::Layout {
             what: "x",

@@ -123,16 +123,20 @@ pub(crate) fn features(m: Measured, refused: &Unavailable) -> Vec<Feature> {
     );
     let cpu = "task_struct.se.sum_exec_runtime of each thread at its last context switch \
                (raw tracepoint sched_switch, TASK_DEAD); live threads from /proc schedstat";
+    let split = if m.atomics && cylo_usage_abi::KERNEL_SPLIT {
+        "the sum of each process's own split, as wait4 reports it (the kernel's \
+         cputime_adjust of its thread group: its runtime in its utime:stime tick ratio), made \
+         in the kernel as its last thread leaves; live processes' from /proc"
+    } else {
+        "with --tree or --events, the sum of each process's own split, as wait4 reports it \
+         (the kernel's cputime_adjust of its thread group); without, the tree's runtime split \
+         in the tree's utime:stime tick ratio (per-process splits in the kernel are off in \
+         this build: they made verification too slow)"
+    };
     vec![
         yes("cpu_time_ns", cpu),
-        yes(
-            "cpu_user_ns",
-            "the runtime split by the tick-sampled utime:stime ratio, as getrusage does",
-        ),
-        yes(
-            "cpu_system_ns",
-            "the runtime split by the tick-sampled utime:stime ratio, as getrusage does",
-        ),
+        yes("cpu_user_ns", split),
+        yes("cpu_system_ns", split),
         yes(
             "process_count",
             "every task created by a tracked task joins in raw tracepoint task_newtask",
@@ -153,6 +157,16 @@ pub(crate) fn features(m: Measured, refused: &Unavailable) -> Vec<Feature> {
             "live_process_count",
             "processes joined minus processes whose last thread passed do_exit() \
              (raw tracepoint sched_process_exit, signal_struct.live at 0)",
+        ),
+        yes(
+            "tasks_killed_at_birth",
+            "a task created past the run's share is followed, marked, and killed with \
+             bpf_send_signal(SIGKILL): its creator in raw tracepoint task_newtask, itself at its \
+             first context switch (sched_switch), fork or exec",
+        ),
+        yes(
+            "tasks_escaped",
+            "new processes task_newtask could not follow (full maps): their creator is killed",
         ),
         pick(m.disk, "disk_bytes_read", IOAC, NO_IOAC),
         pick(m.disk, "disk_bytes_written", IOAC, NO_IOAC),

@@ -36,11 +36,13 @@
 mod attach;
 mod aya_loader;
 mod btf;
+pub mod budget;
 pub mod daemon;
 mod ebpf_log;
 mod error;
 mod fallback;
 pub mod features;
+mod map_read;
 mod offsets_cache;
 mod open;
 mod procfs;
@@ -62,7 +64,7 @@ pub use resolve::ResolveError;
 pub use run::{Run, RunOptions, SessionError, watch};
 pub use snapshot::get_resource_usage;
 pub use tracker::{LoadError, Options, Tracker, missing_privileges};
-pub use tree::{DEFAULT_TREE_LIMIT, EventSink, ProcessUsage};
+pub use tree::{DEFAULT_TREE_LIMIT, EventSink, ProcessUsage, Viewer};
 pub use usage::{
     DiskDevice, NetworkUsage, Precision, ResourceUsage, TrackerKind, UsageBeforeAttach,
 };

@@ -3,24 +3,28 @@
 //! Exit status follows GNU conventions: the command's own status, or 128+N when signal N
 //! killed it; 125 when cylo-usage itself fails (bad usage included); 126 when the command
 //! cannot be run; 127 when it is not found.
+use std::ffi::OsStr;
 use std::ffi::OsString;
-use std::io::{IsTerminal, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io::{IsTerminal, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use cylo_usage::report;
-use cylo_usage::{AnyRun, AnyTracker, OpenOptions, ResourceUsage, RunOptions, Tracker};
+use cylo_usage::{AnyRun, OpenOptions, ResourceUsage, RunOptions, Tracker, TrackerKind};
 use tokio::io::unix::AsyncFd;
 
 const EXIT_TIMED_OUT: u8 = 124;
 const EXIT_TRACKER_FAILED: u8 = 125;
 const EXIT_CANNOT_RUN: u8 = 126;
 const EXIT_NOT_FOUND: u8 = 127;
+
+/// How long after the timeout's SIGTERM the SIGKILL comes, unless --kill-after says.
+const DEFAULT_KILL_AFTER: Duration = Duration::from_secs(2);
 
 #[derive(Parser)]
 #[command(
@@ -43,7 +47,8 @@ struct SessionArgs {
     /// Report as one JSON object instead of text.
     #[arg(long)]
     json: bool,
-    /// Write the report to FILE instead of standard error.
+    /// Write the report to FILE instead of standard error (`-`: standard output). FILE is
+    /// created (or emptied) before the command starts or the attach is made.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     output: Option<PathBuf>,
     /// Report as soon as the root exits, without waiting for its descendants.
@@ -66,9 +71,9 @@ struct SessionArgs {
     /// process of the tree, then SIGKILL after --kill-after; exit with 124.
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     timeout: Option<Duration>,
-    /// How long after the timeout's SIGTERM the SIGKILL comes.
-    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "2s")]
-    kill_after: Duration,
+    /// How long after the timeout's SIGTERM the SIGKILL comes (default 2s; needs --timeout).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    kill_after: Option<Duration>,
     /// Fail (exit 125, naming what is missing) rather than fall back to the approximate
     /// /proc tracker when the eBPF programs cannot be loaded.
     #[arg(long)]
@@ -123,13 +128,27 @@ struct ServeArgs {
     /// Let every local user connect (socket mode 0666).
     #[arg(long)]
     allow_all_users: bool,
-    /// Sessions one user may hold at once.
+    /// Sessions one unprivileged user may hold at once (root is bound only by the run
+    /// slots).
     #[arg(long, value_name = "N", default_value_t = 64)]
     max_sessions_per_user: usize,
+    /// Trust the members of --group like root: no per-user limits, and the room held back
+    /// for root is theirs too.
+    #[arg(long, requires = "group")]
+    trust_group: bool,
     /// The most threads one session may have followed at once (its share of the kernel's
     /// maps, which hold 65,536); past it that session alone loses tasks, and reports it.
     #[arg(long, value_name = "N", default_value_t = 16384)]
     session_max_tasks: u32,
+    /// The most memory (MiB) all sessions together may hold for breakdowns and unread event
+    /// streams (default: a sixteenth of the host's memory, 64 to 1,024 MiB).
+    #[arg(long, value_name = "MIB")]
+    memory_max: Option<u64>,
+    /// The most of it (MiB) the sessions of one user other than root may hold (default: an
+    /// eighth of --memory-max); past it that user's sessions leave processes out of their
+    /// breakdowns and drop events, and say so.
+    #[arg(long, value_name = "MIB")]
+    memory_per_user: Option<u64>,
     /// Serve Prometheus/OpenMetrics text at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
@@ -170,7 +189,22 @@ fn serve_main(args: ServeArgs) -> ExitCode {
         );
     }
     options.max_sessions_per_user = args.max_sessions_per_user;
+    options.trust_group = args.trust_group;
     options.session_max_tasks = args.session_max_tasks;
+    const MIB: u64 = 1 << 20;
+    if let Some(max) = args.memory_max {
+        options.memory_max_bytes = max.saturating_mul(MIB);
+        options.memory_per_user_bytes = options.memory_max_bytes / 8;
+    }
+    if let Some(share) = args.memory_per_user {
+        options.memory_per_user_bytes = share.saturating_mul(MIB);
+    }
+    if options.memory_per_user_bytes > options.memory_max_bytes {
+        return fail(
+            EXIT_TRACKER_FAILED,
+            "serve: --memory-per-user must not exceed --memory-max",
+        );
+    }
     options.metrics = args.metrics;
     options.bpf_stats = args.bpf_stats;
     match cylo_usage::daemon::serve(options) {
@@ -334,23 +368,190 @@ enum Target {
 }
 
 /// The exit code and the one-line message for a failure to start the session.
-fn start_error(e: &cylo_usage::Error, program: &str) -> (u8, String) {
+fn start_error(e: &cylo_usage::Error, program: &OsStr) -> (u8, String) {
     match e.spawn_error() {
-        Some(source) if source.kind() == std::io::ErrorKind::NotFound => {
-            (EXIT_NOT_FOUND, format!("{program}: {source}"))
-        }
-        Some(source) => (EXIT_CANNOT_RUN, format!("{program}: {source}")),
+        Some(source) => exec_failure(program, source, std::env::var_os("PATH").as_deref()),
         None => (EXIT_TRACKER_FAILED, cylo_usage::error_chain(e)),
     }
 }
 
-fn open_events(path: &std::path::Path) -> Result<cylo_usage::EventSink, String> {
-    if path.as_os_str() == "-" {
-        return Ok(Box::new(std::io::BufWriter::new(std::io::stdout())));
+/// An OS error's text without Rust's " (os error N)".
+fn os_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match e.raw_os_error() {
+        Some(n) => text
+            .strip_suffix(&format!(" (os error {n})"))
+            .unwrap_or(&text)
+            .to_string(),
+        None => text,
     }
-    std::fs::File::create(path)
-        .map(|f| Box::new(std::io::BufWriter::new(f)) as cylo_usage::EventSink)
-        .map_err(|e| format!("cannot write events to {}: {e}", path.display()))
+}
+
+/// What exec's failure `e` means for `program`, as shells and env(1) say it: the exit code
+/// (127 not found, 126 found but not runnable) and the message. A name without a slash was
+/// looked up in `path` (`$PATH`).
+fn exec_failure(program: &OsStr, e: &std::io::Error, path: Option<&OsStr>) -> (u8, String) {
+    use std::os::unix::ffi::OsStrExt;
+    let stat = |p: &Path| std::fs::metadata(p).ok();
+    let name = report::printable(&program.to_string_lossy());
+    let file = if program.as_bytes().contains(&b'/') {
+        stat(Path::new(program)).map(|m| (PathBuf::from(program), m))
+    } else {
+        // execvp's search (glibc's default when PATH is unset): an entry that is not there,
+        // a directory, or one in a folder this user may not search is not the command.
+        let path = path.unwrap_or(OsStr::new("/bin:/usr/bin"));
+        let found = path.as_bytes().split(|&b| b == b':').find_map(|dir| {
+            let dir = if dir.is_empty() { b".".as_slice() } else { dir };
+            let candidate = Path::new(OsStr::from_bytes(dir)).join(program);
+            stat(&candidate)
+                .filter(|m| !m.is_dir())
+                .map(|m| (candidate, m))
+        });
+        match found {
+            Some(found) => Some(found),
+            None => return (EXIT_NOT_FOUND, format!("{name}: command not found")),
+        }
+    };
+    match (e.kind(), file) {
+        (std::io::ErrorKind::NotFound, None) => {
+            (EXIT_NOT_FOUND, format!("{name}: No such file or directory"))
+        }
+        // The file is there: what it needs to run is not (a script's interpreter, a
+        // program's ELF interpreter). 127, as env(1) and timeout(1) give.
+        (std::io::ErrorKind::NotFound, Some((file, _))) => {
+            // The first line, if it is a `#!` line (the kernel reads no more than 256 bytes).
+            let mut head = Vec::new();
+            let _ = std::fs::File::open(&file).and_then(|f| f.take(256).read_to_end(&mut head));
+            let needed = Some(head).and_then(|head| {
+                let line = head.strip_prefix(b"#!")?.split(|&b| b == b'\n').next()?;
+                let interpreter = line
+                    .split(|b| b.is_ascii_whitespace())
+                    .find(|w| !w.is_empty())?;
+                Some(report::printable(&String::from_utf8_lossy(interpreter)))
+            });
+            let what = match needed {
+                Some(interpreter) => format!("its interpreter {interpreter} was not found"),
+                None => "a file it needs (its ELF interpreter or a library) was not found".into(),
+            };
+            (EXIT_NOT_FOUND, format!("{name}: cannot run it: {what}"))
+        }
+        (std::io::ErrorKind::PermissionDenied, Some((_, m))) if m.is_dir() => {
+            (EXIT_CANNOT_RUN, format!("{name}: Is a directory"))
+        }
+        _ => (EXIT_CANNOT_RUN, format!("{name}: {}", os_reason(e))),
+    }
+}
+
+/// Where the report goes: opened before the session starts, written at its end.
+enum ReportTo {
+    Stderr,
+    Stdout,
+    File { file: std::fs::File, path: PathBuf },
+}
+
+impl ReportTo {
+    /// Writes the whole report; the error says where it could not go.
+    fn write(&mut self, text: &str) -> Result<(), String> {
+        let written = match self {
+            ReportTo::Stderr => {
+                let mut e = std::io::stderr().lock();
+                e.write_all(text.as_bytes()).and_then(|()| e.flush())
+            }
+            ReportTo::Stdout => {
+                let mut o = std::io::stdout().lock();
+                o.write_all(text.as_bytes()).and_then(|()| o.flush())
+            }
+            ReportTo::File { file, .. } => {
+                file.write_all(text.as_bytes()).and_then(|()| file.flush())
+            }
+        };
+        written.map_err(|e| {
+            format!(
+                "cannot write the report to {}: {}",
+                self.name(),
+                os_reason(&e)
+            )
+        })
+    }
+
+    fn name(&self) -> String {
+        match self {
+            ReportTo::Stderr => "standard error".to_string(),
+            ReportTo::Stdout => "standard output".to_string(),
+            ReportTo::File { path, .. } => path.display().to_string(),
+        }
+    }
+}
+
+/// Every output of a session, opened before it starts: a destination that cannot be written
+/// is refused before anything runs.
+struct Outputs {
+    report: ReportTo,
+    events: Option<cylo_usage::EventSink>,
+}
+
+fn create(path: &Path, what: &str) -> Result<std::fs::File, String> {
+    std::fs::File::create(path).map_err(|e| {
+        format!(
+            "cannot write {what} to {}: {}",
+            path.display(),
+            os_reason(&e)
+        )
+    })
+}
+
+impl Outputs {
+    /// `attach` has no command output to share stdout with: its report goes there unless `-o`
+    /// says otherwise or the events do (`--events -`); `run`'s goes to stderr, as `time -v`'s.
+    fn open(args: &SessionArgs, attach: bool) -> Result<Outputs, String> {
+        let stdout = |p: &Path| p.as_os_str() == "-";
+        if let (Some(o), Some(e)) = (&args.output, &args.events)
+            && stdout(o)
+            && stdout(e)
+        {
+            return Err(
+                "-o - and --events - cannot both write to standard output: send one to a file"
+                    .to_string(),
+            );
+        }
+        let report = match &args.output {
+            None if attach && !args.events.as_deref().is_some_and(stdout) => ReportTo::Stdout,
+            None => ReportTo::Stderr,
+            Some(p) if stdout(p) => ReportTo::Stdout,
+            Some(p) => ReportTo::File {
+                file: create(p, "the report")?,
+                path: p.clone(),
+            },
+        };
+        let events: Option<cylo_usage::EventSink> = match &args.events {
+            None => None,
+            Some(p) if stdout(p) => Some(Box::new(std::io::BufWriter::new(std::io::stdout()))),
+            Some(p) => {
+                let file = create(p, "events")?;
+                if let ReportTo::File { file: r, .. } = &report
+                    && same_file(r, &file)
+                {
+                    return Err(format!(
+                        "-o and --events name the same file ({}): the report and the events \
+                         would overwrite each other",
+                        p.display()
+                    ));
+                }
+                Some(Box::new(std::io::BufWriter::new(file)))
+            }
+        };
+        Ok(Outputs { report, events })
+    }
+}
+
+/// Whether two open files are the same file (and a regular one: two openings of a terminal or
+/// a pipe share it without harm).
+fn same_file(a: &std::fs::File, b: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => a.is_file() && a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 fn session_main(args: SessionArgs, target: Target) -> ExitCode {
@@ -359,8 +560,34 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
     {
         return fail(EXIT_TRACKER_FAILED, "run: the command name is empty");
     }
+    if args.kill_after.is_some() && args.timeout.is_none() {
+        return fail(
+            EXIT_TRACKER_FAILED,
+            "--kill-after needs --timeout (it is how long after the timeout's SIGTERM the \
+             SIGKILL comes)",
+        );
+    }
+    // Every destination first: one that cannot be written is refused before anything runs.
+    let Outputs {
+        report: mut report_to,
+        events,
+    } = match Outputs::open(&args, matches!(target, Target::Pid(_))) {
+        Ok(o) => o,
+        Err(e) => return fail(EXIT_TRACKER_FAILED, e),
+    };
     let signals = match signal_fd() {
         Ok(fd) => fd,
+        Err(e) => {
+            return fail(
+                EXIT_TRACKER_FAILED,
+                format!("cannot set up signal handling: {e}"),
+            );
+        }
+    };
+    // A signal that waits to be read cuts every call to the daemon short: a daemon that
+    // stops answering never keeps a signal from being acted on.
+    let interrupt = match cylo_usage::daemon::Interrupt::new(signals.as_fd()) {
+        Ok(i) => i,
         Err(e) => {
             return fail(
                 EXIT_TRACKER_FAILED,
@@ -371,13 +598,16 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
     let open = OpenOptions {
         require_exact: args.require_exact,
         daemon: !args.no_daemon,
+        interrupt: Some(interrupt),
         ..OpenOptions::default()
     };
+    // A signal that comes meanwhile waits in the signalfd: it reaches the command once it
+    // has started, as one sent a moment later would.
     let tracker = match Tracker::open(open) {
         Ok(t) => t,
         Err(e) => return fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
     };
-    if let AnyTracker::Proc(p) = &tracker {
+    if let Some(reason) = tracker.fallback_reason() {
         // What the fallback cannot give honestly, it refuses rather than make up.
         let refused = [
             (args.tree, "--tree (a per-process breakdown)"),
@@ -386,22 +616,15 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         if let Some((_, what)) = refused.iter().find(|(asked, _)| *asked) {
             return fail(
                 EXIT_TRACKER_FAILED,
-                format!(
-                    "{what} needs the eBPF tracker, which cannot be loaded: {}",
-                    p.reason()
-                ),
+                format!("{what} needs the eBPF tracker, which cannot be loaded: {reason}"),
             );
         }
     }
-    let events = match args.events.as_deref().map(open_events).transpose() {
-        Ok(e) => e,
-        Err(e) => return fail(EXIT_TRACKER_FAILED, e),
-    };
     let options = RunOptions {
         tree: args.tree,
         events,
         tree_limit: args.tree_limit.max(1),
-        max_tasks: 0,
+        ..RunOptions::default()
     };
     let (started, title, shown) = match &target {
         Target::Command(cmd) => {
@@ -422,7 +645,19 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
                     Ok(())
                 });
             }
-            let started = tracker.spawn_with(&mut command, options);
+            // With the daemon, cylo-usage is a child subreaper: orphans of the tree (double
+            // forks) come back to it, so that should the daemon go away, the tree it can see
+            // is the whole tree.
+            let subreaper = tracker.kind() == TrackerKind::Daemon && set_subreaper(true);
+            let mut started = tracker.spawn_with(&mut command, options);
+            match &mut started {
+                Ok(run) if run.kind() == TrackerKind::Daemon => run.set_subreaper(subreaper),
+                // Started another way (the daemon refused): its tracker reaps for itself.
+                _ if subreaper => {
+                    set_subreaper(false);
+                }
+                _ => {}
+            }
             (started, "Command being timed", shown)
         }
         Target::Pid(pid) => {
@@ -435,8 +670,8 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         Ok(run) => run,
         Err(e) => {
             let program = match &target {
-                Target::Command(cmd) => cmd[0].to_string_lossy().into_owned(),
-                Target::Pid(pid) => pid.to_string(),
+                Target::Command(cmd) => cmd[0].clone(),
+                Target::Pid(pid) => OsString::from(pid.to_string()),
             };
             let (code, message) = start_error(&e, &program);
             return fail(code, message);
@@ -464,7 +699,8 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         Ok(interrupted) => (interrupted, None),
         Err(e) => (None, Some(e)),
     };
-    if problem.is_some() && matches!(run, AnyRun::Daemon(_)) && !attached {
+    let daemon = run.kind() == TrackerKind::Daemon;
+    if problem.is_some() && daemon && !attached {
         // The daemon went away (or failed): the measurement is lost, but the command is this
         // process's own child, and its exit status is still the one to return.
         let _ = rt.block_on(run.wait_root());
@@ -483,21 +719,19 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         } else {
             report::human_titled(usage, title, &shown)
         };
-        let written = match &args.output {
-            Some(path) => std::fs::write(path, &text)
-                .map_err(|e| format!("cannot write the report to {}: {e}", path.display())),
-            None => Ok(()),
-        };
-        if args.output.is_none() || written.is_err() {
-            let _ = std::io::stderr().write_all(text.as_bytes());
-        }
-        if let Err(e) = written {
-            problem.get_or_insert(e);
+        // What was measured is never lost, nor the command's status replaced, because the
+        // report could not go where it was sent: it goes to stderr, after a warning.
+        if let Err(e) = report_to.write(&text) {
+            eprintln!("cylo-usage: warning: {e}; the report follows on standard error");
+            if !matches!(report_to, ReportTo::Stderr) {
+                let _ = ReportTo::Stderr.write(&text);
+            }
         }
     }
     if let Some(p) = problem {
         let status = run.root_status();
-        if matches!(run, AnyRun::Daemon(_)) && !attached && status.is_some() {
+        if !attached && status.is_some() {
+            // The command ran: its own status is the one to return.
             eprintln!("cylo-usage: {p}");
             return exit_status(status, None);
         }
@@ -507,12 +741,20 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         return ExitCode::from(EXIT_TIMED_OUT);
     }
     let status = run.root_status();
-    if status.is_none() && interrupted.is_none() && matches!(run, AnyRun::Proc(_)) && attached {
+    let guessed_end = run.kind() == TrackerKind::Proc
+        || run.as_daemon().is_some_and(|r| r.daemon_lost().is_some());
+    if status.is_none() && interrupted.is_none() && guessed_end && attached {
         // The /proc fallback cannot know the exit status of a root that is not its child
         // (unless a sample saw it as a zombie): the session itself succeeded.
         return ExitCode::SUCCESS;
     }
     exit_status(status, interrupted)
+}
+
+/// Makes cylo-usage a child subreaper (or not); whether that worked.
+fn set_subreaper(on: bool) -> bool {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) with an integer argument.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, on as libc::c_ulong, 0, 0, 0) == 0 }
 }
 
 /// The exit code for the root's `status` (or, for an interrupted attach, the signal).
@@ -529,6 +771,9 @@ fn exit_status(status: Option<std::process::ExitStatus>, interrupted: Option<i32
         (None, None, None) => ExitCode::from(EXIT_TRACKER_FAILED),
     }
 }
+
+/// How often a run through the daemon asks for its figures (kept should the daemon go away).
+const DAEMON_REFRESH: Duration = Duration::from_secs(2);
 
 /// Waits for the root, then, unless `--until-root-exits`, for every descendant. For `run`, a
 /// signal is forwarded to the root, and stops the waiting once the root has exited; for
@@ -555,7 +800,14 @@ async fn wait(
     let mut root_done = false;
     let mut root_readable = false;
     let mut drawn: Option<Instant> = None;
+    let mut refreshed: Option<Instant> = None;
     let result = loop {
+        // What must happen next whatever the daemon does: no call to it outlasts that.
+        run.set_promise(match (deadline, kill_at, killed_at) {
+            (Some(d), None, _) => Some(d),
+            (_, Some(k), None) => Some(k),
+            _ => None,
+        });
         if !root_done && run.root_ended().map_err(err)? {
             root_done = true;
         }
@@ -570,13 +822,16 @@ async fn wait(
         {
             run.set_timed_out();
             run.kill(libc::SIGTERM).map_err(err)?;
-            kill_at = Some(now + args.kill_after);
+            kill_at = Some(now + args.kill_after.unwrap_or(DEFAULT_KILL_AFTER));
         }
         if let Some(k) = kill_at
             && now >= k
             && killed_at.is_none()
         {
-            run.kill(libc::SIGKILL).map_err(err)?;
+            // Nothing is sent (nor reported as sent) to a tree that has ended meanwhile.
+            if !run.is_finished().map_err(err)? {
+                run.kill(libc::SIGKILL).map_err(err)?;
+            }
             killed_at = Some(now);
         }
         if let Some(k) = killed_at
@@ -589,6 +844,15 @@ async fn wait(
         if live_view && drawn.is_none_or(|d| d.elapsed() >= Duration::from_millis(500)) {
             draw_status(run, started);
             drawn = Some(Instant::now());
+            refreshed = Some(Instant::now());
+        }
+        if run.as_daemon().is_some_and(|r| r.daemon_lost().is_none())
+            && refreshed.is_none_or(|r| r.elapsed() >= DAEMON_REFRESH)
+        {
+            // The daemon's figures, kept by the run: should the daemon go away, the report
+            // starts from them.
+            let _ = run.usage_totals();
+            refreshed = Some(Instant::now());
         }
         // Wake on: the root's exit, a run's end, a signal, or the next tick.
         let tick = if live_view || kill_at.is_some() || deadline.is_some() {
@@ -647,8 +911,14 @@ fn draw_status(run: &AnyRun, started: Instant) {
         Some(b) => format!("{:.1} MiB", b as f64 / (1 << 20) as f64),
         None => "-".to_string(),
     };
+    let at_least = if u.lower_bounds.iter().any(|f| f == "process_count") {
+        "at least "
+    } else {
+        ""
+    };
     let line = format!(
-        "\r\x1b[K{:.1}s  cpu {:.2}s  procs {} live / {}  rss {}  disk r {} w {}  net tx {} rx {}",
+        "\r\x1b[K{:.1}s  cpu {:.2}s  procs {} live / {at_least}{}  rss {}  disk r {} w {}  net tx {} \
+         rx {}",
         started.elapsed().as_secs_f64(),
         u.cpu_time_ns as f64 / 1e9,
         u.live_process_count,
@@ -664,8 +934,91 @@ fn draw_status(run: &AnyRun, started: Instant) {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::{exec_failure, os_reason, parse_duration};
+    use std::ffi::OsStr;
     use std::time::Duration;
+
+    #[test]
+    fn exec_failures_read_as_a_shell_says_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cylo-usage-exec-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let bin = dir.join("bin");
+        let empty = dir.join("empty");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&empty).unwrap();
+        let plain = bin.join("plain");
+        std::fs::write(&plain, "data\n").unwrap();
+        let script = bin.join("script");
+        std::fs::write(&script, "#!/nonexistent/interp -x\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir_all(bin.join("subdir")).unwrap();
+        let path = std::env::join_paths([&empty, &bin]).unwrap();
+        let enoent = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let eacces = std::io::Error::from_raw_os_error(libc::EACCES);
+        let check = |program: &OsStr, e: &std::io::Error, want: (u8, &str)| {
+            let (code, message) = exec_failure(program, e, Some(&path));
+            assert_eq!((code, message.as_str()), want, "{program:?}");
+        };
+        // Looked up in PATH: nowhere (whatever exec said), a directory of that name is not it.
+        check(
+            OsStr::new("nope"),
+            &enoent,
+            (127, "nope: command not found"),
+        );
+        check(
+            OsStr::new("nope"),
+            &eacces,
+            (127, "nope: command not found"),
+        );
+        check(
+            OsStr::new("subdir"),
+            &eacces,
+            (127, "subdir: command not found"),
+        );
+        // Found, not executable; found, its interpreter missing.
+        check(
+            OsStr::new("plain"),
+            &eacces,
+            (126, "plain: Permission denied"),
+        );
+        check(
+            OsStr::new("script"),
+            &enoent,
+            (
+                127,
+                "script: cannot run it: its interpreter /nonexistent/interp was not found",
+            ),
+        );
+        // Paths: not there; a directory; not executable; another error.
+        check(
+            OsStr::new("/nonexistent/x"),
+            &enoent,
+            (127, "/nonexistent/x: No such file or directory"),
+        );
+        let d = bin.join("subdir");
+        let p = plain.as_os_str();
+        let shown = |s: &str| format!("{}{s}", p.to_string_lossy());
+        check(
+            d.as_os_str(),
+            &eacces,
+            (126, &format!("{}: Is a directory", d.display())),
+        );
+        check(p, &eacces, (126, &shown(": Permission denied")));
+        let enoexec = std::io::Error::from_raw_os_error(libc::ENOEXEC);
+        check(p, &enoexec, (126, &shown(": Exec format error")));
+        // A name that is not plain text is shown escaped, on one line.
+        let (code, message) = exec_failure(OsStr::new("a\nb\\c"), &enoent, Some(&path));
+        assert_eq!(
+            (code, message.as_str()),
+            (127, r"a\nb\\c: command not found")
+        );
+        // Without PATH: glibc's default.
+        let (code, _) = exec_failure(OsStr::new("sh"), &eacces, None);
+        assert_eq!(code, 126, "/bin/sh exists");
+        assert_eq!(os_reason(&eacces), "Permission denied");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn durations() {

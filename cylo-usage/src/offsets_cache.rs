@@ -142,7 +142,7 @@ impl Key {
 const FILE_LEN: usize = MAGIC.len() + KEY_LEN + size_of::<Offsets>() + 8;
 
 // `Offsets` is 57 `u32`s: no padding, and every bit pattern is a valid value.
-const _: () = assert!(size_of::<Offsets>() == 57 * 4 && align_of::<Offsets>() == 4);
+const _: () = assert!(size_of::<Offsets>() == 76 * 4 && align_of::<Offsets>() == 4);
 
 fn offsets_bytes(o: &Offsets) -> &[u8] {
     // SAFETY: `Offsets` is `repr(C)` of `u32`s without padding (asserted above): all its

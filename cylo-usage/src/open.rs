@@ -3,12 +3,21 @@
 //! (exact), and otherwise gives the /proc fallback (approximate), unless
 //! [`OpenOptions::require_exact`] says to fail instead. Runs of any of them have the same
 //! surface ([`AnyRun`]).
+//!
+//! A refusal never costs a command: when the daemon answers but refuses (no free run slot,
+//! the user's session cap, a stalled or failed daemon), at `hello` or at a spawn or attach,
+//! the run is started the other way (in-process when the programs load here, else the /proc
+//! fallback), and its report's `precision_notes` begin with what the daemon said. Only
+//! `require_exact` turns that into an error ([`Error::ExactUnavailable`], naming both the
+//! daemon's reason and why the programs cannot be loaded here). A daemon that is simply
+//! absent (no socket, nobody listening, not this user's to use) is passed over quietly.
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::daemon::{DaemonTracker, RemoteRun};
+use crate::daemon::{DaemonError, DaemonTracker, ErrorKind, Interrupt, RemoteRun};
 use crate::error::Error;
 use crate::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
 use crate::run::{Run, RunOptions};
@@ -29,6 +38,9 @@ pub struct OpenOptions {
     pub sample_interval: Duration,
     /// Map capacities for the eBPF tracker.
     pub load: Options,
+    /// A descriptor that cuts calls to the daemon short once readable (the command line's
+    /// signalfd): see [`Interrupt`].
+    pub interrupt: Option<Interrupt>,
 }
 
 impl Default for OpenOptions {
@@ -39,19 +51,30 @@ impl Default for OpenOptions {
             require_exact: false,
             sample_interval: DEFAULT_INTERVAL,
             load: Options::default(),
+            interrupt: None,
         }
     }
 }
 
-/// A tracker of either kind. Cheap to clone.
+/// The trackers [`AnyTracker`] may be.
 #[derive(Clone)]
-pub enum AnyTracker {
-    /// The daemon's programs, through its socket: exact.
+enum Which {
     Daemon(DaemonTracker),
-    /// The eBPF programs, loaded in this process: exact.
     InProcess(Tracker),
-    /// The /proc fallback: approximate.
     Proc(ProcTracker),
+}
+
+/// A tracker of any kind: the daemon's (exact), the eBPF programs loaded in this process
+/// (exact), or the /proc fallback (approximate). Cheap to clone.
+#[derive(Clone)]
+pub struct AnyTracker {
+    which: Which,
+    /// Why the daemon, which answers, is not used (said in every report).
+    refusal: Option<Arc<str>>,
+    options: OpenOptions,
+    /// The tracker runs start with when the daemon refuses one (loaded once, when first
+    /// needed).
+    instead: Arc<OnceLock<Which>>,
 }
 
 /// The first line of `text`, at most 300 characters (a verifier log may follow it).
@@ -64,48 +87,152 @@ fn first_line(text: &str) -> String {
         .collect()
 }
 
+/// Whether the daemon is simply not there for this process (no socket, nobody listening,
+/// a socket this user may not open): passed over quietly.
+fn daemon_absent(e: &DaemonError) -> bool {
+    matches!(e, DaemonError::Connect { .. })
+}
+
+/// What the daemon at `path` said or did, for notes and errors.
+fn refusal_text(path: &std::path::Path, e: &DaemonError) -> String {
+    match e {
+        DaemonError::Refused { message, .. } => {
+            format!("the daemon at {} refused: {message}", path.display())
+        }
+        DaemonError::RootNotJoined { source } => match &**source {
+            DaemonError::Refused { message, .. } => format!(
+                "the daemon at {} refused the started command (it was killed): {message}",
+                path.display()
+            ),
+            other => format!(
+                "the daemon at {} failed: {}",
+                path.display(),
+                crate::error_chain(other)
+            ),
+        },
+        other => format!(
+            "the daemon at {} failed: {}",
+            path.display(),
+            crate::error_chain(other)
+        ),
+    }
+}
+
+/// Loads the programs here, else gives the /proc fallback (unless `require_exact`).
+fn load_here(options: &OpenOptions, refusal: Option<&str>) -> Result<Which, Error> {
+    match Tracker::load_with_options(options.load) {
+        Ok(t) => Ok(Which::InProcess(t)),
+        Err(source) if options.require_exact => Err(match refusal {
+            Some(daemon) => Error::ExactRefused {
+                daemon: daemon.to_string(),
+                source: Box::new(source),
+            },
+            None => Error::ExactUnavailable { source },
+        }),
+        Err(e) => Ok(Which::Proc(ProcTracker::new(
+            first_line(&crate::error_chain(&e)),
+            options.sample_interval,
+        ))),
+    }
+}
+
 impl Tracker {
-    /// The best tracker available: the eBPF programs if they load in this process, else the
-    /// /proc fallback (no `CAP_BPF`/`CAP_PERFMON`, no kernel BTF, a verifier that refuses the
-    /// programs, no BPF ring buffer), unless `options.require_exact`.
+    /// The best tracker available: the daemon when its socket answers; else the eBPF
+    /// programs if they load in this process, else the /proc fallback (no
+    /// `CAP_BPF`/`CAP_PERFMON`, no kernel BTF, a verifier that refuses the programs, no BPF
+    /// ring buffer), unless `options.require_exact`. A daemon that answers but refuses (or
+    /// fails) is named in the reports of the runs started instead.
     pub fn open(options: OpenOptions) -> Result<AnyTracker, Error> {
+        let mut refusal = None;
         if options.daemon {
             let path = options
                 .socket
                 .clone()
                 .unwrap_or_else(crate::daemon::socket_path);
-            // No daemon, or one this user may not use: the tracker is loaded here instead.
-            if let Ok(daemon) = Tracker::connect(&path) {
-                return Ok(AnyTracker::Daemon(daemon));
+            match Tracker::connect_with(&path, options.interrupt.clone()) {
+                Ok(daemon) => {
+                    return Ok(AnyTracker {
+                        which: Which::Daemon(daemon),
+                        refusal: None,
+                        options,
+                        instead: Arc::default(),
+                    });
+                }
+                Err(e) if daemon_absent(&e) => {
+                    log::debug!("no daemon: {}", crate::error_chain(&e));
+                }
+                Err(e) => {
+                    let text = refusal_text(&path, &e);
+                    log::warn!("{text}: runs are started without the daemon");
+                    refusal = Some(text);
+                }
             }
         }
-        match Tracker::load_with_options(options.load) {
-            Ok(t) => Ok(AnyTracker::InProcess(t)),
-            Err(source) if options.require_exact => Err(Error::ExactUnavailable { source }),
-            Err(e) => Ok(AnyTracker::Proc(ProcTracker::new(
-                first_line(&crate::error_chain(&e)),
-                options.sample_interval,
-            ))),
-        }
+        let which = load_here(&options, refusal.as_deref())?;
+        Ok(AnyTracker {
+            which,
+            refusal: refusal.map(Arc::from),
+            options,
+            instead: Arc::default(),
+        })
     }
 }
 
 impl AnyTracker {
     /// Which kind it is (the reports' `tracker` field).
     pub fn kind(&self) -> TrackerKind {
-        match self {
-            AnyTracker::Daemon(_) => TrackerKind::Daemon,
-            AnyTracker::InProcess(_) => TrackerKind::InProcess,
-            AnyTracker::Proc(_) => TrackerKind::Proc,
+        match &self.which {
+            Which::Daemon(_) => TrackerKind::Daemon,
+            Which::InProcess(_) => TrackerKind::InProcess,
+            Which::Proc(_) => TrackerKind::Proc,
+        }
+    }
+
+    /// The daemon's client, when the daemon is used.
+    pub fn as_daemon(&self) -> Option<&DaemonTracker> {
+        match &self.which {
+            Which::Daemon(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The in-process tracker, when the programs are loaded here.
+    pub fn as_in_process(&self) -> Option<&Tracker> {
+        match &self.which {
+            Which::InProcess(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The /proc fallback, when it is used.
+    pub fn as_proc(&self) -> Option<&ProcTracker> {
+        match &self.which {
+            Which::Proc(p) => Some(p),
+            _ => None,
         }
     }
 
     /// Why the eBPF tracker is not used, for the fallback.
     pub fn fallback_reason(&self) -> Option<&str> {
-        match self {
-            AnyTracker::Daemon(_) | AnyTracker::InProcess(_) => None,
-            AnyTracker::Proc(p) => Some(p.reason()),
+        match &self.which {
+            Which::Daemon(_) | Which::InProcess(_) => None,
+            Which::Proc(p) => Some(p.reason()),
         }
+    }
+
+    /// Why the daemon, which answers, is not used (it refused, or failed), if that is so.
+    pub fn daemon_refusal(&self) -> Option<&str> {
+        self.refusal.as_deref()
+    }
+
+    /// The tracker to use when the daemon refuses a run, loaded once.
+    fn instead(&self, refusal: &str) -> Result<Which, Error> {
+        if let Some(w) = self.instead.get() {
+            return Ok(w.clone());
+        }
+        let w = load_here(&self.options, Some(refusal))?;
+        let _ = self.instead.set(w.clone());
+        Ok(w)
     }
 
     /// Starts `command` as the root of a new run (see [`Tracker::spawn`] and
@@ -115,12 +242,23 @@ impl AnyTracker {
     }
 
     /// [`AnyTracker::spawn`] with a breakdown or an event stream (the fallback refuses both).
+    /// Should the daemon refuse (or fail) before the command is created, it is started the
+    /// other way, and the report says why.
     pub fn spawn_with(&self, command: &mut Command, options: RunOptions) -> Result<AnyRun, Error> {
-        Ok(match self {
-            AnyTracker::Daemon(t) => AnyRun::Daemon(t.spawn_with(command, options)?),
-            AnyTracker::InProcess(t) => AnyRun::InProcess(t.spawn_with(command, options)?),
-            AnyTracker::Proc(t) => AnyRun::Proc(t.spawn_with(command, options)?),
-        })
+        let refusal = self.refusal.clone();
+        match &self.which {
+            Which::Daemon(t) => match t.try_spawn(command, options).map_err(|f| *f) {
+                Ok(r) => Ok(AnyRun::new(RunWhich::Daemon(Box::new(r)), None)),
+                Err((e, Some(options))) => {
+                    let text = refusal_text(t.path(), &e);
+                    log::warn!("{text}: the command is started without the daemon");
+                    let which = self.instead(&text)?;
+                    spawn_on(&which, command, options, Some(Arc::from(text)))
+                }
+                Err((e, None)) => Err(e.into()),
+            },
+            which => spawn_on(which, command, options, refusal),
+        }
     }
 
     /// Follows running process `pid` and its descendants from now on.
@@ -129,158 +267,258 @@ impl AnyTracker {
     }
 
     /// [`AnyTracker::attach`] with a breakdown or an event stream (the fallback refuses both).
+    /// Should the daemon refuse for capacity (or fail), the attach is made the other way.
     pub fn attach_with(&self, pid: u32, options: RunOptions) -> Result<AnyRun, Error> {
-        Ok(match self {
-            AnyTracker::Daemon(t) => AnyRun::Daemon(t.attach_with(pid, options)?),
-            AnyTracker::InProcess(t) => AnyRun::InProcess(t.attach_with(pid, options)?),
-            AnyTracker::Proc(t) => AnyRun::Proc(t.attach_with(pid, options)?),
-        })
+        let refusal = self.refusal.clone();
+        match &self.which {
+            Which::Daemon(t) => match t.try_attach(pid, options).map_err(|f| *f) {
+                Ok(r) => Ok(AnyRun::new(RunWhich::Daemon(Box::new(r)), None)),
+                // The process or the permission: the same answer any other way.
+                Err((
+                    e @ DaemonError::Refused {
+                        kind: ErrorKind::NoSuchProcess | ErrorKind::Permission,
+                        ..
+                    },
+                    _,
+                )) => Err(e.into()),
+                Err((e, Some(options))) => {
+                    let text = refusal_text(t.path(), &e);
+                    log::warn!("{text}: the process is attached to without the daemon");
+                    let which = self.instead(&text)?;
+                    attach_on(&which, pid, options, Some(Arc::from(text)))
+                }
+                Err((e, None)) => Err(e.into()),
+            },
+            which => attach_on(which, pid, options, refusal),
+        }
     }
 }
 
-/// A run of either tracker.
-pub enum AnyRun {
-    Daemon(RemoteRun),
+fn spawn_on(
+    which: &Which,
+    command: &mut Command,
+    options: RunOptions,
+    note: Option<Arc<str>>,
+) -> Result<AnyRun, Error> {
+    let run = match which {
+        Which::Daemon(t) => RunWhich::Daemon(Box::new(t.spawn_with(command, options)?)),
+        Which::InProcess(t) => RunWhich::InProcess(t.spawn_with(command, options)?),
+        Which::Proc(t) => RunWhich::Proc(t.spawn_with(command, options)?),
+    };
+    Ok(AnyRun::new(run, note))
+}
+
+fn attach_on(
+    which: &Which,
+    pid: u32,
+    options: RunOptions,
+    note: Option<Arc<str>>,
+) -> Result<AnyRun, Error> {
+    let run = match which {
+        Which::Daemon(t) => RunWhich::Daemon(Box::new(t.attach_with(pid, options)?)),
+        Which::InProcess(t) => RunWhich::InProcess(t.attach_with(pid, options)?),
+        Which::Proc(t) => RunWhich::Proc(t.attach_with(pid, options)?),
+    };
+    Ok(AnyRun::new(run, note))
+}
+
+/// The runs [`AnyRun`] may be.
+enum RunWhich {
+    Daemon(Box<RemoteRun>),
     InProcess(Run),
     Proc(ProcRun),
 }
 
+/// A run of any tracker.
+pub struct AnyRun {
+    run: RunWhich,
+    /// Why the daemon did not take this run (it refused, or failed): the report's first note.
+    refusal: Option<Arc<str>>,
+}
+
 impl AnyRun {
+    fn new(run: RunWhich, refusal: Option<Arc<str>>) -> AnyRun {
+        AnyRun { run, refusal }
+    }
+
     pub fn kind(&self) -> TrackerKind {
-        match self {
-            AnyRun::Daemon(_) => TrackerKind::Daemon,
-            AnyRun::InProcess(_) => TrackerKind::InProcess,
-            AnyRun::Proc(_) => TrackerKind::Proc,
+        match &self.run {
+            RunWhich::Daemon(_) => TrackerKind::Daemon,
+            RunWhich::InProcess(_) => TrackerKind::InProcess,
+            RunWhich::Proc(_) => TrackerKind::Proc,
+        }
+    }
+
+    /// Why the daemon, which answers, did not take this run, if that is so.
+    pub fn daemon_refusal(&self) -> Option<&str> {
+        self.refusal.as_deref()
+    }
+
+    /// The daemon's run, when the daemon took it.
+    pub fn as_daemon(&self) -> Option<&RemoteRun> {
+        match &self.run {
+            RunWhich::Daemon(r) => Some(&**r),
+            _ => None,
+        }
+    }
+
+    /// See [`RemoteRun::set_subreaper`] (the other trackers reap for themselves: no-op).
+    pub fn set_subreaper(&mut self, yes: bool) {
+        if let RunWhich::Daemon(r) = &mut self.run {
+            r.set_subreaper(yes);
+        }
+    }
+
+    /// See [`RemoteRun::set_promise`] (the other trackers never wait on anyone: no-op).
+    pub fn set_promise(&self, at: Option<std::time::Instant>) {
+        if let RunWhich::Daemon(r) = &self.run {
+            r.set_promise(at);
         }
     }
 
     /// The root's pid.
     pub fn root_pid(&self) -> u32 {
-        match self {
-            AnyRun::Daemon(r) => r.root_pid(),
-            AnyRun::InProcess(r) => r.root_pid(),
-            AnyRun::Proc(r) => r.root_pid(),
+        match &self.run {
+            RunWhich::Daemon(r) => r.root_pid(),
+            RunWhich::InProcess(r) => r.root_pid(),
+            RunWhich::Proc(r) => r.root_pid(),
         }
     }
 
     /// Whether the run attached to running processes.
     pub fn is_attached(&self) -> bool {
-        match self {
-            AnyRun::Daemon(r) => r.is_attached(),
-            AnyRun::InProcess(r) => r.is_attached(),
-            AnyRun::Proc(r) => r.is_attached(),
+        match &self.run {
+            RunWhich::Daemon(r) => r.is_attached(),
+            RunWhich::InProcess(r) => r.is_attached(),
+            RunWhich::Proc(r) => r.is_attached(),
         }
     }
 
     /// The root's exit status, once it has ended and when it is known (it is unknown only
     /// for a root the fallback attached to and never saw as a zombie).
     pub fn root_status(&self) -> Option<ExitStatus> {
-        match self {
-            AnyRun::Daemon(r) => r.root_status(),
-            AnyRun::InProcess(r) => r.root_status(),
-            AnyRun::Proc(r) => r.root_status(),
+        match &self.run {
+            RunWhich::Daemon(r) => r.root_status(),
+            RunWhich::InProcess(r) => r.root_status(),
+            RunWhich::Proc(r) => r.root_status(),
         }
     }
 
     /// Whether the root has ended, without waiting (reaps it when it is the tracker's child).
     pub fn root_ended(&mut self) -> Result<bool, Error> {
-        Ok(match self {
-            AnyRun::Daemon(r) => r.try_wait_root()?.is_some(),
-            AnyRun::InProcess(r) => r.try_wait_root()?.is_some(),
-            AnyRun::Proc(r) => r.root_ended(),
+        Ok(match &mut self.run {
+            RunWhich::Daemon(r) => r.root_ended()?,
+            RunWhich::InProcess(r) => r.try_wait_root()?.is_some(),
+            RunWhich::Proc(r) => r.root_ended(),
         })
     }
 
     /// Waits for the root to end; its status when known (see [`AnyRun::root_status`]).
     pub async fn wait_root(&mut self) -> Result<Option<ExitStatus>, Error> {
-        Ok(match self {
-            AnyRun::Daemon(r) => Some(r.wait_root().await?),
-            AnyRun::InProcess(r) => Some(r.wait_root().await?),
-            AnyRun::Proc(r) => r.wait_root().await,
+        Ok(match &mut self.run {
+            RunWhich::Daemon(r) => Some(r.wait_root().await?),
+            RunWhich::InProcess(r) => Some(r.wait_root().await?),
+            RunWhich::Proc(r) => r.wait_root().await,
         })
     }
 
     /// Waits until every process of the tree has ended, daemons included.
     pub async fn wait_finished(&self) -> Result<(), Error> {
-        match self {
-            AnyRun::Daemon(r) => r.wait_finished().await?,
-            AnyRun::InProcess(r) => r.wait_finished().await?,
-            AnyRun::Proc(r) => r.wait_finished().await,
+        match &self.run {
+            RunWhich::Daemon(r) => r.wait_finished().await?,
+            RunWhich::InProcess(r) => r.wait_finished().await?,
+            RunWhich::Proc(r) => r.wait_finished().await,
         }
         Ok(())
     }
 
     /// True once every process of the tree has ended.
     pub fn is_finished(&self) -> Result<bool, Error> {
-        Ok(match self {
-            AnyRun::Daemon(r) => r.is_finished()?,
-            AnyRun::InProcess(r) => r.is_finished()?,
-            AnyRun::Proc(r) => r.is_finished(),
+        Ok(match &self.run {
+            RunWhich::Daemon(r) => r.is_finished()?,
+            RunWhich::InProcess(r) => r.is_finished()?,
+            RunWhich::Proc(r) => r.is_finished(),
         })
+    }
+
+    /// The daemon's refusal first among the notes.
+    fn noted(&self, mut u: ResourceUsage) -> ResourceUsage {
+        if let Some(r) = &self.refusal {
+            let instead = match self.kind() {
+                TrackerKind::InProcess => "the eBPF programs loaded in this process",
+                TrackerKind::Proc => "the /proc fallback",
+                TrackerKind::Daemon => "another daemon session",
+            };
+            u.precision_notes
+                .insert(0, format!("tracker: {r}; this run used {instead} instead"));
+        }
+        u
     }
 
     /// What the tree has used so far (with the breakdown, if one was asked for).
     pub fn usage(&self) -> Result<ResourceUsage, Error> {
-        Ok(match self {
-            AnyRun::Daemon(r) => r.usage()?,
-            AnyRun::InProcess(r) => r.usage()?,
-            AnyRun::Proc(r) => r.usage()?,
-        })
+        let u = match &self.run {
+            RunWhich::Daemon(r) => r.usage()?,
+            RunWhich::InProcess(r) => r.usage()?,
+            RunWhich::Proc(r) => r.usage()?,
+        };
+        Ok(self.noted(u))
     }
 
     /// [`AnyRun::usage`] without the breakdown: cheaper, for live views.
     pub fn usage_totals(&self) -> Result<ResourceUsage, Error> {
-        Ok(match self {
-            AnyRun::Daemon(r) => r.usage_totals()?,
-            AnyRun::InProcess(r) => r.usage_totals()?,
-            AnyRun::Proc(r) => r.usage()?,
-        })
+        let u = match &self.run {
+            RunWhich::Daemon(r) => r.usage_totals()?,
+            RunWhich::InProcess(r) => r.usage_totals()?,
+            RunWhich::Proc(r) => r.usage()?,
+        };
+        Ok(self.noted(u))
     }
 
     /// Sends `signal` to every live process of the tree; returns how many were signalled.
     pub fn kill(&self, signal: i32) -> Result<usize, Error> {
-        Ok(match self {
-            AnyRun::Daemon(r) => r.kill(signal)?,
-            AnyRun::InProcess(r) => r.kill(signal)?,
-            AnyRun::Proc(r) => r.kill(signal)?,
+        Ok(match &self.run {
+            RunWhich::Daemon(r) => r.kill(signal)?,
+            RunWhich::InProcess(r) => r.kill(signal)?,
+            RunWhich::Proc(r) => r.kill(signal)?,
         })
     }
 
     /// Sends `signal` to the root, if it has not ended.
     pub fn signal_root(&self, signal: i32) -> Result<(), Error> {
-        match self {
-            AnyRun::Daemon(r) => r.signal_root(signal)?,
-            AnyRun::InProcess(r) => r.signal_root(signal)?,
-            AnyRun::Proc(r) => r.signal_root(signal)?,
+        match &self.run {
+            RunWhich::Daemon(r) => r.signal_root(signal)?,
+            RunWhich::InProcess(r) => r.signal_root(signal)?,
+            RunWhich::Proc(r) => r.signal_root(signal)?,
         }
         Ok(())
     }
 
     /// Marks the run as ended by a timeout (the report says so).
     pub fn set_timed_out(&mut self) {
-        match self {
-            AnyRun::Daemon(r) => r.set_timed_out(),
-            AnyRun::InProcess(r) => r.set_timed_out(),
-            AnyRun::Proc(r) => r.set_timed_out(),
+        match &mut self.run {
+            RunWhich::Daemon(r) => r.set_timed_out(),
+            RunWhich::InProcess(r) => r.set_timed_out(),
+            RunWhich::Proc(r) => r.set_timed_out(),
         }
     }
 
     /// File descriptors that become readable when something may have changed (the last is
     /// the one [`AnyRun::clear_wake`] empties). For event loops.
     pub fn wake_fds(&self) -> std::io::Result<Vec<OwnedFd>> {
-        match self {
-            AnyRun::Daemon(r) => r.wake_fds(),
-            AnyRun::InProcess(r) => r.wake_fds(),
-            AnyRun::Proc(r) => r.wake_fds(),
+        match &self.run {
+            RunWhich::Daemon(r) => r.wake_fds(),
+            RunWhich::InProcess(r) => r.wake_fds(),
+            RunWhich::Proc(r) => r.wake_fds(),
         }
     }
 
     /// Empties the wake-up descriptor after a wake-up.
     pub fn clear_wake(&self) {
-        match self {
-            AnyRun::Daemon(r) => r.clear_wake(),
-            AnyRun::InProcess(r) => r.clear_wake(),
-            AnyRun::Proc(r) => r.clear_wake(),
+        match &self.run {
+            RunWhich::Daemon(r) => r.clear_wake(),
+            RunWhich::InProcess(r) => r.clear_wake(),
+            RunWhich::Proc(r) => r.clear_wake(),
         }
     }
 }

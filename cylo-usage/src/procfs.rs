@@ -104,6 +104,12 @@ pub fn read_uids(pid: u32) -> Option<[u32; 4]> {
     parse_uids(&std::fs::read(format!("/proc/{pid}/status")).ok()?)
 }
 
+/// The process (thread group) id of live thread `tid` (the `Tgid:` line of its status).
+pub fn read_tgid(tid: u32) -> Option<u32> {
+    let status = std::fs::read(format!("/proc/{tid}/status")).ok()?;
+    status_field(&status, "Tgid")?.trim().parse().ok()
+}
+
 /// The supplementary groups of live process `pid` (the `Groups:` line of its status).
 pub fn read_groups(pid: u32) -> Option<Vec<u32>> {
     let status = std::fs::read(format!("/proc/{pid}/status")).ok()?;

@@ -17,10 +17,12 @@ fn seconds(ns: u64) -> String {
     format!("{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000)
 }
 
+const NOT_MEASURED: &str = "not measured";
+
 fn maybe(v: Option<u64>) -> String {
     match v {
         Some(b) => b.to_string(),
-        None => "not measured".to_string(),
+        None => NOT_MEASURED.to_string(),
     }
 }
 
@@ -48,11 +50,21 @@ pub fn human_titled(usage: &ResourceUsage, title: &str, what: &str) -> String {
         let pct = usage.cpu_time_ns as u128 * 100 / (wall_ms as u128 * 1_000_000);
         line("Percent of CPU this job got", format!("{pct}%"));
     }
-    line("Processes", usage.process_count.to_string());
-    line("Threads", usage.thread_count.to_string());
+    let bound = |field: &str, value: String| match usage.lower_bounds.iter().any(|f| f == field) {
+        true if value != NOT_MEASURED => format!("at least {value}"),
+        _ => value,
+    };
+    line(
+        "Processes",
+        bound("process_count", usage.process_count.to_string()),
+    );
+    line(
+        "Threads",
+        bound("thread_count", usage.thread_count.to_string()),
+    );
     line(
         "Most processes alive at once",
-        maybe(usage.peak_process_count),
+        bound("peak_process_count", maybe(usage.peak_process_count)),
     );
     line(
         "Processes still alive",
@@ -94,6 +106,12 @@ pub fn human_titled(usage: &ResourceUsage, title: &str, what: &str) -> String {
     );
     network_lines(usage, &mut line);
     line("Lost events", usage.lost_events.to_string());
+    if let Some(n) = usage.tasks_killed_at_birth.filter(|&n| n > 0) {
+        line("Tasks killed at birth (past the share)", n.to_string());
+    }
+    if let Some(n) = usage.tasks_escaped.filter(|&n| n > 0) {
+        line("Processes not followed (may still run)", n.to_string());
+    }
     line(
         "Precision",
         match usage.precision {
@@ -122,10 +140,7 @@ pub fn human_titled(usage: &ResourceUsage, title: &str, what: &str) -> String {
         (None, None) => line("Exit status", "still running".to_string()),
     }
     if usage.timed_out {
-        line(
-            "Timed out",
-            "yes: the whole tree was sent SIGTERM, then SIGKILL".to_string(),
-        );
+        line("Timed out", timeout_text(usage));
     }
     if usage.attached {
         line(
@@ -160,8 +175,24 @@ pub fn human_titled(usage: &ResourceUsage, title: &str, what: &str) -> String {
     out
 }
 
-/// `s` with control characters (terminal escapes, newlines) shown escaped.
+/// `s` with its backslashes and control characters (terminal escapes, newlines) escaped, as
+/// Rust writes them (`\\`, `\n`, `\u{1b}`): what is shown is unambiguous.
 pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c == '\\' || c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// [`printable`] for text that [`crate::tree::escape_bytes`] made (comm, argv): its backslashes
+/// are escaped already (`\\`, and `\xNN` for a byte that is not UTF-8), its control
+/// characters not yet.
+fn printable_bytes_text(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if c.is_control() {
@@ -173,9 +204,11 @@ pub fn printable(s: &str) -> String {
     out
 }
 
-/// The command a process ran: its argv (as set at its last exec), else its comm.
+/// The command a process ran: its argv (as set at its last exec), else its comm (marked when
+/// withheld from this client).
 fn command_of(p: &ProcessUsage) -> String {
     let text = match &p.argv {
+        _ if p.withheld => format!("[{}] (withheld: other credentials)", p.comm),
         Some(argv) if !argv.is_empty() => {
             let mut s = argv.join(" ");
             if p.argv_truncated {
@@ -185,7 +218,7 @@ fn command_of(p: &ProcessUsage) -> String {
         }
         _ => format!("[{}]", p.comm),
     };
-    printable(&text)
+    printable_bytes_text(&text)
 }
 
 fn bytes(v: Option<u64>) -> String {
@@ -314,23 +347,322 @@ fn network_lines(usage: &ResourceUsage, line: &mut impl FnMut(&str, String)) {
 }
 
 /// The kernel and the list of counters with how each is measured, as text or JSON.
-/// `layout` is the kernel layout the programs were given (for bug reports).
+/// `layout` is the kernel layout the programs were given (for bug reports), as the daemon and
+/// the tracker write it (`Offsets { task_pid: 1264, mm_rss: [976, 1016], ... }`): shown as
+/// `name value` pairs in the text, as an object of numbers in JSON (`null` for a field the
+/// kernel does not have).
 pub fn features(kernel: &str, list: &[Feature], layout: &str, json: bool) -> String {
+    let fields = layout_fields(layout);
     if json {
+        let layout = match &fields {
+            Some(fields) => serde_json::Value::Object(
+                fields
+                    .iter()
+                    .map(|(name, value)| (name.clone(), value.json()))
+                    .collect(),
+            ),
+            None => serde_json::Value::String(layout.to_string()),
+        };
         let v = serde_json::json!({ "kernel": kernel, "features": list, "layout": layout });
         return format!("{v}\n");
     }
-    let mut out = format!("kernel {kernel}\nlayout {layout}\n");
+    let mut out = format!("kernel {kernel}\n");
     for f in list {
         let state = if f.measured { "measured" } else { "unmeasured" };
         let _ = writeln!(out, "{:<24} {:<10} {}", f.counter, state, f.how);
     }
+    out.push_str(
+        "layout (from BTF: the offsets and flags the programs were given; \"absent\": no \
+         such field):\n",
+    );
+    match &fields {
+        Some(fields) => {
+            let words: Vec<String> = fields
+                .iter()
+                .map(|(name, value)| format!("{name} {}", value.text()))
+                .collect();
+            out.push_str(&wrap(&words, "  ", ", ", 96));
+        }
+        None => {
+            let _ = writeln!(out, "  {}", printable(layout));
+        }
+    }
     out
+}
+
+/// A value of the kernel layout: a number, or a list of numbers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum LayoutValue {
+    One(u64),
+    List(Vec<u64>),
+}
+
+/// The value the layout gives a field the kernel does not have (`cylo_usage_abi::ABSENT`).
+const LAYOUT_ABSENT: u64 = u32::MAX as u64;
+
+impl LayoutValue {
+    fn json(&self) -> serde_json::Value {
+        let one = |v: u64| match v {
+            LAYOUT_ABSENT => serde_json::Value::Null,
+            v => v.into(),
+        };
+        match self {
+            LayoutValue::One(v) => one(*v),
+            LayoutValue::List(vs) => vs.iter().map(|&v| one(v)).collect(),
+        }
+    }
+
+    fn text(&self) -> String {
+        let one = |v: u64| match v {
+            LAYOUT_ABSENT => "absent".to_string(),
+            v => v.to_string(),
+        };
+        match self {
+            LayoutValue::One(v) => one(*v),
+            LayoutValue::List(vs) => {
+                let vs: Vec<String> = vs.iter().map(|&v| one(v)).collect();
+                format!("[{}]", vs.join(" "))
+            }
+        }
+    }
+}
+
+/// The fields of a layout written as Rust writes a struct of numbers and arrays of numbers
+/// (`Name { a: 1, b: [2, 3] }`), in order; `None` for anything else.
+fn layout_fields(layout: &str) -> Option<Vec<(String, LayoutValue)>> {
+    let (_, body) = layout.trim().split_once('{')?;
+    let body = body.strip_suffix('}')?.trim();
+    let mut fields = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (name, after) = rest.split_once(':')?;
+        let name = name.trim();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return None;
+        }
+        let after = after.trim_start();
+        let (value, next) = if let Some(list) = after.strip_prefix('[') {
+            let (items, next) = list.split_once(']')?;
+            let items: Option<Vec<u64>> = items
+                .split(',')
+                .map(str::trim)
+                .filter(|i| !i.is_empty())
+                .map(|i| i.parse().ok())
+                .collect();
+            (LayoutValue::List(items?), next)
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (
+                LayoutValue::One(after[..end].trim().parse().ok()?),
+                &after[end..],
+            )
+        };
+        fields.push((name.to_string(), value));
+        let next = next.trim_start();
+        rest = match next.strip_prefix(',') {
+            Some(n) => n.trim_start(),
+            None if next.is_empty() => next,
+            None => return None,
+        };
+    }
+    (!fields.is_empty()).then_some(fields)
+}
+
+/// `words` joined by `sep` into lines of at most `width` columns (a longer word alone on its
+/// line), each line starting with `indent` and ending with a newline.
+fn wrap(words: &[String], indent: &str, sep: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for (i, w) in words.iter().enumerate() {
+        let piece = if i + 1 < words.len() {
+            format!("{w}{}", sep.trim_end())
+        } else {
+            w.clone()
+        };
+        if !line.is_empty() && indent.len() + line.len() + 1 + piece.len() > width {
+            let _ = writeln!(out, "{indent}{line}");
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(&piece);
+    }
+    if !line.is_empty() {
+        let _ = writeln!(out, "{indent}{line}");
+    }
+    out
+}
+
+/// What a timeout did, as the kill recorded it: which signals reached how many processes,
+/// what was spared, and what the tracker could not have reached.
+fn timeout_text(usage: &ResourceUsage) -> String {
+    let name = |sig: i32| match sig {
+        libc::SIGTERM => "SIGTERM".to_string(),
+        libc::SIGKILL => "SIGKILL".to_string(),
+        libc::SIGINT => "SIGINT".to_string(),
+        libc::SIGHUP => "SIGHUP".to_string(),
+        n => format!("signal {n}"),
+    };
+    let plural = |n: u64| if n == 1 { "process" } else { "processes" };
+    // A signal that reached nobody (everything had ended at the one before) is not named.
+    let sent: Vec<String> = usage
+        .signals_sent
+        .iter()
+        .filter(|s| s.signalled > 0)
+        .map(|s| {
+            format!(
+                "{} to {} {}",
+                name(s.signal),
+                s.signalled,
+                plural(s.signalled)
+            )
+        })
+        .collect();
+    let spared = usage
+        .signals_sent
+        .iter()
+        .map(|s| s.spared)
+        .max()
+        .unwrap_or(0);
+    let mut text = match (sent.is_empty(), spared) {
+        (false, _) => format!("yes: {}", sent.join(", then ")),
+        (true, 0) => "yes: the tree had ended before any signal was sent".to_string(),
+        (true, _) => "yes: no process was signalled".to_string(),
+    };
+    if spared > 0 {
+        text.push_str(&format!(
+            "; {spared} {} of other users spared (the client may not signal them)",
+            plural(spared)
+        ));
+    }
+    if usage.lost_events > 0 {
+        text.push_str("; tasks the tracker lost (see lost events) could not be signalled");
+    }
+    text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_timeout_line_says_what_was_signalled_and_what_was_spared() {
+        use crate::usage::{SignalSent, TrackerKind};
+        let mut u = ResourceUsage::unmeasured(TrackerKind::Daemon);
+        u.timed_out = true;
+        assert_eq!(
+            timeout_text(&u),
+            "yes: the tree had ended before any signal was sent"
+        );
+        SignalSent::record(&mut u.signals_sent, libc::SIGTERM, 3, 0);
+        SignalSent::record(&mut u.signals_sent, libc::SIGTERM, 0, 0);
+        SignalSent::record(&mut u.signals_sent, libc::SIGKILL, 1, 2);
+        assert_eq!(u.signals_sent.len(), 2);
+        assert_eq!(
+            timeout_text(&u),
+            "yes: SIGTERM to 3 processes, then SIGKILL to 1 process; 2 processes of other \
+             users spared (the client may not signal them)"
+        );
+        u.lost_events = 4;
+        assert!(timeout_text(&u).ends_with("could not be signalled"));
+    }
+
+    #[test]
+    fn a_sigkill_that_reached_nobody_is_not_named() {
+        use crate::usage::{SignalSent, TrackerKind};
+        let mut u = ResourceUsage::unmeasured(TrackerKind::InProcess);
+        u.timed_out = true;
+        SignalSent::record(&mut u.signals_sent, libc::SIGTERM, 2, 0);
+        SignalSent::record(&mut u.signals_sent, libc::SIGKILL, 0, 0);
+        assert_eq!(timeout_text(&u), "yes: SIGTERM to 2 processes");
+        let mut u = ResourceUsage::unmeasured(TrackerKind::Daemon);
+        SignalSent::record(&mut u.signals_sent, libc::SIGTERM, 0, 1);
+        assert_eq!(
+            timeout_text(&u),
+            "yes: no process was signalled; 1 process of other users spared (the client may \
+             not signal them)"
+        );
+    }
+
+    #[test]
+    fn lower_bounds_say_at_least_where_shown() {
+        use crate::usage::TrackerKind;
+        let mut u = ResourceUsage::unmeasured(TrackerKind::Proc);
+        u.process_count = 9;
+        u.thread_count = 12;
+        u.peak_process_count = Some(3);
+        let text = human(&u, "x");
+        assert!(text.contains("\tProcesses: 9\n"), "{text}");
+        u.lower_bounds = crate::fallback::account::sampled_counts();
+        let text = human(&u, "x");
+        assert!(text.contains("\tProcesses: at least 9\n"), "{text}");
+        assert!(text.contains("\tThreads: at least 12\n"), "{text}");
+        assert!(
+            text.contains("\tMost processes alive at once: at least 3\n"),
+            "{text}"
+        );
+        // Not measured stays "not measured".
+        u.peak_process_count = None;
+        let text = human(&u, "x");
+        assert!(
+            text.contains("\tMost processes alive at once: not measured\n"),
+            "{text}"
+        );
+        let j: serde_json::Value = serde_json::from_str(&json(&u)).unwrap();
+        assert_eq!(
+            j["lower_bounds"],
+            serde_json::json!(["process_count", "thread_count", "peak_process_count"])
+        );
+    }
+
+    #[test]
+    fn the_layout_reads_as_text_and_as_structured_json() {
+        let layout = "Offsets { task_pid: 1264, mm_rss: [976, 1016, 1056, 1096], \
+                      bio_disk: 4294967295, net_hooks: 3 }";
+        let text = features("6.1.0", &[], layout, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "kernel 6.1.0");
+        assert!(!text.contains("Offsets {"), "{text}");
+        assert!(
+            text.contains(
+                "  task_pid 1264, mm_rss [976 1016 1056 1096], bio_disk absent, net_hooks 3\n"
+            ),
+            "{text}"
+        );
+        let j: serde_json::Value =
+            serde_json::from_str(&features("6.1.0", &[], layout, true)).unwrap();
+        assert_eq!(j["layout"]["task_pid"], 1264);
+        assert_eq!(
+            j["layout"]["mm_rss"],
+            serde_json::json!([976, 1016, 1056, 1096])
+        );
+        assert!(j["layout"]["bio_disk"].is_null());
+        // The real layout parses whole: every field, in order.
+        let real = format!("{:?}", cylo_usage_abi::Offsets::UNRESOLVED);
+        let fields = layout_fields(&real).expect("the real layout parses");
+        assert_eq!(fields.first().unwrap().0, "task_pid");
+        assert_eq!(fields.len(), real.matches(':').count());
+        // Anything else is shown as it came.
+        assert_eq!(layout_fields("weird"), None);
+        assert_eq!(layout_fields("X { a: b }"), None);
+        let text = features("6.1.0", &[], "weird", false);
+        assert!(text.ends_with("  weird\n"), "{text}");
+        let j: serde_json::Value =
+            serde_json::from_str(&features("6.1.0", &[], "weird", true)).unwrap();
+        assert_eq!(j["layout"], "weird");
+    }
+
+    #[test]
+    fn long_lines_wrap() {
+        let words: Vec<String> = (0..30).map(|i| format!("field_{i} {i}")).collect();
+        let text = wrap(&words, "  ", ", ", 40);
+        for l in text.lines() {
+            assert!(l.len() <= 40 && l.starts_with("  "), "{l:?}");
+        }
+        assert_eq!(text.matches("field_").count(), 30);
+        assert!(text.ends_with("field_29 29\n"));
+    }
 
     fn proc(pid: u32, parent: Option<usize>, argv: &[&str], cpu: u64) -> ProcessUsage {
         ProcessUsage {
@@ -359,6 +691,7 @@ mod tests {
             peak_memory_bytes: Some(4096),
             network_bytes_sent: None,
             network_bytes_received: None,
+            withheld: false,
         }
     }
 
@@ -387,6 +720,37 @@ mod tests {
         assert!(lines[3].contains("5000 make \\u{1b}[2J\\n: "), "{text}");
         assert!(lines[4].starts_with("\t      5001 cc: "), "{text}");
         assert!(!text.contains('\x1b'));
+    }
+
+    #[test]
+    fn hostile_argv_reads_unambiguously() {
+        use crate::tree::split_argv;
+        let shown = |bytes: &[u8]| {
+            let mut p = proc(1, None, &["x"], 1);
+            p.argv = Some(split_argv(bytes));
+            let text = tree(&[p]);
+            let line = text.lines().nth(1).unwrap().to_string();
+            let (_, rest) = line.split_once(" 1 ").unwrap();
+            rest.rsplit_once(": 0.").unwrap().0.to_string()
+        };
+        // `;\` then a newline, against a backslash, a backslash and `n`.
+        assert_eq!(shown(b"sh\0-c\0;\\\n"), r"sh -c ;\\\n");
+        assert_eq!(shown(b"sh\0-c\0;\\\\n"), r"sh -c ;\\\\n");
+        // The text `\xff` against the byte 0xff; a terminal escape; a tab.
+        assert_eq!(shown(b"\\xff\0\xff"), r"\\xff \xff");
+        assert_eq!(shown(b"a\x1b[2J\tb"), r"a\u{1b}[2J\tb");
+        let all = [
+            shown(b";\\\n"),
+            shown(b";\\\\n"),
+            shown(b";\\n"),
+            shown(b";\n"),
+        ];
+        for (i, a) in all.iter().enumerate() {
+            assert!(!a.chars().any(char::is_control), "{a:?}");
+            for b in &all[i + 1..] {
+                assert_ne!(a, b, "two argvs read alike");
+            }
+        }
     }
 
     #[test]

@@ -62,6 +62,15 @@ pub mod fields {
     pub const TASK_STATE: Field = f("task_struct", &["__state", "state"], &[4, 8]);
     /// `atomic_t live`: threads of the process not yet past do_exit().
     pub const SIGNAL_LIVE: Field = f("signal_struct", &["live"], &[4]);
+    /// `u64 start_time` (CLOCK_MONOTONIC ns) since 3.17; `start_boottime` is the boot clock.
+    pub const TASK_START_TIME: Field = f("task_struct", &["start_time"], &[8]);
+    /// What a process's exited threads used (added in `__exit_signal()`), and what the
+    /// children it reaped used (added in `wait_task_zombie()`): `u64` ns since 4.11.
+    pub const SIGNAL_SUM_SCHED_RUNTIME: Field = f("signal_struct", &["sum_sched_runtime"], &[8]);
+    pub const SIGNAL_UTIME: Field = f("signal_struct", &["utime"], &[8]);
+    pub const SIGNAL_STIME: Field = f("signal_struct", &["stime"], &[8]);
+    pub const SIGNAL_CUTIME: Field = f("signal_struct", &["cutime"], &[8]);
+    pub const SIGNAL_CSTIME: Field = f("signal_struct", &["cstime"], &[8]);
 
     pub const TASK_MM: Field = f("task_struct", &["mm"], &[8]);
     /// `mm_struct.rss_stat`: a struct before 6.2, an array since (see `resolve_mm_rss`).
@@ -78,6 +87,13 @@ pub mod fields {
     /// CONFIG_TASK_XACCT.
     pub const TASK_IOAC_RCHAR: Field = f("task_struct", &["ioac.rchar"], &[8]);
     pub const TASK_IOAC_WCHAR: Field = f("task_struct", &["ioac.wchar"], &[8]);
+    /// `signal_struct.ioac`: exited threads' and reaped children's (same configs as above).
+    pub const SIGNAL_IOAC_READ_BYTES: Field = f("signal_struct", &["ioac.read_bytes"], &[8]);
+    pub const SIGNAL_IOAC_WRITE_BYTES: Field = f("signal_struct", &["ioac.write_bytes"], &[8]);
+    pub const SIGNAL_IOAC_CANCELLED_WRITE_BYTES: Field =
+        f("signal_struct", &["ioac.cancelled_write_bytes"], &[8]);
+    pub const SIGNAL_IOAC_RCHAR: Field = f("signal_struct", &["ioac.rchar"], &[8]);
+    pub const SIGNAL_IOAC_WCHAR: Field = f("signal_struct", &["ioac.wchar"], &[8]);
     pub const BIO_SIZE: Field = f("bio", &["bi_iter.bi_size"], &[4]);
     /// `blk_opf_t` (u32) since 6.0, `unsigned int` before.
     pub const BIO_OPF: Field = f("bio", &["bi_opf"], &[4]);
@@ -124,6 +140,20 @@ pub mod fields {
     /// `u16` since 5.6; bitfields before, which leave the network unmeasured.
     pub const SK_TYPE: Field = f("sock", &["sk_type"], &[2]);
     pub const SK_PROTOCOL: Field = f("sock", &["sk_protocol"], &[2]);
+
+    // Credentials: who may see a member's figures (all of the ids, or none).
+    /// `const struct cred *real_cred`: what `ptrace_may_access()` checks.
+    pub const TASK_REAL_CRED: Field = f("task_struct", &["real_cred"], &[8]);
+    /// `kuid_t` / `kgid_t` (`struct { u32 val; }`).
+    pub const CRED_UID: Field = f("cred", &["uid"], &[4]);
+    pub const CRED_GID: Field = f("cred", &["gid"], &[4]);
+    pub const CRED_SUID: Field = f("cred", &["suid"], &[4]);
+    pub const CRED_SGID: Field = f("cred", &["sgid"], &[4]);
+    pub const CRED_EUID: Field = f("cred", &["euid"], &[4]);
+    pub const CRED_EGID: Field = f("cred", &["egid"], &[4]);
+    /// `unsigned long flags` (in an anonymous union with `mm_flags_t` since 6.18): the
+    /// dumpable mode is its low two bits.
+    pub const MM_FLAGS: Field = f("mm_struct", &["flags"], &[8]);
 
     // Not in `Offsets`; resolvable on every fixture kernel.
     #[cfg(test)]
@@ -515,6 +545,26 @@ pub fn resolve_offsets(btf: &Btf) -> Result<Offsets, ResolveError> {
     let [socket_sk, sk_family, sk_type, sk_protocol] = socket_layout(btf)?;
     let sessions = resolve_sessions(btf)?;
     let [
+        task_real_cred,
+        cred_uid,
+        cred_gid,
+        cred_suid,
+        cred_sgid,
+        cred_euid,
+        cred_egid,
+    ] = all_or_absent(
+        btf,
+        [
+            TASK_REAL_CRED,
+            CRED_UID,
+            CRED_GID,
+            CRED_SUID,
+            CRED_SGID,
+            CRED_EUID,
+            CRED_EGID,
+        ],
+    )?;
+    let [
         task_exit_code,
         task_comm,
         task_real_parent,
@@ -588,6 +638,26 @@ pub fn resolve_offsets(btf: &Btf) -> Result<Offsets, ResolveError> {
         mm_arg_start,
         mm_arg_end,
         bprm_filename,
+        task_real_cred,
+        cred_uid,
+        cred_gid,
+        cred_suid,
+        cred_sgid,
+        cred_euid,
+        cred_egid,
+        mm_flags: MM_FLAGS.offset_or_absent(btf)?,
+        task_start_time: TASK_START_TIME.resolve(btf)?.offset,
+        signal_sum_sched_runtime: SIGNAL_SUM_SCHED_RUNTIME.resolve(btf)?.offset,
+        signal_utime: SIGNAL_UTIME.resolve(btf)?.offset,
+        signal_stime: SIGNAL_STIME.resolve(btf)?.offset,
+        signal_cutime: SIGNAL_CUTIME.resolve(btf)?.offset,
+        signal_cstime: SIGNAL_CSTIME.resolve(btf)?.offset,
+        signal_ioac_read_bytes: SIGNAL_IOAC_READ_BYTES.offset_or_absent(btf)?,
+        signal_ioac_write_bytes: SIGNAL_IOAC_WRITE_BYTES.offset_or_absent(btf)?,
+        signal_ioac_cancelled_write_bytes: SIGNAL_IOAC_CANCELLED_WRITE_BYTES
+            .offset_or_absent(btf)?,
+        signal_ioac_rchar: SIGNAL_IOAC_RCHAR.offset_or_absent(btf)?,
+        signal_ioac_wchar: SIGNAL_IOAC_WCHAR.offset_or_absent(btf)?,
     })
 }
 
@@ -608,6 +678,7 @@ const STRUCTS: &[&str] = &[
     "file",
     "proc_inode",
     "linux_binprm",
+    "cred",
     "socket",
     "sock",
     "proto_ops",
@@ -737,6 +808,15 @@ mod tests {
             // No sock_*_length tracepoints; the family functions, and sendpage.
             net_hooks: FEXIT_MSG | SENDPAGE_PATH | FEXIT_SENDPAGE,
             socket_sk: 24, sk_family: 16, sk_type: 538, sk_protocol: 540,
+            // The fixtures do not carry `struct cred`: its ids are all ABSENT.
+            task_real_cred: ABSENT, cred_uid: ABSENT, cred_gid: ABSENT, cred_suid: ABSENT,
+            cred_sgid: ABSENT, cred_euid: ABSENT, cred_egid: ABSENT, mm_flags: 880,
+            // signal_struct: `u64 utime, stime, cutime, cstime;` ... `struct task_io_accounting
+            // ioac; unsigned long long sum_sched_runtime;`; start_time just before start_boottime.
+            task_start_time: 2536, signal_utime: 424, signal_stime: 432, signal_cutime: 440,
+            signal_cstime: 448, signal_sum_sched_runtime: 664, signal_ioac_rchar: 608,
+            signal_ioac_wchar: 616, signal_ioac_read_bytes: 640, signal_ioac_write_bytes: 648,
+            signal_ioac_cancelled_write_bytes: 656,
         }),
         ("debian-6.1.btf", Offsets {
             task_pid: 2416, task_tgid: 2420, task_signal: 3072, task_start_boottime: 2784,
@@ -758,6 +838,15 @@ mod tests {
             mm_arg_start: 312, mm_arg_end: 320, bprm_filename: 96,
             net_hooks: FEXIT_MSG | SENDPAGE_PATH | FEXIT_SENDPAGE,
             socket_sk: 24, sk_family: 16, sk_type: 514, sk_protocol: 516,
+            // The fixtures do not carry `struct cred`: its ids are all ABSENT.
+            task_real_cred: ABSENT, cred_uid: ABSENT, cred_gid: ABSENT, cred_suid: ABSENT,
+            cred_sgid: ABSENT, cred_euid: ABSENT, cred_egid: ABSENT, mm_flags: 904,
+            // signal_struct: `u64 utime, stime, cutime, cstime;` ... `struct task_io_accounting
+            // ioac; unsigned long long sum_sched_runtime;`; start_time just before start_boottime.
+            task_start_time: 2776, signal_utime: 440, signal_stime: 448, signal_cutime: 456,
+            signal_cstime: 464, signal_sum_sched_runtime: 680, signal_ioac_rchar: 624,
+            signal_ioac_wchar: 632, signal_ioac_read_bytes: 656, signal_ioac_write_bytes: 664,
+            signal_ioac_cancelled_write_bytes: 672,
         }),
         ("debian-6.12.btf", Offsets {
             task_pid: 2432, task_tgid: 2436, task_signal: 3072, task_start_boottime: 2784,
@@ -782,6 +871,15 @@ mod tests {
             // The tracepoints; sendpage is gone (splice into a socket is a sendmsg since 6.5).
             net_hooks: TRACEPOINTS | FEXIT_MSG,
             socket_sk: 24, sk_family: 16, sk_type: 572, sk_protocol: 574,
+            // The fixtures do not carry `struct cred`: its ids are all ABSENT.
+            task_real_cred: ABSENT, cred_uid: ABSENT, cred_gid: ABSENT, cred_suid: ABSENT,
+            cred_sgid: ABSENT, cred_euid: ABSENT, cred_egid: ABSENT, mm_flags: 1128,
+            // signal_struct: `u64 utime, stime, cutime, cstime;` ... `struct task_io_accounting
+            // ioac; unsigned long long sum_sched_runtime;`; start_time just before start_boottime.
+            task_start_time: 2776, signal_utime: 432, signal_stime: 440, signal_cutime: 448,
+            signal_cstime: 456, signal_sum_sched_runtime: 672, signal_ioac_rchar: 616,
+            signal_ioac_wchar: 624, signal_ioac_read_bytes: 648, signal_ioac_write_bytes: 656,
+            signal_ioac_cancelled_write_bytes: 664,
         }),
         ("host-6.18.btf", Offsets {
             task_pid: 1264, task_tgid: 1268, task_signal: 1848, task_start_boottime: 1560,
@@ -805,6 +903,15 @@ mod tests {
             // sk_protocol and sk_type in the other order than on 6.12.
             net_hooks: TRACEPOINTS | FEXIT_MSG,
             socket_sk: 24, sk_family: 16, sk_type: 534, sk_protocol: 532,
+            // The fixtures do not carry `struct cred`: its ids are all ABSENT.
+            task_real_cred: ABSENT, cred_uid: ABSENT, cred_gid: ABSENT, cred_suid: ABSENT,
+            cred_sgid: ABSENT, cred_euid: ABSENT, cred_egid: ABSENT, mm_flags: 1272,
+            // signal_struct: `u64 utime, stime, cutime, cstime;` ... `struct task_io_accounting
+            // ioac; unsigned long long sum_sched_runtime;`; start_time just before start_boottime.
+            task_start_time: 1552, signal_utime: 432, signal_stime: 440, signal_cutime: 448,
+            signal_cstime: 456, signal_sum_sched_runtime: 672, signal_ioac_rchar: 616,
+            signal_ioac_wchar: 624, signal_ioac_read_bytes: 648, signal_ioac_write_bytes: 656,
+            signal_ioac_cancelled_write_bytes: 664,
         }),
     ];
     /// `uname -r` of the machine `host-6.18.btf` was taken from.
@@ -859,6 +966,40 @@ mod tests {
                 targeted.is_mapped(),
                 "{release}: sysfs BTF can be mapped since 6.16"
             );
+        }
+    }
+
+    /// `task_struct.real_cred` resolves on every fixture (which do not carry `struct cred`,
+    /// so that the group is ABSENT there); on this machine's own BTF the whole group
+    /// resolves, in the order `struct cred` has kept since 2.6.29: uid, gid, suid, sgid, euid,
+    /// egid, one `kuid_t`/`kgid_t` (4 bytes) after the other.
+    #[test]
+    fn credentials_resolve_on_every_fixture_and_the_host() {
+        let want = [2712, 2952, 2952, 1728];
+        for ((file, _), real_cred) in EXPECTED.iter().zip(want) {
+            let btf = fixture(file);
+            assert_eq!(
+                fields::TASK_REAL_CRED.resolve(&btf).unwrap().offset,
+                real_cred
+            );
+        }
+        let Ok(btf) = Btf::from_file(Path::new(VMLINUX_BTF_PATH)) else {
+            eprintln!("skipping the host part: {VMLINUX_BTF_PATH} is absent on this machine");
+            return;
+        };
+        let o = resolve_offsets(&btf).unwrap();
+        assert_ne!(o.task_real_cred, ABSENT);
+        assert_ne!(o.mm_flags, ABSENT);
+        let ids = [
+            o.cred_uid,
+            o.cred_gid,
+            o.cred_suid,
+            o.cred_sgid,
+            o.cred_euid,
+            o.cred_egid,
+        ];
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(*id, o.cred_uid + 4 * i as u32, "{ids:?}");
         }
     }
 
@@ -968,14 +1109,23 @@ mod tests {
             let st = b.int("state_int", self.state.1);
             let void_ptr = b.ptr(0);
             let se = b.composite(STRUCT, "sched_entity", 16, &[("sum_exec_runtime", u64_, 8)]);
-            let signal = [("sigcnt", int4, 0), ("live", int4, 4)];
-            b.composite(STRUCT, "signal_struct", 16, &signal);
             let ioac: Vec<_> = (0u32..)
                 .zip(self.ioac)
                 .map(|(i, &name)| (name, u64_, 8 * i))
                 .collect();
             let ioac_size = 8 * ioac.len() as u32;
             let ioac = b.composite(STRUCT, "task_io_accounting", ioac_size, &ioac);
+            let signal = [
+                ("sigcnt", int4, 0),
+                ("live", int4, 4),
+                ("utime", u64_, 8),
+                ("stime", u64_, 16),
+                ("cutime", u64_, 24),
+                ("cstime", u64_, 32),
+                ("sum_sched_runtime", u64_, 40),
+                ("ioac", ioac, 48),
+            ];
+            b.composite(STRUCT, "signal_struct", 48 + ioac_size, &signal);
 
             let rss_stat = match self.rss {
                 Rss::Counts => {
@@ -1023,6 +1173,7 @@ mod tests {
                 ("stime", u64_, 96),
                 ("mm", mm_ptr, 104),
                 ("ioac", ioac, SYNTH_IOAC),
+                ("start_time", u64_, 48),
             ];
             if let Some(nr) = self.upid_nr {
                 // struct upid { int nr; struct pid_namespace *ns; }, or with `nr` elsewhere.
@@ -1219,6 +1370,27 @@ mod tests {
             [io, io + 8, io + 32, io + 40, io + 48]
         );
         assert_eq!(got.task_mm, 104);
+        assert_eq!(got.task_start_time, 48);
+        assert_eq!(
+            [
+                got.signal_utime,
+                got.signal_stime,
+                got.signal_cutime,
+                got.signal_cstime,
+                got.signal_sum_sched_runtime,
+            ],
+            [8, 16, 24, 32, 40]
+        );
+        assert_eq!(
+            [
+                got.signal_ioac_rchar,
+                got.signal_ioac_wchar,
+                got.signal_ioac_read_bytes,
+                got.signal_ioac_write_bytes,
+                got.signal_ioac_cancelled_write_bytes,
+            ],
+            [48, 56, 80, 88, 96]
+        );
         // anonymous struct at 8, rss_stat at +16, 40-byte counters with count at 8.
         assert_eq!(got.mm_rss, [32, 72, 112, 152]);
         assert_eq!(got.rss_stat_has_count, 0);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use cylo_usage_abi::{
-    DevKey, MAX_RUNS, ROOT_ENDED, RunControl, RunCounters, TaskMember, control, run_flags,
+    MAX_RUNS, ROOT_ENDED, RunControl, RunCounters, TaskMember, control, run_flags,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -67,6 +67,11 @@ pub enum SessionError {
     Itself { pid: u32 },
     #[error("process {pid} is already followed by another run of this tracker")]
     AlreadyFollowed { pid: u32 },
+    #[error(
+        "cannot attach to process {pid}: its tree has more threads than this session may \
+         follow ({followed} followed when the kernel's share for it was full)"
+    )]
+    TreeTooLarge { pid: u32, followed: u64 },
     #[error("attaching is not possible on this kernel: {reason}")]
     AttachUnsupported { reason: String },
     #[error("process {pid} ended, but the kernel recorded no exit status for it")]
@@ -75,6 +80,8 @@ pub enum SessionError {
     Proc(#[from] procfs::ProcError),
     #[error("cannot load the adoption program")]
     Adopt(#[from] Box<crate::tracker::LoadError>),
+    #[error(transparent)]
+    Read(#[from] crate::map_read::MapReadError),
 }
 
 fn map_err(what: &'static str) -> impl FnOnce(MapError) -> SessionError {
@@ -163,9 +170,20 @@ pub struct RunOptions {
     pub events: Option<EventSink>,
     /// The most processes the breakdown keeps ([`crate::tree::DEFAULT_TREE_LIMIT`] if 0).
     pub tree_limit: usize,
-    /// The most threads of the run the kernel follows at once (0: as many as the maps hold,
-    /// shared with other runs). A task past it is not followed and counts as lost.
+    /// The most threads of the run the kernel follows at once. 0: the maps' capacity less a
+    /// headroom ([`cylo_usage_abi::share_headroom`]), shared with other runs. A task created
+    /// past it is killed at birth with its creator's process, and the report says so
+    /// ([`ResourceUsage::tasks_killed_at_birth`]): nothing the tracker cannot follow outlives
+    /// a kill of the run.
     pub max_tasks: u32,
+    /// Where the breakdown's memory is charged (a daemon: the session's account on its
+    /// user's share, see [`crate::budget`]); unlimited by default. A process it cannot pay
+    /// for is left out of the breakdown and counted, and the report names the limit.
+    pub memory: crate::budget::Share,
+    /// Who reads the breakdown and the event stream, when not the tracker's own user (a
+    /// daemon's unprivileged client): the figures of members it could not read itself are
+    /// withheld from both (see [`crate::tree::Viewer`]). `None`: everything is shown.
+    pub viewer: Option<crate::tree::Viewer>,
 }
 
 impl RunOptions {
@@ -210,6 +228,33 @@ pub struct Run {
     exited_unrecorded: u32,
     /// Whether the report has a per-process breakdown (records may be kept for events only).
     breakdown: bool,
+    /// The signals sent to the tree so far (see [`crate::usage::SignalSent`]).
+    signals_sent: Mutex<Vec<crate::usage::SignalSent>>,
+    /// The run's live threads as last read from the membership map, with the generation
+    /// they are exact for (see [`Run::live_members`]).
+    members: Mutex<Option<Members>>,
+}
+
+/// A run's membership as read at one generation: while the run's counts of threads started
+/// and exited are both unchanged, no thread has joined or left, so the list is still exact.
+struct Members {
+    generation: (u64, u64),
+    list: Vec<TaskMember>,
+}
+
+/// The generation of a run's membership: threads started and exited.
+fn generation(c: &RunCounters) -> (u64, u64) {
+    (c.threads_started, c.threads_exited)
+}
+
+/// The share of the membership maps a run gets: `max_tasks`, or, for 0, their capacity
+/// (`capacity`: TASKS and PROCS entries) less the headroom kept for tasks killed at birth.
+fn run_share(max_tasks: u32, capacity: [u32; 3]) -> u32 {
+    if max_tasks != 0 {
+        return max_tasks;
+    }
+    let room = capacity[0].min(capacity[1]);
+    (room - cylo_usage_abi::share_headroom(room)).max(1)
 }
 
 /// Zeroes a free slot's record (with `flags`) and its controls (with `max_tasks`), and marks
@@ -289,7 +334,7 @@ impl PendingSpawn {
         // The root, as this process's pid namespace sees it: the member whose process is the
         // root's, checked against its start time through a pidfd.
         let root = run
-            .live_members()?
+            .live_members(false)?
             .into_iter()
             .find(|m| m.signal == c.root_signal);
         // A root that has already ended (and left the membership map) cannot be checked here
@@ -354,7 +399,11 @@ impl Tracker {
     ) -> Result<PendingSpawn, SessionError> {
         let inner = self.inner.clone();
         let flags = options.run_flags();
-        let slot = claim_slot(&mut inner.maps(), flags, options.max_tasks)?;
+        let slot = claim_slot(
+            &mut inner.maps(),
+            flags,
+            run_share(options.max_tasks, inner.capacity),
+        )?;
         let started_ns = monotonic_ns();
         let mut run = Run::new(inner.clone(), slot, Origin::Remote, 0, None, started_ns);
         run.start_records(options, started_ns);
@@ -404,7 +453,11 @@ impl Tracker {
     ) -> Result<Run, SessionError> {
         let inner = self.inner.clone();
         let flags = options.run_flags();
-        let slot = claim_slot(&mut inner.maps(), flags, options.max_tasks)?;
+        let slot = claim_slot(
+            &mut inner.maps(),
+            flags,
+            run_share(options.max_tasks, inner.capacity),
+        )?;
         let started_ns = monotonic_ns();
         let mut run = Run::new(inner.clone(), slot, Origin::Attached, 0, None, started_ns);
         run.start_records(options, started_ns);
@@ -475,7 +528,11 @@ impl Tracker {
         }
         let flags = options.run_flags();
         let started_ns = monotonic_ns();
-        let slot = claim_slot(&mut inner.maps(), flags, options.max_tasks)?;
+        let slot = claim_slot(
+            &mut inner.maps(),
+            flags,
+            run_share(options.max_tasks, inner.capacity),
+        )?;
         let mut run = Run::new(
             inner.clone(),
             slot,
@@ -486,14 +543,20 @@ impl Tracker {
         );
         run.start_records(options, started_ns);
         run.set_attaching(true)?;
-        let adopted = crate::attach::adopt_tree(&inner, slot, &target);
+        let adopted = crate::attach::adopt_tree(&inner, slot, &target, run.breakdown);
         run.set_attaching(false)?;
         let adopted = adopted?;
         if let Some(tree) = &run.tree {
             inner.sinks.drain();
-            tree.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .note_attached(adopted.processes, adopted.threads, adopted.passes);
+            let mut tree = tree.lock().unwrap_or_else(|e| e.into_inner());
+            tree.note_adopted_argv(&adopted.argv);
+            tree.note_attached(adopted.processes, adopted.threads, adopted.passes);
+        }
+        if adopted.refused > 0 {
+            return Err(SessionError::TreeTooLarge {
+                pid,
+                followed: adopted.threads,
+            });
         }
         if !adopted.root {
             return Err(if adopted.root_elsewhere {
@@ -520,13 +583,17 @@ impl Run {
             n => n,
         };
         self.breakdown = options.tree;
-        let tree = Arc::new(Mutex::new(Tree::new(
+        let mut tree = Tree::new(
             started_ns,
             options.tree,
             limit,
             options.events,
             units,
-        )));
+            options.memory,
+        );
+        tree.set_viewer(options.viewer);
+        tree.set_measured(self.inner.measured);
+        let tree = Arc::new(Mutex::new(tree));
         self.inner.sinks.register(self.slot, tree.clone());
         self.inner.sinks.start(&self.inner.records);
         self.tree = Some(tree);
@@ -583,6 +650,8 @@ impl Run {
             timed_out: false,
             exited_unrecorded: 0,
             breakdown: false,
+            signals_sent: Mutex::new(Vec::new()),
+            members: Mutex::new(None),
         }
     }
 
@@ -596,6 +665,18 @@ impl Run {
     pub(crate) fn drain_records(&self) {
         if self.tree.is_some() {
             self.inner.sinks.drain();
+            if self.counters().is_ok_and(|c| c.finished()) {
+                self.release_events();
+            }
+        }
+    }
+
+    /// Sends the whole event stream out once the run has finished: every record of the run
+    /// is in the ring buffer by then (a thread's last record is made before it counts as
+    /// exited), and the drain before this call delivered them.
+    fn release_events(&self) {
+        if let Some(tree) = &self.tree {
+            tree.lock().unwrap_or_else(|e| e.into_inner()).release_all();
         }
     }
 
@@ -744,11 +825,15 @@ impl Run {
 
     /// The kernel's record of this run, as it is now.
     pub fn counters(&self) -> Result<RunCounters, SessionError> {
+        // Through the run's own reader: no lock shared with other runs.
         self.inner
-            .maps()
+            .readers
             .runs
-            .get(&self.slot, 0)
-            .map_err(map_err("reading the run record"))
+            .get(&self.slot)?
+            .ok_or(SessionError::Map {
+                what: "reading the run record",
+                source: MapError::KeyNotFound,
+            })
     }
 
     /// True once every thread that ever joined the run has exited.
@@ -784,40 +869,53 @@ impl Run {
         while events.next().is_some() {}
     }
 
-    /// The live threads of this run, from the membership map.
-    fn live_members(&self) -> Result<Vec<TaskMember>, SessionError> {
-        let maps = self.inner.maps();
-        let mut out = Vec::new();
-        for entry in maps.tasks.iter() {
-            match entry {
-                Ok((_, m)) if m.run == self.slot => out.push(m),
-                Ok(_) => {}
-                // The entry went away between listing its key and reading it: the thread
-                // exited, which the generation check below notices.
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err("listing live threads")(e)),
+    /// The live threads of this run, from the membership map: the list read last time if
+    /// the run's generation is unchanged since (no thread joined or left; the values that
+    /// change without it, a thread's socket bytes, are re-read when `fresh`), else a read
+    /// of the whole map, batched and without any lock shared with other runs.
+    fn live_members(&self, fresh: bool) -> Result<Vec<TaskMember>, SessionError> {
+        let now = generation(&self.counters()?);
+        if !fresh {
+            let cached = self.members.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(m) = cached.as_ref().filter(|m| m.generation == now) {
+                return Ok(m.list.clone());
             }
         }
-        Ok(out)
+        let mut list = Vec::new();
+        self.inner.readers.tasks.for_each(|_, m| {
+            if m.run == self.slot {
+                list.push(*m);
+            }
+        })?;
+        // Kept only if nothing joined or left during the read.
+        if generation(&self.counters()?) == now {
+            *self.members.lock().unwrap_or_else(|e| e.into_inner()) = Some(Members {
+                generation: now,
+                list: list.clone(),
+            });
+        }
+        Ok(list)
+    }
+
+    /// Forgets the membership read last (a snapshot found it no longer matched /proc).
+    fn forget_members(&self) {
+        *self.members.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Block I/O per device submitted by this run's tasks.
     fn devices(&self) -> Result<Vec<DiskDevice>, SessionError> {
-        let maps = self.inner.maps();
         let mut out = Vec::new();
-        for entry in maps.devs.iter() {
-            match entry {
-                Ok((k, c)) if k.run == self.slot => out.push(DiskDevice {
+        self.inner.readers.devs.for_each(|k, c| {
+            if k.run == self.slot {
+                out.push(DiskDevice {
                     device: usage::device_name(k.dev),
                     read_bytes: c.read_bytes,
                     write_bytes: c.write_bytes,
                     read_ops: c.read_ops,
                     write_ops: c.write_ops,
-                }),
-                Ok(_) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err("listing block devices")(e)),
+                });
             }
-        }
+        })?;
         Ok(out)
     }
 
@@ -856,12 +954,17 @@ impl Run {
                 let live = Live {
                     devices,
                     complete: true,
+                    groups: Some(Vec::new()),
                     ..Live::default()
                 };
                 let merged = usage::merge(&before, measured, &live, units, root, wall);
-                return Ok(self.finish(merged, &[], with_tree));
+                let u = self.finish(merged, &[], with_tree);
+                self.drain_records();
+                return Ok(u);
             }
-            let members = self.live_members()?;
+            // A breakdown shows each live thread's socket bytes, which change without a
+            // generation change: re-read then.
+            let members = self.live_members(with_tree && self.breakdown)?;
             let samples: Vec<(TaskMember, ThreadSample)> = members
                 .iter()
                 .filter_map(|m| {
@@ -878,6 +981,7 @@ impl Run {
                 .filter_map(|&t| procfs::read_vm_hwm(t))
                 .max()
                 .unwrap_or(0);
+            let groups = self.live_groups(&samples, units);
             let after = self.counters()?;
             let wall = monotonic_ns().saturating_sub(self.started_ns) / 1_000_000;
             let stable = before.threads_exited == after.threads_exited
@@ -887,14 +991,55 @@ impl Run {
                 threads: samples.iter().map(|(_, t)| *t).collect(),
                 max_hwm_bytes,
                 devices,
+                groups,
             };
             let merged = usage::merge(&after, measured, &live, units, root, wall);
             if live.complete {
                 return Ok(self.finish(merged, &samples, with_tree));
             }
+            // A thread of the list could not be read (an exec changing its tid shows in the
+            // generation only once the old leader is gone): read the map again next time.
+            self.forget_members();
             last = Some(self.finish(merged, &samples, with_tree));
         }
         Ok(last.expect("at least one attempt"))
+    }
+
+    /// The live processes' CPU figures, each process's threads that have left (the kernel's
+    /// `GROUPS` entry) and its live threads together, for their own user/system splits.
+    /// `None` where the kernel side keeps no such entries (no BPF atomic fetch).
+    fn live_groups(
+        &self,
+        samples: &[(TaskMember, ThreadSample)],
+        units: Units,
+    ) -> Option<Vec<usage::GroupFigures>> {
+        if !self.inner.measured.atomics {
+            return None;
+        }
+        let tick_ns = 1_000_000_000 / units.ticks_per_second.max(1);
+        let mut by_process: HashMap<u64, (usage::GroupFigures, u64)> = HashMap::new();
+        for (m, t) in samples {
+            let (g, start) = by_process.entry(m.signal).or_default();
+            *start = m.process_start_boottime_ns;
+            g.runtime_ns += t.runtime_ns;
+            g.utime_ns += t.utime_ticks * tick_ns;
+            g.stime_ns += t.stime_ticks * tick_ns;
+        }
+        let mut out = Vec::with_capacity(by_process.len());
+        for (signal, (mut g, start)) in by_process {
+            match self.inner.readers.groups.get(&signal) {
+                Ok(Some(left)) if left.run == self.slot && left.start_boottime_ns == start => {
+                    g.left_runtime_ns = left.runtime_ns;
+                    g.runtime_ns += left.runtime_ns;
+                    g.utime_ns += left.utime_ns;
+                    g.stime_ns += left.stime_ns;
+                }
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+            out.push(g);
+        }
+        Some(out)
     }
 
     /// Adds what the session knows beyond the kernel's totals: how it started, whether it
@@ -907,7 +1052,27 @@ impl Run {
     ) -> ResourceUsage {
         u.attached = self.is_attached();
         u.timed_out = self.timed_out;
-        let Some(tree) = self.tree.as_ref().filter(|_| with_tree && self.breakdown) else {
+        u.signals_sent = self
+            .signals_sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(killed) = u.tasks_killed_at_birth.filter(|&n| n > 0) {
+            let share = self
+                .inner
+                .maps()
+                .run_control
+                .get(&self.slot, 0)
+                .map(|c| c.max_tasks)
+                .unwrap_or(0);
+            u.precision_notes.push(format!(
+                "tasks_killed_at_birth: {killed} tasks created past the session's share of \
+                 {share} threads were killed at birth, each with its creator's whole process \
+                 (fail closed: a task the tracker cannot follow must not outlive a kill); \
+                 the command did not run as it would have"
+            ));
+        }
+        let Some(tree) = self.tree.as_ref() else {
             return u;
         };
         self.inner.sinks.drain();
@@ -933,9 +1098,31 @@ impl Run {
             e.1 += 1;
         }
         let tree = tree.lock().unwrap_or_else(|e| e.into_inner());
-        u.processes = Some(tree.processes(&by_process, self.inner.measured));
+        // The user/system split is each process's own (as the kernel's wait4 reports it), so
+        // the totals' are the sums of the processes' when the records cover the whole tree.
+        if let Some([cpu, user, system]) = tree.cpu_split(&by_process)
+            && cpu == u.cpu_time_ns
+        {
+            u.cpu_user_ns = user;
+            u.cpu_system_ns = system;
+        }
+        if !(with_tree && self.breakdown) {
+            return u;
+        }
+        let processes = tree.processes(&by_process, self.inner.measured);
+        let withheld = processes.iter().filter(|p| p.withheld).count();
+        if withheld > 0 {
+            u.precision_notes.push(crate::tree::withheld_note(withheld));
+        }
+        u.processes = Some(processes);
         if tree.dropped() > 0 {
             u.processes_dropped = Some(tree.dropped());
+        }
+        if let Some((processes, execs, limit)) = tree.memory_refusals() {
+            u.precision_notes.push(format!(
+                "breakdown: {processes} processes left out and the argv of {execs} execs not \
+                 kept, past {limit}; the totals are whole"
+            ));
         }
         u
     }
@@ -973,17 +1160,21 @@ impl Run {
         let hz = procfs::clock_ticks_per_second();
         let tick_ns = 1_000_000_000 / hz.max(1);
         let mut signalled: HashSet<(u32, u64)> = HashSet::new();
+        let mut spared: HashSet<(u32, u64)> = HashSet::new();
         for _ in 0..KILL_ROUNDS {
             let mut fresh = 0;
             let mut processes: Vec<(u32, u64)> = self
-                .live_members()?
+                .live_members(false)?
                 .iter()
                 .map(|m| (m.tgid, m.process_start_boottime_ns))
                 .collect();
             processes.sort_unstable();
             processes.dedup();
             for (tgid, start) in processes {
-                if tgid == 0 || !signalled.insert((tgid, start)) {
+                if tgid == 0
+                    || signalled.contains(&(tgid, start))
+                    || spared.contains(&(tgid, start))
+                {
                     continue;
                 }
                 let Ok(fd) = pidfd_open(tgid) else {
@@ -998,10 +1189,15 @@ impl Run {
                 if let Some(uid) = uid {
                     match procfs::read_uids(tgid) {
                         Some([real, _, saved, _]) if real == uid || saved == uid => {}
-                        _ => continue,
+                        Some(_) => {
+                            spared.insert((tgid, start));
+                            continue;
+                        }
+                        None => continue,
                     }
                 }
                 if pidfd_send_signal(&fd, signal).is_ok() {
+                    signalled.insert((tgid, start));
                     fresh += 1;
                 }
             }
@@ -1009,6 +1205,12 @@ impl Run {
                 break;
             }
         }
+        crate::usage::SignalSent::record(
+            &mut self.signals_sent.lock().unwrap_or_else(|e| e.into_inner()),
+            signal,
+            signalled.len() as u64,
+            spared.len() as u64,
+        );
         Ok(signalled.len())
     }
 }
@@ -1032,43 +1234,78 @@ impl Drop for Run {
         if self.tree.is_some() {
             self.inner.sinks.unregister(self.slot);
         }
-        // Stop following whatever of the tree is still alive, and free the slot.
-        let mut maps = self.inner.maps();
         let slot = self.slot;
-        let _ = maps.run_control.set(slot, RunControl::default(), 0);
+        // Stop following whatever of the tree is still alive, and free the slot.
+        let _ = self
+            .inner
+            .maps()
+            .run_control
+            .set(slot, RunControl::default(), 0);
+        // What is left of the run in the maps, each read without the lock that other runs
+        // need, in the order the kernel side builds them up: tasks, processes, address
+        // spaces, devices.
+        let r = &self.inner.readers;
+        let mut tasks = Vec::new();
+        // A finished run has no task left: each thread leaves the membership map before it
+        // counts as exited (the one map that holds every thread on the host is not read).
+        let finished = self.counters().is_ok_and(|c| c.finished());
+        if !finished {
+            let _ = r.tasks.for_each(|k, m| {
+                if m.run == slot {
+                    tasks.push(*k);
+                }
+            });
+        }
         // Tasks and address spaces through the kernel side, which also drops their counts in
         // its filters.
-        let tasks: Vec<u64> = maps
-            .tasks
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, m)| m.run == slot)
-            .map(|(k, _)| k)
-            .collect();
         for task in tasks {
             let _ = self.inner.control([control::FORGET_TASK, task, 0, 0]);
         }
-        remove_where(&mut maps.procs, |p| p.run == slot);
-        let mms: Vec<u64> = maps
-            .mms
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, m)| m.run == slot)
-            .map(|(k, _)| k)
-            .collect();
+        let mut procs = Vec::new();
+        let _ = r.procs.for_each(|k, p| {
+            if p.run == slot {
+                procs.push(*k);
+            }
+        });
+        if !procs.is_empty() {
+            let mut maps = self.inner.maps();
+            for k in procs {
+                let _ = maps.procs.remove(&k);
+            }
+        }
+        let mut groups = Vec::new();
+        let _ = r.groups.for_each(|k, g| {
+            if g.run == slot {
+                groups.push(*k);
+            }
+        });
+        if !groups.is_empty() {
+            let mut maps = self.inner.maps();
+            for k in groups {
+                let _ = maps.groups.remove(&k);
+            }
+        }
+        let mut mms = Vec::new();
+        let _ = r.mms.for_each(|k, m| {
+            if m.run == slot {
+                mms.push(*k);
+            }
+        });
         for mm in mms {
             let _ = self.inner.control([control::FORGET_MM, mm, 0, 0]);
         }
-        let devs: Vec<DevKey> = maps
-            .devs
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.run == slot)
-            .collect();
+        let mut devs = Vec::new();
+        let _ = r.devs.for_each(|k, _| {
+            if k.run == slot {
+                devs.push(*k);
+            }
+        });
+        let mut maps = self.inner.maps();
         for k in devs {
             let _ = maps.devs.remove(&k);
         }
         maps.slots[self.slot as usize] = false;
+        drop(maps);
         if let Origin::Spawned(child) = &mut self.origin
             && self.root_status.is_none()
         {

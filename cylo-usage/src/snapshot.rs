@@ -129,6 +129,8 @@ pub(crate) fn merge(read: &[(Node, Detail)], page_size: u64, wall_time_ms: u64) 
     u.max_process_rss_bytes = Some(hwm);
     u.wall_time_ms = wall_time_ms;
     u.precision_notes = notes();
+    // Those present now: the processes and threads that lived before are missing.
+    u.lower_bounds = vec!["process_count".to_string(), "thread_count".to_string()];
     u
 }
 

@@ -15,6 +15,7 @@ use cylo_usage_abi::{
 };
 
 use crate::features::{Measured, NetworkPath, Unavailable};
+use crate::map_read::{MapReadError, MapReader};
 use crate::resolve::{self, ResolveError};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
@@ -74,6 +75,8 @@ pub enum LoadError {
     },
     #[error("the control program refused {op}: code {code}")]
     ControlRefused { op: &'static str, code: i32 },
+    #[error(transparent)]
+    Reader(#[from] MapReadError),
 }
 
 /// Which capabilities the running process lacks for [`Tracker::load`], if any.
@@ -92,11 +95,35 @@ pub fn missing_privileges() -> Result<Option<&'static str>, LoadError> {
     }
 }
 
-/// The maps userspace reads and writes; behind one lock.
+/// Read-only views of the maps that runs read, each with a descriptor of its own and no
+/// lock: a run's reads never wait for another run (see [`crate::map_read`]).
+pub(crate) struct Readers {
+    pub tasks: MapReader<u64, TaskMember>,
+    pub procs: MapReader<u64, ProcMember>,
+    pub groups: MapReader<u64, cylo_usage_abi::GroupCpu>,
+    pub mms: MapReader<u64, MmMember>,
+    pub devs: MapReader<DevKey, DevCounters>,
+    pub runs: MapReader<u32, RunCounters>,
+}
+
+/// A reader of map `name` of the loaded object (before it is taken from the object).
+fn reader<K: aya::Pod, V: aya::Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+) -> Result<MapReader<K, V>, LoadError> {
+    use aya::maps::Map;
+    let data = match ebpf.map(name) {
+        Some(Map::HashMap(d) | Map::Array(d) | Map::LruHashMap(d)) => d,
+        _ => return Err(LoadError::Map { name, source: None }),
+    };
+    Ok(MapReader::new(data.fd().as_fd(), name)?)
+}
+
+/// The maps userspace writes (and reads, where a write depends on the read); behind one
+/// lock, held only for short updates: runs read through [`Readers`].
 pub(crate) struct Maps {
-    pub tasks: HashMap<MapData, u64, TaskMember>,
     pub procs: HashMap<MapData, u64, ProcMember>,
-    pub mms: HashMap<MapData, u64, MmMember>,
+    pub groups: HashMap<MapData, u64, cylo_usage_abi::GroupCpu>,
     pub devs: HashMap<MapData, DevKey, DevCounters>,
     pub runs: Array<MapData, RunCounters>,
     pub spawners: HashMap<MapData, u64, cylo_usage_abi::Spawner>,
@@ -112,6 +139,7 @@ pub(crate) struct Maps {
 
 pub(crate) struct Inner {
     pub maps: Mutex<Maps>,
+    pub readers: Readers,
     pub events: Mutex<RingBuf<MapData>>,
     /// Per-process records; taken (and only then mapped: the 8 MiB ring buffer's mapping
     /// counts 16 MiB of resident memory) by the reader thread when the first run wants them.
@@ -124,7 +152,7 @@ pub(crate) struct Inner {
     adopt: std::sync::OnceLock<ProgramFd>,
     pub offsets: Offsets,
     /// Capacities of TASKS, PROCS and MMS.
-    capacity: [u32; 3],
+    pub(crate) capacity: [u32; 3],
     pub measured: Measured,
     /// Why what is not measured is not.
     pub unavailable: Unavailable,
@@ -314,7 +342,7 @@ fn attach(
     let loaded = if prog.fd().is_ok() {
         Ok(())
     } else {
-        prog.load()
+        load_logged(program, prog)
     };
     let link = loaded
         .and_then(|()| prog.attach(tracepoint))
@@ -331,20 +359,39 @@ fn attach(
     Ok(())
 }
 
+/// Loads (verifies) raw tracepoint program `name`, saying at debug level what it cost the
+/// kernel's verifier (the kernel matrix prints these per kernel: the first sign of a
+/// program grown too complex for an older verifier).
+fn load_logged(name: &str, prog: &mut RawTracePoint) -> Result<(), ProgramError> {
+    let started = std::time::Instant::now();
+    let loaded = prog.load();
+    let insns = prog
+        .info()
+        .ok()
+        .and_then(|i| i.verified_instruction_count());
+    log::debug!(
+        "verified {name} in {} ms ({} instructions processed){}",
+        started.elapsed().as_millis(),
+        insns.map_or_else(|| "?".to_string(), |n| n.to_string()),
+        if loaded.is_ok() { "" } else { ": refused" },
+    );
+    loaded
+}
+
 /// Loads (verifies) the raw tracepoint programs `names` side by side, one thread each: the
 /// kernel verifies each in its caller's context, so start-up waits for the slowest
 /// (`task_newtask`) rather than for the sum. What fails to load here is left unloaded, for
 /// [`attach`] to load again and report.
 fn preload(ebpf: &mut Ebpf, names: &[&str]) {
-    let mut programs: Vec<&mut RawTracePoint> = ebpf
+    let mut programs: Vec<(&str, &mut RawTracePoint)> = ebpf
         .programs_mut()
         .filter(|(name, _)| names.contains(name))
-        .filter_map(|(_, p)| <&mut RawTracePoint>::try_from(p).ok())
+        .filter_map(|(name, p)| Some((name, <&mut RawTracePoint>::try_from(p).ok()?)))
         .collect();
     std::thread::scope(|scope| {
-        for prog in programs.iter_mut() {
+        for (name, prog) in programs.iter_mut() {
             scope.spawn(move || {
-                let _ = prog.load();
+                let _ = load_logged(name, prog);
             });
         }
     });
@@ -621,13 +668,21 @@ impl Tracker {
             .override_global(aya_log::LEVEL, log_level, false)
             .map_max_entries(names::TASKS, options.max_tasks)
             .map_max_entries(names::PROCS, options.max_procs)
+            .map_max_entries(names::GROUPS, options.max_procs)
             .load(OBJECT)
             .map_err(LoadError::Load)?;
         let log = crate::ebpf_log::start(&mut ebpf, *log_level);
+        let readers = Readers {
+            tasks: reader(&ebpf, names::TASKS)?,
+            procs: reader(&ebpf, names::PROCS)?,
+            groups: reader(&ebpf, names::GROUPS)?,
+            mms: reader(&ebpf, names::MMS)?,
+            devs: reader(&ebpf, names::DEVS)?,
+            runs: reader(&ebpf, names::RUNS)?,
+        };
         let maps = Maps {
-            tasks: take(&mut ebpf, names::TASKS)?,
             procs: take(&mut ebpf, names::PROCS)?,
-            mms: take(&mut ebpf, names::MMS)?,
+            groups: take(&mut ebpf, names::GROUPS)?,
             devs: take(&mut ebpf, names::DEVS)?,
             runs: take(&mut ebpf, names::RUNS)?,
             spawners: take(&mut ebpf, names::SPAWNERS)?,
@@ -725,12 +780,13 @@ impl Tracker {
                 });
             }
         }
-        attach(
-            &mut ebpf,
-            &mut hooks,
-            names::PROG_SCHED_SWITCH,
-            names::TP_SCHED_SWITCH,
-        )?;
+        // With atomics, the handler that also splits each ended process's CPU time.
+        let switch = if atomics {
+            names::PROG_SCHED_SWITCH
+        } else {
+            names::PROG_SCHED_SWITCH_NO_ATOMICS
+        };
+        attach(&mut ebpf, &mut hooks, switch, names::TP_SCHED_SWITCH)?;
         let o = offsets;
         let has = |fields: &[u32]| fields.iter().all(|&f| f != ABSENT);
         let bio_layout = has(&[o.bio_queue_bio_arg, o.bio_size, o.bio_opf])
@@ -785,6 +841,7 @@ impl Tracker {
         Ok(Tracker {
             inner: Arc::new(Inner {
                 maps: Mutex::new(maps),
+                readers,
                 events: Mutex::new(events),
                 records: Mutex::new(Some(records)),
                 sinks: Arc::default(),
@@ -970,26 +1027,41 @@ impl Tracker {
 
     /// Entries and capacity of the membership maps, and the records lost by the runs open
     /// now (for metrics).
-    pub(crate) fn map_fill(&self) -> (Vec<(&'static str, usize, u32)>, u64) {
-        let maps = self.inner.maps();
+    pub(crate) fn map_fill(&self) -> (Vec<(&'static str, usize, u32)>, RunsTotals) {
+        let r = &self.inner.readers;
+        let count = |n: Result<usize, MapReadError>| n.unwrap_or(0);
         let fill = vec![
-            (
-                names::TASKS,
-                maps.tasks.keys().count(),
-                self.inner.capacity[0],
-            ),
-            (
-                names::PROCS,
-                maps.procs.keys().count(),
-                self.inner.capacity[1],
-            ),
-            (names::MMS, maps.mms.keys().count(), self.inner.capacity[2]),
+            (names::TASKS, count(r.tasks.count()), self.inner.capacity[0]),
+            (names::PROCS, count(r.procs.count()), self.inner.capacity[1]),
+            (names::MMS, count(r.mms.count()), self.inner.capacity[2]),
         ];
-        let lost = (0..MAX_RUNS)
-            .filter(|&s| maps.slots[s as usize])
-            .filter_map(|s| maps.runs.get(&s, 0).ok())
-            .map(|c| c.lost_events)
-            .sum();
-        (fill, lost)
+        let used: Vec<u32> = {
+            let maps = self.inner.maps();
+            (0..MAX_RUNS).filter(|&s| maps.slots[s as usize]).collect()
+        };
+        let mut totals = RunsTotals::default();
+        for c in used.iter().filter_map(|s| r.runs.get(s).ok().flatten()) {
+            totals.add(&c);
+        }
+        (fill, totals)
+    }
+}
+
+/// What the kernel side failed to follow, summed over runs (for a daemon's metrics).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RunsTotals {
+    /// Records it could not make (a map or ring buffer full).
+    pub lost_events: u64,
+    /// Tasks killed at birth past a run's share (fail closed).
+    pub tasks_killed_at_birth: u64,
+    /// Tasks it could not follow at all that may still run.
+    pub tasks_escaped: u64,
+}
+
+impl RunsTotals {
+    pub(crate) fn add(&mut self, c: &cylo_usage_abi::RunCounters) {
+        self.lost_events += c.lost_events;
+        self.tasks_killed_at_birth += c.tasks_killed_at_birth;
+        self.tasks_escaped += c.tasks_escaped;
     }
 }

@@ -4,8 +4,23 @@
 //! One reader drains the ring buffer for all runs of a [`crate::Tracker`] (on its own thread,
 //! and on demand before a snapshot), and hands each record to its run's [`Tree`]. Records
 //! are a breakdown: the totals never depend on them. A record the kernel could not write
-//! counts in `lost_events`; a process beyond the tree's limit is dropped and counted too.
-use std::collections::HashMap;
+//! counts in `lost_events`; a process beyond the tree's limit is dropped and counted too, and
+//! so is one its memory [`Share`] cannot pay for (a daemon's per-user budget): a tree charges
+//! its share with the bytes its tables and strings really take (see [`Tree::footprint`]).
+//!
+//! The event stream goes out in time order: `time_ns` never decreases. Records reach
+//! userspace in the order their places in the ring buffer were reserved, each stamped a few
+//! microseconds later, and an exit event can only be written once its threads' last records
+//! (made at their final context switch, after the exit) are in. So a line waits in a reorder
+//! buffer until no earlier line can come: until the reader has drained every record made up
+//! to [`REORDER_MARGIN_NS`] before its drain began, and no exit at or before its time is
+//! still waiting for its threads (at most [`EXIT_HOLD_NS`]; past that, the exit goes out with
+//! what is known, marked `"incomplete": true`). The reader drains every 100 ms or sooner, so
+//! a line goes out within about 120 ms of its time, or `EXIT_HOLD_NS` behind a stuck exit.
+//! The buffer holds at most [`MAX_HELD_LINES`] lines and [`MAX_HELD_BYTES`] of text (a fork
+//! storm): past that, the oldest go out at once, exits still waiting before them first.
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,11 +29,13 @@ use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
 use cylo_usage_abi::{
-    ARGV_BYTES, MAX_RUNS, ProcExec, ProcExit, ProcStart, RecordHeader, ThreadEnd, proc_flags,
-    record_kind,
+    ARGV_BYTES, Creds, DUMP_USER, MAX_RUNS, ProcExec, ProcExit, ProcStart, RecordHeader, ThreadEnd,
+    creds_known, proc_flags, record_kind,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::budget::{Limit, Share};
+use crate::features::Measured;
 use crate::usage::{Units, split_runtime};
 
 /// How many processes a tree keeps by default; past it, processes are dropped from the
@@ -67,6 +84,44 @@ pub struct ProcessUsage {
     pub peak_memory_bytes: Option<u64>,
     pub network_bytes_sent: Option<u64>,
     pub network_bytes_received: Option<u64>,
+    /// It ran with credentials the viewer (a daemon's unprivileged client) does not have: its
+    /// I/O counters (disk, read/write chars, network), argv and file name are withheld (`None`),
+    /// as the kernel withholds `/proc/PID/io` from that client. Only present when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub withheld: bool,
+}
+
+/// Who reads a tree when it is not the tracker's own user: a daemon's unprivileged client,
+/// by its uid and gid (`SO_PEERCRED`). The figures of a member it could not read itself
+/// through `/proc/PID/io` are withheld from it (see [`Viewer::may_read`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Viewer {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Viewer {
+    /// Whether this viewer may read the figures of a process with credentials `creds` (its
+    /// last record's; `None` when no record carried them), the way
+    /// `ptrace_may_access(PTRACE_MODE_READ_FSCREDS)` decides for `/proc/PID/io`: the process's
+    /// real, effective and saved uids are the viewer's uid, its real, effective and saved gids
+    /// the viewer's gid, and it stayed dumpable by its owner (an exec of a setuid, setgid or
+    /// file-capability binary, or of an unreadable one, leaves it not dumpable). Root may read
+    /// everything; credentials that could not be read fail closed.
+    pub fn may_read(&self, creds: Option<&Creds>) -> bool {
+        if self.uid == 0 {
+            return true;
+        }
+        let Some(c) = creds.filter(|c| c.known & creds_known::IDS != 0) else {
+            return false;
+        };
+        let ids = [c.uid, c.euid, c.suid].iter().all(|&u| u == self.uid)
+            && [c.gid, c.egid, c.sgid].iter().all(|&g| g == self.gid);
+        // A kernel whose BTF does not give `mm_struct.flags`, or a process without an address
+        // space, leaves the ids alone to decide.
+        let dumpable = c.known & creds_known::DUMPABLE == 0 || c.dumpable == DUMP_USER;
+        ids && dumpable
+    }
 }
 
 /// What a thread used: runtime, utime, stime (ns), then disk read, write, cancelled, rchar,
@@ -103,6 +158,8 @@ struct Proc {
     own_pid: u32,
     ppid: u32,
     start_mono_ns: u64,
+    /// `task_struct.start_boottime` (ns): with the pid, its identity in /proc.
+    start_boottime_ns: u64,
     end_mono_ns: Option<u64>,
     status: Option<u32>,
     comm: Vec<u8>,
@@ -118,6 +175,8 @@ struct Proc {
     before: ThreadCounters,
     peak_pages: u64,
     exit_reported: bool,
+    /// Its credentials from its last record that carried them.
+    creds: Option<Creds>,
 }
 
 impl Proc {
@@ -128,6 +187,19 @@ impl Proc {
 
 /// A destination for the NDJSON event stream, flushed line by line.
 pub type EventSink = Box<dyn Write + Send>;
+
+/// How far behind the start of a drain an event line waits for lines of earlier records
+/// that may still be on their way (a record is stamped just after its place in the ring
+/// buffer is reserved; one reserved before the drain and not yet submitted holds back the
+/// records after it).
+pub const REORDER_MARGIN_NS: u64 = 20_000_000;
+/// The longest an exit event holds the stream back while its threads' last records come in.
+pub const EXIT_HOLD_NS: u64 = 2_000_000_000;
+/// The most event lines the reorder buffer holds, and the most bytes their text takes: a
+/// fixed bound per session, apart from its memory share (a storm must not make the breakdown
+/// drop processes to pay for lines that are about to go out).
+pub const MAX_HELD_LINES: usize = 8_192;
+pub const MAX_HELD_BYTES: u64 = 1 << 20;
 
 /// The per-process records of one run.
 pub struct Tree {
@@ -141,12 +213,43 @@ pub struct Tree {
     /// records are all in).
     by_id: HashMap<u64, usize>,
     limit: usize,
-    /// Processes left out of the breakdown because of `limit`.
+    /// Processes left out of the breakdown because of `limit` or of the memory share.
     dropped: u64,
+    /// Of those, the ones the memory share could not pay for.
+    dropped_for_memory: u64,
+    /// Execs whose argv and file name were not kept because of the memory share.
+    execs_unrecorded: u64,
+    /// Free places in `procs` (events only: a process is forgotten once its exit is out).
+    free: Vec<usize>,
+    /// Where the tree's memory is charged, and how much is charged now.
+    share: Share,
+    charged: u64,
+    /// Heap bytes of the processes' own strings (comm, argv, file name).
+    strings: u64,
     events: Option<EventSink>,
     /// Why the event stream stopped, if it failed.
     events_error: Option<String>,
+    /// Event lines waiting to go out in time order: (`time_ns`, arrival, line).
+    held: BinaryHeap<Reverse<(u64, u64, String)>>,
+    /// Heap bytes of the held lines' text.
+    held_bytes: u64,
+    /// Lines pushed so far (the arrival order, which breaks ties in time).
+    arrivals: u64,
+    /// Exits whose threads' records are not all in yet: (`time_ns` of the exit, process).
+    waiting_exits: BTreeSet<(u64, u64)>,
+    /// Set while the exits waiting before an overflowing buffer's oldest line are forced out.
+    forcing: bool,
+    /// Processes forgotten after their exit (events only): their CPU time, user and system
+    /// (each process's own split), so the tree's split stays the sum of its processes'.
+    forgotten_cpu: [u64; 3],
+    /// A process was forgotten before all its threads' records were in: `forgotten_cpu`
+    /// misses what came later.
+    forgotten_incomplete: bool,
+    /// What the kernel measures: figures it does not are null in events too.
+    measured: Measured,
     units: Units,
+    /// Who reads this tree, when the figures of some members must be withheld from them.
+    viewer: Option<Viewer>,
 }
 
 impl Tree {
@@ -158,6 +261,7 @@ impl Tree {
         limit: usize,
         events: Option<EventSink>,
         units: Units,
+        share: Share,
     ) -> Tree {
         let mut tree = Tree {
             started_mono_ns,
@@ -166,9 +270,24 @@ impl Tree {
             by_id: HashMap::new(),
             limit,
             dropped: 0,
+            dropped_for_memory: 0,
+            execs_unrecorded: 0,
+            free: Vec::new(),
+            share,
+            charged: 0,
+            strings: 0,
             events,
             events_error: None,
+            held: BinaryHeap::new(),
+            held_bytes: 0,
+            arrivals: 0,
+            waiting_exits: BTreeSet::new(),
+            forcing: false,
+            forgotten_cpu: [0; 3],
+            forgotten_incomplete: false,
+            measured: Measured::ALL,
             units,
+            viewer: None,
         };
         tree.anchor();
         tree
@@ -195,18 +314,115 @@ impl Tree {
         mono.saturating_sub(self.started_mono_ns)
     }
 
+    /// Queues an event line; it goes out in time order (see the module's documentation).
     fn emit(&mut self, line: serde_json::Value) {
+        if self.events.is_none() {
+            return;
+        }
+        let time = line["time_ns"].as_u64().unwrap_or(0);
+        let mut text = line.to_string();
+        text.push('\n');
+        self.held_bytes += chunk(text.capacity()) as u64;
+        self.arrivals += 1;
+        self.held.push(Reverse((time, self.arrivals, text)));
+        // A storm: the oldest lines go out now. An exit still waiting for its threads before
+        // them goes out first, with what is known (its own line comes through here again,
+        // without forcing further).
+        while self.held.len() > MAX_HELD_LINES || self.held_bytes > MAX_HELD_BYTES {
+            let oldest = self.held.peek().map_or(0, |Reverse((t, _, _))| *t);
+            match self.waiting_exits.first().copied() {
+                Some((t, id)) if t <= oldest && !self.forcing => {
+                    self.waiting_exits.remove(&(t, id));
+                    self.forcing = true;
+                    self.report_exit(id, true);
+                    self.forcing = false;
+                }
+                _ => self.write_oldest(),
+            }
+        }
+    }
+
+    /// Writes the held line of the earliest time.
+    fn write_oldest(&mut self) {
+        let Some(Reverse((_, _, text))) = self.held.pop() else {
+            return;
+        };
+        self.held_bytes = self
+            .held_bytes
+            .saturating_sub(chunk(text.capacity()) as u64);
         let Some(out) = self.events.as_mut() else {
             return;
         };
-        let mut text = line.to_string();
-        text.push('\n');
         // Flushed after each batch of records (`flush`), so `tail -f` follows.
         if let Err(e) = out.write_all(text.as_bytes()) {
             // A closed pipe (`| head`) ends the stream, never the measurement.
             self.events_error = Some(e.to_string());
             self.events = None;
+            self.held.clear();
+            self.held_bytes = 0;
         }
+    }
+
+    /// Sends the exit events still waiting for their threads, up to `time_ns`, with what is
+    /// known of them.
+    fn force_exits_up_to(&mut self, time_ns: u64) {
+        while let Some(&(t, id)) = self.waiting_exits.first() {
+            if t > time_ns {
+                break;
+            }
+            self.waiting_exits.remove(&(t, id));
+            self.report_exit(id, true);
+        }
+    }
+
+    /// Writes the held lines no earlier line can come before any more: a drain that began
+    /// at `drain_start_mono_ns` (CLOCK_MONOTONIC) has delivered every record made before it.
+    pub fn release(&mut self, drain_start_mono_ns: u64) {
+        if self.events.is_none() {
+            return;
+        }
+        let stale = self.rel(drain_start_mono_ns.saturating_sub(EXIT_HOLD_NS));
+        let first_waiting = self.waiting_exits.first().map(|&(t, _)| t);
+        if first_waiting.is_some_and(|t| t < stale) {
+            self.force_exits_up_to(stale.saturating_sub(1));
+        }
+        let mut mark = self.rel(drain_start_mono_ns.saturating_sub(REORDER_MARGIN_NS));
+        if let Some(&(t, _)) = self.waiting_exits.first() {
+            mark = mark.min(t);
+        }
+        while self
+            .held
+            .peek()
+            .is_some_and(|Reverse((t, _, _))| *t <= mark)
+        {
+            self.write_oldest();
+        }
+        self.shrink_held();
+        self.settle();
+    }
+
+    /// Gives back the reorder buffer's room once a storm is over.
+    fn shrink_held(&mut self) {
+        if self.held.len() < self.held.capacity() / 4 {
+            self.held.shrink_to(self.held.len() * 2);
+        }
+    }
+
+    /// Writes every held line, exits still waiting included (the run is over).
+    pub fn release_all(&mut self) {
+        self.force_exits_up_to(u64::MAX);
+        while !self.held.is_empty() {
+            self.write_oldest();
+        }
+        self.shrink_held();
+        self.flush();
+        self.settle();
+    }
+
+    /// What the kernel measures on this machine: the event stream's figures it does not
+    /// measure are null, as in the breakdown.
+    pub fn set_measured(&mut self, measured: Measured) {
+        self.measured = measured;
     }
 
     /// The `attached` event: the attach has registered the tree that was there (the moment
@@ -224,6 +440,38 @@ impl Tree {
         self.flush();
     }
 
+    /// Gives the processes present at an attach the argv the scan read from
+    /// `/proc/PID/cmdline` (by pid and start time in ticks), where no exec record gave them
+    /// one already, and where the memory share pays for it.
+    pub(crate) fn note_adopted_argv(
+        &mut self,
+        argv: &HashMap<(u32, u64), crate::attach::AdoptedArgv>,
+    ) {
+        if argv.is_empty() {
+            return;
+        }
+        let tick_ns = 1_000_000_000 / self.units.ticks_per_second.max(1);
+        let wanted: Vec<(u64, &crate::attach::AdoptedArgv)> = self
+            .procs
+            .iter()
+            .flatten()
+            .filter(|p| p.adopted && p.argv.is_none())
+            .filter_map(|p| Some((p.id, argv.get(&(p.pid, p.start_boottime_ns / tick_ns))?)))
+            .collect();
+        for (id, a) in wanted {
+            let cost = chunk(a.bytes.len()) as u64;
+            if self.share.try_take(cost).is_err() {
+                self.execs_unrecorded += 1;
+                continue;
+            }
+            self.charged += cost;
+            self.with_proc(id, |p| {
+                p.argv = Some(a.bytes.clone());
+                p.argv_truncated = a.truncated;
+            });
+        }
+    }
+
     /// Hands what the event stream holds to its destination.
     pub fn flush(&mut self) {
         if let Some(out) = self.events.as_mut()
@@ -234,9 +482,68 @@ impl Tree {
         }
     }
 
-    /// Processes left out of the breakdown because of the limit.
+    /// Withholds from now on, in the breakdown and the event stream, the figures of members
+    /// `viewer` could not read itself (see [`Viewer::may_read`]).
+    pub fn set_viewer(&mut self, viewer: Option<Viewer>) {
+        self.viewer = viewer.filter(|v| v.uid != 0);
+    }
+
+    /// Whether the viewer may read `p`'s figures.
+    fn readable(&self, p: &Proc) -> bool {
+        self.viewer.is_none_or(|v| v.may_read(p.creds.as_ref()))
+    }
+
+    /// Processes left out of the breakdown because of the limit or the memory share.
     pub fn dropped(&self) -> u64 {
         self.dropped
+    }
+
+    /// What the memory share cost the report: processes left out, execs whose argv was not
+    /// kept, and the limit that refused them (`None`: nothing was refused).
+    pub fn memory_refusals(&self) -> Option<(u64, u64, Limit)> {
+        let limit = self.share.refused()?;
+        Some((self.dropped_for_memory, self.execs_unrecorded, limit))
+    }
+
+    /// The bytes the tree takes on the heap: its tables by capacity (`procs`, `by_id`,
+    /// `free`) and the processes' strings. What is charged to its memory share.
+    pub fn footprint(&self) -> u64 {
+        let procs = self.procs.capacity() * std::mem::size_of::<Option<Proc>>();
+        let free = self.free.capacity() * std::mem::size_of::<usize>();
+        (procs + free + table_bytes::<(u64, usize)>(self.by_id.capacity())) as u64 + self.strings
+    }
+
+    /// What adding one more process costs now: its place in `procs` (the whole growth when
+    /// the vector is full) and in `by_id` (likewise), and its comm.
+    fn admission_cost(&self, comm_len: usize) -> u64 {
+        let entry = std::mem::size_of::<Option<Proc>>();
+        let procs = if !self.free.is_empty() {
+            0
+        } else if self.procs.len() == self.procs.capacity() {
+            // Vec doubles (at least 4 places).
+            self.procs.capacity().max(4) * entry
+        } else {
+            0
+        };
+        let cap = self.by_id.capacity();
+        let table = if self.by_id.len() == cap {
+            table_bytes::<(u64, usize)>(cap.max(3) * 2 + 1) - table_bytes::<(u64, usize)>(cap)
+        } else {
+            0
+        };
+        (procs + table + chunk(comm_len)) as u64
+    }
+
+    /// Charges (or gives back) the difference between the footprint and what is charged:
+    /// what admissions predicted, made exact.
+    fn settle(&mut self) {
+        let now = self.footprint();
+        if now > self.charged {
+            self.share.force_take(now - self.charged);
+        } else {
+            self.share.give_back(self.charged - now);
+        }
+        self.charged = now;
     }
 
     /// Takes one raw record. Malformed records (short, unknown kind) are ignored.
@@ -275,16 +582,33 @@ impl Tree {
             self.by_id.remove(&r.header.process);
             return;
         }
+        let comm = trim_nul(&r.comm);
+        let cost = self.admission_cost(comm.len());
+        if self.share.try_take(cost).is_err() {
+            self.dropped += 1;
+            self.dropped_for_memory += 1;
+            self.by_id.remove(&r.header.process);
+            return;
+        }
+        self.charged += cost;
         let p = Proc {
             id: r.header.process,
             parent: self.by_id.get(&r.parent).copied(),
             pid: r.pid,
             own_pid: r.pid_own_ns,
             ppid: r.ppid,
-            start_mono_ns: r.header.time_ns,
-            comm: trim_nul(&r.comm).to_vec(),
+            // A process present at an attach started before it (its record is made at its
+            // adoption); others start at their record.
+            start_mono_ns: if r.flags & proc_flags::ADOPTED != 0 && r.start_mono_ns != 0 {
+                r.start_mono_ns
+            } else {
+                r.header.time_ns
+            },
+            start_boottime_ns: r.start_boottime_ns,
+            comm: comm.to_vec(),
             adopted: r.flags & proc_flags::ADOPTED != 0,
             root: r.flags & proc_flags::ROOT != 0,
+            creds: Some(r.creds),
             ..Proc::default()
         };
         let line = serde_json::json!({
@@ -297,8 +621,18 @@ impl Tree {
             "root": p.root,
             "attached": p.adopted,
         });
-        self.by_id.insert(p.id, self.procs.len());
-        self.procs.push(Some(p));
+        self.strings += strings_of(&p);
+        match self.free.pop() {
+            Some(i) => {
+                self.by_id.insert(p.id, i);
+                self.procs[i] = Some(p);
+            }
+            None => {
+                self.by_id.insert(p.id, self.procs.len());
+                self.procs.push(Some(p));
+            }
+        }
+        self.settle();
         self.emit(line);
     }
 
@@ -307,45 +641,91 @@ impl Tree {
         self.procs.get_mut(i)?.as_mut()
     }
 
+    /// Changes process `id` with `f`, keeping the count of string bytes right.
+    fn with_proc<R>(&mut self, id: u64, f: impl FnOnce(&mut Proc) -> R) -> Option<R> {
+        let p = self.get(id)?;
+        let old = strings_of(p);
+        let out = f(p);
+        let new = strings_of(p);
+        self.strings = self.strings.saturating_sub(old) + new;
+        Some(out)
+    }
+
     fn on_exec(&mut self, r: &ProcExec) {
         let len = (r.argv_len as usize).min(ARGV_BYTES);
         let argv = r.argv[..len].to_vec();
         let filename = trim_nul(&r.filename).to_vec();
+        let comm = trim_nul(&r.comm).to_vec();
         let time_ns = self.rel(r.header.time_ns);
-        let Some(p) = self.get(r.header.process) else {
+        let Some(old) = self.get(r.header.process).map(|p| strings_of(p)) else {
             return;
         };
-        p.comm = trim_nul(&r.comm).to_vec();
-        p.pid = r.pid;
-        p.peak_pages = p.peak_pages.max(r.old_mm_peak_pages);
-        p.argv_truncated = r.argv_truncated != 0;
-        let line = serde_json::json!({
-            "event": "exec",
-            "time_ns": time_ns,
-            "pid": r.pid,
-            "comm": escape_bytes(&p.comm),
-            "filename": escape_bytes(&filename),
-            "argv": split_argv(&argv),
-            "argv_truncated": p.argv_truncated,
+        let new =
+            (chunk(argv.capacity()) + chunk(filename.capacity()) + chunk(comm.capacity())) as u64;
+        // argv and the file name are kept if the share pays for them; the event goes out
+        // either way.
+        let keep = new <= old || self.share.try_take(new - old).is_ok();
+        if keep && new > old {
+            self.charged += new - old;
+        }
+        if !keep {
+            self.execs_unrecorded += 1;
+        }
+        let viewer = self.viewer;
+        let line = self.with_proc(r.header.process, |p| {
+            p.comm = comm;
+            p.pid = r.pid;
+            p.peak_pages = p.peak_pages.max(r.old_mm_peak_pages);
+            p.argv_truncated = r.argv_truncated != 0;
+            p.creds = Some(r.creds);
+            let withheld = viewer.is_some_and(|v| !v.may_read(p.creds.as_ref()));
+            let mut line = serde_json::json!({
+                "event": "exec",
+                "time_ns": time_ns,
+                "pid": r.pid,
+                "comm": escape_bytes(&p.comm),
+                "filename": (!withheld).then(|| escape_bytes(&filename)),
+                "argv": (!withheld).then(|| split_argv(&argv)),
+                "argv_truncated": p.argv_truncated,
+            });
+            if withheld {
+                line["withheld"] = true.into();
+            }
+            if keep {
+                p.argv = Some(argv);
+                p.filename = Some(filename);
+            } else {
+                p.argv = None;
+                p.filename = None;
+            }
+            line
         });
-        p.argv = Some(argv);
-        p.filename = Some(filename);
-        self.emit(line);
+        self.settle();
+        if let Some(line) = line {
+            self.emit(line);
+        }
     }
 
     fn on_exit(&mut self, r: &ProcExit) {
-        let Some(p) = self.get(r.header.process) else {
+        let found = self.with_proc(r.header.process, |p| {
+            p.end_mono_ns = Some(r.header.time_ns);
+            p.status = Some(r.exit_code);
+            let comm = trim_nul(&r.comm);
+            if !comm.is_empty() && comm != p.comm.as_slice() {
+                p.comm = comm.to_vec();
+            }
+            p.peak_pages = p.peak_pages.max(r.mm_peak_pages);
+            p.threads = Some(r.threads);
+        });
+        if found.is_none() {
             return;
-        };
-        p.end_mono_ns = Some(r.header.time_ns);
-        p.status = Some(r.exit_code);
-        let comm = trim_nul(&r.comm);
-        if !comm.is_empty() {
-            p.comm = comm.to_vec();
         }
-        p.peak_pages = p.peak_pages.max(r.mm_peak_pages);
-        p.threads = Some(r.threads);
-        self.report_exit(r.header.process);
+        self.settle();
+        if !self.report_exit(r.header.process, false) && self.events.is_some() {
+            // Its threads' last records come after it: the stream waits for them.
+            self.waiting_exits
+                .insert((self.rel(r.header.time_ns), r.header.process));
+        }
     }
 
     fn on_thread(&mut self, r: &ThreadEnd) {
@@ -359,59 +739,65 @@ impl Tree {
             add_to(&mut p.used, &v);
             p.threads_ended += 1;
         }
-        self.report_exit(r.header.process);
+        self.report_exit(r.header.process, false);
     }
 
-    /// The exit event, once the process has ended and all its threads' records are in.
-    fn report_exit(&mut self, id: u64) {
+    /// The exit event, once the process has ended and all its threads' records are in (or,
+    /// with `force`, once it has ended, with what is known: marked `"incomplete": true`).
+    /// It carries every field of the process's breakdown entry (`parent_index` is null: the
+    /// stream names processes by pid). Returns whether the exit is out.
+    fn report_exit(&mut self, id: u64, force: bool) -> bool {
         let Some(&i) = self.by_id.get(&id) else {
-            return;
+            return false;
         };
         let Some(p) = self.procs[i].as_ref() else {
-            return;
+            return false;
         };
-        if p.exit_reported || !p.complete() {
-            return;
+        if p.exit_reported {
+            return true;
         }
-        let u = self.usage_of(p, &[0; 10], true, true);
-        let line = serde_json::json!({
-            "event": "exit",
-            "time_ns": u.end_ns,
-            "pid": u.pid,
-            "exit_code": u.exit_code,
-            "signal": u.signal,
-            "thread_count": u.thread_count,
-            "cpu_time_ns": u.cpu_time_ns,
-            "cpu_user_ns": u.cpu_user_ns,
-            "cpu_system_ns": u.cpu_system_ns,
-            "disk_bytes_read": u.disk_bytes_read,
-            "disk_bytes_written": u.disk_bytes_written,
-            "io_read_chars": u.io_read_chars,
-            "io_write_chars": u.io_write_chars,
-            "network_bytes_sent": u.network_bytes_sent,
-            "network_bytes_received": u.network_bytes_received,
-            "peak_memory_bytes": u.peak_memory_bytes,
-        });
+        let complete = p.complete();
+        if p.end_mono_ns.is_none() || !(complete || force) {
+            return false;
+        }
+        let end = p.end_mono_ns.map(|e| self.rel(e)).unwrap_or(0);
+        self.waiting_exits.remove(&(end, id));
+        let mut u = self.usage_of(p, &[0; 10], self.measured);
+        u.parent_index = None;
+        let mut line = serde_json::to_value(&u).unwrap_or_default();
+        line["event"] = "exit".into();
+        line["time_ns"] = end.into();
+        if !complete {
+            line["incomplete"] = true.into();
+        }
         if self.keep {
             if let Some(p) = self.procs[i].as_mut() {
                 p.exit_reported = true;
             }
         } else {
-            self.procs[i] = None;
+            // Events only: forgotten, and its place reused.
+            for (total, v) in
+                self.forgotten_cpu
+                    .iter_mut()
+                    .zip([u.cpu_time_ns, u.cpu_user_ns, u.cpu_system_ns])
+            {
+                *total += v;
+            }
+            self.forgotten_incomplete |= !complete;
+            if let Some(p) = self.procs[i].take() {
+                self.strings = self.strings.saturating_sub(strings_of(&p));
+            }
             self.by_id.remove(&id);
+            self.free.push(i);
+            self.settle();
         }
         self.emit(line);
+        true
     }
 
     /// `p`'s figures, with `live` (what its live threads have used, from /proc) added and
     /// what it had used before an attach taken off.
-    fn usage_of(
-        &self,
-        p: &Proc,
-        live: &ThreadCounters,
-        measured_memory: bool,
-        measured_network: bool,
-    ) -> ProcessUsage {
+    fn usage_of(&self, p: &Proc, live: &ThreadCounters, measured: Measured) -> ProcessUsage {
         let mut used = p.used;
         add_to(&mut used, live);
         let mut c = [0u64; 10];
@@ -424,7 +810,7 @@ impl Tree {
             None => (None, None),
         };
         let argv = p.argv.as_deref().map(split_argv);
-        ProcessUsage {
+        let mut u = ProcessUsage {
             pid: p.pid,
             ns_pid: (p.own_pid != p.pid && p.own_pid != 0).then_some(p.own_pid),
             ppid: p.ppid,
@@ -447,10 +833,53 @@ impl Tree {
             disk_cancelled_write_bytes: Some(c[5]),
             io_read_chars: Some(c[6]),
             io_write_chars: Some(c[7]),
-            peak_memory_bytes: measured_memory.then_some(p.peak_pages * self.units.page_size),
-            network_bytes_sent: measured_network.then_some(c[8]),
-            network_bytes_received: measured_network.then_some(c[9]),
+            peak_memory_bytes: measured
+                .atomics
+                .then_some(p.peak_pages * self.units.page_size),
+            network_bytes_sent: measured.network.is_some().then_some(c[8]),
+            network_bytes_received: measured.network.is_some().then_some(c[9]),
+            withheld: false,
+        };
+        if !measured.disk {
+            u.disk_bytes_read = None;
+            u.disk_bytes_written = None;
+            u.disk_cancelled_write_bytes = None;
         }
+        if !measured.io_chars {
+            u.io_read_chars = None;
+            u.io_write_chars = None;
+        }
+        if !self.readable(p) {
+            withhold(&mut u);
+        }
+        u
+    }
+
+    /// The tree's CPU time, user and system, as the sums of its processes' own splits (each
+    /// [`crate::usage::split_runtime`] of its thread group's figures), live threads' figures
+    /// (`live`, by process identity; utime and stime in ticks) added. `None` when some
+    /// process's figures are missing (left out of the breakdown, or forgotten before all its
+    /// records were in).
+    pub fn cpu_split(&self, live: &HashMap<u64, (ThreadCounters, u64)>) -> Option<[u64; 3]> {
+        if self.dropped > 0 || self.forgotten_incomplete {
+            return None;
+        }
+        let tick_ns = 1_000_000_000 / self.units.ticks_per_second.max(1);
+        let mut total = self.forgotten_cpu;
+        for p in self.procs.iter().flatten() {
+            let (l, _) = live.get(&p.id).copied().unwrap_or_default();
+            let c: Vec<u64> = (0..3)
+                .map(|i| {
+                    let l = if i == 0 { l[0] } else { l[i] * tick_ns };
+                    p.used[i].wrapping_add(l).saturating_sub(p.before[i])
+                })
+                .collect();
+            let (user, system) = split_runtime(c[0], c[1], c[2]);
+            for (t, v) in total.iter_mut().zip([c[0], user, system]) {
+                *t += v;
+            }
+        }
+        Some(total)
     }
 
     /// The breakdown: every process in start order, with the live threads' figures (by
@@ -458,7 +887,7 @@ impl Tree {
     pub fn processes(
         &self,
         live: &HashMap<u64, (ThreadCounters, u64)>,
-        measured: crate::features::Measured,
+        measured: Measured,
     ) -> Vec<ProcessUsage> {
         let tick_ns = 1_000_000_000 / self.units.ticks_per_second.max(1);
         self.procs
@@ -469,24 +898,86 @@ impl Tree {
                 // /proc gives utime/stime in ticks.
                 counters[1] *= tick_ns;
                 counters[2] *= tick_ns;
-                let mut u =
-                    self.usage_of(p, &counters, measured.atomics, measured.network.is_some());
+                let mut u = self.usage_of(p, &counters, measured);
                 if p.end_mono_ns.is_none() {
                     u.thread_count = p.threads_ended + threads;
-                }
-                if !measured.disk {
-                    u.disk_bytes_read = None;
-                    u.disk_bytes_written = None;
-                    u.disk_cancelled_write_bytes = None;
-                }
-                if !measured.io_chars {
-                    u.io_read_chars = None;
-                    u.io_write_chars = None;
                 }
                 u
             })
             .collect()
     }
+}
+
+impl Drop for Tree {
+    /// The end of the session: what the event stream still holds goes out.
+    fn drop(&mut self) {
+        if self.events.is_some() {
+            self.release_all();
+        }
+    }
+}
+
+/// Heap bytes of a process's own strings, as the allocator hands them out (see
+/// [`chunk`]).
+fn strings_of(p: &Proc) -> u64 {
+    (chunk(p.comm.capacity())
+        + p.argv.as_ref().map_or(0, |v| chunk(v.capacity()))
+        + p.filename.as_ref().map_or(0, |v| chunk(v.capacity()))) as u64
+}
+
+/// What an allocation of `n` bytes takes from the heap: glibc's malloc gives a chunk of the
+/// request plus an 8-byte header, in steps of 16 bytes, at least 32 (the small strings of a
+/// process cost about twice their length).
+fn chunk(n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    ((n + 8 + 15) & !15).max(32)
+}
+
+/// Heap bytes of a `std::collections::HashMap` of entries `T` with room for `capacity`
+/// entries (hashbrown: a power-of-two number of buckets at most 7/8 full, each an entry and
+/// a control byte, plus one group of control bytes).
+fn table_bytes<T>(capacity: usize) -> usize {
+    if capacity == 0 {
+        return 0;
+    }
+    let buckets = if capacity < 8 {
+        (capacity + 1).next_power_of_two()
+    } else {
+        (capacity * 8 / 7).next_power_of_two()
+    };
+    buckets * (std::mem::size_of::<T>() + 1) + 16
+}
+
+/// Blanks what the kernel would not show a viewer who may not read the process: its I/O
+/// counters (`/proc/PID/io`), its socket traffic, and its argv and file name. CPU time, peak
+/// memory, comm, pids and exit status stay: `/proc/PID/stat` and `/proc/PID/status` show them
+/// to every user.
+fn withhold(u: &mut ProcessUsage) {
+    u.withheld = true;
+    u.argv = None;
+    u.argv_truncated = false;
+    u.filename = None;
+    u.disk_bytes_read = None;
+    u.disk_bytes_written = None;
+    u.disk_cancelled_write_bytes = None;
+    u.io_read_chars = None;
+    u.io_write_chars = None;
+    u.network_bytes_sent = None;
+    u.network_bytes_received = None;
+}
+
+/// The note a report carries when `withheld` members of its breakdown had their figures
+/// withheld from the client.
+pub fn withheld_note(withheld: usize) -> String {
+    format!(
+        "{withheld} process{} ran with credentials this client does not have: {} I/O counters, \
+         argv and file name are withheld (null), as the kernel withholds /proc/PID/io; the \
+         totals include them",
+        if withheld == 1 { "" } else { "es" },
+        if withheld == 1 { "its" } else { "their" },
+    )
 }
 
 /// A wait status (`code << 8 | signal`) as (exit code, signal).
@@ -521,12 +1012,19 @@ fn trim_nul(bytes: &[u8]) -> &[u8] {
     }
 }
 
-/// Bytes as a string: valid UTF-8 as it is, each invalid byte as `\xNN`. JSON escaping of
-/// control characters is the serialiser's job; the human report escapes them again.
+/// Bytes as a string that says exactly which bytes they were: valid UTF-8 as it is but for
+/// the backslash, written `\\`, and each byte that is not UTF-8 as `\xNN` (so an argument
+/// `\xff` and the byte 0xff read differently). JSON escaping of control characters is the
+/// serialiser's job; the human report escapes them again.
 pub fn escape_bytes(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
-        out.push_str(chunk.valid());
+        let valid = chunk.valid();
+        if valid.contains('\\') {
+            out.push_str(&valid.replace('\\', "\\\\"));
+        } else {
+            out.push_str(valid);
+        }
         for b in chunk.invalid() {
             out.push_str(&format!("\\x{b:02x}"));
         }
@@ -608,7 +1106,8 @@ impl Sinks {
             return;
         };
         let slots = lock(&self.slots);
-        let mut touched = [false; MAX_RUNS as usize];
+        // Every record made before this instant is delivered below (see `Tree::release`).
+        let drain_start = crate::run::monotonic_ns();
         while let Some(item) = ring.next() {
             let bytes: &[u8] = &item;
             let Some(h) = read_record::<RecordHeader>(bytes) else {
@@ -616,15 +1115,13 @@ impl Sinks {
             };
             if let Some(Some(tree)) = slots.get(h.run as usize) {
                 lock(tree).take(bytes);
-                touched[h.run as usize] = true;
             }
         }
-        for (slot, tree) in slots.iter().enumerate() {
-            if let Some(tree) = tree
-                && touched[slot]
-            {
-                lock(tree).flush();
-            }
+        // Every tree, records or not: held event lines become due as time passes.
+        for tree in slots.iter().flatten() {
+            let mut tree = lock(tree);
+            tree.release(drain_start);
+            tree.flush();
         }
     }
 
@@ -699,6 +1196,7 @@ mod tests {
             header: head(record_kind::PROC_START, 1_000 + pid as u64, id),
             parent,
             start_boottime_ns: 5,
+            start_mono_ns: 0,
             pid_global: pid,
             pid,
             pid_own_ns: pid,
@@ -706,6 +1204,40 @@ mod tests {
             flags: 0,
             _pad0: 0,
             comm: comm(name),
+            creds: plain(1000),
+        })
+    }
+
+    /// The credentials of a process of user `uid` (gid the same) that exec'd nothing special.
+    fn plain(uid: u32) -> Creds {
+        Creds {
+            uid,
+            gid: uid,
+            suid: uid,
+            sgid: uid,
+            euid: uid,
+            egid: uid,
+            dumpable: DUMP_USER,
+            known: creds_known::IDS | creds_known::DUMPABLE,
+        }
+    }
+
+    fn exec(id: u64, pid: u32, path: &[u8], creds: Creds) -> Vec<u8> {
+        let mut argv = [0u8; ARGV_BYTES];
+        argv[..path.len()].copy_from_slice(path);
+        let mut filename = [0u8; FILENAME_BYTES];
+        filename[..path.len()].copy_from_slice(path);
+        bytes_of(&ProcExec {
+            header: head(record_kind::PROC_EXEC, 2_000, id),
+            old_mm_peak_pages: 0,
+            pid,
+            argv_len: path.len() as u32 + 1,
+            argv_truncated: 0,
+            _pad0: 0,
+            comm: comm(b"x"),
+            filename,
+            argv,
+            creds,
         })
     }
 
@@ -751,7 +1283,14 @@ mod tests {
     #[test]
     fn records_make_processes_whose_parts_sum_up() {
         let out = Shared::default();
-        let mut t = Tree::new(1_000, true, 10, Some(Box::new(out.clone())), UNITS);
+        let mut t = Tree::new(
+            1_000,
+            true,
+            10,
+            Some(Box::new(out.clone())),
+            UNITS,
+            Share::unlimited(),
+        );
         t.take(&start(0xa, 0, 100, b"sh"));
         t.take(&start(0xb, 0xa, 101, b"sh"));
         let mut argv = [0u8; ARGV_BYTES];
@@ -768,6 +1307,7 @@ mod tests {
             comm: comm(b"true"),
             filename,
             argv,
+            creds: plain(1000),
         }));
         t.take(&exit(0xb, 3 << 8, 2));
         t.take(&thread_end(0xb, 500, record_kind::THREAD_END));
@@ -802,6 +1342,7 @@ mod tests {
             (ps[0].cpu_time_ns, ps[0].thread_count, ps[0].end_ns),
             (50, 1, None)
         );
+        t.release_all();
         let text = String::from_utf8(lock(&out.0).clone()).unwrap();
         let kinds: Vec<String> = text
             .lines()
@@ -815,9 +1356,176 @@ mod tests {
         assert_eq!(kinds, ["start", "fork", "fork", "exec", "exit"]);
     }
 
+    /// Counts, per thread, the bytes the allocator has handed out and not yet taken back,
+    /// so a test can weigh what one structure of its own thread holds.
+    mod counting {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        pub struct Counting;
+
+        thread_local! {
+            static HELD: Cell<i64> = const { Cell::new(0) };
+        }
+
+        fn add(n: i64) {
+            let _ = HELD.try_with(|h| h.set(h.get() + n));
+        }
+
+        /// Bytes this thread holds now (requested sizes).
+        pub fn held() -> i64 {
+            HELD.with(Cell::get)
+        }
+
+        // SAFETY: every call is passed to the system allocator unchanged; only counted.
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                add(layout.size() as i64);
+                // SAFETY: as the caller promises for `layout`.
+                unsafe { System.alloc(layout) }
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                add(-(layout.size() as i64));
+                // SAFETY: as the caller promises.
+                unsafe { System.dealloc(ptr, layout) }
+            }
+            unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+                add(layout.size() as i64);
+                // SAFETY: as the caller promises for `layout`.
+                unsafe { System.alloc_zeroed(layout) }
+            }
+            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+                add(new as i64 - layout.size() as i64);
+                // SAFETY: as the caller promises.
+                unsafe { System.realloc(ptr, layout, new) }
+            }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: counting::Counting = counting::Counting;
+
+    fn exec_of(id: u64, pid: u32, argv: &[u8]) -> Vec<u8> {
+        let mut a = [0u8; ARGV_BYTES];
+        a[..argv.len()].copy_from_slice(argv);
+        let mut filename = [0u8; FILENAME_BYTES];
+        filename[..12].copy_from_slice(b"/usr/bin/cc1");
+        bytes_of(&ProcExec {
+            header: head(record_kind::PROC_EXEC, 2_000, id),
+            old_mm_peak_pages: 0,
+            pid,
+            argv_len: argv.len() as u32,
+            argv_truncated: 0,
+            _pad0: 0,
+            comm: comm(b"cc1"),
+            filename,
+            argv: a,
+            creds: plain(1000),
+        })
+    }
+
+    /// Builds a tree of `n` processes, every other one exec'ing, in this thread.
+    fn big_tree(n: u64, share: Share) -> Tree {
+        let mut t = Tree::new(0, true, usize::MAX, None, UNITS, share);
+        let argv = b"cc1\0-O2\0-c\0some/rather/long/path/to/a/source/file.c\0";
+        for i in 0..n {
+            t.take(&start(0x1000 + i, 0x1000, 100 + i as u32, b"make"));
+            if i % 2 == 0 {
+                t.take(&exec_of(0x1000 + i, 100 + i as u32, argv));
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn the_charged_footprint_is_what_the_allocator_holds() {
+        // Records and budget made outside the measured window.
+        let records: Vec<Vec<u8>> = Vec::new();
+        drop(records);
+        let before = counting::held();
+        let t = big_tree(10_000, Share::unlimited());
+        let held = (counting::held() - before) as u64;
+        let footprint = t.footprint();
+        let per_process = footprint / 10_000;
+        eprintln!(
+            "10,000 processes (half exec'd): the allocator holds {held} bytes (requested), \
+             the tree charges {footprint} ({per_process} per process; an entry is {} bytes)",
+            std::mem::size_of::<Option<Proc>>()
+        );
+        // The charge covers what was requested, plus the allocator's own overhead on the
+        // small strings, and no more than that.
+        assert!(footprint >= held, "charged {footprint} < held {held}");
+        assert!(
+            footprint <= held + held / 4,
+            "charged {footprint} is far above held {held}"
+        );
+        assert_eq!(t.charged, footprint, "every change was settled");
+    }
+
+    #[test]
+    fn a_share_too_small_leaves_processes_out_and_names_the_limit() {
+        let budget = crate::budget::Budget::new(64 << 20, 1 << 20);
+        let share = budget.account(1000);
+        let t = big_tree(20_000, share.clone());
+        let kept = t.processes(&HashMap::new(), Measured::ALL).len() as u64;
+        let (dropped, execs, limit) = t.memory_refusals().expect("refused");
+        assert_eq!(kept + dropped, 20_000);
+        assert_eq!(t.dropped(), dropped);
+        assert!(
+            kept > 500 && dropped > 5_000,
+            "kept {kept}, dropped {dropped}"
+        );
+        assert!(execs <= kept, "{execs}");
+        assert_eq!(
+            limit,
+            crate::budget::Limit::UserShare {
+                uid: 1000,
+                bytes: 1 << 20
+            }
+        );
+        // What is held is what the tree takes, within the share (a reconciliation may pass
+        // it by a few bytes).
+        assert_eq!(share.held(), t.footprint());
+        assert!(share.held() <= (1 << 20) + 4096, "{}", share.held());
+        drop(t);
+        drop(share);
+        assert_eq!(
+            budget.held_bytes(),
+            0,
+            "all given back when the session ends"
+        );
+    }
+
+    #[test]
+    fn an_events_only_tree_reuses_the_places_of_ended_processes() {
+        let out = Shared::default();
+        let budget = crate::budget::Budget::new(64 << 20, 1 << 20);
+        let share = budget.account(1000);
+        let mut t = Tree::new(
+            0,
+            false,
+            10,
+            Some(Box::new(out.clone())),
+            UNITS,
+            share.clone(),
+        );
+        for i in 0..50_000u64 {
+            let id = 0x10_0000 + i;
+            t.take(&start(id, 0, 100, b"x"));
+            t.take(&exit(id, 0, 1));
+            t.take(&thread_end(id, 5, record_kind::THREAD_END));
+        }
+        t.release_all();
+        assert!(t.procs.capacity() <= 4, "{}", t.procs.capacity());
+        assert_eq!(t.dropped(), 0, "no limit and no share reached");
+        assert!(share.held() < 4096, "{}", share.held());
+        let text = String::from_utf8(lock(&out.0).clone()).unwrap();
+        assert_eq!(text.matches("\"exit\"").count(), 50_000);
+    }
+
     #[test]
     fn adopted_usage_is_taken_off() {
-        let mut t = Tree::new(0, true, 10, None, UNITS);
+        let mut t = Tree::new(0, true, 10, None, UNITS, Share::unlimited());
         t.take(&start(0xa, 0, 100, b"job"));
         t.take(&thread_end(0xa, 400, record_kind::THREAD_ADOPTED));
         t.take(&exit(0xa, 9, 1));
@@ -828,9 +1536,54 @@ mod tests {
         assert_eq!((ps[0].exit_code, ps[0].signal), (None, Some(9)));
     }
 
+    /// A process present at an attach: its real start (before the session's), and the argv
+    /// the scan read for its pid and start time (not for another process with its pid).
+    #[test]
+    fn adopted_processes_start_before_the_attach_with_the_argv_read_for_them() {
+        use crate::attach::AdoptedArgv;
+        let mut t = Tree::new(1_000_000_000, true, 10, None, UNITS, Share::unlimited());
+        let adopted = |id: u64, pid: u32, boot_ns: u64, mono_ns: u64| {
+            let mut r: ProcStart = read_record(&start(id, 0, pid, b"make")).unwrap();
+            r.flags = proc_flags::ADOPTED;
+            r.start_boottime_ns = boot_ns;
+            r.start_mono_ns = mono_ns;
+            bytes_of(&r)
+        };
+        // Started 0.25 s before the session; at tick 70 (UNITS: 100 ticks a second).
+        t.take(&adopted(0xa, 100, 700_000_000, 750_000_000));
+        t.take(&adopted(0xb, 101, 800_000_000, 850_000_000));
+        let argv = HashMap::from([
+            (
+                (100, 70),
+                AdoptedArgv {
+                    bytes: b"make\0-j4\0".to_vec(),
+                    truncated: false,
+                },
+            ),
+            // pid 101 at another start: a process that reused the pid.
+            (
+                (101, 79),
+                AdoptedArgv {
+                    bytes: b"other\0".to_vec(),
+                    truncated: true,
+                },
+            ),
+        ]);
+        t.note_adopted_argv(&argv);
+        let ps = t.processes(&HashMap::new(), Measured::ALL);
+        assert_eq!(ps[0].start_ns, -250_000_000);
+        assert_eq!(
+            ps[0].argv.as_deref(),
+            Some(&["make".into(), "-j4".into()][..])
+        );
+        assert!(ps[0].attached && !ps[0].argv_truncated);
+        assert_eq!(ps[1].start_ns, -150_000_000);
+        assert_eq!(ps[1].argv, None);
+    }
+
     #[test]
     fn the_limit_drops_and_counts() {
-        let mut t = Tree::new(0, true, 2, None, UNITS);
+        let mut t = Tree::new(0, true, 2, None, UNITS, Share::unlimited());
         for i in 0..5 {
             t.take(&start(0x10 + i, 0, 100 + i as u32, b"x"));
         }
@@ -841,7 +1594,7 @@ mod tests {
 
     #[test]
     fn garbage_records_are_ignored() {
-        let mut t = Tree::new(0, true, 2, None, UNITS);
+        let mut t = Tree::new(0, true, 2, None, UNITS, Share::unlimited());
         t.take(&[]);
         t.take(&[1, 2, 3]);
         let mut short = start(0xa, 0, 1, b"x");
@@ -857,6 +1610,8 @@ mod tests {
     fn hostile_bytes_stay_valid_strings() {
         assert_eq!(escape_bytes(b"ok"), "ok");
         assert_eq!(escape_bytes(b"a\xffb"), "a\\xffb");
+        // A literal backslash is doubled: the argument `\xff` is not the byte 0xff.
+        assert_eq!(escape_bytes(b"\\xff\xff"), "\\\\xff\\xff");
         assert_eq!(escape_bytes("é\n\x1b[2J".as_bytes()), "é\n\x1b[2J");
         assert_eq!(split_argv(b"a\0b\0"), ["a", "b"]);
         assert_eq!(split_argv(b"a\0b"), ["a", "b"]);
@@ -872,5 +1627,254 @@ mod tests {
         assert_eq!(decode_status(3 << 8), (Some(3), None));
         assert_eq!(decode_status(9), (None, Some(9)));
         assert_eq!(decode_status(0x80 | 11), (None, Some(11)), "core dumped");
+    }
+
+    #[test]
+    fn a_viewer_reads_what_ptrace_read_fscreds_would_let_it() {
+        let me = Viewer {
+            uid: 1000,
+            gid: 1000,
+        };
+        assert!(me.may_read(Some(&plain(1000))), "its own plain process");
+        assert!(!me.may_read(Some(&plain(1001))), "another user's");
+        type Change = (&'static str, fn(&mut Creds));
+        let changed: [Change; 8] = [
+            ("setuid: euid", |c| c.euid = 0),
+            ("setuid then setreuid: saved uid", |c| c.suid = 0),
+            ("real uid", |c| c.uid = 0),
+            ("setgid: egid", |c| c.egid = 0),
+            ("saved gid", |c| c.sgid = 0),
+            ("real gid", |c| c.gid = 0),
+            ("file capabilities: not dumpable", |c| c.dumpable = 0),
+            ("suid_dumpable=2: root-only dumps", |c| c.dumpable = 2),
+        ];
+        for (what, change) in changed {
+            let mut c = plain(1000);
+            change(&mut c);
+            assert!(!me.may_read(Some(&c)), "{what}");
+            let root = Viewer { uid: 0, gid: 0 };
+            assert!(root.may_read(Some(&c)), "root reads {what}");
+        }
+        // Dumpability unknown (no `mm_struct.flags`, or no address space): the ids decide.
+        let mut c = plain(1000);
+        c.known = creds_known::IDS;
+        c.dumpable = 0;
+        assert!(me.may_read(Some(&c)));
+        // Ids not read, or no record: fail closed.
+        c.known = creds_known::DUMPABLE;
+        c.dumpable = DUMP_USER;
+        assert!(!me.may_read(Some(&c)));
+        assert!(!me.may_read(None));
+        assert!(Viewer { uid: 0, gid: 5 }.may_read(None));
+    }
+
+    #[test]
+    fn a_member_with_other_credentials_is_withheld_from_the_viewer() {
+        let out = Shared::default();
+        let mut t = Tree::new(
+            1_000,
+            true,
+            10,
+            Some(Box::new(out.clone())),
+            UNITS,
+            Share::unlimited(),
+        );
+        t.set_viewer(Some(Viewer {
+            uid: 1000,
+            gid: 1000,
+        }));
+        t.take(&start(0xa, 0, 100, b"sh"));
+        t.take(&start(0xb, 0xa, 101, b"sh"));
+        t.take(&start(0xc, 0xa, 102, b"sh"));
+        // 0xb execs a setuid-root binary: euid and saved uid 0, not dumpable.
+        let mut setuid = plain(1000);
+        setuid.euid = 0;
+        setuid.suid = 0;
+        setuid.dumpable = 0;
+        t.take(&exec(0xb, 101, b"/usr/bin/su", setuid));
+        t.take(&exec(0xc, 102, b"/bin/cat", plain(1000)));
+        for id in [0xb, 0xc] {
+            t.take(&exit(id, 0, 1));
+            t.take(&thread_end(id, 500, record_kind::THREAD_END));
+        }
+        let ps = t.processes(&HashMap::new(), Measured::ALL);
+        let su = &ps[1];
+        assert!(su.withheld);
+        assert_eq!((su.argv.as_ref(), su.filename.as_ref()), (None, None));
+        for v in [
+            su.disk_bytes_read,
+            su.disk_bytes_written,
+            su.disk_cancelled_write_bytes,
+            su.io_read_chars,
+            su.io_write_chars,
+            su.network_bytes_sent,
+            su.network_bytes_received,
+        ] {
+            assert_eq!(v, None);
+        }
+        assert_eq!(
+            su.cpu_time_ns, 500,
+            "what /proc/PID/stat shows everyone stays"
+        );
+        assert_eq!(su.exit_code, Some(0));
+        for other in [&ps[0], &ps[2]] {
+            assert!(!other.withheld);
+            assert!(other.disk_bytes_read.is_some());
+        }
+        assert_eq!(ps[2].filename.as_deref(), Some("/bin/cat"));
+        let json = serde_json::to_value(&ps[2]).unwrap();
+        assert!(json.get("withheld").is_none(), "only marked when true");
+        let json = serde_json::to_value(su).unwrap();
+        assert_eq!(json["withheld"], true);
+        assert!(json["io_read_chars"].is_null() && json["argv"].is_null());
+
+        t.release_all();
+        let text = String::from_utf8(lock(&out.0).clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let of = |event: &str, pid: u32| {
+            lines
+                .iter()
+                .find(|l| l["event"] == event && l["pid"] == pid)
+                .unwrap_or_else(|| panic!("no {event} of {pid} in {text}"))
+        };
+        let e = of("exec", 101);
+        assert!(e["argv"].is_null() && e["filename"].is_null());
+        assert_eq!(e["withheld"], true);
+        let e = of("exit", 101);
+        assert!(e["disk_bytes_read"].is_null() && e["io_write_chars"].is_null());
+        assert_eq!(e["withheld"], true);
+        assert_eq!(e["cpu_time_ns"], 500);
+        let e = of("exec", 102);
+        assert_eq!(e["filename"], "/bin/cat");
+        assert!(e.get("withheld").is_none());
+        assert_eq!(of("exit", 102)["io_read_chars"], 30);
+        assert!(!text.contains("/usr/bin/su"));
+
+        // Without a viewer (root, or an in-process run), everything.
+        let mut t = Tree::new(1_000, true, 10, None, UNITS, Share::unlimited());
+        t.take(&start(0xb, 0, 101, b"sh"));
+        t.take(&exec(0xb, 101, b"/usr/bin/su", setuid));
+        let ps = t.processes(&HashMap::new(), Measured::ALL);
+        assert!(!ps[0].withheld);
+        assert_eq!(ps[0].filename.as_deref(), Some("/usr/bin/su"));
+    }
+
+    fn lines_of(out: &Shared) -> Vec<serde_json::Value> {
+        String::from_utf8(lock(&out.0).clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn events_go_out_in_time_order_and_exits_carry_every_breakdown_field() {
+        let out = Shared::default();
+        let mut t = Tree::new(
+            0,
+            true,
+            10,
+            Some(Box::new(out.clone())),
+            UNITS,
+            Share::unlimited(),
+        );
+        t.take(&start(0xa, 0, 100, b"a")); // t = 1,100
+        t.take(&exit(0xa, 0, 1)); // t = 8,000, its thread's record still to come
+        t.take(&start(0xb, 0xa, 9_000, b"b")); // t = 10,000
+        t.take(&start(0xc, 0xa, 50, b"c")); // t = 1,050: reserved first, stamped later
+        t.release(1_000_000_000);
+        let times = |out: &Shared| -> Vec<u64> {
+            lines_of(out)
+                .iter()
+                .map(|l| l["time_ns"].as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(
+            times(&out),
+            [0, 1_050, 1_100],
+            "nothing after a waiting exit"
+        );
+        t.take(&thread_end(0xa, 500, record_kind::THREAD_END)); // t = 9,000
+        t.release(1_000_000_000);
+        assert_eq!(times(&out), [0, 1_050, 1_100, 8_000, 10_000]);
+        t.take(&start(0xd, 0xa, 999_000_000, b"d"));
+        t.release(1_000_000_000);
+        assert_eq!(times(&out).len(), 5, "within the margin of the drain: held");
+        t.release_all();
+        assert_eq!(times(&out).len(), 6);
+
+        // The exit event has every field of the breakdown's entry, whatever is added later.
+        let lines = lines_of(&out);
+        let exit = lines.iter().find(|l| l["event"] == "exit").unwrap();
+        let mut exit_keys: Vec<&String> = exit.as_object().unwrap().keys().collect();
+        exit_keys.retain(|k| *k != "event" && *k != "time_ns");
+        let ps = t.processes(&HashMap::new(), Measured::ALL);
+        let entry = serde_json::to_value(&ps[0]).unwrap();
+        let entry_keys: Vec<&String> = entry.as_object().unwrap().keys().collect();
+        assert_eq!(exit_keys, entry_keys);
+        assert_eq!(exit["disk_cancelled_write_bytes"], 0);
+        assert_eq!(exit["cpu_time_ns"], 500);
+        assert_eq!(exit["end_ns"], 8_000);
+    }
+
+    #[test]
+    fn an_exit_whose_threads_never_come_goes_out_incomplete_after_the_hold() {
+        let out = Shared::default();
+        let mut t = Tree::new(
+            0,
+            false,
+            10,
+            Some(Box::new(out.clone())),
+            UNITS,
+            Share::unlimited(),
+        );
+        t.take(&start(0xa, 0, 100, b"a"));
+        t.take(&exit(0xa, 0, 2));
+        t.take(&thread_end(0xa, 500, record_kind::THREAD_END));
+        t.take(&start(0xb, 0, 9_000, b"b"));
+        t.release(EXIT_HOLD_NS);
+        assert_eq!(lines_of(&out).len(), 2, "start and the first fork");
+        t.release(8_000 + EXIT_HOLD_NS + 1);
+        let lines = lines_of(&out);
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert_eq!(
+            (&lines[2]["event"], &lines[2]["incomplete"]),
+            (&"exit".into(), &true.into())
+        );
+        assert_eq!(lines[3]["event"], "fork");
+        t.take(&thread_end(0xa, 500, record_kind::THREAD_END));
+        t.release_all();
+        assert_eq!(lines_of(&out).len(), 4, "one exit event");
+    }
+
+    #[test]
+    fn a_storm_overflowing_the_reorder_buffer_keeps_the_order() {
+        let out = Shared::default();
+        let mut t = Tree::new(
+            0,
+            false,
+            usize::MAX,
+            Some(Box::new(out.clone())),
+            UNITS,
+            Share::unlimited(),
+        );
+        // Each exit waits for its thread until the buffer overflows.
+        for i in 0..(3 * MAX_HELD_LINES as u64) {
+            t.take(&start(0x10_0000 + i, 0, i as u32, b"x"));
+            let mut e = exit(0x10_0000 + i, 0, 1);
+            e[8..16].copy_from_slice(&(1_000 + i).to_ne_bytes()); // the header's time_ns
+            t.take(&e);
+        }
+        assert!(t.held.len() <= MAX_HELD_LINES && t.held_bytes <= MAX_HELD_BYTES);
+        t.release_all();
+        let times: Vec<u64> = lines_of(&out)
+            .iter()
+            .map(|l| l["time_ns"].as_u64().unwrap())
+            .collect();
+        assert_eq!(times.len(), 1 + 6 * MAX_HELD_LINES);
+        assert!(times.windows(2).all(|w| w[0] <= w[1]));
     }
 }

@@ -70,8 +70,14 @@ pub struct ResourceUsage {
     pub cpu_time_ns: u64,
     /// `cpu_time_ns` in whole milliseconds (the field name older cylo code used, now real CPU).
     pub cpu_time_ms: u64,
-    /// The user part of `cpu_time_ns`, split as the kernel splits it (tick samples scaled to
-    /// the precise runtime, like `getrusage`).
+    /// The user part of `cpu_time_ns`: the sum of each process's own split, the kernel's
+    /// `cputime_adjust` of its thread group (its tick samples scaled to its precise runtime,
+    /// as `wait4` reports it to the parent and `time(1)` prints it): made in the kernel as
+    /// each process's last thread leaves (kernels with BPF atomic fetch, 5.12+), from the
+    /// per-process records (`--tree`, `--events`), or from `wait4` and /proc (the fallback);
+    /// live processes' at the snapshot. Where none of these covers the whole tree (a run
+    /// without records before 5.12, an attach), the tree's sums are split at once by the same
+    /// function (see [`split_runtime`]).
     pub cpu_user_ns: u64,
     /// The system part of `cpu_time_ns`.
     pub cpu_system_ns: u64,
@@ -82,7 +88,8 @@ pub struct ResourceUsage {
     /// The most processes alive at the same time. `None` on kernels whose BPF verifier lacks
     /// atomic fetch and compare-and-exchange (before 5.12): see `cylo-usage features`.
     pub peak_process_count: Option<u64>,
-    /// Processes alive at the snapshot.
+    /// Processes alive at the snapshot. Processes the tracker could not follow
+    /// (`tasks_escaped`) are counted as alive: it cannot know that they ended.
     pub live_process_count: u64,
     /// Bytes the tree made the storage layer read: the kernel's task I/O accounting, charged
     /// at submission to the task that caused them (page-cache hits and tmpfs count 0).
@@ -118,12 +125,31 @@ pub struct ResourceUsage {
     pub network: Option<NetworkUsage>,
     /// Records the kernel side could not make (map or ring buffer full).
     pub lost_events: u64,
+    /// Tasks killed at birth because the session could not follow them within its share of
+    /// the tracker's maps (a daemon's `--session-max-tasks`): each was created past the share
+    /// (or when the maps were full, as a new thread), and was killed with its creator's whole
+    /// process (fail closed: nothing the tracker cannot follow outlives a kill). `None` where
+    /// not measured (the /proc fallback).
+    #[serde(default)]
+    pub tasks_killed_at_birth: Option<u64>,
+    /// New processes that could not be followed at all (the tracker's maps were full): their
+    /// creator was killed, but they may still run, out of reach of `--timeout` and kills.
+    /// Counted in `live_process_count`. `None` where not measured.
+    #[serde(default)]
+    pub tasks_escaped: Option<u64>,
     /// `exact` when nothing was lost; `approximate` otherwise.
     pub precision: Precision,
     /// When `precision` is `approximate`: one note per approximate field (or group of
     /// fields), `"field: why"`. Empty when exact.
     #[serde(default)]
     pub precision_notes: Vec<String>,
+    /// The fields of this report whose value is a lower bound: the truth may be larger, never
+    /// smaller. The /proc fallback's sampled counts (`process_count`, `thread_count`,
+    /// `peak_process_count`: a process that lives between two samples is missed), and the
+    /// figures of a run whose daemon went away. Empty where every count is exact (the eBPF
+    /// tracker, in-process or through the daemon). The human report says "at least" there.
+    #[serde(default)]
+    pub lower_bounds: Vec<String>,
     /// Which tracker measured: `in-process` (eBPF) or `proc` (the /proc fallback).
     #[serde(default)]
     pub tracker: TrackerKind,
@@ -143,6 +169,10 @@ pub struct ResourceUsage {
     pub usage_before_attach: Option<UsageBeforeAttach>,
     /// The session's `--timeout` fired and the tree was killed.
     pub timed_out: bool,
+    /// Each signal the session sent to the tree (its timeout's, or a kill's), with how many
+    /// processes got it and how many were spared because the client may not signal them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signals_sent: Vec<SignalSent>,
     /// The per-process breakdown (`--tree`), in start order; absent unless asked for. Once the
     /// session is over and nothing was lost, its CPU, disk, I/O and thread figures add up to
     /// the totals exactly.
@@ -180,8 +210,11 @@ impl ResourceUsage {
             network_bytes_received: None,
             network: None,
             lost_events: 0,
+            tasks_killed_at_birth: None,
+            tasks_escaped: None,
             precision: Precision::Approximate,
             precision_notes: Vec::new(),
+            lower_bounds: Vec::new(),
             tracker,
             exit_code: None,
             signal: None,
@@ -189,18 +222,57 @@ impl ResourceUsage {
             attached: false,
             usage_before_attach: None,
             timed_out: false,
+            signals_sent: Vec::new(),
             processes: None,
             processes_dropped: None,
         }
     }
 }
 
-/// What the processes present at an attach had already used by then, read in the kernel as
-/// each thread was adopted.
+/// One signal sent to a session's tree: by its timeout, or by a kill.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalSent {
+    /// The signal number.
+    pub signal: i32,
+    /// Processes of the tree that were sent it.
+    pub signalled: u64,
+    /// Live processes of the tree that were not: a daemon's client may signal only what
+    /// `kill(2)` would let it (another user's member, a setuid one, is spared).
+    pub spared: u64,
+}
+
+impl SignalSent {
+    /// Adds a kill of `signal` to `sent`: to the last entry if it is the same signal (a kill
+    /// in rounds, or repeated), else as a new entry.
+    pub(crate) fn record(sent: &mut Vec<SignalSent>, signal: i32, signalled: u64, spared: u64) {
+        match sent.last_mut() {
+            Some(last) if last.signal == signal => {
+                last.signalled += signalled;
+                last.spared = last.spared.max(spared);
+            }
+            _ => sent.push(SignalSent {
+                signal,
+                signalled,
+                spared,
+            }),
+        }
+    }
+}
+
+/// What the processes present at an attach had already used by then, over their whole
+/// lives, as `getrusage(RUSAGE_SELF)` + `getrusage(RUSAGE_CHILDREN)` would say for each: their
+/// live threads, the threads they had that had exited, and the children they had reaped (with
+/// everything those had reaped). Read in the kernel as each thread, and each process's
+/// `signal_struct` once, was adopted. Unknowable, so not in here: children that exited and
+/// were reaped by a process outside the tree, and children not yet reaped at the attach
+/// (zombies).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageBeforeAttach {
+    /// Processes and threads adopted (present at the attach).
     pub process_count: u64,
     pub thread_count: u64,
+    /// CPU time (ns): the runtime of the processes' threads, live and exited, plus the
+    /// reaped children's user + system time.
     pub cpu_time_ns: u64,
     pub cpu_user_ns: u64,
     pub cpu_system_ns: u64,
@@ -229,6 +301,20 @@ pub struct Live {
     pub devices: Vec<DiskDevice>,
     /// Whether the snapshot is known to be consistent and whole.
     pub complete: bool,
+    /// The live processes' CPU figures for their own splits (see [`GroupFigures`]); `None`
+    /// where not known (the kernel side keeps no per-process sums without BPF atomic fetch).
+    pub groups: Option<Vec<GroupFigures>>,
+}
+
+/// One live process's CPU figures at a snapshot: its threads that have left (the kernel's
+/// `GROUPS` entry) and its live threads (/proc) together, utime and stime in ns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupFigures {
+    /// The runtime of its threads that have left (already in the run's exited-thread sums).
+    pub left_runtime_ns: u64,
+    pub runtime_ns: u64,
+    pub utime_ns: u64,
+    pub stime_ns: u64,
 }
 
 /// Facts about the machine the figures need.
@@ -238,17 +324,55 @@ pub struct Units {
     pub page_size: u64,
 }
 
-/// The kernel's rule for splitting a precise runtime by tick samples (`cputime_adjust`):
-/// returns (user, system) with user + system == runtime.
+/// The user/system split the kernel reports for a thread group (`getrusage`, `wait4`,
+/// `/proc/PID/stat`): `cputime_adjust()` of kernel/sched/cputime.c (5.9 and later; x86-64's
+/// `mul_u64_u64_div_u64` is exact, as the 128-bit arithmetic here), for a group with no
+/// earlier adjusted reading: the precise runtime (`sum_exec_runtime` of all its threads)
+/// is divided in the proportion of the tick-sampled `utime` and `stime` (all its threads' too).
+/// Returns (user, system), which add up to `runtime`.
+///
+/// This is the one method cylo-usage uses: each process's split is made from its own
+/// group's figures, and a tree's user and system times are the sums of its processes'
+/// (what `wait4()` adds up into the parent's `cutime`/`cstime`, so what `time(1)` reports).
 pub fn split_runtime(runtime: u64, utime: u64, stime: u64) -> (u64, u64) {
-    if stime == 0 {
-        return (runtime, 0);
+    cputime_adjust(runtime, utime, stime, &mut PrevCputime::default())
+}
+
+/// The split a group was last reported with: the kernel's `struct prev_cputime`, which keeps
+/// each part from going backwards between readings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrevCputime {
+    pub utime: u64,
+    pub stime: u64,
+}
+
+/// `cputime_adjust()` exactly as the kernel does it (5.9 and later), `prev` included:
+/// returns (user, system) for a group whose runtime is `rtime` and whose tick samples are
+/// `utime` and `stime` (ns), and updates `prev`.
+pub fn cputime_adjust(rtime: u64, utime: u64, stime: u64, prev: &mut PrevCputime) -> (u64, u64) {
+    // The runtime has not grown past what was reported: report the same.
+    if prev.stime.saturating_add(prev.utime) >= rtime {
+        return (prev.utime, prev.stime);
     }
-    if utime == 0 {
-        return (0, runtime);
+    let mut stime = if stime == 0 {
+        0
+    } else if utime == 0 {
+        rtime
+    } else {
+        // mul_u64_u64_div_u64(stime, rtime, stime + utime); the kernel adds in u64.
+        (stime as u128 * rtime as u128 / stime.wrapping_add(utime) as u128) as u64
+    };
+    // Neither part goes backwards (monotonicity clamp).
+    if stime < prev.stime {
+        stime = prev.stime;
     }
-    let system = (stime as u128 * runtime as u128 / (stime as u128 + utime as u128)) as u64;
-    (runtime - system, system)
+    let mut utime = rtime - stime.min(rtime);
+    if utime < prev.utime {
+        utime = prev.utime;
+        stime = rtime - utime;
+    }
+    *prev = PrevCputime { utime, stime };
+    (utime, stime)
 }
 
 /// `dev_t` in the kernel's internal encoding (major << 20 | minor) as "MAJOR:MINOR".
@@ -270,6 +394,43 @@ fn network(c: &RunCounters, path: Option<NetworkPath>) -> Option<NetworkUsage> {
         other_sent: other.then_some(c.net_other_sent),
         other_received: other.then_some(c.net_other_received),
     })
+}
+
+/// What the processes adopted at an attach had used by then, over their whole lives: their
+/// live threads' figures at adoption, plus what their `signal_struct`s kept (exited threads,
+/// and the children they had reaped, with everything those had reaped in turn), as
+/// `getrusage(RUSAGE_SELF)` + `getrusage(RUSAGE_CHILDREN)` would say for each. The exited
+/// threads' time is split with the live threads' (the same method as theirs); the reaped
+/// children's comes split already (the kernel split it when it reaped them).
+fn before_attach(c: &RunCounters, measured: Measured) -> UsageBeforeAttach {
+    let runtime = c
+        .before_cpu_runtime_ns
+        .wrapping_add(c.before_exited_runtime_ns);
+    let (user, system) = split_runtime(
+        runtime,
+        c.before_cpu_utime_ns.wrapping_add(c.before_exited_utime_ns),
+        c.before_cpu_stime_ns.wrapping_add(c.before_exited_stime_ns),
+    );
+    let (reaped_user, reaped_system) = (c.before_reaped_user_ns, c.before_reaped_system_ns);
+    let disk = |live: u64, group: u64| measured.disk.then_some(live.wrapping_add(group));
+    let chars = |live: u64, group: u64| measured.io_chars.then_some(live.wrapping_add(group));
+    UsageBeforeAttach {
+        process_count: c.processes_adopted,
+        thread_count: c.threads_adopted,
+        cpu_time_ns: runtime
+            .wrapping_add(reaped_user)
+            .wrapping_add(reaped_system),
+        cpu_user_ns: user.wrapping_add(reaped_user),
+        cpu_system_ns: system.wrapping_add(reaped_system),
+        disk_bytes_read: disk(c.before_disk_read_bytes, c.before_group_disk_read_bytes),
+        disk_bytes_written: disk(c.before_disk_write_bytes, c.before_group_disk_write_bytes),
+        disk_cancelled_write_bytes: disk(
+            c.before_disk_cancelled_write_bytes,
+            c.before_group_disk_cancelled_write_bytes,
+        ),
+        io_read_chars: chars(c.before_io_rchar, c.before_group_io_rchar),
+        io_write_chars: chars(c.before_io_wchar, c.before_group_io_wchar),
+    }
 }
 
 /// Merges the kernel's counters for a run with what a snapshot read of its live threads.
@@ -322,29 +483,39 @@ pub fn merge(
             }
         }
     }
-    let (user, system) = split_runtime(runtime, utime, stime);
-    let usage_before_attach = (c.threads_adopted > 0).then(|| {
-        let (user, system) = split_runtime(before[0], before[1], before[2]);
-        UsageBeforeAttach {
-            process_count: c.processes_adopted,
-            thread_count: c.threads_adopted,
-            cpu_time_ns: before[0],
-            cpu_user_ns: user,
-            cpu_system_ns: system,
-            disk_bytes_read: measured.disk.then_some(before[3]),
-            disk_bytes_written: measured.disk.then_some(before[4]),
-            disk_cancelled_write_bytes: measured.disk.then_some(before[5]),
-            io_read_chars: measured.io_chars.then_some(before[6]),
-            io_write_chars: measured.io_chars.then_some(before[7]),
-        }
+    // Each process's own split, summed: the kernel's for the processes that have ended (made
+    // as their last thread left), and the live ones' now. Where that does not cover the
+    // whole runtime (no atomics, an attach, a full map), the tree's sums are split at once.
+    let per_process = live.groups.as_ref().and_then(|groups| {
+        let left: u64 = groups.iter().map(|g| g.left_runtime_ns).sum();
+        let covered = c.cpu_split_runtime_ns.wrapping_add(left) == c.cpu_runtime_ns;
+        (measured.atomics && c.threads_adopted == 0 && covered).then(|| {
+            let live_user: u64 = groups
+                .iter()
+                .map(|g| split_runtime(g.runtime_ns, g.utime_ns, g.stime_ns).0)
+                .sum();
+            let user = c.cpu_split_user_ns.wrapping_add(live_user).min(runtime);
+            (user, runtime - user)
+        })
     });
-    let exact = live.complete && c.lost_events == 0;
+    let (user, system) = per_process.unwrap_or_else(|| split_runtime(runtime, utime, stime));
+    let usage_before_attach = (c.threads_adopted > 0).then(|| before_attach(c, measured));
+    let exact =
+        live.complete && c.lost_events == 0 && c.tasks_killed_at_birth == 0 && c.tasks_escaped == 0;
     let mut precision_notes = Vec::new();
     if c.lost_events > 0 {
         precision_notes.push(format!(
             "lost_events: {} records could not be made (a membership map or ring buffer was \
              full): what those tasks did is missing",
             c.lost_events
+        ));
+    }
+    if c.tasks_escaped > 0 {
+        precision_notes.push(format!(
+            "tasks_escaped, live_process_count: {} new processes could not be followed (the \
+             tracker's maps were full); their creators were killed, but they may still run, \
+             and live_process_count counts them as alive",
+            c.tasks_escaped
         ));
     }
     if !live.complete {
@@ -366,7 +537,7 @@ pub fn merge(
         process_count: c.processes_started,
         thread_count: c.threads_started,
         peak_process_count: measured.atomics.then_some(c.processes_peak),
-        live_process_count: c.processes_alive,
+        live_process_count: c.processes_alive.saturating_add(c.tasks_escaped),
         disk_bytes_read: measured.disk.then_some(io[0]),
         disk_bytes_written: measured.disk.then_some(io[1]),
         disk_cancelled_write_bytes: measured.disk.then_some(io[2]),
@@ -382,12 +553,15 @@ pub fn merge(
         network_bytes_received: network.as_ref().map(|n| n.tcp_received + n.udp_received),
         network,
         lost_events: c.lost_events,
+        tasks_killed_at_birth: Some(c.tasks_killed_at_birth),
+        tasks_escaped: Some(c.tasks_escaped),
         precision: if exact {
             Precision::Exact
         } else {
             Precision::Approximate
         },
         precision_notes,
+        lower_bounds: Vec::new(),
         tracker: TrackerKind::InProcess,
         exit_code: root.exit_code,
         signal: root.signal,
@@ -395,6 +569,7 @@ pub fn merge(
         attached: c.threads_adopted > 0,
         usage_before_attach,
         timed_out: false,
+        signals_sent: Vec::new(),
         processes: None,
         processes_dropped: None,
     }
@@ -445,9 +620,200 @@ mod tests {
         assert_eq!(split_runtime(1000, 5, 0), (1000, 0));
         assert_eq!(split_runtime(1000, 0, 5), (0, 1000));
         assert_eq!(split_runtime(1000, 3, 1), (750, 250));
+        assert_eq!(split_runtime(0, 3, 1), (0, 0));
         // No overflow with large values; the parts always add up.
         let (u, s) = split_runtime(u64::MAX / 2, u64::MAX / 3, u64::MAX / 3);
         assert_eq!(u + s, u64::MAX / 2);
+    }
+
+    /// Fixtures worked out by hand from kernel/sched/cputime.c `cputime_adjust()` (6.x, x86-64:
+    /// `mul_u64_u64_div_u64` truncates the exact 128-bit quotient).
+    #[test]
+    fn cputime_adjust_matches_the_kernel_with_its_clamp() {
+        // (rtime, utime, stime, prev before, (user, system))
+        type Fixture = (u64, u64, u64, (u64, u64), (u64, u64));
+        let fixtures: [Fixture; 8] = [
+            // A fresh group: the runtime in the ticks' proportion, system truncated.
+            (
+                1_000_000_007,
+                20_000_000,
+                10_000_000,
+                (0, 0),
+                (666_666_672, 333_333_335),
+            ),
+            // stime 0: all user; utime 0: all system.
+            (5_000, 4_000_000, 0, (0, 0), (5_000, 0)),
+            (5_000, 0, 4_000_000, (0, 0), (0, 5_000)),
+            // The runtime did not grow past the last report: the same report.
+            (900, 1, 1, (500, 400), (500, 400)),
+            (900, 1, 1, (600, 400), (600, 400)),
+            // A new proportion would lower system below what was reported: system is held,
+            // user takes the rest.
+            (2_000, 99, 1, (500, 500), (1_500, 500)),
+            // ... or lower user: user is held, system takes the rest.
+            (2_000, 1, 99, (1_500, 100), (1_500, 500)),
+            // 128-bit intermediate: 10^12 * 10^12 overflows u64, the quotient does not.
+            (
+                1_000_000_000_000,
+                3_000_000_000_000,
+                1_000_000_000_000,
+                (0, 0),
+                (750_000_000_000, 250_000_000_000),
+            ),
+        ];
+        for (rtime, utime, stime, (pu, ps), want) in fixtures {
+            let mut prev = PrevCputime {
+                utime: pu,
+                stime: ps,
+            };
+            let got = cputime_adjust(rtime, utime, stime, &mut prev);
+            assert_eq!(got, want, "{rtime} {utime} {stime} prev ({pu}, {ps})");
+            assert_eq!((prev.utime, prev.stime), want);
+        }
+        // A sequence of readings never goes backwards in either part.
+        let mut prev = PrevCputime::default();
+        let mut last = (0, 0);
+        for (rtime, utime, stime) in [(100, 1, 0), (200, 1, 1), (300, 1, 5), (301, 9, 1)] {
+            let got = cputime_adjust(rtime, utime, stime, &mut prev);
+            assert!(got.0 >= last.0 && got.1 >= last.1, "{got:?} after {last:?}");
+            assert_eq!(got.0 + got.1, rtime);
+            last = got;
+        }
+    }
+
+    #[test]
+    fn the_bpf_programs_split_is_the_same_as_the_128_bit_one() {
+        use proptest::prelude::*;
+        let check = |r: u64, u: u64, s: u64| {
+            assert_eq!(
+                cylo_usage_abi::cputime_split(r, u, s),
+                split_runtime(r, u, s),
+                "{r} {u} {s}"
+            );
+        };
+        for (r, u, s) in [
+            (u64::MAX, u64::MAX / 2, u64::MAX / 2),
+            (u64::MAX, 1, u64::MAX - 1),
+            (1 << 63, 3, 5),
+            (999_999_999_999, 7, 1_000_000_000_000),
+            (0, 1, 1),
+        ] {
+            check(r, u, s);
+        }
+        proptest!(|(r in any::<u64>(), u in 0u64..(1 << 62), s in 0u64..(1 << 62))| {
+            check(r, u, s);
+        });
+        proptest!(|(r in 0u64..(1 << 44), u in 0u64..(1 << 44), s in 0u64..(1 << 44))| {
+            check(r, u, s);
+        });
+    }
+
+    #[test]
+    fn without_records_the_totals_are_the_kernel_s_per_process_splits_plus_the_live_ones() {
+        // Two processes ended (runtime 2 s, their user parts summed to 1.5 s); one lives,
+        // with 1 s of its threads that left and 0.5 s of a live thread.
+        let c = RunCounters {
+            cpu_runtime_ns: 3_000_000_000,
+            cpu_utime_ns: 100,
+            cpu_stime_ns: 100,
+            cpu_split_runtime_ns: 2_000_000_000,
+            cpu_split_user_ns: 1_500_000_000,
+            ..counters()
+        };
+        let live = Live {
+            threads: vec![ThreadSample {
+                runtime_ns: 500_000_000,
+                utime_ticks: 0,
+                stime_ticks: 10,
+                io: None,
+            }],
+            complete: true,
+            groups: Some(vec![GroupFigures {
+                left_runtime_ns: 1_000_000_000,
+                runtime_ns: 1_500_000_000,
+                utime_ns: 100_000_000,
+                stime_ns: 200_000_000,
+            }]),
+            ..Live::default()
+        };
+        let u = merge(&c, Measured::ALL, &live, UNITS, RootExit::default(), 0);
+        assert_eq!(u.cpu_time_ns, 3_500_000_000);
+        assert_eq!(u.cpu_user_ns, 1_500_000_000 + 500_000_000);
+        assert_eq!(u.cpu_system_ns, 1_500_000_000);
+        // Not covered (a process's runtime missing from the kernel's splits), no atomics, or
+        // an attach: the tree's sums are split at once.
+        for (c, m) in [
+            (
+                RunCounters {
+                    cpu_split_runtime_ns: 1_000_000_000,
+                    ..c
+                },
+                Measured::ALL,
+            ),
+            (
+                c,
+                Measured {
+                    atomics: false,
+                    ..Measured::ALL
+                },
+            ),
+            (
+                RunCounters {
+                    threads_adopted: 1,
+                    ..c
+                },
+                Measured::ALL,
+            ),
+        ] {
+            let u = merge(&c, m, &live, UNITS, RootExit::default(), 0);
+            let tree_wide = split_runtime(u.cpu_time_ns, 100, 100 + 100_000_000);
+            assert_eq!((u.cpu_user_ns, u.cpu_system_ns), tree_wide);
+        }
+    }
+
+    /// The past beyond the live threads (exited threads, reaped children) is added to what
+    /// was used before the attach, and never comes off the totals (they never held it).
+    #[test]
+    fn before_the_attach_adds_exited_threads_and_reaped_children() {
+        let c = RunCounters {
+            threads_adopted: 2,
+            processes_adopted: 1,
+            before_cpu_runtime_ns: 100,
+            before_cpu_utime_ns: 10,
+            before_cpu_stime_ns: 0,
+            before_io_rchar: 7,
+            before_disk_read_bytes: 1,
+            before_exited_runtime_ns: 500,
+            before_exited_utime_ns: 30,
+            before_exited_stime_ns: 20,
+            before_reaped_user_ns: 250,
+            before_reaped_system_ns: 50,
+            before_group_io_rchar: 1_000,
+            before_group_io_wchar: 2_000,
+            before_group_disk_read_bytes: 4_096,
+            ..counters()
+        };
+        let u = merge(&c, Measured::ALL, &whole(), UNITS, RootExit::default(), 0);
+        let b = u.usage_before_attach.unwrap();
+        assert_eq!(b.cpu_time_ns, 100 + 500 + 250 + 50);
+        // 600 ns split 40:20 (live and exited threads together), then the children's.
+        assert_eq!((b.cpu_user_ns, b.cpu_system_ns), (400 + 250, 200 + 50));
+        assert_eq!(
+            (b.io_read_chars, b.io_write_chars),
+            (Some(1_007), Some(2_000))
+        );
+        assert_eq!(b.disk_bytes_read, Some(4_097));
+        // The totals lose only the live threads' part.
+        assert_eq!(u.cpu_time_ns, 3_000_000_000 - 100);
+        assert_eq!(u.io_read_chars, Some(5_000 - 7));
+        let unmeasured = Measured {
+            disk: false,
+            io_chars: false,
+            ..Measured::ALL
+        };
+        let none = merge(&c, unmeasured, &whole(), UNITS, RootExit::default(), 0);
+        let b = none.usage_before_attach.unwrap();
+        assert_eq!((b.io_read_chars, b.disk_bytes_read), (None, None));
     }
 
     #[test]
@@ -477,6 +843,7 @@ mod tests {
             max_hwm_bytes: 1 << 30,
             devices: vec![],
             complete: true,
+            groups: None,
         };
         let u = merge(
             &counters(),
@@ -509,6 +876,30 @@ mod tests {
         );
         assert_eq!(u.precision, Precision::Exact);
         assert_eq!(u.wall_time_ms, 42);
+    }
+
+    #[test]
+    fn escaped_processes_count_as_alive_and_killed_tasks_make_it_approximate() {
+        let mut c = counters();
+        c.processes_alive = 0;
+        c.lost_events = 2;
+        c.tasks_escaped = 2;
+        let u = merge(&c, Measured::ALL, &whole(), UNITS, RootExit::default(), 0);
+        assert_eq!(u.live_process_count, 2, "never 0 while one may run");
+        assert_eq!(u.tasks_escaped, Some(2));
+        assert!(
+            u.precision_notes
+                .iter()
+                .any(|n| n.contains("may still run")),
+            "{u:?}"
+        );
+        let mut c = counters();
+        c.tasks_killed_at_birth = 1;
+        let u = merge(&c, Measured::ALL, &whole(), UNITS, RootExit::default(), 0);
+        assert_eq!(u.tasks_killed_at_birth, Some(1));
+        assert_eq!(u.precision, Precision::Approximate);
+        let u = ResourceUsage::unmeasured(TrackerKind::Proc);
+        assert_eq!((u.tasks_killed_at_birth, u.tasks_escaped), (None, None));
     }
 
     #[test]
@@ -560,12 +951,14 @@ mod tests {
         for (k, v) in v.as_object().unwrap() {
             assert!(!v.is_object() || k == "network", "{k}");
             assert!(
-                !v.is_array() || k == "disk_devices" || k == "precision_notes",
+                !v.is_array()
+                    || ["disk_devices", "precision_notes", "lower_bounds"].contains(&k.as_str()),
                 "{k}"
             );
         }
         assert_eq!(obj["tracker"], "in-process");
         assert_eq!(obj["precision_notes"], serde_json::json!([]));
+        assert_eq!(obj["lower_bounds"], serde_json::json!([]), "exact counts");
         assert!(obj["usage_before_attach"].is_null());
         assert!(!obj.contains_key("processes"), "only with --tree");
         let mut keys: Vec<_> = v["network"].as_object().unwrap().keys().cloned().collect();

@@ -140,6 +140,12 @@ fn unprivileged_run_gets_cpu_from_wait4_and_waits_for_the_daemon() {
     );
     assert_eq!(u["live_process_count"], 0, "{u}");
     assert_eq!(u["exit_code"], 0, "{u}");
+    // The sampled counts say they are lower bounds.
+    assert_eq!(
+        u["lower_bounds"],
+        serde_json::json!(["process_count", "thread_count", "peak_process_count"]),
+        "{u}"
+    );
     for unknowable in [
         "io_read_chars",
         "disk_devices",
@@ -148,6 +154,38 @@ fn unprivileged_run_gets_cpu_from_wait4_and_waits_for_the_daemon() {
         assert!(u[unknowable].is_null(), "{unknowable}: null, never 0: {u}");
     }
     assert!(u["disk_bytes_read"].is_u64(), "from rusage: {u}");
+}
+
+#[test]
+fn unprivileged_counts_say_at_least_in_the_text() {
+    if !can_drop_privileges() {
+        return;
+    }
+    let s = Scratch::new("fallback-at-least");
+    let o = as_nobody(
+        &s.cli,
+        &["run", "--", "/bin/sh", "-c", "/bin/true; /bin/true"],
+    )
+    .env("CYLO_USAGE_SOCKET", "/nonexistent/cylo-usage-tests.sock")
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("\tTracker: proc "), "{err}");
+    for label in ["Processes", "Threads", "Most processes alive at once"] {
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(&format!("\t{label}: ")))
+            .unwrap_or_else(|| panic!("no {label}: {err}"));
+        let (_, value) = line.split_once(": ").unwrap();
+        let n = value
+            .strip_prefix("at least ")
+            .unwrap_or_else(|| panic!("{line:?}"));
+        assert!(n.parse::<u64>().unwrap() >= 1, "{line:?}");
+    }
+    // The exact figures do not: the CPU time, the exit status.
+    assert!(!err.contains("CPU time (seconds): at least"), "{err}");
 }
 
 #[test]
@@ -345,15 +383,19 @@ fn unprivileged_attach_samples_the_users_own_tree() {
         "{u}"
     );
     assert!(u["max_process_rss_bytes"].is_null(), "{u}");
+    assert_eq!(
+        u["lower_bounds"],
+        serde_json::json!(["process_count", "thread_count", "peak_process_count"]),
+        "{u}"
+    );
 
-    // Another user's process: the permission error, in one line.
+    // Another user's process: refused, in one line that says why.
     let o = as_nobody(&s.cli, &["attach", "1"]).output().unwrap();
     assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
-    let err = stderr(&o);
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.contains("/proc/1/io") && err.contains("denied"),
-        "{err}"
+    assert_eq!(
+        stderr(&o),
+        "cylo-usage: cannot attach to process 1: it belongs to another user (uid 0); one may \
+         attach only to one's own processes (root may attach to any)\n"
     );
 }
 
@@ -588,4 +630,26 @@ fn get_resource_usage_of_another_users_process_is_a_permission_error() {
     let u: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(u["process_count"], 3, "{u}");
     assert_eq!(u["tracker"], "proc");
+}
+
+/// The /proc fallback's attach counts the same past as the eBPF tracker's: exited threads
+/// and reaped children (in /proc/PID/stat and /proc/PID/io), at clock-tick resolution.
+#[test]
+fn fallback_usage_before_attach_covers_exited_threads_and_reaped_children() {
+    let s = Scratch::new("fallback-past");
+    let past = common::PastLives::start(&s.dir, 500, 300, 3 << 20);
+    let proc_then = common::PastLives::proc_figures(&past);
+    let tracker = ProcTracker::new("test", Duration::from_millis(10));
+    let run = tracker.attach(past.pid()).expect("attach");
+    let proc_now = past.proc_figures();
+    assert_eq!(proc_then, proc_now, "the workload idles");
+    let u = run.usage().unwrap();
+    assert_eq!(u.tracker, TrackerKind::Proc);
+    let before = u
+        .usage_before_attach
+        .clone()
+        .expect("usage before the attach");
+    assert_eq!((before.process_count, before.thread_count), (1, 1));
+    past.check(&before, proc_now, true);
+    past.finish();
 }

@@ -48,8 +48,14 @@ async fn a_full_map_is_logged_from_the_kernel_side() {
         quiet.measured(),
         "logging changed which programs load"
     );
+    // A run share larger than the map: TASKS itself fills (a smaller share would kill the
+    // bomb at birth first, leaving room in the map).
+    let options = cylo_usage::RunOptions {
+        max_tasks: 1_000,
+        ..Default::default()
+    };
     let mut run = tracker
-        .spawn(&mut common::workload(&["bomb", "30"]))
+        .spawn_with(&mut common::workload(&["bomb", "30"]), options)
         .expect("spawn");
     tokio::time::timeout(Duration::from_secs(60), async {
         run.wait_root().await.expect("wait for the root");

@@ -156,7 +156,10 @@ async fn attach_follows_a_tree_that_keeps_forking() {
     let events = lines.events();
     assert_eq!(count(&events, "fork") as u64, truth, "one fork per process");
     assert_eq!(count(&events, "exit") as u64, truth, "one exit per process");
-    let attached = events.iter().filter(|e| e["attached"] == true).count() as u64;
+    let attached = events
+        .iter()
+        .filter(|e| e["event"] == "fork" && e["attached"] == true)
+        .count() as u64;
     assert_eq!(attached, before.process_count);
 }
 
@@ -340,8 +343,8 @@ fn events_stream_one_fork_and_one_exit_per_process() {
     let mut last = 0;
     for e in &events[1..] {
         let t = e["time_ns"].as_u64().unwrap();
-        assert!(t >= last || e["event"] == "exit", "time goes forward: {e}");
-        last = last.max(t);
+        assert!(t >= last, "time goes forward: {e}");
+        last = t;
         per_pid
             .entry(e["pid"].as_u64().unwrap())
             .or_default()
@@ -353,6 +356,86 @@ fn events_stream_one_fork_and_one_exit_per_process() {
     }
     let root = events.iter().find(|e| e["root"] == true).unwrap();
     assert_eq!(root["event"], "fork");
+}
+
+#[test]
+fn events_of_a_thousand_process_tree_are_in_time_order_and_exits_carry_the_breakdown() {
+    if tracker().is_none() {
+        return;
+    }
+    let dir = tempdir("events-order");
+    let file = dir.join("events.ndjson");
+    // Forks and exits on every CPU at once: 500 children alive together, 500 one after the
+    // other, and processes with threads.
+    let script = format!(
+        "{WORKLOAD} fork 500 & {WORKLOAD} storm 500 & {WORKLOAD} threads 3 20 & wait; exit 0"
+    );
+    let o = cli(&[
+        "run",
+        "--json",
+        "--tree",
+        "--events",
+        file.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let u = json_of(&stderr(&o));
+    assert_eq!(u["lost_events"], 0, "{u}");
+    let processes = u["processes"].as_array().expect("a breakdown");
+    assert!(processes.len() >= 1_000, "{}", processes.len());
+    let text = std::fs::read_to_string(&file).unwrap();
+    let events: Vec<serde_json::Value> = text.lines().map(json_of).collect();
+    let times: Vec<u64> = events
+        .iter()
+        .map(|e| e["time_ns"].as_u64().expect("time_ns"))
+        .collect();
+    let back: Vec<(usize, u64, u64)> = times
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| w[1] < w[0])
+        .map(|(i, w)| (i, w[0], w[1]))
+        .collect();
+    assert!(
+        back.is_empty(),
+        "{} steps back: {:?}",
+        back.len(),
+        &back[..back.len().min(5)]
+    );
+    assert_eq!(count(&events, "exit"), processes.len());
+    // Every field of a breakdown entry is in every exit event (compared by name, so a field
+    // added to the breakdown later is caught), and nothing else but the event's own.
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort_unstable();
+        k
+    };
+    let entry = keys(&processes[0]);
+    assert!(entry.contains(&"disk_cancelled_write_bytes".to_string()));
+    let mut by_pid: HashMap<u64, &serde_json::Value> = HashMap::new();
+    for p in processes {
+        by_pid.insert(p["pid"].as_u64().unwrap(), p);
+    }
+    for e in events.iter().filter(|e| e["event"] == "exit") {
+        let mut k = keys(e);
+        k.retain(|k| k != "event" && k != "time_ns");
+        assert_eq!(k, entry, "{e}");
+        assert!(e.get("incomplete").is_none(), "{e}");
+        // The same figures as the breakdown's entry (the pid may be reused: last one wins).
+        let p = by_pid[&e["pid"].as_u64().unwrap()];
+        if p["end_ns"] == e["end_ns"] {
+            for f in [
+                "cpu_time_ns",
+                "cpu_user_ns",
+                "cpu_system_ns",
+                "thread_count",
+            ] {
+                assert_eq!(e[f], p[f], "{f}: {e} vs {p}");
+            }
+        }
+    }
 }
 
 #[test]
@@ -514,15 +597,16 @@ fn attach_reports_on_sigterm_with_what_still_runs() {
         .unwrap();
     let mut attach = Command::new(CLI)
         .args(["attach", "--json", &target.id().to_string()])
-        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(800));
     // SAFETY: signals our own child.
     unsafe { libc::kill(attach.id() as i32, libc::SIGTERM) };
+    // An attach writes its report to stdout.
     let mut text = String::new();
     attach
-        .stderr
+        .stdout
         .take()
         .unwrap()
         .read_to_string(&mut text)
@@ -654,6 +738,7 @@ fn attach_works_inside_a_pid_namespace_with_its_pids() {
     let child = Command::new("unshare")
         .args(["-fp", "--mount-proc", "/bin/sh", "-c", &script])
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -665,7 +750,8 @@ fn attach_works_inside_a_pid_namespace_with_its_pids() {
     std::fs::write(&go, b"").unwrap();
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let u = json_of(&stderr(&o));
+    // An attach writes its report to stdout.
+    let u = json_of(&String::from_utf8_lossy(&o.stdout));
     assert_eq!(u["attached"], true);
     assert_eq!(u["lost_events"], 0, "{u}");
     // The job's shell and /bin/true.
@@ -673,4 +759,193 @@ fn attach_works_inside_a_pid_namespace_with_its_pids() {
     let ps = u["processes"].as_array().unwrap();
     assert_eq!(ps[0]["pid"], 2, "the namespace's own pid: {u}");
     assert!(ps.iter().all(|p| p["pid"].as_u64().unwrap() < 100), "{u}");
+}
+
+/// What the processes present at an attach had done is counted over their whole lives: a
+/// thread that burnt CPU and moved bytes, then exited, and a child that did the same and was
+/// reaped, all before the attach (issue 16).
+#[tokio::test]
+async fn usage_before_attach_covers_exited_threads_and_reaped_children() {
+    let Some(t) = tracker() else { return };
+    let dir = std::env::temp_dir().join(format!("cylo-usage-past-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let past = common::PastLives::start(&dir, 500, 300, 3 << 20);
+    let proc_then = past.proc_figures();
+    let mut run = t.attach(past.pid()).expect("attach");
+    let proc_now = past.proc_figures();
+    assert_eq!(proc_then, proc_now, "the workload idles");
+    let u = run.usage().unwrap();
+    let before = u
+        .usage_before_attach
+        .clone()
+        .expect("usage before the attach");
+    assert_eq!((before.process_count, before.thread_count), (1, 1));
+    past.check(&before, proc_now, false);
+    past.finish();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        run.wait_root().await.expect("root");
+        run.wait_finished().await.expect("tree");
+    })
+    .await
+    .expect("finished in time");
+    let u = run.usage().unwrap();
+    // Read once, at the adoption: the end changes nothing of it, and what the tree did since
+    // (an idle process's exit) holds nothing of the past.
+    assert_eq!(u.usage_before_attach.as_ref(), Some(&before));
+    assert!(
+        u.cpu_time_ns < before.cpu_time_ns / 4,
+        "the past is not counted again after the attach: {u:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Processes present at an attach start before it (negative `start_ns`) and have the argv
+/// they were exec'd with, read from /proc/PID/cmdline, bounded and escaped as an exec's.
+#[tokio::test]
+async fn processes_present_at_an_attach_have_their_real_start_and_argv() {
+    let Some(t) = tracker() else { return };
+    // A hostile argv: control characters, a backslash, and more than the 256 bytes kept.
+    let long = "x".repeat(300);
+    let args = ["hold", "2", "a\nb\\n\x1b]0;t\x07", &long];
+    // The argv an exec gives the breakdown, for the same command.
+    let mut cmd = workload(&args);
+    cmd.stdin(Stdio::null());
+    let run = t
+        .spawn_with(
+            &mut cmd,
+            RunOptions {
+                tree: true,
+                ..RunOptions::default()
+            },
+        )
+        .expect("spawn");
+    tokio::time::timeout(Duration::from_secs(60), run.wait_finished())
+        .await
+        .expect("in time")
+        .expect("tree");
+    let exec = run.usage().unwrap().processes.unwrap();
+    let exec_argv = exec[0].argv.clone().expect("an exec's argv");
+    assert!(exec[0].argv_truncated);
+
+    let spawned = Instant::now();
+    let mut child = workload(&args).stdin(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    let children = format!("/proc/{pid}/task/{pid}/children");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&children)
+        .unwrap()
+        .split_whitespace()
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "no children");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let waited = spawned.elapsed();
+    let options = RunOptions {
+        tree: true,
+        ..RunOptions::default()
+    };
+    let mut run = t.attach_with(pid, options).expect("attach");
+    let lived = spawned.elapsed();
+    drop(child.stdin.take());
+    tokio::time::timeout(Duration::from_secs(60), async {
+        run.wait_root().await.expect("root");
+        run.wait_finished().await.expect("tree");
+    })
+    .await
+    .expect("finished in time");
+    child.wait().unwrap();
+    let u = run.usage().unwrap();
+    let ps = u.processes.as_ref().expect("a breakdown");
+    assert_eq!(ps.len(), 3, "{ps:?}");
+    let root = ps.iter().find(|p| p.pid == pid).expect("the root");
+    // It started after `spawned` and at least `waited` before the attach began.
+    let age = root.start_ns.unsigned_abs();
+    assert!(root.start_ns < 0, "{root:?}");
+    assert!(
+        age >= waited.as_nanos() as u64 && age <= lived.as_nanos() as u64,
+        "started {age} ns before the attach; spawned {waited:?} before it began, {lived:?} \
+         before it ended"
+    );
+    for p in ps {
+        assert!(p.attached, "{p:?}");
+        assert!(p.start_ns < 0 && p.start_ns >= root.start_ns, "{p:?}");
+        // The children were forked, not exec'd: the same argv as the root's.
+        assert_eq!(p.argv.as_ref(), Some(&exec_argv), "{p:?}");
+        assert!(p.argv_truncated, "{p:?}");
+    }
+    // Cut off within the long argument, as the exec's.
+    assert_eq!((exec_argv.len(), exec_argv[1].as_str()), (5, "hold"));
+    assert!(exec_argv[4].len() < 300, "{exec_argv:?}");
+}
+
+/// A process whose main thread exited while its other threads run (its leader a zombie until
+/// the group ends, so not yet in what the group keeps of its exited threads): the leader's
+/// past is counted too. The attach goes to a shell above it (an attach refuses a process
+/// /proc shows as a zombie, as its leader's state).
+#[tokio::test]
+async fn usage_before_attach_counts_a_leader_that_exited_before_its_threads() {
+    let Some(t) = tracker() else { return };
+    let dir = std::env::temp_dir().join(format!("cylo-usage-leader-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut past =
+        common::PastLives::start_as(&dir, 300, 200, 1 << 20, &["leader-exits"], |args| {
+            let mut c = Command::new("sh");
+            c.args(["-c", "\"$0\" \"$@\"; exit $?", WORKLOAD])
+                .args(args);
+            c
+        });
+    let sh = past.pid();
+    let children = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children")).unwrap();
+    let w: u32 = children.trim().parse().expect("one child: the workload");
+    // Its leader has exited: /proc shows the process as a zombie.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{w}/stat")).unwrap();
+        if stat[stat.rfind(')').unwrap() + 2..].starts_with('Z') {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the leader did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let figures = || {
+        let (a, b) = (common::proc_figures(sh), common::proc_figures(w));
+        common::ProcFigures {
+            stat_cpu_ns: a.stat_cpu_ns + b.stat_cpu_ns,
+            rchar: a.rchar + b.rchar,
+            wchar: a.wchar + b.wchar,
+        }
+    };
+    let then = figures();
+    let mut run = t.attach(sh).expect("attach");
+    let now = figures();
+    assert_eq!(then, now, "the tree idles");
+    let u = run.usage().unwrap();
+    let before = u
+        .usage_before_attach
+        .clone()
+        .expect("usage before the attach");
+    // The shell and the workload; the workload's one live thread (its leader is gone).
+    assert_eq!((before.process_count, before.thread_count), (2, 2));
+    // The workload's getrusage, and the shell's own (one thread: its schedstat runtime; a
+    // shell's start is tens of ms under emulation).
+    let schedstat = std::fs::read_to_string(format!("/proc/{sh}/schedstat")).unwrap();
+    let sh_ns: u64 = schedstat
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    past.truth.rusage_ns += sh_ns;
+    past.check(&before, now, false);
+    past.finish();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        run.wait_root().await.expect("root");
+        run.wait_finished().await.expect("tree");
+    })
+    .await
+    .expect("finished in time");
+    let _ = std::fs::remove_dir_all(&dir);
 }

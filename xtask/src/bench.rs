@@ -87,13 +87,15 @@ pub struct Args {
     /// Only these cases: `a`..`h`, `costs` (handler costs during the storm), `net-costs`
     /// (handler costs during untracked TCP and UDP traffic), `sessions` (tracked-path costs
     /// with and without records, attach latency, tracker memory), `daemon` (one shared
-    /// program set against in-process trackers). Repeatable; default: all.
+    /// program set against in-process trackers, and the daemon under load), `daemon-load`
+    /// (only the latter: a victim's run while sessions are polled, and the memory of a
+    /// breakdown). Repeatable; default: all.
     #[arg(long = "case", value_name = "CASE")]
     cases: Vec<String>,
 }
 
 /// The cases `--case` can name.
-const CASE_IDS: [&str; 12] = [
+const CASE_IDS: [&str; 13] = [
     "a",
     "b",
     "c",
@@ -106,6 +108,7 @@ const CASE_IDS: [&str; 12] = [
     "net-costs",
     "sessions",
     "daemon",
+    "daemon-load",
 ];
 
 /// Whether `--case` selects `id` (everything when none is given).
@@ -292,6 +295,9 @@ pub fn run(args: Args) -> Result<()> {
         costs.push_str(&crate::bench_daemon::daemon_costs(
             &bins, storm, runs, &out_dir,
         )?);
+    }
+    if selected(&args, "daemon") || selected(&args, "daemon-load") {
+        costs.push_str(&crate::bench_daemon::daemon_load(&bins, runs, &out_dir)?);
     }
     let elapsed = started.elapsed();
     let _ = std::fs::remove_file(out_dir.join("direct-io.data"));

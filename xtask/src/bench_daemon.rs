@@ -1,6 +1,9 @@
 //! `cargo xtask bench --case daemon`: what one shared program set (`cylo-usage serve`) costs
 //! and saves, against in-process trackers. Wall-clock ratios with medians, and beside each the
 //! kernel's per-program run time of every handler loaded on the host (all trackers' together).
+//! Then the daemon under load (`--case daemon-load` alone): a victim's `run -- /bin/true`
+//! while other users' sessions of many threads are polled back to back, and what a
+//! 10,000-process breakdown costs the daemon in memory.
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,7 +27,12 @@ struct Daemon {
 
 impl Daemon {
     fn start(bins: &Bins, dir: &Path) -> Result<Daemon> {
-        let socket = dir.join("bench-daemon.sock");
+        Daemon::start_with(bins, dir, "bench-daemon.sock", &[])
+    }
+
+    /// A daemon on socket `name` in `dir`, with `extra` arguments to `serve`.
+    fn start_with(bins: &Bins, dir: &Path, name: &str, extra: &[&str]) -> Result<Daemon> {
+        let socket = dir.join(name);
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -34,6 +42,7 @@ impl Daemon {
             .arg("--socket")
             .arg(&socket)
             .args(["--metrics", &metrics])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -403,5 +412,286 @@ pub(crate) fn daemon_costs(bins: &Bins, storm: u64, runs: usize, out_dir: &Path)
         crowd_costs.0.as_secs_f64() * 1e3
     );
     md.push_str(&cost_table(crowd_costs.0, &crowd_costs.1));
+    Ok(md)
+}
+
+/// Sessions polled back to back while the victim runs.
+const POLLED_SESSIONS: usize = 8;
+/// Threads in each polled session's tree.
+const POLLED_THREADS: usize = 2_000;
+/// Processes in the breakdown whose memory is measured.
+const BREAKDOWN_PROCESSES: usize = 10_000;
+/// The unprivileged user the pollers run as (no account needed).
+const POLLER_UID: u32 = 60_123;
+
+/// A `cylo-usage-workload poll-usage` client: one session of `POLLED_THREADS` threads whose
+/// usage it asks for back to back until its stdin closes.
+struct Poller {
+    child: Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Poller {
+    fn start(bins: &Bins, daemon: &Daemon, as_user: bool) -> Result<Poller> {
+        let mut cmd = if as_user {
+            let mut c = Command::new("setpriv");
+            c.args([
+                format!("--reuid={POLLER_UID}"),
+                format!("--regid={POLLER_UID}"),
+                "--clear-groups".to_string(),
+                "--".to_string(),
+            ]);
+            c.arg(&bins.workload);
+            c
+        } else {
+            Command::new(&bins.workload)
+        };
+        cmd.arg("poll-usage")
+            .arg(&daemon.socket)
+            .arg(POLLED_THREADS.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().context("starting a poll-usage client")?;
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        Ok(Poller { child, stdout })
+    }
+
+    /// Waits for the `ready` line: every thread of its tree is followed.
+    fn wait_ready(&mut self) -> Result<()> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("a poll-usage client failed before it was ready ({line:?})");
+        }
+        Ok(())
+    }
+
+    /// Closes its stdin (it ends its session) and returns how many answers it got.
+    fn stop(mut self) -> Result<u64> {
+        use std::io::BufRead;
+        drop(self.child.stdin.take());
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("a poll-usage client failed: {status}");
+        }
+        line.trim()
+            .parse()
+            .with_context(|| format!("poll count {line:?}"))
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `VmRSS` of process `pid`, in bytes.
+fn rss_bytes(pid: u32) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .context("no VmRSS")
+}
+
+/// Whether `setpriv` can make an unprivileged user here.
+fn can_use_setpriv() -> bool {
+    Command::new("setpriv")
+        .args([
+            format!("--reuid={POLLER_UID}"),
+            format!("--regid={POLLER_UID}"),
+            "--clear-groups".to_string(),
+            "--".to_string(),
+            "/bin/true".to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The daemon under load: a victim's `run -- /bin/true` (root) while
+/// [`POLLED_SESSIONS`] sessions of [`POLLED_THREADS`] threads (another user's) are polled back
+/// to back, against the same victim on the idle daemon; then the daemon's resident memory
+/// before and during a session holding a [`BREAKDOWN_PROCESSES`]-process breakdown.
+pub(crate) fn daemon_load(bins: &Bins, runs: usize, out_dir: &Path) -> Result<String> {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("BPF_ENABLE_STATS (per-program run time)")?;
+    let mut md = String::new();
+    let mut notes = String::new();
+    let as_user = can_use_setpriv();
+    let daemon = Daemon::start_with(bins, out_dir, "bench-load.sock", &["--allow-all-users"])?;
+    let victim = || daemon.client(bins, &["run", "-o", "/dev/null", "--", "/bin/true"]);
+    let mut row = Row::new(
+        format!(
+            "victim's `run -- /bin/true`: idle daemon → {POLLED_SESSIONS} sessions of \
+             {POLLED_THREADS} threads polled"
+        ),
+        Some(("≤ 2×", 2.0)),
+        false,
+    );
+    let mut loaded_rows = CostRows::new();
+    let mut loaded_wall = Duration::ZERO;
+    // Warm-up: the hooks attach for the first session.
+    time(&mut victim())?;
+    for _ in 0..runs * 2 {
+        let (w, r) = with_costs(&mut victim())?;
+        row.a.push(w);
+        row.a_share.push(share(w, &r));
+    }
+    let mut pollers = Vec::new();
+    for _ in 0..POLLED_SESSIONS {
+        let mut p = Poller::start(bins, &daemon, as_user)?;
+        p.wait_ready()?;
+        pollers.push(p);
+    }
+    let polling_since = Instant::now();
+    time(&mut victim())?;
+    for i in 0..runs * 2 {
+        let (w, r) = with_costs(&mut victim())?;
+        eprintln!(
+            "xtask: victim under polling: run {}/{}: {:.1} ms",
+            i + 1,
+            runs * 2,
+            w.as_secs_f64() * 1e3
+        );
+        row.b.push(w);
+        row.b_share.push(share(w, &r));
+        loaded_wall += w;
+        for (name, (ns, calls)) in r {
+            let e = loaded_rows.entry(name).or_default();
+            e.0 += ns;
+            e.1 += calls;
+        }
+    }
+    let polled_for = polling_since.elapsed();
+    let mut polls = 0;
+    for p in pollers {
+        polls += p.stop()?;
+    }
+    let ms = |v: &[Duration]| {
+        v.iter()
+            .map(|d| format!("{:.1}", d.as_secs_f64() * 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(
+        notes,
+        "- Victim samples (ms, in run order): idle {}; polled {}.",
+        ms(&row.a),
+        ms(&row.b)
+    );
+    let _ = writeln!(
+        notes,
+        "- Pollers ({}): {polls} `usage` answers in {:.1} s ({:.0}/s over the {POLLED_SESSIONS} \
+         sessions) while the victim ran.",
+        if as_user {
+            format!("uid {POLLER_UID}, through setpriv")
+        } else {
+            "root: setpriv unavailable".to_string()
+        },
+        polled_for.as_secs_f64(),
+        polls as f64 / polled_for.as_secs_f64().max(1e-9),
+    );
+    drop(daemon);
+
+    // Memory: a fresh daemon; an events-only storm of the same size first, so that the
+    // records ring buffer's pages are resident already and the delta is the breakdown's.
+    let daemon = Daemon::start_with(bins, out_dir, "bench-load.sock", &[])?;
+    let storm = BREAKDOWN_PROCESSES.to_string();
+    let events = out_dir.join("bench-load-events.ndjson");
+    let mut warm = daemon.client(bins, &["run", "-o", "/dev/null", "--events"]);
+    warm.arg(&events)
+        .arg("--")
+        .arg(&bins.workload)
+        .args(["storm", &storm]);
+    time(&mut warm)?;
+    let _ = std::fs::remove_file(&events);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = rss_bytes(daemon.child.id())?;
+    // The storm, then a pause while the session (and its breakdown) is still open.
+    let script = format!(
+        "{} storm {storm} && echo done && sleep 3",
+        bins.workload.display()
+    );
+    let mut held = daemon
+        .client(
+            bins,
+            &[
+                "run",
+                "--tree",
+                "-o",
+                "/dev/null",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the breakdown session")?;
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(held.stdout.take().expect("piped")).read_line(&mut line)?;
+        if line.trim() != "done" {
+            bail!("the breakdown session's storm failed");
+        }
+    }
+    // The reader thread drains the records every 100 ms.
+    std::thread::sleep(Duration::from_millis(1000));
+    let during = rss_bytes(daemon.child.id())?;
+    held.wait()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let after = rss_bytes(daemon.child.id())?;
+    drop(daemon);
+    let delta = during.saturating_sub(before);
+    let _ = writeln!(
+        notes,
+        "- Memory of a breakdown (daemon `VmRSS` delta, not an accounted figure): \
+         {BREAKDOWN_PROCESSES} processes (+ the shell) held in one `--tree` session: \
+         {:.1} MiB before, {:.1} MiB during ({:.2} MiB, {:.0} bytes per process), \
+         {:.1} MiB after the session ended.",
+        before as f64 / 1048576.0,
+        during as f64 / 1048576.0,
+        delta as f64 / 1048576.0,
+        delta as f64 / (BREAKDOWN_PROCESSES + 1) as f64,
+        after as f64 / 1048576.0,
+    );
+
+    let _ = writeln!(
+        md,
+        "\nThe daemon under load ({} victim runs per side after one warm-up; idle side first, \
+         then the polled side):\n",
+        runs * 2
+    );
+    let _ = writeln!(
+        md,
+        "| case (A → B) | A median (min) | B median (min) | ratio or added | handler share | goal | met? |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    md.push_str(&row.line());
+    md.push('\n');
+    md.push_str(&notes);
+    let _ = writeln!(
+        md,
+        "\nHandlers during the victim's runs under polling (all {} runs, wall {:.1} ms):\n",
+        runs * 2,
+        loaded_wall.as_secs_f64() * 1e3
+    );
+    md.push_str(&cost_table(loaded_wall, &loaded_rows));
     Ok(md)
 }

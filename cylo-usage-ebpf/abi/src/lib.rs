@@ -58,6 +58,7 @@ pub const CLONE_THREAD: u64 = 0x0001_0000;
 pub mod names {
     pub const TASKS: &str = "TASKS";
     pub const PROCS: &str = "PROCS";
+    pub const GROUPS: &str = "GROUPS";
     pub const MMS: &str = "MMS";
     pub const MM_FILTER: &str = "MM_FILTER";
     pub const TASK_FILTER: &str = "TASK_FILTER";
@@ -77,6 +78,8 @@ pub mod names {
     /// compare-and-exchange (before 5.12): the peaks and memory.
     pub const PROG_TASK_NEWTASK_NO_ATOMICS: &str = "task_newtask_no_atomics";
     pub const PROG_SCHED_SWITCH: &str = "sched_switch";
+    /// `sched_switch` for kernels without BPF atomic fetch: no per-process CPU split.
+    pub const PROG_SCHED_SWITCH_NO_ATOMICS: &str = "sched_switch_no_atomics";
     pub const PROG_SCHED_PROCESS_EXIT: &str = "sched_process_exit";
     pub const PROG_SCHED_PROCESS_EXIT_NO_ATOMICS: &str = "sched_process_exit_no_atomics";
     pub const PROG_SCHED_PROCESS_EXEC: &str = "sched_process_exec";
@@ -278,6 +281,44 @@ pub struct Offsets {
     pub sk_family: u32,
     pub sk_type: u32,
     pub sk_protocol: u32,
+
+    // Credentials (who may see a member's figures; see [`Creds`]).
+    /// `task_struct.real_cred` (`const struct cred *`): the objective credentials, what
+    /// `ptrace_may_access()` checks.
+    pub task_real_cred: u32,
+    /// `cred.uid`, `cred.gid`, `cred.suid`, `cred.sgid`, `cred.euid`, `cred.egid` (`kuid_t` /
+    /// `kgid_t`, u32 each); all [`ABSENT`] or none.
+    pub cred_uid: u32,
+    pub cred_gid: u32,
+    pub cred_suid: u32,
+    pub cred_sgid: u32,
+    pub cred_euid: u32,
+    pub cred_egid: u32,
+    /// `mm_struct.flags` (unsigned long): its low two bits are the dumpable mode
+    /// (`MMF_DUMPABLE_MASK`), or [`ABSENT`].
+    pub mm_flags: u32,
+
+    // Adoption (attach): what a process present at the attach had done before it.
+    /// `task_struct.start_time` (u64 ns, CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`):
+    /// when the task started.
+    pub task_start_time: u32,
+    /// `signal_struct.sum_sched_runtime` (u64 ns): the runtime of the process's threads that
+    /// have exited (added at their release).
+    pub signal_sum_sched_runtime: u32,
+    /// `signal_struct.utime` and `.stime` (u64 ns, tick-sampled): the same threads' time.
+    pub signal_utime: u32,
+    pub signal_stime: u32,
+    /// `signal_struct.cutime` and `.cstime` (u64 ns): the children it has reaped (their whole
+    /// groups' time, already split by `cputime_adjust`, and what they had reaped in turn).
+    pub signal_cutime: u32,
+    pub signal_cstime: u32,
+    /// `signal_struct.ioac.*` (u64): the I/O accounting of its exited threads and of the
+    /// children it has reaped, or [`ABSENT`] (as `task_ioac_*`).
+    pub signal_ioac_read_bytes: u32,
+    pub signal_ioac_write_bytes: u32,
+    pub signal_ioac_cancelled_write_bytes: u32,
+    pub signal_ioac_rchar: u32,
+    pub signal_ioac_wchar: u32,
 }
 
 impl Offsets {
@@ -337,6 +378,25 @@ impl Offsets {
         sk_family: ABSENT,
         sk_type: ABSENT,
         sk_protocol: ABSENT,
+        task_real_cred: ABSENT,
+        cred_uid: ABSENT,
+        cred_gid: ABSENT,
+        cred_suid: ABSENT,
+        cred_sgid: ABSENT,
+        cred_euid: ABSENT,
+        cred_egid: ABSENT,
+        mm_flags: ABSENT,
+        task_start_time: 0,
+        signal_sum_sched_runtime: 0,
+        signal_utime: 0,
+        signal_stime: 0,
+        signal_cutime: 0,
+        signal_cstime: 0,
+        signal_ioac_read_bytes: ABSENT,
+        signal_ioac_write_bytes: ABSENT,
+        signal_ioac_cancelled_write_bytes: ABSENT,
+        signal_ioac_rchar: ABSENT,
+        signal_ioac_wchar: ABSENT,
     };
 }
 
@@ -355,7 +415,8 @@ pub struct TaskMember {
     pub tid: u32,
     /// Process id in the tracker's pid namespace.
     pub tgid: u32,
-    pub _pad0: u32,
+    /// [`member_flags`].
+    pub flags: u32,
     /// Kernel address of the process's `signal_struct`: the key of its `PROCS` entry, and the
     /// process's identity in per-process records.
     pub signal: u64,
@@ -368,6 +429,28 @@ pub struct TaskMember {
     /// `network_bytes_*` count), kept only for runs with per-process records.
     pub net_sent: u64,
     pub net_received: u64,
+}
+
+/// Bits of [`TaskMember::flags`].
+pub mod member_flags {
+    /// Killed at birth: the task was created past its run's share of the membership maps
+    /// (`RunControl::max_tasks`), or its process could not be followed. It is followed (so
+    /// a kill of the run reaches it and its usage counts) until it dies: its creator got
+    /// SIGKILL at the fork, and it gets SIGKILL itself at its first context switch, fork or
+    /// exec (`DOOMED_ALIVE` counts these tasks host-wide).
+    pub const DOOMED: u32 = 1;
+}
+
+/// The part of a membership map's `capacity` a run (or the daemon's sessions together) should
+/// leave free as headroom for tasks killed at birth (see [`member_flags::DOOMED`]): each
+/// creator past its share is killed at the fork that made one, and each such task dies at its
+/// first switch, fork or exec, so only a few are alive at once; a sixteenth of the map (at
+/// least a quarter of it, up to 256 entries) keeps room for them.
+pub const fn share_headroom(capacity: u32) -> u32 {
+    let quarter = capacity / 4;
+    let floor = if quarter < 256 { quarter } else { 256 };
+    let sixteenth = capacity / 16;
+    if sixteenth > floor { sixteenth } else { floor }
 }
 
 /// One live tracked process; value of `PROCS`, keyed by the address of its `signal_struct`.
@@ -497,6 +580,132 @@ pub struct RunCounters {
     pub net_udp_received: u64,
     pub net_unix_received: u64,
     pub net_other_received: u64,
+
+    /// Tasks the run could not follow as members within its share, killed at birth: created
+    /// past `RunControl::max_tasks` (followed, marked [`member_flags::DOOMED`], killed with
+    /// their creator's process), or new threads whose creator was killed because the
+    /// membership maps were full (they die with their process).
+    pub tasks_killed_at_birth: u64,
+    /// New processes that could not be followed at all (the membership maps were full, or
+    /// the new task could not be read): their creator was killed, but they may still run,
+    /// out of the tracker's reach.
+    pub tasks_escaped: u64,
+
+    /// Processes whose every thread has left (only where the kernel has BPF atomic fetch):
+    /// the sum of their runtimes, and of their user times, each process's split made as
+    /// the kernel makes it for `wait4` ([`cputime_split`] of its thread group's sums).
+    pub cpu_split_runtime_ns: u64,
+    pub cpu_split_user_ns: u64,
+    /// What adopted processes had used before the attach beyond their live threads (which
+    /// are in `before_*` above), read once per process when its first thread is adopted; not
+    /// part of the totals. From its `signal_struct`: the exited threads' runtime and
+    /// tick-sampled user and system time, the user and system time of the children it had
+    /// reaped, and the I/O accounting of both (the kernel keeps the two together).
+    pub before_exited_runtime_ns: u64,
+    pub before_exited_utime_ns: u64,
+    pub before_exited_stime_ns: u64,
+    pub before_reaped_user_ns: u64,
+    pub before_reaped_system_ns: u64,
+    pub before_group_disk_read_bytes: u64,
+    pub before_group_disk_write_bytes: u64,
+    pub before_group_disk_cancelled_write_bytes: u64,
+    pub before_group_io_rchar: u64,
+    pub before_group_io_wchar: u64,
+}
+
+/// Whether each process is split into user and system time in the kernel as its last
+/// thread leaves (`GROUPS`, [`cputime_split`]). Off for now: that code multiplied what the
+/// verifiers walk (the largest program from 12,305 to 50,296 instructions on 6.18, minutes
+/// of verification under emulation on 6.1), so runs without records split the tree's sums
+/// at once until it is made cheaper.
+pub const KERNEL_SPLIT: bool = false;
+
+/// The CPU figures of one process's threads that have left, value of `GROUPS` (keyed by the
+/// process's `signal_struct` address), while some of its threads remain; the kernel side
+/// splits them ([`cputime_split`]) into the run's counters when the last one leaves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupCpu {
+    pub run: u32,
+    pub _pad0: u32,
+    /// The process's start time: an entry left by an earlier process at the same address
+    /// is not taken for this one's.
+    pub start_boottime_ns: u64,
+    /// Threads still to leave, wrapping: each thread that leaves subtracts 1, the process's
+    /// end adds its thread count; 0 after the end: the last one has left.
+    pub pending: u64,
+    pub runtime_ns: u64,
+    pub utime_ns: u64,
+    pub stime_ns: u64,
+}
+
+/// The kernel's `cputime_adjust()` for a thread group reported for the first time (no
+/// earlier split to stay above): `runtime` divided in the proportion of the tick-sampled
+/// `utime` and `stime`; returns (user, system), which add up to `runtime`. The product
+/// `stime * runtime` is formed in 128 bits (as 32-bit halves) and divided bit by bit, so the
+/// result is exact, as x86-64's `mul_u64_u64_div_u64` (kernels 5.9 and later); BPF programs
+/// use it as well as userspace.
+#[inline(always)]
+pub fn cputime_split(runtime: u64, utime: u64, stime: u64) -> (u64, u64) {
+    if stime == 0 {
+        return (runtime, 0);
+    }
+    if utime == 0 {
+        return (0, runtime);
+    }
+    let d = stime.wrapping_add(utime);
+    let system = mul_div(stime, runtime, d);
+    let system = if system > runtime { runtime } else { system };
+    (runtime - system, system)
+}
+
+/// `a * b / d` truncated, for a quotient that fits in 64 bits (`a <= d`), without 128-bit
+/// instructions.
+#[inline(always)]
+fn mul_div(a: u64, b: u64, d: u64) -> u64 {
+    const LOW: u64 = 0xffff_ffff;
+    let (a0, a1, b0, b1) = (a & LOW, a >> 32, b & LOW, b >> 32);
+    let p00 = a0 * b0;
+    let p01 = a0 * b1;
+    let p10 = a1 * b0;
+    let p11 = a1 * b1;
+    let mid = (p00 >> 32) + (p01 & LOW) + (p10 & LOW);
+    let lo = (p00 & LOW) | (mid << 32);
+    let hi = p11 + (p01 >> 32) + (p10 >> 32) + (mid >> 32);
+    if d == 0 {
+        // Unreachable for a split (d = stime + utime > 0); keeps a panic path out of BPF.
+        return 0;
+    }
+    if hi == 0 {
+        return lo / d;
+    }
+    if hi >= d {
+        // Only when a > d: not a split.
+        return u64::MAX;
+    }
+    // Restoring division, one bit of `lo` at a time; `rem` < d throughout, its 65th bit
+    // kept in `carry`. Without a branch in the loop: a verifier walks each of its 64 steps
+    // once instead of both ways at every step (older verifiers do not prune those paths).
+    let mut rem = hi;
+    let mut q = 0u64;
+    let mut i = 64;
+    while i > 0 {
+        i -= 1;
+        let carry = rem >> 63;
+        rem = (rem << 1) | ((lo >> i) & 1);
+        q <<= 1;
+        let take = carry | (1 ^ borrow(rem, d));
+        rem = rem.wrapping_sub(d & 0u64.wrapping_sub(take));
+        q |= take;
+    }
+    q
+}
+
+/// 1 when `a < b` (the borrow out of `a - b`), else 0, in arithmetic alone (Hacker's
+/// Delight 2-13).
+#[inline(always)]
+fn borrow(a: u64, b: u64) -> u64 {
+    ((!a & b) | (!(a ^ b) & a.wrapping_sub(b))) >> 63
 }
 
 /// Bit of [`RunCounters::root_status`]: the root has ended.
@@ -520,7 +729,9 @@ pub struct RunControl {
     /// once (`bpf_send_signal`), so a fork bomb cannot outgrow the kill.
     pub kill_signal: u32,
     /// Non-zero: the most threads of the run the kernel follows at once (its share of the
-    /// membership maps). A new task past it is not followed, and counted in `lost_events`.
+    /// membership maps). A new task past it is killed at birth, and its creator's process
+    /// with it (fail closed: see [`member_flags::DOOMED`]), counted in
+    /// `RunCounters::tasks_killed_at_birth`.
     pub max_tasks: u32,
     pub _pad0: u32,
 }
@@ -582,6 +793,8 @@ pub mod control {
     pub const E_INVAL: i32 = -6;
     /// `SPAWNER_FD`: the thread is not in the process the caller named.
     pub const E_NOT_PEER: i32 = -7;
+    /// `ADOPT`: the run holds its share of the membership maps (`RunControl::max_tasks`).
+    pub const E_SHARE: i32 = -8;
 }
 
 impl RunCounters {
@@ -606,6 +819,7 @@ pub mod diag {
     pub const READ_CPU: u32 = 8;
     pub const READ_BIO: u32 = 9;
     pub const READ_SOCKET: u32 = 10;
+    pub const KILLED_AT_BIRTH: u32 = 11;
 
     /// The first word of the programs' diagnostic records: `lost KIND RUN TID COMM`.
     pub const RECORD_PREFIX: &str = "lost ";
@@ -613,16 +827,25 @@ pub mod diag {
     /// What diagnostic `kind` means.
     pub const fn text(kind: u32) -> &'static str {
         match kind {
-            TASKS_FULL => "TASKS is full: a thread is not followed",
+            TASKS_FULL => {
+                "TASKS is full: a new task is not followed; its creator was killed (a new \
+                 process may escape)"
+            }
             PROCS_FULL => "PROCS is full: a process is not followed",
             MMS_FULL => "MMS is full: an address space's memory is not followed",
             DEVS_FULL => "DEVS is full: block I/O is lost",
             RECORDS_FULL => "the RECORDS ring buffer is full: a record is lost",
             EVENTS_FULL => "the EVENTS ring buffer is full: a notification is lost",
-            READ_NEW_TASK => "reading task_struct.signal or start_boottime failed: not followed",
+            READ_NEW_TASK => {
+                "reading task_struct.signal or start_boottime failed: not followed; its creator \
+                 was killed (a new process may escape)"
+            }
             READ_CPU => "reading task_struct.se.sum_exec_runtime/utime/stime failed: CPU lost",
             READ_BIO => "reading bio.bi_opf, bi_size or its device failed: block I/O lost",
             READ_SOCKET => "reading the socket's family, type or protocol failed: bytes lost",
+            KILLED_AT_BIRTH => {
+                "a task past its run's share was killed at birth, with its creator's process"
+            }
             _ => "something was lost (an unknown diagnostic)",
         }
     }
@@ -683,6 +906,41 @@ pub mod proc_flags {
     pub const ADOPTED: u32 = 2;
 }
 
+/// Bits of [`Creds::known`].
+pub mod creds_known {
+    /// The ids were read.
+    pub const IDS: u32 = 1;
+    /// `dumpable` was read.
+    pub const DUMPABLE: u32 = 2;
+}
+
+/// `SUID_DUMP_USER`: the dumpable mode of a process whose owner may inspect it (what
+/// `ptrace_may_access()` asks for, besides matching ids). An exec that changes ids or raises
+/// capabilities (setuid, setgid, file capabilities), or an exec of an unreadable file, leaves
+/// another mode.
+pub const DUMP_USER: u32 = 1;
+
+/// A process's credentials, as a record carries them: at its start (inherited at fork, or
+/// read at adoption) and after each exec (credentials are committed before the exec
+/// tracepoint). Userspace decides from them whether a daemon's client may see the process's
+/// figures, the way `ptrace_may_access(PTRACE_MODE_READ_FSCREDS)` decides for `/proc/PID/io`.
+/// An unprivileged tree gains other credentials only through an exec, so the last record is
+/// what the kernel would check.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    pub suid: u32,
+    pub sgid: u32,
+    pub euid: u32,
+    pub egid: u32,
+    /// `mm_struct.flags & MMF_DUMPABLE_MASK` (see [`DUMP_USER`]).
+    pub dumpable: u32,
+    /// Bits [`creds_known`]: what was read.
+    pub known: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcStart {
@@ -691,6 +949,9 @@ pub struct ProcStart {
     pub parent: u64,
     /// `task_struct.start_boottime` of the process (ns since boot).
     pub start_boottime_ns: u64,
+    /// `task_struct.start_time` of the process (CLOCK_MONOTONIC ns, the clock of
+    /// `header.time_ns`): for an adopted process, its real start, before the attach.
+    pub start_mono_ns: u64,
     /// Pid in the initial pid namespace, in the tracker's, and in the process's own.
     pub pid_global: u32,
     pub pid: u32,
@@ -700,6 +961,8 @@ pub struct ProcStart {
     pub flags: u32,
     pub _pad0: u32,
     pub comm: [u8; COMM_BYTES],
+    /// Its credentials at its start.
+    pub creds: Creds,
 }
 
 #[repr(C)]
@@ -719,6 +982,8 @@ pub struct ProcExec {
     /// NUL-terminated.
     pub filename: [u8; FILENAME_BYTES],
     pub argv: [u8; ARGV_BYTES],
+    /// Its credentials after the exec.
+    pub creds: Creds,
 }
 
 #[repr(C)]
@@ -762,18 +1027,20 @@ pub struct Event {
     pub run: u32,
 }
 
-const _: () = assert!(size_of::<Offsets>() == 228);
+const _: () = assert!(size_of::<Offsets>() == 304);
 const _: () = assert!(size_of::<TaskMember>() == 56);
 const _: () = assert!(size_of::<ProcMember>() == 24);
-const _: () = assert!(size_of::<RunCounters>() == 376);
+const _: () = assert!(size_of::<RunCounters>() == 488);
+const _: () = assert!(size_of::<GroupCpu>() == 48);
 const _: () = assert!(size_of::<RunControl>() == 16);
 const _: () = assert!(size_of::<TrackerInfo>() == 16);
 const _: () = assert!(size_of::<RecordHeader>() == 24);
-const _: () = assert!(size_of::<ProcStart>() == 80);
-const _: () = assert!(size_of::<ProcExec>() == 448);
+const _: () = assert!(size_of::<ProcStart>() == 120);
+const _: () = assert!(size_of::<ProcExec>() == 480);
 const _: () = assert!(size_of::<ProcExit>() == 64);
 const _: () = assert!(size_of::<ThreadEnd>() == 104);
 const _: () = assert!(size_of::<Event>() == 8);
+const _: () = assert!(size_of::<Creds>() == 32);
 const _: () = assert!(size_of::<MmMember>() == 64);
 const _: () = assert!(size_of::<DevKey>() == 8);
 const _: () = assert!(size_of::<DevCounters>() == 32);
@@ -785,6 +1052,7 @@ mod pod {
     unsafe impl aya::Pod for super::TaskMember {}
     unsafe impl aya::Pod for super::ProcMember {}
     unsafe impl aya::Pod for super::RunCounters {}
+    unsafe impl aya::Pod for super::GroupCpu {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::MmMember {}
     unsafe impl aya::Pod for super::DevKey {}

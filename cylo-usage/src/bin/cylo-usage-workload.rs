@@ -37,8 +37,26 @@
 //! - `net MODE ...`: socket traffic with known byte counts (see `workload/net.rs`).
 //! - `hold-threads N T`: `hold N`, and T more threads in the root, blocked reading stdin too:
 //!   1 + N processes, 1 + N + T threads until stdin is closed.
+//! - `escape T FILE`: T threads, each of which double-forks a daemon (a new session, its
+//!   parent gone) that appends its pid to FILE and sleeps 600 s; the threads sleep too. What
+//!   a tracker that loses a task lets escape a kill.
+//! - `chars N`: read N bytes from /dev/zero and write them to /dev/null (N read chars and N
+//!   written chars), then say on stderr which effective uid it ran with (a setuid copy runs
+//!   with its owner's).
+//! - `past-lives THREAD_MS CHILD_MS BYTES FILE`: a past to attach to. A thread burns
+//!   THREAD_MS ms of CPU and moves BYTES chars (as `chars`), then exits and is joined; a child
+//!   does the same with CHILD_MS and is waited for. Then it writes to FILE what
+//!   `getrusage(RUSAGE_SELF)` and `getrusage(RUSAGE_CHILDREN)` say, as
+//!   `self_user_us self_system_us children_user_us children_system_us`, prints `ready` and
+//!   idles until stdin is closed. `past-lives ... leader-exits`: the main thread burns
+//!   THREAD_MS ms more, starts the thread that writes FILE and idles, and exits (the process
+//!   lives on with a zombie leader).
 //! - `snapshot PID`: prints `cylo_usage::get_resource_usage(PID)` as JSON; on an error,
 //!   prints it on stderr and exits with 3 (permission denied), 4 (no such process) or 1.
+//! - `poll-usage SOCKET T`: a session of the daemon at SOCKET whose tree is `hold-threads 0 T`
+//!   (1 process, 1 + T threads); prints `ready` once every thread is followed, then asks for
+//!   the session's usage (totals) back to back until stdin is closed, and prints how many
+//!   answers it got. Exits with 1 if a request fails.
 use std::time::Duration;
 
 #[path = "workload/net.rs"]
@@ -50,7 +68,9 @@ fn usage() -> ! {
          clone-parent | vfork | exec-from-thread PATH [ARGS] | write-direct FILE MIB [BLOCK] | \
          read-direct FILE MIB [BLOCK] | write FILE MIB fsync|truncate|none | read FILE | \
          mem A B MS | pidns N | hostile-name MS | spike MIB MS AFTER [small] | \
-         attach-target K | hold N | bomb N | hold-threads N T | snapshot PID | net MODE ..."
+         attach-target K | hold N | bomb N | hold-threads N T | escape T FILE | chars N | \
+         past-lives THREAD_MS CHILD_MS BYTES FILE | \
+         snapshot PID | net MODE ... | poll-usage SOCKET T | mix N MS [TINY]"
     );
     std::process::exit(2)
 }
@@ -78,6 +98,46 @@ fn burn(ms: u64) {
         }
         std::hint::black_box(x);
     }
+}
+
+/// Spends about `ms` of this thread's CPU time in the kernel: reads of /dev/zero, 64 KiB
+/// at a time (the copy to user memory is system time).
+fn syscalls(ms: u64) {
+    let until = thread_cpu() + Duration::from_millis(ms);
+    let mut f = std::fs::File::open("/dev/zero").expect("/dev/zero");
+    let mut buf = vec![0u8; 64 << 10];
+    while thread_cpu() < until {
+        use std::io::Read;
+        let _ = f.read(&mut buf);
+    }
+}
+
+/// `mix N MS [TINY]`: N children, each spending MS of CPU with its own mix of user and system
+/// time (child i spends i/(N-1) of it in syscalls), then TINY children one after the other,
+/// each 2 ms in syscalls (mostly too short for a tick sample: the kernel counts such a
+/// process's time as user time), all reaped by this process, which does a mix too.
+fn mix(n: u64, ms: u64, tiny: u64) {
+    for i in 0..n {
+        if fork() == 0 {
+            let sys = ms * i / n.saturating_sub(1).max(1);
+            syscalls(sys);
+            burn(ms - sys);
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(0) };
+        }
+    }
+    syscalls(ms / 2);
+    burn(ms / 2);
+    for _ in 0..tiny {
+        if fork() == 0 {
+            syscalls(2);
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(0) };
+        }
+        // SAFETY: reaps that child.
+        unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) };
+    }
+    wait_all();
 }
 
 fn fork() -> libc::pid_t {
@@ -185,6 +245,47 @@ fn stdin_closed() -> bool {
     unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & (libc::POLLHUP | libc::POLLIN) != 0 }
 }
 
+/// `poll-usage SOCKET T` (see the module's documentation).
+fn poll_usage(socket: &std::path::Path, threads: u64) {
+    use std::io::Write;
+    let fail = |what: &str, e: &dyn std::error::Error| -> ! {
+        eprintln!("poll-usage: {what}: {}", cylo_usage::error_chain(e));
+        std::process::exit(1)
+    };
+    let tracker = cylo_usage::Tracker::connect(socket).unwrap_or_else(|e| fail("connect", &e));
+    let me = std::env::current_exe().unwrap_or_else(|e| fail("current_exe", &e));
+    // The tree holds until the write end of its stdin goes.
+    let (r, holder) = std::io::pipe().unwrap_or_else(|e| fail("pipe", &e));
+    let mut cmd = std::process::Command::new(me);
+    cmd.args(["hold-threads", "0", &threads.to_string()])
+        .stdin(r);
+    let run = tracker
+        .spawn(&mut cmd)
+        .unwrap_or_else(|e| fail("spawn", &e));
+    loop {
+        let u = run.usage_totals().unwrap_or_else(|e| fail("usage", &e));
+        if u.thread_count > threads {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut polls = 0u64;
+    while !stdin_closed() {
+        run.usage_totals().unwrap_or_else(|e| fail("usage", &e));
+        polls += 1;
+    }
+    drop(holder);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail("tokio", &e));
+    rt.block_on(run.wait_finished())
+        .unwrap_or_else(|e| fail("wait", &e));
+    println!("{polls}");
+}
+
 /// The most children `attach-target`'s forker makes.
 const ATTACH_TARGET_MAX: u64 = 3_000;
 
@@ -239,6 +340,86 @@ fn attach_target(workers: u64) {
     println!("{}", 1 + workers + 1 + u64::from_le_bytes(bytes));
 }
 
+/// Reads `n` bytes from /dev/zero and writes them to /dev/null: `n` read chars and `n`
+/// written chars in this thread's I/O accounting.
+fn move_chars(n: u64) {
+    use std::io::{Read, Write};
+    let mut zero = std::fs::File::open("/dev/zero").unwrap_or_else(|e| {
+        eprintln!("open /dev/zero: {e}");
+        std::process::exit(1)
+    });
+    let mut null = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .unwrap_or_else(|e| {
+            eprintln!("open /dev/null: {e}");
+            std::process::exit(1)
+        });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = n as usize;
+    while left > 0 {
+        let chunk = &mut buf[..left.min(64 * 1024)];
+        check("read", zero.read_exact(chunk));
+        check("write", null.write_all(chunk));
+        left -= chunk.len();
+    }
+}
+
+/// `past-lives`: work done by a thread that has exited and by a child that was reaped, then
+/// the kernel's own account of it (getrusage) in `file`, then idleness until stdin closes.
+fn past_lives(thread_ms: u64, child_ms: u64, bytes: u64, file: String, leader_exits: bool) {
+    std::thread::spawn(move || {
+        burn(thread_ms);
+        move_chars(bytes);
+    })
+    .join()
+    .expect("the burning thread");
+    if fork() == 0 {
+        burn(child_ms);
+        move_chars(bytes);
+        // SAFETY: ends the child.
+        unsafe { libc::_exit(0) };
+    }
+    wait_all();
+    if leader_exits {
+        burn(thread_ms);
+        move_chars(bytes);
+        std::thread::spawn(move || {
+            report_and_idle(&file);
+            std::process::exit(0);
+        });
+        // SAFETY: the raw exit system call ends the main thread only (pthread_exit would
+        // unwind through Rust's main and abort); the process lives on in the thread above.
+        // No destructor of this thread's stack runs, and nothing here needs one.
+        unsafe { libc::syscall(libc::SYS_exit, 0) };
+        unreachable!("exit returned");
+    }
+    report_and_idle(&file);
+}
+
+/// `past-lives`' end: getrusage SELF and CHILDREN to `file`, `ready`, then idleness until
+/// stdin is closed.
+fn report_and_idle(file: &str) {
+    let usage = |who| {
+        // SAFETY: getrusage fills a plain struct.
+        let ru = unsafe {
+            let mut ru: libc::rusage = std::mem::zeroed();
+            libc::getrusage(who, &mut ru);
+            ru
+        };
+        let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        format!("{} {}", us(ru.ru_utime), us(ru.ru_stime))
+    };
+    let line = format!(
+        "{} {}\n",
+        usage(libc::RUSAGE_SELF),
+        usage(libc::RUSAGE_CHILDREN)
+    );
+    check("write the usage file", std::fs::write(file, line));
+    println!("ready");
+    until_stdin_closes();
+}
+
 /// This process and `rest` more below it, split between two subtrees.
 fn bomb(rest: u64) {
     let first = rest.div_ceil(2);
@@ -262,10 +443,56 @@ fn bomb(rest: u64) {
     wait_all();
 }
 
+/// Double-forks a daemon that appends its pid to `file` and sleeps 600 s.
+fn escape_daemon(file: &str) {
+    let path = std::ffi::CString::new(file).unwrap_or_else(|_| usage());
+    let child = fork();
+    if child == 0 {
+        // SAFETY: async-signal-safe calls only in the forked children of a threaded process.
+        unsafe {
+            libc::setsid();
+            if libc::fork() == 0 {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT,
+                    0o644,
+                );
+                let mut line = [0u8; 16];
+                let mut n = libc::getpid() as u32;
+                let mut i = line.len() - 1;
+                line[i] = b'\n';
+                loop {
+                    i -= 1;
+                    line[i] = b'0' + (n % 10) as u8;
+                    n /= 10;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                libc::write(fd, line[i..].as_ptr().cast(), line.len() - i);
+                libc::close(fd);
+                let ts = libc::timespec {
+                    tv_sec: 600,
+                    tv_nsec: 0,
+                };
+                libc::nanosleep(&ts, std::ptr::null_mut());
+            }
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: reaps the one child.
+    unsafe { libc::waitpid(child, std::ptr::null_mut(), 0) };
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("burn") => burn(num(args.get(1))),
+        Some("mix") => mix(
+            num(args.get(1)),
+            num(args.get(2)),
+            args.get(3).map_or(0, |a| num(Some(a))),
+        ),
         Some("threads") => {
             let n = num(args.get(1));
             let ms = num(args.get(2));
@@ -420,6 +647,22 @@ fn main() {
                 _ => usage(),
             }
         }
+        Some("chars") => {
+            move_chars(num(args.get(1)));
+            // SAFETY: geteuid has no preconditions.
+            eprintln!("chars: euid {}", unsafe { libc::geteuid() });
+        }
+        Some("past-lives") => {
+            let (thread_ms, child_ms, bytes) =
+                (num(args.get(1)), num(args.get(2)), num(args.get(3)));
+            let file = args.get(4).cloned().unwrap_or_else(|| usage());
+            let leader_exits = match args.get(5).map(String::as_str) {
+                None => false,
+                Some("leader-exits") => true,
+                Some(_) => usage(),
+            };
+            past_lives(thread_ms, child_ms, bytes, file, leader_exits);
+        }
         Some("read") => {
             let path = args.get(1).cloned().unwrap_or_else(|| usage());
             let mut f = std::fs::File::open(&path).unwrap_or_else(|e| {
@@ -543,7 +786,27 @@ fn main() {
             }
             wait_all();
         }
+        Some("escape") => {
+            let threads = num(args.get(1));
+            let file = args.get(2).cloned().unwrap_or_else(|| usage());
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    let file = file.clone();
+                    std::thread::spawn(move || {
+                        escape_daemon(&file);
+                        std::thread::sleep(Duration::from_secs(600));
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("thread");
+            }
+        }
         Some("net") => net::main(&args[1..]),
+        Some("poll-usage") => {
+            let socket = args.get(1).unwrap_or_else(|| usage());
+            poll_usage(std::path::Path::new(socket), num(args.get(2)));
+        }
         _ => usage(),
     }
 }

@@ -13,13 +13,17 @@
 //!
 //! The wire protocol is in [`protocol`] and `docs/protocol.md`.
 mod client;
+mod limits;
 pub(crate) mod metrics;
 pub mod protocol;
 mod server;
 
 use std::path::PathBuf;
 
-pub use client::{DaemonTracker, RemoteRun};
+pub use client::{
+    DaemonTracker, HANDSHAKE_DEADLINE, INTERRUPT_GRACE, Interrupt, POLL_DEADLINE, PROMISE_GRACE,
+    REPORT_DEADLINE, REQUEST_DEADLINE, RemoteRun,
+};
 pub use protocol::ErrorKind;
 pub use server::{Access, ServeOptions, serve};
 
@@ -45,6 +49,29 @@ pub enum DaemonError {
     },
     #[error("the daemon went away")]
     Gone,
+    /// A request (send and whole reply) took longer than its deadline; the connection is
+    /// then dead.
+    #[error("the daemon did not answer {request} within {after:?}")]
+    Deadline {
+        request: &'static str,
+        after: std::time::Duration,
+    },
+    /// A signal waited to be handled (the [`client::Interrupt`] descriptor was readable) and
+    /// the daemon did not answer within the grace left to it; the connection is then dead.
+    #[error("{request} was cut short: a signal came while the daemon had not answered")]
+    Interrupted { request: &'static str },
+    /// An earlier request failed in a way that leaves the connection unusable.
+    #[error("the connection to the daemon is no longer usable ({why})")]
+    Dead { why: String },
+    /// The daemon refused the command once it was started: it was killed.
+    #[error("the daemon refused the started command, which was killed")]
+    RootNotJoined {
+        #[source]
+        source: Box<DaemonError>,
+    },
+    /// The /proc follower that took over from the daemon failed.
+    #[error("the /proc follower that took over from the daemon failed")]
+    Follower(#[source] crate::fallback::FallbackError),
     #[error("talking to the daemon failed")]
     Frame(#[source] protocol::FrameError),
     #[error("the daemon refused: {message}")]

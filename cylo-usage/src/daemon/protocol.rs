@@ -7,6 +7,7 @@
 //! protocol version; another version gets an error reply and the connection is closed.
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +15,7 @@ use crate::features::Feature;
 use crate::usage::ResourceUsage;
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The largest request the daemon reads (requests are small; a larger one is an error).
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// The largest reply a client reads (a report with a large breakdown).
@@ -29,7 +30,8 @@ pub struct SessionOptions {
     /// A per-process breakdown in the report.
     #[serde(default)]
     pub tree: bool,
-    /// The request carries a pipe's write end for the NDJSON event stream.
+    /// The NDJSON event stream: the daemon makes a pipe, keeps its write end and sends the
+    /// read end with the reply (after the wake-up eventfd).
     #[serde(default)]
     pub events: bool,
     /// The most processes the breakdown keeps (0: the default).
@@ -45,13 +47,13 @@ pub enum Request {
     Hello { version: u32 },
     /// The counters measured on this kernel, and how.
     Features,
-    /// Carries the fd of the client's `/proc/thread-self` directory (then, with
-    /// `options.events`, the events pipe): that thread's next new task is the root of a new
-    /// session. The client creates it right after the reply, then sends `spawned`.
+    /// Carries the fd of the client's `/proc/thread-self` directory: that thread's next new
+    /// task is the root of a new session. The client creates it right after the reply, then
+    /// sends `spawned`.
     Spawn { options: SessionOptions },
     /// The client created its child (`created`), or failed to.
     Spawned { session: u64, created: bool },
-    /// Carries a pidfd of the process to attach to (then the events pipe).
+    /// Carries a pidfd of the process to attach to.
     Attach { options: SessionOptions },
     /// Whether the session's tree has ended, and the root's status once known.
     Status { session: u64 },
@@ -105,11 +107,13 @@ pub enum Reply {
         features: Vec<Feature>,
         layout: String,
     },
-    /// `spawn`: registered; carries the session's wake-up eventfd.
+    /// `spawn`: registered; carries the session's wake-up eventfd (then, with `events`, the
+    /// event stream's read end).
     Prepared {
         session: u64,
     },
-    /// `spawned` or `attach`: the session runs (`attach` carries the wake-up eventfd).
+    /// `spawned` or `attach`: the session runs (`attach` carries the wake-up eventfd, then,
+    /// with `events`, the event stream's read end).
     Started {
         session: u64,
     },
@@ -138,6 +142,8 @@ pub enum FrameError {
     Closed,
     #[error("a frame of {len} bytes is larger than the {max} allowed")]
     TooLong { len: usize, max: usize },
+    #[error("the frame did not complete within its deadline")]
+    Deadline,
     #[error("{syscall} on the daemon socket failed")]
     Io {
         syscall: &'static str,
@@ -146,22 +152,93 @@ pub enum FrameError {
     },
 }
 
+/// How a frame waits for its socket when it is not ready: a deadline for the daemon, a
+/// deadline and a signal watch for a client.
+pub trait Wait {
+    /// Returns once `sock` may be ready for `events` (`POLLIN`/`POLLOUT`), or an error that
+    /// ends the frame.
+    fn wait(&mut self, sock: RawFd, events: i16) -> Result<(), FrameError>;
+}
+
+/// Waits until a deadline (`None`: for ever).
+pub struct Until(pub Option<Instant>);
+
+impl Wait for Until {
+    fn wait(&mut self, sock: RawFd, events: i16) -> Result<(), FrameError> {
+        loop {
+            let ms = match self.0 {
+                None => -1,
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(FrameError::Deadline);
+                    }
+                    left.as_millis().clamp(1, i32::MAX as u128) as i32
+                }
+            };
+            let mut pfd = libc::pollfd {
+                fd: sock,
+                events,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            match r {
+                0 => continue,
+                r if r > 0 => return Ok(()),
+                _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => {
+                    continue;
+                }
+                _ => {
+                    return Err(FrameError::Io {
+                        syscall: "poll",
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+            }
+        }
+    }
+}
+
 /// Writes `bytes` as one frame, with `fds` attached to its first byte.
 pub fn send_frame(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> Result<(), FrameError> {
+    send_frame_waiting(sock, bytes, fds, &mut Until(None))
+}
+
+/// [`send_frame`], all of it by `deadline` (`None`: no deadline): a peer that takes the
+/// frame a byte at a time cannot stretch it past the deadline.
+pub fn send_frame_until(
+    sock: RawFd,
+    bytes: &[u8],
+    fds: &[RawFd],
+    deadline: Option<Instant>,
+) -> Result<(), FrameError> {
+    send_frame_waiting(sock, bytes, fds, &mut Until(deadline))
+}
+
+/// [`send_frame`], waiting as `wait` says whenever the socket takes nothing more now.
+pub fn send_frame_waiting(
+    sock: RawFd,
+    bytes: &[u8],
+    fds: &[RawFd],
+    wait: &mut dyn Wait,
+) -> Result<(), FrameError> {
     let mut frame = Vec::with_capacity(4 + bytes.len());
     frame.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
     frame.extend_from_slice(bytes);
     let mut sent = 0;
-    let mut first = true;
     while sent < frame.len() {
-        let n = send_some(sock, &frame[sent..], if first { fds } else { &[] })?;
-        first = false;
-        sent += n;
+        let some = if sent == 0 { fds } else { &[] };
+        match send_some(sock, &frame[sent..], some)? {
+            Some(n) => sent += n,
+            None => wait.wait(sock, libc::POLLOUT)?,
+        }
     }
     Ok(())
 }
 
-fn send_some(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> Result<usize, FrameError> {
+/// Sends what the socket takes of `bytes` now; `None` when it would block.
+fn send_some(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> Result<Option<usize>, FrameError> {
     assert!(fds.len() <= MAX_FDS);
     let iov = [IoSlice::new(bytes)];
     let mut control = [0u64; 8]; // CMSG_SPACE(4 * MAX_FDS), 8-aligned
@@ -184,13 +261,15 @@ fn send_some(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> Result<usize, FrameErr
     }
     loop {
         // SAFETY: msg is fully initialised; MSG_NOSIGNAL: a closed peer is an error, not SIGPIPE.
-        let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+        // MSG_DONTWAIT: any wait is the caller's ([`Wait`]), bounded as it says.
+        let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
         if n >= 0 {
-            return Ok(n as usize);
+            return Ok(Some(n as usize));
         }
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return Ok(None),
             Some(libc::EPIPE) | Some(libc::ECONNRESET) => return Err(FrameError::Closed),
             _ => {
                 return Err(FrameError::Io {
@@ -203,8 +282,13 @@ fn send_some(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> Result<usize, FrameErr
 }
 
 /// Reads up to `buf.len()` bytes; descriptors that come with them are appended to `fds`
-/// (beyond [`MAX_FDS`] per frame they are closed). 0 bytes: the peer closed.
-fn recv_some(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize, FrameError> {
+/// (beyond [`MAX_FDS`] per frame they are closed). 0 bytes: the peer closed. `None`: nothing
+/// to read now.
+fn recv_some(
+    sock: RawFd,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Result<Option<usize>, FrameError> {
     let mut iov = [IoSliceMut::new(buf)];
     let mut control = [0u64; 8];
     loop {
@@ -215,11 +299,13 @@ fn recv_some(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usiz
         msg.msg_control = control.as_mut_ptr().cast();
         msg.msg_controllen = std::mem::size_of_val(&control) as _;
         // SAFETY: valid msghdr; received descriptors are close-on-exec.
-        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let n =
+            unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Ok(None),
                 Some(libc::ECONNRESET) => return Err(FrameError::Closed),
                 _ => {
                     return Err(FrameError::Io {
@@ -246,40 +332,74 @@ fn recv_some(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usiz
                 cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
             }
         }
-        return Ok(n as usize);
+        return Ok(Some(n as usize));
     }
 }
 
 /// Reads one frame of at most `max` bytes, and the descriptors that came with it.
 pub fn recv_frame(sock: RawFd, max: usize) -> Result<(Vec<u8>, Vec<OwnedFd>), FrameError> {
+    recv_frame_waiting(sock, max, &mut Until(None))
+}
+
+/// [`recv_frame`], all of it by `deadline` (`None`: no deadline): a peer that trickles a
+/// frame a byte at a time cannot stretch it past the deadline.
+pub fn recv_frame_until(
+    sock: RawFd,
+    max: usize,
+    deadline: Option<Instant>,
+) -> Result<(Vec<u8>, Vec<OwnedFd>), FrameError> {
+    recv_frame_waiting(sock, max, &mut Until(deadline))
+}
+
+/// [`recv_frame`], waiting as `wait` says whenever nothing more can be read now.
+pub fn recv_frame_waiting(
+    sock: RawFd,
+    max: usize,
+    wait: &mut dyn Wait,
+) -> Result<(Vec<u8>, Vec<OwnedFd>), FrameError> {
     let mut fds = Vec::new();
     let mut head = [0u8; 4];
-    read_exact(sock, &mut head, &mut fds)?;
+    read_exact(sock, &mut head, &mut fds, wait)?;
     let len = u32::from_le_bytes(head) as usize;
     if len > max {
         return Err(FrameError::TooLong { len, max });
     }
     let mut body = vec![0u8; len];
-    read_exact(sock, &mut body, &mut fds)?;
+    read_exact(sock, &mut body, &mut fds, wait)?;
     Ok((body, fds))
 }
 
-fn read_exact(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<(), FrameError> {
+fn read_exact(
+    sock: RawFd,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    wait: &mut dyn Wait,
+) -> Result<(), FrameError> {
     let mut got = 0;
     while got < buf.len() {
-        let n = recv_some(sock, &mut buf[got..], fds)?;
-        if n == 0 {
-            return Err(FrameError::Closed);
+        match recv_some(sock, &mut buf[got..], fds)? {
+            Some(0) => return Err(FrameError::Closed),
+            Some(n) => got += n,
+            None => wait.wait(sock, libc::POLLIN)?,
         }
-        got += n;
     }
     Ok(())
 }
 
 /// Sends `value` as one frame with `fds`.
 pub fn send<T: Serialize>(sock: &impl AsRawFd, value: &T, fds: &[RawFd]) -> Result<(), FrameError> {
+    send_until(sock, value, fds, None)
+}
+
+/// [`send`], all of it by `deadline`.
+pub fn send_until<T: Serialize>(
+    sock: &impl AsRawFd,
+    value: &T,
+    fds: &[RawFd],
+    deadline: Option<Instant>,
+) -> Result<(), FrameError> {
     let bytes = serde_json::to_vec(value).expect("protocol types serialise");
-    send_frame(sock.as_raw_fd(), &bytes, fds)
+    send_frame_until(sock.as_raw_fd(), &bytes, fds, deadline)
 }
 
 #[cfg(test)]
@@ -325,7 +445,7 @@ mod tests {
         ));
         drop(a);
         let mut rest = [0u8; 100];
-        let _ = read_exact(b.as_raw_fd(), &mut rest, &mut Vec::new());
+        let _ = read_exact(b.as_raw_fd(), &mut rest, &mut Vec::new(), &mut Until(None));
         assert!(matches!(
             recv_frame(b.as_raw_fd(), 50),
             Err(FrameError::Closed)
@@ -342,5 +462,98 @@ mod tests {
             recv_frame(b.as_raw_fd(), MAX_REQUEST),
             Err(FrameError::Closed)
         ));
+    }
+
+    mod hostile_input {
+        //! The frame decoder and the request parser against arbitrary bytes (proptest, a
+        //! bounded number of cases so that it runs in every test run): they answer every
+        //! input with a value or an error, never a panic, a hang or a read past the frame.
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_byte_stream_is_a_frame_or_an_error(
+                bytes in proptest::collection::vec(any::<u8>(), 0..600),
+                max in 0usize..512,
+            ) {
+                let (a, b) = UnixStream::pair().unwrap();
+                use std::io::Write;
+                (&a).write_all(&bytes).unwrap();
+                drop(a);
+                let deadline = Some(Instant::now() + std::time::Duration::from_secs(5));
+                match recv_frame_until(b.as_raw_fd(), max, deadline) {
+                    Ok((body, fds)) => {
+                        let len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+                        prop_assert!(len <= max);
+                        prop_assert_eq!(&body[..], &bytes[4..4 + len]);
+                        prop_assert!(fds.is_empty());
+                    }
+                    Err(FrameError::TooLong { len, max: m }) => {
+                        prop_assert!(len > m);
+                    }
+                    Err(FrameError::Closed) => {
+                        // Fewer bytes than the header, or than the header announces.
+                        let mut head = [0u8; 4];
+                        for (h, b) in head.iter_mut().zip(&bytes) {
+                            *h = *b;
+                        }
+                        let announced = 4 + u32::from_le_bytes(head) as usize;
+                        prop_assert!(bytes.len() < 4 || bytes.len() < announced);
+                    }
+                    Err(e) => prop_assert!(false, "unexpected {e}"),
+                }
+            }
+
+            #[test]
+            fn any_bytes_parse_to_a_request_or_an_error(
+                bytes in proptest::collection::vec(any::<u8>(), 0..300),
+            ) {
+                let _ = serde_json::from_slice::<Request>(&bytes);
+            }
+
+            #[test]
+            fn json_near_the_protocol_parses_or_is_refused_and_requests_round_trip(
+                op in prop::sample::select(vec![
+                    "hello", "features", "spawn", "spawned", "attach", "status", "usage",
+                    "kill", "timed-out", "end", "format-disk", "",
+                ]),
+                session in any::<i128>(),
+                signal in any::<i64>(),
+                flag in any::<bool>(),
+                limit in any::<i128>(),
+                extra in prop::option::of("[a-z_]{1,8}"),
+            ) {
+                let mut text = format!(
+                    r#"{{"op":"{op}","session":{session},"signal":{signal},"version":{signal},"created":{flag},"breakdown":{flag},"options":{{"tree":{flag},"events":{flag},"tree_limit":{limit}}}"#
+                );
+                if let Some(x) = extra {
+                    text.push_str(&format!(r#","{x}":1"#));
+                }
+                text.push('}');
+                if let Ok(request) = serde_json::from_str::<Request>(&text) {
+                    let again = serde_json::to_string(&request).unwrap();
+                    prop_assert_eq!(serde_json::from_str::<Request>(&again).unwrap(), request);
+                }
+                // Each op with exactly its own fields parses.
+                let own = match op {
+                    "hello" => Some(format!(r#"{{"op":"hello","version":{}}}"#, signal as u32)),
+                    "usage" => Some(format!(
+                        r#"{{"op":"usage","session":{},"breakdown":{flag}}}"#,
+                        session as u64
+                    )),
+                    "kill" => Some(format!(
+                        r#"{{"op":"kill","session":{},"signal":{}}}"#,
+                        session as u64, signal as i32
+                    )),
+                    _ => None,
+                };
+                if let Some(own) = own {
+                    prop_assert!(serde_json::from_str::<Request>(&own).is_ok(), "{}", own);
+                }
+            }
+        }
     }
 }

@@ -14,15 +14,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::DaemonError;
+use super::limits::{Capacity, HELLO_GRACE, Limit, Open};
 use super::protocol::{self, ErrorKind, FrameError, MAX_REQUEST, Reply, Request, SessionOptions};
 use crate::run::{PendingSpawn, Run, RunOptions, SessionError};
-use crate::tracker::{Options, Tracker};
+use crate::tracker::{Options, RunsTotals, Tracker};
 use crate::usage::TrackerKind;
 
-/// The most connections the daemon serves at once (one thread each).
-const MAX_CONNECTIONS: usize = 1024;
-/// How long a started frame may take to arrive, a reply to be taken, and a prepared spawn to
-/// be confirmed, before the daemon gives up on the client.
+/// How long a started frame may take to arrive in full, a reply to be taken in full, and a
+/// prepared spawn to be confirmed, before the daemon gives up on the client.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes of event stream the daemon keeps for a client that does not read, per session.
 const EVENTS_BACKLOG: usize = 4 << 20;
@@ -49,8 +48,11 @@ pub struct ServeOptions {
     /// Where to listen (unless socket-activated).
     pub socket: PathBuf,
     pub access: Access,
-    /// Sessions one user may hold at once.
+    /// Sessions one unprivileged user may hold at once.
     pub max_sessions_per_user: usize,
+    /// The members of `access`'s group are privileged like root: not bound by the per-user
+    /// limits, and served from the room held back for privileged clients.
+    pub trust_group: bool,
     /// The most threads one session's tree may have followed at once (its share of the
     /// kernel's maps): past it, that session alone loses tasks, and says so.
     pub session_max_tasks: u32,
@@ -61,16 +63,25 @@ pub struct ServeOptions {
     pub bpf_stats: bool,
     /// Capacities of the kernel maps.
     pub load: Options,
+    /// What all sessions together may hold in memory for breakdowns and unread event
+    /// streams, and what the sessions of one user other than root may (see
+    /// [`crate::budget`]).
+    pub memory_max_bytes: u64,
+    pub memory_per_user_bytes: u64,
 }
 
 impl ServeOptions {
     /// The defaults for `socket`.
     pub fn new(socket: PathBuf) -> ServeOptions {
         let load = Options::default();
+        let memory = crate::budget::Budget::for_host();
         ServeOptions {
+            memory_max_bytes: memory.global_bytes(),
+            memory_per_user_bytes: memory.per_user_bytes(),
             socket,
             access: Access::Root,
             max_sessions_per_user: 64,
+            trust_group: false,
             session_max_tasks: load.max_tasks / 4,
             metrics: None,
             bpf_stats: false,
@@ -87,37 +98,163 @@ pub(crate) struct Counters {
     pub connections_total: AtomicU64,
     pub requests_total: AtomicU64,
     pub bad_requests_total: AtomicU64,
-    /// Lost records of sessions that have ended.
-    pub lost_events_ended: AtomicU64,
+    /// What sessions that have ended failed to follow.
+    pub ended: EndedTotals,
+    /// Held while a session's figures move from the live runs to `ended`, and while both are
+    /// read.
+    pub ending: Mutex<()>,
     /// Event-stream bytes dropped because a client did not read them.
     pub events_dropped_bytes: AtomicU64,
     pub hooks_attached: AtomicU64,
     pub hooks_attach_ns_last: AtomicU64,
     pub hooks_detach_total: AtomicU64,
+    /// Clients refused or cut off, by the limit that said so (indexed as [`Limit::ALL`]).
+    pub refused: [AtomicU64; Limit::ALL.len()],
 }
 
-/// The sessions and connections the daemon holds, by user.
+/// [`RunsTotals`] of the sessions that have ended.
+#[derive(Default)]
+pub(crate) struct EndedTotals {
+    pub lost_events: AtomicU64,
+    pub tasks_killed_at_birth: AtomicU64,
+    pub tasks_escaped: AtomicU64,
+}
+
+impl Counters {
+    fn refused_for(&self, limit: Limit) {
+        let i = Limit::ALL.iter().position(|&l| l == limit).unwrap_or(0);
+        self.refused[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What one user holds.
+#[derive(Clone, Copy, Default)]
+struct Held {
+    sessions: usize,
+    connections: usize,
+    /// Connections that have not said hello yet.
+    handshakes: usize,
+}
+
+/// The sessions and connections the daemon holds, in all and by user.
 #[derive(Default)]
 struct Table {
     /// Run slot -> the session's wake-up eventfd.
     wake: HashMap<u32, Arc<OwnedFd>>,
-    sessions: usize,
     /// Since when no session is open (while the hooks are still attached).
     idle_since: Option<Instant>,
-    sessions_by_uid: HashMap<u32, usize>,
+    sessions: usize,
     connections: usize,
-    connections_by_uid: HashMap<u32, usize>,
+    /// Of the above, those of unprivileged users, and their handshakes in progress.
+    unprivileged: Held,
+    by_uid: HashMap<u32, Held>,
+}
+
+impl Table {
+    /// What is open now, as the limits see it, for `uid`.
+    fn open_for(&self, uid: u32) -> Open {
+        let mine = self.by_uid.get(&uid).copied().unwrap_or_default();
+        Open {
+            connections: self.connections,
+            unprivileged_connections: self.unprivileged.connections,
+            my_connections: mine.connections,
+            handshakes: self.unprivileged.handshakes,
+            my_handshakes: mine.handshakes,
+            sessions: self.sessions,
+            unprivileged_sessions: self.unprivileged.sessions,
+            my_sessions: mine.sessions,
+        }
+    }
+
+    /// Applies `change` to `peer`'s counts and, for an unprivileged peer, to theirs in all;
+    /// forgets a user who holds nothing.
+    fn update(&mut self, peer: Peer, change: impl Fn(&mut Held)) {
+        let held = self.by_uid.entry(peer.uid).or_default();
+        change(held);
+        if held.sessions == 0 && held.connections == 0 && held.handshakes == 0 {
+            self.by_uid.remove(&peer.uid);
+        }
+        if !peer.privileged {
+            change(&mut self.unprivileged);
+        }
+    }
+}
+
+/// The message a refusal for `limit` carries: which limit, and its value.
+fn limit_message(limit: Limit, capacity: &Capacity, peer: Peer) -> String {
+    let uid = peer.uid;
+    let what = match limit {
+        Limit::RunSlots if peer.privileged => {
+            format!("all {} run slots are in use", capacity.sessions)
+        }
+        Limit::Connections if peer.privileged => {
+            format!("all {} connections are in use", capacity.connections)
+        }
+        Limit::RunSlots => format!(
+            "all {} run slots unprivileged users may use are in use ({} of {} are held back \
+             for root)",
+            capacity.sessions - capacity.reserved_sessions,
+            capacity.reserved_sessions,
+            capacity.sessions
+        ),
+        Limit::SessionsPerUser => format!(
+            "user {uid} already has {} sessions open, the most one user may have \
+             (serve --max-sessions-per-user)",
+            capacity.sessions_per_user
+        ),
+        Limit::Connections => format!(
+            "all {} connections are in use ({} of them held back for root)",
+            capacity.connections, capacity.reserved_connections
+        ),
+        Limit::ConnectionsPerUser => format!(
+            "user {uid} already has {} connections open, the most one user may have",
+            capacity.connections_per_user
+        ),
+        Limit::Handshakes => format!(
+            "{} connections are waiting to say hello, the most the daemon takes at once",
+            capacity.handshakes
+        ),
+        Limit::HandshakesPerUser => format!(
+            "user {uid} already has {} connections waiting to say hello",
+            capacity.handshakes_per_user
+        ),
+        Limit::HelloGrace => format!("no hello within {} s of connecting", HELLO_GRACE.as_secs()),
+        Limit::Deadline => format!(
+            "a request or reply took longer than {} s",
+            CLIENT_TIMEOUT.as_secs()
+        ),
+    };
+    format!("{what} (limit: {})", limit.name())
+}
+
+/// The protocol's kind for a refusal by `limit`: per-user limits are `limit`, the others
+/// `busy`.
+fn limit_kind(limit: Limit) -> ErrorKind {
+    match limit {
+        Limit::SessionsPerUser | Limit::ConnectionsPerUser | Limit::HandshakesPerUser => {
+            ErrorKind::Limit
+        }
+        _ => ErrorKind::Busy,
+    }
 }
 
 pub(crate) struct State {
     pub tracker: Tracker,
+    /// Memory for breakdowns and event backlogs: each session draws on its user's share.
+    pub budget: Arc<crate::budget::Budget>,
     options: ServeOptions,
+    capacity: Capacity,
     table: Mutex<Table>,
     pub counters: Counters,
     next_session: AtomicU64,
     stopping: AtomicBool,
     /// Live connections' sockets, shut down at stop so that their threads end.
     sockets: Mutex<HashMap<u64, RawFd>>,
+    /// One turn per user other than root for usage snapshots (see [`State::usage_turn`]).
+    usage_turns: Mutex<HashMap<u32, Arc<Mutex<()>>>>,
+    /// Held while the hooks are attached or detached (never with the table's lock held:
+    /// taken first when both are needed).
+    hooks: Mutex<()>,
 }
 
 impl State {
@@ -128,9 +265,20 @@ impl State {
     }
 
     /// Records lost by the sessions open now, and the fill of the membership maps.
-    pub(crate) fn kernel_state(&self) -> (u64, Vec<(&'static str, usize, u32)>) {
-        let (fill, lost) = self.tracker.map_fill();
-        (lost, fill)
+    /// What every session so far failed to follow (the live ones and the ended ones), and
+    /// the membership maps' fill.
+    pub(crate) fn kernel_state(&self) -> (RunsTotals, Vec<(&'static str, usize, u32)>) {
+        let _turn = self
+            .counters
+            .ending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (fill, mut totals) = self.tracker.map_fill();
+        let ended = &self.counters.ended;
+        totals.lost_events += ended.lost_events.load(Ordering::Relaxed);
+        totals.tasks_killed_at_birth += ended.tasks_killed_at_birth.load(Ordering::Relaxed);
+        totals.tasks_escaped += ended.tasks_escaped.load(Ordering::Relaxed);
+        (totals, fill)
     }
 
     /// Whether the kernel's per-program statistics are on.
@@ -138,27 +286,52 @@ impl State {
         self.options.bpf_stats
     }
 
+    /// The lock a usage snapshot of a session of `uid` (other than root) holds: a user's
+    /// snapshots take their turns, so however many sessions a user polls at once, the
+    /// daemon works for that user on one thread at a time (a snapshot reads /proc for every
+    /// live thread of the tree: with 2,000 threads, tens of ms of CPU), and the other users'
+    /// requests keep the rest of the host's CPUs. Root's snapshots take no turn.
+    fn usage_turn(&self, uid: u32) -> Arc<Mutex<()>> {
+        let mut turns = self.usage_turns.lock().unwrap_or_else(|e| e.into_inner());
+        turns.entry(uid).or_default().clone()
+    }
+
     fn table(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts a new session of `uid`, attaching the hooks for the first one.
-    fn acquire(self: &Arc<Self>, uid: u32) -> Result<SessionSeat, (ErrorKind, String)> {
+    /// Counts a new session of `peer`, attaching the hooks for the first one; refused past
+    /// the limits (privileged peers are bound only by the run slots).
+    fn acquire(self: &Arc<Self>, peer: Peer) -> Result<SessionSeat, (ErrorKind, String)> {
         let mut t = self.table();
-        let mine = t.sessions_by_uid.get(&uid).copied().unwrap_or(0);
-        if mine >= self.options.max_sessions_per_user {
+        if let Err(limit) = self
+            .capacity
+            .admit_session(peer.privileged, &t.open_for(peer.uid))
+        {
             self.counters
                 .sessions_refused
                 .fetch_add(1, Ordering::Relaxed);
+            self.counters.refused_for(limit);
             return Err((
-                ErrorKind::Limit,
-                format!(
-                    "user {uid} already has {mine} sessions open, the most this daemon allows \
-                     (serve --max-sessions-per-user)"
-                ),
+                limit_kind(limit),
+                limit_message(limit, &self.capacity, peer),
             ));
         }
-        if t.sessions == 0 && !self.tracker.hooks_attached() {
+        t.sessions += 1;
+        t.idle_since = None;
+        t.update(peer, |h| h.sessions += 1);
+        drop(t);
+        // From here the seat is counted; dropped on an error below, it is freed again.
+        let seat = SessionSeat {
+            state: self.clone(),
+            peer,
+            slot: None,
+        };
+        // The hooks are attached outside the table's lock: attaching (or a detach going on)
+        // can wait on the kernel's RCU grace periods, and meanwhile the other connections'
+        // accepts and handshakes must go on. Sessions wait here for the hooks they need.
+        let _hooks = self.hooks.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.tracker.hooks_attached() {
             let start = Instant::now();
             self.tracker.attach_hooks().map_err(|e| {
                 (
@@ -172,14 +345,7 @@ impl State {
                 .hooks_attach_ns_last
                 .store(ns, Ordering::Relaxed);
         }
-        t.sessions += 1;
-        t.idle_since = None;
-        *t.sessions_by_uid.entry(uid).or_default() += 1;
-        Ok(SessionSeat {
-            state: self.clone(),
-            uid,
-            slot: None,
-        })
+        Ok(seat)
     }
 }
 
@@ -187,7 +353,7 @@ impl State {
 /// dropped, after the session's run.
 struct SessionSeat {
     state: Arc<State>,
-    uid: u32,
+    peer: Peer,
     slot: Option<u32>,
 }
 
@@ -198,14 +364,10 @@ impl Drop for SessionSeat {
             t.wake.remove(&slot);
         }
         t.sessions = t.sessions.saturating_sub(1);
-        if let Some(n) = t.sessions_by_uid.get_mut(&self.uid) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                t.sessions_by_uid.remove(&self.uid);
-            }
-        }
+        t.update(self.peer, |h| h.sessions = h.sessions.saturating_sub(1));
         if t.sessions == 0 {
-            // Idle from now: the main loop detaches the hooks once it has lasted IDLE_LINGER.
+            // Idle from now: the idle-detach thread detaches the hooks once it has lasted
+            // IDLE_LINGER.
             t.idle_since = Some(Instant::now());
         }
     }
@@ -216,17 +378,25 @@ impl State {
     /// daemon costs the host nothing. Detaching waits for the kernel's RCU grace periods
     /// (milliseconds), which is why it happens here and not in a client's `end`.
     fn detach_when_idle(&self) {
-        let mut t = self.table();
-        let idle = t
-            .idle_since
-            .is_some_and(|since| since.elapsed() >= IDLE_LINGER);
-        if t.sessions == 0 && idle && self.tracker.hooks_attached() {
-            if self.tracker.detach_hooks().is_ok() {
-                self.counters
-                    .hooks_detach_total
-                    .fetch_add(1, Ordering::Relaxed);
+        // The hooks' lock first, then the table's, as `acquire` takes them: a session counted
+        // after the check below waits for the hooks' lock and attaches them again.
+        let _hooks = self.hooks.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut t = self.table();
+            let idle = t
+                .idle_since
+                .is_some_and(|since| since.elapsed() >= IDLE_LINGER);
+            if t.sessions > 0 || !idle || !self.tracker.hooks_attached() {
+                return;
             }
             t.idle_since = None;
+        }
+        // Outside the table's lock: detaching waits for RCU grace periods (milliseconds, but
+        // seconds on a host that is busy in the kernel), and accepts must go on meanwhile.
+        if self.tracker.detach_hooks().is_ok() {
+            self.counters
+                .hooks_detach_total
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -237,6 +407,9 @@ struct Peer {
     pid: u32,
     uid: u32,
     gid: u32,
+    /// Root, or a member of a trusted `--group`: served from the room held back, and not
+    /// bound by the per-user limits.
+    privileged: bool,
 }
 
 fn peer_credentials(sock: &UnixStream) -> std::io::Result<Peer> {
@@ -263,6 +436,7 @@ fn peer_credentials(sock: &UnixStream) -> std::io::Result<Peer> {
         pid: cred.pid as u32,
         uid: cred.uid,
         gid: cred.gid,
+        privileged: cred.uid == 0,
     })
 }
 
@@ -273,15 +447,19 @@ fn allowed(access: Access, peer: Peer) -> bool {
         Access::AllUsers => true,
         _ if peer.uid == 0 => true,
         Access::Root => false,
-        Access::Group(gid) => {
-            peer.gid == gid
-                || crate::procfs::read_groups(peer.pid).is_some_and(|g| g.contains(&gid))
-        }
+        Access::Group(gid) => in_group(peer, gid),
     }
 }
 
+/// Whether `peer` is a member of group `gid` (primary or supplementary).
+fn in_group(peer: Peer, gid: u32) -> bool {
+    peer.gid == gid || crate::procfs::read_groups(peer.pid).is_some_and(|g| g.contains(&gid))
+}
+
 /// Whether the peer's uid is the overflow uid standing for a user of another user namespace
-/// that has no mapping here (it would pass for `nobody`).
+/// that has no mapping in the daemon's (it would pass for `nobody`). A daemon whose user
+/// namespace maps every uid (the initial one) sees every user as who it is, `nobody` in a
+/// user namespace of its own included.
 fn unmapped_user(peer: Peer) -> bool {
     let overflow = std::fs::read_to_string("/proc/sys/kernel/overflowuid")
         .ok()
@@ -290,12 +468,34 @@ fn unmapped_user(peer: Peer) -> bool {
     if peer.uid != overflow {
         return false;
     }
-    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/user")).ok();
-    match (ns(&peer.pid.to_string()), ns("self")) {
-        (Some(theirs), Some(ours)) => theirs != ours,
+    match std::fs::read_to_string("/proc/self/uid_map") {
+        Ok(map) => !maps_every_uid(&map) && !maps_uid(&map, overflow),
         // Unknown: the safe answer.
-        _ => true,
+        Err(_) => true,
     }
+}
+
+/// The ranges of a `uid_map` (`inside outside count` per line).
+fn uid_ranges(map: &str) -> impl Iterator<Item = (u64, u64)> + '_ {
+    map.lines().filter_map(|l| {
+        let mut f = l.split_whitespace().map(|v| v.parse::<u64>().ok());
+        let (Some(Some(inside)), Some(Some(_)), Some(Some(count))) = (f.next(), f.next(), f.next())
+        else {
+            return None;
+        };
+        Some((inside, count))
+    })
+}
+
+/// Whether a `uid_map` maps all 2^32 - 1 uids (the initial user namespace's).
+fn maps_every_uid(map: &str) -> bool {
+    uid_ranges(map).map(|(_, count)| count).sum::<u64>() >= u32::MAX as u64
+}
+
+/// Whether `uid` (as the daemon's namespace sees it) is mapped there: a real user of that
+/// namespace may then have it.
+fn maps_uid(map: &str, uid: u32) -> bool {
+    uid_ranges(map).any(|(inside, count)| (inside..inside + count).contains(&(uid as u64)))
 }
 
 fn set_timeouts(sock: &UnixStream) -> std::io::Result<()> {
@@ -456,14 +656,20 @@ pub fn serve(options: ServeOptions) -> Result<(), DaemonError> {
     } else {
         None
     };
+    // Every descriptor the tables may need fits in the limit: the tables shrink to fit.
+    let capacity = Capacity::new(super::limits::raise_nofile(), options.max_sessions_per_user);
     let state = Arc::new(State {
         tracker,
+        budget: crate::budget::Budget::new(options.memory_max_bytes, options.memory_per_user_bytes),
         options: options.clone(),
+        capacity,
         table: Mutex::default(),
         counters: Counters::default(),
         next_session: AtomicU64::new(1),
         stopping: AtomicBool::new(false),
         sockets: Mutex::default(),
+        usage_turns: Mutex::default(),
+        hooks: Mutex::default(),
     });
     if let Some(addr) = options.metrics {
         super::metrics::start(addr, state.clone())?;
@@ -481,6 +687,25 @@ pub fn serve(options: ServeOptions) -> Result<(), DaemonError> {
         .events_fd()
         .map_err(|source| DaemonError::Setup {
             what: "dup of the notification ring buffer",
+            source,
+        })?;
+    // Idle hooks are detached on a thread of their own: detaching waits on the kernel, and
+    // this loop's accepts and wake-ups must not.
+    let idle = Arc::downgrade(&state);
+    std::thread::Builder::new()
+        .name("idle-detach".to_string())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(250));
+                let Some(state) = idle.upgrade() else { break };
+                if state.stopping.load(Ordering::Relaxed) {
+                    break;
+                }
+                state.detach_when_idle();
+            }
+        })
+        .map_err(|source| DaemonError::Setup {
+            what: "the idle-detach thread",
             source,
         })?;
     let mut next_conn = 0u64;
@@ -510,7 +735,6 @@ pub fn serve(options: ServeOptions) -> Result<(), DaemonError> {
         if fds[1].revents != 0 {
             break;
         }
-        state.detach_when_idle();
         // Runs that ended: wake their clients.
         let ended = state.tracker.take_run_ends();
         {
@@ -577,7 +801,7 @@ fn accept(state: &Arc<State>, sock: UnixStream, id: u64) {
         let _ = sock.set_write_timeout(Some(Duration::from_millis(100)));
         let _ = protocol::send(sock, &Reply::Error { kind, message }, &[]);
     };
-    let Ok(peer) = peer_credentials(&sock) else {
+    let Ok(mut peer) = peer_credentials(&sock) else {
         return;
     };
     if unmapped_user(peer) {
@@ -596,21 +820,29 @@ fn accept(state: &Arc<State>, sock: UnixStream, id: u64) {
         );
         return;
     }
+    if let (true, Access::Group(gid)) = (state.options.trust_group, state.options.access) {
+        peer.privileged |= in_group(peer, gid);
+    }
     {
         let mut t = state.table();
-        let mine = t.connections_by_uid.get(&peer.uid).copied().unwrap_or(0);
-        let per_user = (state.options.max_sessions_per_user * 2).max(8);
-        if t.connections >= MAX_CONNECTIONS || (peer.uid != 0 && mine >= per_user) {
+        if let Err(limit) = state
+            .capacity
+            .admit_connection(peer.privileged, &t.open_for(peer.uid))
+        {
             drop(t);
+            state.counters.refused_for(limit);
             refuse(
                 &sock,
-                ErrorKind::Busy,
-                "the daemon has too many connections".to_string(),
+                limit_kind(limit),
+                limit_message(limit, &state.capacity, peer),
             );
             return;
         }
         t.connections += 1;
-        *t.connections_by_uid.entry(peer.uid).or_default() += 1;
+        t.update(peer, |h| {
+            h.connections += 1;
+            h.handshakes += 1;
+        });
     }
     state
         .sockets
@@ -631,6 +863,7 @@ fn accept(state: &Arc<State>, sock: UnixStream, id: u64) {
                 peer_pidfd: crate::run::pidfd_open(peer.pid).ok(),
                 sessions: HashMap::new(),
                 greeted: false,
+                accepted: Instant::now(),
             };
             // A bug must cost this connection only, never the daemon or its other clients.
             let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| conn.serve()));
@@ -641,22 +874,24 @@ fn accept(state: &Arc<State>, sock: UnixStream, id: u64) {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
+            let greeted = conn.greeted;
             drop(conn);
             let mut t = st.table();
             t.connections -= 1;
-            if let Some(n) = t.connections_by_uid.get_mut(&peer.uid) {
-                *n -= 1;
-                if *n == 0 {
-                    t.connections_by_uid.remove(&peer.uid);
+            t.update(peer, |h| {
+                h.connections -= 1;
+                if !greeted {
+                    h.handshakes -= 1;
                 }
-            }
+            });
         });
     if spawned.is_err() {
         let mut t = state.table();
         t.connections -= 1;
-        if let Some(n) = t.connections_by_uid.get_mut(&peer.uid) {
-            *n -= 1;
-        }
+        t.update(peer, |h| {
+            h.connections -= 1;
+            h.handshakes -= 1;
+        });
         state
             .sockets
             .lock()
@@ -665,19 +900,62 @@ fn accept(state: &Arc<State>, sock: UnixStream, id: u64) {
     }
 }
 
+/// What a session is started with.
+struct SessionSetup {
+    run: RunOptions,
+    /// Event-stream bytes dropped for a client that did not read them.
+    events_dropped: Option<Arc<AtomicU64>>,
+    /// The events pipe's read end, for the client.
+    events_reader: Option<Arc<OwnedFd>>,
+}
+
 /// A session of one connection. Fields drop in order: the run (its kernel state is freed),
 /// then its seat (the hooks may be detached).
 struct DaemonSession {
     stage: Stage,
-    wake: Arc<OwnedFd>,
+    /// The wake-up descriptor the client holds a copy of: open while the session is.
+    _wake: Arc<OwnedFd>,
     events_dropped: Option<Arc<AtomicU64>>,
-    _seat: SessionSeat,
+    seat: SessionSeat,
 }
 
 enum Stage {
     /// Registered; waiting for the client's `spawned` (until the deadline).
     Pending(PendingSpawn, Instant),
     Running(Box<Run>),
+    /// Its run has gone (while it is being replaced, or dropped).
+    Ended,
+}
+
+impl Drop for DaemonSession {
+    /// However the session ends (`end`, the connection closing, the daemon stopping), what
+    /// its run failed to follow and what its client did not read go to the daemon's totals,
+    /// at the moment its run frees its slot: a scrape sees the figures once, in the live
+    /// runs or in the ended ones.
+    fn drop(&mut self) {
+        let counters = &self.seat.state.counters;
+        if let Some(d) = &self.events_dropped {
+            counters
+                .events_dropped_bytes
+                .fetch_add(d.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        if let Stage::Running(run) = std::mem::replace(&mut self.stage, Stage::Ended) {
+            let _turn = counters.ending.lock().unwrap_or_else(|e| e.into_inner());
+            if let Ok(c) = run.counters() {
+                let ended = &counters.ended;
+                ended
+                    .lost_events
+                    .fetch_add(c.lost_events, Ordering::Relaxed);
+                ended
+                    .tasks_killed_at_birth
+                    .fetch_add(c.tasks_killed_at_birth, Ordering::Relaxed);
+                ended
+                    .tasks_escaped
+                    .fetch_add(c.tasks_escaped, Ordering::Relaxed);
+            }
+            drop(run);
+        }
+    }
 }
 
 struct Connection {
@@ -688,6 +966,8 @@ struct Connection {
     peer_pidfd: Option<OwnedFd>,
     sessions: HashMap<u64, DaemonSession>,
     greeted: bool,
+    /// When the connection was accepted: it must say hello within [`HELLO_GRACE`].
+    accepted: Instant,
 }
 
 type Refusal = (ErrorKind, String);
@@ -718,28 +998,48 @@ impl Connection {
                 return;
             }
             // A prepared spawn must be confirmed in time: its open gate costs every fork on
-            // the host a lookup.
-            let deadline = self
+            // the host a lookup. A new connection must say hello in time.
+            let pending = self
                 .sessions
                 .values()
                 .filter_map(|s| match s.stage {
                     Stage::Pending(_, d) => Some(d),
-                    Stage::Running(_) => None,
+                    Stage::Running(_) | Stage::Ended => None,
                 })
                 .min();
+            let hello = (!self.greeted).then(|| self.accepted + HELLO_GRACE);
+            let deadline = pending.into_iter().chain(hello).min();
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if !wait_readable(self.sock.as_raw_fd(), timeout) {
-                let now = Instant::now();
-                self.sessions
-                    .retain(|_, s| !matches!(s.stage, Stage::Pending(_, d) if d <= now));
+                if self.expire(Instant::now()) {
+                    return;
+                }
                 continue;
             }
-            let (body, fds) = match protocol::recv_frame(self.sock.as_raw_fd(), MAX_REQUEST) {
+            // One deadline for the whole frame, however it trickles in; a pending spawn's or
+            // the hello's comes first if sooner.
+            let frame_deadline = deadline
+                .into_iter()
+                .chain([Instant::now() + CLIENT_TIMEOUT])
+                .min();
+            let received =
+                protocol::recv_frame_until(self.sock.as_raw_fd(), MAX_REQUEST, frame_deadline);
+            let (body, fds) = match received {
                 Ok(frame) => frame,
                 Err(FrameError::TooLong { len, max }) => {
                     self.bad(format!(
                         "a request of {len} bytes; at most {max} are allowed"
                     ));
+                    return;
+                }
+                Err(FrameError::Deadline) => {
+                    // Cut off mid-frame: there is no way to find the next frame's start.
+                    let limit = if self.greeted {
+                        Limit::Deadline
+                    } else {
+                        Limit::HelloGrace
+                    };
+                    self.state.counters.refused_for(limit);
                     return;
                 }
                 Err(_) => return,
@@ -778,10 +1078,30 @@ impl Connection {
                 }
             };
             let raw: Vec<RawFd> = send_fds.iter().map(|f| f.as_raw_fd()).collect();
-            if protocol::send(&self.sock, &reply, &raw).is_err() || close {
-                return;
+            // One deadline for the whole reply, however slowly the client takes it.
+            let deadline = Some(Instant::now() + CLIENT_TIMEOUT);
+            match protocol::send_until(&self.sock, &reply, &raw, deadline) {
+                Err(FrameError::Deadline) => {
+                    self.state.counters.refused_for(Limit::Deadline);
+                    return;
+                }
+                Err(_) => return,
+                Ok(()) if close => return,
+                Ok(()) => {}
             }
         }
+    }
+
+    /// What a passed deadline ends: pending spawns not confirmed in time are dropped; a
+    /// connection that has not said hello in time is closed (true).
+    fn expire(&mut self, now: Instant) -> bool {
+        self.sessions
+            .retain(|_, s| !matches!(s.stage, Stage::Pending(_, d) if d <= now));
+        if !self.greeted && now >= self.accepted + HELLO_GRACE {
+            self.state.counters.refused_for(Limit::HelloGrace);
+            return true;
+        }
+        false
     }
 
     fn bad(&self, message: String) {
@@ -817,7 +1137,11 @@ impl Connection {
                         ),
                     ));
                 }
-                self.greeted = true;
+                if !self.greeted {
+                    self.greeted = true;
+                    let peer = self.peer;
+                    self.state.table().update(peer, |h| h.handshakes -= 1);
+                }
                 plain(Reply::Hello {
                     version: protocol::VERSION,
                     daemon: env!("CARGO_PKG_VERSION").to_string(),
@@ -840,44 +1164,26 @@ impl Connection {
             Request::Spawn { options } => self.spawn(options, fds),
             Request::Spawned { session, created } => {
                 self.session(session)?;
-                let DaemonSession {
-                    stage,
-                    wake,
-                    events_dropped,
-                    _seat,
-                } = self.sessions.remove(&session).expect("looked up above");
-                let pending = match stage {
-                    Stage::Pending(pending, _) => pending,
-                    running @ Stage::Running(_) => {
-                        self.sessions.insert(
-                            session,
-                            DaemonSession {
-                                stage: running,
-                                wake,
-                                events_dropped,
-                                _seat,
-                            },
-                        );
-                        return Err(refusal(
-                            ErrorKind::BadRequest,
-                            format!("session {session} is not waiting for its spawn"),
-                        ));
-                    }
+                let s = self.sessions.get_mut(&session).expect("looked up above");
+                if !matches!(s.stage, Stage::Pending(..)) {
+                    return Err(refusal(
+                        ErrorKind::BadRequest,
+                        format!("session {session} is not waiting for its spawn"),
+                    ));
+                }
+                let Stage::Pending(pending, _) = std::mem::replace(&mut s.stage, Stage::Ended)
+                else {
+                    unreachable!("checked above");
                 };
-                // On failure the seat and the wake-up descriptor go with the session.
                 let parent = self.peer.pid;
-                let run = pending
-                    .finish(created, parent)
-                    .map_err(|e| session_refusal(&e))?;
-                self.sessions.insert(
-                    session,
-                    DaemonSession {
-                        stage: Stage::Running(Box::new(run)),
-                        wake,
-                        events_dropped,
-                        _seat,
-                    },
-                );
+                match pending.finish(created, parent) {
+                    Ok(run) => s.stage = Stage::Running(Box::new(run)),
+                    Err(e) => {
+                        // The seat and the wake-up descriptor go with the session.
+                        self.sessions.remove(&session);
+                        return Err(session_refusal(&e));
+                    }
+                }
                 plain(Reply::Started { session })
             }
             Request::Attach { options } => self.attach(options, fds),
@@ -900,13 +1206,20 @@ impl Connection {
                     .events_dropped
                     .as_ref()
                     .map_or(0, |d| d.load(Ordering::Relaxed));
+                let turn = (self.peer.uid != 0).then(|| self.state.usage_turn(self.peer.uid));
+                let _turn = turn
+                    .as_ref()
+                    .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()));
+                let low = self.peer.uid != 0;
                 let run = self.running(session)?;
                 let _ = run.try_wait_root();
-                let usage = if breakdown {
-                    run.usage()
-                } else {
-                    run.usage_totals()
-                };
+                let usage = at_low_priority(low, || {
+                    if breakdown {
+                        run.usage()
+                    } else {
+                        run.usage_totals()
+                    }
+                });
                 let mut usage = usage.map_err(|e| session_refusal(&e))?;
                 usage.tracker = TrackerKind::Daemon;
                 if dropped > 0 {
@@ -961,7 +1274,7 @@ impl Connection {
                 ErrorKind::BadRequest,
                 format!("session {id} has not started: send spawned first"),
             )),
-            None => Err(refusal(
+            Some(Stage::Ended) | None => Err(refusal(
                 ErrorKind::NoSuchSession,
                 format!("no session {id} on this connection"),
             )),
@@ -969,23 +1282,13 @@ impl Connection {
     }
 
     fn end(&mut self, id: u64) {
-        if let Some(s) = self.sessions.remove(&id)
+        if let Some(s) = self.sessions.get(&id)
             && let Stage::Running(run) = &s.stage
         {
             run.drain_records();
-            if let Ok(c) = run.counters() {
-                self.state
-                    .counters
-                    .lost_events_ended
-                    .fetch_add(c.lost_events, Ordering::Relaxed);
-            }
-            if let Some(d) = &s.events_dropped {
-                self.state
-                    .counters
-                    .events_dropped_bytes
-                    .fetch_add(d.load(Ordering::Relaxed), Ordering::Relaxed);
-            }
         }
+        // Its figures go to the daemon's totals as it drops.
+        self.sessions.remove(&id);
     }
 
     /// The peer's pid as this daemon sees it, while the peer process still runs.
@@ -1004,35 +1307,44 @@ impl Connection {
         Ok(self.peer.pid)
     }
 
-    fn run_options(
-        &self,
-        options: SessionOptions,
-        fds: &mut std::vec::IntoIter<OwnedFd>,
-    ) -> Result<(RunOptions, Option<Arc<AtomicU64>>), Refusal> {
-        let mut dropped = None;
-        let events = if options.events {
-            let pipe = fds.next().ok_or_else(|| {
+    /// The run's options from the client's, and, with `events`, the event stream's pipe: the
+    /// daemon creates it and keeps the write end, so no client can make a write block (a
+    /// client's own pipe shares its open file with the client, who could clear
+    /// `O_NONBLOCK` on it); the read end goes to the client with the reply. The breakdown
+    /// and the backlog draw on the user's memory share.
+    fn run_options(&self, options: SessionOptions) -> Result<SessionSetup, Refusal> {
+        let mut events = None;
+        let mut events_dropped = None;
+        let mut events_reader = None;
+        let memory = self.state.budget.account(self.peer.uid);
+        if options.events {
+            let (reader, sink, dropped) = EventPipe::create(memory.clone()).map_err(|e| {
                 refusal(
-                    ErrorKind::BadRequest,
-                    "events asked for, but no pipe came with the request",
+                    ErrorKind::Failed,
+                    format!("cannot make the events pipe: {e}"),
                 )
             })?;
-            let (sink, d) = EventPipe::new(pipe).map_err(|e| (ErrorKind::BadRequest, e))?;
-            dropped = Some(d);
-            Some(Box::new(sink) as crate::tree::EventSink)
-        } else {
-            None
-        };
+            events = Some(Box::new(sink) as crate::tree::EventSink);
+            events_dropped = Some(dropped);
+            events_reader = Some(Arc::new(reader));
+        }
         let limit = usize::try_from(options.tree_limit).unwrap_or(usize::MAX);
-        Ok((
-            RunOptions {
+        Ok(SessionSetup {
+            run: RunOptions {
                 tree: options.tree,
                 events,
                 tree_limit: limit.min(10_000_000),
                 max_tasks: self.state.options.session_max_tasks,
+                memory,
+                // A non-root client sees the figures of the members it could read itself.
+                viewer: (self.peer.uid != 0).then_some(crate::tree::Viewer {
+                    uid: self.peer.uid,
+                    gid: self.peer.gid,
+                }),
             },
-            dropped,
-        ))
+            events_dropped,
+            events_reader,
+        })
     }
 
     fn new_session(
@@ -1054,6 +1366,7 @@ impl Connection {
         let slot = match &stage {
             Stage::Pending(p, _) => p.slot(),
             Stage::Running(r) => r.slot(),
+            Stage::Ended => unreachable!("a new session has a run or a pending spawn"),
         };
         let mut seat = seat;
         seat.slot = Some(slot);
@@ -1067,9 +1380,9 @@ impl Connection {
             id,
             DaemonSession {
                 stage,
-                wake: wake.clone(),
+                _wake: wake.clone(),
                 events_dropped: dropped,
-                _seat: seat,
+                seat,
             },
         );
         Ok((id, wake))
@@ -1087,21 +1400,29 @@ impl Connection {
                 "spawn needs the client's /proc/thread-self directory with the request",
             )
         })?;
+        if fds.next().is_some() {
+            return Err(refusal(
+                ErrorKind::BadRequest,
+                "spawn takes one descriptor (the daemon makes the events pipe itself)",
+            ));
+        }
         check_proc_dir(&dir)?;
         let tgid = self.peer_pid()?;
-        let (run_options, dropped) = self.run_options(options, &mut fds)?;
-        let seat = self.state.acquire(self.peer.uid)?;
+        let setup = self.run_options(options)?;
+        let seat = self.state.acquire(self.peer)?;
         let pending = self
             .state
             .tracker
-            .prepare_remote_spawn(&dir, tgid, run_options)
+            .prepare_remote_spawn(&dir, tgid, setup.run)
             .map_err(|e| session_refusal(&e))?;
         let (session, wake) = self.new_session(
             Stage::Pending(pending, Instant::now() + CLIENT_TIMEOUT),
             seat,
-            dropped,
+            setup.events_dropped,
         )?;
-        Ok((Reply::Prepared { session }, vec![wake]))
+        let mut back = vec![wake];
+        back.extend(setup.events_reader);
+        Ok((Reply::Prepared { session }, back))
     }
 
     fn attach(
@@ -1116,6 +1437,12 @@ impl Connection {
                 "attach needs a pidfd of the process with the request",
             )
         })?;
+        if fds.next().is_some() {
+            return Err(refusal(
+                ErrorKind::BadRequest,
+                "attach takes one descriptor (the daemon makes the events pipe itself)",
+            ));
+        }
         let pid = pidfd_pid(&pidfd)?;
         if self.peer.uid != 0 {
             let uids = crate::procfs::read_uids(pid)
@@ -1124,8 +1451,9 @@ impl Connection {
                 return Err(refusal(
                     ErrorKind::Permission,
                     format!(
-                        "process {pid} does not belong to user {} (its real, effective and saved \
-                         uids must all be the client's)",
+                        "process {pid} does not belong to user {}: one may attach only to one's \
+                         own processes (its real, effective and saved uids must all be the \
+                         client's)",
                         self.peer.uid
                     ),
                 ));
@@ -1138,16 +1466,53 @@ impl Connection {
                 ));
             }
         }
-        let (run_options, dropped) = self.run_options(options, &mut fds)?;
-        let seat = self.state.acquire(self.peer.uid)?;
+        let setup = self.run_options(options)?;
+        let seat = self.state.acquire(self.peer)?;
         let run = self
             .state
             .tracker
-            .attach_with(pid, run_options)
+            .attach_with(pid, setup.run)
             .map_err(|e| session_refusal(&e))?;
-        let (session, wake) = self.new_session(Stage::Running(Box::new(run)), seat, dropped)?;
-        Ok((Reply::Started { session }, vec![wake]))
+        let (session, wake) =
+            self.new_session(Stage::Running(Box::new(run)), seat, setup.events_dropped)?;
+        let mut back = vec![wake];
+        back.extend(setup.events_reader);
+        Ok((Reply::Started { session }, back))
     }
+}
+
+/// How much nicer than the daemon a usage snapshot of a user other than root runs.
+const SNAPSHOT_NICENESS: i32 = 10;
+
+/// Runs `f` on this thread at [`SNAPSHOT_NICENESS`] more niceness when `low` (the work of a
+/// user other than root: a snapshot reads /proc for each live thread of the tree), then
+/// restores the thread's own. Other users' requests (root's, and those of every user's
+/// other work) then get the CPU first.
+fn at_low_priority<T>(low: bool, f: impl FnOnce() -> T) -> T {
+    if !low {
+        return f();
+    }
+    // SAFETY: gettid has no arguments; it names this thread.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    // getpriority returns the niceness, and -1 both for nice -1 and for an error: errno
+    // tells them apart.
+    // SAFETY: errno is this thread's; getpriority reads this thread's niceness.
+    let old = unsafe {
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, tid);
+        (n != -1 || *libc::__errno_location() == 0).then_some(n)
+    };
+    let Some(old) = old else {
+        return f();
+    };
+    let low = (old + SNAPSHOT_NICENESS).min(19);
+    // SAFETY: sets this thread's niceness only; a failure leaves it as it was.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, low) };
+    let out = f();
+    // Back up (the daemon, root, may raise it again).
+    // SAFETY: as above.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, old) };
+    out
 }
 
 /// Checks that `fd` is a directory of procfs (what `SPAWNER_FD` reads as a `proc_inode`).
@@ -1174,7 +1539,9 @@ fn check_proc_dir(fd: &OwnedFd) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// The pid (as the daemon sees it) of the process behind a pidfd, from its fdinfo.
+/// The pid (as the daemon sees it) of the process behind a pidfd, from its fdinfo. A thread's
+/// pidfd (`PIDFD_THREAD`, Linux 6.9) is taken when the thread leads its process, and refused
+/// with a message saying so otherwise.
 fn pidfd_pid(fd: &OwnedFd) -> Result<u32, Refusal> {
     let text =
         std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).map_err(|e| {
@@ -1194,7 +1561,25 @@ fn pidfd_pid(fd: &OwnedFd) -> Result<u32, Refusal> {
             )
         })?;
     match pid {
-        p if p > 0 => Ok(p as u32),
+        p if p > 0 => {
+            // PIDFD_THREAD is O_EXCL on the pidfd's open file.
+            // SAFETY: F_GETFL on a valid descriptor.
+            let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+            if flags >= 0 && flags & libc::O_EXCL != 0 {
+                let tgid = crate::procfs::read_tgid(p as u32);
+                if tgid != Some(p as u32) {
+                    return Err(refusal(
+                        ErrorKind::BadRequest,
+                        format!(
+                            "the pidfd names thread {p}, not a process (PIDFD_THREAD): attach \
+                             takes a pidfd of the process{}",
+                            tgid.map(|t| format!(" ({t})")).unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+            Ok(p as u32)
+        }
         0 => Err(refusal(
             ErrorKind::Unsupported,
             "the process is not visible in the daemon's pid namespace",
@@ -1203,40 +1588,54 @@ fn pidfd_pid(fd: &OwnedFd) -> Result<u32, Refusal> {
     }
 }
 
-/// The write end of a client's event pipe, never blocking the daemon: what the client does
+/// The write end of a session's event pipe, never blocking the daemon: what the client does
 /// not take in time waits in a bounded backlog, and past it is dropped (and counted).
 struct EventPipe {
     fd: OwnedFd,
     backlog: Vec<u8>,
     dropped: Arc<AtomicU64>,
     closed: bool,
+    /// The session's memory account, charged with the backlog's bytes.
+    memory: crate::budget::Share,
 }
 
+/// The size the daemon asks for its event pipes (the kernel's default is 64 KiB).
+const EVENTS_PIPE_SIZE: i32 = 1 << 20;
+
 impl EventPipe {
-    fn new(fd: OwnedFd) -> Result<(EventPipe, Arc<AtomicU64>), String> {
-        // SAFETY: fstat and fcntl on a valid descriptor.
+    /// A new pipe: its read end (for the client), and its write end as a sink that never
+    /// blocks (`O_NONBLOCK` on an open file only the daemon holds), its backlog charged to
+    /// `memory`.
+    fn create(
+        memory: crate::budget::Share,
+    ) -> std::io::Result<(OwnedFd, EventPipe, Arc<AtomicU64>)> {
+        let mut ends = [0 as RawFd; 2];
+        // SAFETY: pipe2 fills two descriptors we then own.
+        if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fresh descriptors from pipe2.
+        let (reader, writer) =
+            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        // The read end is the client's: it may block on it as it likes. A larger pipe (a hint:
+        // the kernel may refuse it) lets a reader that is briefly busy lose nothing.
+        // SAFETY: fcntl on descriptors we own.
         unsafe {
-            let mut st: libc::stat = std::mem::zeroed();
-            if libc::fstat(fd.as_raw_fd(), &mut st) != 0
-                || st.st_mode & libc::S_IFMT != libc::S_IFIFO
-            {
-                return Err("the events descriptor is not a pipe".to_string());
+            let flags = libc::fcntl(reader.as_raw_fd(), libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(reader.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
             }
-            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-            if flags < 0
-                || flags & libc::O_ACCMODE == libc::O_RDONLY
-                || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) != 0
-            {
-                return Err("the events pipe is not writable".to_string());
-            }
+            libc::fcntl(writer.as_raw_fd(), libc::F_SETPIPE_SZ, EVENTS_PIPE_SIZE);
         }
         let dropped = Arc::new(AtomicU64::new(0));
         Ok((
+            reader,
             EventPipe {
-                fd,
+                fd: writer,
                 backlog: Vec::new(),
                 dropped: dropped.clone(),
                 closed: false,
+                memory,
             },
             dropped,
         ))
@@ -1255,6 +1654,7 @@ impl EventPipe {
             };
             if n > 0 {
                 self.backlog.drain(..n as usize);
+                self.memory.give_back(n as u64);
                 continue;
             }
             match std::io::Error::last_os_error().raw_os_error() {
@@ -1263,6 +1663,7 @@ impl EventPipe {
                 // The client closed its end: the stream is over.
                 _ => {
                     self.closed = true;
+                    self.memory.give_back(self.backlog.len() as u64);
                     self.backlog.clear();
                 }
             }
@@ -1278,7 +1679,10 @@ impl std::io::Write for EventPipe {
         if self.backlog.len() + buf.len() > EVENTS_BACKLOG {
             self.push();
         }
-        if self.backlog.len() + buf.len() > EVENTS_BACKLOG {
+        // Past the session's backlog, or past its user's memory share: dropped, counted.
+        if self.backlog.len() + buf.len() > EVENTS_BACKLOG
+            || self.memory.try_take(buf.len() as u64).is_err()
+        {
             self.dropped.fetch_add(buf.len() as u64, Ordering::Relaxed);
         } else {
             self.backlog.extend_from_slice(buf);
@@ -1321,8 +1725,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn low_priority_work_runs_nicer_and_the_thread_gets_its_niceness_back() {
+        let nice = || {
+            // SAFETY: reads this thread's niceness.
+            unsafe {
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::getpriority(libc::PRIO_PROCESS, tid)
+            }
+        };
+        std::thread::spawn(move || {
+            let before = nice();
+            let during = at_low_priority(true, nice);
+            assert_eq!(during, (before + SNAPSHOT_NICENESS).min(19));
+            // Raising it back needs CAP_SYS_NICE (the daemon is root).
+            if crate::missing_privileges().ok().flatten().is_none() {
+                assert_eq!(nice(), before);
+            }
+            assert_eq!(at_low_priority(false, nice), nice());
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
     fn access_rules() {
-        let peer = |uid, gid| Peer { pid: 0, uid, gid };
+        let peer = |uid, gid| Peer {
+            pid: 0,
+            uid,
+            gid,
+            privileged: uid == 0,
+        };
         assert!(allowed(Access::Root, peer(0, 0)));
         assert!(!allowed(Access::Root, peer(1000, 1000)));
         assert!(allowed(Access::Group(50), peer(1000, 50)));
@@ -1333,22 +1765,51 @@ mod tests {
     #[test]
     fn an_event_pipe_that_nobody_reads_never_blocks_and_counts_what_it_drops() {
         use std::io::Write;
-        let (r, w) = std::io::pipe().unwrap();
-        let (mut sink, dropped) = EventPipe::new(OwnedFd::from(w)).unwrap();
+        let (r, mut sink, dropped) = EventPipe::create(crate::budget::Share::unlimited()).unwrap();
+        // All the client holds is the read end, a file of its own: whatever it does to that
+        // file's flags cannot make the daemon's writes block.
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let flags = libc::fcntl(r.as_raw_fd(), libc::F_GETFL);
+            assert_eq!(
+                flags & libc::O_NONBLOCK,
+                0,
+                "the client's end blocks for the client"
+            );
+            libc::fcntl(r.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            let wflags = libc::fcntl(sink.fd.as_raw_fd(), libc::F_GETFL);
+            assert_ne!(wflags & libc::O_NONBLOCK, 0);
+        }
         let line = [b'x'; 1000];
         let start = Instant::now();
         for _ in 0..10_000 {
             sink.write_all(&line).unwrap();
         }
         assert!(start.elapsed() < Duration::from_secs(5));
-        // 10 MB written; the pipe holds 64 KiB and the backlog 4 MiB: the rest is dropped.
+        // 10 MB written; the pipe holds at most 1 MiB and the backlog 4 MiB: the rest is
+        // dropped.
         let lost = dropped.load(Ordering::Relaxed);
         assert!(
-            lost >= 10_000_000 - EVENTS_BACKLOG as u64 - (1 << 20),
+            lost >= 10_000_000 - EVENTS_BACKLOG as u64 - (2 << 20),
             "{lost}"
         );
         drop(r);
         assert!(sink.write(&line).is_err() || sink.closed);
+    }
+
+    #[test]
+    fn only_an_unmapped_overflow_uid_is_refused() {
+        let init = "         0          0 4294967295\n";
+        assert!(maps_every_uid(init));
+        let container = "         0     100000      65536\n";
+        assert!(!maps_every_uid(container));
+        assert!(maps_uid(container, 65534));
+        assert!(!maps_uid(container, 65536));
+        let narrow = "0 1000 1\n1 100000 1000\n";
+        assert!(!maps_uid(narrow, 65534));
+        assert!(maps_uid(narrow, 0) && maps_uid(narrow, 1000));
+        assert!(!maps_every_uid(""));
+        assert!(!maps_uid("garbage line\n", 0));
     }
 
     #[test]

@@ -27,6 +27,16 @@ pub fn interval_text(d: Duration) -> String {
     }
 }
 
+/// The counts that samples of `/proc` can only undercount (a process or thread that lives
+/// between two samples is missed): a report's `lower_bounds` wherever they are sampled.
+pub(crate) const SAMPLED_COUNTS: [&str; 3] =
+    ["process_count", "thread_count", "peak_process_count"];
+
+/// [`SAMPLED_COUNTS`] as a report's `lower_bounds`.
+pub(crate) fn sampled_counts() -> Vec<String> {
+    SAMPLED_COUNTS.iter().map(|f| f.to_string()).collect()
+}
+
 /// What the reaper's records add up to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reaped {
@@ -217,9 +227,13 @@ impl Account {
         if let Some(live) = live {
             let (mut lcpu, mut lu, mut ls) = (0, 0, 0);
             for (n, d) in live {
-                lcpu += d.own_cpu_ns + d.waited_cpu_ns;
-                lu += d.user_ticks;
-                ls += d.system_ticks;
+                // Each process's own split (its /proc ticks are the kernel's adjusted split
+                // already), scaled to its precise runtime; the tree's is the sum.
+                let cpu = d.own_cpu_ns + d.waited_cpu_ns;
+                let (user, system) = split_runtime(cpu, d.user_ticks, d.system_ticks);
+                lcpu += cpu;
+                lu += user;
+                ls += system;
                 if let Some(io) = d.io {
                     read += io.read_bytes;
                     written += io.write_bytes;
@@ -230,7 +244,6 @@ impl Account {
                     rss += n.stat.rss_pages * units.page_size;
                 }
             }
-            let (lu, ls) = split_runtime(lcpu, lu, ls);
             cpu += lcpu;
             user += lu;
             system += ls;
@@ -241,7 +254,9 @@ impl Account {
         u.cpu_system_ns = system;
         u.process_count = self.process_count();
         u.thread_count = self.thread_count();
-        u.peak_process_count = Some(self.peak_live.max(live_count));
+        // A tree too short-lived for any sample to see it alive still had its root alive.
+        let least = u64::from(u.process_count > 0);
+        u.peak_process_count = Some(self.peak_live.max(live_count).max(least));
         u.live_process_count = live_count;
         u.disk_bytes_read = Some(read);
         u.disk_bytes_written = Some(written);
@@ -249,6 +264,7 @@ impl Account {
         u.peak_memory_bytes = Some(self.peak_rss.max(rss));
         u.max_process_rss_bytes = Some(max_rss);
         u.precision_notes = run_notes(reason, units, live.is_some());
+        u.lower_bounds = sampled_counts();
         u.exit_code = root.exit_code;
         u.signal = root.signal;
         u.wall_time_ms = wall_time_ms;
@@ -463,7 +479,7 @@ impl AttachAccount {
         u.cpu_system_ns = system;
         u.process_count = self.members.len() as u64 + self.gone;
         u.thread_count = self.threads.len() as u64;
-        u.peak_process_count = Some(self.peak_live);
+        u.peak_process_count = Some(self.peak_live.max(u64::from(u.process_count > 0)));
         u.live_process_count = self.live;
         u.disk_bytes_read = since(io.read_bytes, before.disk_bytes_read);
         u.disk_bytes_written = since(io.write_bytes, before.disk_bytes_written);
@@ -474,6 +490,7 @@ impl AttachAccount {
         u.memory_bytes = Some(self.rss);
         u.peak_memory_bytes = Some(self.peak_rss);
         u.precision_notes = attach_notes(units);
+        u.lower_bounds = sampled_counts();
         if let Some(status) = self.root_status {
             let end = RootEnd::from_wait_status(status);
             u.exit_code = end.exit_code;
@@ -617,6 +634,10 @@ mod tests {
         assert_eq!(u.live_process_count, 0);
         assert_eq!(u.tracker, TrackerKind::Proc);
         assert_eq!(u.precision, crate::Precision::Approximate);
+        assert_eq!(
+            u.lower_bounds,
+            ["process_count", "thread_count", "peak_process_count"]
+        );
         // What it cannot know is null, never 0.
         assert_eq!(u.io_read_chars, None);
         assert_eq!(u.disk_cancelled_write_bytes, None);
@@ -643,6 +664,16 @@ mod tests {
         }
         assert!(notes.contains("no privileges"), "{notes}");
         assert!(notes.contains("every 10 ms"), "{notes}");
+    }
+
+    #[test]
+    fn a_tree_no_sample_saw_alive_had_one_process_alive_at_least() {
+        let mut a = Account::default();
+        let u = a.usage("x", UNITS, None, RootEnd::default(), 0);
+        assert_eq!((u.process_count, u.peak_process_count), (0, Some(0)));
+        a.reap(&record(10, 100, 0, 1, 1, 1, 0, 0));
+        let u = a.usage("x", UNITS, None, RootEnd::default(), 0);
+        assert_eq!((u.process_count, u.peak_process_count), (1, Some(1)));
     }
 
     #[test]
@@ -748,5 +779,6 @@ mod tests {
         assert_eq!(a.root_end(), (true, Some(1 << 8)));
         assert!(u.attached);
         assert_eq!(u.max_process_rss_bytes, None);
+        assert_eq!(u.lower_bounds, sampled_counts());
     }
 }

@@ -64,6 +64,13 @@ pub enum FallbackError {
     ReaperLost,
     #[error("{what} needs the eBPF tracker; the /proc fallback is in use because {reason}")]
     Unsupported { what: &'static str, reason: String },
+    /// The process to attach to is another user's: without the eBPF tracker, its I/O
+    /// accounting (and its tree's) is out of reach.
+    #[error(
+        "cannot attach to process {pid}: it belongs to another user (uid {owner}); one may \
+         attach only to one's own processes (root may attach to any)"
+    )]
+    NotOwnProcess { pid: u32, owner: u32 },
     /// The process to attach to cannot be followed (no such process, a kernel thread, a
     /// zombie, cylo-usage itself).
     #[error(transparent)]
@@ -210,16 +217,19 @@ impl ProcTracker {
         let target = crate::attach::check_target(pid)?;
         let fs = ProcFs::host();
         // Its I/O accounting is readable only for one's own processes: say so now.
-        if let Read::Gone = fs.io(pid)? {
-            return Err(SessionError::NoSuchProcess { pid }.into());
+        match fs.io(pid) {
+            Ok(Read::Gone) => return Err(SessionError::NoSuchProcess { pid }.into()),
+            Ok(Read::Got(_)) => {}
+            Err(e) => return Err(not_own_process(pid).unwrap_or(e.into())),
         }
         let pidfd = pidfd_open(pid).ok();
         let mode = Mode::Attached {
             acc: AttachAccount::default(),
-            root: Seed {
+            root: Some(Seed {
                 pid,
                 start_ticks: Some(target.start_ticks),
-            },
+            }),
+            own_children: false,
         };
         let started_ns = monotonic_ns();
         let run = ProcRun::start(self, mode, pid, pidfd, started_ns, None)?;
@@ -235,6 +245,46 @@ impl ProcTracker {
         drop(state);
         Ok(run)
     }
+}
+
+impl ProcTracker {
+    /// Follows, from now on, a tree that another tracker followed until now (a daemon that
+    /// went away): `root` (if it has not ended and been reaped), what is below it and, with
+    /// `own_children`, every child of this process and what is below them (for a child
+    /// subreaper whose children are the tree's alone). Sampled like an attach: figures are
+    /// from now on, `usage_before_attach` has what the processes present now had used.
+    pub(crate) fn follow(
+        &self,
+        root: Option<u32>,
+        own_children: bool,
+    ) -> Result<ProcRun, FallbackError> {
+        let fs = ProcFs::host();
+        let root = root.and_then(|pid| {
+            proctree::start_ticks(&fs, pid).map(|start| Seed {
+                pid,
+                start_ticks: Some(start),
+            })
+        });
+        let root_pid = root.map_or(0, |s| s.pid);
+        let pidfd = root.and_then(|s| pidfd_open(s.pid).ok());
+        let mode = Mode::Attached {
+            acc: AttachAccount::default(),
+            root,
+            own_children,
+        };
+        ProcRun::start(self, mode, root_pid, pidfd, monotonic_ns(), None)
+    }
+}
+
+/// [`FallbackError::NotOwnProcess`] if process `pid` has a real, effective or saved uid other
+/// than this process's real uid (what keeps its `/proc/PID/io` from us); `None` if it is ours
+/// (a non-dumpable process of our own is refused for that, with the error that says so).
+fn not_own_process(pid: u32) -> Option<FallbackError> {
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    let uids = procfs::read_uids(pid)?;
+    let owner = uids[..3].iter().copied().find(|&u| u != me)?;
+    Some(FallbackError::NotOwnProcess { pid, owner })
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -351,7 +401,10 @@ enum Mode {
     },
     Attached {
         acc: AttachAccount,
-        root: Seed,
+        /// `None`: the root had already ended.
+        root: Option<Seed>,
+        /// Every child of this process is part of the tree (see [`ProcTracker::follow`]).
+        own_children: bool,
     },
 }
 
@@ -473,6 +526,8 @@ pub struct ProcRun {
     timed_out: bool,
     started_ns: u64,
     sampler: Option<JoinHandle<()>>,
+    /// The signals sent to the tree so far.
+    signals_sent: Mutex<Vec<crate::usage::SignalSent>>,
 }
 
 impl ProcRun {
@@ -519,6 +574,7 @@ impl ProcRun {
             timed_out: false,
             started_ns,
             sampler: Some(sampler),
+            signals_sent: Mutex::new(Vec::new()),
         })
     }
 
@@ -624,6 +680,7 @@ impl ProcRun {
     pub fn kill(&self, signal: i32) -> Result<usize, FallbackError> {
         let fs = ProcFs::host();
         let mut signalled: HashSet<(u32, u64)> = HashSet::new();
+        let mut sent = 0u64;
         for _ in 0..KILL_ROUNDS {
             let mut fresh = 0;
             for key in self.members_now() {
@@ -638,12 +695,19 @@ impl ProcRun {
                 }
                 if pidfd_send_signal(&fd, signal).is_ok() {
                     fresh += 1;
+                    sent += 1;
                 }
             }
             if fresh == 0 {
                 break;
             }
         }
+        crate::usage::SignalSent::record(
+            &mut self.signals_sent.lock().unwrap_or_else(|e| e.into_inner()),
+            signal,
+            sent,
+            0,
+        );
         Ok(signalled.len())
     }
 
@@ -694,6 +758,11 @@ impl ProcRun {
             u.precision_notes.push(format!("tracker: {f}"));
         }
         u.timed_out = self.timed_out;
+        u.signals_sent = self
+            .signals_sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         Ok(u)
     }
 }
@@ -707,8 +776,8 @@ impl Drop for ProcRun {
     }
 }
 
-fn seeds_of(root: &Seed, acc: &AttachAccount) -> Vec<Seed> {
-    let mut seeds = vec![*root];
+fn seeds_of(root: &Option<Seed>, acc: &AttachAccount) -> Vec<Seed> {
+    let mut seeds: Vec<Seed> = root.iter().copied().collect();
     seeds.extend(acc.known().into_iter().map(|(pid, start)| Seed {
         pid,
         start_ticks: Some(start),
@@ -721,11 +790,28 @@ fn seeds_of(root: &Seed, acc: &AttachAccount) -> Vec<Seed> {
 fn tree_now(shared: &Shared, fs: &ProcFs) -> Result<Vec<Node>, ProcError> {
     let seeds = match &shared.lock().mode {
         Mode::Spawned { reaper, .. } => Err(reaper.pid),
-        Mode::Attached { acc, root } => Ok(seeds_of(root, acc)),
+        Mode::Attached {
+            acc,
+            root,
+            own_children,
+        } => Ok((seeds_of(root, acc), *own_children)),
     };
+    let me = std::process::id();
     match seeds {
         Err(reaper) => proctree::walk_below(fs, reaper),
-        Ok(seeds) => proctree::walk(fs, &seeds, &HashSet::from([std::process::id()])),
+        Ok((seeds, false)) => proctree::walk(fs, &seeds, &HashSet::from([me])),
+        Ok((seeds, true)) => {
+            // The root (first: the account takes the first node for the root), then every
+            // child of this process (orphans came back to it) and what is below them.
+            let mut nodes = proctree::walk(fs, &seeds, &HashSet::from([me]))?;
+            let mut seen: HashSet<u32> = nodes.iter().map(|n| n.pid).collect();
+            for n in proctree::walk_below(fs, me)? {
+                if seen.insert(n.pid) {
+                    nodes.push(n);
+                }
+            }
+            Ok(nodes)
+        }
     }
 }
 

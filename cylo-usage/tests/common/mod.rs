@@ -2,6 +2,8 @@
 //! the kernel's own ground truth (a cpuacct cgroup).
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::ffi::CString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -315,11 +317,16 @@ fn util_linux_setpriv() -> bool {
 /// capabilities: `setpriv --reuid=65534 --regid=65534 --clear-groups` where util-linux has it
 /// (CI), else the same calls (setgroups, setresgid, setresuid) made before exec.
 pub fn as_nobody(program: &Path, args: &[&str]) -> Command {
+    as_user(NOBODY, program, args)
+}
+
+/// [`as_nobody`] for any uid `uid` (its gid the same number); no account is needed.
+pub fn as_user(uid: u32, program: &Path, args: &[&str]) -> Command {
     if util_linux_setpriv() {
         let mut c = Command::new("setpriv");
         c.args([
-            format!("--reuid={NOBODY}"),
-            format!("--regid={NOBODY}"),
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
             "--clear-groups".to_string(),
             "--".to_string(),
         ]);
@@ -330,10 +337,10 @@ pub fn as_nobody(program: &Path, args: &[&str]) -> Command {
     c.args(args);
     // SAFETY: async-signal-safe calls only.
     unsafe {
-        c.pre_exec(|| {
+        c.pre_exec(move || {
             if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setresgid(NOBODY, NOBODY, NOBODY) != 0
-                || libc::setresuid(NOBODY, NOBODY, NOBODY) != 0
+                || libc::setresgid(uid, uid, uid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
             {
                 return Err(std::io::Error::last_os_error());
             }
@@ -410,4 +417,204 @@ pub fn cli(args: &[&str]) -> Output {
 /// A command's standard error, as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `d` as an upper bound on how long something of ours may take here: `d` on a real machine,
+/// five times it in the kernel-matrix guests (emulated CPUs, one host thread for both).
+/// Used only for bounds on our own promptness, never for lower bounds.
+pub fn bound(d: std::time::Duration) -> std::time::Duration {
+    if std::env::var_os("CYLO_USAGE_VM").is_some() {
+        d * 5
+    } else {
+        d
+    }
+}
+
+/// Whether a test of the command line's own behaviour (messages, outputs, exit statuses),
+/// which no kernel version changes, runs here: on the host, always; in the kernel-matrix
+/// guests it is skipped, saying so, because each of its in-process loads costs tens of
+/// seconds of emulated verification there, and the kernel-specific paths it passes through
+/// have tests of their own in the matrix.
+#[allow(dead_code)]
+pub fn host_only(test: &str) -> bool {
+    if std::env::var_os("CYLO_USAGE_VM").is_some() {
+        eprintln!("SKIPPED in the kernel matrix: {test} checks the command line, not the kernel");
+        return false;
+    }
+    true
+}
+
+/// A `past-lives` workload to attach to: a thread that burnt CPU and moved chars, then
+/// exited, and a child that did the same and was reaped; idle from `ready` on (until
+/// [`PastLives::finish`]). Its ground truth is what the kernel itself says: the workload's
+/// own `getrusage(RUSAGE_SELF)` + `getrusage(RUSAGE_CHILDREN)`, and `/proc/PID/stat` and
+/// `/proc/PID/io` (which cover exited threads and reaped children).
+pub struct PastLives {
+    pub child: std::process::Child,
+    pub truth: PastTruth,
+}
+
+/// What a [`PastLives`] workload did, as it says itself.
+#[derive(Clone, Copy, Debug)]
+pub struct PastTruth {
+    /// getrusage SELF + CHILDREN, user + system, in ns (from µs).
+    pub rusage_ns: u64,
+    /// Bytes each of the thread and the child read and wrote.
+    pub bytes: u64,
+}
+
+/// The figures of `/proc/PID/stat` and `/proc/PID/io` this test compares with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcFigures {
+    /// utime + stime + cutime + cstime, in ns (from clock ticks, each truncated).
+    pub stat_cpu_ns: u64,
+    pub rchar: u64,
+    pub wchar: u64,
+}
+
+impl PastLives {
+    pub fn start(dir: &Path, thread_ms: u64, child_ms: u64, bytes: u64) -> PastLives {
+        PastLives::start_as(dir, thread_ms, child_ms, bytes, &[], workload)
+    }
+
+    /// [`PastLives::start`] with the workload's command made by `command` from its arguments
+    /// (e.g. [`as_nobody`]).
+    pub fn start_as(
+        dir: &Path,
+        thread_ms: u64,
+        child_ms: u64,
+        bytes: u64,
+        extra: &[&str],
+        command: impl FnOnce(&[&str]) -> Command,
+    ) -> PastLives {
+        use std::io::BufRead;
+        let file = dir.join("past-lives.rusage");
+        let (thread_ms, child_ms, bytes_s) = (
+            thread_ms.to_string(),
+            child_ms.to_string(),
+            bytes.to_string(),
+        );
+        let mut args = vec![
+            "past-lives",
+            &thread_ms,
+            &child_ms,
+            &bytes_s,
+            file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let mut child = command(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "the workload did not get ready");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let us: Vec<u64> = text
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert_eq!(us.len(), 4, "{text}");
+        PastLives {
+            child,
+            truth: PastTruth {
+                rusage_ns: us.iter().sum::<u64>() * 1_000,
+                bytes,
+            },
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn proc_figures(&self) -> ProcFigures {
+        proc_figures(self.pid())
+    }
+
+    /// Closes its stdin and waits for it.
+    pub fn finish(mut self) {
+        drop(self.child.stdin.take());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "{status}");
+    }
+
+    pub fn check(&self, before: &cylo_usage::UsageBeforeAttach, proc: ProcFigures, ticks: bool) {
+        self.truth.check(before, proc, ticks);
+    }
+}
+
+impl PastTruth {
+    /// Checks `before` against the kernel's figures `proc` (read around the attach, while the
+    /// workload idled): CPU within 2% of getrusage (plus four clock ticks with `ticks`: the
+    /// /proc fallback has only /proc/PID/stat's four tick counts, each truncated, for what
+    /// exited), and within 2% of /proc/PID/stat plus the truncation of its four tick counts;
+    /// the I/O chars exactly.
+    pub fn check(&self, before: &cylo_usage::UsageBeforeAttach, proc: ProcFigures, ticks: bool) {
+        let cpu = before.cpu_time_ns;
+        eprintln!(
+            "before the attach: {cpu} ns (user {}, system {}); getrusage {} ns; /proc/PID/stat \
+             {} ns; rchar {:?}/{}, wchar {:?}/{}",
+            before.cpu_user_ns,
+            before.cpu_system_ns,
+            self.rusage_ns,
+            proc.stat_cpu_ns,
+            before.io_read_chars,
+            proc.rchar,
+            before.io_write_chars,
+            proc.wchar
+        );
+        let ticks_ns = if ticks { 4 * tick_ns() } else { 0 };
+        assert!(
+            cpu.abs_diff(self.rusage_ns) as f64 <= 0.02 * self.rusage_ns as f64 + ticks_ns as f64,
+            "before the attach {cpu} ns, getrusage SELF + CHILDREN {} ns: {before:?}",
+            self.rusage_ns
+        );
+        let slack = proc.stat_cpu_ns / 50 + 4 * tick_ns();
+        assert!(
+            cpu.abs_diff(proc.stat_cpu_ns) <= slack,
+            "before the attach {cpu} ns, /proc/PID/stat {} ns: {before:?}",
+            proc.stat_cpu_ns
+        );
+        assert_eq!(
+            before.cpu_user_ns + before.cpu_system_ns,
+            cpu,
+            "user + system = total: {before:?}"
+        );
+        assert!(proc.rchar >= 2 * self.bytes && proc.wchar >= 2 * self.bytes);
+        assert_eq!(before.io_read_chars, Some(proc.rchar), "{before:?}");
+        assert_eq!(before.io_write_chars, Some(proc.wchar), "{before:?}");
+    }
+}
+
+/// `pid`'s [`ProcFigures`] now.
+pub fn proc_figures(pid: u32) -> ProcFigures {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 1..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // After the name: state is field 3; utime, stime, cutime, cstime are 14 to 17.
+    let ticks: u64 = f[11..15].iter().map(|v| v.parse::<u64>().unwrap()).sum();
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    let field = |name: &str| -> u64 {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    ProcFigures {
+        stat_cpu_ns: ticks * tick_ns(),
+        rchar: field("rchar"),
+        wchar: field("wchar"),
+    }
+}
+
+/// One clock tick in ns.
+pub fn tick_ns() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    1_000_000_000 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64
 }

@@ -47,7 +47,7 @@ pub struct Args {
     #[arg(long = "kernel", value_name = "NAME", num_args = 1..)]
     kernels: Vec<String>,
     /// Seconds allowed per kernel for boot plus the whole suite (TCG is ~10x slower than KVM).
-    #[arg(long, value_name = "SECS", default_value_t = 1200)]
+    #[arg(long, value_name = "SECS", default_value_t = 1500)]
     timeout: u64,
     /// Virtual CPUs per guest (retried with 1 when a guest does not reach /init).
     #[arg(long, default_value_t = 2)]

@@ -1,0 +1,111 @@
+//! One user/system method: each process's split is the kernel's `cputime_adjust` of its own
+//! thread group, and the tree's user and system times are the sums of its processes' (what
+//! `wait4()` adds up, and `time(1)` prints). The only test of its binary: it measures its own
+//! `getrusage(RUSAGE_CHILDREN)`, which another test's children would disturb.
+mod common;
+
+use std::time::Duration;
+
+use common::{tracker, workload};
+use cylo_usage::{Precision, RunOptions};
+
+/// This process's reaped descendants' user and system time (ns), as the kernel sums them.
+fn children_rusage() -> (u64, u64) {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut r) }, 0);
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
+    (ns(r.ru_utime), ns(r.ru_stime))
+}
+
+/// Runs the mix under the tracker, with or without a breakdown, and checks the split.
+async fn check(t: &cylo_usage::Tracker, tree: bool) {
+    let (u0, s0) = children_rusage();
+    // 107 processes: 6 children from all user to all system time, 100 of 2 ms of syscalls
+    // each (mostly no tick sample: user time for the kernel, whatever the tree's proportion),
+    // and their parent (half and half), which reaps them; this test reaps the parent.
+    let mut cmd = workload(&["mix", "6", "300", "100"]);
+    let options = RunOptions {
+        tree,
+        ..RunOptions::default()
+    };
+    let mut run = t.spawn_with(&mut cmd, options).expect("spawn");
+    tokio::time::timeout(Duration::from_secs(120), async {
+        run.wait_root().await.expect("root");
+        run.wait_finished().await.expect("tree");
+    })
+    .await
+    .expect("finished within 120 s");
+    let u = run.usage().expect("usage");
+    let (u1, s1) = children_rusage();
+    let (wait_user, wait_system) = (u1 - u0, s1 - s0);
+    assert_eq!((u.lost_events, u.precision), (0, Precision::Exact), "{u:?}");
+    assert_eq!(u.cpu_user_ns + u.cpu_system_ns, u.cpu_time_ns);
+    check_against_wait4(&u, (wait_user, wait_system), tree);
+    let Some(ps) = u.processes.as_ref() else {
+        return;
+    };
+    assert_eq!(ps.len(), 107);
+    // The breakdown's parts add up to the totals (a few ns of rounding per process at most;
+    // here exactly, the totals being the sums).
+    let user: u64 = ps.iter().map(|p| p.cpu_user_ns).sum();
+    let system: u64 = ps.iter().map(|p| p.cpu_system_ns).sum();
+    assert!(
+        user.abs_diff(u.cpu_user_ns) <= 107 * 4,
+        "{user} vs {}",
+        u.cpu_user_ns
+    );
+    assert!(
+        system.abs_diff(u.cpu_system_ns) <= 107 * 4,
+        "{system} vs {}",
+        u.cpu_system_ns
+    );
+    assert_eq!(u.cpu_user_ns + u.cpu_system_ns, u.cpu_time_ns);
+    // The mix is real: some processes mostly user, some mostly system.
+    assert!(
+        ps.iter().any(|p| p.cpu_user_ns > 4 * p.cpu_system_ns),
+        "{ps:?}"
+    );
+    assert!(
+        ps.iter().any(|p| p.cpu_system_ns > 4 * p.cpu_user_ns),
+        "{ps:?}"
+    );
+}
+
+/// The totals against wait4's figures (time -f '%U %S'): within a tick (10 ms) plus 2%.
+/// Both are made from the same runtimes and tick samples, so they agree to wait4's
+/// microseconds unless something read a member's /proc/PID/stat meanwhile (the kernel's
+/// monotonicity clamp).
+fn check_against_wait4(
+    u: &cylo_usage::ResourceUsage,
+    (wait_user, wait_system): (u64, u64),
+    tree: bool,
+) {
+    let bound = |total: u64| 10_000_000 + total / 50;
+    eprintln!(
+        "tree {tree}: user {} ns (wait4 {wait_user}), system {} ns (wait4 {wait_system})",
+        u.cpu_user_ns, u.cpu_system_ns
+    );
+    assert!(
+        u.cpu_user_ns.abs_diff(wait_user) <= bound(wait_user),
+        "tree {tree}: user {} vs wait4 {wait_user}",
+        u.cpu_user_ns
+    );
+    assert!(
+        u.cpu_system_ns.abs_diff(wait_system) <= bound(wait_system),
+        "tree {tree}: system {} vs wait4 {wait_system}",
+        u.cpu_system_ns
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn user_and_system_add_up_to_the_totals_and_agree_with_wait4() {
+    let Some(t) = tracker() else { return };
+    check(&t, true).await;
+    // Without records, the kernel side splits each process as its last thread leaves: with
+    // BPF atomic fetch (5.12+), where this build has it on; else the tree's sums are split
+    // at once.
+    if t.measured().atomics && cylo_usage_abi::KERNEL_SPLIT {
+        check(&t, false).await;
+    }
+}
