@@ -20,8 +20,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use cylo_usage_abi::{ARGV_BYTES, control};
 
 use crate::procfs;
-use crate::run::SessionError;
+use crate::run::{Origin, Run, RunOptions, SessionError, claim_slot, run_share};
+use crate::sys::monotonic_ns;
 use crate::tracker::Inner;
+use crate::tracker::Tracker;
+use crate::tree::AdoptedArgv;
 
 /// Passes over /proc before the attach settles for what it has (a tree that forks faster
 /// than a pass can scan it; what the hooks adopt meanwhile is still followed).
@@ -84,13 +87,69 @@ pub(crate) fn check_target(pid: u32) -> Result<Target, SessionError> {
     })
 }
 
-/// A process's argv as `/proc/PID/cmdline` showed it at its adoption: at most
-/// [`ARGV_BYTES`] bytes (NUL-separated, as the exec records keep it), and whether more
-/// were cut off.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct AdoptedArgv {
-    pub bytes: Vec<u8>,
-    pub truncated: bool,
+impl Tracker {
+    /// Follows process `pid`, its threads, every descendant alive now and everything any of
+    /// them creates from now on. Totals are what the tree uses from now on;
+    /// [`ResourceUsage::usage_before_attach`] has what its processes had used before.
+    pub fn attach(&self, pid: u32) -> Result<Run, SessionError> {
+        self.attach_with(pid, RunOptions::default())
+    }
+
+    /// [`Tracker::attach`] with a per-process breakdown and/or an event stream.
+    pub fn attach_with(&self, pid: u32, options: RunOptions) -> Result<Run, SessionError> {
+        let inner = self.inner.clone();
+        if let Some(reason) = &inner.unavailable.attach {
+            return Err(SessionError::AttachUnsupported {
+                reason: reason.clone(),
+            });
+        }
+        let target = check_target(pid)?;
+        let pidfd = crate::run::pidfd_of(pid)?;
+        // The pidfd is the process we checked only if it still has the start time we saw.
+        if check_target(pid)?.start_ticks != target.start_ticks {
+            return Err(SessionError::NoSuchProcess { pid });
+        }
+        let flags = options.run_flags();
+        let started_ns = monotonic_ns();
+        let slot = claim_slot(
+            &mut inner.maps(),
+            flags,
+            run_share(options.max_tasks, inner.capacity),
+        )?;
+        let mut run = Run::new(
+            inner.clone(),
+            slot,
+            Origin::Attached,
+            pid,
+            Some(pidfd),
+            started_ns,
+        );
+        run.start_records(options, started_ns);
+        run.set_attaching(true)?;
+        let adopted = adopt_tree(&inner, slot, &target, run.breakdown);
+        run.set_attaching(false)?;
+        let adopted = adopted?;
+        if let Some(tree) = &run.tree {
+            inner.sinks.drain();
+            let mut tree = tree.lock().unwrap_or_else(|e| e.into_inner());
+            tree.note_adopted_argv(&adopted.argv);
+            tree.note_attached(adopted.processes, adopted.threads, adopted.passes);
+        }
+        if adopted.refused > 0 {
+            return Err(SessionError::TreeTooLarge {
+                pid,
+                followed: adopted.threads,
+            });
+        }
+        if !adopted.root {
+            return Err(if adopted.root_elsewhere {
+                SessionError::AlreadyFollowed { pid }
+            } else {
+                SessionError::NoSuchProcess { pid }
+            });
+        }
+        Ok(run)
+    }
 }
 
 /// What an attach adopted.

@@ -46,7 +46,7 @@ fn make() -> (EbpfLoader<'static>, bool) {
     let rooted = unsafe {
         libc::unshare(libc::CLONE_FS) == 0 && libc::chroot(c"/sys/kernel/btf".as_ptr()) == 0
     };
-    let hidden = rooted && !std::path::Path::new(crate::resolve::VMLINUX_BTF_PATH).exists();
+    let hidden = rooted && !std::path::Path::new(crate::btf::VMLINUX_BTF_PATH).exists();
     let mut loader = EbpfLoader::new();
     loader.btf(None);
     (loader, hidden)

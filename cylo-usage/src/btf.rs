@@ -21,6 +21,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+/// Where the running kernel exposes its own BTF (needs `CONFIG_DEBUG_INFO_BTF=y`).
+pub(crate) const VMLINUX_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
 /// Most typedef/modifier/array hops followed while resolving one type.
 const MAX_CHAIN: usize = 64;
 /// Most nested anonymous struct/union members descended into for one path component.

@@ -51,6 +51,7 @@ pub mod report;
 mod resolve;
 mod run;
 mod snapshot;
+mod sys;
 mod tracker;
 mod tree;
 mod usage;
@@ -61,12 +62,14 @@ pub use fallback::{DEFAULT_INTERVAL, FallbackError, ProcRun, ProcTracker};
 pub use open::{AnyRun, AnyTracker, OpenOptions};
 pub use procfs::ProcError;
 pub use resolve::ResolveError;
-pub use run::{Run, RunOptions, SessionError, watch};
+pub use run::{Run, RunOptions, SessionError};
 pub use snapshot::get_resource_usage;
+pub use sys::watch;
 pub use tracker::{LoadError, Options, Tracker, missing_privileges};
-pub use tree::{DEFAULT_TREE_LIMIT, EventSink, ProcessUsage, Viewer};
+pub use tree::{DEFAULT_TREE_LIMIT, EventSink, Viewer};
 pub use usage::{
-    DiskDevice, NetworkUsage, Precision, ResourceUsage, TrackerKind, UsageBeforeAttach,
+    DiskDevice, NetworkUsage, Precision, ProcessUsage, ResourceUsage, TrackerKind,
+    UsageBeforeAttach,
 };
 
 /// An error and all its sources on one line (`a: b: c`), for one-line messages.

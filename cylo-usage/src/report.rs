@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use crate::features::Feature;
-use crate::tree::ProcessUsage;
+use crate::usage::ProcessUsage;
 use crate::usage::{NetworkUsage, Precision, ResourceUsage, TrackerKind};
 
 /// One flat JSON object with the field names of [`ResourceUsage`], and a newline.

@@ -13,11 +13,8 @@ use std::path::{Path, PathBuf};
 
 use cylo_usage_abi::{ABSENT, Offsets};
 
-use crate::btf::{Btf, BtfError, Kind, Member, TypeInfo, Wanted};
+use crate::btf::{Btf, BtfError, Kind, Member, TypeInfo, VMLINUX_BTF_PATH, Wanted};
 use crate::offsets_cache::{Cache, Key};
-
-/// Where the running kernel exposes its own BTF (needs `CONFIG_DEBUG_INFO_BTF=y`).
-pub const VMLINUX_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
 /// `TASK_DEAD` from `include/linux/sched.h`. It is a `#define`, so BTF does not carry it. It
 /// has been `0x80` since Linux 4.14 (it was `64` before), which covers every kernel with the

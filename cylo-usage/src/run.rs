@@ -5,7 +5,7 @@
 //! can execute a single instruction. No hold-and-release dance is needed, and the command is
 //! an ordinary [`std::process::Command`] (stdio, environment, directory as the caller likes).
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitStatus};
 use std::sync::{Arc, Mutex};
@@ -15,9 +15,9 @@ use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use cylo_usage_abi::{
     MAX_RUNS, ROOT_ENDED, RunControl, RunCounters, TaskMember, control, run_flags,
 };
-use tokio::io::unix::AsyncFd;
 
 use crate::procfs::{self, ThreadSample};
+use crate::sys::{self, dup, fd_readable, monotonic_ns, pidfd_send_signal, watch};
 use crate::tracker::{Inner, Maps, Tracker};
 use crate::tree::{EventSink, ThreadCounters, Tree};
 use crate::usage::{self, DiskDevice, Live, ResourceUsage, RootExit, Units};
@@ -88,77 +88,19 @@ fn map_err(what: &'static str) -> impl FnOnce(MapError) -> SessionError {
     move |source| SessionError::Map { what, source }
 }
 
-/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
-pub(crate) fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-pub(crate) fn pidfd_open(pid: u32) -> Result<OwnedFd, SessionError> {
-    // SAFETY: plain syscall; the returned fd is owned by us.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        let source = std::io::Error::last_os_error();
+/// A pidfd of process `pid`; `NoSuchProcess` when there is none.
+pub(crate) fn pidfd_of(pid: u32) -> Result<OwnedFd, SessionError> {
+    sys::pidfd_open(pid).map_err(|source| {
         if source.raw_os_error() == Some(libc::ESRCH) {
-            return Err(SessionError::NoSuchProcess { pid });
+            SessionError::NoSuchProcess { pid }
+        } else {
+            SessionError::Syscall {
+                syscall: "pidfd_open",
+                pid,
+                source,
+            }
         }
-        return Err(SessionError::Syscall {
-            syscall: "pidfd_open",
-            pid,
-            source,
-        });
-    }
-    // SAFETY: a fresh fd from the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-pub(crate) fn pidfd_send_signal(fd: &OwnedFd, signal: i32) -> std::io::Result<()> {
-    // SAFETY: pidfd_send_signal on a pidfd we own; no siginfo.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Whether `fd` is readable now (a pidfd is once its process has exited).
-fn fd_readable(fd: RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; no waiting.
-    unsafe { libc::poll(&mut pfd, 1, 0) == 1 && pfd.revents & libc::POLLIN != 0 }
-}
-
-fn dup(fd: RawFd) -> std::io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC on a valid fd returns a new fd we own.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if new < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
-/// Registers an owned fd with the tokio reactor (the current runtime's).
-pub fn watch(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: the AsyncFd owns the fd, so it stays open for as long as it is registered.
-    Ok(unsafe { AsyncFd::register(fd) }?)
+    })
 }
 
 /// What a session records besides the totals.
@@ -192,7 +134,7 @@ impl RunOptions {
     }
 
     /// The run's flags in the kernel.
-    fn run_flags(&self) -> u64 {
+    pub(crate) fn run_flags(&self) -> u64 {
         if self.wants_records() {
             run_flags::RECORDS
         } else {
@@ -202,7 +144,7 @@ impl RunOptions {
 }
 
 /// How the run's root came to be followed.
-enum Origin {
+pub(crate) enum Origin {
     /// Started by the tracker: its child.
     Spawned(Child),
     /// Attached to: someone else's child.
@@ -220,14 +162,14 @@ pub struct Run {
     pidfd: Option<OwnedFd>,
     started_ns: u64,
     root_status: Option<ExitStatus>,
-    tree: Option<Arc<Mutex<Tree>>>,
+    pub(crate) tree: Option<Arc<Mutex<Tree>>>,
     /// Whether the run holds the adopt gate open (while attaching).
     attaching: bool,
     timed_out: bool,
     /// Checks that found the attached root exited without the kernel's exit record.
     exited_unrecorded: u32,
     /// Whether the report has a per-process breakdown (records may be kept for events only).
-    breakdown: bool,
+    pub(crate) breakdown: bool,
     /// The signals sent to the tree so far (see [`crate::usage::SignalSent`]).
     signals_sent: Mutex<Vec<crate::usage::SignalSent>>,
     /// The run's live threads as last read from the membership map, with the generation
@@ -249,7 +191,7 @@ fn generation(c: &RunCounters) -> (u64, u64) {
 
 /// The share of the membership maps a run gets: `max_tasks`, or, for 0, their capacity
 /// (`capacity`: TASKS and PROCS entries) less the headroom kept for tasks killed at birth.
-fn run_share(max_tasks: u32, capacity: [u32; 3]) -> u32 {
+pub(crate) fn run_share(max_tasks: u32, capacity: [u32; 3]) -> u32 {
     if max_tasks != 0 {
         return max_tasks;
     }
@@ -259,7 +201,7 @@ fn run_share(max_tasks: u32, capacity: [u32; 3]) -> u32 {
 
 /// Zeroes a free slot's record (with `flags`) and its controls (with `max_tasks`), and marks
 /// it used.
-fn claim_slot(maps: &mut Maps, flags: u64, max_tasks: u32) -> Result<u32, SessionError> {
+pub(crate) fn claim_slot(maps: &mut Maps, flags: u64, max_tasks: u32) -> Result<u32, SessionError> {
     let slot = (0..MAX_RUNS)
         .map(|i| (maps.next_slot + i) % MAX_RUNS)
         .find(|&s| !maps.slots[s as usize])
@@ -342,7 +284,7 @@ impl PendingSpawn {
         let Some(m) = root else {
             return Ok(run);
         };
-        let Ok(fd) = pidfd_open(m.tgid) else {
+        let Ok(fd) = pidfd_of(m.tgid) else {
             return Ok(run);
         };
         // The pidfd pins the pid: with the member's start time, it is the member. Its parent
@@ -501,76 +443,13 @@ impl Tracker {
         }
         run.root_pid = root_pid;
         run.origin = Origin::Spawned(child);
-        run.pidfd = Some(pidfd_open(root_pid)?);
-        Ok(run)
-    }
-
-    /// Follows process `pid`, its threads, every descendant alive now and everything any of
-    /// them creates from now on. Totals are what the tree uses from now on;
-    /// [`ResourceUsage::usage_before_attach`] has what its processes had used before.
-    pub fn attach(&self, pid: u32) -> Result<Run, SessionError> {
-        self.attach_with(pid, RunOptions::default())
-    }
-
-    /// [`Tracker::attach`] with a per-process breakdown and/or an event stream.
-    pub fn attach_with(&self, pid: u32, options: RunOptions) -> Result<Run, SessionError> {
-        let inner = self.inner.clone();
-        if let Some(reason) = &inner.unavailable.attach {
-            return Err(SessionError::AttachUnsupported {
-                reason: reason.clone(),
-            });
-        }
-        let target = crate::attach::check_target(pid)?;
-        let pidfd = pidfd_open(pid)?;
-        // The pidfd is the process we checked only if it still has the start time we saw.
-        if crate::attach::check_target(pid)?.start_ticks != target.start_ticks {
-            return Err(SessionError::NoSuchProcess { pid });
-        }
-        let flags = options.run_flags();
-        let started_ns = monotonic_ns();
-        let slot = claim_slot(
-            &mut inner.maps(),
-            flags,
-            run_share(options.max_tasks, inner.capacity),
-        )?;
-        let mut run = Run::new(
-            inner.clone(),
-            slot,
-            Origin::Attached,
-            pid,
-            Some(pidfd),
-            started_ns,
-        );
-        run.start_records(options, started_ns);
-        run.set_attaching(true)?;
-        let adopted = crate::attach::adopt_tree(&inner, slot, &target, run.breakdown);
-        run.set_attaching(false)?;
-        let adopted = adopted?;
-        if let Some(tree) = &run.tree {
-            inner.sinks.drain();
-            let mut tree = tree.lock().unwrap_or_else(|e| e.into_inner());
-            tree.note_adopted_argv(&adopted.argv);
-            tree.note_attached(adopted.processes, adopted.threads, adopted.passes);
-        }
-        if adopted.refused > 0 {
-            return Err(SessionError::TreeTooLarge {
-                pid,
-                followed: adopted.threads,
-            });
-        }
-        if !adopted.root {
-            return Err(if adopted.root_elsewhere {
-                SessionError::AlreadyFollowed { pid }
-            } else {
-                SessionError::NoSuchProcess { pid }
-            });
-        }
+        run.pidfd = Some(pidfd_of(root_pid)?);
         Ok(run)
     }
 }
 
 impl Run {
-    fn start_records(&mut self, options: RunOptions, started_ns: u64) {
+    pub(crate) fn start_records(&mut self, options: RunOptions, started_ns: u64) {
         if !options.wants_records() {
             return;
         }
@@ -601,7 +480,7 @@ impl Run {
 
     /// Opens or closes this run's adoption in the kernel (the hooks of every untracked task
     /// look further only while some run is attaching).
-    fn set_attaching(&mut self, on: bool) -> Result<(), SessionError> {
+    pub(crate) fn set_attaching(&mut self, on: bool) -> Result<(), SessionError> {
         if self.attaching == on {
             return Ok(());
         }
@@ -629,7 +508,7 @@ impl Run {
 
 impl Run {
     /// A run in slot `slot`, started (spawned, attached, or registered) at `started_ns`.
-    fn new(
+    pub(crate) fn new(
         inner: Arc<Inner>,
         slot: u32,
         origin: Origin,
@@ -1177,7 +1056,7 @@ impl Run {
                 {
                     continue;
                 }
-                let Ok(fd) = pidfd_open(tgid) else {
+                let Ok(fd) = pidfd_of(tgid) else {
                     continue; // gone
                 };
                 // The pidfd pins the pid: if the process behind it has the member's start

@@ -32,64 +32,23 @@ use cylo_usage_abi::{
     ARGV_BYTES, Creds, DUMP_USER, MAX_RUNS, ProcExec, ProcExit, ProcStart, RecordHeader, ThreadEnd,
     creds_known, proc_flags, record_kind,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::budget::{Limit, Share};
 use crate::features::Measured;
-use crate::usage::{Units, split_runtime};
+use crate::usage::{ProcessUsage, Units, split_runtime};
+
+/// A process's argv as `/proc/PID/cmdline` showed it at its adoption: at most
+/// [`cylo_usage_abi::ARGV_BYTES`] bytes (NUL-separated, as the exec records keep it), and whether more
+/// were cut off.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct AdoptedArgv {
+    pub bytes: Vec<u8>,
+    pub truncated: bool,
+}
 
 /// How many processes a tree keeps by default; past it, processes are dropped from the
 /// breakdown (and counted), so a fork bomb cannot exhaust the tracker's memory.
 pub const DEFAULT_TREE_LIMIT: usize = 1_000_000;
-
-/// One process of a run, as `--tree` reports it. The counters are what it used while it was
-/// followed (since the attach, for processes present then); the field names are the totals'.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessUsage {
-    /// Its pid as the tracker sees it.
-    pub pid: u32,
-    /// Its pid inside its own pid namespace, where that differs.
-    pub ns_pid: Option<u32>,
-    /// Its parent's pid when it was created (0 when the parent is not visible).
-    pub ppid: u32,
-    /// The index of its parent in `processes`, when the parent is part of the tree.
-    pub parent_index: Option<usize>,
-    /// `comm` after its last exec (or inherited), escaped where not UTF-8.
-    pub comm: String,
-    /// argv as set at its last exec (up to 256 bytes, read in the kernel); `None` if it never
-    /// exec'd while followed.
-    pub argv: Option<Vec<String>>,
-    /// Whether argv was longer than what was kept.
-    pub argv_truncated: bool,
-    /// The file its last exec ran.
-    pub filename: Option<String>,
-    /// When it started and ended, in ns since the session started (negative start: before an
-    /// attach). `end_ns` is `None` while it runs.
-    pub start_ns: i64,
-    pub end_ns: Option<u64>,
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    /// Present when the session attached (rather than created inside it).
-    pub attached: bool,
-    pub thread_count: u64,
-    pub cpu_time_ns: u64,
-    pub cpu_user_ns: u64,
-    pub cpu_system_ns: u64,
-    pub disk_bytes_read: Option<u64>,
-    pub disk_bytes_written: Option<u64>,
-    pub disk_cancelled_write_bytes: Option<u64>,
-    pub io_read_chars: Option<u64>,
-    pub io_write_chars: Option<u64>,
-    /// The peak RSS of its address space(s); `None` where memory is not followed.
-    pub peak_memory_bytes: Option<u64>,
-    pub network_bytes_sent: Option<u64>,
-    pub network_bytes_received: Option<u64>,
-    /// It ran with credentials the viewer (a daemon's unprivileged client) does not have: its
-    /// I/O counters (disk, read/write chars, network), argv and file name are withheld (`None`),
-    /// as the kernel withholds `/proc/PID/io` from that client. Only present when true.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub withheld: bool,
-}
 
 /// Who reads a tree when it is not the tracker's own user: a daemon's unprivileged client,
 /// by its uid and gid (`SO_PEERCRED`). The figures of a member it could not read itself
@@ -297,7 +256,7 @@ impl Tree {
     /// start, so `time_ns` can be placed in time.
     fn anchor(&mut self) {
         let realtime = realtime_ns();
-        let mono = crate::run::monotonic_ns();
+        let mono = crate::sys::monotonic_ns();
         // The wall clock at the session start.
         let start_unix_ns = realtime.saturating_sub(mono.saturating_sub(self.started_mono_ns));
         let line = serde_json::json!({
@@ -428,7 +387,7 @@ impl Tree {
     /// The `attached` event: the attach has registered the tree that was there (the moment
     /// `usage_before_attach` stops and the totals begin).
     pub fn note_attached(&mut self, processes: u64, threads: u64, passes: usize) {
-        let now = crate::run::monotonic_ns();
+        let now = crate::sys::monotonic_ns();
         let line = serde_json::json!({
             "event": "attached",
             "time_ns": self.rel(now),
@@ -443,15 +402,12 @@ impl Tree {
     /// Gives the processes present at an attach the argv the scan read from
     /// `/proc/PID/cmdline` (by pid and start time in ticks), where no exec record gave them
     /// one already, and where the memory share pays for it.
-    pub(crate) fn note_adopted_argv(
-        &mut self,
-        argv: &HashMap<(u32, u64), crate::attach::AdoptedArgv>,
-    ) {
+    pub(crate) fn note_adopted_argv(&mut self, argv: &HashMap<(u32, u64), AdoptedArgv>) {
         if argv.is_empty() {
             return;
         }
         let tick_ns = 1_000_000_000 / self.units.ticks_per_second.max(1);
-        let wanted: Vec<(u64, &crate::attach::AdoptedArgv)> = self
+        let wanted: Vec<(u64, &AdoptedArgv)> = self
             .procs
             .iter()
             .flatten()
@@ -1107,7 +1063,7 @@ impl Sinks {
         };
         let slots = lock(&self.slots);
         // Every record made before this instant is delivered below (see `Tree::release`).
-        let drain_start = crate::run::monotonic_ns();
+        let drain_start = crate::sys::monotonic_ns();
         while let Some(item) = ring.next() {
             let bytes: &[u8] = &item;
             let Some(h) = read_record::<RecordHeader>(bytes) else {
@@ -1540,7 +1496,6 @@ mod tests {
     /// the scan read for its pid and start time (not for another process with its pid).
     #[test]
     fn adopted_processes_start_before_the_attach_with_the_argv_read_for_them() {
-        use crate::attach::AdoptedArgv;
         let mut t = Tree::new(1_000_000_000, true, 10, None, UNITS, Share::unlimited());
         let adopted = |id: u64, pid: u32, boot_ns: u64, mono_ns: u64| {
             let mut r: ProcStart = read_record(&start(id, 0, pid, b"make")).unwrap();

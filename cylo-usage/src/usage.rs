@@ -177,7 +177,7 @@ pub struct ResourceUsage {
     /// session is over and nothing was lost, its CPU, disk, I/O and thread figures add up to
     /// the totals exactly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub processes: Option<Vec<crate::tree::ProcessUsage>>,
+    pub processes: Option<Vec<ProcessUsage>>,
     /// Processes left out of `processes` because the breakdown's limit was reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processes_dropped: Option<u64>,
@@ -573,6 +573,55 @@ pub fn merge(
         processes: None,
         processes_dropped: None,
     }
+}
+
+/// One process of a run, as `--tree` reports it. The counters are what it used while it was
+/// followed (since the attach, for processes present then); the field names are the totals'.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessUsage {
+    /// Its pid as the tracker sees it.
+    pub pid: u32,
+    /// Its pid inside its own pid namespace, where that differs.
+    pub ns_pid: Option<u32>,
+    /// Its parent's pid when it was created (0 when the parent is not visible).
+    pub ppid: u32,
+    /// The index of its parent in `processes`, when the parent is part of the tree.
+    pub parent_index: Option<usize>,
+    /// `comm` after its last exec (or inherited), escaped where not UTF-8.
+    pub comm: String,
+    /// argv as set at its last exec (up to 256 bytes, read in the kernel); `None` if it never
+    /// exec'd while followed.
+    pub argv: Option<Vec<String>>,
+    /// Whether argv was longer than what was kept.
+    pub argv_truncated: bool,
+    /// The file its last exec ran.
+    pub filename: Option<String>,
+    /// When it started and ended, in ns since the session started (negative start: before an
+    /// attach). `end_ns` is `None` while it runs.
+    pub start_ns: i64,
+    pub end_ns: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Present when the session attached (rather than created inside it).
+    pub attached: bool,
+    pub thread_count: u64,
+    pub cpu_time_ns: u64,
+    pub cpu_user_ns: u64,
+    pub cpu_system_ns: u64,
+    pub disk_bytes_read: Option<u64>,
+    pub disk_bytes_written: Option<u64>,
+    pub disk_cancelled_write_bytes: Option<u64>,
+    pub io_read_chars: Option<u64>,
+    pub io_write_chars: Option<u64>,
+    /// The peak RSS of its address space(s); `None` where memory is not followed.
+    pub peak_memory_bytes: Option<u64>,
+    pub network_bytes_sent: Option<u64>,
+    pub network_bytes_received: Option<u64>,
+    /// It ran with credentials the viewer (a daemon's unprivileged client) does not have: its
+    /// I/O counters (disk, read/write chars, network), argv and file name are withheld (`None`),
+    /// as the kernel withholds `/proc/PID/io` from that client. Only present when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub withheld: bool,
 }
 
 #[cfg(test)]

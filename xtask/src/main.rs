@@ -1,9 +1,9 @@
 //! `cargo xtask`: the project's build, test, benchmark and kernel-matrix tasks.
 mod bench;
-mod bench_daemon;
 mod cargo;
 mod cmd;
 mod ebpf;
+mod layout;
 mod paths;
 mod vm;
 
@@ -39,6 +39,8 @@ enum Command {
     VmTest(vm::Args),
     /// Build everything, then time traced against untraced runs and print the ratios.
     Bench(bench::Args),
+    /// Check that no crate's files import each other in a circle.
+    CheckLayout,
 }
 
 fn main() {
@@ -82,6 +84,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::VmTest(args) => vm::run(args)?,
         Command::Bench(args) => bench::run(args)?,
+        Command::CheckLayout => layout::check(&paths::workspace_root())?,
     }
     Ok(())
 }

@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 use super::DaemonError;
 use super::protocol::{self, FrameError, MAX_REPLY, Reply, Request, SessionOptions};
 use crate::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
-use crate::run::{RunOptions, pidfd_open, pidfd_send_signal, watch};
+use crate::run::RunOptions;
+use crate::sys::{pidfd_open, pidfd_send_signal, watch};
 use crate::tree::EventSink;
 use crate::usage::{Precision, ResourceUsage, TrackerKind};
 
@@ -633,16 +634,19 @@ impl DaemonTracker {
         pid: u32,
         options: RunOptions,
     ) -> Result<RemoteRun, NotStarted> {
-        let pidfd = pidfd_open(pid).map_err(|e| match e {
-            crate::SessionError::NoSuchProcess { .. } => DaemonError::Refused {
-                kind: protocol::ErrorKind::NoSuchProcess,
-                message: format!("no process {pid}"),
-            },
-            _ => DaemonError::Syscall {
-                syscall: "pidfd_open",
-                pid,
-                source: std::io::Error::last_os_error(),
-            },
+        let pidfd = pidfd_open(pid).map_err(|source| {
+            if source.raw_os_error() == Some(libc::ESRCH) {
+                DaemonError::Refused {
+                    kind: protocol::ErrorKind::NoSuchProcess,
+                    message: format!("no process {pid}"),
+                }
+            } else {
+                DaemonError::Syscall {
+                    syscall: "pidfd_open",
+                    pid,
+                    source,
+                }
+            }
         });
         let pidfd = match pidfd {
             Ok(p) => p,

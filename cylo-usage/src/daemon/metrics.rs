@@ -38,7 +38,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::DaemonError;
-use super::server::State;
+use super::limits::Limit;
 
 /// The whole exchange with one scraper (reading its request, writing the answer) ends by
 /// then, however slowly it sends or reads.
@@ -62,9 +62,63 @@ pub(crate) const TEXT_004: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// OpenMetrics' content type.
 pub(crate) const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// What the endpoint reads of the daemon, which implements it: the endpoint sees the
+/// daemon's figures, never its tables or locks.
+pub(crate) trait Source: Send + Sync {
+    /// The daemon's counters.
+    fn counters(&self) -> &Counters;
+    /// Sessions and connections open now.
+    fn sessions_and_connections(&self) -> (usize, usize);
+    /// What every session so far failed to follow (the live ones and the ended ones), and
+    /// the membership maps' fill.
+    fn kernel_state(&self) -> (RunsTotals, Vec<(&'static str, usize, u32)>);
+    /// Each program's name, kernel run time (ns) and calls, when the kernel's per-program
+    /// statistics are on.
+    fn program_stats(&self) -> Option<Vec<(String, u64, u64)>>;
+    /// Whether the hooks are attached now.
+    fn hooks_attached(&self) -> bool;
+}
+
+/// Counters for `--metrics`.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub sessions_total: AtomicU64,
+    pub sessions_refused: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub requests_total: AtomicU64,
+    pub bad_requests_total: AtomicU64,
+    /// What sessions that have ended failed to follow.
+    pub ended: EndedTotals,
+    /// Held while a session's figures move from the live runs to `ended`, and while both are
+    /// read.
+    pub ending: Mutex<()>,
+    /// Event-stream bytes dropped because a client did not read them.
+    pub events_dropped_bytes: AtomicU64,
+    pub hooks_attached: AtomicU64,
+    pub hooks_attach_ns_last: AtomicU64,
+    pub hooks_detach_total: AtomicU64,
+    /// Clients refused or cut off, by the limit that said so (indexed as [`Limit::ALL`]).
+    pub refused: [AtomicU64; Limit::ALL.len()],
+}
+
+/// [`RunsTotals`] of the sessions that have ended.
+#[derive(Default)]
+pub(crate) struct EndedTotals {
+    pub lost_events: AtomicU64,
+    pub tasks_killed_at_birth: AtomicU64,
+    pub tasks_escaped: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn refused_for(&self, limit: Limit) {
+        let i = Limit::ALL.iter().position(|&l| l == limit).unwrap_or(0);
+        self.refused[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Binds `addr` and serves scrapes: one thread accepts, one short-lived thread per connection
 /// answers.
-pub(crate) fn start(addr: SocketAddr, state: Arc<State>) -> Result<(), DaemonError> {
+pub(crate) fn start(addr: SocketAddr, state: Arc<dyn Source>) -> Result<(), DaemonError> {
     let listener =
         TcpListener::bind(addr).map_err(|source| DaemonError::Metrics { addr, source })?;
     let endpoint = Arc::new(Endpoint {
@@ -84,7 +138,7 @@ pub(crate) fn start(addr: SocketAddr, state: Arc<State>) -> Result<(), DaemonErr
 
 /// The endpoint's own state: who holds a seat, what was refused, the last kernel walk.
 struct Endpoint {
-    state: Arc<State>,
+    state: Arc<dyn Source>,
     seats: Mutex<Seats>,
     /// Connections refused because [`MAX_SCRAPES`] were open.
     refused_total: AtomicU64,
@@ -122,9 +176,9 @@ impl Drop for Seat {
     }
 }
 
-/// Which limit refused a connection.
+/// Which limit refused a scrape connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Limit {
+enum SeatLimit {
     Total,
     PerPeer,
 }
@@ -168,8 +222,8 @@ impl Endpoint {
             Ok(seat) => seat,
             Err(limit) => {
                 match limit {
-                    Limit::Total => &self.refused_total,
-                    Limit::PerPeer => &self.refused_per_peer,
+                    SeatLimit::Total => &self.refused_total,
+                    SeatLimit::PerPeer => &self.refused_per_peer,
                 }
                 .fetch_add(1, Ordering::Relaxed);
                 refuse(stream, limit);
@@ -191,14 +245,14 @@ impl Endpoint {
         }
     }
 
-    fn take_seat(self: &Arc<Self>, peer: IpAddr) -> Result<Seat, Limit> {
+    fn take_seat(self: &Arc<Self>, peer: IpAddr) -> Result<Seat, SeatLimit> {
         let mut seats = self.seats();
         if seats.total >= MAX_SCRAPES {
-            return Err(Limit::Total);
+            return Err(SeatLimit::Total);
         }
         let mine = seats.by_peer.entry(peer).or_default();
         if *mine >= MAX_SCRAPES_PER_PEER {
-            return Err(Limit::PerPeer);
+            return Err(SeatLimit::PerPeer);
         }
         *mine += 1;
         seats.total += 1;
@@ -277,7 +331,7 @@ impl Endpoint {
         let started = Instant::now();
         let state = &self.state;
         let (totals, fill) = state.kernel_state();
-        let programs = state.bpf_stats().then(|| state.tracker.program_stats());
+        let programs = state.program_stats();
         let kernel = Arc::new(Kernel {
             totals,
             fill,
@@ -290,7 +344,7 @@ impl Endpoint {
     /// Every metric as it is now.
     fn collect(&self) -> Vec<Family> {
         let state = &self.state;
-        let c = &state.counters;
+        let c = state.counters();
         let kernel = self.kernel();
         let (active, connections) = state.sessions_and_connections();
         let load = |a: &AtomicU64| Number::UInt(a.load(Ordering::Relaxed));
@@ -353,7 +407,7 @@ impl Endpoint {
             Family::gauge(
                 "hooks_attached",
                 "1 while the kernel hooks are attached (a session is open), 0 while idle",
-                Number::UInt(u64::from(state.tracker.hooks_attached())),
+                Number::UInt(u64::from(state.hooks_attached())),
             ),
         ];
         // Not measured until the hooks were attached once: no sample rather than a made-up 0.
@@ -398,7 +452,7 @@ impl Endpoint {
             "clients_refused",
             "Clients refused or cut off by the daemon, by the limit that said so",
         );
-        for (limit, n) in super::limits::Limit::ALL.iter().zip(&c.refused) {
+        for (limit, n) in Limit::ALL.iter().zip(&c.refused) {
             limits.push(vec![("limit", limit.name().to_string())], load(n));
         }
         families.push(limits);
@@ -434,10 +488,10 @@ impl Endpoint {
 
 /// Answers a connection past a limit with `503` if its socket takes it without waiting, and
 /// closes it: nothing is queued behind slow clients.
-fn refuse(mut stream: TcpStream, limit: Limit) {
+fn refuse(mut stream: TcpStream, limit: SeatLimit) {
     let why = match limit {
-        Limit::Total => format!("{MAX_SCRAPES} scrapes are being served: try again\n"),
-        Limit::PerPeer => {
+        SeatLimit::Total => format!("{MAX_SCRAPES} scrapes are being served: try again\n"),
+        SeatLimit::PerPeer => {
             format!(
                 "{MAX_SCRAPES_PER_PEER} scrapes from your address are being served: try again\n"
             )

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::DaemonError;
 use super::limits::{Capacity, HELLO_GRACE, Limit, Open};
+use super::metrics::{Counters, Source};
 use super::protocol::{self, ErrorKind, FrameError, MAX_REQUEST, Reply, Request, SessionOptions};
 use crate::run::{PendingSpawn, Run, RunOptions, SessionError};
 use crate::tracker::{Options, RunsTotals, Tracker};
@@ -87,43 +88,6 @@ impl ServeOptions {
             bpf_stats: false,
             load,
         }
-    }
-}
-
-/// Counters for `--metrics`.
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub sessions_total: AtomicU64,
-    pub sessions_refused: AtomicU64,
-    pub connections_total: AtomicU64,
-    pub requests_total: AtomicU64,
-    pub bad_requests_total: AtomicU64,
-    /// What sessions that have ended failed to follow.
-    pub ended: EndedTotals,
-    /// Held while a session's figures move from the live runs to `ended`, and while both are
-    /// read.
-    pub ending: Mutex<()>,
-    /// Event-stream bytes dropped because a client did not read them.
-    pub events_dropped_bytes: AtomicU64,
-    pub hooks_attached: AtomicU64,
-    pub hooks_attach_ns_last: AtomicU64,
-    pub hooks_detach_total: AtomicU64,
-    /// Clients refused or cut off, by the limit that said so (indexed as [`Limit::ALL`]).
-    pub refused: [AtomicU64; Limit::ALL.len()],
-}
-
-/// [`RunsTotals`] of the sessions that have ended.
-#[derive(Default)]
-pub(crate) struct EndedTotals {
-    pub lost_events: AtomicU64,
-    pub tasks_killed_at_birth: AtomicU64,
-    pub tasks_escaped: AtomicU64,
-}
-
-impl Counters {
-    fn refused_for(&self, limit: Limit) {
-        let i = Limit::ALL.iter().position(|&l| l == limit).unwrap_or(0);
-        self.refused[i].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -257,17 +221,17 @@ pub(crate) struct State {
     hooks: Mutex<()>,
 }
 
-impl State {
-    /// Sessions and connections open now.
-    pub(crate) fn sessions_and_connections(&self) -> (usize, usize) {
+impl Source for State {
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn sessions_and_connections(&self) -> (usize, usize) {
         let t = self.table();
         (t.sessions, t.connections)
     }
 
-    /// Records lost by the sessions open now, and the fill of the membership maps.
-    /// What every session so far failed to follow (the live ones and the ended ones), and
-    /// the membership maps' fill.
-    pub(crate) fn kernel_state(&self) -> (RunsTotals, Vec<(&'static str, usize, u32)>) {
+    fn kernel_state(&self) -> (RunsTotals, Vec<(&'static str, usize, u32)>) {
         let _turn = self
             .counters
             .ending
@@ -281,11 +245,16 @@ impl State {
         (totals, fill)
     }
 
-    /// Whether the kernel's per-program statistics are on.
-    pub(crate) fn bpf_stats(&self) -> bool {
-        self.options.bpf_stats
+    fn program_stats(&self) -> Option<Vec<(String, u64, u64)>> {
+        self.options.bpf_stats.then(|| self.tracker.program_stats())
     }
 
+    fn hooks_attached(&self) -> bool {
+        self.tracker.hooks_attached()
+    }
+}
+
+impl State {
     /// The lock a usage snapshot of a session of `uid` (other than root) holds: a user's
     /// snapshots take their turns, so however many sessions a user polls at once, the
     /// daemon works for that user on one thread at a time (a snapshot reads /proc for every
@@ -860,7 +829,7 @@ fn accept(state: &Arc<State>, sock: UnixStream, id: u64) {
                 state: st.clone(),
                 sock,
                 peer,
-                peer_pidfd: crate::run::pidfd_open(peer.pid).ok(),
+                peer_pidfd: crate::sys::pidfd_open(peer.pid).ok(),
                 sessions: HashMap::new(),
                 greeted: false,
                 accepted: Instant::now(),
@@ -1824,7 +1793,7 @@ mod tests {
 
     #[test]
     fn pidfds_give_the_pid_and_other_descriptors_are_refused() {
-        let fd = crate::run::pidfd_open(std::process::id()).unwrap();
+        let fd = crate::sys::pidfd_open(std::process::id()).unwrap();
         assert_eq!(pidfd_pid(&fd).unwrap(), std::process::id());
         let file = std::fs::File::open("/proc/self/status").unwrap();
         assert_eq!(

@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use crate::procfs::{self, ProcError};
 use crate::proctree::{self, Detail, Node, ProcFs, Read, Seed};
-use crate::run::{RunOptions, SessionError, monotonic_ns, pidfd_open, pidfd_send_signal};
+use crate::run::{RunOptions, SessionError};
+use crate::sys::{monotonic_ns, pidfd_open, pidfd_send_signal};
 use crate::usage::ResourceUsage;
 
 use account::{Account, AttachAccount, RootEnd, Units};

@@ -378,9 +378,10 @@ impl Measure {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v`; NaN (printed as such, never as a figure) when `v` is empty.
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
-        return 0.0;
+        return f64::NAN;
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();

@@ -9,9 +9,24 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 
 use super::files::{copy, find_file, write_if_changed};
-use super::kernels::{META_PACKAGE, sanitize};
 use super::modules::{MODULES_STAMP, modules_stamp, stage_modules};
 use crate::cmd::{output, run_quiet};
+
+/// The Debian meta package whose dependency names the current cloud kernel of a suite.
+pub(super) const META_PACKAGE: &str = "linux-image-cloud-amd64";
+
+/// `s` as a file-name part: anything but ASCII letters, digits and `._+-` becomes `_`.
+pub(super) fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._+-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
 
 /// Apt metadata younger than this is reused without `apt-get update`.
 const APT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);

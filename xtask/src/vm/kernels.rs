@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::Args;
-use super::apt::{AptSuite, Mirror, system_mirror};
+use super::apt::{AptSuite, META_PACKAGE, Mirror, sanitize, system_mirror};
 
 /// A Debian kernel series and the suites that carry it, in order of preference.
 struct Series {
@@ -30,8 +30,6 @@ const SERIES: &[Series] = &[
         suites: &["trixie", "bookworm-backports"],
     },
 ];
-
-pub(super) const META_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// A kernel ready to boot.
 #[derive(Debug, Clone, Serialize)]
@@ -97,18 +95,6 @@ pub(super) fn resolve_kernels(args: &Args, cache: &Path) -> Result<Vec<Kernel>> 
         }
     }
     Ok(kernels)
-}
-
-pub(super) fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._+-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 fn resolve_debian(series: &Series, mirror: &Mirror, cache: &Path, refresh: bool) -> Result<Kernel> {

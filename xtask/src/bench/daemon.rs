@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::bench::{
+use super::common::{
     Background, Bins, CostRows, Stats, cost_table, handler_stats, reported_wall, time,
 };
+use super::stats::median;
 
 /// Sessions (or in-process trackers) open during the crowded side of the contrast cases.
 const CROWD: usize = 16;
@@ -145,20 +146,6 @@ fn with_costs(cmd: &mut Command) -> Result<(Duration, CostRows)> {
 fn share(wall: Duration, rows: &CostRows) -> f64 {
     let ns: u64 = rows.values().map(|r| r.0).sum();
     ns as f64 / wall.as_nanos().max(1) as f64 * 100.0
-}
-
-/// Medians of the per-run handler shares.
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 struct Row {
