@@ -20,10 +20,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use cylo_usage_abi::{ARGV_BYTES, control};
 
 use crate::procfs;
-use crate::run::{Origin, Run, RunOptions, SessionError, claim_slot, run_share};
+use crate::run::{Origin, Run, RunOptions, SessionError, claim_slot};
 use crate::sys::monotonic_ns;
-use crate::tracker::Inner;
-use crate::tracker::Tracker;
+use crate::tracker::{Inner, Tracker, run_share};
 use crate::tree::AdoptedArgv;
 
 /// Passes over /proc before the attach settles for what it has (a tree that forks faster

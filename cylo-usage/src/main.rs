@@ -137,8 +137,10 @@ struct ServeArgs {
     #[arg(long, requires = "group")]
     trust_group: bool,
     /// The most threads one session may have followed at once (its share of the kernel's
-    /// maps, which hold 65,536); past it that session alone loses tasks, and reports it.
-    #[arg(long, value_name = "N", default_value_t = 16384)]
+    /// maps, which hold 65,536; the sessions of users other than root together hold at most
+    /// seven eighths of them): a task past it is killed at birth, and that session reports
+    /// it.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
     session_max_tasks: u32,
     /// The most memory (MiB) all sessions together may hold for breakdowns and unread event
     /// streams (default: a sixteenth of the host's memory, 64 to 1,024 MiB).

@@ -18,7 +18,7 @@ use cylo_usage_abi::{
 
 use crate::procfs::{self, ThreadSample};
 use crate::sys::{self, dup, fd_readable, monotonic_ns, pidfd_send_signal, watch};
-use crate::tracker::{Inner, Maps, Tracker};
+use crate::tracker::{Inner, Maps, Tracker, run_share};
 use crate::tree::{EventSink, ThreadCounters, Tree};
 use crate::usage::{self, DiskDevice, Live, ResourceUsage, RootExit, Units};
 
@@ -187,16 +187,6 @@ struct Members {
 /// The generation of a run's membership: threads started and exited.
 fn generation(c: &RunCounters) -> (u64, u64) {
     (c.threads_started, c.threads_exited)
-}
-
-/// The share of the membership maps a run gets: `max_tasks`, or, for 0, their capacity
-/// (`capacity`: TASKS and PROCS entries) less the headroom kept for tasks killed at birth.
-pub(crate) fn run_share(max_tasks: u32, capacity: [u32; 3]) -> u32 {
-    if max_tasks != 0 {
-        return max_tasks;
-    }
-    let room = capacity[0].min(capacity[1]);
-    (room - cylo_usage_abi::share_headroom(room)).max(1)
 }
 
 /// Zeroes a free slot's record (with `flags`) and its controls (with `max_tasks`), and marks

@@ -278,6 +278,16 @@ fn run_control(prog: &ProgramFd, args: [u64; 4]) -> std::io::Result<i32> {
     Ok(attr.retval as i32)
 }
 
+/// The share of the membership maps a run gets: `max_tasks`, or, for 0, their capacity
+/// (`capacity`: TASKS and PROCS entries) less the headroom kept for tasks killed at birth.
+pub(crate) fn run_share(max_tasks: u32, capacity: [u32; 3]) -> u32 {
+    if max_tasks != 0 {
+        return max_tasks;
+    }
+    let room = capacity[0].min(capacity[1]);
+    (room - cylo_usage_abi::share_headroom(room)).max(1)
+}
+
 /// Capacities of the kernel-side maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -984,6 +994,12 @@ impl Tracker {
             }
         }
         Ok(())
+    }
+
+    /// The threads a run may have followed at once when it is given no share of its own:
+    /// the membership maps' capacity less the headroom kept for tasks killed at birth.
+    pub(crate) fn share_room(&self) -> u32 {
+        run_share(0, self.inner.capacity)
     }
 
     /// Each loaded program's name, kernel run time (ns) and calls: the kernel's statistics,

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -433,35 +433,8 @@ fn setuid_members_found_at_an_attach_are_withheld_too() {
     .stdin(Stdio::piped())
     .spawn()
     .unwrap();
-    let events = scratch.dir.join("attach-events.ndjson");
-    let pid = tree.id().to_string();
-    let client = as_nobody(
-        &scratch.cli,
-        &[
-            "attach",
-            "--json",
-            "--tree",
-            "--events",
-            events.to_str().unwrap(),
-            &pid,
-        ],
-    )
-    .env("CYLO_USAGE_SOCKET", &daemon.socket)
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .current_dir(&scratch.dir)
-    .spawn()
-    .unwrap();
     // Once the attach has taken the tree in, let it end.
-    let deadline = Instant::now() + common::bound(Duration::from_secs(15));
-    while !std::fs::read_to_string(&events).is_ok_and(|t| t.contains("\"attached\"")) {
-        assert!(
-            Instant::now() < deadline,
-            "the attach did not take the tree in"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let client = attach_as_nobody(&daemon, &scratch, tree.id(), "attach-events.ndjson");
     drop(tree.stdin.take());
     let _ = tree.wait();
     let out = client.wait_with_output().unwrap();
@@ -1108,19 +1081,10 @@ fn the_shipped_systemd_units_are_valid() {
 /// Through the daemon, an unprivileged user's attach gets the same past as an in-process
 /// tracker's: exited threads and reaped children in `usage_before_attach`, and the adopted
 /// process's real start and argv in the breakdown.
-#[test]
-fn an_attach_through_the_daemon_counts_whole_lives() {
-    if !privileged() || !can_drop_privileges() {
-        return;
-    }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let scratch = Scratch::new("daemon-past-lives");
-    let daemon = Daemon::start("past-lives", &["--allow-all-users"]);
-    let past = common::PastLives::start_as(&scratch.dir, 500, 300, 3 << 20, &[], |args| {
-        as_nobody(&scratch.workload, args)
-    });
-    let proc_then = past.proc_figures();
-    let events = scratch.dir.join("past-events.ndjson");
+/// nobody's `attach --json --tree --events SCRATCH/EVENTS PID` through `daemon`, once it has
+/// taken the tree in (its event stream says `attached`).
+fn attach_as_nobody(daemon: &Daemon, scratch: &Scratch, pid: u32, events: &str) -> Child {
+    let events = scratch.dir.join(events);
     let client = as_nobody(
         &scratch.cli,
         &[
@@ -1129,7 +1093,7 @@ fn an_attach_through_the_daemon_counts_whole_lives() {
             "--tree",
             "--events",
             events.to_str().unwrap(),
-            &past.pid().to_string(),
+            &pid.to_string(),
         ],
     )
     .env("CYLO_USAGE_SOCKET", &daemon.socket)
@@ -1147,6 +1111,22 @@ fn an_attach_through_the_daemon_counts_whole_lives() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    client
+}
+
+#[test]
+fn an_attach_through_the_daemon_counts_whole_lives() {
+    if !privileged() || !can_drop_privileges() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("daemon-past-lives");
+    let daemon = Daemon::start("past-lives", &["--allow-all-users"]);
+    let past = common::PastLives::start_as(&scratch.dir, 500, 300, 3 << 20, &[], |args| {
+        as_nobody(&scratch.workload, args)
+    });
+    let proc_then = past.proc_figures();
+    let client = attach_as_nobody(&daemon, &scratch, past.pid(), "past-events.ndjson");
     let proc_now = past.proc_figures();
     assert_eq!(proc_then, proc_now, "the workload idles");
     let truth = past.truth;

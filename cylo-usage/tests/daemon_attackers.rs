@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, frame, json};
-use common::{Scratch, as_user, bound, can_drop_privileges};
+use common::{Scratch, WORKLOAD, as_user, bound, can_drop_privileges};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -335,6 +335,14 @@ fn flood_sessions(socket: PathBuf, uid: u32, n: usize) -> (UnixStream, Vec<Child
     })
 }
 
+/// Kills and reaps the roots of flooded sessions.
+fn end_roots<'a>(roots: impl IntoIterator<Item = &'a mut Child>) {
+    for r in roots {
+        let _ = r.kill();
+        let _ = r.wait();
+    }
+}
+
 /// Raises this process's descriptor limit to at least `n` (root may raise the hard one).
 fn raise_nofile(n: u64) {
     let mut lim = libc::rlimit {
@@ -371,7 +379,9 @@ fn floods_of_sessions_connections_and_handshakes_leave_root_served() {
     raise_nofile(16_384);
     let scratch = Scratch::new("att-flood");
     // Under systemd's default soft limit: the daemon raises it, or fits its tables in it.
-    let daemon = start("flood", &[], Some(1024));
+    // Shares of 16 threads, so that the run slots fill before the maps' room does (the
+    // room's own test is `users_together_cannot_take_the_maps_root_needs`).
+    let daemon = start("flood", &["--session-max-tasks", "16"], Some(1024));
     // 4 users x 64 sessions: more than unprivileged users may hold in all.
     let mut held = Vec::new();
     let mut refusals = Vec::new();
@@ -437,10 +447,7 @@ fn floods_of_sessions_connections_and_handshakes_leave_root_served() {
     assert!(cut > 0, "no idle connection was closed");
     drop(idle);
     for (_, roots) in &mut held {
-        for r in roots.iter_mut() {
-            let _ = r.kill();
-            let _ = r.wait();
-        }
+        end_roots(roots.iter_mut());
     }
 }
 
@@ -580,17 +587,68 @@ fn a_user_is_held_to_its_sessions_and_root_is_not() {
     }
     // Her sessions end with her connection; then she may start new ones.
     drop(conn);
-    for r in &mut roots {
-        let _ = r.kill();
-        let _ = r.wait();
-    }
+    end_roots(&mut roots);
     std::thread::sleep(Duration::from_millis(200));
     let (_conn, mut again, refused) = flood_sessions(daemon.socket.clone(), MALLORY, 2);
     assert_eq!((again.len(), refused), (2, None));
-    for r in &mut again {
-        let _ = r.kill();
-        let _ = r.wait();
+    end_roots(&mut again);
+}
+
+#[test]
+fn users_together_cannot_take_the_maps_root_needs() {
+    if !common::host_only("users_together_cannot_take_the_maps_root_needs") {
+        return;
     }
+    if !privileged() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = Scratch::new("att-maps");
+    // A share of 8,192 threads a session: of the maps' 61,440 (65,536 less the headroom for
+    // tasks killed at birth), 53,760 are for the sessions of users other than root, so six
+    // sessions hold them, whoever their users are.
+    let daemon = start("maps", &["--session-max-tasks", "8192"], None);
+    let (first, mut mine, refused) = flood_sessions(daemon.socket.clone(), MALLORY, 4);
+    assert_eq!((mine.len(), refused), (4, None));
+    let (second, mut theirs, refused) = flood_sessions(daemon.socket.clone(), MALLORY + 1, 4);
+    assert_eq!(theirs.len(), 2, "{refused:?}");
+    let refused = refused.expect("the seventh session is refused");
+    assert!(refused.contains(r#""kind":"busy""#), "{refused}");
+    assert!(
+        refused.contains("map_share") && refused.contains("53760 threads in all, 8192 per session"),
+        "{refused}"
+    );
+    // Root's runs are still served, exactly, from the room held back.
+    for _ in 0..2 {
+        let (out, _) = client(
+            &daemon,
+            &scratch,
+            None,
+            &["run", "--json", "--", WORKLOAD, "storm", "50"],
+        );
+        let v = assert_served_exactly(&out);
+        assert_eq!(v["process_count"], 51, "{v}");
+    }
+    // Another user is refused for the named limit, and still runs its command.
+    let (out, _) = client(
+        &daemon,
+        &scratch,
+        Some(VICTIM),
+        &["run", "-v", "--json", "--", "/bin/true"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("map_share"),
+        "{out:?}"
+    );
+    // The shares come back with the sessions.
+    drop(first);
+    end_roots(mine.iter_mut().chain(theirs.iter_mut()));
+    drop(second);
+    std::thread::sleep(Duration::from_millis(200));
+    let (_conn, mut again, refused) = flood_sessions(daemon.socket.clone(), VICTIM, 6);
+    assert_eq!((again.len(), refused), (6, None));
+    end_roots(&mut again);
 }
 
 #[test]

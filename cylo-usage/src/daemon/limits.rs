@@ -39,10 +39,13 @@ pub(crate) enum Limit {
     HelloGrace,
     /// A request or reply did not complete within its deadline.
     Deadline,
+    /// The kernel maps' room for the sessions of unprivileged users is taken by their
+    /// sessions' shares.
+    MapShare,
 }
 
 impl Limit {
-    pub(crate) const ALL: [Limit; 8] = [
+    pub(crate) const ALL: [Limit; 9] = [
         Limit::RunSlots,
         Limit::SessionsPerUser,
         Limit::Connections,
@@ -51,6 +54,7 @@ impl Limit {
         Limit::HandshakesPerUser,
         Limit::HelloGrace,
         Limit::Deadline,
+        Limit::MapShare,
     ];
 
     /// The label in metrics (`reason="..."`) and in refusals.
@@ -64,6 +68,7 @@ impl Limit {
             Limit::HandshakesPerUser => "handshakes_per_user",
             Limit::HelloGrace => "hello_grace",
             Limit::Deadline => "deadline",
+            Limit::MapShare => "map_share",
         }
     }
 }
@@ -86,14 +91,28 @@ pub(crate) struct Capacity {
     pub reserved_sessions: usize,
     /// Sessions of one unprivileged user.
     pub sessions_per_user: usize,
+    /// Threads a session may have followed at once: its share of the kernel's membership
+    /// maps, enforced in the kernel (a task past it is killed at birth).
+    pub session_tasks: u64,
+    /// Threads the sessions of unprivileged users may have followed together: the sum of
+    /// their shares stays within it, so that they cannot fill the maps that root's sessions
+    /// (and every other session's new tasks) need. An eighth of the maps' room is held back.
+    pub tasks_pool: u64,
 }
 
 impl Capacity {
     /// The capacity for a descriptor limit of `nofile` and `sessions_per_user` sessions per
     /// (unprivileged) user: what fits in the descriptors, at most [`MAX_CONNECTIONS`]
     /// connections and [`RUN_SLOTS`] sessions, an eighth of each held back for privileged
-    /// clients, one user's connections bounded by twice its sessions.
-    pub(crate) fn new(nofile: u64, sessions_per_user: usize) -> Capacity {
+    /// clients, one user's connections bounded by twice its sessions. `tasks_room`: the
+    /// threads the kernel's maps hold for runs (less their headroom); `session_max_tasks`: a
+    /// session's share of them (0: all of it).
+    pub(crate) fn new(
+        nofile: u64,
+        sessions_per_user: usize,
+        tasks_room: u32,
+        session_max_tasks: u32,
+    ) -> Capacity {
         let room = nofile.saturating_sub(BASE_FDS);
         // Sessions first (they are what clients come for), then connections in what is left,
         // at least one connection per session.
@@ -110,6 +129,11 @@ impl Capacity {
         // a user starting many clients at once must not be refused for them, and no user may
         // hold the whole pool.
         let handshakes = (open_connections / 2).max(1);
+        let tasks_room = u64::from(tasks_room.max(1));
+        let session_tasks = match u64::from(session_max_tasks) {
+            0 => tasks_room,
+            n => n.min(tasks_room),
+        };
         Capacity {
             connections,
             reserved_connections,
@@ -119,6 +143,8 @@ impl Capacity {
             sessions,
             reserved_sessions,
             sessions_per_user,
+            session_tasks,
+            tasks_pool: tasks_room - tasks_room / 8,
         }
     }
 
@@ -163,6 +189,9 @@ impl Capacity {
         if open.unprivileged_sessions >= self.sessions - self.reserved_sessions {
             return Err(Limit::RunSlots);
         }
+        if open.unprivileged_tasks + self.session_tasks > self.tasks_pool {
+            return Err(Limit::MapShare);
+        }
         Ok(())
     }
 }
@@ -178,6 +207,8 @@ pub(crate) struct Open {
     pub sessions: usize,
     pub unprivileged_sessions: usize,
     pub my_sessions: usize,
+    /// The shares of the kernel's maps held by unprivileged users' sessions (threads).
+    pub unprivileged_tasks: u64,
 }
 
 /// Raises the soft descriptor limit to the hard one (systemd's default soft limit is 1,024)
@@ -211,7 +242,7 @@ mod tests {
 
     #[test]
     fn plenty_of_descriptors_give_the_full_tables_with_room_held_back() {
-        let c = Capacity::new(1 << 20, 64);
+        let c = Capacity::new(1 << 20, 64, 61_440, 4_096);
         assert_eq!(c.sessions, RUN_SLOTS);
         assert_eq!(c.connections, MAX_CONNECTIONS);
         assert_eq!(c.reserved_sessions, RUN_SLOTS / 8);
@@ -225,20 +256,20 @@ mod tests {
     #[test]
     fn a_low_descriptor_limit_shrinks_the_tables_to_what_fits() {
         // systemd's default soft limit, had it not been raised.
-        let c = Capacity::new(1024, 64);
+        let c = Capacity::new(1024, 64, 61_440, 4_096);
         let fds =
             BASE_FDS + c.sessions as u64 * SESSION_FDS + c.connections as u64 * CONNECTION_FDS;
         assert!(fds <= 1024, "{c:?} needs {fds}");
         assert!(c.sessions >= 100 && c.connections >= c.sessions, "{c:?}");
         assert!(c.sessions_per_user < c.sessions - c.reserved_sessions + 1);
         // Absurdly low: still one of each, never a panic.
-        let tiny = Capacity::new(10, 64);
+        let tiny = Capacity::new(10, 64, 61_440, 4_096);
         assert_eq!((tiny.sessions, tiny.connections), (1, 1));
     }
 
     #[test]
     fn unprivileged_users_cannot_take_the_room_held_back() {
-        let c = Capacity::new(1 << 20, 64);
+        let c = Capacity::new(1 << 20, 64, 61_440, 4_096);
         // Every unprivileged connection taken, by many users: root still gets in.
         let full = Open {
             connections: c.connections - c.reserved_connections,
@@ -271,7 +302,7 @@ mod tests {
 
     #[test]
     fn one_user_is_bounded_by_its_share() {
-        let c = Capacity::new(1 << 20, 4);
+        let c = Capacity::new(1 << 20, 4, 61_440, 4_096);
         let mine = Open {
             my_sessions: 4,
             sessions: 4,
@@ -310,5 +341,30 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), Limit::ALL.len());
+    }
+
+    #[test]
+    fn unprivileged_sessions_share_at_most_seven_eighths_of_the_maps() {
+        let c = Capacity::new(1 << 20, 64, 61_440, 16_384);
+        assert_eq!((c.session_tasks, c.tasks_pool), (16_384, 53_760));
+        let mut open = Open::default();
+        // Three shares fit in the pool, a fourth does not, whoever asks.
+        for _ in 0..3 {
+            assert_eq!(c.admit_session(false, &open), Ok(()));
+            open.sessions += 1;
+            open.unprivileged_sessions += 1;
+            open.unprivileged_tasks += c.session_tasks;
+        }
+        assert_eq!(c.admit_session(false, &open), Err(Limit::MapShare));
+        // Root's sessions draw on the whole room, past the pool.
+        assert_eq!(c.admit_session(true, &open), Ok(()));
+        // A share larger than the maps is the maps; 0 means all of them.
+        let whole = Capacity::new(1 << 20, 64, 61_440, 0);
+        assert_eq!(whole.session_tasks, 61_440);
+        assert_eq!(
+            whole.admit_session(false, &Open::default()),
+            Err(Limit::MapShare)
+        );
+        assert_eq!(Capacity::new(1 << 20, 64, 100, 1_000).session_tasks, 100);
     }
 }

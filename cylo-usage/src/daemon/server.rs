@@ -83,7 +83,7 @@ impl ServeOptions {
             access: Access::Root,
             max_sessions_per_user: 64,
             trust_group: false,
-            session_max_tasks: load.max_tasks / 4,
+            session_max_tasks: load.max_tasks / 16,
             metrics: None,
             bpf_stats: false,
             load,
@@ -98,6 +98,8 @@ struct Held {
     connections: usize,
     /// Connections that have not said hello yet.
     handshakes: usize,
+    /// The sessions' shares of the kernel's maps (threads).
+    tasks: u64,
 }
 
 /// The sessions and connections the daemon holds, in all and by user.
@@ -127,6 +129,7 @@ impl Table {
             sessions: self.sessions,
             unprivileged_sessions: self.unprivileged.sessions,
             my_sessions: mine.sessions,
+            unprivileged_tasks: self.unprivileged.tasks,
         }
     }
 
@@ -135,7 +138,7 @@ impl Table {
     fn update(&mut self, peer: Peer, change: impl Fn(&mut Held)) {
         let held = self.by_uid.entry(peer.uid).or_default();
         change(held);
-        if held.sessions == 0 && held.connections == 0 && held.handshakes == 0 {
+        if held.sessions == 0 && held.connections == 0 && held.handshakes == 0 && held.tasks == 0 {
             self.by_uid.remove(&peer.uid);
         }
         if !peer.privileged {
@@ -186,6 +189,11 @@ fn limit_message(limit: Limit, capacity: &Capacity, peer: Peer) -> String {
         Limit::Deadline => format!(
             "a request or reply took longer than {} s",
             CLIENT_TIMEOUT.as_secs()
+        ),
+        Limit::MapShare => format!(
+            "the kernel maps' room for sessions of users other than root is taken: {} \
+             threads in all, {} per session (serve --session-max-tasks)",
+            capacity.tasks_pool, capacity.session_tasks
         ),
     };
     format!("{what} (limit: {})", limit.name())
@@ -288,7 +296,11 @@ impl State {
         }
         t.sessions += 1;
         t.idle_since = None;
-        t.update(peer, |h| h.sessions += 1);
+        let tasks = self.capacity.session_tasks;
+        t.update(peer, |h| {
+            h.sessions += 1;
+            h.tasks += tasks;
+        });
         drop(t);
         // From here the seat is counted; dropped on an error below, it is freed again.
         let seat = SessionSeat {
@@ -333,7 +345,11 @@ impl Drop for SessionSeat {
             t.wake.remove(&slot);
         }
         t.sessions = t.sessions.saturating_sub(1);
-        t.update(self.peer, |h| h.sessions = h.sessions.saturating_sub(1));
+        let tasks = self.state.capacity.session_tasks;
+        t.update(self.peer, |h| {
+            h.sessions = h.sessions.saturating_sub(1);
+            h.tasks = h.tasks.saturating_sub(tasks);
+        });
         if t.sessions == 0 {
             // Idle from now: the idle-detach thread detaches the hooks once it has lasted
             // IDLE_LINGER.
@@ -626,7 +642,12 @@ pub fn serve(options: ServeOptions) -> Result<(), DaemonError> {
         None
     };
     // Every descriptor the tables may need fits in the limit: the tables shrink to fit.
-    let capacity = Capacity::new(super::limits::raise_nofile(), options.max_sessions_per_user);
+    let capacity = Capacity::new(
+        super::limits::raise_nofile(),
+        options.max_sessions_per_user,
+        tracker.share_room(),
+        options.session_max_tasks,
+    );
     let state = Arc::new(State {
         tracker,
         budget: crate::budget::Budget::new(options.memory_max_bytes, options.memory_per_user_bytes),
@@ -1303,7 +1324,9 @@ impl Connection {
                 tree: options.tree,
                 events,
                 tree_limit: limit.min(10_000_000),
-                max_tasks: self.state.options.session_max_tasks,
+                // Every session's share; those of unprivileged users come out of their
+                // pool (`Capacity::admit_session`).
+                max_tasks: u32::try_from(self.state.capacity.session_tasks).unwrap_or(u32::MAX),
                 memory,
                 // A non-root client sees the figures of the members it could read itself.
                 viewer: (self.peer.uid != 0).then_some(crate::tree::Viewer {
