@@ -1,11 +1,11 @@
 //! [`Error`]: the crate's one error type. Every module's error converts into it, so a
 //! library user can `?` everything into one type (and map it to a variant of their own).
-use crate::btf::BtfError;
-use crate::fallback::FallbackError;
-use crate::procfs::ProcError;
-use crate::resolve::ResolveError;
-use crate::run::SessionError;
-use crate::tracker::LoadError;
+use crate::kernel::btf::BtfError;
+use crate::kernel::resolve::ResolveError;
+use crate::kernel::tracker::LoadError;
+use crate::proc::fallback::FallbackError;
+use crate::session::run::SessionError;
+use crate::sys::procfs::ProcError;
 
 /// Anything cylo-usage can fail with. Each variant wraps a module's error, which names what
 /// failed (which pid, file, syscall or map); [`crate::error_chain`] puts it on one line.

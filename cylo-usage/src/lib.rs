@@ -33,40 +33,30 @@
 //! ```
 // The public surface: the trackers and their runs, what they report, the daemon, the
 // counters' feature list, the reports' formats and the errors. Everything else is internal.
-mod attach;
-mod aya_loader;
-mod btf;
-pub mod budget;
 pub mod daemon;
-mod ebpf_log;
 mod error;
-mod fallback;
-pub mod features;
-mod map_read;
-mod offsets_cache;
-mod open;
-mod procfs;
-mod proctree;
-pub mod report;
-mod resolve;
-mod run;
-mod snapshot;
+mod front;
+mod kernel;
+mod proc;
+mod session;
 mod sys;
-mod tracker;
-mod tree;
 mod usage;
 
-pub use btf::BtfError;
+pub use front::report;
+pub use kernel::features;
+pub use session::budget;
+
 pub use error::Error;
-pub use fallback::{DEFAULT_INTERVAL, FallbackError, ProcRun, ProcTracker};
-pub use open::{AnyRun, AnyTracker, OpenOptions};
-pub use procfs::ProcError;
-pub use resolve::ResolveError;
-pub use run::{Run, RunOptions, SessionError};
-pub use snapshot::get_resource_usage;
+pub use front::open::{AnyRun, AnyTracker, OpenOptions};
+pub use kernel::btf::BtfError;
+pub use kernel::resolve::ResolveError;
+pub use kernel::tracker::{LoadError, Options, Tracker, missing_privileges};
+pub use proc::fallback::{DEFAULT_INTERVAL, FallbackError, ProcRun, ProcTracker};
+pub use proc::snapshot::get_resource_usage;
+pub use session::breakdown::{DEFAULT_TREE_LIMIT, EventSink, Viewer};
+pub use session::run::{Run, RunOptions, SessionError};
+pub use sys::procfs::ProcError;
 pub use sys::watch;
-pub use tracker::{LoadError, Options, Tracker, missing_privileges};
-pub use tree::{DEFAULT_TREE_LIMIT, EventSink, Viewer};
 pub use usage::{
     DiskDevice, NetworkUsage, Precision, ProcessUsage, ResourceUsage, TrackerKind,
     UsageBeforeAttach,

@@ -17,7 +17,7 @@ const CRATES: [&str; 3] = ["cylo-usage/src", "cylo-usage-ebpf/src", "xtask/src"]
 const MAX_LINES: usize = 1_000;
 
 /// Files allowed past [`MAX_LINES`]: the kernel BTF reader (one format, one parser).
-const OVERSIZE_ALLOWED: [&str; 1] = ["cylo-usage/src/btf.rs"];
+const OVERSIZE_ALLOWED: [&str; 1] = ["cylo-usage/src/kernel/btf.rs"];
 
 /// Checks every crate; an error names each circle. Files over their size are listed.
 pub fn check(root: &Path) -> Result<()> {

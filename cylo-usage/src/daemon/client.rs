@@ -30,10 +30,10 @@ use std::time::{Duration, Instant};
 
 use super::DaemonError;
 use super::protocol::{self, FrameError, MAX_REPLY, Reply, Request, SessionOptions};
-use crate::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
-use crate::run::RunOptions;
+use crate::proc::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
+use crate::session::breakdown::EventSink;
+use crate::session::run::RunOptions;
 use crate::sys::{pidfd_open, pidfd_send_signal, watch};
-use crate::tree::EventSink;
 use crate::usage::{Precision, ResourceUsage, TrackerKind};
 
 /// Connecting and `hello`, together.
@@ -351,7 +351,7 @@ pub struct DaemonTracker {
     path: PathBuf,
 }
 
-impl crate::tracker::Tracker {
+impl crate::kernel::tracker::Tracker {
     /// Connects to the daemon listening at `path` (see [`super::socket_path`]); connect and
     /// `hello` together take at most [`HANDSHAKE_DEADLINE`].
     pub fn connect(path: &Path) -> Result<DaemonTracker, DaemonError> {
@@ -473,7 +473,9 @@ impl DaemonTracker {
 
     /// The daemon's kernel release, its counters and how each is measured, and its kernel
     /// layout.
-    pub fn features(&self) -> Result<(String, Vec<crate::features::Feature>, String), DaemonError> {
+    pub fn features(
+        &self,
+    ) -> Result<(String, Vec<crate::kernel::features::Feature>, String), DaemonError> {
         match self.conn.call(&Request::Features, &[], REQUEST_DEADLINE)?.0 {
             Reply::Features {
                 kernel,
@@ -801,7 +803,7 @@ fn reap_listed_orphans(root: u32) {
         let Ok(text) = std::fs::read_to_string(task.path().join("children")) else {
             continue;
         };
-        for pid in crate::proctree::parse_children(&text) {
+        for pid in crate::proc::walker::parse_children(&text) {
             if pid != root {
                 // SAFETY: reaps a child of ours if it has ended.
                 unsafe {
@@ -941,7 +943,7 @@ fn report_after_daemon(
     u.precision_notes = notes;
     u.precision = Precision::Approximate;
     // The daemon's last counts, plus what the samples saw after it: no more than the truth.
-    u.lower_bounds = crate::fallback::account::sampled_counts();
+    u.lower_bounds = crate::proc::fallback::account::sampled_counts();
     u.tracker = TrackerKind::Daemon;
     u.attached = attached;
     u

@@ -71,7 +71,7 @@ pub enum DaemonError {
     },
     /// The /proc follower that took over from the daemon failed.
     #[error("the /proc follower that took over from the daemon failed")]
-    Follower(#[source] crate::fallback::FallbackError),
+    Follower(#[source] crate::proc::fallback::FallbackError),
     #[error("talking to the daemon failed")]
     Frame(#[source] protocol::FrameError),
     #[error("the daemon refused: {message}")]
@@ -113,7 +113,7 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     #[error("cannot load the eBPF programs")]
-    Load(#[source] crate::tracker::LoadError),
+    Load(#[source] crate::kernel::tracker::LoadError),
     #[error("cannot serve metrics on {addr}")]
     Metrics {
         addr: std::net::SocketAddr,

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::features::Feature;
+use crate::kernel::features::Feature;
 use crate::usage::ResourceUsage;
 
 /// The protocol version this build speaks.

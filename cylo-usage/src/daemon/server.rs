@@ -17,8 +17,8 @@ use super::DaemonError;
 use super::limits::{Capacity, HELLO_GRACE, Limit, Open};
 use super::metrics::{Counters, Source};
 use super::protocol::{self, ErrorKind, FrameError, MAX_REQUEST, Reply, Request, SessionOptions};
-use crate::run::{PendingSpawn, Run, RunOptions, SessionError};
-use crate::tracker::{Options, RunsTotals, Tracker};
+use crate::kernel::tracker::{Options, RunsTotals, Tracker};
+use crate::session::run::{PendingSpawn, Run, RunOptions, SessionError};
 use crate::usage::TrackerKind;
 
 /// How long a started frame may take to arrive in full, a reply to be taken in full, and a
@@ -66,7 +66,7 @@ pub struct ServeOptions {
     pub load: Options,
     /// What all sessions together may hold in memory for breakdowns and unread event
     /// streams, and what the sessions of one user other than root may (see
-    /// [`crate::budget`]).
+    /// [`crate::session::budget`]).
     pub memory_max_bytes: u64,
     pub memory_per_user_bytes: u64,
 }
@@ -75,7 +75,7 @@ impl ServeOptions {
     /// The defaults for `socket`.
     pub fn new(socket: PathBuf) -> ServeOptions {
         let load = Options::default();
-        let memory = crate::budget::Budget::for_host();
+        let memory = crate::session::budget::Budget::for_host();
         ServeOptions {
             memory_max_bytes: memory.global_bytes(),
             memory_per_user_bytes: memory.per_user_bytes(),
@@ -213,7 +213,7 @@ fn limit_kind(limit: Limit) -> ErrorKind {
 pub(crate) struct State {
     pub tracker: Tracker,
     /// Memory for breakdowns and event backlogs: each session draws on its user's share.
-    pub budget: Arc<crate::budget::Budget>,
+    pub budget: Arc<crate::session::budget::Budget>,
     options: ServeOptions,
     capacity: Capacity,
     table: Mutex<Table>,
@@ -438,7 +438,7 @@ fn allowed(access: Access, peer: Peer) -> bool {
 
 /// Whether `peer` is a member of group `gid` (primary or supplementary).
 fn in_group(peer: Peer, gid: u32) -> bool {
-    peer.gid == gid || crate::procfs::read_groups(peer.pid).is_some_and(|g| g.contains(&gid))
+    peer.gid == gid || crate::sys::procfs::read_groups(peer.pid).is_some_and(|g| g.contains(&gid))
 }
 
 /// Whether the peer's uid is the overflow uid standing for a user of another user namespace
@@ -650,7 +650,10 @@ pub fn serve(options: ServeOptions) -> Result<(), DaemonError> {
     );
     let state = Arc::new(State {
         tracker,
-        budget: crate::budget::Budget::new(options.memory_max_bytes, options.memory_per_user_bytes),
+        budget: crate::session::budget::Budget::new(
+            options.memory_max_bytes,
+            options.memory_per_user_bytes,
+        ),
         options: options.clone(),
         capacity,
         table: Mutex::default(),
@@ -1314,7 +1317,7 @@ impl Connection {
                     format!("cannot make the events pipe: {e}"),
                 )
             })?;
-            events = Some(Box::new(sink) as crate::tree::EventSink);
+            events = Some(Box::new(sink) as crate::session::breakdown::EventSink);
             events_dropped = Some(dropped);
             events_reader = Some(Arc::new(reader));
         }
@@ -1329,7 +1332,7 @@ impl Connection {
                 max_tasks: u32::try_from(self.state.capacity.session_tasks).unwrap_or(u32::MAX),
                 memory,
                 // A non-root client sees the figures of the members it could read itself.
-                viewer: (self.peer.uid != 0).then_some(crate::tree::Viewer {
+                viewer: (self.peer.uid != 0).then_some(crate::session::breakdown::Viewer {
                     uid: self.peer.uid,
                     gid: self.peer.gid,
                 }),
@@ -1437,7 +1440,7 @@ impl Connection {
         }
         let pid = pidfd_pid(&pidfd)?;
         if self.peer.uid != 0 {
-            let uids = crate::procfs::read_uids(pid)
+            let uids = crate::sys::procfs::read_uids(pid)
                 .ok_or_else(|| refusal(ErrorKind::NoSuchProcess, format!("no process {pid}")))?;
             if uids[..3].iter().any(|&u| u != self.peer.uid) {
                 return Err(refusal(
@@ -1558,7 +1561,7 @@ fn pidfd_pid(fd: &OwnedFd) -> Result<u32, Refusal> {
             // SAFETY: F_GETFL on a valid descriptor.
             let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
             if flags >= 0 && flags & libc::O_EXCL != 0 {
-                let tgid = crate::procfs::read_tgid(p as u32);
+                let tgid = crate::sys::procfs::read_tgid(p as u32);
                 if tgid != Some(p as u32) {
                     return Err(refusal(
                         ErrorKind::BadRequest,
@@ -1588,7 +1591,7 @@ struct EventPipe {
     dropped: Arc<AtomicU64>,
     closed: bool,
     /// The session's memory account, charged with the backlog's bytes.
-    memory: crate::budget::Share,
+    memory: crate::session::budget::Share,
 }
 
 /// The size the daemon asks for its event pipes (the kernel's default is 64 KiB).
@@ -1599,7 +1602,7 @@ impl EventPipe {
     /// blocks (`O_NONBLOCK` on an open file only the daemon holds), its backlog charged to
     /// `memory`.
     fn create(
-        memory: crate::budget::Share,
+        memory: crate::session::budget::Share,
     ) -> std::io::Result<(OwnedFd, EventPipe, Arc<AtomicU64>)> {
         let mut ends = [0 as RawFd; 2];
         // SAFETY: pipe2 fills two descriptors we then own.
@@ -1757,7 +1760,8 @@ mod tests {
     #[test]
     fn an_event_pipe_that_nobody_reads_never_blocks_and_counts_what_it_drops() {
         use std::io::Write;
-        let (r, mut sink, dropped) = EventPipe::create(crate::budget::Share::unlimited()).unwrap();
+        let (r, mut sink, dropped) =
+            EventPipe::create(crate::session::budget::Share::unlimited()).unwrap();
         // All the client holds is the read end, a file of its own: whatever it does to that
         // file's flags cannot make the daemon's writes block.
         // SAFETY: fcntl on a descriptor we own.

@@ -22,19 +22,15 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-use aya::maps::{MapData, RingBuf};
 use cylo_usage_abi::{
-    ARGV_BYTES, Creds, DUMP_USER, MAX_RUNS, ProcExec, ProcExit, ProcStart, RecordHeader, ThreadEnd,
+    ARGV_BYTES, Creds, DUMP_USER, ProcExec, ProcExit, ProcStart, RecordHeader, ThreadEnd,
     creds_known, proc_flags, record_kind,
 };
 
-use crate::budget::{Limit, Share};
-use crate::features::Measured;
+use crate::kernel::features::Measured;
+use crate::kernel::records::{Consumer, read_record};
+use crate::session::budget::{Limit, Share};
 use crate::usage::{ProcessUsage, Units, split_runtime};
 
 /// A process's argv as `/proc/PID/cmdline` showed it at its adoption: at most
@@ -952,15 +948,6 @@ fn realtime_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// A record of type `T` from the start of `bytes`, if it is long enough.
-fn read_record<T: Copy>(bytes: &[u8]) -> Option<T> {
-    if bytes.len() < std::mem::size_of::<T>() {
-        return None;
-    }
-    // SAFETY: the length is checked; T is a plain-data ABI record; the read is unaligned.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
-}
-
 fn trim_nul(bytes: &[u8]) -> &[u8] {
     match bytes.iter().position(|&b| b == 0) {
         Some(n) => &bytes[..n],
@@ -997,126 +984,29 @@ pub fn split_argv(bytes: &[u8]) -> Vec<String> {
     bytes.split(|&b| b == 0).map(escape_bytes).collect()
 }
 
-type Slots = Vec<Option<Arc<Mutex<Tree>>>>;
-
-/// Where the records of each run go, and the reader that drains the ring buffer.
-#[derive(Default)]
-pub struct Sinks {
-    slots: Mutex<Slots>,
-    ring: Mutex<Option<RingBuf<MapData>>>,
-    reader_started: AtomicBool,
-    stop: Arc<AtomicBool>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Sinks {
-    /// Delivers the records of run `slot` to `tree` from now on.
-    pub fn register(&self, slot: u32, tree: Arc<Mutex<Tree>>) {
-        let mut slots = lock(&self.slots);
-        if slots.len() < MAX_RUNS as usize {
-            slots.resize(MAX_RUNS as usize, None);
-        }
-        slots[slot as usize] = Some(tree);
+impl Consumer for Tree {
+    fn take(&mut self, bytes: &[u8]) {
+        Tree::take(self, bytes);
     }
 
-    /// Stops delivering records of run `slot` (they are dropped from then on).
-    pub fn unregister(&self, slot: u32) {
-        // Deliver what is already there first.
-        self.drain();
-        if let Some(s) = lock(&self.slots).get_mut(slot as usize) {
-            *s = None;
-        }
+    fn release(&mut self, before_ns: u64) {
+        Tree::release(self, before_ns);
     }
 
-    /// Maps the ring buffer, hands it to the sinks and starts the reader thread, once.
-    pub fn start(self: &Arc<Self>, ring: &Mutex<Option<aya::maps::Map>>) {
-        if self.reader_started.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let Some(ring) = lock(ring)
-            .take()
-            .and_then(|map| RingBuf::try_from(map).ok())
-        else {
-            return;
-        };
-        let fd = ring.as_raw_fd();
-        *lock(&self.ring) = Some(ring);
-        let me = Arc::downgrade(self);
-        let stop = self.stop.clone();
-        let spawned = std::thread::Builder::new()
-            .name("cylo-usage-records".into())
-            .spawn(move || reader(fd, me, stop));
-        if spawned.is_err() {
-            // Without the thread, snapshots still drain on demand.
-            self.reader_started.store(false, Ordering::SeqCst);
-        }
-    }
-
-    /// Delivers every record waiting in the ring buffer.
-    pub fn drain(&self) {
-        let mut ring = lock(&self.ring);
-        let Some(ring) = ring.as_mut() else {
-            return;
-        };
-        let slots = lock(&self.slots);
-        // Every record made before this instant is delivered below (see `Tree::release`).
-        let drain_start = crate::sys::monotonic_ns();
-        while let Some(item) = ring.next() {
-            let bytes: &[u8] = &item;
-            let Some(h) = read_record::<RecordHeader>(bytes) else {
-                continue;
-            };
-            if let Some(Some(tree)) = slots.get(h.run as usize) {
-                lock(tree).take(bytes);
-            }
-        }
-        // Every tree, records or not: held event lines become due as time passes.
-        for tree in slots.iter().flatten() {
-            let mut tree = lock(tree);
-            tree.release(drain_start);
-            tree.flush();
-        }
-    }
-
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-/// The reader thread: waits for the ring buffer's fd and drains it, until the tracker goes.
-/// It asks for a real-time priority (the lowest), so a fork bomb in a traced tree cannot
-/// starve it and overflow the ring buffer; it only ever runs to drain, then sleeps.
-fn reader(fd: RawFd, sinks: std::sync::Weak<Sinks>, stop: Arc<AtomicBool>) {
-    const TICK: Duration = Duration::from_millis(100);
-    let param = libc::sched_param { sched_priority: 1 };
-    // SAFETY: sets this thread's own policy; failure (no CAP_SYS_NICE) leaves it as it was.
-    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-    while !stop.load(Ordering::SeqCst) {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd. The fd stays open while `sinks` holds the ring buffer;
-        // a closed fd makes poll report POLLNVAL, which ends the loop below.
-        let r = unsafe { libc::poll(&mut pfd, 1, TICK.as_millis() as i32) };
-        if r > 0 && pfd.revents & libc::POLLNVAL != 0 {
-            return;
-        }
-        match sinks.upgrade() {
-            Some(s) => s.drain(),
-            None => return,
-        }
+    fn flush(&mut self) {
+        Tree::flush(self);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::features::Measured;
+    use crate::kernel::features::Measured;
+    use std::sync::{Arc, Mutex, MutexGuard};
+
+    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
     use cylo_usage_abi::{COMM_BYTES, FILENAME_BYTES};
 
     const UNITS: Units = Units {
@@ -1420,7 +1310,7 @@ mod tests {
 
     #[test]
     fn a_share_too_small_leaves_processes_out_and_names_the_limit() {
-        let budget = crate::budget::Budget::new(64 << 20, 1 << 20);
+        let budget = crate::session::budget::Budget::new(64 << 20, 1 << 20);
         let share = budget.account(1000);
         let t = big_tree(20_000, share.clone());
         let kept = t.processes(&HashMap::new(), Measured::ALL).len() as u64;
@@ -1434,7 +1324,7 @@ mod tests {
         assert!(execs <= kept, "{execs}");
         assert_eq!(
             limit,
-            crate::budget::Limit::UserShare {
+            crate::session::budget::Limit::UserShare {
                 uid: 1000,
                 bytes: 1 << 20
             }
@@ -1455,7 +1345,7 @@ mod tests {
     #[test]
     fn an_events_only_tree_reuses_the_places_of_ended_processes() {
         let out = Shared::default();
-        let budget = crate::budget::Budget::new(64 << 20, 1 << 20);
+        let budget = crate::session::budget::Budget::new(64 << 20, 1 << 20);
         let share = budget.account(1000);
         let mut t = Tree::new(
             0,

@@ -14,9 +14,9 @@ use cylo_usage_abi::{
     MmMember, Offsets, ProcMember, RunControl, RunCounters, TaskMember, control, names,
 };
 
-use crate::features::{Measured, NetworkPath, Unavailable};
-use crate::map_read::{MapReadError, MapReader};
-use crate::resolve::{self, ResolveError};
+use crate::kernel::features::{Measured, NetworkPath, Unavailable};
+use crate::kernel::map_read::{MapReadError, MapReader};
+use crate::kernel::resolve::{self, ResolveError};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("CYLO_USAGE_EBPF_OBJECT"));
@@ -84,7 +84,7 @@ pub fn missing_privileges() -> Result<Option<&'static str>, LoadError> {
     const PATH: &str = "/proc/self/status";
     let status =
         std::fs::read(PATH).map_err(|source| LoadError::Capabilities { path: PATH, source })?;
-    let eff = crate::procfs::status_field(&status, "CapEff")
+    let eff = crate::sys::procfs::status_field(&status, "CapEff")
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
     let has = |cap: u32| eff & (1u64 << cap) != 0;
@@ -96,7 +96,7 @@ pub fn missing_privileges() -> Result<Option<&'static str>, LoadError> {
 }
 
 /// Read-only views of the maps that runs read, each with a descriptor of its own and no
-/// lock: a run's reads never wait for another run (see [`crate::map_read`]).
+/// lock: a run's reads never wait for another run (see [`crate::kernel::map_read`]).
 pub(crate) struct Readers {
     pub tasks: MapReader<u64, TaskMember>,
     pub procs: MapReader<u64, ProcMember>,
@@ -145,7 +145,7 @@ pub(crate) struct Inner {
     /// counts 16 MiB of resident memory) by the reader thread when the first run wants them.
     pub records: Mutex<Option<aya::maps::Map>>,
     /// Where the reader thread delivers each run's records.
-    pub sinks: Arc<crate::tree::Sinks>,
+    pub sinks: Arc<crate::kernel::records::Sinks>,
     /// The `control` program, run in the caller's context (`BPF_PROG_TEST_RUN`).
     pub control: ProgramFd,
     /// The `control_adopt` program, loaded when the first attach needs it.
@@ -157,7 +157,7 @@ pub(crate) struct Inner {
     /// Why what is not measured is not.
     pub unavailable: Unavailable,
     /// Reads the programs' diagnostics while logging is on.
-    _log: Option<crate::ebpf_log::Reader>,
+    _log: Option<crate::kernel::ebpf_log::Reader>,
     /// Keeps the programs loaded and their hooks attached (or detached, while idle).
     programs: Mutex<Programs>,
 }
@@ -611,16 +611,18 @@ impl Tracker {
         }
         // The loader (without aya 0.14's parse of the kernel BTF, and with its feature
         // probes: see aya_loader) is made beside the resolver's work.
-        let loader = crate::aya_loader::start();
+        let loader = crate::kernel::aya_loader::start();
         let offsets = resolve::resolve_host();
-        let loader = loader.join().unwrap_or_else(|_| crate::aya_loader::new());
+        let loader = loader
+            .join()
+            .unwrap_or_else(|_| crate::kernel::aya_loader::new());
         let offsets = offsets?;
         Self::load_from(loader, &offsets, options)
     }
 
     /// Loads with an explicit kernel layout (no privilege pre-check).
     pub fn load_with(offsets: Offsets, options: Options) -> Result<Tracker, LoadError> {
-        Self::load_from(crate::aya_loader::new(), &offsets, options)
+        Self::load_from(crate::kernel::aya_loader::new(), &offsets, options)
     }
 
     fn load_from<'a>(
@@ -628,14 +630,14 @@ impl Tracker {
         offsets: &'a Offsets,
         options: Options,
     ) -> Result<Tracker, LoadError> {
-        let level = crate::ebpf_log::level();
-        if !crate::ebpf_log::enabled(*level) {
+        let level = crate::kernel::ebpf_log::level();
+        if !crate::kernel::ebpf_log::enabled(*level) {
             return Self::load_at(&mut loader, offsets, options, level);
         }
         // With their log statements in, the programs take the verifier longer: a kernel may
         // refuse them, or only the variant with atomics. Logging must never change what loads
         // and what is measured: without them, then.
-        let quiet = crate::ebpf_log::level_off();
+        let quiet = crate::kernel::ebpf_log::level_off();
         match Self::load_at(&mut loader, offsets, options, level) {
             Ok(t) if t.inner.measured.atomics => Ok(t),
             Ok(t) => {
@@ -681,7 +683,7 @@ impl Tracker {
             .map_max_entries(names::GROUPS, options.max_procs)
             .load(OBJECT)
             .map_err(LoadError::Load)?;
-        let log = crate::ebpf_log::start(&mut ebpf, *log_level);
+        let log = crate::kernel::ebpf_log::start(&mut ebpf, *log_level);
         let readers = Readers {
             tasks: reader(&ebpf, names::TASKS)?,
             procs: reader(&ebpf, names::PROCS)?,
@@ -879,8 +881,8 @@ impl Tracker {
     }
 
     /// Every counter, with whether and how it is measured on this kernel.
-    pub fn features(&self) -> Vec<crate::features::Feature> {
-        crate::features::features(self.inner.measured, &self.inner.unavailable)
+    pub fn features(&self) -> Vec<crate::kernel::features::Feature> {
+        crate::kernel::features::features(self.inner.measured, &self.inner.unavailable)
     }
 
     /// The kernel layout the programs were loaded with.

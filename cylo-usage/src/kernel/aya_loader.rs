@@ -4,7 +4,7 @@
 //! aya 0.14 reads and parses the whole kernel BTF in `EbpfLoader::new()` (about 20 ms and
 //! 18 MiB of peak RSS on the 6.18 host), for one purpose: CO-RE relocations, which the
 //! programs do not have (rustc emits none; a test below checks the object). The programs get
-//! kernel layouts from [`crate::resolve`] instead, and the fexit programs of older kernels
+//! kernel layouts from [`crate::kernel::resolve`] instead, and the fexit programs of older kernels
 //! get an `aya::Btf` of their own (`KernelBtf` in the loader). `EbpfLoader::btf(None)` only
 //! drops the parsed BTF after the fact, so the loader is made in a thread of its own whose
 //! root directory is `/sys/kernel/btf` (the thread leaves the process's file-system context
@@ -46,7 +46,7 @@ fn make() -> (EbpfLoader<'static>, bool) {
     let rooted = unsafe {
         libc::unshare(libc::CLONE_FS) == 0 && libc::chroot(c"/sys/kernel/btf".as_ptr()) == 0
     };
-    let hidden = rooted && !std::path::Path::new(crate::btf::VMLINUX_BTF_PATH).exists();
+    let hidden = rooted && !std::path::Path::new(crate::kernel::btf::VMLINUX_BTF_PATH).exists();
     let mut loader = EbpfLoader::new();
     loader.btf(None);
     (loader, hidden)

@@ -19,11 +19,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use cylo_usage_abi::{ARGV_BYTES, control};
 
-use crate::procfs;
-use crate::run::{Origin, Run, RunOptions, SessionError, claim_slot};
+use crate::kernel::tracker::{Inner, Tracker, run_share};
+use crate::session::breakdown::AdoptedArgv;
+use crate::session::run::{Origin, Run, RunOptions, SessionError, claim_slot};
 use crate::sys::monotonic_ns;
-use crate::tracker::{Inner, Tracker, run_share};
-use crate::tree::AdoptedArgv;
+use crate::sys::procfs;
 
 /// Passes over /proc before the attach settles for what it has (a tree that forks faster
 /// than a pass can scan it; what the hooks adopt meanwhile is still followed).
@@ -103,7 +103,7 @@ impl Tracker {
             });
         }
         let target = check_target(pid)?;
-        let pidfd = crate::run::pidfd_of(pid)?;
+        let pidfd = crate::session::run::pidfd_of(pid)?;
         // The pidfd is the process we checked only if it still has the start time we saw.
         if check_target(pid)?.start_ticks != target.start_ticks {
             return Err(SessionError::NoSuchProcess { pid });

@@ -16,10 +16,10 @@ use cylo_usage_abi::{
     MAX_RUNS, ROOT_ENDED, RunControl, RunCounters, TaskMember, control, run_flags,
 };
 
-use crate::procfs::{self, ThreadSample};
+use crate::kernel::tracker::{Inner, Maps, Tracker, run_share};
+use crate::session::breakdown::{EventSink, ThreadCounters, Tree};
+use crate::sys::procfs::{self, ThreadSample};
 use crate::sys::{self, dup, fd_readable, monotonic_ns, pidfd_send_signal, watch};
-use crate::tracker::{Inner, Maps, Tracker, run_share};
-use crate::tree::{EventSink, ThreadCounters, Tree};
 use crate::usage::{self, DiskDevice, Live, ResourceUsage, RootExit, Units};
 
 /// How often a waiting run re-reads its counters when no ring-buffer wake-up comes.
@@ -79,9 +79,9 @@ pub enum SessionError {
     #[error(transparent)]
     Proc(#[from] procfs::ProcError),
     #[error("cannot load the adoption program")]
-    Adopt(#[from] Box<crate::tracker::LoadError>),
+    Adopt(#[from] Box<crate::kernel::tracker::LoadError>),
     #[error(transparent)]
-    Read(#[from] crate::map_read::MapReadError),
+    Read(#[from] crate::kernel::map_read::MapReadError),
 }
 
 fn map_err(what: &'static str) -> impl FnOnce(MapError) -> SessionError {
@@ -110,7 +110,7 @@ pub struct RunOptions {
     pub tree: bool,
     /// Write every process's fork, exec and exit as NDJSON here (`--events`).
     pub events: Option<EventSink>,
-    /// The most processes the breakdown keeps ([`crate::tree::DEFAULT_TREE_LIMIT`] if 0).
+    /// The most processes the breakdown keeps ([`crate::session::breakdown::DEFAULT_TREE_LIMIT`] if 0).
     pub tree_limit: usize,
     /// The most threads of the run the kernel follows at once. 0: the maps' capacity less a
     /// headroom ([`cylo_usage_abi::share_headroom`]), shared with other runs. A task created
@@ -119,13 +119,13 @@ pub struct RunOptions {
     /// a kill of the run.
     pub max_tasks: u32,
     /// Where the breakdown's memory is charged (a daemon: the session's account on its
-    /// user's share, see [`crate::budget`]); unlimited by default. A process it cannot pay
+    /// user's share, see [`crate::session::budget`]); unlimited by default. A process it cannot pay
     /// for is left out of the breakdown and counted, and the report names the limit.
-    pub memory: crate::budget::Share,
+    pub memory: crate::session::budget::Share,
     /// Who reads the breakdown and the event stream, when not the tracker's own user (a
     /// daemon's unprivileged client): the figures of members it could not read itself are
-    /// withheld from both (see [`crate::tree::Viewer`]). `None`: everything is shown.
-    pub viewer: Option<crate::tree::Viewer>,
+    /// withheld from both (see [`crate::session::breakdown::Viewer`]). `None`: everything is shown.
+    pub viewer: Option<crate::session::breakdown::Viewer>,
 }
 
 impl RunOptions {
@@ -448,7 +448,7 @@ impl Run {
             page_size: procfs::page_size(),
         };
         let limit = match options.tree_limit {
-            0 => crate::tree::DEFAULT_TREE_LIMIT,
+            0 => crate::session::breakdown::DEFAULT_TREE_LIMIT,
             n => n,
         };
         self.breakdown = options.tree;
@@ -981,7 +981,8 @@ impl Run {
         let processes = tree.processes(&by_process, self.inner.measured);
         let withheld = processes.iter().filter(|p| p.withheld).count();
         if withheld > 0 {
-            u.precision_notes.push(crate::tree::withheld_note(withheld));
+            u.precision_notes
+                .push(crate::session::breakdown::withheld_note(withheld));
         }
         u.processes = Some(processes);
         if tree.dropped() > 0 {

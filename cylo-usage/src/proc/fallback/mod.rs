@@ -31,9 +31,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::procfs::{self, ProcError};
-use crate::proctree::{self, Detail, Node, ProcFs, Read, Seed};
-use crate::run::{RunOptions, SessionError};
+use crate::proc::walker::{self, Detail, Node, ProcFs, Read, Seed};
+use crate::session::run::{RunOptions, SessionError};
+use crate::sys::procfs::{self, ProcError};
 use crate::sys::{monotonic_ns, pidfd_open, pidfd_send_signal};
 use crate::usage::ResourceUsage;
 
@@ -181,10 +181,10 @@ impl ProcTracker {
         let root_pid = first.pid as u32;
         let root_pidfd = pidfd_open(root_pid).ok().filter(|_| {
             // The pidfd is the root only if the process behind it has the root's start time.
-            proctree::start_ticks(&ProcFs::host(), root_pid) == Some(first.start_ticks)
+            walker::start_ticks(&ProcFs::host(), root_pid) == Some(first.start_ticks)
         });
         let reaper_pid = reaper_child.id();
-        let reaper_start = proctree::start_ticks(&ProcFs::host(), reaper_pid).unwrap_or(0);
+        let reaper_start = walker::start_ticks(&ProcFs::host(), reaper_pid).unwrap_or(0);
         let mode = Mode::Spawned {
             acc: Account::default(),
             pipe,
@@ -215,7 +215,7 @@ impl ProcTracker {
     /// [`ProcTracker::attach`]; a breakdown or an event stream in `options` is refused.
     pub fn attach_with(&self, pid: u32, options: RunOptions) -> Result<ProcRun, FallbackError> {
         self.check_options(&options)?;
-        let target = crate::attach::check_target(pid)?;
+        let target = crate::session::attach::check_target(pid)?;
         let fs = ProcFs::host();
         // Its I/O accounting is readable only for one's own processes: say so now.
         match fs.io(pid) {
@@ -261,7 +261,7 @@ impl ProcTracker {
     ) -> Result<ProcRun, FallbackError> {
         let fs = ProcFs::host();
         let root = root.and_then(|pid| {
-            proctree::start_ticks(&fs, pid).map(|start| Seed {
+            walker::start_ticks(&fs, pid).map(|start| Seed {
                 pid,
                 start_ticks: Some(start),
             })
@@ -691,7 +691,7 @@ impl ProcRun {
                 let Ok(fd) = pidfd_open(key.0) else {
                     continue; // gone
                 };
-                if proctree::start_ticks(&fs, key.0) != Some(key.1) {
+                if walker::start_ticks(&fs, key.0) != Some(key.1) {
                     continue;
                 }
                 if pidfd_send_signal(&fd, signal).is_ok() {
@@ -799,14 +799,14 @@ fn tree_now(shared: &Shared, fs: &ProcFs) -> Result<Vec<Node>, ProcError> {
     };
     let me = std::process::id();
     match seeds {
-        Err(reaper) => proctree::walk_below(fs, reaper),
-        Ok((seeds, false)) => proctree::walk(fs, &seeds, &HashSet::from([me])),
+        Err(reaper) => walker::walk_below(fs, reaper),
+        Ok((seeds, false)) => walker::walk(fs, &seeds, &HashSet::from([me])),
         Ok((seeds, true)) => {
             // The root (first: the account takes the first node for the root), then every
             // child of this process (orphans came back to it) and what is below them.
-            let mut nodes = proctree::walk(fs, &seeds, &HashSet::from([me]))?;
+            let mut nodes = walker::walk(fs, &seeds, &HashSet::from([me]))?;
             let mut seen: HashSet<u32> = nodes.iter().map(|n| n.pid).collect();
-            for n in proctree::walk_below(fs, me)? {
+            for n in walker::walk_below(fs, me)? {
                 if seen.insert(n.pid) {
                     nodes.push(n);
                 }
@@ -819,10 +819,10 @@ fn tree_now(shared: &Shared, fs: &ProcFs) -> Result<Vec<Node>, ProcError> {
 /// The tree under the reaper now, each process read in detail.
 fn read_live(reaper: &Seed, tick_ns: u64) -> Vec<(Node, Detail)> {
     let fs = ProcFs::host();
-    let nodes = proctree::walk_below(&fs, reaper.pid).unwrap_or_default();
+    let nodes = walker::walk_below(&fs, reaper.pid).unwrap_or_default();
     nodes
         .into_iter()
-        .filter_map(|n| match proctree::detail(&fs, &n, tick_ns, false) {
+        .filter_map(|n| match walker::detail(&fs, &n, tick_ns, false) {
             Ok(Read::Got(d)) => Some((n, d)),
             _ => None,
         })
@@ -840,7 +840,7 @@ fn sample(shared: &Shared, fs: &ProcFs) {
     let details: Vec<(Node, Detail)> = if attached {
         nodes
             .iter()
-            .filter_map(|n| match proctree::detail(fs, n, units.tick_ns, false) {
+            .filter_map(|n| match walker::detail(fs, n, units.tick_ns, false) {
                 Ok(Read::Got(d)) => Some((n.clone(), d)),
                 _ => None,
             })

@@ -617,7 +617,7 @@ mod tests {
 
     #[test]
     fn the_host_key_is_stable_and_names_the_boot() {
-        let path = Path::new(crate::btf::VMLINUX_BTF_PATH);
+        let path = Path::new(crate::kernel::btf::VMLINUX_BTF_PATH);
         if !path.exists() {
             eprintln!("skipping: {} is absent", path.display());
             return;

@@ -392,7 +392,7 @@ mod tests {
         let end = put_decimal(&mut b, 0, 0);
         assert_eq!(&b[..end], b"0");
         let me = std::process::id() as libc::pid_t;
-        let want = crate::procfs::process_start_ticks(me as u32).unwrap();
+        let want = crate::sys::procfs::process_start_ticks(me as u32).unwrap();
         assert_eq!(start_ticks_of(me), want);
         assert_eq!(start_ticks_of(i32::MAX), 0);
     }

@@ -1,11 +1,11 @@
 //! `ResourceUsage`: what a run used, merged from the kernel's per-run record and /proc reads
-//! of the threads still alive. This module computes; [`crate::report`] only presents.
+//! of the threads still alive. This module computes; [`crate::front::report`] only presents.
 use cylo_usage_abi::RunCounters;
 use serde::{Deserialize, Serialize};
 
-use crate::features::{Measured, NetworkPath};
+use crate::kernel::features::{Measured, NetworkPath};
 
-use crate::procfs::ThreadSample;
+use crate::sys::procfs::ThreadSample;
 
 /// Whether the figures are complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -627,7 +627,7 @@ pub struct ProcessUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::procfs::ThreadIo;
+    use crate::sys::procfs::ThreadIo;
 
     const UNITS: Units = Units {
         ticks_per_second: 100,

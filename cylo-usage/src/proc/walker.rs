@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::ErrorKind;
 use std::path::PathBuf;
 
-use crate::procfs::{ProcError, ThreadIo, parse_io, parse_schedstat, parse_vm_hwm};
+use crate::sys::procfs::{ProcError, ThreadIo, parse_io, parse_schedstat, parse_vm_hwm};
 
 /// The fields of `/proc/PID/stat` the fallback uses. CPU fields are clock ticks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

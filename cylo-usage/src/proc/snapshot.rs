@@ -5,10 +5,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::fallback::account::interval_text;
-use crate::procfs::{self, ThreadIo};
-use crate::proctree::{self, Detail, Node, ProcFs, Read, Seed};
-use crate::run::SessionError;
+use crate::proc::fallback::account::interval_text;
+use crate::proc::walker::{self, Detail, Node, ProcFs, Read, Seed};
+use crate::session::run::SessionError;
+use crate::sys::procfs::{self, ThreadIo};
 use crate::usage::{ResourceUsage, TrackerKind, split_runtime};
 
 /// A snapshot of process `pid` and its live descendants, from `/proc`:
@@ -23,7 +23,7 @@ use crate::usage::{ResourceUsage, TrackerKind, split_runtime};
 ///
 /// A descendant that vanishes mid-read is skipped. Errors: a `pid` that does not exist (or
 /// vanished during the call) is [`SessionError::NoSuchProcess`]; a permission error (another
-/// user's process, when unprivileged) is returned as it is ([`crate::procfs::ProcError`]).
+/// user's process, when unprivileged) is returned as it is ([`crate::sys::procfs::ProcError`]).
 /// `precision` is always approximate: the past is unknown to a snapshot (descendants that
 /// exited without being waited for inside the tree are missing), and `precision_notes` say
 /// what each field misses.
@@ -61,14 +61,14 @@ pub(crate) fn snapshot(
         pid,
         start_ticks: None,
     };
-    let nodes = proctree::walk(fs, &[seed], &HashSet::new())?;
+    let nodes = walker::walk(fs, &[seed], &HashSet::new())?;
     // The root first: without it, nothing.
     let Some(root) = nodes.first().filter(|n| n.pid == pid).cloned() else {
         return Err(no_such());
     };
     let mut read: Vec<(Node, Detail)> = Vec::with_capacity(nodes.len());
     for n in nodes {
-        match proctree::detail(fs, &n, tick_ns, true)? {
+        match walker::detail(fs, &n, tick_ns, true)? {
             Read::Got(d) => read.push((n, d)),
             // The root vanished mid-read: it no longer exists.
             Read::Gone if n.pid == pid => return Err(no_such()),
@@ -171,8 +171,8 @@ fn notes() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::procfs::ProcError;
-    use crate::proctree::fixture::FakeProc;
+    use crate::proc::walker::fixture::FakeProc;
+    use crate::sys::procfs::ProcError;
 
     fn tree() -> FakeProc {
         let f = FakeProc::new("snapshot");
@@ -188,7 +188,7 @@ mod tests {
         f.process(20, 10, 120, (0, 0, 0, 0), 5, &[(20, &[30], 3_000_000)]);
         f.write(
             "30/stat",
-            &crate::proctree::fixture::stat_line(30, "z", 'Z', 20, (1, 0, 0, 0), 1, 130, 0),
+            &crate::proc::walker::fixture::stat_line(30, "z", 'Z', 20, (1, 0, 0, 0), 1, 130, 0),
         );
         f.write("30/io", "rchar: 1\nwchar: 1\nsyscr: 0\nsyscw: 0\nread_bytes: 0\nwrite_bytes: 512\ncancelled_write_bytes: 0\n");
         f.write("30/status", "Name:\tz\n");

@@ -1,6 +1,6 @@
 //! Reading the kernel's maps without the tracker's lock.
 //!
-//! The tracker's [`crate::tracker::Maps`] sit behind one mutex, shared by every run (so, in the
+//! The tracker's [`crate::kernel::tracker::Maps`] sit behind one mutex, shared by every run (so, in the
 //! daemon, by every session). What only reads needs no part of it: a [`MapReader`] holds a
 //! descriptor of its own for one map (a `dup` of the tracker's) and reads through it, so one
 //! session's read never waits for another session's. A whole-map read is one

@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use crate::daemon::{DaemonError, DaemonTracker, ErrorKind, Interrupt, RemoteRun};
 use crate::error::Error;
-use crate::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
-use crate::run::{Run, RunOptions};
-use crate::tracker::{Options, Tracker};
+use crate::kernel::tracker::{Options, Tracker};
+use crate::proc::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
+use crate::session::run::{Run, RunOptions};
 use crate::usage::{ResourceUsage, TrackerKind};
 
 /// How [`Tracker::open`] chooses.

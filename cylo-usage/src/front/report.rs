@@ -2,7 +2,7 @@
 //! Nothing here computes a figure.
 use std::fmt::Write;
 
-use crate::features::Feature;
+use crate::kernel::features::Feature;
 use crate::usage::ProcessUsage;
 use crate::usage::{NetworkUsage, Precision, ResourceUsage, TrackerKind};
 
@@ -189,7 +189,7 @@ pub fn printable(s: &str) -> String {
     out
 }
 
-/// [`printable`] for text that [`crate::tree::escape_bytes`] made (comm, argv): its backslashes
+/// [`printable`] for text that [`crate::session::breakdown::escape_bytes`] made (comm, argv): its backslashes
 /// are escaped already (`\\`, and `\xNN` for a byte that is not UTF-8), its control
 /// characters not yet.
 fn printable_bytes_text(s: &str) -> String {
@@ -594,7 +594,7 @@ mod tests {
         u.peak_process_count = Some(3);
         let text = human(&u, "x");
         assert!(text.contains("\tProcesses: 9\n"), "{text}");
-        u.lower_bounds = crate::fallback::account::sampled_counts();
+        u.lower_bounds = crate::proc::fallback::account::sampled_counts();
         let text = human(&u, "x");
         assert!(text.contains("\tProcesses: at least 9\n"), "{text}");
         assert!(text.contains("\tThreads: at least 12\n"), "{text}");
@@ -724,7 +724,7 @@ mod tests {
 
     #[test]
     fn hostile_argv_reads_unambiguously() {
-        use crate::tree::split_argv;
+        use crate::session::breakdown::split_argv;
         let shown = |bytes: &[u8]| {
             let mut p = proc(1, None, &["x"], 1);
             p.argv = Some(split_argv(bytes));
@@ -761,7 +761,7 @@ mod tests {
         let text = tree(&ps);
         assert_eq!(text.lines().count(), 100_001);
     }
-    use crate::features::{Measured, NetworkPath};
+    use crate::kernel::features::{Measured, NetworkPath};
     use crate::usage::{DiskDevice, Live, RootExit, Units, merge};
     use cylo_usage_abi::RunCounters;
 

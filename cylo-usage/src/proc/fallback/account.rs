@@ -3,8 +3,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use crate::procfs::ThreadIo;
-use crate::proctree::{Detail, Node};
+use crate::proc::walker::{Detail, Node};
+use crate::sys::procfs::ThreadIo;
 use crate::usage::{ResourceUsage, TrackerKind, UsageBeforeAttach, split_runtime};
 
 use super::reaper::Record;
@@ -537,7 +537,7 @@ pub fn attach_notes(units: Units) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proctree::ProcStat;
+    use crate::proc::walker::ProcStat;
 
     #[allow(clippy::too_many_arguments)]
     fn record(

@@ -1,5 +1,8 @@
-//! The system calls the crate makes beyond std's, each a thin wrapper that returns what the
-//! kernel said (`std::io::Error`); callers add which pid, file or operation it was about.
+//! The operating system beneath everything else: the system calls the crate makes beyond
+//! std's, each a thin wrapper that returns what the kernel said (`std::io::Error`; callers add
+//! which pid, file or operation it was about), and the readers of /proc (`procfs`).
+pub(crate) mod procfs;
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use tokio::io::unix::AsyncFd;

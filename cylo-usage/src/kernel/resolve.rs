@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use cylo_usage_abi::{ABSENT, Offsets};
 
-use crate::btf::{Btf, BtfError, Kind, Member, TypeInfo, VMLINUX_BTF_PATH, Wanted};
-use crate::offsets_cache::{Cache, Key};
+use crate::kernel::btf::{Btf, BtfError, Kind, Member, TypeInfo, VMLINUX_BTF_PATH, Wanted};
+use crate::kernel::offsets_cache::{Cache, Key};
 
 /// `TASK_DEAD` from `include/linux/sched.h`. It is a `#define`, so BTF does not carry it. It
 /// has been `0x80` since Linux 4.14 (it was `64` before), which covers every kernel with the
@@ -757,7 +757,7 @@ fn resolve_cached(cache: &Cache, path: &Path) -> Result<Offsets, ResolveError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::btf::testutil::{Builder, FWD, STRUCT};
+    use crate::kernel::btf::testutil::{Builder, FWD, STRUCT};
     use cylo_usage_abi::net::{
         HOOK_FEXIT_MSG as FEXIT_MSG, HOOK_FEXIT_SENDPAGE as FEXIT_SENDPAGE,
         HOOK_SENDPAGE_PATH as SENDPAGE_PATH, HOOK_TRACEPOINTS as TRACEPOINTS,

@@ -11,7 +11,7 @@
 //! the cap).
 //!
 //! Bytes are real bytes: a breakdown charges what its tables allocate (their capacities) and
-//! each process's own strings (see `crate::tree`), measured in that module's tests against
+//! each process's own strings (see `crate::session::breakdown`), measured in that module's tests against
 //! the allocator.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
