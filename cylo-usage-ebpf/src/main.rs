@@ -73,16 +73,10 @@ use cylo_usage_abi::{
 #[unsafe(no_mangle)]
 static OFFSETS: Offsets = Offsets::UNRESOLVED;
 
-// TASKS, PROCS and MMS are preallocated (flags 0). Measured against BPF_F_NO_PREALLOC on
-// this project's VM (6.18, 2 vCPUs, loaded host), 2026-11-30: creating one 65,536-entry hash
-// map takes 2.4 to 3.3 ms preallocated and 0.45 ms without, so about 7.5 ms of start-up for
-// the three; the fork path's inserts and the exit path's deletes cost no more without
-// (task_newtask 1,816 ns a call against 2,023 in a tracked storm of 2,000, within the noise;
-// the memory allocator's per-CPU caches serve them). Kept preallocated all the same: before
-// 6.1 the kernel warns at load (WARN_ONCE, "trace type BPF program uses run-time
-// allocation") and allocating inside tracepoints is unsafe there, and aya 0.14 cannot set a
-// map's flags per kernel at load time. Patching the flags in the object before loading it
-// on 6.1+ would take the 7.5 ms.
+// TASKS, PROCS and MMS are preallocated (flags 0): before 6.1 the kernel warns at load when a
+// tracing program uses a map that allocates at run time, and allocating inside tracepoints is
+// unsafe there. What it costs at start-up, against BPF_F_NO_PREALLOC, is in the README
+// (Benchmarks, start-up).
 
 /// Live tracked threads, keyed by the address of their `task_struct`.
 #[map]

@@ -620,11 +620,6 @@ impl Tracker {
         Self::load_from(loader, &offsets, options)
     }
 
-    /// Loads with an explicit kernel layout (no privilege pre-check).
-    pub fn load_with(offsets: Offsets, options: Options) -> Result<Tracker, LoadError> {
-        Self::load_from(crate::kernel::aya_loader::new(), &offsets, options)
-    }
-
     fn load_from<'a>(
         mut loader: EbpfLoader<'a>,
         offsets: &'a Offsets,
