@@ -56,6 +56,18 @@ impl Default for OpenOptions {
     }
 }
 
+/// `$body` for whichever run `$which` (a `RunWhich`) holds, bound to `$r`: for the calls the
+/// three runs answer alike.
+macro_rules! each_run {
+    ($which:expr, $r:ident => $body:expr) => {
+        match $which {
+            RunWhich::Daemon($r) => $body,
+            RunWhich::InProcess($r) => $body,
+            RunWhich::Proc($r) => $body,
+        }
+    };
+}
+
 /// The trackers [`AnyTracker`] may be.
 #[derive(Clone)]
 enum Which {
@@ -378,30 +390,18 @@ impl AnyRun {
 
     /// The root's pid.
     pub fn root_pid(&self) -> u32 {
-        match &self.run {
-            RunWhich::Daemon(r) => r.root_pid(),
-            RunWhich::InProcess(r) => r.root_pid(),
-            RunWhich::Proc(r) => r.root_pid(),
-        }
+        each_run!(&self.run, r => r.root_pid())
     }
 
     /// Whether the run attached to running processes.
     pub fn is_attached(&self) -> bool {
-        match &self.run {
-            RunWhich::Daemon(r) => r.is_attached(),
-            RunWhich::InProcess(r) => r.is_attached(),
-            RunWhich::Proc(r) => r.is_attached(),
-        }
+        each_run!(&self.run, r => r.is_attached())
     }
 
     /// The root's exit status, once it has ended and when it is known (it is unknown only
     /// for a root the fallback attached to and never saw as a zombie).
     pub fn root_status(&self) -> Option<ExitStatus> {
-        match &self.run {
-            RunWhich::Daemon(r) => r.root_status(),
-            RunWhich::InProcess(r) => r.root_status(),
-            RunWhich::Proc(r) => r.root_status(),
-        }
+        each_run!(&self.run, r => r.root_status())
     }
 
     /// Whether the root has ended, without waiting (reaps it when it is the tracker's child).
@@ -457,11 +457,7 @@ impl AnyRun {
 
     /// What the tree has used so far (with the breakdown, if one was asked for).
     pub fn usage(&self) -> Result<ResourceUsage, Error> {
-        let u = match &self.run {
-            RunWhich::Daemon(r) => r.usage()?,
-            RunWhich::InProcess(r) => r.usage()?,
-            RunWhich::Proc(r) => r.usage()?,
-        };
+        let u = each_run!(&self.run, r => r.usage()?);
         Ok(self.noted(u))
     }
 
@@ -477,49 +473,29 @@ impl AnyRun {
 
     /// Sends `signal` to every live process of the tree; returns how many were signalled.
     pub fn kill(&self, signal: i32) -> Result<usize, Error> {
-        Ok(match &self.run {
-            RunWhich::Daemon(r) => r.kill(signal)?,
-            RunWhich::InProcess(r) => r.kill(signal)?,
-            RunWhich::Proc(r) => r.kill(signal)?,
-        })
+        Ok(each_run!(&self.run, r => r.kill(signal)?))
     }
 
     /// Sends `signal` to the root, if it has not ended.
     pub fn signal_root(&self, signal: i32) -> Result<(), Error> {
-        match &self.run {
-            RunWhich::Daemon(r) => r.signal_root(signal)?,
-            RunWhich::InProcess(r) => r.signal_root(signal)?,
-            RunWhich::Proc(r) => r.signal_root(signal)?,
-        }
+        each_run!(&self.run, r => r.signal_root(signal)?);
         Ok(())
     }
 
     /// Marks the run as ended by a timeout (the report says so).
     pub fn set_timed_out(&mut self) {
-        match &mut self.run {
-            RunWhich::Daemon(r) => r.set_timed_out(),
-            RunWhich::InProcess(r) => r.set_timed_out(),
-            RunWhich::Proc(r) => r.set_timed_out(),
-        }
+        each_run!(&mut self.run, r => r.set_timed_out())
     }
 
     /// File descriptors that become readable when something may have changed (the last is
     /// the one [`AnyRun::clear_wake`] empties). For event loops.
     pub fn wake_fds(&self) -> std::io::Result<Vec<OwnedFd>> {
-        match &self.run {
-            RunWhich::Daemon(r) => r.wake_fds(),
-            RunWhich::InProcess(r) => r.wake_fds(),
-            RunWhich::Proc(r) => r.wake_fds(),
-        }
+        each_run!(&self.run, r => r.wake_fds())
     }
 
     /// Empties the wake-up descriptor after a wake-up.
     pub fn clear_wake(&self) {
-        match &self.run {
-            RunWhich::Daemon(r) => r.clear_wake(),
-            RunWhich::InProcess(r) => r.clear_wake(),
-            RunWhich::Proc(r) => r.clear_wake(),
-        }
+        each_run!(&self.run, r => r.clear_wake())
     }
 }
 
