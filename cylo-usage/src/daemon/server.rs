@@ -1781,7 +1781,12 @@ mod tests {
         for _ in 0..10_000 {
             sink.write_all(&line).unwrap();
         }
-        assert!(start.elapsed() < Duration::from_secs(5));
+        let bound = if std::env::var_os("CYLO_USAGE_VM").is_some() {
+            25
+        } else {
+            5
+        };
+        assert!(start.elapsed() < Duration::from_secs(bound));
         // 10 MB written; the pipe holds at most 1 MiB and the backlog 4 MiB: the rest is
         // dropped.
         let lost = dropped.load(Ordering::Relaxed);

@@ -518,12 +518,40 @@ impl PastLives {
             .map(|v| v.parse().unwrap())
             .collect();
         assert_eq!(us.len(), 4, "{text}");
-        PastLives {
+        let past = PastLives {
             child,
             truth: PastTruth {
                 rusage_ns: us.iter().sum::<u64>() * 1_000,
                 bytes,
             },
+        };
+        past.wait_idle();
+        past
+    }
+
+    /// Waits until the workload sleeps in its read of stdin and its /proc figures hold still:
+    /// between printing `ready` and blocking it still runs a little, and a clock tick that
+    /// lands there (likelier in an emulated guest) would move `/proc/PID/stat` under a test.
+    fn wait_idle(&self) {
+        let deadline = std::time::Instant::now() + bound(Duration::from_secs(5));
+        let mut last = self.proc_figures();
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = self.proc_figures();
+            let state = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+                .ok()
+                .and_then(|s| {
+                    let after = &s[s.rfind(')')? + 1..];
+                    after.split_whitespace().next().map(str::to_string)
+                });
+            if now == last && state.as_deref() == Some("S") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the past-lives workload did not settle: {now:?}, state {state:?}"
+            );
+            last = now;
         }
     }
 
