@@ -495,7 +495,17 @@ async fn kill_reaches_every_member_while_they_fork() {
     let mut cmd = Command::new("/bin/sh");
     cmd.args(["-c", &script]);
     let mut run = t.spawn(&mut cmd).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once the shell, its background jobs and the storm are going (an emulated guest takes
+    // longer than a fixed wait to get there).
+    let deadline = std::time::Instant::now() + common::bound(Duration::from_secs(10));
+    while run.usage_totals().unwrap().live_process_count < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tree did not get going"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let signalled = run.kill(libc::SIGKILL).unwrap();
     assert!(signalled >= 3, "{signalled}");
     tokio::time::timeout(Duration::from_secs(30), async {
