@@ -351,16 +351,7 @@ fn current_tid() -> u32 {
 #[inline(always)]
 fn lost(kind: u32, run: u32, tid: u32, counters: &mut RunCounters) {
     add(&mut counters.lost_events, 1);
-    if !logging() {
-        return;
-    }
-    if let Some(d) = DIAG.get_ptr_mut(0) {
-        // SAFETY: per-CPU map value pointer; written in place.
-        let d = unsafe { &mut *d };
-        d.kind = kind;
-        d.run = run;
-        d.tid = tid;
-    }
+    note(kind, run, tid);
 }
 
 /// Notes `kind` (`diag_kind`) for the log without counting anything as lost.
