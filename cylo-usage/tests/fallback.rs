@@ -56,6 +56,35 @@ fn truth(group: &CpuGroup, note: &Path) -> u64 {
     group.usage_ns() + before
 }
 
+/// Checks the fallback's CPU time `ours` against cpuacct's `truth` for a tree of `processes`
+/// processes the reaper waited for. `wait4()` reads a process's CPU when its parent reaps it,
+/// which can come before the process's last context switch, so the fallback may miss the
+/// last instants of each exit (the README's "Without eBPF" says so): never more than the
+/// truth (1% for the shell's note, which counts its few µs between the move and the read
+/// twice), and less by at most 1% on a real CPU. Under emulation (`cargo xtask vm-test`,
+/// qemu TCG) each exit's tail is longer, so each reaped process may miss up to 100 µs more.
+fn assert_cpu_from_wait4(ours: u64, truth: u64, processes: u64) {
+    let missing = truth.saturating_sub(ours);
+    let tail_ns = if std::env::var_os("CYLO_USAGE_VM").is_some() {
+        processes * 100_000
+    } else {
+        0
+    };
+    eprintln!(
+        "fallback CPU {ours} ns vs cpuacct {truth} ns: {:.3}% ({missing} ns missing, {tail_ns} ns allowed for the exits' tails)",
+        rel_diff(ours, truth) * 100.0
+    );
+    assert!(
+        ours as f64 <= truth as f64 * 1.01,
+        "ours {ours} is more than cpuacct's {truth}"
+    );
+    assert!(
+        (missing as f64) < truth as f64 * 0.01 + tail_ns as f64,
+        "ours {ours} vs cpuacct {truth}: {missing} ns missing ({:.2}%), more than 1% + {tail_ns} ns",
+        rel_diff(ours, truth) * 100.0
+    );
+}
+
 #[test]
 fn unprivileged_run_gets_cpu_from_wait4_and_waits_for_the_daemon() {
     if !can_drop_privileges() {
@@ -115,20 +144,12 @@ fn unprivileged_run_gets_cpu_from_wait4_and_waits_for_the_daemon() {
         assert!(noted(&u, field), "no note for {field}: {u}");
     }
     let cpu = u["cpu_time_ns"].as_u64().unwrap();
-    eprintln!(
-        "fallback CPU {cpu} ns vs cpuacct {truth} ns: {:.3}%",
-        rel_diff(cpu, truth) * 100.0
-    );
-    assert!(
-        rel_diff(cpu, truth) < 0.01,
-        "ours {cpu} vs cpuacct {truth} ({:.2}%)",
-        rel_diff(cpu, truth) * 100.0
-    );
+    // sh, storm and its 320 children, threads, daemon with its child and grandchild.
+    let truth_processes = 1 + 321 + 1 + 3;
+    assert_cpu_from_wait4(cpu, truth, truth_processes);
     // 8 × 60 ms of threads and the daemon's 200 ms, which it burns after the root exited.
     assert!(cpu >= 680_000_000, "{u}");
     assert!(u["wall_time_ms"].as_u64().unwrap() >= 300, "{u}");
-    // sh, storm and its 320 children, threads, daemon with its child and grandchild.
-    let truth_processes = 1 + 321 + 1 + 3;
     let processes = u["process_count"].as_u64().unwrap();
     assert!(
         (1..=truth_processes).contains(&processes),
@@ -306,7 +327,8 @@ fn unprivileged_timeout_kills_the_tree_and_tree_is_refused() {
     // The daemon burned CPU until SIGKILL and was reaped: its CPU is in the total.
     assert!(group.pids().is_empty(), "survivors: {:?}", group.pids());
     let (cpu, truth) = (u["cpu_time_ns"].as_u64().unwrap(), truth(&group, &note));
-    assert!(rel_diff(cpu, truth) < 0.01, "ours {cpu} vs cpuacct {truth}");
+    // sh, the daemon's shell, the daemon with its child and grandchild, sleep.
+    assert_cpu_from_wait4(cpu, truth, 6);
     // What the fallback cannot give, it refuses in one line.
     for flag in [&["--tree"][..], &["--events", "-"][..]] {
         let mut args = vec!["run"];
@@ -440,11 +462,7 @@ async fn the_library_fallback_reaps_only_its_tree_and_matches_cpuacct() {
     );
     let truth = truth(&group, &note);
     let _ = std::fs::remove_file(&note);
-    assert!(
-        rel_diff(u.cpu_time_ns, truth) < 0.01,
-        "ours {} vs cpuacct {truth}",
-        u.cpu_time_ns
-    );
+    assert_cpu_from_wait4(u.cpu_time_ns, truth, 1 + 21 + 1 + 3);
     assert!(u.process_count <= 1 + 21 + 1 + 3, "{u:?}");
     assert_eq!(
         (u.precision, u.exit_code, u.live_process_count),
