@@ -57,16 +57,16 @@ use aya_ebpf::{
         generated,
     },
     macros::{map, raw_tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
     programs::RawTracePointContext,
 };
 use cylo_usage_abi::{
     ABSENT, ADOPT_ANCESTORS, ARGV_BYTES, CLONE_THREAD, Creds, DEFAULT_MAX_MMS, DEFAULT_MAX_PROCS,
-    DEFAULT_MAX_TASKS, DevCounters, DevKey, EVENTS_BYTES, Event, FILTER_SLOTS, GroupCpu,
-    KERNEL_SPLIT, MAX_DEVS, MAX_RUNS, MAX_SPAWNERS, MmMember, Offsets, ProcExec, ProcExit,
-    ProcMember, ProcStart, RECORDS_BYTES, ROOT_ENDED, RSS_MEMBERS, RecordHeader, RunControl,
-    RunCounters, Spawner, TaskMember, ThreadEnd, TrackerInfo, control, cputime_split, creds_known,
-    event_kind, filter_slot, member_flags, proc_flags, record_kind, run_flags,
+    DEFAULT_MAX_TASKS, DevCounters, DevKey, EVENTS_BYTES, Event, FILTER_SLOTS, MAX_DEVS, MAX_RUNS,
+    MAX_SPAWNERS, MmMember, Offsets, ProcExec, ProcExit, ProcMember, ProcStart, RECORDS_BYTES,
+    ROOT_ENDED, RSS_MEMBERS, RecordHeader, RunControl, RunCounters, SPLIT_RECORDS_BYTES, Spawner,
+    TaskMember, ThreadEnd, TrackerInfo, control, creds_known, event_kind, filter_slot,
+    member_flags, proc_flags, record_kind, run_flags,
 };
 
 /// Kernel layout, resolved by userspace from BTF at start-up (read-only global).
@@ -85,11 +85,6 @@ static TASKS: HashMap<u64, TaskMember> = HashMap::with_max_entries(DEFAULT_MAX_T
 /// Live tracked processes, keyed by the address of their `signal_struct`.
 #[map]
 static PROCS: HashMap<u64, ProcMember> = HashMap::with_max_entries(DEFAULT_MAX_PROCS, 0);
-
-/// The CPU figures of tracked processes' threads that have left, keyed by the address of
-/// their `signal_struct`, until the last one leaves (kernels with BPF atomic fetch only).
-#[map]
-static GROUPS: HashMap<u64, GroupCpu> = HashMap::with_max_entries(DEFAULT_MAX_PROCS, 0);
 
 /// Address spaces of tracked processes, keyed by the address of their `mm_struct`.
 #[map]
@@ -153,6 +148,21 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 /// Per-process records of the runs that asked for them.
 #[map]
 static RECORDS: RingBuf = RingBuf::with_byte_size(RECORDS_BYTES, 0);
+
+/// The records of the runs that want them for their user/system split alone.
+#[map]
+static SPLIT_RECORDS: RingBuf = RingBuf::with_byte_size(SPLIT_RECORDS_BYTES, 0);
+
+/// A place for a record of `counters`' run: in `RECORDS` for a breakdown, else in
+/// `SPLIT_RECORDS`.
+#[inline(always)]
+fn reserve<T: 'static>(counters: &RunCounters) -> Option<RingBufEntry<T>> {
+    if wants_all_records(counters) {
+        RECORDS.reserve::<T>(0)
+    } else {
+        SPLIT_RECORDS.reserve::<T>(0)
+    }
+}
 
 /// One field of the kernel layout. A volatile read of just that field: the compiler cannot
 /// fold the zero initialiser that userspace replaces at load time, and a handler loads only
@@ -279,10 +289,31 @@ fn store(field: &mut u64, v: u64) {
     unsafe { core::ptr::write_volatile(field, v) }
 }
 
-/// Whether the run wants per-process records.
+/// Whether the run wants the records of its processes' starts and ends and of its threads'
+/// ends (`RECORDS` for a breakdown, `CPU_RECORDS` for its user/system split alone).
 #[inline(always)]
 fn wants_records(counters: &RunCounters) -> bool {
+    load(&counters.flags) & (run_flags::RECORDS | run_flags::CPU_RECORDS) != 0
+}
+
+/// Whether the run wants every record: exec records with argv, and each thread's socket
+/// bytes (a breakdown, `--tree`/`--events`).
+#[inline(always)]
+fn wants_all_records(counters: &RunCounters) -> bool {
     load(&counters.flags) & run_flags::RECORDS != 0
+}
+
+/// A record could not be made (its ring buffer is full). For a breakdown, something it shows is
+/// missing: a lost event. For a run that wants its split alone, nothing it reports is lost
+/// (userspace then splits the tree's sums at once): counted apart.
+#[inline(always)]
+fn record_lost(run: u32, tid: u32, counters: &mut RunCounters) {
+    if wants_all_records(counters) {
+        lost(diag_kind::RECORDS_FULL, run, tid, counters);
+    } else {
+        add(&mut counters.split_records_lost, 1);
+        note(diag_kind::RECORDS_FULL, run, tid);
+    }
 }
 
 #[inline(always)]
@@ -729,8 +760,8 @@ fn record_start(
     flags: u32,
     counters: &mut RunCounters,
 ) {
-    let Some(mut entry) = RECORDS.reserve::<ProcStart>(0) else {
-        lost(diag_kind::RECORDS_FULL, run, pid, counters);
+    let Some(mut entry) = reserve::<ProcStart>(counters) else {
+        record_lost(run, pid, counters);
         return;
     };
     let level = tracker().pid_level;
@@ -948,7 +979,7 @@ fn on_exec<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
             mm_release(old, counters);
         }
     }
-    if wants_records(counters) {
+    if wants_all_records(counters) {
         let bprm: u64 = ctx.arg(2);
         record_exec(&member, current, bprm, old_peak, counters);
     }
@@ -965,7 +996,7 @@ fn record_exec(
     counters: &mut RunCounters,
 ) {
     let Some(mut entry) = RECORDS.reserve::<ProcExec>(0) else {
-        lost(diag_kind::RECORDS_FULL, member.run, 0, counters);
+        record_lost(member.run, 0, counters);
         return;
     };
     let p = entry.as_mut_ptr();
@@ -1181,10 +1212,6 @@ fn on_exit<const ATOMICS: bool>() -> i32 {
         store(&mut counters.root_status, ROOT_ENDED | code as u64);
     }
     add(&mut counters.processes_alive, u64::MAX); // -1
-    if ATOMICS && KERNEL_SPLIT {
-        // Its threads still have to leave (this one included): the last one splits.
-        group_pending(&member, proc.threads, counters);
-    }
     let peak = if ATOMICS { mm_peak(proc.mm) } else { 0 };
     if ATOMICS {
         mm_release(proc.mm, counters);
@@ -1205,8 +1232,8 @@ fn record_exit(
     threads: u64,
     counters: &mut RunCounters,
 ) {
-    let Some(mut entry) = RECORDS.reserve::<ProcExit>(0) else {
-        lost(diag_kind::RECORDS_FULL, member.run, 0, counters);
+    let Some(mut entry) = reserve::<ProcExit>(counters) else {
+        record_lost(member.run, 0, counters);
         return;
     };
     let leader = read::<u64>(task, offset!(task_group_leader)).unwrap_or(task);
@@ -1380,7 +1407,7 @@ fn ioac(task: u64, offset: u32) -> u64 {
 /// A `THREAD_END` or `THREAD_ADOPTED` record.
 #[inline(always)]
 fn record_thread(kind: u32, member: &TaskMember, u: &[u64; 8], counters: &mut RunCounters) {
-    match RECORDS.reserve::<ThreadEnd>(0) {
+    match reserve::<ThreadEnd>(counters) {
         Some(mut entry) => {
             let (net_sent, net_received) = if kind == record_kind::THREAD_END {
                 (member.net_sent, member.net_received)
@@ -1403,70 +1430,8 @@ fn record_thread(kind: u32, member: &TaskMember, u: &[u64; 8], counters: &mut Ru
             entry.submit(0);
         }
         None => {
-            lost(diag_kind::RECORDS_FULL, member.run, member.tid, counters);
+            record_lost(member.run, member.tid, counters);
         }
-    }
-}
-
-/// The `GROUPS` entry of `member`'s process, made if missing (or replacing one an earlier
-/// process at the same address left). `None` if the map is full (the run's split then falls
-/// back to the tree's sums: userspace sees the runtime it does not cover).
-#[inline(always)]
-fn group_of(member: &TaskMember) -> Option<&'static mut GroupCpu> {
-    let key = member.signal;
-    if let Some(g) = GROUPS.get_ptr_mut(key) {
-        // SAFETY: hash map value pointer, live while the entry is; fields updated atomically.
-        let g = unsafe { &mut *g };
-        if load(&g.start_boottime_ns) == member.process_start_boottime_ns {
-            return Some(g);
-        }
-        let _ = GROUPS.remove(key);
-    }
-    let fresh = GroupCpu {
-        run: member.run,
-        start_boottime_ns: member.process_start_boottime_ns,
-        ..GroupCpu::default()
-    };
-    // Two threads may race to make it: one insert wins, both use the winner's.
-    let _ = GROUPS.insert(key, fresh, BPF_NOEXIST as u64);
-    // SAFETY: as above.
-    GROUPS.get_ptr_mut(key).map(|g| unsafe { &mut *g })
-}
-
-/// The last of a process's threads has left: its split, as the kernel makes it for `wait4`,
-/// goes into the run's counters.
-#[inline(always)]
-fn group_done(member: &TaskMember, g: &mut GroupCpu, counters: &mut RunCounters) {
-    let runtime = load(&g.runtime_ns);
-    let (user, _) = cputime_split(runtime, load(&g.utime_ns), load(&g.stime_ns));
-    add(&mut counters.cpu_split_runtime_ns, runtime);
-    add(&mut counters.cpu_split_user_ns, user);
-    let _ = GROUPS.remove(member.signal);
-}
-
-/// A thread of `member`'s process has left, having used `u` (runtime, utime, stime first).
-#[inline(always)]
-fn group_left(member: &TaskMember, u: &[u64; 8], counters: &mut RunCounters) {
-    let Some(g) = group_of(member) else {
-        return;
-    };
-    add(&mut g.runtime_ns, u[0]);
-    add(&mut g.utime_ns, u[1]);
-    add(&mut g.stime_ns, u[2]);
-    // After the sums (a fetch is a full barrier): whoever sees 0 sees them all.
-    if add_fetch(&mut g.pending, u64::MAX) == 0 {
-        group_done(member, g, counters);
-    }
-}
-
-/// `member`'s process has ended with `threads` threads followed, each still to leave.
-#[inline(always)]
-fn group_pending(member: &TaskMember, threads: u64, counters: &mut RunCounters) {
-    let Some(g) = group_of(member) else {
-        return;
-    };
-    if add_fetch(&mut g.pending, threads) == 0 {
-        group_done(member, g, counters);
     }
 }
 
@@ -1478,9 +1443,6 @@ fn leave<const ATOMICS: bool>(task: u64, member: &TaskMember) {
     };
     match thread_usage(task) {
         Some(u) => {
-            if ATOMICS && KERNEL_SPLIT {
-                group_left(member, &u, counters);
-            }
             add(&mut counters.cpu_runtime_ns, u[0]);
             add(&mut counters.cpu_utime_ns, u[1]);
             add(&mut counters.cpu_stime_ns, u[2]);

@@ -33,7 +33,8 @@ use cylo_usage_abi::net::*;
 use cylo_usage_abi::{RunCounters, TaskMember};
 
 use crate::{
-    OFFSETS, TASK_FILTER, TASKS, add, diag_flush, lost, maybe_in, read, run_counters, wants_records,
+    OFFSETS, TASK_FILTER, TASKS, add, diag_flush, lost, maybe_in, read, run_counters,
+    wants_all_records,
 };
 
 /// `sock_send_length(struct sock *sk, int ret, int flags)`, in `sock_sendmsg_nosec()`.
@@ -207,7 +208,7 @@ fn type_and_protocol(sk: u64) -> Option<(u16, u16)> {
 /// The thread's own TCP/UDP byte count, for runs with per-process records (`--tree`).
 #[inline(always)]
 fn per_thread<const SEND: bool>(member: &mut TaskMember, c: &RunCounters, bytes: u64) {
-    if wants_records(c) {
+    if wants_all_records(c) {
         add(
             if SEND {
                 &mut member.net_sent

@@ -4,10 +4,22 @@
 //! `getrusage(RUSAGE_CHILDREN)`, which another test's children would disturb.
 mod common;
 
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{tracker, workload};
+use common::{WORKLOAD, tracker, workload};
 use cylo_usage::{Precision, RunOptions};
+
+/// How the run follows the mix.
+#[derive(Clone, Copy, Debug)]
+enum How {
+    /// Spawned, with a breakdown or without (`tree`).
+    Spawn { tree: bool },
+    /// Attached to (without a breakdown) while it waits to begin: what it used before the
+    /// attach (a shell's start) is in wait4's figures but not the run's, a few ms at most.
+    Attach,
+}
 
 /// This process's reaped descendants' user and system time (ns), as the kernel sums them.
 fn children_rusage() -> (u64, u64) {
@@ -18,30 +30,51 @@ fn children_rusage() -> (u64, u64) {
     (ns(r.ru_utime), ns(r.ru_stime))
 }
 
-/// Runs the mix under the tracker, with or without a breakdown, and checks the split.
-async fn check(t: &cylo_usage::Tracker, tree: bool) {
+/// Runs the mix under the tracker as `how` says, and checks the split.
+async fn check(t: &cylo_usage::Tracker, how: How) {
     let (u0, s0) = children_rusage();
     // 107 processes: 6 children from all user to all system time, 100 of 2 ms of syscalls
     // each (mostly no tick sample: user time for the kernel, whatever the tree's proportion),
     // and their parent (half and half), which reaps them; this test reaps the parent.
-    let mut cmd = workload(&["mix", "6", "300", "100"]);
-    let options = RunOptions {
-        tree,
-        ..RunOptions::default()
+    let args = ["mix", "6", "300", "100"];
+    let (mut run, mut attached) = match how {
+        How::Spawn { tree } => {
+            let options = RunOptions {
+                tree,
+                ..RunOptions::default()
+            };
+            let run = t.spawn_with(&mut workload(&args), options).expect("spawn");
+            (run, None)
+        }
+        How::Attach => {
+            let mut child = Command::new("/bin/sh")
+                .args([
+                    "-c",
+                    &format!("read -r go && exec {WORKLOAD} {}", args.join(" ")),
+                ])
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let run = t.attach(child.id()).expect("attach");
+            writeln!(child.stdin.take().unwrap(), "go").unwrap();
+            (run, Some(child))
+        }
     };
-    let mut run = t.spawn_with(&mut cmd, options).expect("spawn");
     tokio::time::timeout(Duration::from_secs(120), async {
         run.wait_root().await.expect("root");
         run.wait_finished().await.expect("tree");
     })
     .await
     .expect("finished within 120 s");
+    if let Some(child) = attached.as_mut() {
+        assert!(child.wait().unwrap().success());
+    }
     let u = run.usage().expect("usage");
     let (u1, s1) = children_rusage();
     let (wait_user, wait_system) = (u1 - u0, s1 - s0);
     assert_eq!((u.lost_events, u.precision), (0, Precision::Exact), "{u:?}");
     assert_eq!(u.cpu_user_ns + u.cpu_system_ns, u.cpu_time_ns);
-    check_against_wait4(&u, (wait_user, wait_system), tree);
+    check_against_wait4(&u, (wait_user, wait_system), how);
     let Some(ps) = u.processes.as_ref() else {
         return;
     };
@@ -79,21 +112,21 @@ async fn check(t: &cylo_usage::Tracker, tree: bool) {
 fn check_against_wait4(
     u: &cylo_usage::ResourceUsage,
     (wait_user, wait_system): (u64, u64),
-    tree: bool,
+    how: How,
 ) {
     let bound = |total: u64| 10_000_000 + total / 50;
     eprintln!(
-        "tree {tree}: user {} ns (wait4 {wait_user}), system {} ns (wait4 {wait_system})",
+        "{how:?}: user {} ns (wait4 {wait_user}), system {} ns (wait4 {wait_system})",
         u.cpu_user_ns, u.cpu_system_ns
     );
     assert!(
         u.cpu_user_ns.abs_diff(wait_user) <= bound(wait_user),
-        "tree {tree}: user {} vs wait4 {wait_user}",
+        "{how:?}: user {} vs wait4 {wait_user}",
         u.cpu_user_ns
     );
     assert!(
         u.cpu_system_ns.abs_diff(wait_system) <= bound(wait_system),
-        "tree {tree}: system {} vs wait4 {wait_system}",
+        "{how:?}: system {} vs wait4 {wait_system}",
         u.cpu_system_ns
     );
 }
@@ -101,11 +134,11 @@ fn check_against_wait4(
 #[tokio::test(flavor = "multi_thread")]
 async fn user_and_system_add_up_to_the_totals_and_agree_with_wait4() {
     let Some(t) = tracker() else { return };
-    check(&t, true).await;
-    // Without records, the kernel side splits each process as its last thread leaves: with
-    // BPF atomic fetch (5.12+), where this build has it on; else the tree's sums are split
-    // at once.
-    if t.measured().atomics && cylo_usage_abi::KERNEL_SPLIT {
-        check(&t, false).await;
+    // With a breakdown, without (the run takes the records its split needs alone), and an
+    // attach without: each the sum of the processes' own splits, on every kernel.
+    check(&t, How::Spawn { tree: true }).await;
+    check(&t, How::Spawn { tree: false }).await;
+    if t.measured().attach {
+        check(&t, How::Attach).await;
     }
 }

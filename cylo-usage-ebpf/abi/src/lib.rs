@@ -40,6 +40,12 @@ pub const EVENTS_BYTES: u32 = 64 * 4096;
 /// Size of the ring buffer that carries per-process records of the runs that asked for them
 /// (`--tree`, `--events`). A record is 64 to 640 bytes; a full buffer counts in `lost_events`.
 pub const RECORDS_BYTES: u32 = 2048 * 4096;
+/// Size of the ring buffer that carries the records of the runs that want them for their
+/// user/system split alone ([`run_flags::CPU_RECORDS`]: a start, an end and a thread end per
+/// process, about 350 bytes for one thread). Small, because every tracker maps it (its
+/// mapping counts twice its size as resident memory); a full buffer counts in
+/// `RunCounters::split_records_lost` and the run's split falls back to the tree's sums.
+pub const SPLIT_RECORDS_BYTES: u32 = 128 * 4096;
 /// Bytes of a process's argv kept from its exec (the strings, NUL-separated, as in
 /// `/proc/PID/cmdline`).
 pub const ARGV_BYTES: usize = 256;
@@ -58,7 +64,6 @@ pub const CLONE_THREAD: u64 = 0x0001_0000;
 pub mod names {
     pub const TASKS: &str = "TASKS";
     pub const PROCS: &str = "PROCS";
-    pub const GROUPS: &str = "GROUPS";
     pub const MMS: &str = "MMS";
     pub const MM_FILTER: &str = "MM_FILTER";
     pub const TASK_FILTER: &str = "TASK_FILTER";
@@ -71,6 +76,7 @@ pub mod names {
     pub const TRACKER: &str = "TRACKER";
     pub const EVENTS: &str = "EVENTS";
     pub const RECORDS: &str = "RECORDS";
+    pub const SPLIT_RECORDS: &str = "SPLIT_RECORDS";
     pub const OFFSETS: &str = "OFFSETS";
 
     pub const PROG_TASK_NEWTASK: &str = "task_newtask";
@@ -591,11 +597,10 @@ pub struct RunCounters {
     /// out of the tracker's reach.
     pub tasks_escaped: u64,
 
-    /// Processes whose every thread has left (only where the kernel has BPF atomic fetch):
-    /// the sum of their runtimes, and of their user times, each process's split made as
-    /// the kernel makes it for `wait4` ([`cputime_split`] of its thread group's sums).
-    pub cpu_split_runtime_ns: u64,
-    pub cpu_split_user_ns: u64,
+    /// Records a run that wants them for its user/system split alone
+    /// ([`run_flags::CPU_RECORDS`]) could not have (`SPLIT_RECORDS` was full); userspace then
+    /// splits the tree's sums at once. Not lost events: the totals do not depend on records.
+    pub split_records_lost: u64,
     /// What adopted processes had used before the attach beyond their live threads (which
     /// are in `before_*` above), read once per process when its first thread is adopted; not
     /// part of the totals. From its `signal_struct`: the exited threads' runtime and
@@ -613,108 +618,18 @@ pub struct RunCounters {
     pub before_group_io_wchar: u64,
 }
 
-/// Whether each process is split into user and system time in the kernel as its last
-/// thread leaves (`GROUPS`, [`cputime_split`]). Off for now: that code multiplied what the
-/// verifiers walk (the largest program from 12,305 to 50,296 instructions on 6.18, minutes
-/// of verification under emulation on 6.1), so runs without records split the tree's sums
-/// at once until it is made cheaper.
-pub const KERNEL_SPLIT: bool = false;
-
-/// The CPU figures of one process's threads that have left, value of `GROUPS` (keyed by the
-/// process's `signal_struct` address), while some of its threads remain; the kernel side
-/// splits them ([`cputime_split`]) into the run's counters when the last one leaves.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GroupCpu {
-    pub run: u32,
-    pub _pad0: u32,
-    /// The process's start time: an entry left by an earlier process at the same address
-    /// is not taken for this one's.
-    pub start_boottime_ns: u64,
-    /// Threads still to leave, wrapping: each thread that leaves subtracts 1, the process's
-    /// end adds its thread count; 0 after the end: the last one has left.
-    pub pending: u64,
-    pub runtime_ns: u64,
-    pub utime_ns: u64,
-    pub stime_ns: u64,
-}
-
-/// The kernel's `cputime_adjust()` for a thread group reported for the first time (no
-/// earlier split to stay above): `runtime` divided in the proportion of the tick-sampled
-/// `utime` and `stime`; returns (user, system), which add up to `runtime`. The product
-/// `stime * runtime` is formed in 128 bits (as 32-bit halves) and divided bit by bit, so the
-/// result is exact, as x86-64's `mul_u64_u64_div_u64` (kernels 5.9 and later); BPF programs
-/// use it as well as userspace.
-#[inline(always)]
-pub fn cputime_split(runtime: u64, utime: u64, stime: u64) -> (u64, u64) {
-    if stime == 0 {
-        return (runtime, 0);
-    }
-    if utime == 0 {
-        return (0, runtime);
-    }
-    let d = stime.wrapping_add(utime);
-    let system = mul_div(stime, runtime, d);
-    let system = if system > runtime { runtime } else { system };
-    (runtime - system, system)
-}
-
-/// `a * b / d` truncated, for a quotient that fits in 64 bits (`a <= d`), without 128-bit
-/// instructions.
-#[inline(always)]
-fn mul_div(a: u64, b: u64, d: u64) -> u64 {
-    const LOW: u64 = 0xffff_ffff;
-    let (a0, a1, b0, b1) = (a & LOW, a >> 32, b & LOW, b >> 32);
-    let p00 = a0 * b0;
-    let p01 = a0 * b1;
-    let p10 = a1 * b0;
-    let p11 = a1 * b1;
-    let mid = (p00 >> 32) + (p01 & LOW) + (p10 & LOW);
-    let lo = (p00 & LOW) | (mid << 32);
-    let hi = p11 + (p01 >> 32) + (p10 >> 32) + (mid >> 32);
-    if d == 0 {
-        // Unreachable for a split (d = stime + utime > 0); keeps a panic path out of BPF.
-        return 0;
-    }
-    if hi == 0 {
-        return lo / d;
-    }
-    if hi >= d {
-        // Only when a > d: not a split.
-        return u64::MAX;
-    }
-    // Restoring division, one bit of `lo` at a time; `rem` < d throughout, its 65th bit
-    // kept in `carry`. Without a branch in the loop: a verifier walks each of its 64 steps
-    // once instead of both ways at every step (older verifiers do not prune those paths).
-    let mut rem = hi;
-    let mut q = 0u64;
-    let mut i = 64;
-    while i > 0 {
-        i -= 1;
-        let carry = rem >> 63;
-        rem = (rem << 1) | ((lo >> i) & 1);
-        q <<= 1;
-        let take = carry | (1 ^ borrow(rem, d));
-        rem = rem.wrapping_sub(d & 0u64.wrapping_sub(take));
-        q |= take;
-    }
-    q
-}
-
-/// 1 when `a < b` (the borrow out of `a - b`), else 0, in arithmetic alone (Hacker's
-/// Delight 2-13).
-#[inline(always)]
-fn borrow(a: u64, b: u64) -> u64 {
-    ((!a & b) | (!(a ^ b) & a.wrapping_sub(b))) >> 63
-}
-
 /// Bit of [`RunCounters::root_status`]: the root has ended.
 pub const ROOT_ENDED: u64 = 1 << 32;
 
 /// Bits of [`RunCounters::flags`].
 pub mod run_flags {
-    /// The run wants per-process records in the `RECORDS` ring buffer.
+    /// The run wants every per-process record in the `RECORDS` ring buffer (a breakdown).
     pub const RECORDS: u64 = 1;
+    /// The run wants the records its user/system split needs, and no more: processes'
+    /// starts and ends and threads' ends (and adoptions), without exec records (argv) or
+    /// each thread's socket bytes, in the `SPLIT_RECORDS` ring buffer. Userspace splits each
+    /// process as `wait4` would.
+    pub const CPU_RECORDS: u64 = 2;
 }
 
 /// Per-run controls userspace changes while the run goes on (value of `RUN_CONTROL`, one
@@ -1030,8 +945,7 @@ pub struct Event {
 const _: () = assert!(size_of::<Offsets>() == 304);
 const _: () = assert!(size_of::<TaskMember>() == 56);
 const _: () = assert!(size_of::<ProcMember>() == 24);
-const _: () = assert!(size_of::<RunCounters>() == 488);
-const _: () = assert!(size_of::<GroupCpu>() == 48);
+const _: () = assert!(size_of::<RunCounters>() == 480);
 const _: () = assert!(size_of::<RunControl>() == 16);
 const _: () = assert!(size_of::<TrackerInfo>() == 16);
 const _: () = assert!(size_of::<RecordHeader>() == 24);
@@ -1052,7 +966,6 @@ mod pod {
     unsafe impl aya::Pod for super::TaskMember {}
     unsafe impl aya::Pod for super::ProcMember {}
     unsafe impl aya::Pod for super::RunCounters {}
-    unsafe impl aya::Pod for super::GroupCpu {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::MmMember {}
     unsafe impl aya::Pod for super::DevKey {}

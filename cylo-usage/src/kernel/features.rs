@@ -123,16 +123,11 @@ pub(crate) fn features(m: Measured, refused: &Unavailable) -> Vec<Feature> {
     );
     let cpu = "task_struct.se.sum_exec_runtime of each thread at its last context switch \
                (raw tracepoint sched_switch, TASK_DEAD); live threads from /proc schedstat";
-    let split = if m.atomics && cylo_usage_abi::KERNEL_SPLIT {
-        "the sum of each process's own split, as wait4 reports it (the kernel's \
-         cputime_adjust of its thread group: its runtime in its utime:stime tick ratio), made \
-         in the kernel as its last thread leaves; live processes' from /proc"
-    } else {
-        "with --tree or --events, the sum of each process's own split, as wait4 reports it \
-         (the kernel's cputime_adjust of its thread group); without, the tree's runtime split \
-         in the tree's utime:stime tick ratio (per-process splits in the kernel are off in \
-         this build: they made verification too slow)"
-    };
+    let split = "the sum of each process's own split, as wait4 reports it (the kernel's \
+                 cputime_adjust of its thread group: its runtime in its utime:stime tick \
+                 ratio), made in userspace from the run's records as its last thread leaves; \
+                 live processes' from /proc; the tree's sums split at once if the records \
+                 ring buffer overflowed";
     vec![
         yes("cpu_time_ns", cpu),
         yes("cpu_user_ns", split),

@@ -100,7 +100,6 @@ pub fn missing_privileges() -> Result<Option<&'static str>, LoadError> {
 pub(crate) struct Readers {
     pub tasks: MapReader<u64, TaskMember>,
     pub procs: MapReader<u64, ProcMember>,
-    pub groups: MapReader<u64, cylo_usage_abi::GroupCpu>,
     pub mms: MapReader<u64, MmMember>,
     pub devs: MapReader<DevKey, DevCounters>,
     pub runs: MapReader<u32, RunCounters>,
@@ -123,7 +122,6 @@ fn reader<K: aya::Pod, V: aya::Pod>(
 /// lock, held only for short updates: runs read through [`Readers`].
 pub(crate) struct Maps {
     pub procs: HashMap<MapData, u64, ProcMember>,
-    pub groups: HashMap<MapData, u64, cylo_usage_abi::GroupCpu>,
     pub devs: HashMap<MapData, DevKey, DevCounters>,
     pub runs: Array<MapData, RunCounters>,
     pub spawners: HashMap<MapData, u64, cylo_usage_abi::Spawner>,
@@ -146,6 +144,10 @@ pub(crate) struct Inner {
     pub records: Mutex<Option<aya::maps::Map>>,
     /// Where the reader thread delivers each run's records.
     pub sinks: Arc<crate::kernel::records::Sinks>,
+    /// The records of runs that want them for their user/system split alone (a small ring
+    /// buffer of their own, so that such runs cost no 8 MiB mapping), and their reader.
+    pub split_records: Mutex<Option<aya::maps::Map>>,
+    pub split_sinks: Arc<crate::kernel::records::Sinks>,
     /// The `control` program, run in the caller's context (`BPF_PROG_TEST_RUN`).
     pub control: ProgramFd,
     /// The `control_adopt` program, loaded when the first attach needs it.
@@ -228,6 +230,7 @@ impl Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.sinks.stop();
+        self.split_sinks.stop();
     }
 }
 
@@ -675,21 +678,18 @@ impl Tracker {
             .override_global(aya_log::LEVEL, log_level, false)
             .map_max_entries(names::TASKS, options.max_tasks)
             .map_max_entries(names::PROCS, options.max_procs)
-            .map_max_entries(names::GROUPS, options.max_procs)
             .load(OBJECT)
             .map_err(LoadError::Load)?;
         let log = crate::kernel::ebpf_log::start(&mut ebpf, *log_level);
         let readers = Readers {
             tasks: reader(&ebpf, names::TASKS)?,
             procs: reader(&ebpf, names::PROCS)?,
-            groups: reader(&ebpf, names::GROUPS)?,
             mms: reader(&ebpf, names::MMS)?,
             devs: reader(&ebpf, names::DEVS)?,
             runs: reader(&ebpf, names::RUNS)?,
         };
         let maps = Maps {
             procs: take(&mut ebpf, names::PROCS)?,
-            groups: take(&mut ebpf, names::GROUPS)?,
             devs: take(&mut ebpf, names::DEVS)?,
             runs: take(&mut ebpf, names::RUNS)?,
             spawners: take(&mut ebpf, names::SPAWNERS)?,
@@ -700,13 +700,13 @@ impl Tracker {
             next_slot: 0,
         };
         let events: RingBuf<MapData> = take(&mut ebpf, names::EVENTS)?;
-        let records = ebpf
-            .take_map(names::RECORDS)
-            .filter(|m| matches!(m, aya::maps::Map::RingBuf(_)))
-            .ok_or(LoadError::Map {
-                name: names::RECORDS,
-                source: None,
-            })?;
+        let ring = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name)
+                .filter(|m| matches!(m, aya::maps::Map::RingBuf(_)))
+                .ok_or(LoadError::Map { name, source: None })
+        };
+        let records = ring(&mut ebpf, names::RECORDS)?;
+        let split_records = ring(&mut ebpf, names::SPLIT_RECORDS)?;
         // The big handlers, verified in parallel (with atomics: where the verifier refuses
         // them, `attach` reports it and the variants without are loaded one by one).
         preload(
@@ -852,6 +852,8 @@ impl Tracker {
                 events: Mutex::new(events),
                 records: Mutex::new(Some(records)),
                 sinks: Arc::default(),
+                split_records: Mutex::new(Some(split_records)),
+                split_sinks: Arc::default(),
                 control,
                 adopt: std::sync::OnceLock::new(),
                 offsets: *offsets,

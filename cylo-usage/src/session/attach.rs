@@ -129,7 +129,7 @@ impl Tracker {
         run.set_attaching(false)?;
         let adopted = adopted?;
         if let Some(tree) = &run.tree {
-            inner.sinks.drain();
+            run.sinks().drain();
             let mut tree = tree.lock().unwrap_or_else(|e| e.into_inner());
             tree.note_adopted_argv(&adopted.argv);
             tree.note_attached(adopted.processes, adopted.threads, adopted.passes);

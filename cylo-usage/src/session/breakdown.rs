@@ -563,15 +563,17 @@ impl Tree {
             creds: Some(r.creds),
             ..Proc::default()
         };
-        let line = serde_json::json!({
-            "event": "fork",
-            "time_ns": self.rel(r.header.time_ns),
-            "pid": r.pid,
-            "ns_pid": (r.pid_own_ns != r.pid).then_some(r.pid_own_ns),
-            "ppid": r.ppid,
-            "comm": escape_bytes(&p.comm),
-            "root": p.root,
-            "attached": p.adopted,
+        let line = self.events.is_some().then(|| {
+            serde_json::json!({
+                "event": "fork",
+                "time_ns": self.rel(r.header.time_ns),
+                "pid": r.pid,
+                "ns_pid": (r.pid_own_ns != r.pid).then_some(r.pid_own_ns),
+                "ppid": r.ppid,
+                "comm": escape_bytes(&p.comm),
+                "root": p.root,
+                "attached": p.adopted,
+            })
         });
         self.strings += strings_of(&p);
         match self.free.pop() {
@@ -585,7 +587,9 @@ impl Tree {
             }
         }
         self.settle();
-        self.emit(line);
+        if let Some(line) = line {
+            self.emit(line);
+        }
     }
 
     fn get(&mut self, id: u64) -> Option<&mut Proc> {
@@ -716,12 +720,16 @@ impl Tree {
         self.waiting_exits.remove(&(end, id));
         let mut u = self.usage_of(p, &[0; 10], self.measured);
         u.parent_index = None;
-        let mut line = serde_json::to_value(&u).unwrap_or_default();
-        line["event"] = "exit".into();
-        line["time_ns"] = end.into();
-        if !complete {
-            line["incomplete"] = true.into();
-        }
+        // Without a stream (a run's split alone), no line is made.
+        let line = self.events.is_some().then(|| {
+            let mut line = serde_json::to_value(&u).unwrap_or_default();
+            line["event"] = "exit".into();
+            line["time_ns"] = end.into();
+            if !complete {
+                line["incomplete"] = true.into();
+            }
+            line
+        });
         if self.keep {
             if let Some(p) = self.procs[i].as_mut() {
                 p.exit_reported = true;
@@ -743,7 +751,9 @@ impl Tree {
             self.free.push(i);
             self.settle();
         }
-        self.emit(line);
+        if let Some(line) = line {
+            self.emit(line);
+        }
         true
     }
 

@@ -133,12 +133,13 @@ impl RunOptions {
         self.tree || self.events.is_some()
     }
 
-    /// The run's flags in the kernel.
+    /// The run's flags in the kernel: every record for a breakdown; else those its
+    /// user/system split needs (see [`Run::start_records`]).
     pub(crate) fn run_flags(&self) -> u64 {
         if self.wants_records() {
             run_flags::RECORDS
         } else {
-            0
+            run_flags::CPU_RECORDS
         }
     }
 }
@@ -170,6 +171,9 @@ pub struct Run {
     exited_unrecorded: u32,
     /// Whether the report has a per-process breakdown (records may be kept for events only).
     pub(crate) breakdown: bool,
+    /// Whether the run takes every record (a breakdown or an event stream), from the
+    /// `RECORDS` ring buffer; else those its split needs, from `SPLIT_RECORDS`.
+    all_records: bool,
     /// The signals sent to the tree so far (see [`crate::usage::SignalSent`]).
     signals_sent: Mutex<Vec<crate::usage::SignalSent>>,
     /// The run's live threads as last read from the membership map, with the generation
@@ -439,10 +443,11 @@ impl Tracker {
 }
 
 impl Run {
+    /// Starts taking the run's records: into a breakdown and/or an event stream when the
+    /// options ask for one; else into a tree that keeps each process only until its last
+    /// thread has left, for the user/system split alone. Either way the totals' split is the
+    /// sum of each process's own, as `wait4` makes it (see [`Run::finish`]).
     pub(crate) fn start_records(&mut self, options: RunOptions, started_ns: u64) {
-        if !options.wants_records() {
-            return;
-        }
         let units = Units {
             ticks_per_second: procfs::clock_ticks_per_second(),
             page_size: procfs::page_size(),
@@ -452,6 +457,7 @@ impl Run {
             n => n,
         };
         self.breakdown = options.tree;
+        self.all_records = options.wants_records();
         let mut tree = Tree::new(
             started_ns,
             options.tree,
@@ -463,8 +469,13 @@ impl Run {
         tree.set_viewer(options.viewer);
         tree.set_measured(self.inner.measured);
         let tree = Arc::new(Mutex::new(tree));
-        self.inner.sinks.register(self.slot, tree.clone());
-        self.inner.sinks.start(&self.inner.records);
+        let ring = if self.all_records {
+            &self.inner.records
+        } else {
+            &self.inner.split_records
+        };
+        self.sinks().register(self.slot, tree.clone());
+        self.sinks().start(ring);
         self.tree = Some(tree);
     }
 
@@ -519,6 +530,7 @@ impl Run {
             timed_out: false,
             exited_unrecorded: 0,
             breakdown: false,
+            all_records: false,
             signals_sent: Mutex::new(Vec::new()),
             members: Mutex::new(None),
         }
@@ -529,11 +541,20 @@ impl Run {
         self.slot
     }
 
+    /// The reader of the ring buffer the run's records come through.
+    pub(crate) fn sinks(&self) -> &Arc<crate::kernel::records::Sinks> {
+        if self.all_records {
+            &self.inner.sinks
+        } else {
+            &self.inner.split_sinks
+        }
+    }
+
     /// Delivers the records the kernel has made so far to this run's breakdown and event
     /// stream (before the run ends, so that the stream is complete).
     pub(crate) fn drain_records(&self) {
         if self.tree.is_some() {
-            self.inner.sinks.drain();
+            self.sinks().drain();
             if self.counters().is_ok_and(|c| c.finished()) {
                 self.release_events();
             }
@@ -823,7 +844,6 @@ impl Run {
                 let live = Live {
                     devices,
                     complete: true,
-                    groups: Some(Vec::new()),
                     ..Live::default()
                 };
                 let merged = usage::merge(&before, measured, &live, units, root, wall);
@@ -850,7 +870,6 @@ impl Run {
                 .filter_map(|&t| procfs::read_vm_hwm(t))
                 .max()
                 .unwrap_or(0);
-            let groups = self.live_groups(&samples, units);
             let after = self.counters()?;
             let wall = monotonic_ns().saturating_sub(self.started_ns) / 1_000_000;
             let stable = before.threads_exited == after.threads_exited
@@ -860,7 +879,6 @@ impl Run {
                 threads: samples.iter().map(|(_, t)| *t).collect(),
                 max_hwm_bytes,
                 devices,
-                groups,
             };
             let merged = usage::merge(&after, measured, &live, units, root, wall);
             if live.complete {
@@ -872,43 +890,6 @@ impl Run {
             last = Some(self.finish(merged, &samples, with_tree));
         }
         Ok(last.expect("at least one attempt"))
-    }
-
-    /// The live processes' CPU figures, each process's threads that have left (the kernel's
-    /// `GROUPS` entry) and its live threads together, for their own user/system splits.
-    /// `None` where the kernel side keeps no such entries (no BPF atomic fetch).
-    fn live_groups(
-        &self,
-        samples: &[(TaskMember, ThreadSample)],
-        units: Units,
-    ) -> Option<Vec<usage::GroupFigures>> {
-        if !self.inner.measured.atomics {
-            return None;
-        }
-        let tick_ns = 1_000_000_000 / units.ticks_per_second.max(1);
-        let mut by_process: HashMap<u64, (usage::GroupFigures, u64)> = HashMap::new();
-        for (m, t) in samples {
-            let (g, start) = by_process.entry(m.signal).or_default();
-            *start = m.process_start_boottime_ns;
-            g.runtime_ns += t.runtime_ns;
-            g.utime_ns += t.utime_ticks * tick_ns;
-            g.stime_ns += t.stime_ticks * tick_ns;
-        }
-        let mut out = Vec::with_capacity(by_process.len());
-        for (signal, (mut g, start)) in by_process {
-            match self.inner.readers.groups.get(&signal) {
-                Ok(Some(left)) if left.run == self.slot && left.start_boottime_ns == start => {
-                    g.left_runtime_ns = left.runtime_ns;
-                    g.runtime_ns += left.runtime_ns;
-                    g.utime_ns += left.utime_ns;
-                    g.stime_ns += left.stime_ns;
-                }
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-            out.push(g);
-        }
-        Some(out)
     }
 
     /// Adds what the session knows beyond the kernel's totals: how it started, whether it
@@ -944,7 +925,7 @@ impl Run {
         let Some(tree) = self.tree.as_ref() else {
             return u;
         };
-        self.inner.sinks.drain();
+        self.sinks().drain();
         let mut by_process: HashMap<u64, (ThreadCounters, u64)> = HashMap::new();
         for (m, t) in live {
             let e = by_process.entry(m.signal).or_default();
@@ -1102,7 +1083,7 @@ impl Drop for Run {
     fn drop(&mut self) {
         let _ = self.set_attaching(false);
         if self.tree.is_some() {
-            self.inner.sinks.unregister(self.slot);
+            self.sinks().unregister(self.slot);
         }
         let slot = self.slot;
         // Stop following whatever of the tree is still alive, and free the slot.
@@ -1141,18 +1122,6 @@ impl Drop for Run {
             let mut maps = self.inner.maps();
             for k in procs {
                 let _ = maps.procs.remove(&k);
-            }
-        }
-        let mut groups = Vec::new();
-        let _ = r.groups.for_each(|k, g| {
-            if g.run == slot {
-                groups.push(*k);
-            }
-        });
-        if !groups.is_empty() {
-            let mut maps = self.inner.maps();
-            for k in groups {
-                let _ = maps.groups.remove(&k);
             }
         }
         let mut mms = Vec::new();

@@ -122,31 +122,4 @@ mod tests {
             last = got;
         }
     }
-
-    #[test]
-    fn the_bpf_programs_split_is_the_same_as_the_128_bit_one() {
-        use proptest::prelude::*;
-        let check = |r: u64, u: u64, s: u64| {
-            assert_eq!(
-                cylo_usage_abi::cputime_split(r, u, s),
-                split_runtime(r, u, s),
-                "{r} {u} {s}"
-            );
-        };
-        for (r, u, s) in [
-            (u64::MAX, u64::MAX / 2, u64::MAX / 2),
-            (u64::MAX, 1, u64::MAX - 1),
-            (1 << 63, 3, 5),
-            (999_999_999_999, 7, 1_000_000_000_000),
-            (0, 1, 1),
-        ] {
-            check(r, u, s);
-        }
-        proptest!(|(r in any::<u64>(), u in 0u64..(1 << 62), s in 0u64..(1 << 62))| {
-            check(r, u, s);
-        });
-        proptest!(|(r in 0u64..(1 << 44), u in 0u64..(1 << 44), s in 0u64..(1 << 44))| {
-            check(r, u, s);
-        });
-    }
 }

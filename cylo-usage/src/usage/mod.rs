@@ -304,20 +304,6 @@ pub struct Live {
     pub devices: Vec<DiskDevice>,
     /// Whether the snapshot is known to be consistent and whole.
     pub complete: bool,
-    /// The live processes' CPU figures for their own splits (see [`GroupFigures`]); `None`
-    /// where not known (the kernel side keeps no per-process sums without BPF atomic fetch).
-    pub groups: Option<Vec<GroupFigures>>,
-}
-
-/// One live process's CPU figures at a snapshot: its threads that have left (the kernel's
-/// `GROUPS` entry) and its live threads (/proc) together, utime and stime in ns.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GroupFigures {
-    /// The runtime of its threads that have left (already in the run's exited-thread sums).
-    pub left_runtime_ns: u64,
-    pub runtime_ns: u64,
-    pub utime_ns: u64,
-    pub stime_ns: u64,
 }
 
 /// Facts about the machine the figures need.
@@ -435,22 +421,9 @@ pub fn merge(
             }
         }
     }
-    // Each process's own split, summed: the kernel's for the processes that have ended (made
-    // as their last thread left), and the live ones' now. Where that does not cover the
-    // whole runtime (no atomics, an attach, a full map), the tree's sums are split at once.
-    let per_process = live.groups.as_ref().and_then(|groups| {
-        let left: u64 = groups.iter().map(|g| g.left_runtime_ns).sum();
-        let covered = c.cpu_split_runtime_ns.wrapping_add(left) == c.cpu_runtime_ns;
-        (measured.atomics && c.threads_adopted == 0 && covered).then(|| {
-            let live_user: u64 = groups
-                .iter()
-                .map(|g| split_runtime(g.runtime_ns, g.utime_ns, g.stime_ns).0)
-                .sum();
-            let user = c.cpu_split_user_ns.wrapping_add(live_user).min(runtime);
-            (user, runtime - user)
-        })
-    });
-    let (user, system) = per_process.unwrap_or_else(|| split_runtime(runtime, utime, stime));
+    // The tree's sums split at once. The session replaces this with the sum of each
+    // process's own split (as wait4 makes it) where its records cover the whole runtime.
+    let (user, system) = split_runtime(runtime, utime, stime);
     let usage_before_attach = (c.threads_adopted > 0).then(|| before_attach(c, measured));
     let exact =
         live.complete && c.lost_events == 0 && c.tasks_killed_at_birth == 0 && c.tasks_escaped == 0;
@@ -615,69 +588,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn without_records_the_totals_are_the_kernel_s_per_process_splits_plus_the_live_ones() {
-        // Two processes ended (runtime 2 s, their user parts summed to 1.5 s); one lives,
-        // with 1 s of its threads that left and 0.5 s of a live thread.
-        let c = RunCounters {
-            cpu_runtime_ns: 3_000_000_000,
-            cpu_utime_ns: 100,
-            cpu_stime_ns: 100,
-            cpu_split_runtime_ns: 2_000_000_000,
-            cpu_split_user_ns: 1_500_000_000,
-            ..counters()
-        };
-        let live = Live {
-            threads: vec![ThreadSample {
-                runtime_ns: 500_000_000,
-                utime_ticks: 0,
-                stime_ticks: 10,
-                io: None,
-            }],
-            complete: true,
-            groups: Some(vec![GroupFigures {
-                left_runtime_ns: 1_000_000_000,
-                runtime_ns: 1_500_000_000,
-                utime_ns: 100_000_000,
-                stime_ns: 200_000_000,
-            }]),
-            ..Live::default()
-        };
-        let u = merge(&c, Measured::ALL, &live, UNITS, RootExit::default(), 0);
-        assert_eq!(u.cpu_time_ns, 3_500_000_000);
-        assert_eq!(u.cpu_user_ns, 1_500_000_000 + 500_000_000);
-        assert_eq!(u.cpu_system_ns, 1_500_000_000);
-        // Not covered (a process's runtime missing from the kernel's splits), no atomics, or
-        // an attach: the tree's sums are split at once.
-        for (c, m) in [
-            (
-                RunCounters {
-                    cpu_split_runtime_ns: 1_000_000_000,
-                    ..c
-                },
-                Measured::ALL,
-            ),
-            (
-                c,
-                Measured {
-                    atomics: false,
-                    ..Measured::ALL
-                },
-            ),
-            (
-                RunCounters {
-                    threads_adopted: 1,
-                    ..c
-                },
-                Measured::ALL,
-            ),
-        ] {
-            let u = merge(&c, m, &live, UNITS, RootExit::default(), 0);
-            let tree_wide = split_runtime(u.cpu_time_ns, 100, 100 + 100_000_000);
-            assert_eq!((u.cpu_user_ns, u.cpu_system_ns), tree_wide);
-        }
-    }
-
     /// The past beyond the live threads (exited threads, reaped children) is added to what
     /// was used before the attach, and never comes off the totals (they never held it).
     #[test]
@@ -750,7 +660,6 @@ mod tests {
             max_hwm_bytes: 1 << 30,
             devices: vec![],
             complete: true,
-            groups: None,
         };
         let u = merge(
             &counters(),
