@@ -1,8 +1,8 @@
 //! [`Error`]: the crate's one error type. Every module's error converts into it, so a
 //! library user can `?` everything into one type (and map it to a variant of their own).
 use crate::kernel::btf::BtfError;
+use crate::kernel::programs::LoadError;
 use crate::kernel::resolve::ResolveError;
-use crate::kernel::tracker::LoadError;
 use crate::proc::fallback::FallbackError;
 use crate::session::run::SessionError;
 use crate::sys::procfs::ProcError;

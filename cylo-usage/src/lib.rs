@@ -49,8 +49,9 @@ pub use session::budget;
 pub use error::Error;
 pub use front::open::{AnyRun, AnyTracker, OpenOptions};
 pub use kernel::btf::BtfError;
+pub use kernel::programs::{LoadError, missing_privileges};
 pub use kernel::resolve::ResolveError;
-pub use kernel::tracker::{LoadError, Options, Tracker, missing_privileges};
+pub use kernel::tracker::{Options, Tracker};
 pub use proc::fallback::{DEFAULT_INTERVAL, FallbackError, ProcRun, ProcTracker};
 pub use proc::snapshot::get_resource_usage;
 pub use session::breakdown::{DEFAULT_TREE_LIMIT, EventSink, Viewer};
@@ -72,4 +73,15 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = src.source();
     }
     s
+}
+
+/// The first line of `text`, at most 300 characters: what a one-line message keeps of an
+/// error chain (a verifier log may follow its first line).
+pub(crate) fn first_line(text: &str) -> String {
+    text.lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(300)
+        .collect()
 }

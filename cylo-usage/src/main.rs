@@ -3,25 +3,25 @@
 //! Exit status follows GNU conventions: the command's own status, or 128+N when signal N
 //! killed it; 125 when cylo-usage itself fails (bad usage included); 126 when the command
 //! cannot be run; 127 when it is not found.
-use std::ffi::OsStr;
 use std::ffi::OsString;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use std::time::{Duration, Instant};
+
+mod cli;
 
 use clap::{Args, Parser, Subcommand};
 use cylo_usage::report;
 use cylo_usage::{AnyRun, OpenOptions, ResourceUsage, RunOptions, Tracker, TrackerKind};
 use tokio::io::unix::AsyncFd;
 
-const EXIT_TIMED_OUT: u8 = 124;
-const EXIT_TRACKER_FAILED: u8 = 125;
-const EXIT_CANNOT_RUN: u8 = 126;
-const EXIT_NOT_FOUND: u8 = 127;
+use crate::cli::exec::start_error;
+use crate::cli::outputs::{Outputs, ReportTo};
+use crate::cli::{EXIT_TIMED_OUT, EXIT_TRACKER_FAILED};
 
 /// How long after the timeout's SIGTERM the SIGKILL comes, unless --kill-after says.
 const DEFAULT_KILL_AFTER: Duration = Duration::from_secs(2);
@@ -369,193 +369,6 @@ enum Target {
     Pid(u32),
 }
 
-/// The exit code and the one-line message for a failure to start the session.
-fn start_error(e: &cylo_usage::Error, program: &OsStr) -> (u8, String) {
-    match e.spawn_error() {
-        Some(source) => exec_failure(program, source, std::env::var_os("PATH").as_deref()),
-        None => (EXIT_TRACKER_FAILED, cylo_usage::error_chain(e)),
-    }
-}
-
-/// An OS error's text without Rust's " (os error N)".
-fn os_reason(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match e.raw_os_error() {
-        Some(n) => text
-            .strip_suffix(&format!(" (os error {n})"))
-            .unwrap_or(&text)
-            .to_string(),
-        None => text,
-    }
-}
-
-/// What exec's failure `e` means for `program`, as shells and env(1) say it: the exit code
-/// (127 not found, 126 found but not runnable) and the message. A name without a slash was
-/// looked up in `path` (`$PATH`).
-fn exec_failure(program: &OsStr, e: &std::io::Error, path: Option<&OsStr>) -> (u8, String) {
-    use std::os::unix::ffi::OsStrExt;
-    let stat = |p: &Path| std::fs::metadata(p).ok();
-    let name = report::printable(&program.to_string_lossy());
-    let file = if program.as_bytes().contains(&b'/') {
-        stat(Path::new(program)).map(|m| (PathBuf::from(program), m))
-    } else {
-        // execvp's search (glibc's default when PATH is unset): an entry that is not there,
-        // a directory, or one in a folder this user may not search is not the command.
-        let path = path.unwrap_or(OsStr::new("/bin:/usr/bin"));
-        let found = path.as_bytes().split(|&b| b == b':').find_map(|dir| {
-            let dir = if dir.is_empty() { b".".as_slice() } else { dir };
-            let candidate = Path::new(OsStr::from_bytes(dir)).join(program);
-            stat(&candidate)
-                .filter(|m| !m.is_dir())
-                .map(|m| (candidate, m))
-        });
-        match found {
-            Some(found) => Some(found),
-            None => return (EXIT_NOT_FOUND, format!("{name}: command not found")),
-        }
-    };
-    match (e.kind(), file) {
-        (std::io::ErrorKind::NotFound, None) => {
-            (EXIT_NOT_FOUND, format!("{name}: No such file or directory"))
-        }
-        // The file is there: what it needs to run is not (a script's interpreter, a
-        // program's ELF interpreter). 127, as env(1) and timeout(1) give.
-        (std::io::ErrorKind::NotFound, Some((file, _))) => {
-            // The first line, if it is a `#!` line (the kernel reads no more than 256 bytes).
-            let mut head = Vec::new();
-            let _ = std::fs::File::open(&file).and_then(|f| f.take(256).read_to_end(&mut head));
-            let needed = Some(head).and_then(|head| {
-                let line = head.strip_prefix(b"#!")?.split(|&b| b == b'\n').next()?;
-                let interpreter = line
-                    .split(|b| b.is_ascii_whitespace())
-                    .find(|w| !w.is_empty())?;
-                Some(report::printable(&String::from_utf8_lossy(interpreter)))
-            });
-            let what = match needed {
-                Some(interpreter) => format!("its interpreter {interpreter} was not found"),
-                None => "a file it needs (its ELF interpreter or a library) was not found".into(),
-            };
-            (EXIT_NOT_FOUND, format!("{name}: cannot run it: {what}"))
-        }
-        (std::io::ErrorKind::PermissionDenied, Some((_, m))) if m.is_dir() => {
-            (EXIT_CANNOT_RUN, format!("{name}: Is a directory"))
-        }
-        _ => (EXIT_CANNOT_RUN, format!("{name}: {}", os_reason(e))),
-    }
-}
-
-/// Where the report goes: opened before the session starts, written at its end.
-enum ReportTo {
-    Stderr,
-    Stdout,
-    File { file: std::fs::File, path: PathBuf },
-}
-
-impl ReportTo {
-    /// Writes the whole report; the error says where it could not go.
-    fn write(&mut self, text: &str) -> Result<(), String> {
-        let written = match self {
-            ReportTo::Stderr => {
-                let mut e = std::io::stderr().lock();
-                e.write_all(text.as_bytes()).and_then(|()| e.flush())
-            }
-            ReportTo::Stdout => {
-                let mut o = std::io::stdout().lock();
-                o.write_all(text.as_bytes()).and_then(|()| o.flush())
-            }
-            ReportTo::File { file, .. } => {
-                file.write_all(text.as_bytes()).and_then(|()| file.flush())
-            }
-        };
-        written.map_err(|e| {
-            format!(
-                "cannot write the report to {}: {}",
-                self.name(),
-                os_reason(&e)
-            )
-        })
-    }
-
-    fn name(&self) -> String {
-        match self {
-            ReportTo::Stderr => "standard error".to_string(),
-            ReportTo::Stdout => "standard output".to_string(),
-            ReportTo::File { path, .. } => path.display().to_string(),
-        }
-    }
-}
-
-/// Every output of a session, opened before it starts: a destination that cannot be written
-/// is refused before anything runs.
-struct Outputs {
-    report: ReportTo,
-    events: Option<cylo_usage::EventSink>,
-}
-
-fn create(path: &Path, what: &str) -> Result<std::fs::File, String> {
-    std::fs::File::create(path).map_err(|e| {
-        format!(
-            "cannot write {what} to {}: {}",
-            path.display(),
-            os_reason(&e)
-        )
-    })
-}
-
-impl Outputs {
-    /// `attach` has no command output to share stdout with: its report goes there unless `-o`
-    /// says otherwise or the events do (`--events -`); `run`'s goes to stderr, as `time -v`'s.
-    fn open(args: &SessionArgs, attach: bool) -> Result<Outputs, String> {
-        let stdout = |p: &Path| p.as_os_str() == "-";
-        if let (Some(o), Some(e)) = (&args.output, &args.events)
-            && stdout(o)
-            && stdout(e)
-        {
-            return Err(
-                "-o - and --events - cannot both write to standard output: send one to a file"
-                    .to_string(),
-            );
-        }
-        let report = match &args.output {
-            None if attach && !args.events.as_deref().is_some_and(stdout) => ReportTo::Stdout,
-            None => ReportTo::Stderr,
-            Some(p) if stdout(p) => ReportTo::Stdout,
-            Some(p) => ReportTo::File {
-                file: create(p, "the report")?,
-                path: p.clone(),
-            },
-        };
-        let events: Option<cylo_usage::EventSink> = match &args.events {
-            None => None,
-            Some(p) if stdout(p) => Some(Box::new(std::io::BufWriter::new(std::io::stdout()))),
-            Some(p) => {
-                let file = create(p, "events")?;
-                if let ReportTo::File { file: r, .. } = &report
-                    && same_file(r, &file)
-                {
-                    return Err(format!(
-                        "-o and --events name the same file ({}): the report and the events \
-                         would overwrite each other",
-                        p.display()
-                    ));
-                }
-                Some(Box::new(std::io::BufWriter::new(file)))
-            }
-        };
-        Ok(Outputs { report, events })
-    }
-}
-
-/// Whether two open files are the same file (and a regular one: two openings of a terminal or
-/// a pipe share it without harm).
-fn same_file(a: &std::fs::File, b: &std::fs::File) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (a.metadata(), b.metadata()) {
-        (Ok(a), Ok(b)) => a.is_file() && a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
-}
-
 fn session_main(args: SessionArgs, target: Target) -> ExitCode {
     if let Target::Command(cmd) = &target
         && cmd[0].is_empty()
@@ -573,7 +386,11 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
     let Outputs {
         report: mut report_to,
         events,
-    } = match Outputs::open(&args, matches!(target, Target::Pid(_))) {
+    } = match Outputs::open(
+        args.output.as_deref(),
+        args.events.as_deref(),
+        matches!(target, Target::Pid(_)),
+    ) {
         Ok(o) => o,
         Err(e) => return fail(EXIT_TRACKER_FAILED, e),
     };
@@ -936,91 +753,8 @@ fn draw_status(run: &AnyRun, started: Instant) {
 
 #[cfg(test)]
 mod tests {
-    use super::{exec_failure, os_reason, parse_duration};
-    use std::ffi::OsStr;
+    use super::parse_duration;
     use std::time::Duration;
-
-    #[test]
-    fn exec_failures_read_as_a_shell_says_them() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("cylo-usage-exec-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let bin = dir.join("bin");
-        let empty = dir.join("empty");
-        std::fs::create_dir_all(&bin).unwrap();
-        std::fs::create_dir_all(&empty).unwrap();
-        let plain = bin.join("plain");
-        std::fs::write(&plain, "data\n").unwrap();
-        let script = bin.join("script");
-        std::fs::write(&script, "#!/nonexistent/interp -x\n").unwrap();
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::create_dir_all(bin.join("subdir")).unwrap();
-        let path = std::env::join_paths([&empty, &bin]).unwrap();
-        let enoent = std::io::Error::from_raw_os_error(libc::ENOENT);
-        let eacces = std::io::Error::from_raw_os_error(libc::EACCES);
-        let check = |program: &OsStr, e: &std::io::Error, want: (u8, &str)| {
-            let (code, message) = exec_failure(program, e, Some(&path));
-            assert_eq!((code, message.as_str()), want, "{program:?}");
-        };
-        // Looked up in PATH: nowhere (whatever exec said), a directory of that name is not it.
-        check(
-            OsStr::new("nope"),
-            &enoent,
-            (127, "nope: command not found"),
-        );
-        check(
-            OsStr::new("nope"),
-            &eacces,
-            (127, "nope: command not found"),
-        );
-        check(
-            OsStr::new("subdir"),
-            &eacces,
-            (127, "subdir: command not found"),
-        );
-        // Found, not executable; found, its interpreter missing.
-        check(
-            OsStr::new("plain"),
-            &eacces,
-            (126, "plain: Permission denied"),
-        );
-        check(
-            OsStr::new("script"),
-            &enoent,
-            (
-                127,
-                "script: cannot run it: its interpreter /nonexistent/interp was not found",
-            ),
-        );
-        // Paths: not there; a directory; not executable; another error.
-        check(
-            OsStr::new("/nonexistent/x"),
-            &enoent,
-            (127, "/nonexistent/x: No such file or directory"),
-        );
-        let d = bin.join("subdir");
-        let p = plain.as_os_str();
-        let shown = |s: &str| format!("{}{s}", p.to_string_lossy());
-        check(
-            d.as_os_str(),
-            &eacces,
-            (126, &format!("{}: Is a directory", d.display())),
-        );
-        check(p, &eacces, (126, &shown(": Permission denied")));
-        let enoexec = std::io::Error::from_raw_os_error(libc::ENOEXEC);
-        check(p, &enoexec, (126, &shown(": Exec format error")));
-        // A name that is not plain text is shown escaped, on one line.
-        let (code, message) = exec_failure(OsStr::new("a\nb\\c"), &enoent, Some(&path));
-        assert_eq!(
-            (code, message.as_str()),
-            (127, r"a\nb\\c: command not found")
-        );
-        // Without PATH: glibc's default.
-        let (code, _) = exec_failure(OsStr::new("sh"), &eacces, None);
-        assert_eq!(code, 126, "/bin/sh exists");
-        assert_eq!(os_reason(&eacces), "Permission denied");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn durations() {

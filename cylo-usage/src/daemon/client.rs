@@ -33,6 +33,7 @@ use super::protocol::{self, FrameError, MAX_REPLY, Reply, Request, SessionOption
 use crate::proc::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
 use crate::session::breakdown::EventSink;
 use crate::session::run::RunOptions;
+use crate::sys::lock;
 use crate::sys::{pidfd_open, pidfd_send_signal, watch};
 use crate::usage::{Precision, ResourceUsage, TrackerKind};
 
@@ -297,8 +298,8 @@ impl Conn {
         fds: &[RawFd],
         limit: Duration,
     ) -> Result<(Reply, Vec<OwnedFd>), DaemonError> {
-        let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut dead = self.dead.lock().unwrap_or_else(|e| e.into_inner());
+        let sock = lock(&self.sock);
+        let mut dead = lock(&self.dead);
         if let Some(why) = &*dead {
             return Err(DaemonError::Dead { why: why.clone() });
         }
@@ -337,10 +338,7 @@ impl Conn {
     }
 
     fn is_dead(&self) -> bool {
-        self.dead
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        lock(&self.dead).is_some()
     }
 }
 
@@ -1010,12 +1008,12 @@ impl RemoteRun {
     /// after it, so that a stalled daemon is given up in time for the promise to be kept by
     /// the /proc follower.
     pub fn set_promise(&self, at: Option<Instant>) {
-        *self.promise.lock().unwrap_or_else(|e| e.into_inner()) = at;
+        *lock(&self.promise) = at;
     }
 
     /// `limit`, shortened to end by the promise's grace.
     fn limit(&self, limit: Duration) -> Duration {
-        match *self.promise.lock().unwrap_or_else(|e| e.into_inner()) {
+        match *lock(&self.promise) {
             Some(at) => {
                 let left = (at + PROMISE_GRACE).saturating_duration_since(Instant::now());
                 limit.min(left.max(LEAST_LIMIT))
@@ -1224,8 +1222,7 @@ impl RemoteRun {
                 }
                 let mut kept = usage.clone();
                 kept.processes = None;
-                *self.last.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(Box::new((kept, self.started.elapsed())));
+                *lock(&self.last) = Some(Box::new((kept, self.started.elapsed())));
                 return Ok(usage);
             }
             Some(_) => {
@@ -1239,12 +1236,7 @@ impl RemoteRun {
     /// The report once the daemon has been given up.
     fn local_usage(&self) -> ResourceUsage {
         let local = self.local.get().expect("the daemon was given up");
-        let last = self
-            .last
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_deref()
-            .cloned();
+        let last = lock(&self.last).as_deref().cloned();
         let mut first = vec![format!(
             "tracker: the daemon at {} went away at {} ({}); what followed is the /proc \
              fallback's view of the tree this process can see{}: every counter is a lower \

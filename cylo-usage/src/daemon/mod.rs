@@ -113,7 +113,7 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     #[error("cannot load the eBPF programs")]
-    Load(#[source] crate::kernel::tracker::LoadError),
+    Load(#[source] crate::kernel::programs::LoadError),
     #[error("cannot serve metrics on {addr}")]
     Metrics {
         addr: std::net::SocketAddr,

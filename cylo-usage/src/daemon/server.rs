@@ -18,7 +18,9 @@ use super::limits::{Capacity, HELLO_GRACE, Limit, Open};
 use super::metrics::{Counters, Source};
 use super::protocol::{self, ErrorKind, FrameError, MAX_REQUEST, Reply, Request, SessionOptions};
 use crate::kernel::tracker::{Options, RunsTotals, Tracker};
-use crate::session::run::{PendingSpawn, Run, RunOptions, SessionError};
+use crate::session::run::{Run, RunOptions, SessionError};
+use crate::session::spawn::PendingSpawn;
+use crate::sys::lock;
 use crate::usage::TrackerKind;
 
 /// How long a started frame may take to arrive in full, a reply to be taken in full, and a
@@ -240,11 +242,7 @@ impl Source for State {
     }
 
     fn kernel_state(&self) -> (RunsTotals, Vec<(&'static str, usize, u32)>) {
-        let _turn = self
-            .counters
-            .ending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _turn = lock(&self.counters.ending);
         let (fill, mut totals) = self.tracker.map_fill();
         let ended = &self.counters.ended;
         totals.lost_events += ended.lost_events.load(Ordering::Relaxed);
@@ -269,12 +267,12 @@ impl State {
     /// live thread of the tree: with 2,000 threads, tens of ms of CPU), and the other users'
     /// requests keep the rest of the host's CPUs. Root's snapshots take no turn.
     fn usage_turn(&self, uid: u32) -> Arc<Mutex<()>> {
-        let mut turns = self.usage_turns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut turns = lock(&self.usage_turns);
         turns.entry(uid).or_default().clone()
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.table)
     }
 
     /// Counts a new session of `peer`, attaching the hooks for the first one; refused past
@@ -311,7 +309,7 @@ impl State {
         // The hooks are attached outside the table's lock: attaching (or a detach going on)
         // can wait on the kernel's RCU grace periods, and meanwhile the other connections'
         // accepts and handshakes must go on. Sessions wait here for the hooks they need.
-        let _hooks = self.hooks.lock().unwrap_or_else(|e| e.into_inner());
+        let _hooks = lock(&self.hooks);
         if !self.tracker.hooks_attached() {
             let start = Instant::now();
             self.tracker.attach_hooks().map_err(|e| {
@@ -365,7 +363,7 @@ impl State {
     fn detach_when_idle(&self) {
         // The hooks' lock first, then the table's, as `acquire` takes them: a session counted
         // after the check below waits for the hooks' lock and attaches them again.
-        let _hooks = self.hooks.lock().unwrap_or_else(|e| e.into_inner());
+        let _hooks = lock(&self.hooks);
         {
             let mut t = self.table();
             let idle = t
@@ -758,12 +756,7 @@ pub fn serve(options: ServeOptions) -> Result<(), DaemonError> {
     }
     // Stop: every connection ends, which ends its sessions; then the programs unload.
     state.stopping.store(true, Ordering::Relaxed);
-    for (_, fd) in state
-        .sockets
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-    {
+    for (_, fd) in lock(&state.sockets).iter() {
         // SAFETY: shutdown on a socket its connection thread still owns; it wakes that thread.
         unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
     }
@@ -837,11 +830,7 @@ fn accept(state: &Arc<State>, sock: UnixStream, id: u64) {
             h.handshakes += 1;
         });
     }
-    state
-        .sockets
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(id, sock.as_raw_fd());
+    lock(&state.sockets).insert(id, sock.as_raw_fd());
     let st = state.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("client-{id}"))
@@ -863,10 +852,7 @@ fn accept(state: &Arc<State>, sock: UnixStream, id: u64) {
             if served.is_err() {
                 eprintln!("cylo-usage serve: a connection of user {} failed", peer.uid);
             }
-            st.sockets
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            lock(&st.sockets).remove(&id);
             let greeted = conn.greeted;
             drop(conn);
             let mut t = st.table();
@@ -885,11 +871,7 @@ fn accept(state: &Arc<State>, sock: UnixStream, id: u64) {
             h.connections -= 1;
             h.handshakes -= 1;
         });
-        state
-            .sockets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        lock(&state.sockets).remove(&id);
     }
 }
 
@@ -933,7 +915,7 @@ impl Drop for DaemonSession {
                 .fetch_add(d.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         if let Stage::Running(run) = std::mem::replace(&mut self.stage, Stage::Ended) {
-            let _turn = counters.ending.lock().unwrap_or_else(|e| e.into_inner());
+            let _turn = lock(&counters.ending);
             if let Ok(c) = run.counters() {
                 let ended = &counters.ended;
                 ended
@@ -1200,9 +1182,7 @@ impl Connection {
                     .as_ref()
                     .map_or(0, |d| d.load(Ordering::Relaxed));
                 let turn = (self.peer.uid != 0).then(|| self.state.usage_turn(self.peer.uid));
-                let _turn = turn
-                    .as_ref()
-                    .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()));
+                let _turn = turn.as_ref().map(|t| lock(t));
                 let low = self.peer.uid != 0;
                 let run = self.running(session)?;
                 let _ = run.try_wait_root();

@@ -89,16 +89,6 @@ pub struct AnyTracker {
     instead: Arc<OnceLock<Which>>,
 }
 
-/// The first line of `text`, at most 300 characters (a verifier log may follow it).
-fn first_line(text: &str) -> String {
-    text.lines()
-        .next()
-        .unwrap_or_default()
-        .chars()
-        .take(300)
-        .collect()
-}
-
 /// Whether the daemon is simply not there for this process (no socket, nobody listening,
 /// a socket this user may not open): passed over quietly.
 fn daemon_absent(e: &DaemonError) -> bool {
@@ -142,7 +132,7 @@ fn load_here(options: &OpenOptions, refusal: Option<&str>) -> Result<Which, Erro
             None => Error::ExactUnavailable { source },
         }),
         Err(e) => Ok(Which::Proc(ProcTracker::new(
-            first_line(&crate::error_chain(&e)),
+            crate::first_line(&crate::error_chain(&e)),
             options.sample_interval,
         ))),
     }
@@ -515,7 +505,7 @@ mod tests {
     #[test]
     fn the_fallback_reason_is_one_short_line() {
         let long = format!("verifier said no\n{}", "x".repeat(1000));
-        assert_eq!(first_line(&long), "verifier said no");
-        assert_eq!(first_line(&"y".repeat(500)).len(), 300);
+        assert_eq!(crate::first_line(&long), "verifier said no");
+        assert_eq!(crate::first_line(&"y".repeat(500)).len(), 300);
     }
 }

@@ -7,6 +7,7 @@ pub(crate) mod ebpf_log;
 pub mod features;
 pub(crate) mod map_read;
 pub(crate) mod offsets_cache;
+pub(crate) mod programs;
 pub(crate) mod records;
 pub(crate) mod resolve;
 pub(crate) mod tracker;

@@ -3,7 +3,9 @@
 //! the consumer of its run (a breakdown).
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::sys::lock;
 use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
@@ -37,10 +39,6 @@ pub struct Sinks {
     ring: Mutex<Option<RingBuf<MapData>>>,
     reader_started: AtomicBool,
     stop: Arc<AtomicBool>,
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Sinks {

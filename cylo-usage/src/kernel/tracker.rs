@@ -4,96 +4,25 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::os::fd::{AsFd, AsRawFd};
 
-use aya::maps::{Array, HashMap, MapData, MapError, RingBuf};
-use aya::programs::fexit::FExitLinkId;
-use aya::programs::raw_trace_point::RawTracePointLinkId;
+use aya::maps::{Array, HashMap, MapData, RingBuf};
 use aya::programs::{FExit, ProgramError, ProgramFd, RawTracePoint};
-use aya::{Ebpf, EbpfError, EbpfLoader};
+use aya::{Ebpf, EbpfLoader};
 use cylo_usage_abi::{
     ABSENT, DEFAULT_MAX_MMS, DEFAULT_MAX_PROCS, DEFAULT_MAX_TASKS, DevCounters, DevKey, MAX_RUNS,
     MmMember, Offsets, ProcMember, RunControl, RunCounters, TaskMember, control, names,
 };
 
-use crate::kernel::features::{Measured, NetworkPath, Unavailable};
+use crate::kernel::features::{Measured, Unavailable};
 use crate::kernel::map_read::{MapReadError, MapReader};
-use crate::kernel::resolve::{self, ResolveError};
+use crate::kernel::programs::{
+    Hook, KernelBtf, LoadError, attach, attach_network, load_control, missing_privileges, preload,
+    program_as, take,
+};
+use crate::kernel::resolve;
+use crate::sys::lock;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("CYLO_USAGE_EBPF_OBJECT"));
-
-/// Linux capability numbers (`<linux/capability.h>`).
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-/// Why the tracker could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error("missing privileges: loading the eBPF programs needs {needed}; run cylo-usage as root")]
-    MissingPrivileges { needed: &'static str },
-    #[error("cannot read the process's capabilities from {path}")]
-    Capabilities {
-        path: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Resolve(#[from] ResolveError),
-    #[error("the kernel rejected the eBPF object")]
-    Load(#[source] EbpfError),
-    #[error("the eBPF object has no program {name}")]
-    MissingProgram { name: &'static str },
-    #[error("program {program} could not be loaded or attached to raw tracepoint {tracepoint}")]
-    Attach {
-        program: &'static str,
-        tracepoint: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error(
-        "program {program} could not be loaded or attached (fexit) to kernel function {function}"
-    )]
-    AttachFunction {
-        program: &'static str,
-        function: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("cannot read the kernel's BTF for the fexit programs")]
-    KernelBtf(#[source] aya::BtfError),
-    #[error("the eBPF object has no usable map {name}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: Option<MapError>,
-    },
-    #[error("running the control program ({op}) failed")]
-    Control {
-        op: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the control program refused {op}: code {code}")]
-    ControlRefused { op: &'static str, code: i32 },
-    #[error(transparent)]
-    Reader(#[from] MapReadError),
-}
-
-/// Which capabilities the running process lacks for [`Tracker::load`], if any.
-pub fn missing_privileges() -> Result<Option<&'static str>, LoadError> {
-    const PATH: &str = "/proc/self/status";
-    let status =
-        std::fs::read(PATH).map_err(|source| LoadError::Capabilities { path: PATH, source })?;
-    let eff = crate::sys::procfs::status_field(&status, "CapEff")
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |cap: u32| eff & (1u64 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        Ok(None)
-    } else {
-        Ok(Some("CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)"))
-    }
-}
 
 /// Read-only views of the maps that runs read, each with a descriptor of its own and no
 /// lock: a run's reads never wait for another run (see [`crate::kernel::map_read`]).
@@ -170,28 +99,13 @@ struct Programs {
     hooks: Vec<Hook>,
 }
 
-/// A program attached to a kernel hook; its link is `None` while it is detached.
-enum Hook {
-    Tracepoint {
-        program: &'static str,
-        tracepoint: &'static str,
-        link: Option<RawTracePointLinkId>,
-    },
-    Function {
-        program: &'static str,
-        function: &'static str,
-        link: Option<FExitLinkId>,
-    },
-}
-
 impl Inner {
     fn programs(&self) -> MutexGuard<'_, Programs> {
-        self.programs.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.programs)
     }
 
     pub fn maps(&self) -> MutexGuard<'_, Maps> {
-        // A panic while holding the lock leaves plain data behind: keep using it.
-        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.maps)
     }
 
     /// Runs the `control` program in the calling thread with `(op, a, b, c)` and returns what
@@ -210,7 +124,7 @@ impl Inner {
                 } else {
                     names::PROG_CONTROL_ADOPT_NO_ATOMICS
                 };
-                let mut programs = self.programs.lock().unwrap_or_else(|e| e.into_inner());
+                let mut programs = lock(&self.programs);
                 match self.adopt.get() {
                     Some(p) => p,
                     None => {
@@ -310,295 +224,11 @@ impl Default for Options {
     }
 }
 
-/// The first line of an error (a verifier log follows it), at most 300 characters.
-fn first_line(text: &str) -> String {
-    text.lines()
-        .next()
-        .unwrap_or_default()
-        .chars()
-        .take(300)
-        .collect()
-}
-
 /// Loaded and attached eBPF programs. Cheap to clone; the programs stay attached until the
 /// last clone (and every [`crate::Run`] made from it) is dropped.
 #[derive(Clone)]
 pub struct Tracker {
     pub(crate) inner: Arc<Inner>,
-}
-
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
-where
-    T: TryFrom<aya::maps::Map, Error = MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .ok_or(LoadError::Map { name, source: None })?;
-    T::try_from(map).map_err(|e| LoadError::Map {
-        name,
-        source: Some(e),
-    })
-}
-
-fn attach(
-    ebpf: &mut Ebpf,
-    hooks: &mut Vec<Hook>,
-    program: &'static str,
-    tracepoint: &'static str,
-) -> Result<(), LoadError> {
-    let prog: &mut RawTracePoint = program_as(ebpf, program, |source| LoadError::Attach {
-        program,
-        tracepoint,
-        source,
-    })?;
-    // Loaded already when `preload` verified it.
-    let loaded = if prog.fd().is_ok() {
-        Ok(())
-    } else {
-        load_logged(program, prog)
-    };
-    let link = loaded
-        .and_then(|()| prog.attach(tracepoint))
-        .map_err(|source| LoadError::Attach {
-            program,
-            tracepoint,
-            source,
-        })?;
-    hooks.push(Hook::Tracepoint {
-        program,
-        tracepoint,
-        link: Some(link),
-    });
-    Ok(())
-}
-
-/// Loads (verifies) raw tracepoint program `name`, saying at debug level what it cost the
-/// kernel's verifier (the kernel matrix prints these per kernel: the first sign of a
-/// program grown too complex for an older verifier).
-fn load_logged(name: &str, prog: &mut RawTracePoint) -> Result<(), ProgramError> {
-    let started = std::time::Instant::now();
-    let loaded = prog.load();
-    let insns = prog
-        .info()
-        .ok()
-        .and_then(|i| i.verified_instruction_count());
-    log::debug!(
-        "verified {name} in {} ms ({} instructions processed){}",
-        started.elapsed().as_millis(),
-        insns.map_or_else(|| "?".to_string(), |n| n.to_string()),
-        if loaded.is_ok() { "" } else { ": refused" },
-    );
-    loaded
-}
-
-/// Loads (verifies) the raw tracepoint programs `names` side by side, one thread each: the
-/// kernel verifies each in its caller's context, so start-up waits for the slowest
-/// (`task_newtask`) rather than for the sum. What fails to load here is left unloaded, for
-/// [`attach`] to load again and report.
-fn preload(ebpf: &mut Ebpf, names: &[&str]) {
-    let mut programs: Vec<(&str, &mut RawTracePoint)> = ebpf
-        .programs_mut()
-        .filter(|(name, _)| names.contains(name))
-        .filter_map(|(name, p)| Some((name, <&mut RawTracePoint>::try_from(p).ok()?)))
-        .collect();
-    std::thread::scope(|scope| {
-        for (name, prog) in programs.iter_mut() {
-            scope.spawn(move || {
-                let _ = load_logged(name, prog);
-            });
-        }
-    });
-}
-
-/// Program `name` of the object as its kind `T` (`err` names the hook it is for).
-fn program_as<'e, T>(
-    ebpf: &'e mut Ebpf,
-    name: &'static str,
-    err: impl FnOnce(ProgramError) -> LoadError,
-) -> Result<&'e mut T, LoadError>
-where
-    &'e mut T: TryFrom<&'e mut aya::programs::Program, Error = ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(LoadError::MissingProgram { name })?
-        .try_into()
-        .map_err(err)
-}
-
-/// Loads the never-attached `control` program and returns a handle to run it.
-fn load_control(ebpf: &mut Ebpf, program: &'static str) -> Result<ProgramFd, LoadError> {
-    let err = |source| LoadError::Attach {
-        program,
-        tracepoint: "(none: run by userspace)",
-        source,
-    };
-    let prog: &mut RawTracePoint = program_as(ebpf, program, err)?;
-    prog.load().map_err(err)?;
-    let fd = prog.fd().map_err(err)?;
-    fd.try_clone().map_err(|source| LoadError::Control {
-        op: "dup of its fd",
-        source,
-    })
-}
-
-/// The kernel's BTF as aya reads it, which the fexit programs need to name their functions
-/// (by BTF id): parsed in a thread of its own, beside the rest of the loading, and only on
-/// kernels that need those programs.
-struct KernelBtf(Option<std::thread::JoinHandle<Result<aya::Btf, aya::BtfError>>>);
-
-impl KernelBtf {
-    fn start(o: &Offsets) -> KernelBtf {
-        use cylo_usage_abi::net::*;
-        let needed = o.net_hooks & HOOK_TRACEPOINTS == 0 || o.net_hooks & HOOK_SENDPAGE_PATH != 0;
-        KernelBtf(needed.then(|| std::thread::spawn(aya::Btf::from_sys_fs)))
-    }
-
-    fn get(self) -> Result<aya::Btf, LoadError> {
-        match self.0.map(|parse| parse.join()) {
-            Some(Ok(parsed)) => parsed.map_err(LoadError::KernelBtf),
-            Some(Err(panic)) => std::panic::resume_unwind(panic),
-            None => aya::Btf::from_sys_fs().map_err(LoadError::KernelBtf),
-        }
-    }
-}
-
-/// Loads and attaches fexit program `program` to kernel function `function`.
-fn attach_fexit(
-    ebpf: &mut Ebpf,
-    hooks: &mut Vec<Hook>,
-    btf: &aya::Btf,
-    program: &'static str,
-    function: &'static str,
-) -> Result<(), LoadError> {
-    let err = |source| LoadError::AttachFunction {
-        program,
-        function,
-        source,
-    };
-    let prog: &mut FExit = program_as(ebpf, program, err)?;
-    let link = prog
-        .load(function, btf)
-        .and_then(|()| prog.attach())
-        .map_err(err)?;
-    hooks.push(Hook::Function {
-        program,
-        function,
-        link: Some(link),
-    });
-    Ok(())
-}
-
-/// Attaches the socket hooks the kernel offers (see `cylo-usage-ebpf/src/net.rs`): the
-/// `sock_*_length` raw tracepoints, else fexit programs on the address families' `sendmsg`
-/// and `recvmsg`; plus fexit programs on the `*_sendpage` functions where the kernel still
-/// sends sendfile and splice data through `proto_ops.sendpage`. All of them or none: on
-/// failure, what was attached is detached again, and the error says why the network is
-/// not measured.
-fn attach_network(
-    ebpf: &mut Ebpf,
-    attached: &mut Vec<Hook>,
-    o: &Offsets,
-    btf: KernelBtf,
-) -> Result<NetworkPath, String> {
-    use cylo_usage_abi::net::*;
-    if [o.socket_sk, o.sk_family, o.sk_type, o.sk_protocol].contains(&ABSENT) {
-        return Err(
-            "this kernel's BTF has no socket layout the programs can read \
-             (socket.sk, sock.__sk_common.skc_family, whole u16 sock.sk_type and \
-             sock.sk_protocol)"
-                .to_string(),
-        );
-    }
-    let hooks = o.net_hooks;
-    let sendpage = hooks & HOOK_SENDPAGE_PATH != 0;
-    if sendpage && hooks & HOOK_FEXIT_SENDPAGE == 0 {
-        return Err(
-            "sendfile and splice into sockets go through proto_ops.sendpage on this \
-             kernel, and its BTF lacks tcp_sendpage, udp_sendpage or \
-             unix_stream_sendpage with the expected parameters"
-                .to_string(),
-        );
-    }
-    let tracepoints = hooks & HOOK_TRACEPOINTS != 0;
-    if !tracepoints && hooks & HOOK_FEXIT_MSG == 0 {
-        return Err(
-            "the kernel has neither the sock_send_length / sock_recv_length \
-             tracepoints (6.3+) nor, in its BTF, every one of the sendmsg and \
-             recvmsg functions of the inet, inet6 and AF_UNIX stream, dgram and \
-             seqpacket sockets with the expected parameters"
-                .to_string(),
-        );
-    }
-    let before = attached.len();
-    let result = attach_network_programs(ebpf, attached, btf, tracepoints, sendpage);
-    if let Err(e) = result {
-        attached.truncate(before);
-        unload_network(ebpf);
-        return Err(first_line(&crate::error_chain(&e)));
-    }
-    Ok(if tracepoints {
-        NetworkPath::Tracepoints { sendpage }
-    } else {
-        NetworkPath::Functions { sendpage }
-    })
-}
-
-fn attach_network_programs(
-    ebpf: &mut Ebpf,
-    hooks: &mut Vec<Hook>,
-    btf: KernelBtf,
-    tracepoints: bool,
-    sendpage: bool,
-) -> Result<(), LoadError> {
-    if tracepoints {
-        for (program, tracepoint) in [
-            (names::PROG_SOCK_SEND_LENGTH, names::TP_SOCK_SEND_LENGTH),
-            (names::PROG_SOCK_RECV_LENGTH, names::TP_SOCK_RECV_LENGTH),
-        ] {
-            attach(ebpf, hooks, program, tracepoint)?;
-        }
-        if !sendpage {
-            return Ok(());
-        }
-    }
-    let btf = btf.get()?;
-    let msg: &[(&'static str, &'static str)] = if tracepoints {
-        &[]
-    } else {
-        &[names::FEXIT_SENDMSG, names::FEXIT_RECVMSG].concat()
-    };
-    let pages: &[(&'static str, &'static str)] = if sendpage {
-        &names::FEXIT_SENDPAGE
-    } else {
-        &[]
-    };
-    for &(program, function) in msg.iter().chain(pages) {
-        attach_fexit(ebpf, hooks, &btf, program, function)?;
-    }
-    Ok(())
-}
-
-/// Detaches and unloads the network programs (after a failure to attach them all).
-fn unload_network(ebpf: &mut Ebpf) {
-    let network = [names::PROG_SOCK_SEND_LENGTH, names::PROG_SOCK_RECV_LENGTH]
-        .into_iter()
-        .chain(
-            names::FEXIT_SENDMSG
-                .iter()
-                .chain(&names::FEXIT_RECVMSG)
-                .chain(&names::FEXIT_SENDPAGE)
-                .map(|&(p, _)| p),
-        );
-    let names: Vec<&str> = network.collect();
-    for (name, prog) in ebpf.programs_mut() {
-        if names.contains(&name) && prog.fd().is_ok() {
-            let _ = match prog {
-                aya::programs::Program::RawTracePoint(p) => p.unload(),
-                aya::programs::Program::FExit(p) => p.unload(),
-                _ => Ok(()),
-            };
-        }
-    }
 }
 
 impl Tracker {
@@ -658,7 +288,7 @@ impl Tracker {
                 log::warn!(
                     "the eBPF programs' log statements are left out: with them this kernel's \
                      verifier refused the programs ({})",
-                    first_line(&crate::error_chain(&e))
+                    crate::first_line(&crate::error_chain(&e))
                 );
                 Self::load_at(&mut loader, offsets, options, quiet)
             }
@@ -733,7 +363,7 @@ impl Tracker {
                     source: ProgramError::LoadError { .. },
                     ..
                 },
-            ) => Some(first_line(&crate::error_chain(&e))),
+            ) => Some(crate::first_line(&crate::error_chain(&e))),
             Err(e) => return Err(e),
         };
         let atomics = atomics_error.is_none();
@@ -810,7 +440,7 @@ impl Tracker {
             };
             attach(&mut ebpf, &mut hooks, program, names::TP_BLOCK_BIO_QUEUE)
                 .err()
-                .map(|e| first_line(&crate::error_chain(&e)))
+                .map(|e| crate::first_line(&crate::error_chain(&e)))
         };
         let devices = devices_error.is_none();
         let attach_error = (o.pid_tasks == ABSENT || o.task_thread_pid == ABSENT).then(|| {
@@ -1021,13 +651,13 @@ impl Tracker {
 
     /// A descriptor of the run-end notification ring buffer (readable when a run ended).
     pub(crate) fn events_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        let events = self.inner.events.lock().unwrap_or_else(|e| e.into_inner());
+        let events = lock(&self.inner.events);
         events.as_fd().try_clone_to_owned()
     }
 
     /// The slots of the runs whose last thread ended since the last call.
     pub(crate) fn take_run_ends(&self) -> Vec<u32> {
-        let mut events = self.inner.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut events = lock(&self.inner.events);
         let mut out = Vec::new();
         while let Some(item) = events.next() {
             if item.len() >= std::mem::size_of::<cylo_usage_abi::Event>() {

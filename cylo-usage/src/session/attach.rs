@@ -21,7 +21,9 @@ use cylo_usage_abi::{ARGV_BYTES, control};
 
 use crate::kernel::tracker::{Inner, Tracker, run_share};
 use crate::session::breakdown::AdoptedArgv;
-use crate::session::run::{Origin, Run, RunOptions, SessionError, claim_slot};
+use crate::session::run::{Origin, Run, RunOptions, SessionError};
+use crate::session::spawn::claim_slot;
+use crate::sys::lock;
 use crate::sys::monotonic_ns;
 use crate::sys::procfs;
 
@@ -130,7 +132,7 @@ impl Tracker {
         let adopted = adopted?;
         if let Some(tree) = &run.tree {
             run.sinks().drain();
-            let mut tree = tree.lock().unwrap_or_else(|e| e.into_inner());
+            let mut tree = lock(tree);
             tree.note_adopted_argv(&adopted.argv);
             tree.note_attached(adopted.processes, adopted.threads, adopted.passes);
         }

@@ -1012,12 +1012,9 @@ impl Consumer for Tree {
 mod tests {
     use super::*;
     use crate::kernel::features::Measured;
-    use std::sync::{Arc, Mutex, MutexGuard};
-
-    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-        m.lock().unwrap_or_else(|e| e.into_inner())
-    }
+    use crate::sys::lock;
     use cylo_usage_abi::{COMM_BYTES, FILENAME_BYTES};
+    use std::sync::{Arc, Mutex};
 
     const UNITS: Units = Units {
         ticks_per_second: 100,

@@ -13,6 +13,7 @@
 //! Bytes are real bytes: a breakdown charges what its tables allocate (their capacities) and
 //! each process's own strings (see `crate::session::breakdown`), measured in that module's tests against
 //! the allocator.
+use crate::sys::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -121,8 +122,7 @@ impl Budget {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
-        // Plain counters: a panic elsewhere leaves them usable.
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.held)
     }
 
     /// Takes `bytes` for `uid` if its share and the cap allow (always, with `force`: for
@@ -221,7 +221,7 @@ impl Share {
         if let Some(b) = &self.inner.budget
             && let Err(limit) = b.take(self.inner.uid, bytes, false)
         {
-            let mut r = self.inner.refused.lock().unwrap_or_else(|e| e.into_inner());
+            let mut r = lock(&self.inner.refused);
             r.get_or_insert(limit);
             return Err(limit);
         }
@@ -262,7 +262,7 @@ impl Share {
 
     /// The first limit that refused a draw of this account, if any did.
     pub fn refused(&self) -> Option<Limit> {
-        *self.inner.refused.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.inner.refused)
     }
 }
 

@@ -1,7 +1,8 @@
-//! A session: a tree followed in the kernel from its start (`run`) or from an attach
-//! (`attach`), the per-process records read from the kernel into a breakdown and an event
+//! A session: a tree followed in the kernel (`run`) from its start (`spawn`) or from an
+//! attach (`attach`), the per-process records read from the kernel into a breakdown and an event
 //! stream (`breakdown`), and the memory budget those may use (`budget`).
 pub(crate) mod attach;
 pub(crate) mod breakdown;
 pub mod budget;
 pub(crate) mod run;
+pub(crate) mod spawn;

@@ -4,8 +4,16 @@
 pub(crate) mod procfs;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Mutex, MutexGuard};
 
 use tokio::io::unix::AsyncFd;
+
+/// Locks `m`, also when a thread panicked while holding it: every mutex of the crate guards
+/// plain data that a panic elsewhere leaves consistent, so its users go on with it (a
+/// daemon must not stop serving because one session's thread panicked).
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
 pub(crate) fn monotonic_ns() -> u64 {

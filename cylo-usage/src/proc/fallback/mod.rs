@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use crate::proc::walker::{self, Detail, Node, ProcFs, Read, Seed};
 use crate::session::run::{RunOptions, SessionError};
+use crate::sys::lock;
 use crate::sys::procfs::{self, ProcError};
 use crate::sys::{monotonic_ns, pidfd_open, pidfd_send_signal};
 use crate::usage::ResourceUsage;
@@ -441,8 +442,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves plain data behind: keep using it.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// Tells waiters about a change.
@@ -703,12 +703,7 @@ impl ProcRun {
                 break;
             }
         }
-        crate::usage::SignalSent::record(
-            &mut self.signals_sent.lock().unwrap_or_else(|e| e.into_inner()),
-            signal,
-            sent,
-            0,
-        );
+        crate::usage::SignalSent::record(&mut lock(&self.signals_sent), signal, sent, 0);
         Ok(signalled.len())
     }
 
@@ -759,11 +754,7 @@ impl ProcRun {
             u.precision_notes.push(format!("tracker: {f}"));
         }
         u.timed_out = self.timed_out;
-        u.signals_sent = self
-            .signals_sent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        u.signals_sent = lock(&self.signals_sent).clone();
         Ok(u)
     }
 }
