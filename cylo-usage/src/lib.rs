@@ -54,8 +54,9 @@ pub use kernel::resolve::ResolveError;
 pub use kernel::tracker::{Options, Tracker};
 pub use proc::fallback::{DEFAULT_INTERVAL, FallbackError, ProcRun, ProcTracker};
 pub use proc::snapshot::get_resource_usage;
-pub use session::breakdown::{DEFAULT_TREE_LIMIT, EventSink, Viewer};
+pub use session::breakdown::{DEFAULT_TREE_LIMIT, EventSink};
 pub use session::run::{Run, RunOptions, SessionError};
+pub use session::viewer::Viewer;
 pub use sys::procfs::ProcError;
 pub use sys::watch;
 pub use usage::{

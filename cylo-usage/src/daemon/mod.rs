@@ -13,18 +13,22 @@
 //!
 //! The wire protocol is in [`protocol`] and `docs/protocol.md`.
 mod client;
+mod conn;
 mod limits;
 pub(crate) mod metrics;
 pub mod protocol;
+mod remote_run;
 mod server;
 
 use std::path::PathBuf;
 
-pub use client::{
-    DaemonTracker, HANDSHAKE_DEADLINE, INTERRUPT_GRACE, Interrupt, POLL_DEADLINE, PROMISE_GRACE,
-    REPORT_DEADLINE, REQUEST_DEADLINE, RemoteRun,
+pub use client::DaemonTracker;
+pub use conn::{
+    HANDSHAKE_DEADLINE, INTERRUPT_GRACE, Interrupt, POLL_DEADLINE, PROMISE_GRACE, REPORT_DEADLINE,
+    REQUEST_DEADLINE,
 };
 pub use protocol::ErrorKind;
+pub use remote_run::RemoteRun;
 pub use server::{Access, ServeOptions, serve};
 
 /// Where clients and the daemon meet unless `CYLO_USAGE_SOCKET` says otherwise.
@@ -56,7 +60,7 @@ pub enum DaemonError {
         request: &'static str,
         after: std::time::Duration,
     },
-    /// A signal waited to be handled (the [`client::Interrupt`] descriptor was readable) and
+    /// A signal waited to be handled (the [`conn::Interrupt`] descriptor was readable) and
     /// the daemon did not answer within the grace left to it; the connection is then dead.
     #[error("{request} was cut short: a signal came while the daemon had not answered")]
     Interrupted { request: &'static str },

@@ -1312,7 +1312,7 @@ impl Connection {
                 max_tasks: u32::try_from(self.state.capacity.session_tasks).unwrap_or(u32::MAX),
                 memory,
                 // A non-root client sees the figures of the members it could read itself.
-                viewer: (self.peer.uid != 0).then_some(crate::session::breakdown::Viewer {
+                viewer: (self.peer.uid != 0).then_some(crate::session::viewer::Viewer {
                     uid: self.peer.uid,
                     gid: self.peer.gid,
                 }),

@@ -362,7 +362,7 @@ pub enum LoadError {
     Reader(#[from] MapReadError),
 }
 
-/// Which capabilities the running process lacks for [`Tracker::load`], if any.
+/// Which capabilities the running process lacks for [`crate::Tracker::load`], if any.
 pub fn missing_privileges() -> Result<Option<&'static str>, LoadError> {
     const PATH: &str = "/proc/self/status";
     let status =

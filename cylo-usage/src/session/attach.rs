@@ -91,7 +91,7 @@ pub(crate) fn check_target(pid: u32) -> Result<Target, SessionError> {
 impl Tracker {
     /// Follows process `pid`, its threads, every descendant alive now and everything any of
     /// them creates from now on. Totals are what the tree uses from now on;
-    /// [`ResourceUsage::usage_before_attach`] has what its processes had used before.
+    /// [`crate::ResourceUsage::usage_before_attach`] has what its processes had used before.
     pub fn attach(&self, pid: u32) -> Result<Run, SessionError> {
         self.attach_with(pid, RunOptions::default())
     }

@@ -6,3 +6,4 @@ pub(crate) mod breakdown;
 pub mod budget;
 pub(crate) mod run;
 pub(crate) mod spawn;
+pub(crate) mod viewer;

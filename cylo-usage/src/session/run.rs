@@ -121,8 +121,8 @@ pub struct RunOptions {
     pub memory: crate::session::budget::Share,
     /// Who reads the breakdown and the event stream, when not the tracker's own user (a
     /// daemon's unprivileged client): the figures of members it could not read itself are
-    /// withheld from both (see [`crate::session::breakdown::Viewer`]). `None`: everything is shown.
-    pub viewer: Option<crate::session::breakdown::Viewer>,
+    /// withheld from both (see [`crate::session::viewer::Viewer`]). `None`: everything is shown.
+    pub viewer: Option<crate::session::viewer::Viewer>,
 }
 
 impl RunOptions {

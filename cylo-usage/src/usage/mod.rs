@@ -80,7 +80,7 @@ pub struct ResourceUsage {
     /// per-process records (`--tree`, `--events`), or from `wait4` and /proc (the fallback);
     /// live processes' at the snapshot. Where none of these covers the whole tree (a run
     /// without records before 5.12, an attach), the tree's sums are split at once by the same
-    /// function (see [`split_runtime`]).
+    /// function (`split_runtime`).
     pub cpu_user_ns: u64,
     /// The system part of `cpu_time_ns`.
     pub cpu_system_ns: u64,
