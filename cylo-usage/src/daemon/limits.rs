@@ -236,6 +236,10 @@ pub(crate) fn raise_nofile() -> u64 {
     lim.rlim_cur
 }
 
+/// How long a started frame may take to arrive in full, a reply to be taken in full, and a
+/// prepared spawn to be confirmed, before the daemon gives up on the client.
+pub(crate) const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[cfg(test)]
 mod tests {
     use super::*;

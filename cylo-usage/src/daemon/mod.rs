@@ -14,11 +14,15 @@
 //! The wire protocol is in [`protocol`] and `docs/protocol.md`.
 mod client;
 mod conn;
+mod connection;
+mod event_pipe;
 mod limits;
 pub(crate) mod metrics;
+mod peer;
 pub mod protocol;
 mod remote_run;
 mod server;
+mod state;
 
 use std::path::PathBuf;
 
@@ -27,9 +31,11 @@ pub use conn::{
     HANDSHAKE_DEADLINE, INTERRUPT_GRACE, Interrupt, POLL_DEADLINE, PROMISE_GRACE, REPORT_DEADLINE,
     REQUEST_DEADLINE,
 };
+pub use peer::Access;
 pub use protocol::ErrorKind;
 pub use remote_run::RemoteRun;
-pub use server::{Access, ServeOptions, serve};
+pub use server::serve;
+pub use state::ServeOptions;
 
 /// Where clients and the daemon meet unless `CYLO_USAGE_SOCKET` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/cylo-usage.sock";

@@ -402,6 +402,13 @@ pub fn send_until<T: Serialize>(
     send_frame_until(sock.as_raw_fd(), &bytes, fds, deadline)
 }
 
+/// A refusal of a request: the error reply's kind and its one-line message.
+pub(crate) type Refusal = (ErrorKind, String);
+
+pub(crate) fn refusal(kind: ErrorKind, message: impl Into<String>) -> Refusal {
+    (kind, message.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
