@@ -129,18 +129,11 @@ async fn cpu_time_matches_cpuacct_within_two_percent() {
         u.cpu_time_ns,
         diff * 100.0
     );
+    // The split is each process's own, as wait4 makes it (tests/split.rs checks it against
+    // wait4's figures); the cgroup's cpuacct.stat is the whole group's tick ratio, which
+    // differs by design where processes have no tick sample (the storm's children: all
+    // user time for wait4). Here: its parts make the whole.
     assert_eq!(u.cpu_user_ns + u.cpu_system_ns, u.cpu_time_ns);
-    // The split against the kernel's own for the same group (the same tick samples, scaled
-    // the same way). Under emulation the samples lean to system time: the kernel agrees.
-    let kernel_user = group
-        .user_fraction()
-        .expect("the cgroup's user/system split");
-    let ours = u.cpu_user_ns as f64 / u.cpu_time_ns as f64;
-    eprintln!("user share: ours {ours:.4}, the cgroup's {kernel_user:.4}");
-    assert!(
-        (ours - kernel_user).abs() < 0.05,
-        "user/system split: ours {ours:.4} vs the kernel's {kernel_user:.4}: {u:?}"
-    );
     // 1 sh + 4 workloads + 50 fork children + 100 storm children
     assert_eq!(u.process_count, 155, "{u:?}");
 }

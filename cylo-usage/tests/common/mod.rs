@@ -165,25 +165,6 @@ impl CpuGroup {
         }
     }
 
-    /// The kernel's user share of the group's CPU time (0..=1), from `cpuacct.stat` (v1) or
-    /// `cpu.stat` (v2): the same tick samples, scaled the same way (`cputime_adjust`).
-    pub fn user_fraction(&self) -> Option<f64> {
-        let (file, user_key, system_key) = if self.v2 {
-            ("cpu.stat", "user_usec", "system_usec")
-        } else {
-            ("cpuacct.stat", "user", "system")
-        };
-        let text = std::fs::read_to_string(self.dir.join(file)).ok()?;
-        let get = |key: &str| -> Option<f64> {
-            text.lines().find_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                (k == key).then(|| v.trim().parse().ok())?
-            })
-        };
-        let (user, system) = (get(user_key)?, get(system_key)?);
-        (user + system > 0.0).then(|| user / (user + system))
-    }
-
     /// CPU time of everything that ran in the group, in ns.
     /// The group's CPU time, with what its processes ran before they joined: the kernel's
     /// figure for them from their fork on.
