@@ -1,0 +1,90 @@
+//! `sched_process_exit`: a tracked thread passes do_exit(); when it is the last of its
+//! process, the process is over: its exit status, its RSS high-water mark.
+use crate::adopt::member_or_adopted;
+use crate::mem::mm_peak;
+use crate::mem::mm_release;
+use crate::*;
+
+/// `sched_process_exit(struct task_struct *p[, bool group_dead])`, in the exiting thread.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
+    let r = on_exit::<true>();
+    diag_flush();
+    r
+}
+
+/// `sched_process_exit` for kernels without BPF atomic fetch, exchange and cmpxchg.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit_no_atomics(_ctx: RawTracePointContext) -> i32 {
+    let r = on_exit::<false>();
+    diag_flush();
+    r
+}
+
+#[inline(always)]
+pub(crate) fn on_exit<const ATOMICS: bool>() -> i32 {
+    // SAFETY: returns the address of the current task_struct.
+    let current = unsafe { bpf_get_current_task() };
+    let Some(member) = member_or_adopted::<ATOMICS>(current) else {
+        return 0;
+    };
+    // do_exit() has already decremented `signal->live`; at 0 the process is over. Several of
+    // its threads may see 0; removing the process's entry succeeds for exactly one of them.
+    if read::<u32>(member.signal, offset!(signal_live)) != Some(0) {
+        return 0;
+    }
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(proc) = (unsafe { PROCS.get(member.signal) }).copied() else {
+        return 0;
+    };
+    if PROCS.remove(member.signal).is_err() {
+        return 0;
+    }
+    let Some(counters) = run_counters(member.run) else {
+        return 0;
+    };
+    let code = read::<u32>(current, offset!(task_exit_code)).unwrap_or(0);
+    if member.signal == load(&counters.root_signal) {
+        store(&mut counters.root_status, ROOT_ENDED | code as u64);
+    }
+    add(&mut counters.processes_alive, u64::MAX); // -1
+    let peak = if ATOMICS { mm_peak(proc.mm) } else { 0 };
+    if ATOMICS {
+        mm_release(proc.mm, counters);
+    }
+    if wants_records(counters) {
+        record_exit(&member, current, code, peak, proc.threads, counters);
+    }
+    0
+}
+
+/// A `PROC_EXIT` record.
+#[inline(always)]
+pub(crate) fn record_exit(
+    member: &TaskMember,
+    task: u64,
+    code: u32,
+    peak: u64,
+    threads: u64,
+    counters: &mut RunCounters,
+) {
+    let Some(mut entry) = reserve::<ProcExit>(counters) else {
+        record_lost(member.run, 0, counters);
+        return;
+    };
+    let leader = read::<u64>(task, offset!(task_group_leader)).unwrap_or(task);
+    let comm = (leader + offset!(task_comm) as u64) as *const u8;
+    let p = entry.as_mut_ptr();
+    // SAFETY: `p` points to reserved ring-buffer memory of the record's size.
+    unsafe {
+        (*p).header = header(record_kind::PROC_EXIT, member.run, member.signal);
+        (*p).exit_code = code;
+        (*p)._pad0 = 0;
+        (*p).mm_peak_pages = peak;
+        (*p).threads = threads;
+        if bpf_probe_read_kernel_buf(comm, &mut (*p).comm).is_err() {
+            (*p).comm = [0; 16];
+        }
+    }
+    entry.submit(record_wake_flags(counters));
+}

@@ -1,0 +1,253 @@
+//! `task_newtask`: a task of a run creates a task, which joins the run before it can run;
+//! a spawning thread's first task is a new run's root.
+use crate::adopt::adopt_current;
+use crate::mem::mm_use;
+use crate::records::record_start;
+use crate::*;
+
+/// `task_newtask(struct task_struct *task, unsigned long clone_flags)`, in the creator's context.
+#[raw_tracepoint(tracepoint = "task_newtask")]
+pub fn task_newtask(ctx: RawTracePointContext) -> i32 {
+    let r = on_newtask::<true>(ctx);
+    diag_flush();
+    r
+}
+
+/// `task_newtask` for kernels without BPF atomic fetch, exchange and compare-and-exchange.
+#[raw_tracepoint(tracepoint = "task_newtask")]
+pub fn task_newtask_no_atomics(ctx: RawTracePointContext) -> i32 {
+    let r = on_newtask::<false>(ctx);
+    diag_flush();
+    r
+}
+
+#[inline(always)]
+pub(crate) fn on_newtask<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
+    // SAFETY: returns the address of the current task_struct.
+    let current = unsafe { bpf_get_current_task() };
+    // SAFETY: the value is copied out at once.
+    let (run, creator) = match task_member(current) {
+        Some(member) => (member.run, Some(member)),
+        None => match spawner_run(current) {
+            Some(run) => (run, None),
+            None => match adopt_current::<ATOMICS, true>(current) {
+                // SAFETY: the value is copied out at once.
+                Some(run) => match (unsafe { TASKS.get(current) }).copied() {
+                    Some(member) => (run, Some(member)),
+                    None => return 0,
+                },
+                None => return 0,
+            },
+        },
+    };
+    if creator.is_some() {
+        // A run being killed: a member that forks gets the signal at once.
+        if let Some(control) = RUN_CONTROL.get(run)
+            && control.kill_signal != 0
+        {
+            // SAFETY: signals the current process; no memory is passed.
+            unsafe { generated::bpf_send_signal(control.kill_signal) };
+        }
+    }
+    // A task killed at birth that forks dies now (its new task is doomed too, in `join`).
+    if creator.as_ref().is_some_and(doomed) {
+        kill_current();
+    }
+    let child: u64 = ctx.arg(0);
+    let flags: u64 = ctx.arg(1);
+    join::<ATOMICS>(run, child, flags & CLONE_THREAD != 0, creator.as_ref());
+    0
+}
+
+/// The run whose root the current (untracked) thread is about to create, if any.
+#[inline(always)]
+pub(crate) fn spawner_run(current: u64) -> Option<u32> {
+    if *SPAWN_GATE.get(0)? == 0 {
+        return None;
+    }
+    // SAFETY: the value is copied out before the entry is removed.
+    let spawner = *unsafe { SPAWNERS.get(current) }?;
+    // Only the first task this thread creates is the root; and an entry whose thread is gone
+    // (another start time at the same address) is no one's.
+    let _ = SPAWNERS.remove(current);
+    (read::<u64>(current, offset!(task_start_boottime)) == Some(spawner.start_boottime_ns))
+        .then_some(spawner.run)
+}
+
+/// Registers thread `task`: its next new task is the root of `run` (see [`Spawner`]).
+#[inline(always)]
+pub(crate) fn register_spawner(task: u64, run: u32) -> i32 {
+    let Some(start) = read::<u64>(task, offset!(task_start_boottime)) else {
+        return control::E_INVAL;
+    };
+    let spawner = Spawner {
+        run,
+        _pad: 0,
+        start_boottime_ns: start,
+    };
+    match SPAWNERS.insert(task, spawner, 0) {
+        Ok(()) => 0,
+        Err(_) => control::E_FULL,
+    }
+}
+
+/// `child` joins `run`, created by `creator` (a member), or as the root (`creator` is `None`).
+///
+/// A function of its own (a BPF-to-BPF call): the fork hook's frame and [`adopt`]'s, which
+/// it may call first, must fit the verifier's 512 bytes of stack together.
+#[inline(never)]
+pub(crate) fn join<const ATOMICS: bool>(
+    run: u32,
+    child: u64,
+    is_thread: bool,
+    creator: Option<&TaskMember>,
+) {
+    let Some(counters) = run_counters(run) else {
+        return;
+    };
+    let level = tracker().pid_level;
+    let (tid, own_pid) = pids(child, level);
+    let (Some(signal), Some(start)) = (
+        read::<u64>(child, offset!(task_signal)),
+        read::<u64>(child, offset!(task_start_boottime)),
+    ) else {
+        unfollowed(
+            diag_kind::READ_NEW_TASK,
+            run,
+            tid,
+            is_thread,
+            creator,
+            counters,
+        );
+        return;
+    };
+    // A thread is in its creator's process; a new process is its own.
+    let (tgid, process_start) = match creator {
+        Some(c) if is_thread => (c.tgid, c.process_start_boottime_ns),
+        _ => (tid, start),
+    };
+    // A run's share of the membership maps (a daemon's session): past it, or created by a
+    // task killed at birth, a new task is killed at birth with its creator (fail closed), so
+    // it never outlives a kill of the run, and other runs keep their room. The root (created
+    // by the tracker, never past a share) is never killed.
+    let past_share = match creator {
+        Some(c) => {
+            doomed(c)
+                || RUN_CONTROL.get(run).is_some_and(|control| {
+                    control.max_tasks != 0
+                        && load(&counters.threads_started)
+                            .wrapping_sub(load(&counters.threads_exited))
+                            >= control.max_tasks as u64
+                })
+        }
+        None => false,
+    };
+    let mut member = TaskMember {
+        run,
+        tid,
+        tgid,
+        flags: if past_share { member_flags::DOOMED } else { 0 },
+        signal,
+        start_boottime_ns: start,
+        process_start_boottime_ns: process_start,
+        net_sent: 0,
+        net_received: 0,
+    };
+    if insert_task(child, member).is_err() {
+        unfollowed(
+            diag_kind::TASKS_FULL,
+            run,
+            tid,
+            is_thread,
+            creator,
+            counters,
+        );
+        return;
+    }
+    if past_share {
+        doom(run, tid, counters);
+    }
+    add(&mut counters.threads_started, 1);
+    if is_thread {
+        if let Some(p) = PROCS.get_ptr_mut(signal) {
+            // SAFETY: map value pointer; updated atomically.
+            add(unsafe { &mut (*p).threads }, 1);
+        }
+        return;
+    }
+    let root = creator.is_none();
+    // Its own address space after fork; its creator's after vfork / CLONE_VM. The root's,
+    // until it execs, is a copy of the tracker's (or the tracker's own): not the command's.
+    let mm = if ATOMICS && !root {
+        read::<u64>(child, offset!(task_mm)).unwrap_or(0)
+    } else {
+        0
+    };
+    let proc = ProcMember {
+        run,
+        _pad0: 0,
+        mm,
+        threads: 1,
+    };
+    if PROCS.insert(signal, proc, BPF_NOEXIST as u64).is_err() {
+        lost(diag_kind::PROCS_FULL, run, tid, counters);
+        // Followed as a thread only: doomed (if it is not already), so it cannot outlive the
+        // run's kill uncounted in `processes_alive`.
+        if !root && !past_share {
+            member.flags |= member_flags::DOOMED;
+            if TASKS.insert(child, member, BPF_EXIST as u64).is_ok() {
+                doom(run, tid, counters);
+            }
+        }
+        return;
+    }
+    if root {
+        store(&mut counters.root_signal, signal);
+    }
+    add(&mut counters.processes_started, 1);
+    if ATOMICS {
+        let alive = add_fetch(&mut counters.processes_alive, 1);
+        raise_to(&mut counters.processes_peak, alive);
+        mm_use(run, mm, counters);
+    } else {
+        add(&mut counters.processes_alive, 1);
+    }
+    if wants_records(counters) {
+        let flags = if root { proc_flags::ROOT } else { 0 };
+        record_start(run, child, signal, start, tid, own_pid, flags, counters);
+    }
+}
+
+/// A new task joined `run` marked `DOOMED`: its creator (the current task) dies now, and it
+/// at its first switch, fork or exec.
+#[inline(always)]
+pub(crate) fn doom(run: u32, tid: u32, counters: &mut RunCounters) {
+    doomed_alive_add(1);
+    add(&mut counters.tasks_killed_at_birth, 1);
+    kill_current();
+    note(diag_kind::KILLED_AT_BIRTH, run, tid);
+}
+
+/// A new task of `run` cannot be followed at all (`kind`: a full map, a failed read): lost.
+/// Fail closed: its creator is killed; a new thread dies with it, a new process may escape.
+/// The root is the tracker's own child (it knows it): only lost. (The log says `kind`.)
+#[inline(always)]
+pub(crate) fn unfollowed(
+    kind: u32,
+    run: u32,
+    tid: u32,
+    is_thread: bool,
+    creator: Option<&TaskMember>,
+    counters: &mut RunCounters,
+) {
+    lost(kind, run, tid, counters);
+    if creator.is_none() {
+        return;
+    }
+    kill_current();
+    if is_thread {
+        add(&mut counters.tasks_killed_at_birth, 1);
+    } else {
+        add(&mut counters.tasks_escaped, 1);
+    }
+}

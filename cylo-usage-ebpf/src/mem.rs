@@ -1,0 +1,147 @@
+//! Address spaces: which tracked processes use each `mm_struct`, its RSS as `rss_stat`
+//! reports it, and its high-water mark.
+use crate::*;
+
+/// A tracked process starts using address space `mm`.
+#[inline(always)]
+pub(crate) fn mm_use(run: u32, mm: u64, counters: &mut RunCounters) {
+    if mm == 0 {
+        return;
+    }
+    if let Some(entry) = MMS.get_ptr_mut(mm) {
+        // SAFETY: map value pointer; updated atomically.
+        add(unsafe { &mut (*entry).users }, 1);
+        return;
+    }
+    let fresh = MmMember {
+        run,
+        _pad0: 0,
+        users: 1,
+        pages: [0; 4],
+        rss: 0,
+        peak: 0,
+    };
+    // Counted before it can be found, so `rss_stat` never skips a followed address space.
+    filter_add(&MM_FILTER, mm, 1);
+    if MMS.insert(mm, fresh, BPF_NOEXIST as u64).is_err() {
+        filter_add(&MM_FILTER, mm, u32::MAX);
+        // Another CPU registered it first (or the map is full).
+        match MMS.get_ptr_mut(mm) {
+            // SAFETY: map value pointer; updated atomically.
+            Some(entry) => add(unsafe { &mut (*entry).users }, 1),
+            None => lost(diag_kind::MMS_FULL, run, 0, counters),
+        }
+        return;
+    }
+    let Some(entry) = MMS.get_ptr_mut(mm) else {
+        return;
+    };
+    // What it holds already (exec maps the program and its stack before the tracepoint).
+    for member in RSS_MEMBERS {
+        let pages = read::<i64>(mm, offset!(mm_rss)[member]).unwrap_or(0);
+        // SAFETY: map value pointer.
+        set_rss(unsafe { &mut *entry }, member, pages, counters);
+    }
+}
+
+/// The high-water mark (pages) of a tracked address space, 0 if it is not followed.
+#[inline(always)]
+pub(crate) fn mm_peak(mm: u64) -> u64 {
+    match MMS.get_ptr_mut(mm) {
+        // SAFETY: aligned 8-byte load of a map value.
+        Some(entry) => load(unsafe { &(*entry).peak }),
+        None => 0,
+    }
+}
+
+/// A tracked process stops using address space `mm` (exec, exit). When it was the last,
+/// the address space leaves the run: its pages leave the run's RSS, and its high-water mark
+/// is a candidate for the largest process.
+#[inline(always)]
+pub(crate) fn mm_release(mm: u64, counters: &mut RunCounters) {
+    let Some(entry) = MMS.get_ptr_mut(mm) else {
+        return;
+    };
+    // SAFETY: map value pointer; updated atomically.
+    let entry = unsafe { &mut *entry };
+    if add_fetch(&mut entry.users, u64::MAX) != 0 {
+        return;
+    }
+    for member in RSS_MEMBERS {
+        let old = exchange(&mut entry.pages[member], 0);
+        add(&mut counters.rss_pages, old.wrapping_neg());
+    }
+    let peak = load(&entry.peak);
+    raise_to(&mut counters.max_process_rss_pages, peak);
+    forget_mm(mm);
+}
+
+/// Removes `mm` from `MMS`, then its count from `MM_FILTER` (only if this call removed it).
+#[inline(always)]
+pub(crate) fn forget_mm(mm: u64) {
+    if MMS.remove(mm).is_ok() {
+        filter_add(&MM_FILTER, mm, u32::MAX);
+    }
+}
+
+/// Records the new value of one RSS counter of a tracked address space. The exchange makes
+/// the run's total the sum of the last values seen, whatever order events arrive in.
+#[inline(always)]
+pub(crate) fn set_rss(entry: &mut MmMember, member: usize, pages: i64, counters: &mut RunCounters) {
+    if member >= 4 {
+        return;
+    }
+    let new = rss_pages(pages);
+    let old = exchange(&mut entry.pages[member], new);
+    let delta = new.wrapping_sub(old);
+    let own = add_fetch(&mut entry.rss, delta);
+    raise_to(&mut entry.peak, own);
+    let total = add_fetch(&mut counters.rss_pages, delta);
+    raise_to(&mut counters.rss_peak_pages, total);
+}
+
+/// `rss_stat(struct mm_struct *mm, int member[, long count])`, wherever an RSS counter of
+/// any address space changes (once per page, or per batch of pages on older kernels).
+#[raw_tracepoint(tracepoint = "rss_stat")]
+pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
+    let mm: u64 = ctx.arg(0);
+    // The untracked path: one array load.
+    if !maybe_in(&MM_FILTER, mm) {
+        return 0;
+    }
+    let Some(entry) = MMS.get_ptr_mut(mm) else {
+        return 0;
+    };
+    // SAFETY: map value pointer; its counters are updated atomically.
+    let entry = unsafe { &mut *entry };
+    let member = ctx.arg::<u64>(1) as u32 as usize;
+    if member == 2 || member >= 4 {
+        return 0; // swap entries are not resident
+    }
+    let pages: i64 = if offset!(rss_stat_has_count) != 0 {
+        ctx.arg(2)
+    } else {
+        match read::<i64>(mm, offset!(mm_rss)[member]) {
+            Some(p) => p,
+            None => return 0,
+        }
+    };
+    // Most events find the value they read already recorded (since 6.2 the program reads the
+    // central count of a per-CPU counter, which moves once per batch of 32 or more pages):
+    // then nothing changes and no atomic is needed. The same as an exchange that returned
+    // the value it stored, so the totals stay the sum of the last values seen.
+    if load(&entry.pages[member]) == rss_pages(pages) {
+        return 0;
+    }
+    if let Some(counters) = run_counters(entry.run) {
+        set_rss(entry, member, pages, counters);
+    }
+    0
+}
+
+/// An RSS counter's value as recorded: a per-CPU counter's central count can dip below 0 for
+/// a moment.
+#[inline(always)]
+pub(crate) fn rss_pages(pages: i64) -> u64 {
+    if pages < 0 { 0 } else { pages as u64 }
+}

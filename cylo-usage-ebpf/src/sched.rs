@@ -1,0 +1,228 @@
+//! `sched_switch`: a dead task's last context switch, when its figures are final: what
+//! it used goes to its run (and, for runs that want them, to a thread-end record), and it
+//! leaves the run. Also what a thread has used, read from its `task_struct`.
+use crate::*;
+
+/// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next
+/// [, unsigned int prev_state])`, still in `prev`'s context.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
+    on_switch::<true>(ctx)
+}
+
+/// `sched_switch` for kernels without BPF atomic fetch (no per-process CPU split).
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch_no_atomics(ctx: RawTracePointContext) -> i32 {
+    on_switch::<false>(ctx)
+}
+
+#[inline(always)]
+pub(crate) fn on_switch<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
+    let prev: u64 = ctx.arg(1);
+    let state: u64 = if offset!(switch_has_prev_state) != 0 {
+        ctx.arg(3)
+    } else {
+        task_state(prev)
+    };
+    if state & offset!(task_dead) as u64 == 0 {
+        // A live task: only a task killed at birth has anything to do here, and while none
+        // is alive on the host (nearly always) one array load says so.
+        // SAFETY: an aligned 8-byte load of a global is single-copy atomic.
+        if unsafe { core::ptr::read_volatile(core::ptr::addr_of!(DOOMED_ALIVE)) } == 0 {
+            return 0;
+        }
+        if let Some(member) = task_member(prev)
+            && doomed(&member)
+        {
+            // Still in `prev`'s context (the switch has not happened): interrupts are off,
+            // so the helper queues the signal on irq_work, delivered as they come back on.
+            kill_current();
+        }
+        return 0;
+    }
+    let Some(member) = task_member(prev) else {
+        return 0;
+    };
+    leave::<ATOMICS>(prev, &member);
+    diag_flush();
+    0
+}
+
+/// `task_struct.__state` (or `state`).
+#[inline(always)]
+pub(crate) fn task_state(task: u64) -> u64 {
+    if offset!(task_state_size) == 8 {
+        read::<u64>(task, offset!(task_state)).unwrap_or(0)
+    } else {
+        read::<u32>(task, offset!(task_state)).unwrap_or(0) as u64
+    }
+}
+
+/// What a thread has used over its life so far: runtime, utime, stime and its I/O accounting
+/// (read bytes, write bytes, cancelled write bytes, rchar, wchar; 0 where the kernel lacks it).
+/// `None` if the runtime cannot be read.
+#[inline(always)]
+pub(crate) fn thread_usage(task: u64) -> Option<[u64; 8]> {
+    let runtime = read::<u64>(task, offset!(task_sum_exec_runtime))?;
+    let utime = read::<u64>(task, offset!(task_utime))?;
+    let stime = read::<u64>(task, offset!(task_stime))?;
+    Some([
+        runtime,
+        utime,
+        stime,
+        ioac(task, offset!(task_ioac_read_bytes)),
+        ioac(task, offset!(task_ioac_write_bytes)),
+        ioac(task, offset!(task_ioac_cancelled_write_bytes)),
+        ioac(task, offset!(task_ioac_rchar)),
+        ioac(task, offset!(task_ioac_wchar)),
+    ])
+}
+
+/// [`thread_usage`] written into `u` (not returned on the stack); false if the runtime cannot
+/// be read.
+#[inline(always)]
+pub(crate) fn thread_usage_into(task: u64, u: &mut [u64; 8]) -> bool {
+    let cpu = [
+        offset!(task_sum_exec_runtime),
+        offset!(task_utime),
+        offset!(task_stime),
+    ];
+    for (i, offset) in cpu.into_iter().enumerate() {
+        match read::<u64>(task, offset) {
+            Some(v) => u[i] = v,
+            None => return false,
+        }
+    }
+    u[3] = ioac(task, offset!(task_ioac_read_bytes));
+    u[4] = ioac(task, offset!(task_ioac_write_bytes));
+    u[5] = ioac(task, offset!(task_ioac_cancelled_write_bytes));
+    u[6] = ioac(task, offset!(task_ioac_rchar));
+    u[7] = ioac(task, offset!(task_ioac_wchar));
+    true
+}
+
+/// What a process's `signal_struct` keeps of its past: its exited threads' runtime, user
+/// and system time (as `thread_usage`), its reaped children's user and system time, then the
+/// I/O accounting of both (as `thread_usage`, from index 5). A leader that has exited while
+/// other threads run (a zombie until the group ends, so not in `signal_struct` yet, and never
+/// adopted) is an exited thread too: `task` is the thread being adopted, `leader` its leader.
+/// Fills `g`; false (and `g` not to be used) if the CPU figures cannot be read.
+#[inline(always)]
+pub(crate) fn group_usage(signal: u64, task: u64, leader: u64, g: &mut [u64; 10]) -> bool {
+    let cpu = [
+        offset!(signal_sum_sched_runtime),
+        offset!(signal_utime),
+        offset!(signal_stime),
+        offset!(signal_cutime),
+        offset!(signal_cstime),
+    ];
+    for (i, offset) in cpu.into_iter().enumerate() {
+        match read::<u64>(signal, offset) {
+            Some(v) => g[i] = v,
+            None => return false,
+        }
+    }
+    g[5] = ioac(signal, offset!(signal_ioac_read_bytes));
+    g[6] = ioac(signal, offset!(signal_ioac_write_bytes));
+    g[7] = ioac(signal, offset!(signal_ioac_cancelled_write_bytes));
+    g[8] = ioac(signal, offset!(signal_ioac_rchar));
+    g[9] = ioac(signal, offset!(signal_ioac_wchar));
+    // SAFETY (TASKS.get): only checked for presence.
+    if leader != task
+        && task_state(leader) & offset!(task_dead) as u64 != 0
+        && unsafe { TASKS.get(leader) }.is_none()
+        && let Some(u) = thread_usage(leader)
+    {
+        g[0] = g[0].wrapping_add(u[0]);
+        g[1] = g[1].wrapping_add(u[1]);
+        g[2] = g[2].wrapping_add(u[2]);
+        g[5] = g[5].wrapping_add(u[3]);
+        g[6] = g[6].wrapping_add(u[4]);
+        g[7] = g[7].wrapping_add(u[5]);
+        g[8] = g[8].wrapping_add(u[6]);
+        g[9] = g[9].wrapping_add(u[7]);
+    }
+    true
+}
+
+/// One `task_struct.ioac` (or `signal_struct.ioac`) counter, where the kernel has it.
+#[inline(always)]
+pub(crate) fn ioac(task: u64, offset: u32) -> u64 {
+    if offset == ABSENT {
+        return 0;
+    }
+    read::<u64>(task, offset).unwrap_or(0)
+}
+
+/// A `THREAD_END` or `THREAD_ADOPTED` record.
+#[inline(always)]
+pub(crate) fn record_thread(
+    kind: u32,
+    member: &TaskMember,
+    u: &[u64; 8],
+    counters: &mut RunCounters,
+) {
+    match reserve::<ThreadEnd>(counters) {
+        Some(mut entry) => {
+            let (net_sent, net_received) = if kind == record_kind::THREAD_END {
+                (member.net_sent, member.net_received)
+            } else {
+                (0, 0)
+            };
+            entry.write(ThreadEnd {
+                header: header(kind, member.run, member.signal),
+                cpu_runtime_ns: u[0],
+                cpu_utime_ns: u[1],
+                cpu_stime_ns: u[2],
+                disk_read_bytes: u[3],
+                disk_write_bytes: u[4],
+                disk_cancelled_write_bytes: u[5],
+                io_rchar: u[6],
+                io_wchar: u[7],
+                net_sent,
+                net_received,
+            });
+            entry.submit(record_wake_flags(counters));
+        }
+        None => {
+            record_lost(member.run, member.tid, counters);
+        }
+    }
+}
+
+/// A tracked thread has switched out for the last time: its runtime is final.
+#[inline(always)]
+pub(crate) fn leave<const ATOMICS: bool>(task: u64, member: &TaskMember) {
+    let Some(counters) = run_counters(member.run) else {
+        return;
+    };
+    match thread_usage(task) {
+        Some(u) => {
+            add(&mut counters.cpu_runtime_ns, u[0]);
+            add(&mut counters.cpu_utime_ns, u[1]);
+            add(&mut counters.cpu_stime_ns, u[2]);
+            add(&mut counters.disk_read_bytes, u[3]);
+            add(&mut counters.disk_write_bytes, u[4]);
+            add(&mut counters.disk_cancelled_write_bytes, u[5]);
+            add(&mut counters.io_rchar, u[6]);
+            add(&mut counters.io_wchar, u[7]);
+            if wants_records(counters) {
+                record_thread(record_kind::THREAD_END, member, &u, counters);
+            }
+        }
+        None => lost(diag_kind::READ_CPU, member.run, member.tid, counters),
+    }
+    if forget_task(task) && doomed(member) {
+        doomed_alive_add(u64::MAX);
+    }
+    // Last: the exit generation (userspace's consistency check for snapshots).
+    add(&mut counters.threads_exited, 1);
+    // The thread being the last is seen by at least the last of concurrent exits.
+    let started = load(&counters.threads_started);
+    let exited = load(&counters.threads_exited);
+    if started == exited {
+        // SAFETY: reads the monotonic clock.
+        store(&mut counters.ended_ns, unsafe { bpf_ktime_get_ns() });
+        notify(member.run, event_kind::RUN_EMPTY, counters);
+    }
+}
