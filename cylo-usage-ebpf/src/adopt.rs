@@ -22,7 +22,7 @@ pub(crate) fn adopt_current<const ATOMICS: bool, const ANCESTORS: bool>(task: u6
     }
     let me = tracker();
     let signal = read::<u64>(task, offset!(task_signal))?;
-    if signal == me.signal {
+    if signal == me.process {
         return None;
     }
     // SAFETY: the value is copied out at once.
@@ -35,7 +35,7 @@ pub(crate) fn adopt_current<const ATOMICS: bool, const ANCESTORS: bool>(task: u6
                 return None;
             }
             let s = read::<u64>(parent, offset!(task_signal))?;
-            if s == me.signal {
+            if s == me.process {
                 return None;
             }
             // SAFETY: the value is copied out at once.
@@ -100,7 +100,7 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
     ) else {
         return control::E_READ;
     };
-    if signal == me.signal {
+    if signal == me.process {
         return control::E_SELF;
     }
     // A run's share of the membership maps holds for what it adopts too: a tree larger than
@@ -128,7 +128,7 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
         tid,
         tgid,
         flags: 0,
-        signal,
+        process: signal,
         start_boottime_ns: start,
         process_start_boottime_ns: process_start,
         net_sent: 0,
@@ -148,7 +148,7 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
     add(&mut counters.threads_started, 1);
     add(&mut counters.threads_adopted, 1);
     if root {
-        store(&mut counters.root_signal, signal);
+        store(&mut counters.root_process, signal);
     }
     let mm = if ATOMICS {
         read::<u64>(task, offset!(task_mm)).unwrap_or(0)

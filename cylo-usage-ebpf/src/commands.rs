@@ -64,7 +64,7 @@ pub(crate) fn on_control(ctx: RawTracePointContext) -> i32 {
             // SAFETY: map value pointer; only this operation writes it.
             unsafe {
                 *info = TrackerInfo {
-                    signal,
+                    process: signal,
                     pid_level: level,
                     known: 1,
                 };
@@ -94,7 +94,7 @@ pub(crate) fn on_control(ctx: RawTracePointContext) -> i32 {
             if process_pid(task, info.pid_level) as u64 != tgid {
                 return control::E_NOT_PEER;
             }
-            if read::<u64>(task, offset!(task_signal)) == Some(info.signal) {
+            if read::<u64>(task, offset!(task_signal)) == Some(info.process) {
                 return control::E_SELF;
             }
             register_spawner(task, run as u32)

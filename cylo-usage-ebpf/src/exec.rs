@@ -45,7 +45,7 @@ pub(crate) fn on_exec<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
         let _ = TASKS.insert(current, member, BPF_EXIST as u64);
     }
     let mut old_peak = 0;
-    if ATOMICS && let Some(proc) = PROCS.get_ptr_mut(member.signal) {
+    if ATOMICS && let Some(proc) = PROCS.get_ptr_mut(member.process) {
         let new = read::<u64>(current, offset!(task_mm)).unwrap_or(0);
         // SAFETY: map value pointer; only this process's exec changes it.
         let proc = unsafe { &mut *proc };
@@ -87,7 +87,7 @@ pub(crate) fn record_exec(
     // SAFETY: `p` points to reserved ring-buffer memory of the record's size; the reads check
     // their source addresses.
     unsafe {
-        (*p).header = header(record_kind::PROC_EXEC, member.run, member.signal);
+        (*p).header = header(record_kind::PROC_EXEC, member.run, member.process);
         (*p).old_mm_peak_pages = old_peak;
         (*p).pid = member.tgid;
         (*p)._pad0 = 0;

@@ -30,21 +30,21 @@ pub(crate) fn on_exit<const ATOMICS: bool>() -> i32 {
     };
     // do_exit() has already decremented `signal->live`; at 0 the process is over. Several of
     // its threads may see 0; removing the process's entry succeeds for exactly one of them.
-    if read::<u32>(member.signal, offset!(signal_live)) != Some(0) {
+    if read::<u32>(member.process, offset!(signal_live)) != Some(0) {
         return 0;
     }
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(proc) = (unsafe { PROCS.get(member.signal) }).copied() else {
+    let Some(proc) = (unsafe { PROCS.get(member.process) }).copied() else {
         return 0;
     };
-    if PROCS.remove(member.signal).is_err() {
+    if PROCS.remove(member.process).is_err() {
         return 0;
     }
     let Some(counters) = run_counters(member.run) else {
         return 0;
     };
     let code = read::<u32>(current, offset!(task_exit_code)).unwrap_or(0);
-    if member.signal == load(&counters.root_signal) {
+    if member.process == load(&counters.root_process) {
         store(&mut counters.root_status, ROOT_ENDED | code as u64);
     }
     add(&mut counters.processes_alive, u64::MAX); // -1
@@ -77,7 +77,7 @@ pub(crate) fn record_exit(
     let p = entry.as_mut_ptr();
     // SAFETY: `p` points to reserved ring-buffer memory of the record's size.
     unsafe {
-        (*p).header = header(record_kind::PROC_EXIT, member.run, member.signal);
+        (*p).header = header(record_kind::PROC_EXIT, member.run, member.process);
         (*p).exit_code = code;
         (*p)._pad0 = 0;
         (*p).mm_peak_pages = peak;

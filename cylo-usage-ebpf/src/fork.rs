@@ -147,7 +147,7 @@ pub(crate) fn join<const ATOMICS: bool>(
         tid,
         tgid,
         flags: if past_share { member_flags::DOOMED } else { 0 },
-        signal,
+        process: signal,
         start_boottime_ns: start,
         process_start_boottime_ns: process_start,
         net_sent: 0,
@@ -202,7 +202,7 @@ pub(crate) fn join<const ATOMICS: bool>(
         return;
     }
     if root {
-        store(&mut counters.root_signal, signal);
+        store(&mut counters.root_process, signal);
     }
     add(&mut counters.processes_started, 1);
     if ATOMICS {

@@ -170,7 +170,7 @@ pub(crate) fn record_thread(
                 (0, 0)
             };
             entry.write(ThreadEnd {
-                header: header(kind, member.run, member.signal),
+                header: header(kind, member.run, member.process),
                 cpu_runtime_ns: u[0],
                 cpu_utime_ns: u[1],
                 cpu_stime_ns: u[2],

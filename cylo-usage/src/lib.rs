@@ -13,7 +13,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! [`Tracker::open`] takes the best tracker there is: the host's daemon (`cylo-usage serve`,
+//! [`AnyTracker::open`] takes the best tracker there is: the host's daemon (`cylo-usage serve`,
 //! [`daemon`]) when its socket answers, which any allowed user may use; else the programs
 //! loaded in this process; and without the privileges (or the kernel BTF) they need, the
 //! /proc fallback ([`ProcTracker`]): CPU and disk still exact from `wait4()`, the rest
@@ -22,8 +22,8 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), cylo_usage::Error> {
-//! use cylo_usage::{OpenOptions, Tracker};
-//! let tracker = Tracker::open(OpenOptions::default())?; // daemon, in-process, else /proc
+//! use cylo_usage::{AnyTracker, OpenOptions};
+//! let tracker = AnyTracker::open(OpenOptions::default())?; // daemon, in-process, else /proc
 //! let mut run = tracker.spawn(std::process::Command::new("make").arg("-j2"))?;
 //! run.wait_root().await?;
 //! run.wait_finished().await?;
@@ -51,7 +51,7 @@ pub use front::open::{AnyRun, AnyTracker, OpenOptions};
 pub use kernel::btf::BtfError;
 pub use kernel::programs::{LoadError, missing_privileges};
 pub use kernel::resolve::ResolveError;
-pub use kernel::tracker::{Options, Tracker};
+pub use kernel::tracker::{Capacities, Tracker};
 pub use proc::fallback::{DEFAULT_INTERVAL, FallbackError, ProcRun, ProcTracker};
 pub use proc::snapshot::get_resource_usage;
 pub use session::breakdown::{DEFAULT_TREE_LIMIT, EventSink};

@@ -16,7 +16,9 @@ mod cli;
 
 use clap::{Args, Parser, Subcommand};
 use cylo_usage::report;
-use cylo_usage::{AnyRun, OpenOptions, ResourceUsage, RunOptions, Tracker, TrackerKind};
+use cylo_usage::{
+    AnyRun, AnyTracker, OpenOptions, ResourceUsage, RunOptions, Tracker, TrackerKind,
+};
 use tokio::io::unix::AsyncFd;
 
 use crate::cli::exec::start_error;
@@ -422,7 +424,7 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
     };
     // A signal that comes meanwhile waits in the signalfd: it reaches the command once it
     // has started, as one sent a moment later would.
-    let tracker = match Tracker::open(open) {
+    let tracker = match AnyTracker::open(open) {
         Ok(t) => t,
         Err(e) => return fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
     };

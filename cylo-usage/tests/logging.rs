@@ -6,7 +6,7 @@ mod common;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cylo_usage::{Options, Tracker};
+use cylo_usage::{Capacities, Tracker};
 
 static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
@@ -38,9 +38,9 @@ async fn a_full_map_is_logged_from_the_kernel_side() {
     };
     log::set_max_level(log::LevelFilter::Debug);
     // Room for 4 threads on the whole host: a fork bomb of 30 processes overflows TASKS.
-    let tracker = Tracker::load_with_options(Options {
+    let tracker = Tracker::load_with_options(Capacities {
         max_tasks: 4,
-        ..Options::default()
+        ..Capacities::default()
     })
     .expect("load with logging on");
     assert_eq!(

@@ -246,7 +246,7 @@ async fn a_process_the_full_maps_cannot_follow_is_counted_as_alive() {
     if tracker().is_none() {
         return;
     }
-    let small = cylo_usage::Options {
+    let small = cylo_usage::Capacities {
         max_tasks: 16,
         ..Default::default()
     };

@@ -192,7 +192,7 @@ async fn a_small_membership_map_keeps_headroom_and_kills_at_the_share_never_sile
     if tracker().is_none() {
         return;
     }
-    let small = cylo_usage::Options {
+    let small = cylo_usage::Capacities {
         max_tasks: 16,
         ..Default::default()
     };

@@ -423,9 +423,9 @@ pub struct TaskMember {
     pub tgid: u32,
     /// [`member_flags`].
     pub flags: u32,
-    /// Kernel address of the process's `signal_struct`: the key of its `PROCS` entry, and the
-    /// process's identity in per-process records.
-    pub signal: u64,
+    /// The process's identity: the kernel address of its `signal_struct`, the key of its
+    /// `PROCS` entry and the `process` of its records.
+    pub process: u64,
     /// `task_struct.start_boottime` in ns: guards /proc reads against pid reuse.
     pub start_boottime_ns: u64,
     /// The start time of its process (its thread-group leader's `start_boottime`): guards
@@ -551,8 +551,8 @@ pub struct RunCounters {
 
     /// Set by userspace when it zeroes the slot, read-only to the kernel: [`run_flags`].
     pub flags: u64,
-    /// The root process's `signal_struct` address (its identity), set when it joins.
-    pub root_signal: u64,
+    /// The root process's identity (its `signal_struct` address), set when it joins.
+    pub root_process: u64,
     /// `ROOT_ENDED | exit_code` once the root process has ended (its last thread passed
     /// do_exit()); `exit_code` is the kernel's wait status (`code << 8 | signal`).
     pub root_status: u64,
@@ -656,8 +656,9 @@ pub struct RunControl {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrackerInfo {
-    /// The tracker process's `signal_struct` address: it and its threads never join a run.
-    pub signal: u64,
+    /// The tracker process's identity (its `signal_struct` address): it and its threads never
+    /// join a run.
+    pub process: u64,
     /// The depth of the tracker's pid namespace: pids in records are as the tracker sees them.
     pub pid_level: u32,
     /// 1 once recorded.

@@ -13,7 +13,7 @@ use super::limits::{CLIENT_TIMEOUT, Capacity, HELLO_GRACE, Limit, Open};
 use super::metrics::{Counters, Source};
 use super::peer::{Access, Peer};
 use super::protocol::ErrorKind;
-use crate::kernel::tracker::{Options, RunsTotals, Tracker};
+use crate::kernel::tracker::{Capacities, RunsTotals, Tracker};
 use crate::sys::lock;
 
 /// What one user holds.
@@ -334,7 +334,7 @@ pub struct ServeOptions {
     /// handler call) and export them.
     pub bpf_stats: bool,
     /// Capacities of the kernel maps.
-    pub load: Options,
+    pub load: Capacities,
     /// What all sessions together may hold in memory for breakdowns and unread event
     /// streams, and what the sessions of one user other than root may (see
     /// [`crate::session::budget`]).
@@ -345,7 +345,7 @@ pub struct ServeOptions {
 impl ServeOptions {
     /// The defaults for `socket`.
     pub fn new(socket: PathBuf) -> ServeOptions {
-        let load = Options::default();
+        let load = Capacities::default();
         let memory = crate::session::budget::Budget::for_host();
         ServeOptions {
             memory_max_bytes: memory.global_bytes(),

@@ -1,4 +1,4 @@
-//! The best tracker this process can have: [`Tracker::open`] uses the daemon
+//! The best tracker this process can have: [`AnyTracker::open`] uses the daemon
 //! (`cylo-usage serve`) when its socket answers, else loads the eBPF programs if it can
 //! (exact), and otherwise gives the /proc fallback (approximate), unless
 //! [`OpenOptions::require_exact`] says to fail instead. Runs of any of them have the same
@@ -19,12 +19,12 @@ use std::time::Duration;
 
 use crate::daemon::{DaemonError, DaemonTracker, ErrorKind, Interrupt, RemoteRun};
 use crate::error::Error;
-use crate::kernel::tracker::{Options, Tracker};
+use crate::kernel::tracker::{Capacities, Tracker};
 use crate::proc::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
 use crate::session::run::{Run, RunOptions};
 use crate::usage::{ResourceUsage, TrackerKind};
 
-/// How [`Tracker::open`] chooses.
+/// How [`AnyTracker::open`] chooses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenOptions {
     /// Try the daemon first (default); `false` is `--no-daemon`.
@@ -37,7 +37,7 @@ pub struct OpenOptions {
     /// How often the /proc fallback samples (default 10 ms).
     pub sample_interval: Duration,
     /// Map capacities for the eBPF tracker.
-    pub load: Options,
+    pub load: Capacities,
     /// A descriptor that cuts calls to the daemon short once readable (the command line's
     /// signalfd): see [`Interrupt`].
     pub interrupt: Option<Interrupt>,
@@ -50,7 +50,7 @@ impl Default for OpenOptions {
             socket: None,
             require_exact: false,
             sample_interval: DEFAULT_INTERVAL,
-            load: Options::default(),
+            load: Capacities::default(),
             interrupt: None,
         }
     }
@@ -138,7 +138,7 @@ fn load_here(options: &OpenOptions, refusal: Option<&str>) -> Result<Which, Erro
     }
 }
 
-impl Tracker {
+impl AnyTracker {
     /// The best tracker available: the daemon when its socket answers; else the eBPF
     /// programs if they load in this process, else the /proc fallback (no
     /// `CAP_BPF`/`CAP_PERFMON`, no kernel BTF, a verifier that refuses the programs, no BPF

@@ -762,7 +762,7 @@ mod tests {
         assert_eq!(text.lines().count(), 100_001);
     }
     use crate::kernel::features::{Measured, NetworkPath};
-    use crate::usage::{DiskDevice, Live, RootExit, Units, merge};
+    use crate::usage::{DiskDevice, LiveSample, RootExit, Units, merge};
     use cylo_usage_abi::RunCounters;
 
     #[test]
@@ -786,7 +786,7 @@ mod tests {
             exit_code: Some(3),
             signal: None,
         };
-        let live = Live {
+        let live = LiveSample {
             complete: true,
             devices: vec![DiskDevice {
                 device: "254:0".into(),
@@ -795,7 +795,7 @@ mod tests {
                 read_ops: 1,
                 write_ops: 2,
             }],
-            ..Live::default()
+            ..LiveSample::default()
         };
         let units = Units {
             ticks_per_second: 100,

@@ -34,14 +34,14 @@ type Slots = Vec<Option<Arc<Mutex<dyn Consumer>>>>;
 
 /// Where the records of each run go, and the reader that drains the ring buffer.
 #[derive(Default)]
-pub struct Sinks {
+pub struct RecordReader {
     slots: Mutex<Slots>,
     ring: Mutex<Option<RingBuf<MapData>>>,
     reader_started: AtomicBool,
     stop: Arc<AtomicBool>,
 }
 
-impl Sinks {
+impl RecordReader {
     /// Delivers the records of run `slot` to `consumer` from now on.
     pub fn register(&self, slot: u32, consumer: Arc<Mutex<dyn Consumer>>) {
         let mut slots = lock(&self.slots);
@@ -119,7 +119,7 @@ impl Sinks {
 /// The reader thread: waits for the ring buffer's fd and drains it, until the tracker goes.
 /// It asks for a real-time priority (the lowest), so a fork bomb in a traced tree cannot
 /// starve it and overflow the ring buffer; it only ever runs to drain, then sleeps.
-fn reader(fd: RawFd, sinks: std::sync::Weak<Sinks>, stop: Arc<AtomicBool>) {
+fn reader(fd: RawFd, sinks: std::sync::Weak<RecordReader>, stop: Arc<AtomicBool>) {
     const TICK: Duration = Duration::from_millis(100);
     let param = libc::sched_param { sched_priority: 1 };
     // SAFETY: sets this thread's own policy; failure (no CAP_SYS_NICE) leaves it as it was.

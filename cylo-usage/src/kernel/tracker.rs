@@ -64,7 +64,7 @@ pub(crate) struct Maps {
     pub next_slot: u32,
 }
 
-pub(crate) struct Inner {
+pub(crate) struct Shared {
     pub maps: Mutex<Maps>,
     pub readers: Readers,
     pub events: Mutex<RingBuf<MapData>>,
@@ -72,11 +72,11 @@ pub(crate) struct Inner {
     /// counts 16 MiB of resident memory) by the reader thread when the first run wants them.
     pub records: Mutex<Option<aya::maps::Map>>,
     /// Where the reader thread delivers each run's records.
-    pub sinks: Arc<crate::kernel::records::Sinks>,
+    pub sinks: Arc<crate::kernel::records::RecordReader>,
     /// The records of runs that want them for their user/system split alone (a small ring
     /// buffer of their own, so that such runs cost no 8 MiB mapping), and their reader.
     pub split_records: Mutex<Option<aya::maps::Map>>,
-    pub split_sinks: Arc<crate::kernel::records::Sinks>,
+    pub split_sinks: Arc<crate::kernel::records::RecordReader>,
     /// The `control` program, run in the caller's context (`BPF_PROG_TEST_RUN`).
     pub control: ProgramFd,
     /// The `control_adopt` program, loaded when the first attach needs it.
@@ -99,7 +99,7 @@ struct Programs {
     hooks: Vec<Hook>,
 }
 
-impl Inner {
+impl Shared {
     fn programs(&self) -> MutexGuard<'_, Programs> {
         lock(&self.programs)
     }
@@ -141,7 +141,7 @@ impl Inner {
     }
 }
 
-impl Drop for Inner {
+impl Drop for Shared {
     fn drop(&mut self) {
         self.sinks.stop();
         self.split_sinks.stop();
@@ -207,7 +207,7 @@ pub(crate) fn run_share(max_tasks: u32, capacity: [u32; 3]) -> u32 {
 
 /// Capacities of the kernel-side maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Options {
+pub struct Capacities {
     /// Live tracked threads on the whole host, over all runs. A thread that finds the map
     /// full is not followed, and is counted in `lost_events`.
     pub max_tasks: u32,
@@ -215,9 +215,9 @@ pub struct Options {
     pub max_procs: u32,
 }
 
-impl Default for Options {
+impl Default for Capacities {
     fn default() -> Self {
-        Options {
+        Capacities {
             max_tasks: DEFAULT_MAX_TASKS,
             max_procs: DEFAULT_MAX_PROCS,
         }
@@ -228,17 +228,17 @@ impl Default for Options {
 /// last clone (and every [`crate::Run`] made from it) is dropped.
 #[derive(Clone)]
 pub struct Tracker {
-    pub(crate) inner: Arc<Inner>,
+    pub(crate) inner: Arc<Shared>,
 }
 
 impl Tracker {
     /// Checks privileges, resolves the kernel layout from BTF, loads and attaches the programs.
     pub fn load() -> Result<Tracker, LoadError> {
-        Self::load_with_options(Options::default())
+        Self::load_with_options(Capacities::default())
     }
 
     /// [`Tracker::load`] with other map capacities.
-    pub fn load_with_options(options: Options) -> Result<Tracker, LoadError> {
+    pub fn load_with_options(options: Capacities) -> Result<Tracker, LoadError> {
         if let Some(needed) = missing_privileges()? {
             return Err(LoadError::MissingPrivileges { needed });
         }
@@ -256,7 +256,7 @@ impl Tracker {
     fn load_from<'a>(
         mut loader: EbpfLoader<'a>,
         offsets: &'a Offsets,
-        options: Options,
+        options: Capacities,
     ) -> Result<Tracker, LoadError> {
         let level = crate::kernel::ebpf_log::level();
         if !crate::kernel::ebpf_log::enabled(*level) {
@@ -298,7 +298,7 @@ impl Tracker {
     fn load_at<'a>(
         loader: &mut EbpfLoader<'a>,
         offsets: &'a Offsets,
-        options: Options,
+        options: Capacities,
         log_level: &'static u8,
     ) -> Result<Tracker, LoadError> {
         let kernel_btf = KernelBtf::start(offsets);
@@ -476,7 +476,7 @@ impl Tracker {
             network,
         };
         Ok(Tracker {
-            inner: Arc::new(Inner {
+            inner: Arc::new(Shared {
                 maps: Mutex::new(maps),
                 readers,
                 events: Mutex::new(events),

@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use cylo_usage_abi::{ARGV_BYTES, control};
 
-use crate::kernel::tracker::{Inner, Tracker, run_share};
+use crate::kernel::tracker::{Shared, Tracker, run_share};
 use crate::session::breakdown::AdoptedArgv;
 use crate::session::run::{Origin, Run, RunOptions, SessionError};
 use crate::session::spawn::claim_slot;
@@ -303,7 +303,7 @@ fn threads_of(dir: &OwnedFd) -> Vec<u32> {
 /// `want_argv`, also reads each process's argv (for the breakdown: a process present at the
 /// attach never execs while followed, so no exec record carries it).
 pub(crate) fn adopt_tree(
-    inner: &Inner,
+    inner: &Shared,
     slot: u32,
     target: &Target,
     want_argv: bool,

@@ -2,11 +2,11 @@
 //! from the records the kernel puts in the `RECORDS` ring buffer for the runs that ask.
 //!
 //! One reader drains the ring buffer for all runs of a [`crate::Tracker`] (on its own thread,
-//! and on demand before a snapshot), and hands each record to its run's [`Tree`]. Records
+//! and on demand before a snapshot), and hands each record to its run's [`Breakdown`]. Records
 //! are a breakdown: the totals never depend on them. A record the kernel could not write
 //! counts in `lost_events`; a process beyond the tree's limit is dropped and counted too, and
 //! so is one its memory [`Share`] cannot pay for (a daemon's per-user budget): a tree charges
-//! its share with the bytes its tables and strings really take (see [`Tree::footprint`]).
+//! its share with the bytes its tables and strings really take (see [`Breakdown::footprint`]).
 //!
 //! The event stream goes out in time order: `time_ns` never decreases. Records reach
 //! userspace in the order their places in the ring buffer were reserved, each stamped a few
@@ -125,7 +125,7 @@ pub const MAX_HELD_LINES: usize = 8_192;
 pub const MAX_HELD_BYTES: u64 = 1 << 20;
 
 /// The per-process records of one run.
-pub struct Tree {
+pub struct Breakdown {
     started_mono_ns: u64,
     /// Whether to keep every process for the breakdown; without, a process is forgotten once
     /// its exit event is out (events only).
@@ -175,7 +175,7 @@ pub struct Tree {
     viewer: Option<Viewer>,
 }
 
-impl Tree {
+impl Breakdown {
     /// A tree for a run that started at `started_mono_ns` (CLOCK_MONOTONIC), writing events to
     /// `events` if given.
     pub fn new(
@@ -185,8 +185,8 @@ impl Tree {
         events: Option<EventSink>,
         units: Units,
         share: Share,
-    ) -> Tree {
-        let mut tree = Tree {
+    ) -> Breakdown {
+        let mut tree = Breakdown {
             started_mono_ns,
             keep,
             procs: Vec::new(),
@@ -838,7 +838,7 @@ impl Tree {
     }
 }
 
-impl Drop for Tree {
+impl Drop for Breakdown {
     /// The end of the session: what the event stream still holds goes out.
     fn drop(&mut self) {
         if self.events.is_some() {
@@ -962,17 +962,17 @@ pub fn split_argv(bytes: &[u8]) -> Vec<String> {
     bytes.split(|&b| b == 0).map(escape_bytes).collect()
 }
 
-impl Consumer for Tree {
+impl Consumer for Breakdown {
     fn take(&mut self, bytes: &[u8]) {
-        Tree::take(self, bytes);
+        Breakdown::take(self, bytes);
     }
 
     fn release(&mut self, before_ns: u64) {
-        Tree::release(self, before_ns);
+        Breakdown::release(self, before_ns);
     }
 
     fn flush(&mut self) {
-        Tree::flush(self);
+        Breakdown::flush(self);
     }
 }
 

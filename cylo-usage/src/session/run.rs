@@ -12,12 +12,12 @@ use std::time::Duration;
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use cylo_usage_abi::{ROOT_ENDED, RunControl, RunCounters, TaskMember, control, run_flags};
 
-use crate::kernel::tracker::Inner;
-use crate::session::breakdown::{EventSink, ThreadCounters, Tree};
+use crate::kernel::tracker::Shared;
+use crate::session::breakdown::{Breakdown, EventSink, ThreadCounters};
 use crate::sys::lock;
 use crate::sys::procfs::{self, ThreadSample};
 use crate::sys::{self, dup, fd_readable, monotonic_ns, pidfd_send_signal, watch};
-use crate::usage::{self, DiskDevice, Live, ResourceUsage, RootExit, Units};
+use crate::usage::{self, DiskDevice, LiveSample, ResourceUsage, RootExit, Units};
 
 /// How often a waiting run re-reads its counters when no ring-buffer wake-up comes.
 const POLL: Duration = Duration::from_millis(100);
@@ -156,14 +156,14 @@ pub(crate) enum Origin {
 
 /// A tree followed by the tracker: a command it started, or running processes it attached to.
 pub struct Run {
-    pub(super) inner: Arc<Inner>,
+    pub(super) inner: Arc<Shared>,
     pub(super) slot: u32,
     pub(super) origin: Origin,
     pub(super) root_pid: u32,
     pub(super) pidfd: Option<OwnedFd>,
     started_ns: u64,
     root_status: Option<ExitStatus>,
-    pub(crate) tree: Option<Arc<Mutex<Tree>>>,
+    pub(crate) tree: Option<Arc<Mutex<Breakdown>>>,
     /// Whether the run holds the adopt gate open (while attaching).
     attaching: bool,
     timed_out: bool,
@@ -209,7 +209,7 @@ impl Run {
         };
         self.breakdown = options.tree;
         self.all_records = options.wants_records();
-        let mut tree = Tree::new(
+        let mut tree = Breakdown::new(
             started_ns,
             options.tree,
             limit,
@@ -261,7 +261,7 @@ impl Run {
 impl Run {
     /// A run in slot `slot`, started (spawned, attached, or registered) at `started_ns`.
     pub(crate) fn new(
-        inner: Arc<Inner>,
+        inner: Arc<Shared>,
         slot: u32,
         origin: Origin,
         root_pid: u32,
@@ -293,7 +293,7 @@ impl Run {
     }
 
     /// The reader of the ring buffer the run's records come through.
-    pub(crate) fn sinks(&self) -> &Arc<crate::kernel::records::Sinks> {
+    pub(crate) fn sinks(&self) -> &Arc<crate::kernel::records::RecordReader> {
         if self.all_records {
             &self.inner.sinks
         } else {
@@ -592,10 +592,10 @@ impl Run {
             let devices = self.devices()?;
             if before.finished() {
                 let wall = before.ended_ns.saturating_sub(self.started_ns) / 1_000_000;
-                let live = Live {
+                let live = LiveSample {
                     devices,
                     complete: true,
-                    ..Live::default()
+                    ..LiveSample::default()
                 };
                 let merged = usage::merge(&before, measured, &live, units, root, wall);
                 let u = self.finish(merged, &[], with_tree);
@@ -625,7 +625,7 @@ impl Run {
             let wall = monotonic_ns().saturating_sub(self.started_ns) / 1_000_000;
             let stable = before.threads_exited == after.threads_exited
                 && before.threads_started == after.threads_started;
-            let live = Live {
+            let live = LiveSample {
                 complete: stable && samples.len() == members.len(),
                 threads: samples.iter().map(|(_, t)| *t).collect(),
                 max_hwm_bytes,
@@ -675,7 +675,7 @@ impl Run {
         self.sinks().drain();
         let mut by_process: HashMap<u64, (ThreadCounters, u64)> = HashMap::new();
         for (m, t) in live {
-            let e = by_process.entry(m.signal).or_default();
+            let e = by_process.entry(m.process).or_default();
             let io = t.io.unwrap_or_default();
             let add = [
                 t.runtime_ns,

@@ -94,7 +94,7 @@ impl PendingSpawn {
         let root = run
             .live_members(false)?
             .into_iter()
-            .find(|m| m.signal == c.root_signal);
+            .find(|m| m.process == c.root_process);
         // A root that has already ended (and left the membership map) cannot be checked here
         // any more (see the README's threat model for what that leaves open).
         let Some(m) = root else {

@@ -295,7 +295,7 @@ pub struct RootExit {
 
 /// What a snapshot saw, besides the kernel's record.
 #[derive(Clone, Debug, Default)]
-pub struct Live {
+pub struct LiveSample {
     /// What could be read of the threads alive at the snapshot.
     pub threads: Vec<ThreadSample>,
     /// The largest VmHWM (bytes) of the processes alive at the snapshot.
@@ -375,7 +375,7 @@ fn before_attach(c: &RunCounters, measured: Measured) -> UsageBeforeAttach {
 pub fn merge(
     counters: &RunCounters,
     measured: Measured,
-    live: &Live,
+    live: &LiveSample,
     units: Units,
     root: RootExit,
     wall_time_ms: u64,
@@ -581,8 +581,8 @@ mod tests {
         }
     }
 
-    fn whole() -> Live {
-        Live {
+    fn whole() -> LiveSample {
+        LiveSample {
             complete: true,
             ..Default::default()
         }
@@ -642,7 +642,7 @@ mod tests {
             write_bytes: 4,
             cancelled_write_bytes: 5,
         };
-        let live = Live {
+        let live = LiveSample {
             threads: vec![
                 ThreadSample {
                     runtime_ns: 500_000_000,
@@ -731,7 +731,7 @@ mod tests {
         let u = merge(
             &counters(),
             Measured::ALL,
-            &Live::default(),
+            &LiveSample::default(),
             UNITS,
             RootExit::default(),
             0,

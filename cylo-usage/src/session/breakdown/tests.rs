@@ -122,7 +122,7 @@ impl Write for Shared {
 #[test]
 fn records_make_processes_whose_parts_sum_up() {
     let out = Shared::default();
-    let mut t = Tree::new(
+    let mut t = Breakdown::new(
         1_000,
         true,
         10,
@@ -264,8 +264,8 @@ fn exec_of(id: u64, pid: u32, argv: &[u8]) -> Vec<u8> {
 }
 
 /// Builds a tree of `n` processes, every other one exec'ing, in this thread.
-fn big_tree(n: u64, share: Share) -> Tree {
-    let mut t = Tree::new(0, true, usize::MAX, None, UNITS, share);
+fn big_tree(n: u64, share: Share) -> Breakdown {
+    let mut t = Breakdown::new(0, true, usize::MAX, None, UNITS, share);
     let argv = b"cc1\0-O2\0-c\0some/rather/long/path/to/a/source/file.c\0";
     for i in 0..n {
         t.take(&start(0x1000 + i, 0x1000, 100 + i as u32, b"make"));
@@ -340,7 +340,7 @@ fn an_events_only_tree_reuses_the_places_of_ended_processes() {
     let out = Shared::default();
     let budget = crate::session::budget::Budget::new(64 << 20, 1 << 20);
     let share = budget.account(1000);
-    let mut t = Tree::new(
+    let mut t = Breakdown::new(
         0,
         false,
         10,
@@ -364,7 +364,7 @@ fn an_events_only_tree_reuses_the_places_of_ended_processes() {
 
 #[test]
 fn adopted_usage_is_taken_off() {
-    let mut t = Tree::new(0, true, 10, None, UNITS, Share::unlimited());
+    let mut t = Breakdown::new(0, true, 10, None, UNITS, Share::unlimited());
     t.take(&start(0xa, 0, 100, b"job"));
     t.take(&thread_end(0xa, 400, record_kind::THREAD_ADOPTED));
     t.take(&exit(0xa, 9, 1));
@@ -379,7 +379,7 @@ fn adopted_usage_is_taken_off() {
 /// the scan read for its pid and start time (not for another process with its pid).
 #[test]
 fn adopted_processes_start_before_the_attach_with_the_argv_read_for_them() {
-    let mut t = Tree::new(1_000_000_000, true, 10, None, UNITS, Share::unlimited());
+    let mut t = Breakdown::new(1_000_000_000, true, 10, None, UNITS, Share::unlimited());
     let adopted = |id: u64, pid: u32, boot_ns: u64, mono_ns: u64| {
         let mut r: ProcStart = read_record(&start(id, 0, pid, b"make")).unwrap();
         r.flags = proc_flags::ADOPTED;
@@ -421,7 +421,7 @@ fn adopted_processes_start_before_the_attach_with_the_argv_read_for_them() {
 
 #[test]
 fn the_limit_drops_and_counts() {
-    let mut t = Tree::new(0, true, 2, None, UNITS, Share::unlimited());
+    let mut t = Breakdown::new(0, true, 2, None, UNITS, Share::unlimited());
     for i in 0..5 {
         t.take(&start(0x10 + i, 0, 100 + i as u32, b"x"));
     }
@@ -432,7 +432,7 @@ fn the_limit_drops_and_counts() {
 
 #[test]
 fn garbage_records_are_ignored() {
-    let mut t = Tree::new(0, true, 2, None, UNITS, Share::unlimited());
+    let mut t = Breakdown::new(0, true, 2, None, UNITS, Share::unlimited());
     t.take(&[]);
     t.take(&[1, 2, 3]);
     let mut short = start(0xa, 0, 1, b"x");
@@ -509,7 +509,7 @@ fn a_viewer_reads_what_ptrace_read_fscreds_would_let_it() {
 #[test]
 fn a_member_with_other_credentials_is_withheld_from_the_viewer() {
     let out = Shared::default();
-    let mut t = Tree::new(
+    let mut t = Breakdown::new(
         1_000,
         true,
         10,
@@ -592,7 +592,7 @@ fn a_member_with_other_credentials_is_withheld_from_the_viewer() {
     assert!(!text.contains("/usr/bin/su"));
 
     // Without a viewer (root, or an in-process run), everything.
-    let mut t = Tree::new(1_000, true, 10, None, UNITS, Share::unlimited());
+    let mut t = Breakdown::new(1_000, true, 10, None, UNITS, Share::unlimited());
     t.take(&start(0xb, 0, 101, b"sh"));
     t.take(&exec(0xb, 101, b"/usr/bin/su", setuid));
     let ps = t.processes(&HashMap::new(), Measured::ALL);
@@ -611,7 +611,7 @@ fn lines_of(out: &Shared) -> Vec<serde_json::Value> {
 #[test]
 fn events_go_out_in_time_order_and_exits_carry_every_breakdown_field() {
     let out = Shared::default();
-    let mut t = Tree::new(
+    let mut t = Breakdown::new(
         0,
         true,
         10,
@@ -661,7 +661,7 @@ fn events_go_out_in_time_order_and_exits_carry_every_breakdown_field() {
 #[test]
 fn an_exit_whose_threads_never_come_goes_out_incomplete_after_the_hold() {
     let out = Shared::default();
-    let mut t = Tree::new(
+    let mut t = Breakdown::new(
         0,
         false,
         10,
@@ -691,7 +691,7 @@ fn an_exit_whose_threads_never_come_goes_out_incomplete_after_the_hold() {
 #[test]
 fn a_storm_overflowing_the_reorder_buffer_keeps_the_order() {
     let out = Shared::default();
-    let mut t = Tree::new(
+    let mut t = Breakdown::new(
         0,
         false,
         usize::MAX,
