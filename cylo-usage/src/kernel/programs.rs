@@ -377,3 +377,185 @@ pub fn missing_privileges() -> Result<Option<&'static str>, LoadError> {
         Ok(Some("CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)"))
     }
 }
+
+/// A raw tracepoint the tracker attaches a program to, as data: which program this kernel
+/// gets, and whether the tracker can do without it. [`HOOKS`] lists them; `task_newtask`,
+/// whose verification decides whether the handlers with atomics load, and the network hooks
+/// ([`attach_network`], chosen from what the kernel's BTF offers) are attached apart.
+pub(crate) struct HookSpec {
+    pub tracepoint: &'static str,
+    /// The program for this kernel (from its layout, and whether the verifier took the
+    /// handlers with atomics), or why the hook is left out.
+    pub program: fn(&Offsets, bool) -> Result<&'static str, &'static str>,
+    /// Whether the tracker can do without the hook: a program the kernel refuses is then
+    /// reported (its counters unmeasured), not fatal.
+    pub optional: bool,
+}
+
+/// The hooks attached after `task_newtask`, in order.
+pub(crate) const HOOKS: [HookSpec; 5] = [
+    HookSpec {
+        tracepoint: names::TP_SCHED_PROCESS_EXIT,
+        program: |_, atomics| {
+            Ok(if atomics {
+                names::PROG_SCHED_PROCESS_EXIT
+            } else {
+                names::PROG_SCHED_PROCESS_EXIT_NO_ATOMICS
+            })
+        },
+        optional: false,
+    },
+    HookSpec {
+        tracepoint: names::TP_SCHED_PROCESS_EXEC,
+        program: |_, atomics| {
+            Ok(if atomics {
+                names::PROG_SCHED_PROCESS_EXEC
+            } else {
+                names::PROG_SCHED_PROCESS_EXEC_NO_ATOMICS
+            })
+        },
+        optional: false,
+    },
+    // The memory counters need atomics that return the old value.
+    HookSpec {
+        tracepoint: names::TP_RSS_STAT,
+        program: |_, atomics| {
+            if atomics {
+                Ok(names::PROG_RSS_STAT)
+            } else {
+                Err("the memory counters need BPF atomic fetch")
+            }
+        },
+        optional: false,
+    },
+    HookSpec {
+        tracepoint: names::TP_SCHED_SWITCH,
+        program: |_, atomics| {
+            Ok(if atomics {
+                names::PROG_SCHED_SWITCH
+            } else {
+                names::PROG_SCHED_SWITCH_NO_ATOMICS
+            })
+        },
+        optional: false,
+    },
+    // Per-device block I/O: a program per argument layout (before 5.11 the request queue
+    // comes first), and none where the kernel's BTF has no bio layout the program knows.
+    HookSpec {
+        tracepoint: names::TP_BLOCK_BIO_QUEUE,
+        program: |o, _| {
+            let has = |fields: &[u32]| fields.iter().all(|&f| f != ABSENT);
+            let layout = has(&[o.bio_queue_bio_arg, o.bio_size, o.bio_opf])
+                && (has(&[o.bio_bdev, o.bdev_dev])
+                    || has(&[o.bio_disk, o.bio_partno, o.disk_major, o.disk_first_minor]));
+            match (layout, o.bio_queue_bio_arg) {
+                (false, _) => Err("this kernel's BTF has no bio layout the program knows"),
+                (true, 1) => Ok(names::PROG_BLOCK_BIO_QUEUE_WITH_QUEUE),
+                (true, _) => Ok(names::PROG_BLOCK_BIO_QUEUE),
+            }
+        },
+        optional: true,
+    },
+];
+
+/// Attaches `spec`'s program for this kernel. `Ok(None)`: attached, or left out by design
+/// (a program the kernel does not get); `Ok(Some(why))`: an optional hook left out.
+pub(crate) fn attach_spec(
+    ebpf: &mut Ebpf,
+    hooks: &mut Vec<Hook>,
+    spec: &HookSpec,
+    offsets: &Offsets,
+    atomics: bool,
+) -> Result<Option<String>, LoadError> {
+    let program = match (spec.program)(offsets, atomics) {
+        Ok(program) => program,
+        Err(why) => return Ok(spec.optional.then(|| why.to_string())),
+    };
+    match attach(ebpf, hooks, program, spec.tracepoint) {
+        Ok(()) => Ok(None),
+        Err(e) if spec.optional => Ok(Some(crate::first_line(&crate::error_chain(&e)))),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn program_for(
+        tracepoint: &str,
+        o: &Offsets,
+        atomics: bool,
+    ) -> Result<&'static str, &'static str> {
+        let spec = HOOKS.iter().find(|h| h.tracepoint == tracepoint).unwrap();
+        (spec.program)(o, atomics)
+    }
+
+    #[test]
+    fn the_hook_table_picks_each_kernels_program() {
+        // 5.10's bio layout (the request queue first, bi_disk + bi_partno) and 6.x's
+        // (the bio alone, bi_bdev); and a kernel whose BTF has neither.
+        let old = Offsets {
+            bio_queue_bio_arg: 1,
+            bio_size: 40,
+            bio_opf: 16,
+            bio_bdev: ABSENT,
+            bdev_dev: ABSENT,
+            bio_disk: 8,
+            bio_partno: 26,
+            disk_major: 0,
+            disk_first_minor: 4,
+            ..Offsets::UNRESOLVED
+        };
+        let new = Offsets {
+            bio_queue_bio_arg: 0,
+            bio_bdev: 8,
+            bdev_dev: 4,
+            bio_disk: ABSENT,
+            ..old
+        };
+        let none = Offsets {
+            bio_size: ABSENT,
+            ..new
+        };
+        let bio = names::TP_BLOCK_BIO_QUEUE;
+        assert_eq!(
+            program_for(bio, &old, true),
+            Ok(names::PROG_BLOCK_BIO_QUEUE_WITH_QUEUE)
+        );
+        assert_eq!(
+            program_for(bio, &new, false),
+            Ok(names::PROG_BLOCK_BIO_QUEUE)
+        );
+        assert!(program_for(bio, &none, true).is_err());
+        // Without atomics: the variants without, and no rss_stat.
+        for (tp, with, without) in [
+            (
+                names::TP_SCHED_PROCESS_EXIT,
+                names::PROG_SCHED_PROCESS_EXIT,
+                Some(names::PROG_SCHED_PROCESS_EXIT_NO_ATOMICS),
+            ),
+            (
+                names::TP_SCHED_PROCESS_EXEC,
+                names::PROG_SCHED_PROCESS_EXEC,
+                Some(names::PROG_SCHED_PROCESS_EXEC_NO_ATOMICS),
+            ),
+            (
+                names::TP_SCHED_SWITCH,
+                names::PROG_SCHED_SWITCH,
+                Some(names::PROG_SCHED_SWITCH_NO_ATOMICS),
+            ),
+            (names::TP_RSS_STAT, names::PROG_RSS_STAT, None),
+        ] {
+            assert_eq!(program_for(tp, &new, true), Ok(with));
+            assert_eq!(program_for(tp, &new, false).ok(), without);
+        }
+        // Only the block hook may be left out.
+        let optional: Vec<_> = HOOKS
+            .iter()
+            .filter(|h| h.optional)
+            .map(|h| h.tracepoint)
+            .collect();
+        assert_eq!(optional, [bio]);
+    }
+}

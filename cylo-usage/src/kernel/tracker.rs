@@ -15,8 +15,8 @@ use cylo_usage_abi::{
 use crate::kernel::features::{Measured, Unavailable};
 use crate::kernel::map_read::{MapReadError, MapReader};
 use crate::kernel::programs::{
-    Hook, KernelBtf, LoadError, attach, attach_network, load_control, missing_privileges, preload,
-    program_as, take,
+    HOOKS, Hook, KernelBtf, LoadError, attach, attach_network, attach_spec, load_control,
+    missing_privileges, preload, program_as, take,
 };
 use crate::kernel::resolve;
 use crate::sys::lock;
@@ -372,36 +372,13 @@ impl Tracker {
                 "the kernel refused the handlers with atomics, using the variants without: {why}"
             );
         }
-        if atomics {
-            attach(
-                &mut ebpf,
-                &mut hooks,
-                names::PROG_SCHED_PROCESS_EXIT,
-                names::TP_SCHED_PROCESS_EXIT,
-            )?;
-            attach(
-                &mut ebpf,
-                &mut hooks,
-                names::PROG_SCHED_PROCESS_EXEC,
-                names::TP_SCHED_PROCESS_EXEC,
-            )?;
-            attach(
-                &mut ebpf,
-                &mut hooks,
-                names::PROG_RSS_STAT,
-                names::TP_RSS_STAT,
-            )?;
-        } else {
+        if !atomics {
             attach(
                 &mut ebpf,
                 &mut hooks,
                 names::PROG_TASK_NEWTASK_NO_ATOMICS,
                 names::TP_TASK_NEWTASK,
             )?;
-            let exit = names::PROG_SCHED_PROCESS_EXIT_NO_ATOMICS;
-            attach(&mut ebpf, &mut hooks, exit, names::TP_SCHED_PROCESS_EXIT)?;
-            let exec = names::PROG_SCHED_PROCESS_EXEC_NO_ATOMICS;
-            attach(&mut ebpf, &mut hooks, exec, names::TP_SCHED_PROCESS_EXEC)?;
         }
         let control = load_control(&mut ebpf, names::PROG_CONTROL)?;
         // Who the tracker is: its pid namespace, and its own tasks, which never join a run.
@@ -417,31 +394,17 @@ impl Tracker {
                 });
             }
         }
-        // With atomics, the handler that also splits each ended process's CPU time.
-        let switch = if atomics {
-            names::PROG_SCHED_SWITCH
-        } else {
-            names::PROG_SCHED_SWITCH_NO_ATOMICS
-        };
-        attach(&mut ebpf, &mut hooks, switch, names::TP_SCHED_SWITCH)?;
+        // The other hooks, as their table says.
+        let mut devices_error = None;
+        for spec in &HOOKS {
+            if let Some(why) = attach_spec(&mut ebpf, &mut hooks, spec, offsets, atomics)?
+                && spec.tracepoint == names::TP_BLOCK_BIO_QUEUE
+            {
+                devices_error = Some(why);
+            }
+        }
         let o = offsets;
         let has = |fields: &[u32]| fields.iter().all(|&f| f != ABSENT);
-        let bio_layout = has(&[o.bio_queue_bio_arg, o.bio_size, o.bio_opf])
-            && (has(&[o.bio_bdev, o.bdev_dev])
-                || has(&[o.bio_disk, o.bio_partno, o.disk_major, o.disk_first_minor]));
-        let devices_error = if !bio_layout {
-            Some("this kernel's BTF has no bio layout the program knows".to_string())
-        } else {
-            // Before 5.11 the request queue comes first: a program per argument layout.
-            let program = if o.bio_queue_bio_arg == 1 {
-                names::PROG_BLOCK_BIO_QUEUE_WITH_QUEUE
-            } else {
-                names::PROG_BLOCK_BIO_QUEUE
-            };
-            attach(&mut ebpf, &mut hooks, program, names::TP_BLOCK_BIO_QUEUE)
-                .err()
-                .map(|e| crate::first_line(&crate::error_chain(&e)))
-        };
         let devices = devices_error.is_none();
         let attach_error = (o.pid_tasks == ABSENT || o.task_thread_pid == ABSENT).then(|| {
             "this kernel's BTF lacks the layout of struct pid, fdtable or proc_inode".to_string()
