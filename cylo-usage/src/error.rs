@@ -3,7 +3,7 @@
 use crate::kernel::btf::BtfError;
 use crate::kernel::programs::LoadError;
 use crate::kernel::resolve::ResolveError;
-use crate::proc::fallback::FallbackError;
+use crate::session::fallback::FallbackError;
 use crate::session::run::SessionError;
 use crate::sys::procfs::ProcError;
 

@@ -48,13 +48,13 @@ pub use session::budget;
 
 pub use error::Error;
 pub use front::open::{AnyRun, AnyTracker, OpenOptions};
+pub use front::snapshot::get_resource_usage;
 pub use kernel::btf::BtfError;
 pub use kernel::programs::{LoadError, missing_privileges};
 pub use kernel::resolve::ResolveError;
 pub use kernel::tracker::{Capacities, Tracker};
-pub use proc::fallback::{DEFAULT_INTERVAL, FallbackError, ProcRun, ProcTracker};
-pub use proc::snapshot::get_resource_usage;
 pub use session::breakdown::{DEFAULT_TREE_LIMIT, EventSink};
+pub use session::fallback::{DEFAULT_INTERVAL, FallbackError, ProcRun, ProcTracker};
 pub use session::run::{Run, RunOptions, SessionError};
 pub use session::viewer::Viewer;
 pub use sys::procfs::ProcError;

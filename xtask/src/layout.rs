@@ -31,12 +31,18 @@ pub fn check(root: &Path) -> Result<()> {
     for file in oversize(root)? {
         problems.push(format!("too large: {file}"));
     }
+    for use_ in stage_violations(&root.join(CRATES[0]))? {
+        problems.push(format!("a stage uses a later one in {}: {use_}", CRATES[0]));
+    }
     if !problems.is_empty() {
         bail!("{}", problems.join("\n"));
     }
     eprintln!(
-        "xtask: no import circles in {}, and no userspace file over {MAX_LINES} lines",
-        CRATES.join(", ")
+        "xtask: no import circles in {}, no userspace file over {MAX_LINES} lines, and the \
+         stages of {} ({}) used in order",
+        CRATES.join(", "),
+        CRATES[0],
+        STAGES.join(", ")
     );
     Ok(())
 }
@@ -101,6 +107,40 @@ fn module_of(src: &Path, file: &Path) -> Vec<String> {
 /// The circles (strongly connected sets of more than one file) of the crate at `src`, each
 /// as its files' paths relative to `src`.
 pub fn circles(src: &Path) -> Result<Vec<Vec<String>>> {
+    Ok(strongly_connected(&edges(src)?)
+        .into_iter()
+        .filter(|c| c.len() > 1)
+        .collect())
+}
+
+/// The folders of `cylo-usage/src`, in the order data flows through them: a folder may use
+/// the ones before it, never one after.
+const STAGES: [&str; 7] = [
+    "sys", "kernel", "usage", "proc", "session", "daemon", "front",
+];
+
+/// The uses of a later stage by an earlier one in the crate at `src` ([`STAGES`]), each as
+/// "from -> to" (files relative to `src`).
+fn stage_violations(src: &Path) -> Result<Vec<String>> {
+    let stage = |file: &str| {
+        let (top, _) = file.split_once('/')?;
+        STAGES.iter().position(|s| *s == top)
+    };
+    let mut out = Vec::new();
+    for (from, targets) in edges(src)? {
+        for to in targets {
+            if let (Some(a), Some(b)) = (stage(&from), stage(&to))
+                && b > a
+            {
+                out.push(format!("{from} -> {to}"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Which files of the crate at `src` each file uses (paths relative to `src`).
+fn edges(src: &Path) -> Result<BTreeMap<String, BTreeSet<String>>> {
     let files = rust_files(src)?;
     // Binaries under src/bin are crates of their own.
     let files: Vec<PathBuf> = files
@@ -137,10 +177,7 @@ pub fn circles(src: &Path) -> Result<Vec<Vec<String>>> {
             }
         }
     }
-    Ok(strongly_connected(&edges)
-        .into_iter()
-        .filter(|c| c.len() > 1)
-        .collect())
+    Ok(edges)
 }
 
 /// The absolute module paths that `text` (the file of module `me`) names through `crate::`,
@@ -396,6 +433,41 @@ mod tests {
     }
 
     #[test]
+    fn a_stage_that_uses_a_later_one_is_found() {
+        let dir = crate_of(&[
+            (
+                "lib.rs",
+                "mod sys;
+mod kernel;
+mod front;
+",
+            ),
+            (
+                "sys/mod.rs",
+                "pub fn f() {}
+",
+            ),
+            // The kernel stage uses sys (earlier: fine) and front (later: not).
+            (
+                "kernel/mod.rs",
+                "use crate::sys::f;
+pub fn g() { crate::front::h(); }
+",
+            ),
+            (
+                "front/mod.rs",
+                "use crate::kernel::g;
+pub fn h() {}
+",
+            ),
+        ]);
+        assert_eq!(
+            stage_violations(&dir.0).unwrap(),
+            vec!["kernel/mod.rs -> front/mod.rs"]
+        );
+    }
+
+    #[test]
     fn a_folder_module_and_its_reexports_are_no_circle() {
         let dir = crate_of(&[
             ("lib.rs", "mod d;\n"),
@@ -438,5 +510,7 @@ mod tests {
         assert!(circles_found.is_empty(), "{circles_found:#?}");
         let too_large = oversize(&root).unwrap();
         assert!(too_large.is_empty(), "{too_large:#?}");
+        let backwards = stage_violations(&root.join(CRATES[0])).unwrap();
+        assert!(backwards.is_empty(), "{backwards:#?}");
     }
 }

@@ -81,7 +81,7 @@ pub enum DaemonError {
     },
     /// The /proc follower that took over from the daemon failed.
     #[error("the /proc follower that took over from the daemon failed")]
-    Follower(#[source] crate::proc::fallback::FallbackError),
+    Follower(#[source] crate::session::fallback::FallbackError),
     #[error("talking to the daemon failed")]
     Frame(#[source] protocol::FrameError),
     #[error("the daemon refused: {message}")]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::DaemonError;
 use super::conn::*;
 use super::protocol::{Reply, Request};
-use crate::proc::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
+use crate::session::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
 use crate::sys::lock;
 use crate::sys::{dup, fd_readable, pidfd_send_signal, watch};
 use crate::usage::{Precision, ResourceUsage, TrackerKind};
@@ -243,7 +243,7 @@ fn report_after_daemon(
     u.precision_notes = notes;
     u.precision = Precision::Approximate;
     // The daemon's last counts, plus what the samples saw after it: no more than the truth.
-    u.lower_bounds = crate::proc::fallback::account::sampled_counts();
+    u.lower_bounds = crate::session::fallback::account::sampled_counts();
     u.tracker = TrackerKind::Daemon;
     u.attached = attached;
     u

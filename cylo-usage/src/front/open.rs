@@ -20,7 +20,7 @@ use std::time::Duration;
 use crate::daemon::{DaemonError, DaemonTracker, ErrorKind, Interrupt, RemoteRun};
 use crate::error::Error;
 use crate::kernel::tracker::{Capacities, Tracker};
-use crate::proc::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
+use crate::session::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
 use crate::session::run::{Run, RunOptions};
 use crate::usage::{ResourceUsage, TrackerKind};
 

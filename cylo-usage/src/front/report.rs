@@ -594,7 +594,7 @@ mod tests {
         u.peak_process_count = Some(3);
         let text = human(&u, "x");
         assert!(text.contains("\tProcesses: 9\n"), "{text}");
-        u.lower_bounds = crate::proc::fallback::account::sampled_counts();
+        u.lower_bounds = crate::session::fallback::account::sampled_counts();
         let text = human(&u, "x");
         assert!(text.contains("\tProcesses: at least 9\n"), "{text}");
         assert!(text.contains("\tThreads: at least 12\n"), "{text}");

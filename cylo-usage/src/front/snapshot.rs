@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::proc::fallback::account::interval_text;
 use crate::proc::walker::{self, Detail, Node, ProcFs, Read, Seed};
+use crate::session::fallback::account::interval_text;
 use crate::session::run::SessionError;
 use crate::sys::procfs::{self, ThreadIo};
 use crate::usage::{ResourceUsage, TrackerKind, split_runtime};
