@@ -219,14 +219,7 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
     // After its process's record, so the breakdown knows whose it is.
     if thread_usage_into(task, &mut scratch.thread) {
         let u = &scratch.thread;
-        add(&mut counters.before_cpu_runtime_ns, u[0]);
-        add(&mut counters.before_cpu_utime_ns, u[1]);
-        add(&mut counters.before_cpu_stime_ns, u[2]);
-        add(&mut counters.before_disk_read_bytes, u[3]);
-        add(&mut counters.before_disk_write_bytes, u[4]);
-        add(&mut counters.before_disk_cancelled_write_bytes, u[5]);
-        add(&mut counters.before_io_rchar, u[6]);
-        add(&mut counters.before_io_wchar, u[7]);
+        add_usage(&mut counters.before, u);
         if wants_records(counters) {
             record_thread(record_kind::THREAD_ADOPTED, &member, u, counters);
         }

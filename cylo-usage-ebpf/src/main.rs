@@ -70,7 +70,7 @@ use cylo_usage_abi::{
     DEFAULT_MAX_TASKS, DevCounters, DevKey, EVENTS_BYTES, Event, FILTER_SLOTS, MAX_DEVS, MAX_RUNS,
     MAX_SPAWNERS, MmMember, Offsets, ProcExec, ProcExit, ProcMember, ProcStart, RECORDS_BYTES,
     ROOT_ENDED, RSS_MEMBERS, RecordHeader, RunControl, RunCounters, SPLIT_RECORDS_BYTES, Spawner,
-    TaskMember, ThreadEnd, TrackerInfo, control, creds_known, event_kind, filter_slot,
+    TaskMember, ThreadEnd, ThreadUsage, TrackerInfo, control, creds_known, event_kind, filter_slot,
     member_flags, proc_flags, record_kind, run_flags,
 };
 
@@ -218,6 +218,22 @@ fn add(field: &mut u64, v: u64) {
 
 // Where the old value is used, the ordering is SeqCst: LLVM 22 selects the fetch-less
 // `lock add` for a relaxed atomicrmw even when its result is used.
+/// Adds what a thread used to a run's sums, field by field (atomic adds).
+#[inline(always)]
+fn add_usage(sums: &mut ThreadUsage, u: &ThreadUsage) {
+    add(&mut sums.cpu_runtime_ns, u.cpu_runtime_ns);
+    add(&mut sums.cpu_utime_ns, u.cpu_utime_ns);
+    add(&mut sums.cpu_stime_ns, u.cpu_stime_ns);
+    add(&mut sums.disk_read_bytes, u.disk_read_bytes);
+    add(&mut sums.disk_write_bytes, u.disk_write_bytes);
+    add(
+        &mut sums.disk_cancelled_write_bytes,
+        u.disk_cancelled_write_bytes,
+    );
+    add(&mut sums.io_rchar, u.io_rchar);
+    add(&mut sums.io_wchar, u.io_wchar);
+}
+
 /// Atomically adds `v` (wrapping: `u64::MAX` subtracts 1) and returns the new value.
 #[inline(always)]
 fn add_fetch(field: &mut u64, v: u64) -> u64 {
@@ -385,7 +401,7 @@ struct Diag {
 #[repr(C)]
 struct AdoptScratch {
     group: [u64; 10],
-    thread: [u64; 8],
+    thread: ThreadUsage,
 }
 
 #[map]

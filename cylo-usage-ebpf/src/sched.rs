@@ -58,46 +58,46 @@ pub(crate) fn task_state(task: u64) -> u64 {
     }
 }
 
-/// What a thread has used over its life so far: runtime, utime, stime and its I/O accounting
-/// (read bytes, write bytes, cancelled write bytes, rchar, wchar; 0 where the kernel lacks it).
-/// `None` if the runtime cannot be read.
+/// What a thread has used over its life so far (its I/O accounting 0 where the kernel lacks
+/// it). `None` if the CPU figures cannot be read.
 #[inline(always)]
-pub(crate) fn thread_usage(task: u64) -> Option<[u64; 8]> {
-    let runtime = read::<u64>(task, offset!(task_sum_exec_runtime))?;
-    let utime = read::<u64>(task, offset!(task_utime))?;
-    let stime = read::<u64>(task, offset!(task_stime))?;
-    Some([
-        runtime,
-        utime,
-        stime,
-        ioac(task, offset!(task_ioac_read_bytes)),
-        ioac(task, offset!(task_ioac_write_bytes)),
-        ioac(task, offset!(task_ioac_cancelled_write_bytes)),
-        ioac(task, offset!(task_ioac_rchar)),
-        ioac(task, offset!(task_ioac_wchar)),
-    ])
+pub(crate) fn thread_usage(task: u64) -> Option<ThreadUsage> {
+    let cpu_runtime_ns = read::<u64>(task, offset!(task_sum_exec_runtime))?;
+    let cpu_utime_ns = read::<u64>(task, offset!(task_utime))?;
+    let cpu_stime_ns = read::<u64>(task, offset!(task_stime))?;
+    Some(ThreadUsage {
+        cpu_runtime_ns,
+        cpu_utime_ns,
+        cpu_stime_ns,
+        disk_read_bytes: ioac(task, offset!(task_ioac_read_bytes)),
+        disk_write_bytes: ioac(task, offset!(task_ioac_write_bytes)),
+        disk_cancelled_write_bytes: ioac(task, offset!(task_ioac_cancelled_write_bytes)),
+        io_rchar: ioac(task, offset!(task_ioac_rchar)),
+        io_wchar: ioac(task, offset!(task_ioac_wchar)),
+    })
 }
 
 /// [`thread_usage`] written into `u` (not returned on the stack); false if the runtime cannot
 /// be read.
 #[inline(always)]
-pub(crate) fn thread_usage_into(task: u64, u: &mut [u64; 8]) -> bool {
-    let cpu = [
-        offset!(task_sum_exec_runtime),
-        offset!(task_utime),
-        offset!(task_stime),
-    ];
-    for (i, offset) in cpu.into_iter().enumerate() {
-        match read::<u64>(task, offset) {
-            Some(v) => u[i] = v,
-            None => return false,
-        }
-    }
-    u[3] = ioac(task, offset!(task_ioac_read_bytes));
-    u[4] = ioac(task, offset!(task_ioac_write_bytes));
-    u[5] = ioac(task, offset!(task_ioac_cancelled_write_bytes));
-    u[6] = ioac(task, offset!(task_ioac_rchar));
-    u[7] = ioac(task, offset!(task_ioac_wchar));
+pub(crate) fn thread_usage_into(task: u64, u: &mut ThreadUsage) -> bool {
+    let Some(runtime) = read::<u64>(task, offset!(task_sum_exec_runtime)) else {
+        return false;
+    };
+    u.cpu_runtime_ns = runtime;
+    let Some(utime) = read::<u64>(task, offset!(task_utime)) else {
+        return false;
+    };
+    u.cpu_utime_ns = utime;
+    let Some(stime) = read::<u64>(task, offset!(task_stime)) else {
+        return false;
+    };
+    u.cpu_stime_ns = stime;
+    u.disk_read_bytes = ioac(task, offset!(task_ioac_read_bytes));
+    u.disk_write_bytes = ioac(task, offset!(task_ioac_write_bytes));
+    u.disk_cancelled_write_bytes = ioac(task, offset!(task_ioac_cancelled_write_bytes));
+    u.io_rchar = ioac(task, offset!(task_ioac_rchar));
+    u.io_wchar = ioac(task, offset!(task_ioac_wchar));
     true
 }
 
@@ -133,14 +133,14 @@ pub(crate) fn group_usage(signal: u64, task: u64, leader: u64, g: &mut [u64; 10]
         && unsafe { TASKS.get(leader) }.is_none()
         && let Some(u) = thread_usage(leader)
     {
-        g[0] = g[0].wrapping_add(u[0]);
-        g[1] = g[1].wrapping_add(u[1]);
-        g[2] = g[2].wrapping_add(u[2]);
-        g[5] = g[5].wrapping_add(u[3]);
-        g[6] = g[6].wrapping_add(u[4]);
-        g[7] = g[7].wrapping_add(u[5]);
-        g[8] = g[8].wrapping_add(u[6]);
-        g[9] = g[9].wrapping_add(u[7]);
+        g[0] = g[0].wrapping_add(u.cpu_runtime_ns);
+        g[1] = g[1].wrapping_add(u.cpu_utime_ns);
+        g[2] = g[2].wrapping_add(u.cpu_stime_ns);
+        g[5] = g[5].wrapping_add(u.disk_read_bytes);
+        g[6] = g[6].wrapping_add(u.disk_write_bytes);
+        g[7] = g[7].wrapping_add(u.disk_cancelled_write_bytes);
+        g[8] = g[8].wrapping_add(u.io_rchar);
+        g[9] = g[9].wrapping_add(u.io_wchar);
     }
     true
 }
@@ -159,7 +159,7 @@ pub(crate) fn ioac(task: u64, offset: u32) -> u64 {
 pub(crate) fn record_thread(
     kind: u32,
     member: &TaskMember,
-    u: &[u64; 8],
+    u: &ThreadUsage,
     counters: &mut RunCounters,
 ) {
     match reserve::<ThreadEnd>(counters) {
@@ -171,14 +171,7 @@ pub(crate) fn record_thread(
             };
             entry.write(ThreadEnd {
                 header: header(kind, member.run, member.process),
-                cpu_runtime_ns: u[0],
-                cpu_utime_ns: u[1],
-                cpu_stime_ns: u[2],
-                disk_read_bytes: u[3],
-                disk_write_bytes: u[4],
-                disk_cancelled_write_bytes: u[5],
-                io_rchar: u[6],
-                io_wchar: u[7],
+                usage: *u,
                 net_sent,
                 net_received,
             });
@@ -198,14 +191,7 @@ pub(crate) fn leave<const ATOMICS: bool>(task: u64, member: &TaskMember) {
     };
     match thread_usage(task) {
         Some(u) => {
-            add(&mut counters.cpu_runtime_ns, u[0]);
-            add(&mut counters.cpu_utime_ns, u[1]);
-            add(&mut counters.cpu_stime_ns, u[2]);
-            add(&mut counters.disk_read_bytes, u[3]);
-            add(&mut counters.disk_write_bytes, u[4]);
-            add(&mut counters.disk_cancelled_write_bytes, u[5]);
-            add(&mut counters.io_rchar, u[6]);
-            add(&mut counters.io_wchar, u[7]);
+            add_usage(&mut counters.total, &u);
             if wants_records(counters) {
                 record_thread(record_kind::THREAD_END, member, &u, counters);
             }

@@ -509,17 +509,99 @@ pub struct DevCounters {
     pub write_ops: u64,
 }
 
+/// What one thread used, as the kernel keeps it in its `task_struct`: the one counter set of
+/// the ABI. The kernel side reads it at a thread's adoption and after its last context
+/// switch and adds it to its run (`RunCounters::total`, `RunCounters::before`) and to its
+/// records ([`ThreadEnd`]); userspace reads the same set from /proc for live threads, and
+/// sums, subtracts and splits it. Every figure is in the unit its name says: utime and
+/// stime are the kernel's tick-sampled times in ns (userspace converts /proc's clock ticks
+/// where it reads them), never ticks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadUsage {
+    /// `se.sum_exec_runtime`: the precise CPU time.
+    pub cpu_runtime_ns: u64,
+    /// Tick-sampled user and system time (for the user/system split only).
+    pub cpu_utime_ns: u64,
+    pub cpu_stime_ns: u64,
+    /// `ioac` (bytes): storage reads caused, storage writes caused (when dirtied), dirty data
+    /// truncated before writeback, and logical read/write syscall bytes.
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+    pub disk_cancelled_write_bytes: u64,
+    pub io_rchar: u64,
+    pub io_wchar: u64,
+}
+
+impl core::ops::AddAssign for ThreadUsage {
+    /// Field by field, wrapping (as the kernel's counters do).
+    fn add_assign(&mut self, o: ThreadUsage) {
+        self.cpu_runtime_ns = self.cpu_runtime_ns.wrapping_add(o.cpu_runtime_ns);
+        self.cpu_utime_ns = self.cpu_utime_ns.wrapping_add(o.cpu_utime_ns);
+        self.cpu_stime_ns = self.cpu_stime_ns.wrapping_add(o.cpu_stime_ns);
+        self.disk_read_bytes = self.disk_read_bytes.wrapping_add(o.disk_read_bytes);
+        self.disk_write_bytes = self.disk_write_bytes.wrapping_add(o.disk_write_bytes);
+        self.disk_cancelled_write_bytes = self
+            .disk_cancelled_write_bytes
+            .wrapping_add(o.disk_cancelled_write_bytes);
+        self.io_rchar = self.io_rchar.wrapping_add(o.io_rchar);
+        self.io_wchar = self.io_wchar.wrapping_add(o.io_wchar);
+    }
+}
+
+impl core::ops::Add for ThreadUsage {
+    type Output = ThreadUsage;
+    fn add(mut self, o: ThreadUsage) -> ThreadUsage {
+        self += o;
+        self
+    }
+}
+
+impl ThreadUsage {
+    /// Field by field, stopping at 0: what was used since `o`, where a part of the later
+    /// reading may be missing.
+    pub fn saturating_sub(self, o: ThreadUsage) -> ThreadUsage {
+        ThreadUsage {
+            cpu_runtime_ns: self.cpu_runtime_ns.saturating_sub(o.cpu_runtime_ns),
+            cpu_utime_ns: self.cpu_utime_ns.saturating_sub(o.cpu_utime_ns),
+            cpu_stime_ns: self.cpu_stime_ns.saturating_sub(o.cpu_stime_ns),
+            disk_read_bytes: self.disk_read_bytes.saturating_sub(o.disk_read_bytes),
+            disk_write_bytes: self.disk_write_bytes.saturating_sub(o.disk_write_bytes),
+            disk_cancelled_write_bytes: self
+                .disk_cancelled_write_bytes
+                .saturating_sub(o.disk_cancelled_write_bytes),
+            io_rchar: self.io_rchar.saturating_sub(o.io_rchar),
+            io_wchar: self.io_wchar.saturating_sub(o.io_wchar),
+        }
+    }
+}
+
+impl core::ops::Sub for ThreadUsage {
+    type Output = ThreadUsage;
+    /// Field by field, wrapping: what was used between two readings of the same threads.
+    fn sub(self, o: ThreadUsage) -> ThreadUsage {
+        ThreadUsage {
+            cpu_runtime_ns: self.cpu_runtime_ns.wrapping_sub(o.cpu_runtime_ns),
+            cpu_utime_ns: self.cpu_utime_ns.wrapping_sub(o.cpu_utime_ns),
+            cpu_stime_ns: self.cpu_stime_ns.wrapping_sub(o.cpu_stime_ns),
+            disk_read_bytes: self.disk_read_bytes.wrapping_sub(o.disk_read_bytes),
+            disk_write_bytes: self.disk_write_bytes.wrapping_sub(o.disk_write_bytes),
+            disk_cancelled_write_bytes: self
+                .disk_cancelled_write_bytes
+                .wrapping_sub(o.disk_cancelled_write_bytes),
+            io_rchar: self.io_rchar.wrapping_sub(o.io_rchar),
+            io_wchar: self.io_wchar.wrapping_sub(o.io_wchar),
+        }
+    }
+}
+
 /// The per-run accounting record, value of `RUNS`. Every field is a counter updated with
 /// atomic adds in the kernel; userspace only reads it (and zeroes a slot before a run).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RunCounters {
-    /// Sum of `se.sum_exec_runtime` of exited threads, read after their last context switch.
-    pub cpu_runtime_ns: u64,
-    /// Sum of tick-sampled `utime` of exited threads (for the user/system split only).
-    pub cpu_utime_ns: u64,
-    /// Sum of tick-sampled `stime` of exited threads (for the user/system split only).
-    pub cpu_stime_ns: u64,
+    /// What the run's exited threads used, each read after its last context switch.
+    pub total: ThreadUsage,
     /// Processes that ever joined, the root included.
     pub processes_started: u64,
     /// Threads that ever joined, main threads included.
@@ -535,14 +617,6 @@ pub struct RunCounters {
     pub lost_events: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the last thread left; 0 before.
     pub ended_ns: u64,
-    /// Sums of exited threads' `task_struct.ioac` (bytes): storage reads caused, storage
-    /// writes caused (when dirtied), dirty data truncated before writeback, and logical
-    /// read/write syscall bytes.
-    pub disk_read_bytes: u64,
-    pub disk_write_bytes: u64,
-    pub disk_cancelled_write_bytes: u64,
-    pub io_rchar: u64,
-    pub io_wchar: u64,
     /// RSS (file + anon + shmem pages) of the run's address spaces now, and its peak.
     pub rss_pages: u64,
     pub rss_peak_pages: u64,
@@ -556,17 +630,10 @@ pub struct RunCounters {
     /// `ROOT_ENDED | exit_code` once the root process has ended (its last thread passed
     /// do_exit()); `exit_code` is the kernel's wait status (`code << 8 | signal`).
     pub root_status: u64,
-    /// What adopted threads had already used when they were adopted (attach): the same
-    /// counters as above, read at adoption. The run's totals above include it (they are read
-    /// at exit, over each thread's whole life); userspace subtracts it.
-    pub before_cpu_runtime_ns: u64,
-    pub before_cpu_utime_ns: u64,
-    pub before_cpu_stime_ns: u64,
-    pub before_disk_read_bytes: u64,
-    pub before_disk_write_bytes: u64,
-    pub before_disk_cancelled_write_bytes: u64,
-    pub before_io_rchar: u64,
-    pub before_io_wchar: u64,
+    /// What adopted threads had already used when they were adopted (attach), read at
+    /// adoption. `total` includes it (it is read at exit, over each thread's whole life);
+    /// userspace subtracts it.
+    pub before: ThreadUsage,
     /// Processes and threads that were adopted rather than created inside the run.
     pub processes_adopted: u64,
     pub threads_adopted: u64,
@@ -921,14 +988,9 @@ pub struct ProcExit {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThreadEnd {
     pub header: RecordHeader,
-    pub cpu_runtime_ns: u64,
-    pub cpu_utime_ns: u64,
-    pub cpu_stime_ns: u64,
-    pub disk_read_bytes: u64,
-    pub disk_write_bytes: u64,
-    pub disk_cancelled_write_bytes: u64,
-    pub io_rchar: u64,
-    pub io_wchar: u64,
+    /// What the thread used over its whole life (`THREAD_END`), or until its adoption
+    /// (`THREAD_ADOPTED`).
+    pub usage: ThreadUsage,
     /// TCP and UDP payload bytes it sent and received (0 for `THREAD_ADOPTED`: the kernel
     /// keeps no history of a thread's socket traffic before it was followed).
     pub net_sent: u64,
@@ -947,6 +1009,7 @@ const _: () = assert!(size_of::<Offsets>() == 304);
 const _: () = assert!(size_of::<TaskMember>() == 56);
 const _: () = assert!(size_of::<ProcMember>() == 24);
 const _: () = assert!(size_of::<RunCounters>() == 480);
+const _: () = assert!(size_of::<ThreadUsage>() == 64);
 const _: () = assert!(size_of::<RunControl>() == 16);
 const _: () = assert!(size_of::<TrackerInfo>() == 16);
 const _: () = assert!(size_of::<RecordHeader>() == 24);

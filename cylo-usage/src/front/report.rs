@@ -763,14 +763,17 @@ mod tests {
     }
     use crate::kernel::features::{Measured, NetworkPath};
     use crate::usage::{DiskDevice, LiveSample, RootExit, Units, merge};
-    use cylo_usage_abi::RunCounters;
+    use cylo_usage_abi::{RunCounters, ThreadUsage};
 
     #[test]
     fn human_report_names_every_field() {
         let c = RunCounters {
-            cpu_runtime_ns: 1_500_000_000,
-            cpu_utime_ns: 1,
-            cpu_stime_ns: 1,
+            total: ThreadUsage {
+                cpu_runtime_ns: 1_500_000_000,
+                cpu_utime_ns: 1,
+                cpu_stime_ns: 1,
+                ..ThreadUsage::default()
+            },
             processes_started: 3,
             threads_started: 4,
             processes_peak: 2,

@@ -8,8 +8,9 @@ use crate::error::Error;
 use crate::proc::walker::{self, Detail, Node, ProcFs, Read, Seed};
 use crate::session::fallback::account::interval_text;
 use crate::session::run::SessionError;
-use crate::sys::procfs::{self, ThreadIo};
+use crate::sys::procfs;
 use crate::usage::{ResourceUsage, TrackerKind, split_runtime};
+use cylo_usage_abi::ThreadUsage;
 
 /// A snapshot of process `pid` and its live descendants, from `/proc`:
 ///
@@ -85,7 +86,7 @@ pub(crate) fn snapshot(
 pub(crate) fn merge(read: &[(Node, Detail)], page_size: u64, wall_time_ms: u64) -> ResourceUsage {
     let mut u = ResourceUsage::unmeasured(TrackerKind::Proc);
     let (mut cpu, mut user, mut system) = (0u64, 0u64, 0u64);
-    let mut io = Some(ThreadIo::default());
+    let mut io = Some(ThreadUsage::default());
     let mut rss = 0;
     let mut hwm = 0;
     let mut live = 0;
@@ -94,17 +95,8 @@ pub(crate) fn merge(read: &[(Node, Detail)], page_size: u64, wall_time_ms: u64) 
         cpu += d.own_cpu_ns + d.waited_cpu_ns;
         user += d.user_ticks;
         system += d.system_ticks;
-        io = match (io, d.io) {
-            (Some(mut t), Some(i)) => {
-                t.rchar += i.rchar;
-                t.wchar += i.wchar;
-                t.read_bytes += i.read_bytes;
-                t.write_bytes += i.write_bytes;
-                t.cancelled_write_bytes += i.cancelled_write_bytes;
-                Some(t)
-            }
-            _ => None,
-        };
+        // Known for the tree only where known for every process.
+        io = io.zip(d.io).map(|(sum, i)| sum + i.usage());
         hwm = hwm.max(d.hwm_bytes.unwrap_or(0));
         threads += n.tids.len() as u64;
         if !n.stat.is_zombie() {
@@ -120,11 +112,11 @@ pub(crate) fn merge(read: &[(Node, Detail)], page_size: u64, wall_time_ms: u64) 
     u.process_count = read.len() as u64;
     u.thread_count = threads;
     u.live_process_count = live;
-    u.disk_bytes_read = io.map(|i| i.read_bytes);
-    u.disk_bytes_written = io.map(|i| i.write_bytes);
-    u.disk_cancelled_write_bytes = io.map(|i| i.cancelled_write_bytes);
-    u.io_read_chars = io.map(|i| i.rchar);
-    u.io_write_chars = io.map(|i| i.wchar);
+    u.disk_bytes_read = io.map(|i| i.disk_read_bytes);
+    u.disk_bytes_written = io.map(|i| i.disk_write_bytes);
+    u.disk_cancelled_write_bytes = io.map(|i| i.disk_cancelled_write_bytes);
+    u.io_read_chars = io.map(|i| i.io_rchar);
+    u.io_write_chars = io.map(|i| i.io_wchar);
     u.memory_bytes = Some(rss);
     u.max_process_rss_bytes = Some(hwm);
     u.wall_time_ms = wall_time_ms;

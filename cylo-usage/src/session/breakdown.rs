@@ -24,8 +24,8 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::io::Write;
 
 use cylo_usage_abi::{
-    ARGV_BYTES, Creds, ProcExec, ProcExit, ProcStart, RecordHeader, ThreadEnd, proc_flags,
-    record_kind,
+    ARGV_BYTES, Creds, ProcExec, ProcExit, ProcStart, RecordHeader, ThreadEnd, ThreadUsage,
+    proc_flags, record_kind,
 };
 
 use crate::kernel::features::Measured;
@@ -47,28 +47,39 @@ pub(crate) struct AdoptedArgv {
 /// breakdown (and counted), so a fork bomb cannot exhaust the tracker's memory.
 pub const DEFAULT_TREE_LIMIT: usize = 1_000_000;
 
-/// What a thread used: runtime, utime, stime (ns), then disk read, write, cancelled, rchar,
-/// wchar, TCP/UDP bytes sent and received.
-pub type ThreadCounters = [u64; 10];
-
-fn thread_counters(t: &ThreadEnd) -> ThreadCounters {
-    [
-        t.cpu_runtime_ns,
-        t.cpu_utime_ns,
-        t.cpu_stime_ns,
-        t.disk_read_bytes,
-        t.disk_write_bytes,
-        t.disk_cancelled_write_bytes,
-        t.io_rchar,
-        t.io_wchar,
-        t.net_sent,
-        t.net_received,
-    ]
+/// What threads used: the ABI's counter set ([`ThreadUsage`], in ns and bytes), and the
+/// TCP/UDP bytes they sent and received, which runs with records keep per thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Used {
+    pub usage: ThreadUsage,
+    pub net_sent: u64,
+    pub net_received: u64,
 }
 
-fn add_to(total: &mut ThreadCounters, v: &ThreadCounters) {
-    for (t, x) in total.iter_mut().zip(v) {
-        *t = t.wrapping_add(*x);
+impl Used {
+    fn of(t: &ThreadEnd) -> Used {
+        Used {
+            usage: t.usage,
+            net_sent: t.net_sent,
+            net_received: t.net_received,
+        }
+    }
+
+    /// Field by field, stopping at 0 (see [`ThreadUsage::saturating_sub`]).
+    fn saturating_sub(self, o: Used) -> Used {
+        Used {
+            usage: self.usage.saturating_sub(o.usage),
+            net_sent: self.net_sent.saturating_sub(o.net_sent),
+            net_received: self.net_received.saturating_sub(o.net_received),
+        }
+    }
+}
+
+impl std::ops::AddAssign for Used {
+    fn add_assign(&mut self, o: Used) {
+        self.usage += o.usage;
+        self.net_sent = self.net_sent.wrapping_add(o.net_sent);
+        self.net_received = self.net_received.wrapping_add(o.net_received);
     }
 }
 
@@ -94,8 +105,8 @@ struct Proc {
     /// Threads it had when it ended (from its exit record).
     threads: Option<u64>,
     threads_ended: u64,
-    used: ThreadCounters,
-    before: ThreadCounters,
+    used: Used,
+    before: Used,
     peak_pages: u64,
     exit_reported: bool,
     /// Its credentials from its last record that carried them.
@@ -653,14 +664,14 @@ impl Breakdown {
     }
 
     fn on_thread(&mut self, r: &ThreadEnd) {
-        let v = thread_counters(r);
+        let v = Used::of(r);
         let Some(p) = self.get(r.header.process) else {
             return;
         };
         if r.header.kind == record_kind::THREAD_ADOPTED {
-            add_to(&mut p.before, &v);
+            p.before += v;
         } else {
-            add_to(&mut p.used, &v);
+            p.used += v;
             p.threads_ended += 1;
         }
         self.report_exit(r.header.process, false);
@@ -686,7 +697,7 @@ impl Breakdown {
         }
         let end = p.end_mono_ns.map(|e| self.rel(e)).unwrap_or(0);
         self.waiting_exits.remove(&(end, id));
-        let mut u = self.usage_of(p, &[0; 10], self.measured);
+        let mut u = self.usage_of(p, &Used::default(), self.measured);
         u.parent_index = None;
         // Without a stream (a run's split alone), no line is made.
         let line = self.events.is_some().then(|| {
@@ -727,14 +738,12 @@ impl Breakdown {
 
     /// `p`'s figures, with `live` (what its live threads have used, from /proc) added and
     /// what it had used before an attach taken off.
-    fn usage_of(&self, p: &Proc, live: &ThreadCounters, measured: Measured) -> ProcessUsage {
+    fn usage_of(&self, p: &Proc, live: &Used, measured: Measured) -> ProcessUsage {
         let mut used = p.used;
-        add_to(&mut used, live);
-        let mut c = [0u64; 10];
-        for (i, slot) in c.iter_mut().enumerate() {
-            *slot = used[i].saturating_sub(p.before[i]);
-        }
-        let (user, system) = split_runtime(c[0], c[1], c[2]);
+        used += *live;
+        let c = used.saturating_sub(p.before);
+        let u = c.usage;
+        let (user, system) = split_runtime(u.cpu_runtime_ns, u.cpu_utime_ns, u.cpu_stime_ns);
         let (exit_code, signal) = match p.status {
             Some(s) => decode_status(s),
             None => (None, None),
@@ -755,19 +764,19 @@ impl Breakdown {
             signal,
             attached: p.adopted,
             thread_count: p.threads.unwrap_or(p.threads_ended),
-            cpu_time_ns: c[0],
+            cpu_time_ns: u.cpu_runtime_ns,
             cpu_user_ns: user,
             cpu_system_ns: system,
-            disk_bytes_read: Some(c[3]),
-            disk_bytes_written: Some(c[4]),
-            disk_cancelled_write_bytes: Some(c[5]),
-            io_read_chars: Some(c[6]),
-            io_write_chars: Some(c[7]),
+            disk_bytes_read: Some(u.disk_read_bytes),
+            disk_bytes_written: Some(u.disk_write_bytes),
+            disk_cancelled_write_bytes: Some(u.disk_cancelled_write_bytes),
+            io_read_chars: Some(u.io_rchar),
+            io_write_chars: Some(u.io_wchar),
             peak_memory_bytes: measured
                 .atomics
                 .then_some(p.peak_pages * self.units.page_size),
-            network_bytes_sent: measured.network.is_some().then_some(c[8]),
-            network_bytes_received: measured.network.is_some().then_some(c[9]),
+            network_bytes_sent: measured.network.is_some().then_some(c.net_sent),
+            network_bytes_received: measured.network.is_some().then_some(c.net_received),
             withheld: false,
         };
         if !measured.disk {
@@ -787,25 +796,18 @@ impl Breakdown {
 
     /// The tree's CPU time, user and system, as the sums of its processes' own splits (each
     /// [`crate::usage::split_runtime`] of its thread group's figures), live threads' figures
-    /// (`live`, by process identity; utime and stime in ticks) added. `None` when some
-    /// process's figures are missing (left out of the breakdown, or forgotten before all its
-    /// records were in).
-    pub fn cpu_split(&self, live: &HashMap<u64, (ThreadCounters, u64)>) -> Option<[u64; 3]> {
+    /// (`live`, by process identity) added. `None` when some process's figures are missing
+    /// (left out of the breakdown, or forgotten before all its records were in).
+    pub fn cpu_split(&self, live: &HashMap<u64, (Used, u64)>) -> Option<[u64; 3]> {
         if self.dropped > 0 || self.forgotten_incomplete {
             return None;
         }
-        let tick_ns = 1_000_000_000 / self.units.ticks_per_second.max(1);
         let mut total = self.forgotten_cpu;
         for p in self.procs.iter().flatten() {
             let (l, _) = live.get(&p.id).copied().unwrap_or_default();
-            let c: Vec<u64> = (0..3)
-                .map(|i| {
-                    let l = if i == 0 { l[0] } else { l[i] * tick_ns };
-                    p.used[i].wrapping_add(l).saturating_sub(p.before[i])
-                })
-                .collect();
-            let (user, system) = split_runtime(c[0], c[1], c[2]);
-            for (t, v) in total.iter_mut().zip([c[0], user, system]) {
+            let c = (p.used.usage + l.usage).saturating_sub(p.before.usage);
+            let (user, system) = split_runtime(c.cpu_runtime_ns, c.cpu_utime_ns, c.cpu_stime_ns);
+            for (t, v) in total.iter_mut().zip([c.cpu_runtime_ns, user, system]) {
                 *t += v;
             }
         }
@@ -816,18 +818,14 @@ impl Breakdown {
     /// process identity) added, and the counters the kernel does not measure set to `None`.
     pub fn processes(
         &self,
-        live: &HashMap<u64, (ThreadCounters, u64)>,
+        live: &HashMap<u64, (Used, u64)>,
         measured: Measured,
     ) -> Vec<ProcessUsage> {
-        let tick_ns = 1_000_000_000 / self.units.ticks_per_second.max(1);
         self.procs
             .iter()
             .flatten()
             .map(|p| {
-                let (mut counters, threads) = live.get(&p.id).copied().unwrap_or_default();
-                // /proc gives utime/stime in ticks.
-                counters[1] *= tick_ns;
-                counters[2] *= tick_ns;
+                let (counters, threads) = live.get(&p.id).copied().unwrap_or_default();
                 let mut u = self.usage_of(p, &counters, measured);
                 if p.end_mono_ns.is_none() {
                     u.thread_count = p.threads_ended + threads;

@@ -13,7 +13,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use cylo_usage_abi::{ROOT_ENDED, RunControl, RunCounters, TaskMember, control, run_flags};
 
 use crate::kernel::tracker::Shared;
-use crate::session::breakdown::{Breakdown, EventSink, ThreadCounters};
+use crate::session::breakdown::{Breakdown, EventSink, Used};
 use crate::sys::lock;
 use crate::sys::procfs::{self, ThreadSample};
 use crate::sys::{self, dup, fd_readable, monotonic_ns, pidfd_send_signal, watch};
@@ -673,26 +673,17 @@ impl Run {
             return u;
         };
         self.sinks().drain();
-        let mut by_process: HashMap<u64, (ThreadCounters, u64)> = HashMap::new();
+        // What each process's live threads have used, in ns (their ticks converted here).
+        let tick_ns = 1_000_000_000 / procfs::clock_ticks_per_second().max(1);
+        let mut by_process: HashMap<u64, (Used, u64)> = HashMap::new();
         for (m, t) in live {
-            let e = by_process.entry(m.process).or_default();
-            let io = t.io.unwrap_or_default();
-            let add = [
-                t.runtime_ns,
-                t.utime_ticks,
-                t.stime_ticks,
-                io.read_bytes,
-                io.write_bytes,
-                io.cancelled_write_bytes,
-                io.rchar,
-                io.wchar,
-                m.net_sent,
-                m.net_received,
-            ];
-            for (total, v) in e.0.iter_mut().zip(add) {
-                *total += v;
-            }
-            e.1 += 1;
+            let (used, threads) = by_process.entry(m.process).or_default();
+            *used += Used {
+                usage: t.usage(tick_ns),
+                net_sent: m.net_sent,
+                net_received: m.net_received,
+            };
+            *threads += 1;
         }
         let tree = lock(tree);
         // The user/system split is each process's own (as the kernel's wait4 reports it), so

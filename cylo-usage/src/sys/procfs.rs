@@ -3,6 +3,7 @@
 //! Everything here is controlled by the traced (untrusted) code in part: a process name may
 //! contain spaces, parentheses and newlines, so parsers never trust field positions before the
 //! last `)` of `stat`.
+use cylo_usage_abi::ThreadUsage;
 use std::path::PathBuf;
 
 /// What a live thread has used so far, from `/proc/TGID/task/TID/{schedstat,stat,io}`.
@@ -26,6 +27,33 @@ pub struct ThreadIo {
     pub read_bytes: u64,
     pub write_bytes: u64,
     pub cancelled_write_bytes: u64,
+}
+
+impl ThreadIo {
+    /// The I/O part of the ABI's counter set (its CPU part 0).
+    pub fn usage(&self) -> ThreadUsage {
+        ThreadUsage {
+            disk_read_bytes: self.read_bytes,
+            disk_write_bytes: self.write_bytes,
+            disk_cancelled_write_bytes: self.cancelled_write_bytes,
+            io_rchar: self.rchar,
+            io_wchar: self.wchar,
+            ..ThreadUsage::default()
+        }
+    }
+}
+
+impl ThreadSample {
+    /// The ABI's counter set of what the thread has used, its clock ticks converted to ns
+    /// (`tick_ns` a tick) here where they are read; no I/O where the kernel keeps none.
+    pub fn usage(&self, tick_ns: u64) -> ThreadUsage {
+        ThreadUsage {
+            cpu_runtime_ns: self.runtime_ns,
+            cpu_utime_ns: self.utime_ticks.wrapping_mul(tick_ns),
+            cpu_stime_ns: self.stime_ticks.wrapping_mul(tick_ns),
+            ..self.io.map(|io| io.usage()).unwrap_or_default()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -342,12 +342,13 @@ fn network(c: &RunCounters, path: Option<NetworkPath>) -> Option<NetworkUsage> {
 /// children's comes split already (the kernel split it when it reaped them).
 fn before_attach(c: &RunCounters, measured: Measured) -> UsageBeforeAttach {
     let runtime = c
-        .before_cpu_runtime_ns
+        .before
+        .cpu_runtime_ns
         .wrapping_add(c.before_exited_runtime_ns);
     let (user, system) = split_runtime(
         runtime,
-        c.before_cpu_utime_ns.wrapping_add(c.before_exited_utime_ns),
-        c.before_cpu_stime_ns.wrapping_add(c.before_exited_stime_ns),
+        c.before.cpu_utime_ns.wrapping_add(c.before_exited_utime_ns),
+        c.before.cpu_stime_ns.wrapping_add(c.before_exited_stime_ns),
     );
     let (reaped_user, reaped_system) = (c.before_reaped_user_ns, c.before_reaped_system_ns);
     let disk = |live: u64, group: u64| measured.disk.then_some(live.wrapping_add(group));
@@ -360,14 +361,14 @@ fn before_attach(c: &RunCounters, measured: Measured) -> UsageBeforeAttach {
             .wrapping_add(reaped_system),
         cpu_user_ns: user.wrapping_add(reaped_user),
         cpu_system_ns: system.wrapping_add(reaped_system),
-        disk_bytes_read: disk(c.before_disk_read_bytes, c.before_group_disk_read_bytes),
-        disk_bytes_written: disk(c.before_disk_write_bytes, c.before_group_disk_write_bytes),
+        disk_bytes_read: disk(c.before.disk_read_bytes, c.before_group_disk_read_bytes),
+        disk_bytes_written: disk(c.before.disk_write_bytes, c.before_group_disk_write_bytes),
         disk_cancelled_write_bytes: disk(
-            c.before_disk_cancelled_write_bytes,
+            c.before.disk_cancelled_write_bytes,
             c.before_group_disk_cancelled_write_bytes,
         ),
-        io_read_chars: chars(c.before_io_rchar, c.before_group_io_rchar),
-        io_write_chars: chars(c.before_io_wchar, c.before_group_io_wchar),
+        io_read_chars: chars(c.before.io_rchar, c.before_group_io_rchar),
+        io_write_chars: chars(c.before.io_wchar, c.before_group_io_wchar),
     }
 }
 
@@ -384,43 +385,11 @@ pub fn merge(
     let c = counters;
     // The kernel's totals cover adopted threads' whole lives; what they had used before the
     // attach comes off (it is reported apart).
-    let before = [
-        c.before_cpu_runtime_ns,
-        c.before_cpu_utime_ns,
-        c.before_cpu_stime_ns,
-        c.before_disk_read_bytes,
-        c.before_disk_write_bytes,
-        c.before_disk_cancelled_write_bytes,
-        c.before_io_rchar,
-        c.before_io_wchar,
-    ];
-    let mut runtime = c.cpu_runtime_ns.wrapping_sub(before[0]);
-    let mut utime = c.cpu_utime_ns.wrapping_sub(before[1]);
-    let mut stime = c.cpu_stime_ns.wrapping_sub(before[2]);
-    let mut io = [
-        c.disk_read_bytes.wrapping_sub(before[3]),
-        c.disk_write_bytes.wrapping_sub(before[4]),
-        c.disk_cancelled_write_bytes.wrapping_sub(before[5]),
-        c.io_rchar.wrapping_sub(before[6]),
-        c.io_wchar.wrapping_sub(before[7]),
-    ];
+    let mut used = c.total - c.before;
     for t in &live.threads {
-        runtime = runtime.wrapping_add(t.runtime_ns);
-        utime = utime.wrapping_add(t.utime_ticks * tick_ns);
-        stime = stime.wrapping_add(t.stime_ticks * tick_ns);
-        if let Some(i) = t.io {
-            let add = [
-                i.read_bytes,
-                i.write_bytes,
-                i.cancelled_write_bytes,
-                i.rchar,
-                i.wchar,
-            ];
-            for (total, v) in io.iter_mut().zip(add) {
-                *total = total.wrapping_add(v);
-            }
-        }
+        used += t.usage(tick_ns);
     }
+    let (runtime, utime, stime) = (used.cpu_runtime_ns, used.cpu_utime_ns, used.cpu_stime_ns);
     // The tree's sums split at once. The session replaces this with the sum of each
     // process's own split (as wait4 makes it) where its records cover the whole runtime.
     let (user, system) = split_runtime(runtime, utime, stime);
@@ -463,12 +432,12 @@ pub fn merge(
         thread_count: c.threads_started,
         peak_process_count: measured.atomics.then_some(c.processes_peak),
         live_process_count: c.processes_alive.saturating_add(c.tasks_escaped),
-        disk_bytes_read: measured.disk.then_some(io[0]),
-        disk_bytes_written: measured.disk.then_some(io[1]),
-        disk_cancelled_write_bytes: measured.disk.then_some(io[2]),
+        disk_bytes_read: measured.disk.then_some(used.disk_read_bytes),
+        disk_bytes_written: measured.disk.then_some(used.disk_write_bytes),
+        disk_cancelled_write_bytes: measured.disk.then_some(used.disk_cancelled_write_bytes),
         disk_devices: measured.devices.then_some(devices),
-        io_read_chars: measured.io_chars.then_some(io[3]),
-        io_write_chars: measured.io_chars.then_some(io[4]),
+        io_read_chars: measured.io_chars.then_some(used.io_rchar),
+        io_write_chars: measured.io_chars.then_some(used.io_wchar),
         memory_bytes: measured.atomics.then_some(pages(c.rss_pages)),
         peak_memory_bytes: measured.atomics.then_some(pages(c.rss_peak_pages)),
         max_process_rss_bytes: measured
@@ -553,6 +522,7 @@ pub struct ProcessUsage {
 mod tests {
     use super::*;
     use crate::sys::procfs::ThreadIo;
+    use cylo_usage_abi::ThreadUsage;
 
     const UNITS: Units = Units {
         ticks_per_second: 100,
@@ -561,19 +531,21 @@ mod tests {
 
     fn counters() -> RunCounters {
         RunCounters {
-            cpu_runtime_ns: 3_000_000_000,
-            cpu_utime_ns: 2_000_000_000,
-            cpu_stime_ns: 1_000_000_000,
+            total: ThreadUsage {
+                cpu_runtime_ns: 3_000_000_000,
+                cpu_utime_ns: 2_000_000_000,
+                cpu_stime_ns: 1_000_000_000,
+                disk_read_bytes: 1000,
+                disk_write_bytes: 2000,
+                disk_cancelled_write_bytes: 300,
+                io_rchar: 5000,
+                io_wchar: 6000,
+            },
             processes_started: 5,
             threads_started: 9,
             processes_alive: 1,
             processes_peak: 4,
             threads_exited: 7,
-            disk_read_bytes: 1000,
-            disk_write_bytes: 2000,
-            disk_cancelled_write_bytes: 300,
-            io_rchar: 5000,
-            io_wchar: 6000,
             rss_pages: 10,
             rss_peak_pages: 100,
             max_process_rss_pages: 50,
@@ -595,11 +567,14 @@ mod tests {
         let c = RunCounters {
             threads_adopted: 2,
             processes_adopted: 1,
-            before_cpu_runtime_ns: 100,
-            before_cpu_utime_ns: 10,
-            before_cpu_stime_ns: 0,
-            before_io_rchar: 7,
-            before_disk_read_bytes: 1,
+            before: ThreadUsage {
+                cpu_runtime_ns: 100,
+                cpu_utime_ns: 10,
+                cpu_stime_ns: 0,
+                io_rchar: 7,
+                disk_read_bytes: 1,
+                ..ThreadUsage::default()
+            },
             before_exited_runtime_ns: 500,
             before_exited_utime_ns: 30,
             before_exited_stime_ns: 20,

@@ -1,7 +1,7 @@
 use super::*;
 use crate::kernel::features::Measured;
 use crate::sys::lock;
-use cylo_usage_abi::{COMM_BYTES, DUMP_USER, FILENAME_BYTES, creds_known};
+use cylo_usage_abi::{COMM_BYTES, DUMP_USER, FILENAME_BYTES, ThreadUsage, creds_known};
 use std::sync::{Arc, Mutex};
 
 const UNITS: Units = Units {
@@ -83,14 +83,16 @@ fn exec(id: u64, pid: u32, path: &[u8], creds: Creds) -> Vec<u8> {
 fn thread_end(id: u64, runtime: u64, kind: u32) -> Vec<u8> {
     bytes_of(&ThreadEnd {
         header: head(kind, 9_000, id),
-        cpu_runtime_ns: runtime,
-        cpu_utime_ns: 3,
-        cpu_stime_ns: 1,
-        disk_read_bytes: 10,
-        disk_write_bytes: 20,
-        disk_cancelled_write_bytes: 0,
-        io_rchar: 30,
-        io_wchar: 40,
+        usage: ThreadUsage {
+            cpu_runtime_ns: runtime,
+            cpu_utime_ns: 3,
+            cpu_stime_ns: 1,
+            disk_read_bytes: 10,
+            disk_write_bytes: 20,
+            disk_cancelled_write_bytes: 0,
+            io_rchar: 30,
+            io_wchar: 40,
+        },
         net_sent: 7,
         net_received: 9,
     })
@@ -156,7 +158,15 @@ fn records_make_processes_whose_parts_sum_up() {
         "no exit event before every thread is in"
     );
     t.take(&thread_end(0xb, 700, record_kind::THREAD_END));
-    let live = HashMap::from([(0xa, ([50, 0, 0, 0, 0, 0, 0, 0, 1, 2], 1))]);
+    let live_used = Used {
+        usage: ThreadUsage {
+            cpu_runtime_ns: 50,
+            ..ThreadUsage::default()
+        },
+        net_sent: 1,
+        net_received: 2,
+    };
+    let live = HashMap::from([(0xa, (live_used, 1))]);
     let ps = t.processes(&live, Measured::ALL);
     assert_eq!(ps.len(), 2);
     assert_eq!(ps[1].comm, "true");

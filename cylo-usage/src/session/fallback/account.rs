@@ -4,8 +4,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use crate::proc::walker::{Detail, Node};
-use crate::sys::procfs::ThreadIo;
 use crate::usage::{ResourceUsage, TrackerKind, UsageBeforeAttach, split_runtime};
+use cylo_usage_abi::ThreadUsage;
 
 use super::reaper::Record;
 
@@ -281,7 +281,8 @@ struct Member {
     waited: u64,
     user_ticks: u64,
     system_ticks: u64,
-    io: Option<ThreadIo>,
+    /// Its I/O (the I/O part of the ABI's counter set), where the kernel keeps it.
+    io: Option<ThreadUsage>,
     present: bool,
     zombie: bool,
 }
@@ -301,7 +302,7 @@ pub struct AttachAccount {
     ended_cpu: u64,
     ended_user_ticks: u64,
     ended_system_ticks: u64,
-    ended_io: ThreadIo,
+    ended_io: ThreadUsage,
     before: Option<UsageBeforeAttach>,
     before_ticks: (u64, u64),
     peak_live: u64,
@@ -313,14 +314,6 @@ pub struct AttachAccount {
     root_status: Option<i32>,
     /// Members that have ended.
     gone: u64,
-}
-
-fn add_io(a: &mut ThreadIo, b: &ThreadIo) {
-    a.rchar += b.rchar;
-    a.wchar += b.wchar;
-    a.read_bytes += b.read_bytes;
-    a.write_bytes += b.write_bytes;
-    a.cancelled_write_bytes += b.cancelled_write_bytes;
 }
 
 impl AttachAccount {
@@ -357,7 +350,7 @@ impl AttachAccount {
                     waited: d.waited_cpu_ns,
                     user_ticks: d.user_ticks,
                     system_ticks: d.system_ticks,
-                    io: d.io,
+                    io: d.io.map(|io| io.usage()),
                     present: true,
                     zombie: n.stat.is_zombie(),
                 },
@@ -384,7 +377,7 @@ impl AttachAccount {
                 self.ended_system_ticks += m.system_ticks;
             }
             if let Some(io) = m.io {
-                add_io(&mut self.ended_io, &io);
+                self.ended_io += io;
             }
             // Ended members stay counted (process_count) through `gone`.
             self.gone += 1;
@@ -403,18 +396,18 @@ impl AttachAccount {
                 cpu_time_ns: cpu,
                 cpu_user_ns: user,
                 cpu_system_ns: system,
-                disk_bytes_read: self.io_known.then_some(io.read_bytes),
-                disk_bytes_written: self.io_known.then_some(io.write_bytes),
-                disk_cancelled_write_bytes: self.io_known.then_some(io.cancelled_write_bytes),
-                io_read_chars: self.io_known.then_some(io.rchar),
-                io_write_chars: self.io_known.then_some(io.wchar),
+                disk_bytes_read: self.io_known.then_some(io.disk_read_bytes),
+                disk_bytes_written: self.io_known.then_some(io.disk_write_bytes),
+                disk_cancelled_write_bytes: self.io_known.then_some(io.disk_cancelled_write_bytes),
+                io_read_chars: self.io_known.then_some(io.io_rchar),
+                io_write_chars: self.io_known.then_some(io.io_wchar),
             });
         }
     }
 
     /// Everything the tree has used up to the last sample: (CPU ns, user ticks, system
     /// ticks, I/O).
-    fn totals(&self) -> (u64, u64, u64, ThreadIo) {
+    fn totals(&self) -> (u64, u64, u64, ThreadUsage) {
         let mut cpu = self.ended_cpu;
         let (mut u, mut s) = (self.ended_user_ticks, self.ended_system_ticks);
         let mut io = self.ended_io;
@@ -423,7 +416,7 @@ impl AttachAccount {
             u += m.user_ticks;
             s += m.system_ticks;
             if let Some(i) = m.io {
-                add_io(&mut io, &i);
+                io += i;
             }
         }
         (cpu, u, s, io)
@@ -481,12 +474,14 @@ impl AttachAccount {
         u.thread_count = self.threads.len() as u64;
         u.peak_process_count = Some(self.peak_live.max(u64::from(u.process_count > 0)));
         u.live_process_count = self.live;
-        u.disk_bytes_read = since(io.read_bytes, before.disk_bytes_read);
-        u.disk_bytes_written = since(io.write_bytes, before.disk_bytes_written);
-        u.disk_cancelled_write_bytes =
-            since(io.cancelled_write_bytes, before.disk_cancelled_write_bytes);
-        u.io_read_chars = since(io.rchar, before.io_read_chars);
-        u.io_write_chars = since(io.wchar, before.io_write_chars);
+        u.disk_bytes_read = since(io.disk_read_bytes, before.disk_bytes_read);
+        u.disk_bytes_written = since(io.disk_write_bytes, before.disk_bytes_written);
+        u.disk_cancelled_write_bytes = since(
+            io.disk_cancelled_write_bytes,
+            before.disk_cancelled_write_bytes,
+        );
+        u.io_read_chars = since(io.io_rchar, before.io_read_chars);
+        u.io_write_chars = since(io.io_wchar, before.io_write_chars);
         u.memory_bytes = Some(self.rss);
         u.peak_memory_bytes = Some(self.peak_rss);
         u.precision_notes = attach_notes(units);
@@ -538,6 +533,7 @@ pub fn attach_notes(units: Units) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::proc::walker::ProcStat;
+    use crate::sys::procfs::ThreadIo;
 
     #[allow(clippy::too_many_arguments)]
     fn record(
