@@ -68,6 +68,123 @@ macro_rules! each_run {
     };
 }
 
+/// `$body` for whichever tracker `$which` (a `Which`) holds, bound to `$t`.
+macro_rules! each_tracker {
+    ($which:expr, $t:ident => $body:expr) => {
+        match $which {
+            Which::Daemon($t) => $body,
+            Which::InProcess($t) => $body,
+            Which::Proc($t) => $body,
+        }
+    };
+}
+
+/// What [`AnyTracker`] asks of each kind of tracker, in one signature (the crate's errors),
+/// so that it is written once for all three.
+trait Starts {
+    fn start_run(&self, command: &mut Command, options: RunOptions) -> Result<RunWhich, Error>;
+    fn attach_run(&self, pid: u32, options: RunOptions) -> Result<RunWhich, Error>;
+}
+
+impl Starts for DaemonTracker {
+    fn start_run(&self, command: &mut Command, options: RunOptions) -> Result<RunWhich, Error> {
+        Ok(RunWhich::Daemon(Box::new(
+            self.spawn_with(command, options)?,
+        )))
+    }
+    fn attach_run(&self, pid: u32, options: RunOptions) -> Result<RunWhich, Error> {
+        Ok(RunWhich::Daemon(Box::new(self.attach_with(pid, options)?)))
+    }
+}
+
+impl Starts for Tracker {
+    fn start_run(&self, command: &mut Command, options: RunOptions) -> Result<RunWhich, Error> {
+        Ok(RunWhich::InProcess(self.spawn_with(command, options)?))
+    }
+    fn attach_run(&self, pid: u32, options: RunOptions) -> Result<RunWhich, Error> {
+        Ok(RunWhich::InProcess(self.attach_with(pid, options)?))
+    }
+}
+
+impl Starts for ProcTracker {
+    fn start_run(&self, command: &mut Command, options: RunOptions) -> Result<RunWhich, Error> {
+        Ok(RunWhich::Proc(self.spawn_with(command, options)?))
+    }
+    fn attach_run(&self, pid: u32, options: RunOptions) -> Result<RunWhich, Error> {
+        Ok(RunWhich::Proc(self.attach_with(pid, options)?))
+    }
+}
+
+/// What [`AnyRun`] asks of each kind of run where their own surfaces differ (what is
+/// unknown, what cannot fail), in one signature, so that it is written once for all three.
+trait Follows {
+    /// Whether the root has ended, without waiting.
+    fn root_ended_now(&mut self) -> Result<bool, Error>;
+    /// Waits for the root; its status when known.
+    async fn root_waited(&mut self) -> Result<Option<ExitStatus>, Error>;
+    /// Waits until every process of the tree has ended.
+    async fn finished_waited(&self) -> Result<(), Error>;
+    fn finished_now(&self) -> Result<bool, Error>;
+    /// The totals without a breakdown.
+    fn totals_now(&self) -> Result<ResourceUsage, Error>;
+}
+
+impl Follows for RemoteRun {
+    fn root_ended_now(&mut self) -> Result<bool, Error> {
+        Ok(self.root_ended()?)
+    }
+    async fn root_waited(&mut self) -> Result<Option<ExitStatus>, Error> {
+        Ok(Some(self.wait_root().await?))
+    }
+    async fn finished_waited(&self) -> Result<(), Error> {
+        Ok(self.wait_finished().await?)
+    }
+    fn finished_now(&self) -> Result<bool, Error> {
+        Ok(self.is_finished()?)
+    }
+    fn totals_now(&self) -> Result<ResourceUsage, Error> {
+        Ok(self.usage_totals()?)
+    }
+}
+
+impl Follows for Run {
+    fn root_ended_now(&mut self) -> Result<bool, Error> {
+        Ok(self.try_wait_root()?.is_some())
+    }
+    async fn root_waited(&mut self) -> Result<Option<ExitStatus>, Error> {
+        Ok(Some(self.wait_root().await?))
+    }
+    async fn finished_waited(&self) -> Result<(), Error> {
+        Ok(self.wait_finished().await?)
+    }
+    fn finished_now(&self) -> Result<bool, Error> {
+        Ok(self.is_finished()?)
+    }
+    fn totals_now(&self) -> Result<ResourceUsage, Error> {
+        Ok(self.usage_totals()?)
+    }
+}
+
+/// The fallback cannot fail at these, and its totals are all it has.
+impl Follows for ProcRun {
+    fn root_ended_now(&mut self) -> Result<bool, Error> {
+        Ok(self.root_ended())
+    }
+    async fn root_waited(&mut self) -> Result<Option<ExitStatus>, Error> {
+        Ok(self.wait_root().await)
+    }
+    async fn finished_waited(&self) -> Result<(), Error> {
+        self.wait_finished().await;
+        Ok(())
+    }
+    fn finished_now(&self) -> Result<bool, Error> {
+        Ok(self.is_finished())
+    }
+    fn totals_now(&self) -> Result<ResourceUsage, Error> {
+        Ok(self.usage()?)
+    }
+}
+
 /// The trackers [`AnyTracker`] may be.
 #[derive(Clone)]
 enum Which {
@@ -302,11 +419,7 @@ fn spawn_on(
     options: RunOptions,
     note: Option<Arc<str>>,
 ) -> Result<AnyRun, Error> {
-    let run = match which {
-        Which::Daemon(t) => RunWhich::Daemon(Box::new(t.spawn_with(command, options)?)),
-        Which::InProcess(t) => RunWhich::InProcess(t.spawn_with(command, options)?),
-        Which::Proc(t) => RunWhich::Proc(t.spawn_with(command, options)?),
-    };
+    let run = each_tracker!(which, t => t.start_run(command, options)?);
     Ok(AnyRun::new(run, note))
 }
 
@@ -316,11 +429,7 @@ fn attach_on(
     options: RunOptions,
     note: Option<Arc<str>>,
 ) -> Result<AnyRun, Error> {
-    let run = match which {
-        Which::Daemon(t) => RunWhich::Daemon(Box::new(t.attach_with(pid, options)?)),
-        Which::InProcess(t) => RunWhich::InProcess(t.attach_with(pid, options)?),
-        Which::Proc(t) => RunWhich::Proc(t.attach_with(pid, options)?),
-    };
+    let run = each_tracker!(which, t => t.attach_run(pid, options)?);
     Ok(AnyRun::new(run, note))
 }
 
@@ -396,39 +505,22 @@ impl AnyRun {
 
     /// Whether the root has ended, without waiting (reaps it when it is the tracker's child).
     pub fn root_ended(&mut self) -> Result<bool, Error> {
-        Ok(match &mut self.run {
-            RunWhich::Daemon(r) => r.root_ended()?,
-            RunWhich::InProcess(r) => r.try_wait_root()?.is_some(),
-            RunWhich::Proc(r) => r.root_ended(),
-        })
+        each_run!(&mut self.run, r => r.root_ended_now())
     }
 
     /// Waits for the root to end; its status when known (see [`AnyRun::root_status`]).
     pub async fn wait_root(&mut self) -> Result<Option<ExitStatus>, Error> {
-        Ok(match &mut self.run {
-            RunWhich::Daemon(r) => Some(r.wait_root().await?),
-            RunWhich::InProcess(r) => Some(r.wait_root().await?),
-            RunWhich::Proc(r) => r.wait_root().await,
-        })
+        each_run!(&mut self.run, r => r.root_waited().await)
     }
 
     /// Waits until every process of the tree has ended, daemons included.
     pub async fn wait_finished(&self) -> Result<(), Error> {
-        match &self.run {
-            RunWhich::Daemon(r) => r.wait_finished().await?,
-            RunWhich::InProcess(r) => r.wait_finished().await?,
-            RunWhich::Proc(r) => r.wait_finished().await,
-        }
-        Ok(())
+        each_run!(&self.run, r => r.finished_waited().await)
     }
 
     /// True once every process of the tree has ended.
     pub fn is_finished(&self) -> Result<bool, Error> {
-        Ok(match &self.run {
-            RunWhich::Daemon(r) => r.is_finished()?,
-            RunWhich::InProcess(r) => r.is_finished()?,
-            RunWhich::Proc(r) => r.is_finished(),
-        })
+        each_run!(&self.run, r => r.finished_now())
     }
 
     /// The daemon's refusal first among the notes.
@@ -453,11 +545,7 @@ impl AnyRun {
 
     /// [`AnyRun::usage`] without the breakdown: cheaper, for live views.
     pub fn usage_totals(&self) -> Result<ResourceUsage, Error> {
-        let u = match &self.run {
-            RunWhich::Daemon(r) => r.usage_totals()?,
-            RunWhich::InProcess(r) => r.usage_totals()?,
-            RunWhich::Proc(r) => r.usage()?,
-        };
+        let u = each_run!(&self.run, r => r.totals_now()?);
         Ok(self.noted(u))
     }
 
