@@ -5,6 +5,7 @@ use std::path::PathBuf;
 include!("ebpf_object.rs");
 
 fn main() {
+    workload_path();
     println!("cargo::rerun-if-env-changed=CYLO_USAGE_EBPF_OBJECT");
     let object = match std::env::var_os("CYLO_USAGE_EBPF_OBJECT") {
         Some(path) => PathBuf::from(path),
@@ -26,4 +27,19 @@ fn main() {
         "cargo::rustc-env=CYLO_USAGE_EBPF_OBJECT={}",
         object.display()
     );
+}
+
+/// Where the test workload (the workspace crate `cylo-usage-workload`, built beside this
+/// crate's binaries in the same target folder and profile) is, for the tests: they read it as
+/// `env!("CYLO_USAGE_WORKLOAD")`, as they would `CARGO_BIN_EXE_<name>` of a binary of this
+/// package. `cargo xtask test` builds it first.
+fn workload_path() {
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    // OUT_DIR is <target>/<profile>/build/<this crate>-<hash>/out.
+    if let Some(profile_dir) = out.ancestors().nth(3) {
+        println!(
+            "cargo::rustc-env=CYLO_USAGE_WORKLOAD={}",
+            profile_dir.join("cylo-usage-workload").display()
+        );
+    }
 }

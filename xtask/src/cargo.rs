@@ -53,7 +53,14 @@ pub fn artifacts(cargo: &mut Command) -> Result<Vec<Artifact>> {
 /// Builds the `cylo-usage` package in release mode (the eBPF object must be built already);
 /// returns its executables by target name (`cylo-usage`, `cylo-usage-workload`).
 pub fn build_release() -> Result<BTreeMap<String, PathBuf>> {
-    let built = artifacts(command().args(["build", "--release", "-p", "cylo-usage"]))?;
+    let built = artifacts(command().args([
+        "build",
+        "--release",
+        "-p",
+        "cylo-usage",
+        "-p",
+        "cylo-usage-workload",
+    ]))?;
     Ok(built
         .into_iter()
         .filter_map(|a| Some((a.target.name, a.executable?.into_std_path_buf())))
@@ -65,5 +72,5 @@ pub fn executable(built: &BTreeMap<String, PathBuf>, name: &str) -> Result<PathB
     built
         .get(name)
         .cloned()
-        .with_context(|| format!("the release build of cylo-usage reported no `{name}` binary"))
+        .with_context(|| format!("the release build reported no `{name}` binary"))
 }

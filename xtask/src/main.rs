@@ -77,6 +77,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Test { args } => {
             ebpf::build()?;
+            // The test workload, which the tests run by its path (a binary of another
+            // package, so `cargo test` does not build it), in the tests' profile.
+            let mut workload = vec!["build", "-p", "cylo-usage-workload"];
+            if args.iter().any(|a| a == "--release") {
+                workload.push("--release");
+            }
+            cargo::run(&workload)?;
             // The default members: everything but the eBPF crate, which only builds for BPF.
             let mut full = vec!["test"];
             full.extend(args.iter().map(String::as_str));

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use cylo_usage::{Precision, ResourceUsage, Tracker};
 
-pub const WORKLOAD: &str = env!("CARGO_BIN_EXE_cylo-usage-workload");
+/// The test workload: the workspace crate `cylo-usage-workload`, built beside this crate's
+/// binaries (`cargo xtask test` builds it first; see `build.rs`).
+pub const WORKLOAD: &str = env!("CYLO_USAGE_WORKLOAD");
 pub const CLI: &str = env!("CARGO_BIN_EXE_cylo-usage");
 
 /// Whether eBPF tests must run (CI) rather than skip.
@@ -55,6 +57,11 @@ pub async fn run_to_end(tracker: &Tracker, cmd: &mut Command) -> ResourceUsage {
 }
 
 pub fn workload(args: &[&str]) -> Command {
+    assert!(
+        std::path::Path::new(WORKLOAD).is_file(),
+        "no test workload at {WORKLOAD}: build it first (cargo build -p cylo-usage-workload; \
+         cargo xtask test does)"
+    );
     let mut c = Command::new(WORKLOAD);
     c.args(args);
     c

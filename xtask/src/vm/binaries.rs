@@ -51,7 +51,7 @@ pub(super) fn build_binaries(target_dir: &Path) -> Result<Built> {
                 .env_remove("CARGO_ENCODED_RUSTFLAGS"),
         )
     };
-    let mut artifacts = build(&["build", "-p", "cylo-usage"])?;
+    let mut artifacts = build(&["build", "-p", "cylo-usage", "-p", "cylo-usage-workload"])?;
     artifacts.extend(build(&["test", "--workspace", "--no-run"])?);
 
     let mut bins = BTreeSet::new();

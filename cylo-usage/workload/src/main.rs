@@ -59,7 +59,6 @@
 //!   answers it got. Exits with 1 if a request fails.
 use std::time::Duration;
 
-#[path = "workload/net.rs"]
 mod net;
 
 fn usage() -> ! {
