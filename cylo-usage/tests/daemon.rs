@@ -849,10 +849,7 @@ fn socket_activation_serves_on_the_socket_it_is_given() {
         loop {
             let s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let hello = format!(
-                r#"{{"op":"hello","version":{}}}"#,
-                cylo_usage::daemon::protocol::VERSION
-            );
+            let hello = format!(r#"{{"op":"hello","version":{}}}"#, common::wire::VERSION);
             let answered = std::io::Write::write_all(&mut &s, &frame(hello.as_bytes())).is_ok()
                 && std::io::Read::read(&mut &s, &mut [0u8; 4]).is_ok_and(|n| n > 0);
             if answered {
@@ -953,20 +950,15 @@ fn a_thread_of_another_process_is_never_registered() {
     let mut victim = Command::new("sleep").arg("5").spawn().unwrap();
     let dir = std::fs::File::open(format!("/proc/{0}/task/{0}", victim.id())).unwrap();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
-    cylo_usage::daemon::protocol::send_frame(
-        std::os::fd::AsRawFd::as_raw_fd(&s),
-        br#"{"op":"spawn","options":{}}"#,
-        &[fd],
-    )
-    .unwrap();
+    common::wire::send_frame(&s, br#"{"op":"spawn","options":{}}"#, &[fd]).unwrap();
     let r = reply(&mut s).unwrap();
     let _ = victim.kill();
     let _ = victim.wait();
     assert_eq!(r["kind"], "permission", "{r}");
     // A descriptor that is not a /proc directory at all.
     let file = std::fs::File::open(std::env::current_exe().unwrap()).unwrap();
-    cylo_usage::daemon::protocol::send_frame(
-        std::os::fd::AsRawFd::as_raw_fd(&s),
+    common::wire::send_frame(
+        &s,
         br#"{"op":"spawn","options":{}}"#,
         &[std::os::fd::AsRawFd::as_raw_fd(&file)],
     )
@@ -1001,8 +993,8 @@ fn a_registration_outliving_its_thread_is_no_one_elses() {
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let registered = std::thread::spawn(move || {
         let me = std::fs::File::open("/proc/thread-self").unwrap();
-        cylo_usage::daemon::protocol::send_frame(
-            std::os::fd::AsRawFd::as_raw_fd(&s),
+        common::wire::send_frame(
+            &s,
             br#"{"op":"spawn","options":{}}"#,
             &[std::os::fd::AsRawFd::as_raw_fd(&me)],
         )

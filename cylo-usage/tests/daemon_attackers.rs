@@ -59,7 +59,7 @@ fn send_with_fds(s: &UnixStream, body: &[u8], fds: &[RawFd]) {
 
 /// Reads one reply frame and the descriptors that came with it.
 fn reply_with_fds(s: &UnixStream) -> Option<(serde_json::Value, Vec<OwnedFd>)> {
-    let (body, fds) = cylo_usage::daemon::protocol::recv_frame(s.as_raw_fd(), 64 << 20).ok()?;
+    let (body, fds) = common::wire::recv_frame(s, 64 << 20).ok()?;
     Some((serde_json::from_slice(&body).ok()?, fds))
 }
 
@@ -68,10 +68,7 @@ fn reply(s: &UnixStream) -> Option<serde_json::Value> {
 }
 
 fn hello(s: &UnixStream) -> serde_json::Value {
-    let body = format!(
-        r#"{{"op":"hello","version":{}}}"#,
-        cylo_usage::daemon::protocol::VERSION
-    );
+    let body = format!(r#"{{"op":"hello","version":{}}}"#, common::wire::VERSION);
     (&*s).write_all(&frame(body.as_bytes())).unwrap();
     reply(s).expect("a hello reply")
 }
@@ -288,10 +285,7 @@ fn flood_connections(socket: PathBuf, uid: u32, n: usize, greet: bool) -> Vec<Un
                 break;
             };
             if greet {
-                let body = format!(
-                    r#"{{"op":"hello","version":{}}}"#,
-                    cylo_usage::daemon::protocol::VERSION
-                );
+                let body = format!(r#"{{"op":"hello","version":{}}}"#, common::wire::VERSION);
                 if (&s).write_all(&frame(body.as_bytes())).is_err() {
                     break;
                 }

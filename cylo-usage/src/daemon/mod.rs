@@ -11,7 +11,7 @@
 //! - reading, killing and ending: only the sessions of the same connection. A kill by a
 //!   non-root client signals only the members it could signal itself.
 //!
-//! The wire protocol is in [`protocol`] and `docs/protocol.md`.
+//! The wire protocol is described in `docs/protocol.md` (version [`PROTOCOL_VERSION`]).
 mod client;
 mod conn;
 mod connection;
@@ -19,7 +19,7 @@ mod event_pipe;
 mod limits;
 pub(crate) mod metrics;
 mod peer;
-pub mod protocol;
+pub(crate) mod protocol;
 mod remote_run;
 mod server;
 mod state;
@@ -32,7 +32,7 @@ pub use conn::{
     REQUEST_DEADLINE,
 };
 pub use peer::Access;
-pub use protocol::ErrorKind;
+pub use protocol::{ErrorKind, VERSION as PROTOCOL_VERSION};
 pub use remote_run::RemoteRun;
 pub use server::serve;
 pub use state::ServeOptions;

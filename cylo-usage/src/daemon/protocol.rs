@@ -200,7 +200,9 @@ impl Wait for Until {
     }
 }
 
-/// Writes `bytes` as one frame, with `fds` attached to its first byte.
+/// Writes `bytes` as one frame, with `fds` attached to its first byte (no deadline: the
+/// unit tests' form).
+#[cfg(test)]
 pub fn send_frame(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> Result<(), FrameError> {
     send_frame_waiting(sock, bytes, fds, &mut Until(None))
 }
@@ -336,7 +338,9 @@ fn recv_some(
     }
 }
 
-/// Reads one frame of at most `max` bytes, and the descriptors that came with it.
+/// Reads one frame of at most `max` bytes, and the descriptors that came with it (no
+/// deadline: the unit tests' form).
+#[cfg(test)]
 pub fn recv_frame(sock: RawFd, max: usize) -> Result<(Vec<u8>, Vec<OwnedFd>), FrameError> {
     recv_frame_waiting(sock, max, &mut Until(None))
 }

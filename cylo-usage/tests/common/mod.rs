@@ -4,6 +4,8 @@
 
 pub mod daemon;
 
+pub mod wire;
+
 use std::ffi::CString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
