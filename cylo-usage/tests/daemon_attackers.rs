@@ -33,30 +33,6 @@ fn start(name: &str, args: &[&str], nofile: Option<u64>) -> Daemon {
     Daemon::start_with(name, &all, nofile)
 }
 
-/// Sends one frame with descriptors attached, as `sendmsg(SCM_RIGHTS)`.
-fn send_with_fds(s: &UnixStream, body: &[u8], fds: &[RawFd]) {
-    let bytes = frame(body);
-    let iov = [std::io::IoSlice::new(&bytes)];
-    let mut control = [0u64; 8];
-    // SAFETY: a zeroed msghdr is valid; the buffers outlive the call.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = 1;
-        if !fds.is_empty() {
-            let len = std::mem::size_of_val(fds) as u32;
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = libc::CMSG_SPACE(len) as _;
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(len) as _;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
-        }
-        assert_eq!(libc::sendmsg(s.as_raw_fd(), &msg, 0), bytes.len() as isize);
-    }
-}
-
 /// Reads one reply frame and the descriptors that came with it.
 fn reply_with_fds(s: &UnixStream) -> Option<(serde_json::Value, Vec<OwnedFd>)> {
     let (body, fds) = common::wire::recv_frame(s, 64 << 20).ok()?;
@@ -202,18 +178,20 @@ fn a_client_that_never_reads_its_events_stalls_no_one() {
         assert_eq!(hello(&s)["reply"], "hello");
         let pidfd = pidfd_open(pid);
         let (_r, w) = std::io::pipe().unwrap();
-        send_with_fds(
+        common::wire::send_frame(
             &s,
             br#"{"op":"attach","options":{"events":true}}"#,
             &[pidfd.as_raw_fd(), w.as_raw_fd()],
-        );
+        )
+        .unwrap();
         let refused = reply(&s).unwrap();
         assert_eq!(refused["kind"], "bad-request", "{refused}");
-        send_with_fds(
+        common::wire::send_frame(
             &s,
             br#"{"op":"attach","options":{"events":true,"tree":true}}"#,
             &[pidfd.as_raw_fd()],
-        );
+        )
+        .unwrap();
         let (started, mut fds) = reply_with_fds(&s).unwrap();
         assert_eq!(started["reply"], "started", "{started}");
         assert_eq!(fds.len(), 2, "the wake-up eventfd and the events' read end");
@@ -310,7 +288,8 @@ fn flood_sessions(socket: PathBuf, uid: u32, n: usize) -> (UnixStream, Vec<Child
         let mut refusal = None;
         for _ in 0..n {
             let dir = std::fs::File::open("/proc/thread-self").unwrap();
-            send_with_fds(&s, br#"{"op":"spawn","options":{}}"#, &[dir.as_raw_fd()]);
+            common::wire::send_frame(&s, br#"{"op":"spawn","options":{}}"#, &[dir.as_raw_fd()])
+                .unwrap();
             let r = reply(&s).unwrap();
             if r["reply"] != "prepared" {
                 refusal = Some(r.to_string());
@@ -506,7 +485,8 @@ fn a_trickled_frame_cannot_hold_a_pending_spawn_or_a_handshake_open() {
         let s = UnixStream::connect(&socket).unwrap();
         assert_eq!(hello(&s)["reply"], "hello");
         let dir = std::fs::File::open("/proc/thread-self").unwrap();
-        send_with_fds(&s, br#"{"op":"spawn","options":{}}"#, &[dir.as_raw_fd()]);
+        common::wire::send_frame(&s, br#"{"op":"spawn","options":{}}"#, &[dir.as_raw_fd()])
+            .unwrap();
         assert_eq!(reply(&s).unwrap()["reply"], "prepared");
         // The confirmation, one byte a second.
         let start = Instant::now();
@@ -715,7 +695,7 @@ fn a_thread_pidfd_is_refused_for_what_it_is() {
     let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     let s = UnixStream::connect(&daemon.socket).unwrap();
     assert_eq!(hello(&s)["reply"], "hello");
-    send_with_fds(&s, br#"{"op":"attach","options":{}}"#, &[fd.as_raw_fd()]);
+    common::wire::send_frame(&s, br#"{"op":"attach","options":{}}"#, &[fd.as_raw_fd()]).unwrap();
     let r = reply(&s).unwrap();
     assert_eq!(r["kind"], "bad-request", "{r}");
     let text = r["message"].as_str().unwrap();
