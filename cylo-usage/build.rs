@@ -18,7 +18,8 @@ fn main() {
     println!("cargo::rerun-if-changed={}", object.display());
     if !object.is_file() {
         println!(
-            "cargo::error=the eBPF object {} does not exist: run `cargo xtask build-ebpf` first",
+            "cargo::error=the eBPF object {} does not exist: run `cargo xtask build-ebpf` in \
+             cylo-usage's workspace, or set CYLO_USAGE_EBPF_OBJECT to an object built that way",
             object.display()
         );
         return;

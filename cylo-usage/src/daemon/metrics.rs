@@ -39,6 +39,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::DaemonError;
+use super::counters::Source;
 use super::limits::Limit;
 
 /// The whole exchange with one scraper (reading its request, writing the answer) ends by
@@ -62,60 +63,6 @@ const LINGER: Duration = Duration::from_secs(1);
 pub(crate) const TEXT_004: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// OpenMetrics' content type.
 pub(crate) const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-/// What the endpoint reads of the daemon, which implements it: the endpoint sees the
-/// daemon's figures, never its tables or locks.
-pub(crate) trait Source: Send + Sync {
-    /// The daemon's counters.
-    fn counters(&self) -> &Counters;
-    /// Sessions and connections open now.
-    fn sessions_and_connections(&self) -> (usize, usize);
-    /// What every session so far failed to follow (the live ones and the ended ones), and
-    /// the membership maps' fill.
-    fn kernel_state(&self) -> (RunsTotals, Vec<(&'static str, usize, u32)>);
-    /// Each program's name, kernel run time (ns) and calls, when the kernel's per-program
-    /// statistics are on.
-    fn program_stats(&self) -> Option<Vec<(String, u64, u64)>>;
-    /// Whether the hooks are attached now.
-    fn hooks_attached(&self) -> bool;
-}
-
-/// Counters for `--metrics`.
-#[derive(Default)]
-pub(crate) struct Counters {
-    pub sessions_total: AtomicU64,
-    pub sessions_refused: AtomicU64,
-    pub connections_total: AtomicU64,
-    pub requests_total: AtomicU64,
-    pub bad_requests_total: AtomicU64,
-    /// What sessions that have ended failed to follow.
-    pub ended: EndedTotals,
-    /// Held while a session's figures move from the live runs to `ended`, and while both are
-    /// read.
-    pub ending: Mutex<()>,
-    /// Event-stream bytes dropped because a client did not read them.
-    pub events_dropped_bytes: AtomicU64,
-    pub hooks_attached: AtomicU64,
-    pub hooks_attach_ns_last: AtomicU64,
-    pub hooks_detach_total: AtomicU64,
-    /// Clients refused or cut off, by the limit that said so (indexed as [`Limit::ALL`]).
-    pub refused: [AtomicU64; Limit::ALL.len()],
-}
-
-/// [`RunsTotals`] of the sessions that have ended.
-#[derive(Default)]
-pub(crate) struct EndedTotals {
-    pub lost_events: AtomicU64,
-    pub tasks_killed_at_birth: AtomicU64,
-    pub tasks_escaped: AtomicU64,
-}
-
-impl Counters {
-    pub(crate) fn refused_for(&self, limit: Limit) {
-        let i = Limit::ALL.iter().position(|&l| l == limit).unwrap_or(0);
-        self.refused[i].fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// Binds `addr` and serves scrapes: one thread accepts, one short-lived thread per connection
 /// answers.

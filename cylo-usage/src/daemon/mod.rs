@@ -15,8 +15,10 @@
 mod client;
 mod conn;
 mod connection;
+pub(crate) mod counters;
 mod event_pipe;
 mod limits;
+#[cfg(feature = "metrics")]
 pub(crate) mod metrics;
 mod peer;
 pub(crate) mod protocol;

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use super::DaemonError;
 use super::connection::{Connection, set_timeouts};
+use super::counters::Counters;
 use super::limits::Capacity;
-use super::metrics::Counters;
 use super::peer::{Access, allowed, in_group, peer_credentials, unmapped_user};
 use super::protocol::{self, ErrorKind, Reply};
 use super::state::{ServeOptions, State, limit_kind, limit_message};
@@ -181,7 +181,13 @@ pub fn serve(options: ServeOptions) -> Result<(), DaemonError> {
         hooks: Mutex::default(),
     });
     if let Some(addr) = options.metrics {
+        #[cfg(feature = "metrics")]
         super::metrics::start(addr, state.clone())?;
+        #[cfg(not(feature = "metrics"))]
+        return Err(DaemonError::Metrics {
+            addr,
+            source: std::io::Error::other("this build has no metrics (the `metrics` feature)"),
+        });
     }
     // Listening once everything is ready: a client that connects is served at once.
     let (listener, path) = listen(&options, activated)?;

@@ -9,11 +9,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::counters::Counters;
+#[cfg(feature = "metrics")]
+use super::counters::Source;
 use super::limits::{CLIENT_TIMEOUT, Capacity, HELLO_GRACE, Limit, Open};
-use super::metrics::{Counters, Source};
 use super::peer::{Access, Peer};
 use super::protocol::ErrorKind;
-use crate::kernel::tracker::{Capacities, RunsTotals, Tracker};
+#[cfg(feature = "metrics")]
+use crate::kernel::tracker::RunsTotals;
+use crate::kernel::tracker::{Capacities, Tracker};
 use crate::sys::lock;
 
 /// What one user holds.
@@ -154,6 +158,7 @@ pub(crate) struct State {
     pub(crate) hooks: Mutex<()>,
 }
 
+#[cfg(feature = "metrics")]
 impl Source for State {
     fn counters(&self) -> &Counters {
         &self.counters

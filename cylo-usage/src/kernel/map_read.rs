@@ -168,6 +168,7 @@ impl<K: aya::Pod, V: aya::Pod> MapReader<K, V> {
     }
 
     /// How many entries the map holds now.
+    #[cfg(feature = "metrics")]
     pub(crate) fn count(&self) -> Result<usize, MapReadError> {
         let mut n = 0;
         self.for_each(|_, _| n += 1)?;

@@ -13,7 +13,9 @@ use cylo_usage_abi::{
 };
 
 use crate::kernel::features::{Measured, Unavailable};
-use crate::kernel::map_read::{MapReadError, MapReader};
+#[cfg(feature = "metrics")]
+use crate::kernel::map_read::MapReadError;
+use crate::kernel::map_read::MapReader;
 use crate::kernel::programs::{
     HOOKS, Hook, KernelBtf, LoadError, attach, attach_network, attach_spec, load_control,
     missing_privileges, preload, program_as, take,
@@ -635,6 +637,7 @@ impl Tracker {
 
     /// Entries and capacity of the membership maps, and the records lost by the runs open
     /// now (for metrics).
+    #[cfg(feature = "metrics")]
     pub(crate) fn map_fill(&self) -> (Vec<(&'static str, usize, u32)>, RunsTotals) {
         let r = &self.inner.readers;
         let count = |n: Result<usize, MapReadError>| n.unwrap_or(0);
@@ -657,6 +660,7 @@ impl Tracker {
 
 /// What the kernel side failed to follow, summed over runs (for a daemon's metrics).
 #[derive(Clone, Copy, Debug, Default)]
+#[cfg(feature = "metrics")]
 pub(crate) struct RunsTotals {
     /// Records it could not make (a map or ring buffer full).
     pub lost_events: u64,
@@ -666,6 +670,7 @@ pub(crate) struct RunsTotals {
     pub tasks_escaped: u64,
 }
 
+#[cfg(feature = "metrics")]
 impl RunsTotals {
     pub(crate) fn add(&mut self, c: &cylo_usage_abi::RunCounters) {
         self.lost_events += c.lost_events;
