@@ -21,3 +21,9 @@ pub fn ebpf_object_in(root: &std::path::Path) -> std::path::PathBuf {
         .join("release")
         .join(EBPF_PACKAGE)
 }
+
+/// Where a published package of `cylo-usage` carries the eBPF object, relative to the
+/// package's folder (`cargo xtask package` puts it there before `cargo package`).
+pub const PACKAGED_OBJECT: &str = "ebpf/cylo-usage-ebpf.o";
+/// The packaged object's SHA-256 (64 hex digits), checked at build time.
+pub const PACKAGED_SHA256: &str = "ebpf/cylo-usage-ebpf.o.sha256";

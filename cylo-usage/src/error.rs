@@ -38,6 +38,7 @@ pub enum Error {
     /// approximate /proc fallback was refused.
     #[error("exact figures are required, but the eBPF tracker cannot be used")]
     ExactUnavailable {
+        /// Why the eBPF programs could not be loaded.
         #[source]
         source: LoadError,
     },
@@ -50,6 +51,7 @@ pub enum Error {
     ExactRefused {
         /// What the daemon said (`the daemon at PATH refused: ...`).
         daemon: String,
+        /// Why loading the eBPF programs in this process failed.
         #[source]
         source: Box<LoadError>,
     },

@@ -31,6 +31,8 @@
 //! println!("{:?}: {} ns of CPU ({:?})", usage.tracker, usage.cpu_time_ns, usage.precision);
 //! # Ok(()) }
 //! ```
+#![warn(missing_docs)]
+
 // The public surface: the trackers and their runs, what they report, the daemon, the
 // counters' feature list, the reports' formats and the errors. Everything else is internal.
 pub mod daemon;

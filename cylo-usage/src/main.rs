@@ -31,7 +31,12 @@ const DEFAULT_KILL_AFTER: Duration = Duration::from_secs(2);
 #[derive(Parser)]
 #[command(
     name = "cylo-usage",
-    version,
+    version = concat!(
+        env!("CARGO_PKG_VERSION"),
+        " (eBPF object sha256 ",
+        env!("CYLO_USAGE_EBPF_SHA256"),
+        ")"
+    ),
     about = "Precise, eBPF-backed resource usage of a command and every descendant it ever has"
 )]
 struct Cli {

@@ -4,6 +4,7 @@ mod cargo;
 mod cmd;
 mod ebpf;
 mod layout;
+mod package;
 mod paths;
 mod vm;
 
@@ -41,6 +42,9 @@ enum Command {
     Bench(bench::Args),
     /// Check that no crate's files import each other in a circle.
     CheckLayout,
+    /// Make the published packages (the eBPF object inside), and build and run a crate that
+    /// depends on them with stable Rust alone.
+    Package(package::Args),
 }
 
 fn main() {
@@ -92,6 +96,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::VmTest(args) => vm::run(args)?,
         Command::Bench(args) => bench::run(args)?,
         Command::CheckLayout => layout::check(&paths::workspace_root())?,
+        Command::Package(args) => package::run(args)?,
     }
     Ok(())
 }

@@ -324,6 +324,7 @@ pub(crate) const IDLE_LINGER: Duration = Duration::from_secs(1);
 pub struct ServeOptions {
     /// Where to listen (unless socket-activated).
     pub socket: PathBuf,
+    /// Who may connect (the socket's owner and mode).
     pub access: Access,
     /// Sessions one unprivileged user may hold at once.
     pub max_sessions_per_user: usize,
@@ -344,6 +345,7 @@ pub struct ServeOptions {
     /// streams, and what the sessions of one user other than root may (see
     /// [`crate::session::budget`]).
     pub memory_max_bytes: u64,
+    /// What the sessions of one user other than root may hold in memory, in bytes.
     pub memory_per_user_bytes: u64,
 }
 

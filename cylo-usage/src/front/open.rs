@@ -452,6 +452,7 @@ impl AnyRun {
         AnyRun { run, refusal }
     }
 
+    /// Which tracker follows this run: the daemon, this process's eBPF programs, or /proc.
     pub fn kind(&self) -> TrackerKind {
         match &self.run {
             RunWhich::Daemon(_) => TrackerKind::Daemon,

@@ -125,104 +125,219 @@ impl fmt::Display for Kind {
 /// Everything that can go wrong while loading BTF or answering a question about it.
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
+    /// The BTF file could not be opened, its size read, or its contents read.
     #[error("cannot read BTF file {path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// A part of the blob (the header, a section, a type or its kind-specific data) runs
+    /// past the end of the bytes that should hold it.
     #[error("BTF truncated: {what} at byte {offset} needs {need} bytes, {len} available")]
     Truncated {
+        /// The part being read, e.g. `header`, `type section`, `member`.
         what: &'static str,
+        /// Where it starts, in bytes: from the start of the blob (header), of the bytes after the
+        /// header (a section), or of the type section (a type).
         offset: usize,
+        /// Bytes it needs from there.
         need: usize,
+        /// Bytes available in that range.
         len: usize,
     },
+    /// The blob does not start with the BTF magic `0xeb9f`, in either byte order.
     #[error("not BTF: magic is {magic:#06x}, expected 0xeb9f")]
-    BadMagic { magic: u16 },
+    BadMagic {
+        /// The first two bytes, read little-endian.
+        magic: u16,
+    },
+    /// The header's version byte is not 1.
     #[error("unsupported BTF version {version} (only version 1 is known)")]
-    UnsupportedVersion { version: u8 },
+    UnsupportedVersion {
+        /// The version found.
+        version: u8,
+    },
+    /// The header or the sections are inconsistent: `hdr_len` below 24 bytes, a string
+    /// section that does not start with NUL, or a type section with too many types or larger
+    /// than 4 GiB.
     #[error("invalid BTF header: {reason}")]
-    BadHeader { reason: &'static str },
+    BadHeader {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The name offset of a type, member or parameter is past the string section, or the
+    /// string section does not end with NUL.
     #[error(
         "BTF type [{type_id}]: name offset {offset} is not a NUL-terminated string of the {len}-byte string section"
     )]
     BadString {
+        /// The type holding the name.
         type_id: u32,
+        /// The name offset, in bytes into the string section.
         offset: u32,
+        /// Length of the string section in bytes.
         len: usize,
     },
+    /// A type's kind number is not a known `BTF_KIND_*` (1 to 19).
     #[error("BTF type [{type_id}] at byte {offset} of the type section: unknown kind {kind}")]
     UnknownKind {
+        /// The type's id.
         type_id: u32,
+        /// The raw kind number.
         kind: u32,
+        /// Where the type starts, in bytes from the start of the type section.
         offset: usize,
     },
+    /// A type refers to a type id past the last type.
     #[error(
         "BTF type [{type_id}] ({kind}) refers to type [{target}], but there are only {count} types"
     )]
     BadTypeRef {
+        /// The referring type.
         type_id: u32,
+        /// Its kind.
         kind: Kind,
+        /// The id it refers to.
         target: u32,
+        /// Number of types in the blob (not counting `void`, id 0).
         count: u32,
     },
+    /// No struct or union has this name.
     #[error("struct {name} is not in BTF")]
-    StructNotFound { name: String },
+    StructNotFound {
+        /// The name looked up.
+        name: String,
+    },
+    /// The member path has an empty component (an empty path, `a..b`, or a leading or
+    /// trailing dot).
     #[error("{struct_name}.{path}: empty path component")]
-    EmptyPathComponent { struct_name: String, path: String },
+    EmptyPathComponent {
+        /// The struct or union the path starts in.
+        struct_name: String,
+        /// The whole dotted member path.
+        path: String,
+    },
+    /// A path component names no member of the struct or union it is looked up in (its
+    /// anonymous struct/union members included).
     #[error("{struct_name}.{path}: no member `{component}` in {container}")]
     MemberNotFound {
+        /// The struct or union the path starts in.
         struct_name: String,
+        /// The whole dotted member path.
         path: String,
+        /// The component not found.
         component: String,
+        /// What it was looked up in: `struct <name>` for the first component, else
+        /// ``member `<previous component>` (<kind>)``.
         container: String,
     },
+    /// A path component other than the last is not a struct or union (after typedefs and
+    /// modifiers), so the path cannot go on into it.
     #[error(
         "{struct_name}.{path}: `{component}` is of kind {kind}, not a struct or union, so it has no members"
     )]
     NotComposite {
+        /// The struct or union the path starts in.
         struct_name: String,
+        /// The whole dotted member path.
         path: String,
+        /// The component.
         component: String,
+        /// Its kind, typedefs and modifiers followed.
         kind: Kind,
     },
+    /// The member at the path is a bitfield, which cannot be read as whole bytes.
     #[error(
         "{struct_name}.{path} is a bitfield ({bits} bits at bit offset {bit_offset}); only whole bytes can be read"
     )]
     Bitfield {
+        /// The struct or union the path starts in.
         struct_name: String,
+        /// The whole dotted member path.
         path: String,
+        /// Its bit offset from the start of `struct_name`.
         bit_offset: u64,
+        /// Its width in bits.
         bits: u32,
     },
+    /// A path component does not start on a byte boundary.
     #[error("{struct_name}.{path}: `{component}` starts at bit offset {bit_offset}, not on a byte")]
     Unaligned {
+        /// The struct or union the path starts in.
         struct_name: String,
+        /// The whole dotted member path.
         path: String,
+        /// The component.
         component: String,
+        /// Its bit offset within the struct or union it was looked up in.
         bit_offset: u64,
     },
+    /// A member's offset or size, or an array element's size, does not fit in 32 bits.
     #[error("{context}: offset or size does not fit in 32 bits")]
-    Overflow { context: String },
+    Overflow {
+        /// What was measured: `<struct>.<path>`, or `BTF type [<id>] (array element)`.
+        context: String,
+    },
+    /// A type whose size is needed has none (void, a function, a forward declaration, ...).
     #[error("BTF type [{type_id}] ({kind}) has no size")]
-    NoSize { type_id: u32, kind: Kind },
+    NoSize {
+        /// The type reached, after typedefs, modifiers and array element types.
+        type_id: u32,
+        /// Its kind.
+        kind: Kind,
+    },
+    /// A typedef/modifier/array chain, a pointer or array nesting, or an anonymous
+    /// member nesting went past its bound (a cycle, or adversarial input); also when one path
+    /// component's lookup visits too many members.
     #[error(
         "BTF type [{type_id}]: typedef/modifier/array chain or anonymous nesting longer than {limit}"
     )]
-    TooDeep { type_id: u32, limit: usize },
+    TooDeep {
+        /// The type being resolved when the bound was hit.
+        type_id: u32,
+        /// The bound, in links or nesting levels.
+        limit: usize,
+    },
+    /// There is no typedef `btf_trace_<tracepoint>`: the BTF has no such raw tracepoint.
     #[error("tracepoint {tracepoint}: no typedef btf_trace_{tracepoint} in BTF")]
-    TracepointNotFound { tracepoint: String },
+    TracepointNotFound {
+        /// The tracepoint, without `btf_trace_`.
+        tracepoint: String,
+    },
+    /// `btf_trace_<tracepoint>` is not a pointer to a function prototype.
     #[error(
         "tracepoint {tracepoint}: btf_trace_{tracepoint} is not a pointer to a function prototype (found {kind})"
     )]
-    NotTracepointProto { tracepoint: String, kind: Kind },
+    NotTracepointProto {
+        /// The tracepoint, without `btf_trace_`.
+        tracepoint: String,
+        /// The kind found where the pointer, or the prototype it points to, was expected.
+        kind: Kind,
+    },
+    /// The tracepoint's prototype lacks its first parameter, the `void *__data` pointer: it has
+    /// none, or the first is not a pointer.
     #[error("tracepoint {tracepoint}: the prototype lacks its first `void *__data` parameter")]
-    NoDataParam { tracepoint: String },
+    NoDataParam {
+        /// The tracepoint, without `btf_trace_`.
+        tracepoint: String,
+    },
+    /// No kernel function (BTF `FUNC`) has this name.
     #[error("function {name} is not in BTF")]
-    FunctionNotFound { name: String },
+    FunctionNotFound {
+        /// The function looked up.
+        name: String,
+    },
+    /// The function's type is not a function prototype.
     #[error("function {name}: its type is not a function prototype (found {kind})")]
-    NotFunctionProto { name: String, kind: Kind },
+    NotFunctionProto {
+        /// The function.
+        name: String,
+        /// The kind of its type, typedefs and modifiers followed.
+        kind: Kind,
+    },
 }
 
 /// Where a member lives: a byte offset from the start of the outermost struct, and its size.

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 pub struct Feature {
     /// The field name in `ResourceUsage` / the JSON report.
     pub counter: Cow<'static, str>,
+    /// Whether it is measured (if not, the counter is `null`).
     pub measured: bool,
     /// How it is measured, or why it is not.
     pub how: String,
@@ -49,7 +50,11 @@ pub enum NetworkPath {
     },
     /// fexit programs on the inet, inet6 and AF_UNIX families' `sendmsg` / `recvmsg`; other
     /// families are not seen.
-    Functions { sendpage: bool },
+    Functions {
+        /// Plus fexit programs on the `*_sendpage` functions, as for
+        /// [`NetworkPath::Tracepoints`].
+        sendpage: bool,
+    },
 }
 
 impl NetworkPath {

@@ -312,52 +312,92 @@ const CAP_BPF: u32 = 39;
 /// Why the tracker could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The process lacks the capabilities to load eBPF programs.
     #[error("missing privileges: loading the eBPF programs needs {needed}; run cylo-usage as root")]
-    MissingPrivileges { needed: &'static str },
+    MissingPrivileges {
+        /// The capabilities it needs.
+        needed: &'static str,
+    },
+    /// The process's effective capabilities could not be read.
     #[error("cannot read the process's capabilities from {path}")]
     Capabilities {
+        /// The file read (`/proc/self/status`).
         path: &'static str,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// The kernel's layout could not be resolved from its BTF.
     #[error(transparent)]
     Resolve(#[from] ResolveError),
+    /// aya could not load the eBPF object (`EbpfLoader::load`, which parses it and creates its
+    /// maps; its programs are loaded later).
     #[error("the kernel rejected the eBPF object")]
     Load(#[source] EbpfError),
+    /// The eBPF object has no program of this name.
     #[error("the eBPF object has no program {name}")]
-    MissingProgram { name: &'static str },
+    MissingProgram {
+        /// The program's name.
+        name: &'static str,
+    },
+    /// A raw tracepoint program could not be loaded, attached or detached, or is not a raw
+    /// tracepoint program.
     #[error("program {program} could not be loaded or attached to raw tracepoint {tracepoint}")]
     Attach {
+        /// The program's name.
         program: &'static str,
+        /// The raw tracepoint, or `(none: run by userspace)` for a control program.
         tracepoint: &'static str,
+        /// What aya or the kernel said.
         #[source]
         source: ProgramError,
     },
+    /// An fexit program could not be loaded, attached, or unloaded on detach, or is not an
+    /// fexit program.
     #[error(
         "program {program} could not be loaded or attached (fexit) to kernel function {function}"
     )]
     AttachFunction {
+        /// The program's name.
         program: &'static str,
+        /// The kernel function it traces.
         function: &'static str,
+        /// What aya or the kernel said.
         #[source]
         source: ProgramError,
     },
+    /// aya could not read the kernel's BTF, which the fexit programs need to name their
+    /// functions.
     #[error("cannot read the kernel's BTF for the fexit programs")]
     KernelBtf(#[source] aya::BtfError),
+    /// A map is missing from the eBPF object, or is not of the type the tracker uses.
     #[error("the eBPF object has no usable map {name}")]
     Map {
+        /// The map's name.
         name: &'static str,
+        /// aya's error, when converting the map to its type failed; `None` otherwise.
         #[source]
         source: Option<MapError>,
     },
+    /// Running a control program (`BPF_PROG_TEST_RUN`), or duplicating its descriptor,
+    /// failed.
     #[error("running the control program ({op}) failed")]
     Control {
+        /// What it was run for (`hello`, `adopt`), or `dup of its fd`.
         op: &'static str,
+        /// What the kernel said.
         #[source]
         source: std::io::Error,
     },
+    /// A control program ran but returned a nonzero code.
     #[error("the control program refused {op}: code {code}")]
-    ControlRefused { op: &'static str, code: i32 },
+    ControlRefused {
+        /// What it was run for (`hello`).
+        op: &'static str,
+        /// The code it returned.
+        code: i32,
+    },
+    /// A reader of one of the object's maps could not be set up.
     #[error(transparent)]
     Reader(#[from] MapReadError),
 }

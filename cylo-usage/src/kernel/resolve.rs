@@ -163,43 +163,62 @@ pub const MM_COUNTERS: usize = 4;
 /// Why the kernel's layout could not be resolved.
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
+    /// The BTF file could not be opened or read.
     #[error(
         "cannot read kernel BTF {path} (is the kernel built with CONFIG_DEBUG_INFO_BTF=y?): {source}"
     )]
     Read {
+        /// The BTF file.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// The BTF file is not valid BTF: its header or its type section is malformed.
     #[error("invalid kernel BTF in {path}: {source}")]
     Parse {
+        /// The BTF file.
         path: PathBuf,
+        /// What is wrong with it.
         #[source]
         source: Box<BtfError>,
     },
+    /// A field the programs read could not be located: its struct or member is missing (under
+    /// every candidate name), or the lookup failed (a bitfield, say, or invalid BTF).
     #[error("kernel BTF: cannot locate {field}: {source}")]
     Field {
         /// e.g. `task_struct.{start_boottime|real_start_time}`
         field: String,
+        /// Why the lookup failed.
         #[source]
         source: Box<BtfError>,
     },
+    /// A field the programs read has a size they do not handle.
     #[error("kernel BTF: {field} is {actual} bytes, expected one of {expected:?}")]
     Size {
+        /// The struct and member path, e.g. `task_struct.__state`.
         field: String,
+        /// Its size in bytes.
         actual: u32,
+        /// The sizes in bytes the programs handle.
         expected: &'static [u32],
     },
+    /// The prototype of a raw tracepoint the programs use could not be read from BTF.
     #[error("kernel BTF: cannot count the arguments of raw tracepoint {tracepoint}: {source}")]
     Tracepoint {
+        /// The tracepoint.
         tracepoint: &'static str,
+        /// Why its prototype could not be read.
         #[source]
         source: Box<BtfError>,
     },
+    /// A layout the programs depend on has a shape they do not know: `mm_struct.rss_stat`, or
+    /// the arguments of raw tracepoint `rss_stat`.
     #[error("kernel BTF: {what} has an unknown layout: {detail}")]
     Layout {
         /// e.g. `mm_struct.rss_stat`
         what: &'static str,
+        /// What was found, and what was expected.
         detail: String,
     },
 }

@@ -30,10 +30,18 @@ const USER_SHARE_DIVISOR: u64 = 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Limit {
     /// The user's share (`bytes`) is held in full by that user's sessions.
-    UserShare { uid: u32, bytes: u64 },
+    UserShare {
+        /// The user.
+        uid: u32,
+        /// The user's share, in bytes.
+        bytes: u64,
+    },
     /// The daemon's global cap (`bytes`) is reached (for users other than root: the cap less
     /// root's reserve).
-    Global { bytes: u64 },
+    Global {
+        /// The global cap, in bytes.
+        bytes: u64,
+    },
 }
 
 impl std::fmt::Display for Limit {

@@ -27,56 +27,123 @@ const SNAPSHOT_ATTEMPTS: usize = 8;
 /// forking member is signalled in the kernel as it forks, so this is rarely approached).
 const KILL_ROUNDS: usize = 1000;
 
+/// Why a run of the eBPF tracker failed: its start, an attach, a wait, a read or a kill.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
+    /// Every run slot in the kernel is in use: the tracker already has `max` runs.
     #[error("all {max} run slots are in use")]
-    NoFreeSlot { max: u32 },
+    NoFreeSlot {
+        /// The number of run slots.
+        max: u32,
+    },
+    /// An operation on one of the tracker's eBPF maps failed.
     #[error("eBPF map operation failed: {what}")]
     Map {
+        /// The operation, e.g. "reading the run record".
         what: &'static str,
+        /// The map's error.
         #[source]
         source: MapError,
     },
+    /// The root command could not be started (`Command::spawn` failed).
     #[error("cannot run {program}")]
     Spawn {
+        /// The command's program, as given.
         program: String,
+        /// The error `spawn` returned.
         #[source]
         source: std::io::Error,
     },
+    /// The root did not join its run in the kernel (a spawned root is then killed), or, for
+    /// a daemon's client, the process that joined is not the client's child.
     #[error("pid {pid} did not join its run in the kernel")]
-    NotJoined { pid: u32 },
+    NotJoined {
+        /// The root's pid; 0 when no process joined.
+        pid: u32,
+    },
+    /// A system call made for a process failed.
     #[error("{syscall} failed for pid {pid}")]
     Syscall {
+        /// The call, e.g. `pidfd_open` or `bpf(BPF_PROG_TEST_RUN)`.
         syscall: &'static str,
+        /// The process it was made for: the root, or the process whose thread registers.
         pid: u32,
+        /// The error the call returned.
         #[source]
         source: std::io::Error,
     },
+    /// The kernel's `control` program refused to register the spawning thread.
     #[error("the kernel's control program refused to {what} (code {code})")]
-    Control { what: &'static str, code: i32 },
+    Control {
+        /// What it was asked to do.
+        what: &'static str,
+        /// The code it returned (see `cylo_usage_abi::control`).
+        code: i32,
+    },
+    /// There is no process `pid`: it never existed or has exited, or `pid` is a thread that
+    /// is not a process's main thread.
     #[error("no process {pid}")]
-    NoSuchProcess { pid: u32 },
+    NoSuchProcess {
+        /// The pid asked for.
+        pid: u32,
+    },
+    /// An attach named a kernel thread, which has no user-space tree to follow.
     #[error("process {pid} is a kernel thread: it has no user-space tree to follow")]
-    KernelThread { pid: u32 },
+    KernelThread {
+        /// The kernel thread's pid.
+        pid: u32,
+    },
+    /// An attach named a zombie: a process that has exited and waits to be reaped.
     #[error("process {pid} is a zombie: it has exited and only waits to be reaped")]
-    Zombie { pid: u32 },
+    Zombie {
+        /// The zombie's pid.
+        pid: u32,
+    },
+    /// An attach named cylo-usage's own process (or one of its threads).
     #[error("process {pid} is cylo-usage itself")]
-    Itself { pid: u32 },
+    Itself {
+        /// The pid asked for.
+        pid: u32,
+    },
+    /// An attach named a process that another run of this tracker already follows.
     #[error("process {pid} is already followed by another run of this tracker")]
-    AlreadyFollowed { pid: u32 },
+    AlreadyFollowed {
+        /// The process's pid.
+        pid: u32,
+    },
+    /// An attach found more threads than the session's share of the kernel's maps holds:
+    /// it fails rather than follow part of the tree.
     #[error(
         "cannot attach to process {pid}: its tree has more threads than this session may \
          follow ({followed} followed when the kernel's share for it was full)"
     )]
-    TreeTooLarge { pid: u32, followed: u64 },
+    TreeTooLarge {
+        /// The process attached to.
+        pid: u32,
+        /// Threads the attach had adopted when the share was full.
+        followed: u64,
+    },
+    /// The running kernel does not allow an attach (found when the tracker was loaded).
     #[error("attaching is not possible on this kernel: {reason}")]
-    AttachUnsupported { reason: String },
+    AttachUnsupported {
+        /// Why, as the loader found it.
+        reason: String,
+    },
+    /// A root that is not the tracker's child has exited, but the kernel's record still has
+    /// no exit status for it after a grace period.
     #[error("process {pid} ended, but the kernel recorded no exit status for it")]
-    NoExitStatus { pid: u32 },
+    NoExitStatus {
+        /// The root's pid.
+        pid: u32,
+    },
+    /// An attach could not read or parse its target's `/proc/PID/stat`.
     #[error(transparent)]
     Proc(#[from] procfs::ProcError),
+    /// An attach could not load or run the kernel's `control_adopt` program (loaded at its
+    /// first use).
     #[error("cannot load the adoption program")]
     Adopt(#[from] Box<crate::kernel::programs::LoadError>),
+    /// A read of the tracker's eBPF maps (the run's record, its members, its devices) failed.
     #[error(transparent)]
     Read(#[from] crate::kernel::map_read::MapReadError),
 }

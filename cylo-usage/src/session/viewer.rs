@@ -7,7 +7,9 @@ use cylo_usage_abi::{Creds, DUMP_USER, creds_known};
 /// through `/proc/PID/io` are withheld from it (see [`Viewer::may_read`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Viewer {
+    /// The client's uid.
     pub uid: u32,
+    /// The client's gid.
     pub gid: u32,
 }
 

@@ -56,18 +56,35 @@ impl ThreadSample {
     }
 }
 
+/// Why a read of `/proc` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcError {
+    /// A file under `/proc` could not be read.
     #[error("cannot read {path}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// The read's error.
         #[source]
         source: std::io::Error,
     },
+    /// A file under `/proc` did not have the expected format.
     #[error("malformed {path}: {what}")]
-    Malformed { path: PathBuf, what: &'static str },
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What was expected of it.
+        what: &'static str,
+    },
+    /// A live thread's start time is not that of the thread that joined the run: its thread
+    /// id was reused by another thread.
     #[error("thread {tid} of process {tgid} is not the tracked one (its pid was reused)")]
-    Reused { tgid: u32, tid: u32 },
+    Reused {
+        /// The process id the thread was read under.
+        tgid: u32,
+        /// The thread id.
+        tid: u32,
+    },
 }
 
 /// Parses `/proc/.../io` ("key: value" lines); `None` if a field is missing.

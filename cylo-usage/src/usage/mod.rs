@@ -39,9 +39,13 @@ pub enum TrackerKind {
 pub struct DiskDevice {
     /// "MAJOR:MINOR", as in /proc/partitions.
     pub device: String,
+    /// Bytes of the read requests submitted.
     pub read_bytes: u64,
+    /// Bytes of the write requests submitted.
     pub write_bytes: u64,
+    /// Read requests (bios) submitted.
     pub read_ops: u64,
+    /// Write requests (bios) submitted.
     pub write_ops: u64,
 }
 
@@ -50,16 +54,23 @@ pub struct DiskDevice {
 /// as UDP); AF_UNIX is here but not in the inet totals.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkUsage {
+    /// TCP payload bytes sent (MPTCP included).
     pub tcp_sent: u64,
+    /// TCP payload bytes received (MPTCP included).
     pub tcp_received: u64,
+    /// UDP payload bytes sent (UDP-Lite included).
     pub udp_sent: u64,
+    /// UDP payload bytes received (UDP-Lite included).
     pub udp_received: u64,
+    /// AF_UNIX payload bytes sent, any socket type.
     pub unix_sent: u64,
+    /// AF_UNIX payload bytes received, any socket type.
     pub unix_received: u64,
     /// Every other socket: other families (netlink, packet, ...) and inet sockets that are
     /// neither TCP nor UDP (raw, ICMP). `None` where the kernel path cannot see them (the
     /// fallback hooks only the inet and AF_UNIX families).
     pub other_sent: Option<u64>,
+    /// Bytes received through every other socket; `None` as for `other_sent`.
     pub other_received: Option<u64>,
 }
 
@@ -273,16 +284,30 @@ impl SignalSent {
 pub struct UsageBeforeAttach {
     /// Processes and threads adopted (present at the attach).
     pub process_count: u64,
+    /// Threads adopted (present at the attach).
     pub thread_count: u64,
     /// CPU time (ns): the runtime of the processes' threads, live and exited, plus the
     /// reaped children's user + system time.
     pub cpu_time_ns: u64,
+    /// The user part of `cpu_time_ns`: the threads' runtime split as the kernel splits it,
+    /// plus the reaped children's user time.
     pub cpu_user_ns: u64,
+    /// The system part of `cpu_time_ns`, made the same way.
     pub cpu_system_ns: u64,
+    /// Bytes they had made the storage layer read, reaped children included; `None` where
+    /// not measured.
     pub disk_bytes_read: Option<u64>,
+    /// Bytes they had made the storage layer write, reaped children included; `None` where
+    /// not measured.
     pub disk_bytes_written: Option<u64>,
+    /// Dirty bytes they had truncated before writeback (still in `disk_bytes_written`);
+    /// `None` where not measured.
     pub disk_cancelled_write_bytes: Option<u64>,
+    /// Bytes they had asked for with read-like syscalls, reaped children included; `None`
+    /// where not measured.
     pub io_read_chars: Option<u64>,
+    /// Bytes they had handed to write-like syscalls, reaped children included; `None` where
+    /// not measured.
     pub io_write_chars: Option<u64>,
 }
 
@@ -493,23 +518,40 @@ pub struct ProcessUsage {
     /// When it started and ended, in ns since the session started (negative start: before an
     /// attach). `end_ns` is `None` while it runs.
     pub start_ns: i64,
+    /// When it ended, in ns since the session started; `None` while it runs.
     pub end_ns: Option<u64>,
+    /// Its exit status; `None` if a signal killed it, or while it runs.
     pub exit_code: Option<i32>,
+    /// The signal that killed it, if one did.
     pub signal: Option<i32>,
     /// Present when the session attached (rather than created inside it).
     pub attached: bool,
+    /// Threads it had while followed, its main thread included.
     pub thread_count: u64,
+    /// CPU time of its threads (ns), user and system together.
     pub cpu_time_ns: u64,
+    /// The user part of `cpu_time_ns`, by the kernel's split of its thread group.
     pub cpu_user_ns: u64,
+    /// The system part of `cpu_time_ns`.
     pub cpu_system_ns: u64,
+    /// Bytes it made the storage layer read; `None` where not measured or withheld.
     pub disk_bytes_read: Option<u64>,
+    /// Bytes it made the storage layer write; `None` where not measured or withheld.
     pub disk_bytes_written: Option<u64>,
+    /// Dirty bytes it truncated before writeback (still in `disk_bytes_written`); `None`
+    /// where not measured or withheld.
     pub disk_cancelled_write_bytes: Option<u64>,
+    /// Bytes it asked for with read-like syscalls; `None` where not measured or withheld.
     pub io_read_chars: Option<u64>,
+    /// Bytes it handed to write-like syscalls; `None` where not measured or withheld.
     pub io_write_chars: Option<u64>,
     /// The peak RSS of its address space(s); `None` where memory is not followed.
     pub peak_memory_bytes: Option<u64>,
+    /// Payload bytes it sent through TCP and UDP sockets; `None` where not measured or
+    /// withheld.
     pub network_bytes_sent: Option<u64>,
+    /// Payload bytes it received through TCP and UDP sockets; `None` where not measured or
+    /// withheld.
     pub network_bytes_received: Option<u64>,
     /// It ran with credentials the viewer (a daemon's unprivileged client) does not have: its
     /// I/O counters (disk, read/write chars, network), argv and file name are withheld (`None`),

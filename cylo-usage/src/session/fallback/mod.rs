@@ -50,33 +50,53 @@ const KILL_ROUNDS: usize = 1000;
 /// Why a fallback session failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FallbackError {
+    /// The command could not be started under its reaper (`Command::spawn` failed).
     #[error("cannot run {program}")]
     Spawn {
+        /// The command's program, as given.
         program: String,
+        /// The error `spawn` returned.
         #[source]
         source: std::io::Error,
     },
+    /// A system call the session needs, or starting its sampling thread, failed.
     #[error("{what} failed")]
     Io {
+        /// What failed, e.g. `pipe2` or `pidfd_send_signal`.
         what: &'static str,
+        /// Its error.
         #[source]
         source: std::io::Error,
     },
+    /// The reaper process ended before it reported that the root had started.
     #[error("the reaper process ended before it reported the command's start")]
     ReaperLost,
+    /// An option needs the eBPF tracker, which is not in use.
     #[error("{what} needs the eBPF tracker; the /proc fallback is in use because {reason}")]
-    Unsupported { what: &'static str, reason: String },
+    Unsupported {
+        /// The option: a per-process breakdown (`--tree`) or the event stream (`--events`).
+        what: &'static str,
+        /// Why the eBPF tracker is not in use.
+        reason: String,
+    },
     /// The process to attach to is another user's: without the eBPF tracker, its I/O
     /// accounting (and its tree's) is out of reach.
     #[error(
         "cannot attach to process {pid}: it belongs to another user (uid {owner}); one may \
          attach only to one's own processes (root may attach to any)"
     )]
-    NotOwnProcess { pid: u32, owner: u32 },
+    NotOwnProcess {
+        /// The process to attach to.
+        pid: u32,
+        /// Its real, effective or saved uid that differs from this process's real uid.
+        owner: u32,
+    },
     /// The process to attach to cannot be followed (no such process, a kernel thread, a
     /// zombie, cylo-usage itself).
     #[error(transparent)]
     Target(#[from] SessionError),
+    /// An attach could not read or parse its target's `/proc/PID/io`, for a reason other
+    /// than the process being another user's.
     #[error(transparent)]
     Proc(#[from] ProcError),
 }
