@@ -489,7 +489,11 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         Target::Pid(pid) => {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             let shown = format!("pid {pid} ({})", comm.trim());
-            (tracker.attach_with(*pid, options), "Attached to", shown)
+            (
+                tracker.attach_with(*pid as libc::pid_t, options),
+                "Attached to",
+                shown,
+            )
         }
     };
     let mut run = match started {

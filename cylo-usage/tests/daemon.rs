@@ -167,7 +167,7 @@ fn the_library_spawns_attaches_and_breaks_down_through_the_daemon() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let run = tracker.attach(target.id()).unwrap();
+    let run = tracker.attach(target.id() as libc::pid_t).unwrap();
     assert!(run.is_attached());
     drop(target.stdin.take());
     rt.block_on(async { run.wait_finished().await.unwrap() });
@@ -626,7 +626,7 @@ fn hostile_clients_get_errors_and_the_daemon_serves_the_others() {
     }
     for pid in sleepers {
         // SAFETY: signals a child of ours.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     drop(runs);
     // Still serving, exactly.

@@ -658,7 +658,7 @@ fn fallback_usage_before_attach_covers_exited_threads_and_reaped_children() {
     let past = common::PastLives::start(&s.dir, 500, 300, 3 << 20);
     let proc_then = common::PastLives::proc_figures(&past);
     let tracker = ProcTracker::new("test", Duration::from_millis(10));
-    let run = tracker.attach(past.pid()).expect("attach");
+    let run = tracker.attach(past.pid() as libc::pid_t).expect("attach");
     let proc_now = past.proc_figures();
     assert_eq!(proc_then, proc_now, "the workload idles");
     let u = run.usage().unwrap();

@@ -89,7 +89,9 @@ async fn attach_follows_a_tree_that_keeps_forking() {
         ..RunOptions::default()
     };
     let begun = Instant::now();
-    let mut run = t.attach_with(child.id(), options).expect("attach");
+    let mut run = t
+        .attach_with(child.id() as libc::pid_t, options)
+        .expect("attach");
     let attach_ms = begun.elapsed().as_millis();
     // It keeps forking after the attach too: wait for ten processes born since (however
     // slow the machine), from the kernel's own count (cheap, unlike a /proc snapshot).
@@ -168,15 +170,25 @@ async fn attach_refuses_what_cannot_be_followed() {
     let Some(t) = tracker() else { return };
     use cylo_usage::SessionError as E;
     let me = std::process::id();
-    assert!(matches!(t.attach(me), Err(E::Itself { .. })));
+    assert!(matches!(t.attach(me as libc::pid_t), Err(E::Itself { .. })));
     assert!(matches!(
-        t.attach(u32::MAX / 2),
+        t.attach(libc::pid_t::MAX),
         Err(E::NoSuchProcess { .. })
     ));
+    // 0 and negative pids name no process (kill(2) would take them for groups).
+    for pid in [0, -1, -(std::process::id() as libc::pid_t)] {
+        assert!(
+            matches!(t.attach(pid), Err(E::NoSuchProcess { pid: p }) if p == pid),
+            "{pid}"
+        );
+    }
     // A zombie: a child that exited and was not waited for.
     let mut zombie = Command::new("/bin/true").spawn().unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    assert!(matches!(t.attach(zombie.id()), Err(E::Zombie { .. })));
+    assert!(matches!(
+        t.attach(zombie.id() as libc::pid_t),
+        Err(E::Zombie { .. })
+    ));
     zombie.wait().unwrap();
     // Through the command line: one line, exit 125, nothing run.
     let o = cli(&["attach", "4000000"]);
@@ -193,7 +205,7 @@ async fn attach_refuses_what_cannot_be_followed() {
     // The slots were all given back.
     for _ in 0..300 {
         assert!(matches!(
-            t.attach(u32::MAX / 2),
+            t.attach(libc::pid_t::MAX),
             Err(E::NoSuchProcess { .. })
         ));
     }
@@ -781,7 +793,7 @@ async fn usage_before_attach_covers_exited_threads_and_reaped_children() {
     std::fs::create_dir_all(&dir).unwrap();
     let past = common::PastLives::start(&dir, 500, 300, 3 << 20);
     let proc_then = past.proc_figures();
-    let mut run = t.attach(past.pid()).expect("attach");
+    let mut run = t.attach(past.pid() as libc::pid_t).expect("attach");
     let proc_now = past.proc_figures();
     assert_eq!(proc_then, proc_now, "the workload idles");
     let u = run.usage().unwrap();
@@ -857,7 +869,7 @@ async fn processes_present_at_an_attach_have_their_real_start_and_argv() {
         tree: true,
         ..RunOptions::default()
     };
-    let mut run = t.attach_with(pid, options).expect("attach");
+    let mut run = t.attach_with(pid as libc::pid_t, options).expect("attach");
     let lived = spawned.elapsed();
     drop(child.stdin.take());
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -870,7 +882,10 @@ async fn processes_present_at_an_attach_have_their_real_start_and_argv() {
     let u = run.usage().unwrap();
     let ps = u.processes.as_ref().expect("a breakdown");
     assert_eq!(ps.len(), 3, "{ps:?}");
-    let root = ps.iter().find(|p| p.pid == pid).expect("the root");
+    let root = ps
+        .iter()
+        .find(|p| p.pid == pid as libc::pid_t)
+        .expect("the root");
     // It started after `spawned` and at least `waited` before the attach began.
     let age = root.start_ns.unsigned_abs();
     assert!(root.start_ns < 0, "{root:?}");
@@ -929,7 +944,7 @@ async fn usage_before_attach_counts_a_leader_that_exited_before_its_threads() {
         }
     };
     let then = figures();
-    let mut run = t.attach(sh).expect("attach");
+    let mut run = t.attach(sh as libc::pid_t).expect("attach");
     let now = figures();
     assert_eq!(then, now, "the tree idles");
     let u = run.usage().unwrap();

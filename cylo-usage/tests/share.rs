@@ -334,9 +334,12 @@ async fn an_attach_past_the_share_is_refused_and_leaves_the_tree_alone() {
         max_tasks: 4,
         ..Default::default()
     };
-    let err = t.attach_with(pid, small).map(|_| ()).unwrap_err();
+    let err = t
+        .attach_with(pid as libc::pid_t, small)
+        .map(|_| ())
+        .unwrap_err();
     assert!(
-        matches!(err, cylo_usage::SessionError::TreeTooLarge { pid: p, followed: 4 } if p == pid),
+        matches!(err, cylo_usage::SessionError::TreeTooLarge { pid: p, followed: 4 } if p == pid as libc::pid_t),
         "{err:?}"
     );
     assert!(
@@ -353,7 +356,7 @@ async fn an_attach_past_the_share_is_refused_and_leaves_the_tree_alone() {
         max_tasks: 64,
         ..Default::default()
     };
-    let run = t.attach_with(pid, room).unwrap();
+    let run = t.attach_with(pid as libc::pid_t, room).unwrap();
     let u = run.usage_totals().unwrap();
     assert_eq!(u.thread_count, 11, "{u:?}");
     drop(target.stdin.take());

@@ -55,7 +55,7 @@ async fn check(t: &cylo_usage::Tracker, how: How) {
                 .stdin(Stdio::piped())
                 .spawn()
                 .unwrap();
-            let run = t.attach(child.id()).expect("attach");
+            let run = t.attach(child.id() as libc::pid_t).expect("attach");
             writeln!(child.stdin.take().unwrap(), "go").unwrap();
             (run, Some(child))
         }

@@ -190,7 +190,7 @@ impl DaemonTracker {
         let syscall = |syscall| {
             move |source| DaemonError::Syscall {
                 syscall,
-                pid: me,
+                pid: me as libc::pid_t,
                 source,
             }
         };
@@ -267,7 +267,7 @@ impl DaemonTracker {
                     let _ = child.wait();
                     let e = DaemonError::Syscall {
                         syscall: "thread",
-                        pid: me,
+                        pid: me as libc::pid_t,
                         source,
                     };
                     return Err(Box::new((e, None)));
@@ -296,21 +296,32 @@ impl DaemonTracker {
 
     /// Follows running process `pid` (as this process's pid namespace sees it) and its
     /// descendants, through the daemon.
-    pub fn attach(&self, pid: u32) -> Result<RemoteRun, DaemonError> {
+    pub fn attach(&self, pid: libc::pid_t) -> Result<RemoteRun, DaemonError> {
         self.attach_with(pid, RunOptions::default())
     }
 
     /// [`DaemonTracker::attach`] with a breakdown and/or an event stream.
-    pub fn attach_with(&self, pid: u32, options: RunOptions) -> Result<RemoteRun, DaemonError> {
+    pub fn attach_with(
+        &self,
+        pid: libc::pid_t,
+        options: RunOptions,
+    ) -> Result<RemoteRun, DaemonError> {
         self.try_attach(pid, options).map_err(|f| f.0)
     }
 
     /// [`DaemonTracker::attach_with`]; a failure gives the options back.
     pub(crate) fn try_attach(
         &self,
-        pid: u32,
+        pid: libc::pid_t,
         options: RunOptions,
     ) -> Result<RemoteRun, NotStarted> {
+        let Some(pid) = crate::sys::pid_u32(pid) else {
+            let e = DaemonError::Refused {
+                kind: protocol::ErrorKind::NoSuchProcess,
+                message: format!("no process {pid}"),
+            };
+            return Err(Box::new((e, Some(options))));
+        };
         let pidfd = pidfd_open(pid).map_err(|source| {
             if source.raw_os_error() == Some(libc::ESRCH) {
                 DaemonError::Refused {
@@ -320,7 +331,7 @@ impl DaemonTracker {
             } else {
                 DaemonError::Syscall {
                     syscall: "pidfd_open",
-                    pid,
+                    pid: pid as libc::pid_t,
                     source,
                 }
             }
@@ -355,7 +366,7 @@ impl DaemonTracker {
                 Err(source) => {
                     let e = DaemonError::Syscall {
                         syscall: "thread",
-                        pid,
+                        pid: pid as libc::pid_t,
                         source,
                     };
                     return Err(Box::new((e, None)));

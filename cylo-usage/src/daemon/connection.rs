@@ -585,7 +585,7 @@ impl Connection {
         let run = self
             .state
             .tracker
-            .attach_with(pid, setup.run)
+            .attach_with(pid as libc::pid_t, setup.run)
             .map_err(|e| session_refusal(&e))?;
         let (session, wake) =
             self.new_session(Stage::Running(Box::new(run)), seat, setup.events_dropped)?;

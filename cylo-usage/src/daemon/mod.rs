@@ -133,7 +133,7 @@ pub enum DaemonError {
         /// The system call (`pidfd_open`, `waitid`, `pidfd_send_signal`, ...).
         syscall: &'static str,
         /// The process it was made for.
-        pid: u32,
+        pid: libc::pid_t,
         /// Its error.
         #[source]
         source: std::io::Error,
@@ -143,7 +143,7 @@ pub enum DaemonError {
     #[error("the root (pid {pid}) ended, but the daemon has no exit status for it")]
     NoExitStatus {
         /// The root's pid.
-        pid: u32,
+        pid: libc::pid_t,
     },
     /// `serve` could not prepare its socket (remove a stale one, bind, chown or chmod it).
     #[error("cannot {what} {path}")]

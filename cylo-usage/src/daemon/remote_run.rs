@@ -284,8 +284,8 @@ impl RemoteRun {
     }
 
     /// The root's pid, as this process's pid namespace sees it.
-    pub fn root_pid(&self) -> u32 {
-        self.root_pid
+    pub fn root_pid(&self) -> libc::pid_t {
+        self.root_pid as libc::pid_t
     }
 
     /// Whether the session attached to running processes.
@@ -421,7 +421,7 @@ impl RemoteRun {
         if let Some(child) = &mut self.child {
             let status = child.try_wait().map_err(|source| DaemonError::Syscall {
                 syscall: "waitid",
-                pid,
+                pid: pid as libc::pid_t,
                 source,
             })?;
             self.root_status = status;
@@ -444,7 +444,9 @@ impl RemoteRun {
         // Exited; the kernel's record may trail by a moment.
         self.exited_polls += 1;
         if self.exited_polls > 200 {
-            return Err(DaemonError::NoExitStatus { pid });
+            return Err(DaemonError::NoExitStatus {
+                pid: pid as libc::pid_t,
+            });
         }
         Ok(None)
     }
@@ -465,7 +467,9 @@ impl RemoteRun {
                 return Ok(s);
             }
             if self.is_attached() && self.local.get().is_some() && self.root_exited() {
-                return Err(DaemonError::NoExitStatus { pid: self.root_pid });
+                return Err(DaemonError::NoExitStatus {
+                    pid: self.root_pid as libc::pid_t,
+                });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -657,7 +661,7 @@ impl RemoteRun {
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
             Err(source) => Err(DaemonError::Syscall {
                 syscall: "pidfd_send_signal",
-                pid: self.root_pid,
+                pid: self.root_pid as libc::pid_t,
                 source,
             }),
         }

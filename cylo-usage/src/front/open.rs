@@ -83,7 +83,7 @@ macro_rules! each_tracker {
 /// so that it is written once for all three.
 trait Starts {
     fn start_run(&self, command: &mut Command, options: RunOptions) -> Result<RunWhich, Error>;
-    fn attach_run(&self, pid: u32, options: RunOptions) -> Result<RunWhich, Error>;
+    fn attach_run(&self, pid: libc::pid_t, options: RunOptions) -> Result<RunWhich, Error>;
 }
 
 impl Starts for DaemonTracker {
@@ -92,7 +92,7 @@ impl Starts for DaemonTracker {
             self.spawn_with(command, options)?,
         )))
     }
-    fn attach_run(&self, pid: u32, options: RunOptions) -> Result<RunWhich, Error> {
+    fn attach_run(&self, pid: libc::pid_t, options: RunOptions) -> Result<RunWhich, Error> {
         Ok(RunWhich::Daemon(Box::new(self.attach_with(pid, options)?)))
     }
 }
@@ -101,7 +101,7 @@ impl Starts for Tracker {
     fn start_run(&self, command: &mut Command, options: RunOptions) -> Result<RunWhich, Error> {
         Ok(RunWhich::InProcess(self.spawn_with(command, options)?))
     }
-    fn attach_run(&self, pid: u32, options: RunOptions) -> Result<RunWhich, Error> {
+    fn attach_run(&self, pid: libc::pid_t, options: RunOptions) -> Result<RunWhich, Error> {
         Ok(RunWhich::InProcess(self.attach_with(pid, options)?))
     }
 }
@@ -110,7 +110,7 @@ impl Starts for ProcTracker {
     fn start_run(&self, command: &mut Command, options: RunOptions) -> Result<RunWhich, Error> {
         Ok(RunWhich::Proc(self.spawn_with(command, options)?))
     }
-    fn attach_run(&self, pid: u32, options: RunOptions) -> Result<RunWhich, Error> {
+    fn attach_run(&self, pid: libc::pid_t, options: RunOptions) -> Result<RunWhich, Error> {
         Ok(RunWhich::Proc(self.attach_with(pid, options)?))
     }
 }
@@ -381,13 +381,13 @@ impl AnyTracker {
     }
 
     /// Follows running process `pid` and its descendants from now on.
-    pub fn attach(&self, pid: u32) -> Result<AnyRun, Error> {
+    pub fn attach(&self, pid: libc::pid_t) -> Result<AnyRun, Error> {
         self.attach_with(pid, RunOptions::default())
     }
 
     /// [`AnyTracker::attach`] with a breakdown or an event stream (the fallback refuses both).
     /// Should the daemon refuse for capacity (or fail), the attach is made the other way.
-    pub fn attach_with(&self, pid: u32, options: RunOptions) -> Result<AnyRun, Error> {
+    pub fn attach_with(&self, pid: libc::pid_t, options: RunOptions) -> Result<AnyRun, Error> {
         let refusal = self.refusal.clone();
         match &self.which {
             Which::Daemon(t) => match t.try_attach(pid, options).map_err(|f| *f) {
@@ -425,7 +425,7 @@ fn spawn_on(
 
 fn attach_on(
     which: &Which,
-    pid: u32,
+    pid: libc::pid_t,
     options: RunOptions,
     note: Option<Arc<str>>,
 ) -> Result<AnyRun, Error> {
@@ -489,7 +489,7 @@ impl AnyRun {
     }
 
     /// The root's pid.
-    pub fn root_pid(&self) -> u32 {
+    pub fn root_pid(&self) -> libc::pid_t {
         each_run!(&self.run, r => r.root_pid())
     }
 

@@ -666,7 +666,7 @@ mod tests {
 
     fn proc(pid: u32, parent: Option<usize>, argv: &[&str], cpu: u64) -> ProcessUsage {
         ProcessUsage {
-            pid,
+            pid: pid as libc::pid_t,
             ns_pid: None,
             ppid: 1,
             parent_index: parent,

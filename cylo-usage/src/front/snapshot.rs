@@ -50,7 +50,11 @@ pub(crate) fn snapshot(
     hz: u64,
     page_size: u64,
 ) -> Result<ResourceUsage, Error> {
-    let no_such = || Error::from(SessionError::NoSuchProcess { pid: pid as u32 });
+    let no_such = || {
+        Error::from(SessionError::NoSuchProcess {
+            pid: pid as libc::pid_t,
+        })
+    };
     let Ok(pid) = u32::try_from(pid) else {
         return Err(no_such());
     };

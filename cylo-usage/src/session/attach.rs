@@ -42,16 +42,22 @@ pub(crate) struct Target {
 /// thread, not a zombie, and not cylo-usage itself.
 pub(crate) fn check_target(pid: u32) -> Result<Target, SessionError> {
     if pid == 0 {
-        return Err(SessionError::NoSuchProcess { pid });
+        return Err(SessionError::NoSuchProcess {
+            pid: pid as libc::pid_t,
+        });
     }
     if pid == std::process::id() {
-        return Err(SessionError::Itself { pid });
+        return Err(SessionError::Itself {
+            pid: pid as libc::pid_t,
+        });
     }
     let path = format!("/proc/{pid}/stat");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(SessionError::NoSuchProcess { pid });
+            return Err(SessionError::NoSuchProcess {
+                pid: pid as libc::pid_t,
+            });
         }
         Err(source) => {
             return Err(procfs::ProcError::Read {
@@ -72,15 +78,23 @@ pub(crate) fn check_target(pid: u32) -> Result<Target, SessionError> {
         && tgid != pid
     {
         if tgid == std::process::id() {
-            return Err(SessionError::Itself { pid });
+            return Err(SessionError::Itself {
+                pid: pid as libc::pid_t,
+            });
         }
-        return Err(SessionError::NoSuchProcess { pid });
+        return Err(SessionError::NoSuchProcess {
+            pid: pid as libc::pid_t,
+        });
     }
     if stat.flags & procfs::PF_KTHREAD != 0 {
-        return Err(SessionError::KernelThread { pid });
+        return Err(SessionError::KernelThread {
+            pid: pid as libc::pid_t,
+        });
     }
     if stat.state == 'Z' || stat.state == 'X' {
-        return Err(SessionError::Zombie { pid });
+        return Err(SessionError::Zombie {
+            pid: pid as libc::pid_t,
+        });
     }
     Ok(Target {
         pid,
@@ -92,12 +106,15 @@ impl Tracker {
     /// Follows process `pid`, its threads, every descendant alive now and everything any of
     /// them creates from now on. Totals are what the tree uses from now on;
     /// [`crate::ResourceUsage::usage_before_attach`] has what its processes had used before.
-    pub fn attach(&self, pid: u32) -> Result<Run, SessionError> {
+    pub fn attach(&self, pid: libc::pid_t) -> Result<Run, SessionError> {
         self.attach_with(pid, RunOptions::default())
     }
 
     /// [`Tracker::attach`] with a per-process breakdown and/or an event stream.
-    pub fn attach_with(&self, pid: u32, options: RunOptions) -> Result<Run, SessionError> {
+    pub fn attach_with(&self, pid: libc::pid_t, options: RunOptions) -> Result<Run, SessionError> {
+        let Some(pid) = crate::sys::pid_u32(pid) else {
+            return Err(SessionError::NoSuchProcess { pid });
+        };
         let inner = self.inner.clone();
         if let Some(reason) = &inner.unavailable.attach {
             return Err(SessionError::AttachUnsupported {
@@ -108,7 +125,9 @@ impl Tracker {
         let pidfd = crate::session::run::pidfd_of(pid)?;
         // The pidfd is the process we checked only if it still has the start time we saw.
         if check_target(pid)?.start_ticks != target.start_ticks {
-            return Err(SessionError::NoSuchProcess { pid });
+            return Err(SessionError::NoSuchProcess {
+                pid: pid as libc::pid_t,
+            });
         }
         let flags = options.run_flags();
         let started_ns = monotonic_ns();
@@ -138,15 +157,19 @@ impl Tracker {
         }
         if adopted.refused > 0 {
             return Err(SessionError::TreeTooLarge {
-                pid,
+                pid: pid as libc::pid_t,
                 followed: adopted.threads,
             });
         }
         if !adopted.root {
             return Err(if adopted.root_elsewhere {
-                SessionError::AlreadyFollowed { pid }
+                SessionError::AlreadyFollowed {
+                    pid: pid as libc::pid_t,
+                }
             } else {
-                SessionError::NoSuchProcess { pid }
+                SessionError::NoSuchProcess {
+                    pid: pid as libc::pid_t,
+                }
             });
         }
         Ok(run)

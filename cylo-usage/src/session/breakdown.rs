@@ -750,9 +750,9 @@ impl Breakdown {
         };
         let argv = p.argv.as_deref().map(split_argv);
         let mut u = ProcessUsage {
-            pid: p.pid,
-            ns_pid: (p.own_pid != p.pid && p.own_pid != 0).then_some(p.own_pid),
-            ppid: p.ppid,
+            pid: p.pid as libc::pid_t,
+            ns_pid: (p.own_pid != p.pid && p.own_pid != 0).then_some(p.own_pid as libc::pid_t),
+            ppid: p.ppid as libc::pid_t,
             parent_index: p.parent,
             comm: escape_bytes(&p.comm),
             argv,

@@ -59,7 +59,7 @@ pub enum SessionError {
     #[error("pid {pid} did not join its run in the kernel")]
     NotJoined {
         /// The root's pid; 0 when no process joined.
-        pid: u32,
+        pid: libc::pid_t,
     },
     /// A system call made for a process failed.
     #[error("{syscall} failed for pid {pid}")]
@@ -67,7 +67,7 @@ pub enum SessionError {
         /// The call, e.g. `pidfd_open` or `bpf(BPF_PROG_TEST_RUN)`.
         syscall: &'static str,
         /// The process it was made for: the root, or the process whose thread registers.
-        pid: u32,
+        pid: libc::pid_t,
         /// The error the call returned.
         #[source]
         source: std::io::Error,
@@ -85,31 +85,31 @@ pub enum SessionError {
     #[error("no process {pid}")]
     NoSuchProcess {
         /// The pid asked for.
-        pid: u32,
+        pid: libc::pid_t,
     },
     /// An attach named a kernel thread, which has no user-space tree to follow.
     #[error("process {pid} is a kernel thread: it has no user-space tree to follow")]
     KernelThread {
         /// The kernel thread's pid.
-        pid: u32,
+        pid: libc::pid_t,
     },
     /// An attach named a zombie: a process that has exited and waits to be reaped.
     #[error("process {pid} is a zombie: it has exited and only waits to be reaped")]
     Zombie {
         /// The zombie's pid.
-        pid: u32,
+        pid: libc::pid_t,
     },
     /// An attach named cylo-usage's own process (or one of its threads).
     #[error("process {pid} is cylo-usage itself")]
     Itself {
         /// The pid asked for.
-        pid: u32,
+        pid: libc::pid_t,
     },
     /// An attach named a process that another run of this tracker already follows.
     #[error("process {pid} is already followed by another run of this tracker")]
     AlreadyFollowed {
         /// The process's pid.
-        pid: u32,
+        pid: libc::pid_t,
     },
     /// An attach found more threads than the session's share of the kernel's maps holds:
     /// it fails rather than follow part of the tree.
@@ -119,7 +119,7 @@ pub enum SessionError {
     )]
     TreeTooLarge {
         /// The process attached to.
-        pid: u32,
+        pid: libc::pid_t,
         /// Threads the attach had adopted when the share was full.
         followed: u64,
     },
@@ -134,7 +134,7 @@ pub enum SessionError {
     #[error("process {pid} ended, but the kernel recorded no exit status for it")]
     NoExitStatus {
         /// The root's pid.
-        pid: u32,
+        pid: libc::pid_t,
     },
     /// An attach could not read or parse its target's `/proc/PID/stat`.
     #[error(transparent)]
@@ -156,11 +156,13 @@ pub(crate) fn map_err(what: &'static str) -> impl FnOnce(MapError) -> SessionErr
 pub(crate) fn pidfd_of(pid: u32) -> Result<OwnedFd, SessionError> {
     sys::pidfd_open(pid).map_err(|source| {
         if source.raw_os_error() == Some(libc::ESRCH) {
-            SessionError::NoSuchProcess { pid }
+            SessionError::NoSuchProcess {
+                pid: pid as libc::pid_t,
+            }
         } else {
             SessionError::Syscall {
                 syscall: "pidfd_open",
-                pid,
+                pid: pid as libc::pid_t,
                 source,
             }
         }
@@ -389,8 +391,8 @@ impl Run {
     }
 
     /// The root's pid (in cylo-usage's pid namespace).
-    pub fn root_pid(&self) -> u32 {
-        self.root_pid
+    pub fn root_pid(&self) -> libc::pid_t {
+        self.root_pid as libc::pid_t
     }
 
     /// The root's exit status, once it has exited (and, when it is the tracker's child, been
@@ -418,7 +420,7 @@ impl Run {
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
             Err(source) => Err(SessionError::Syscall {
                 syscall: "pidfd_send_signal",
-                pid: self.root_pid,
+                pid: self.root_pid as libc::pid_t,
                 source,
             }),
         }
@@ -433,7 +435,7 @@ impl Run {
         let pid = self.root_pid;
         let err = |syscall, source| SessionError::Syscall {
             syscall,
-            pid,
+            pid: pid as libc::pid_t,
             source,
         };
         let raw = self.pidfd.as_ref().map(AsRawFd::as_raw_fd).unwrap_or(-1);
@@ -460,7 +462,9 @@ impl Run {
                         // The process has exited; the kernel's record may trail by a moment.
                         exited_polls += 1;
                         if exited_polls > 50 {
-                            return Err(SessionError::NoExitStatus { pid });
+                            return Err(SessionError::NoExitStatus {
+                                pid: pid as libc::pid_t,
+                            });
                         }
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
@@ -484,7 +488,7 @@ impl Run {
             Origin::Spawned(child) => {
                 let status = child.try_wait().map_err(|source| SessionError::Syscall {
                     syscall: "waitid",
-                    pid,
+                    pid: pid as libc::pid_t,
                     source,
                 })?;
                 self.root_status = status;
@@ -506,7 +510,9 @@ impl Run {
                 if exited {
                     self.exited_unrecorded += 1;
                     if self.exited_unrecorded > 200 {
-                        return Err(SessionError::NoExitStatus { pid });
+                        return Err(SessionError::NoExitStatus {
+                            pid: pid as libc::pid_t,
+                        });
                     }
                 }
                 Ok(None)

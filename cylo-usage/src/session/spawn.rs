@@ -112,7 +112,9 @@ impl PendingSpawn {
         match stat {
             Some(s) if s.start_ticks == m.process_start_boottime_ns / tick_ns => {
                 if s.ppid != parent {
-                    return Err(SessionError::NotJoined { pid: m.tgid });
+                    return Err(SessionError::NotJoined {
+                        pid: m.tgid as libc::pid_t,
+                    });
                 }
                 run.root_pid = m.tgid;
                 run.pidfd = Some(fd);
@@ -175,7 +177,7 @@ impl Tracker {
             ])
             .map_err(|source| SessionError::Syscall {
                 syscall: "bpf(BPF_PROG_TEST_RUN)",
-                pid: tgid,
+                pid: tgid as libc::pid_t,
                 source,
             })?;
         if code != 0 {
@@ -227,7 +229,7 @@ impl Tracker {
             .control([control::SPAWNER, slot as u64, 0, 0])
             .map_err(|source| SessionError::Syscall {
                 syscall: "bpf(BPF_PROG_TEST_RUN)",
-                pid: std::process::id(),
+                pid: std::process::id() as libc::pid_t,
                 source,
             })?;
         if code != 0 {
@@ -255,7 +257,9 @@ impl Tracker {
         if joined == 0 {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(SessionError::NotJoined { pid: root_pid });
+            return Err(SessionError::NotJoined {
+                pid: root_pid as libc::pid_t,
+            });
         }
         run.root_pid = root_pid;
         run.origin = Origin::Spawned(child);

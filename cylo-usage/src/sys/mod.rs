@@ -15,6 +15,13 @@ pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `pid` as the kernel's pids are kept inside the crate (`u32`); `None` for 0 and negative
+/// values, which name no process (the public API takes `libc::pid_t`, as libc and the kernel
+/// do).
+pub(crate) fn pid_u32(pid: libc::pid_t) -> Option<u32> {
+    u32::try_from(pid).ok().filter(|&p| p > 0)
+}
+
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
 pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

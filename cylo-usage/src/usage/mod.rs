@@ -499,11 +499,11 @@ pub fn merge(
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessUsage {
     /// Its pid as the tracker sees it.
-    pub pid: u32,
+    pub pid: libc::pid_t,
     /// Its pid inside its own pid namespace, where that differs.
-    pub ns_pid: Option<u32>,
+    pub ns_pid: Option<libc::pid_t>,
     /// Its parent's pid when it was created (0 when the parent is not visible).
-    pub ppid: u32,
+    pub ppid: libc::pid_t,
     /// The index of its parent in `processes`, when the parent is part of the tree.
     pub parent_index: Option<usize>,
     /// `comm` after its last exec (or inherited), escaped where not UTF-8.

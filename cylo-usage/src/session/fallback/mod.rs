@@ -87,7 +87,7 @@ pub enum FallbackError {
     )]
     NotOwnProcess {
         /// The process to attach to.
-        pid: u32,
+        pid: libc::pid_t,
         /// Its real, effective or saved uid that differs from this process's real uid.
         owner: u32,
     },
@@ -229,18 +229,30 @@ impl ProcTracker {
     /// Follows process `pid` (one of the caller's own: another user's is a permission error)
     /// and its descendants by sampling `/proc`. Figures are from now on;
     /// `usage_before_attach` has what the processes present now had used before.
-    pub fn attach(&self, pid: u32) -> Result<ProcRun, FallbackError> {
+    pub fn attach(&self, pid: libc::pid_t) -> Result<ProcRun, FallbackError> {
         self.attach_with(pid, RunOptions::default())
     }
 
     /// [`ProcTracker::attach`]; a breakdown or an event stream in `options` is refused.
-    pub fn attach_with(&self, pid: u32, options: RunOptions) -> Result<ProcRun, FallbackError> {
+    pub fn attach_with(
+        &self,
+        pid: libc::pid_t,
+        options: RunOptions,
+    ) -> Result<ProcRun, FallbackError> {
+        let Some(pid) = crate::sys::pid_u32(pid) else {
+            return Err(SessionError::NoSuchProcess { pid }.into());
+        };
         self.check_options(&options)?;
         let target = crate::session::attach::check_target(pid)?;
         let fs = ProcFs::host();
         // Its I/O accounting is readable only for one's own processes: say so now.
         match fs.io(pid) {
-            Ok(Read::Gone) => return Err(SessionError::NoSuchProcess { pid }.into()),
+            Ok(Read::Gone) => {
+                return Err(SessionError::NoSuchProcess {
+                    pid: pid as libc::pid_t,
+                }
+                .into());
+            }
             Ok(Read::Got(_)) => {}
             Err(e) => return Err(not_own_process(pid).unwrap_or(e.into())),
         }
@@ -262,7 +274,10 @@ impl ProcTracker {
             && state.finished
         {
             drop(state);
-            return Err(SessionError::NoSuchProcess { pid }.into());
+            return Err(SessionError::NoSuchProcess {
+                pid: pid as libc::pid_t,
+            }
+            .into());
         }
         drop(state);
         Ok(run)
@@ -306,7 +321,10 @@ fn not_own_process(pid: u32) -> Option<FallbackError> {
     let me = unsafe { libc::getuid() };
     let uids = procfs::read_uids(pid)?;
     let owner = uids[..3].iter().copied().find(|&u| u != me)?;
-    Some(FallbackError::NotOwnProcess { pid, owner })
+    Some(FallbackError::NotOwnProcess {
+        pid: pid as libc::pid_t,
+        owner,
+    })
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -600,8 +618,8 @@ impl ProcRun {
     }
 
     /// The root's pid.
-    pub fn root_pid(&self) -> u32 {
-        self.root_pid
+    pub fn root_pid(&self) -> libc::pid_t {
+        self.root_pid as libc::pid_t
     }
 
     /// Whether the run attached to running processes.
