@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 mod cli;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use cylo_usage::report;
 use cylo_usage::{
     AnyRun, AnyTracker, OpenOptions, ResourceUsage, RunOptions, Tracker, TrackerKind,
@@ -121,6 +121,14 @@ enum Cmd {
     },
     /// Load the programs once and serve sessions to local clients over a Unix socket.
     Serve(ServeArgs),
+    /// For packagers: write the man page (`cylo-usage.1`) and the bash, zsh and fish
+    /// completions into DIR.
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where to write them.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -268,6 +276,13 @@ fn main() -> ExitCode {
         Cmd::Run { session, cmd } => session_main(session, Target::Command(cmd)),
         Cmd::Attach { session, pid } => session_main(session, Target::Pid(pid)),
         Cmd::Serve(args) => serve_main(args),
+        Cmd::GenerateDocs { dir } => match cli::docs::generate(Cli::command(), &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(
+                cli::EXIT_TRACKER_FAILED,
+                format!("cannot write to {}: {e}", dir.display()),
+            ),
+        },
         Cmd::Features { json, no_daemon } => {
             if !no_daemon && let Ok(daemon) = Tracker::connect(&cylo_usage::daemon::socket_path()) {
                 return match daemon.features() {

@@ -2,6 +2,7 @@
 mod bench;
 mod cargo;
 mod cmd;
+mod dist;
 mod ebpf;
 mod layout;
 mod package;
@@ -45,6 +46,9 @@ enum Command {
     /// Make the published packages (the eBPF object inside), and build and run a crate that
     /// depends on them with stable Rust alone.
     Package(package::Args),
+    /// Make what hosts install, in target/dist/: the static binary (musl), the Debian package
+    /// (binary, systemd units, man page, completions), the crates, SHA256SUMS.
+    Dist(dist::Args),
 }
 
 fn main() {
@@ -97,6 +101,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args)?,
         Command::CheckLayout => layout::check(&paths::workspace_root())?,
         Command::Package(args) => package::run(args)?,
+        Command::Dist(args) => dist::run(args)?,
     }
     Ok(())
 }

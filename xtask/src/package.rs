@@ -25,7 +25,7 @@ include!("../../cylo-usage/ebpf_sha256.rs");
 pub struct Args {
     /// Make the packages only; do not build and run the dependent crate.
     #[arg(long)]
-    no_consumer: bool,
+    pub no_consumer: bool,
 }
 
 /// The packages' version (the workspace's).

@@ -1,8 +1,10 @@
 //! Parts of the command line kept apart from `main.rs`: its exit codes, what a failure to
-//! start the command means (`exec`), and where a session's outputs go (`outputs`).
+//! start the command means (`exec`), where a session's outputs go (`outputs`), and the
+//! man page and shell completions packagers ship (`docs`).
 //!
 //! Exit status follows GNU conventions: the command's own status, or 128+N when signal N
 //! killed it; these when it did not run to its end on its own.
+pub(crate) mod docs;
 pub(crate) mod exec;
 pub(crate) mod outputs;
 

@@ -119,7 +119,8 @@ pub(crate) fn check_proc_dir(fd: &OwnedFd) -> Result<(), Refusal> {
         }
         (fs, st)
     };
-    if fs.f_type != PROC_SUPER_MAGIC || st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+    // `f_type`'s C type differs between libcs (glibc: signed, musl: unsigned).
+    if fs.f_type as u64 != PROC_SUPER_MAGIC || st.st_mode & libc::S_IFMT != libc::S_IFDIR {
         return Err(refusal(
             ErrorKind::BadRequest,
             "the descriptor sent with spawn is not a /proc thread directory",
@@ -178,7 +179,7 @@ pub(crate) fn pidfd_pid(fd: &OwnedFd) -> Result<u32, Refusal> {
 }
 
 /// `statfs.f_type` of procfs.
-const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+const PROC_SUPER_MAGIC: u64 = 0x9fa0;
 
 /// Who may connect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

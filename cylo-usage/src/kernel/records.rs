@@ -121,7 +121,9 @@ impl RecordReader {
 /// starve it and overflow the ring buffer; it only ever runs to drain, then sleeps.
 fn reader(fd: RawFd, sinks: std::sync::Weak<RecordReader>, stop: Arc<AtomicBool>) {
     const TICK: Duration = Duration::from_millis(100);
-    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_param is plain data (musl's has more fields than glibc's).
+    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
+    param.sched_priority = 1;
     // SAFETY: sets this thread's own policy; failure (no CAP_SYS_NICE) leaves it as it was.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
     while !stop.load(Ordering::SeqCst) {

@@ -367,7 +367,8 @@ fn poll_in(fd: RawFd, timeout: Duration) -> bool {
     // ppoll: to the ns. poll()'s milliseconds would round a wait of 0.9 ms down to 0, and
     // the sampler would spin until the next sample is due.
     let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
+        // `as _`: `time_t`'s width is the libc's (musl moves to 64 bits).
+        tv_sec: timeout.as_secs() as _,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
     // SAFETY: one valid pollfd, a valid timespec, no signal mask change.
