@@ -40,9 +40,11 @@ fn main() {
         Ok(bytes) => bytes,
         Err(_) => {
             println!(
-                "cargo::error=no eBPF object at {}: inside cylo-usage's workspace run `cargo \
-                 xtask build-ebpf`; elsewhere set CYLO_USAGE_EBPF_OBJECT to an object built that \
-                 way, or depend on a published package, which carries one",
+                "cargo::error=no eBPF object at {}: inside cylo-usage's workspace (a git \
+                 dependency's checkout too) run `cargo xtask build-ebpf`, which installs the \
+                 nightly's rust-src and bpf-linker, and set CYLO_USAGE_EBPF_OBJECT to what it \
+                 built; or depend on a published package (`cargo xtask package`), which carries \
+                 the object",
                 object.display()
             );
             return;
