@@ -48,6 +48,9 @@ pub use front::report;
 pub use kernel::features;
 pub use session::budget;
 
+/// The kernel's raw record of a run ([`Run::counters`]) and its counter set, as the eBPF
+/// programs keep them (the ABI crate's types).
+pub use cylo_usage_abi::{RunCounters, ThreadUsage};
 pub use error::Error;
 pub use front::open::{AnyRun, AnyTracker, OpenOptions};
 pub use front::snapshot::get_resource_usage;
