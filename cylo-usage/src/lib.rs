@@ -65,7 +65,7 @@ pub use session::viewer::Viewer;
 pub use sys::procfs::ProcError;
 pub use sys::watch;
 pub use usage::{
-    DiskDevice, NetworkUsage, Precision, ProcessUsage, ResourceUsage, TrackerKind,
+    CpuSplit, DiskDevice, NetworkUsage, Precision, ProcessUsage, ResourceUsage, TrackerKind,
     UsageBeforeAttach,
 };
 

@@ -131,6 +131,8 @@ fn unprivileged_run_gets_cpu_from_wait4_and_waits_for_the_daemon() {
     let u = report(&out);
     assert_eq!(u["tracker"], "proc", "{u}");
     assert_eq!(u["precision"], "approximate", "{u}");
+    // wait4's figures of each reaped process: each process's own split.
+    assert_eq!(u["cpu_split"], "per_process", "{u}");
     let why = u["precision_notes"][0].as_str().unwrap();
     assert!(why.contains("CAP_BPF"), "the fallback says why: {why}");
     for field in [
@@ -544,6 +546,8 @@ fn get_resource_usage_counts_processes_not_threads() {
     drop(tree.stdin.take());
     assert!(tree.wait().unwrap().success());
     assert_eq!(u2.process_count, 5, "{u2:?}");
+    // A snapshot splits the tree's sums at once, and says so.
+    assert_eq!(u2.cpu_split, cylo_usage::CpuSplit::Tree, "{u2:?}");
     assert_eq!(u2.thread_count, 5 + 3, "{u2:?}");
     assert_eq!(u2.live_process_count, 5, "{u2:?}");
     assert_eq!(

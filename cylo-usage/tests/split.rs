@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{WORKLOAD, tracker, workload};
-use cylo_usage::{Precision, RunOptions};
+use cylo_usage::{CpuSplit, Precision, RunOptions};
 
 /// How the run follows the mix.
 #[derive(Clone, Copy, Debug)]
@@ -74,6 +74,7 @@ async fn check(t: &cylo_usage::Tracker, how: How) {
     let (wait_user, wait_system) = (u1 - u0, s1 - s0);
     assert_eq!((u.lost_events, u.precision), (0, Precision::Exact), "{u:?}");
     assert_eq!(u.cpu_user_ns + u.cpu_system_ns, u.cpu_time_ns);
+    assert_eq!(u.cpu_split, CpuSplit::PerProcess, "{how:?}");
     check_against_wait4(&u, (wait_user, wait_system), how);
     let Some(ps) = u.processes.as_ref() else {
         return;

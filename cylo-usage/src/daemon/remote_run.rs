@@ -171,6 +171,8 @@ fn report_after_daemon(
         u.cpu_time_ns = cpu + a.cpu_time_ns;
         u.cpu_user_ns = user + a.cpu_user_ns;
         u.cpu_system_ns = system + a.cpu_system_ns;
+        // Two trackers' figures, each made its own way: not one per-process split.
+        u.cpu_split = crate::usage::CpuSplit::Tree;
         u.cpu_time_ms = u.cpu_time_ns / 1_000_000;
         // The processes present at the switch, counted once whoever counted them first.
         let (b_procs, b_threads) = a

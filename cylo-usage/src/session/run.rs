@@ -766,6 +766,7 @@ impl Run {
         {
             u.cpu_user_ns = user;
             u.cpu_system_ns = system;
+            u.cpu_split = crate::usage::CpuSplit::PerProcess;
         }
         if !(with_tree && self.breakdown) {
             return u;

@@ -86,15 +86,18 @@ pub struct ResourceUsage {
     pub cpu_time_ms: u64,
     /// The user part of `cpu_time_ns`: the sum of each process's own split, the kernel's
     /// `cputime_adjust` of its thread group (its tick samples scaled to its precise runtime,
-    /// as `wait4` reports it to the parent and `time(1)` prints it): made in the kernel as
-    /// each process's last thread leaves (kernels with BPF atomic fetch, 5.12+), from the
-    /// per-process records (`--tree`, `--events`), or from `wait4` and /proc (the fallback);
-    /// live processes' at the snapshot. Where none of these covers the whole tree (a run
-    /// without records before 5.12, an attach), the tree's sums are split at once by the same
-    /// function (`split_runtime`).
+    /// as `wait4` reports it to the parent and `time(1)` prints it), made from the run's
+    /// records as each process's last thread leaves, or from `wait4` and /proc (the
+    /// fallback); live processes' at the snapshot. Where the records do not cover the whole
+    /// runtime (their ring buffer overflowed, a breakdown left processes out), and for a
+    /// /proc snapshot or a fallback attach, the tree's sums are split at once by the same
+    /// function (`split_runtime`). [`ResourceUsage::cpu_split`] says which.
     pub cpu_user_ns: u64,
     /// The system part of `cpu_time_ns`.
     pub cpu_system_ns: u64,
+    /// How `cpu_user_ns` and `cpu_system_ns` were made.
+    #[serde(default)]
+    pub cpu_split: CpuSplit,
     /// Distinct processes that were ever part of the tree, the root included. Exec adds none.
     pub process_count: u64,
     /// Distinct threads ever, main threads included.
@@ -197,6 +200,19 @@ pub struct ResourceUsage {
     pub processes_dropped: Option<u64>,
 }
 
+/// How a report's user and system times were made (see [`ResourceUsage::cpu_user_ns`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CpuSplit {
+    /// Each process's own split, summed: what `wait4` adds up for the parents and `time(1)`
+    /// prints.
+    PerProcess,
+    /// The tree's sums split at once: the same function over the whole tree, which can
+    /// differ from `time(1)` on a tree that mixes user-heavy and system-heavy processes.
+    #[default]
+    Tree,
+}
+
 impl ResourceUsage {
     /// A report of `tracker` with nothing measured: every optional counter `None`, every
     /// count 0, precision approximate. The /proc fallback starts from here and fills in what
@@ -207,6 +223,7 @@ impl ResourceUsage {
             cpu_time_ms: 0,
             cpu_user_ns: 0,
             cpu_system_ns: 0,
+            cpu_split: CpuSplit::Tree,
             process_count: 0,
             thread_count: 0,
             peak_process_count: None,
@@ -453,6 +470,7 @@ pub fn merge(
         cpu_time_ms: runtime / 1_000_000,
         cpu_user_ns: user,
         cpu_system_ns: system,
+        cpu_split: CpuSplit::Tree,
         process_count: c.processes_started,
         thread_count: c.threads_started,
         peak_process_count: measured.atomics.then_some(c.processes_peak),

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use crate::proc::walker::{Detail, Node};
-use crate::usage::{ResourceUsage, TrackerKind, UsageBeforeAttach, split_runtime};
+use crate::usage::{CpuSplit, ResourceUsage, TrackerKind, UsageBeforeAttach, split_runtime};
 use cylo_usage_abi::ThreadUsage;
 
 use super::reaper::Record;
@@ -252,6 +252,8 @@ impl Account {
         u.cpu_time_ms = cpu / 1_000_000;
         u.cpu_user_ns = user;
         u.cpu_system_ns = system;
+        // wait4's figures of each reaped process, and each live one's own split.
+        u.cpu_split = CpuSplit::PerProcess;
         u.process_count = self.process_count();
         u.thread_count = self.thread_count();
         // A tree too short-lived for any sample to see it alive still had its root alive.
