@@ -541,6 +541,7 @@ fn json_report_is_one_flat_object_with_the_documented_names() {
         "cpu_time_ms",
         "cpu_user_ns",
         "cpu_system_ns",
+        "cpu_split",
         "process_count",
         "thread_count",
         "peak_process_count",
@@ -574,6 +575,7 @@ fn json_report_is_one_flat_object_with_the_documented_names() {
     want.sort_unstable();
     assert_eq!(keys, want);
     assert_eq!(j["process_count"], 11);
+    assert_eq!(j["cpu_split"], "per_process");
     assert_eq!(j["precision"], "exact");
     assert_eq!(j["precision_notes"], serde_json::json!([]));
     assert_eq!(
