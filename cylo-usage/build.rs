@@ -3,7 +3,11 @@
 //! 1. `CYLO_USAGE_EBPF_OBJECT`, a path (any object built by `cargo xtask build-ebpf`);
 //! 2. inside this workspace, what `cargo xtask build-ebpf` built (`target/ebpf/...`);
 //! 3. a published package's own copy (`ebpf/cylo-usage-ebpf.o`, put there by `cargo xtask
-//!    package`), checked against the SHA-256 packaged with it.
+//!    package`), checked against the SHA-256 packaged with it;
+//! 4. the workspace's sources without the object (a git dependency's checkout, a fresh clone
+//!    built without xtask): built here as `cargo xtask build-ebpf` builds it, into `OUT_DIR`,
+//!    when the nightly toolchain with `rust-src` and a `bpf-linker` on `PATH` are there; else
+//!    the build stops with one line saying what to install.
 //!
 //! The object's SHA-256 is handed to the crate as `CYLO_USAGE_EBPF_SHA256` (the CLI's
 //! `--version` names it).
@@ -23,14 +27,33 @@ fn main() {
     let (object, expected) = match std::env::var_os("CYLO_USAGE_EBPF_OBJECT") {
         Some(path) => (PathBuf::from(path), None),
         None => {
-            let built = manifest_dir.parent().map(ebpf_object_in);
+            let workspace = manifest_dir.parent();
+            let built = workspace.map(ebpf_object_in);
+            let sha = manifest_dir.join(PACKAGED_SHA256);
+            println!("cargo::rerun-if-changed={}", sha.display());
             match built.filter(|b| b.is_file()) {
                 Some(built) => (built, None),
+                None if packaged.is_file() => (packaged, std::fs::read_to_string(&sha).ok()),
+                // The workspace's sources without the object: a git dependency's checkout,
+                // or a fresh clone built without xtask. Build it as xtask does, when the
+                // tools are there.
                 None => {
-                    let sha = manifest_dir.join(PACKAGED_SHA256);
-                    println!("cargo::rerun-if-changed={}", sha.display());
-                    let expected = std::fs::read_to_string(&sha).ok();
-                    (packaged, expected)
+                    match workspace.filter(|w| w.join(EBPF_PACKAGE).join("Cargo.toml").is_file()) {
+                        Some(workspace) => match build_ebpf(workspace) {
+                            Ok(object) => (object, None),
+                            Err(why) => {
+                                println!(
+                                    "cargo::error=no eBPF object, and it cannot be built here: \
+                                 {why}. Install what is missing (`rustup toolchain install \
+                                 nightly --component rust-src`, `cargo install bpf-linker`), \
+                                 run `cargo xtask build-ebpf` in the workspace, or set \
+                                 CYLO_USAGE_EBPF_OBJECT to a built object"
+                                );
+                                return;
+                            }
+                        },
+                        None => (packaged, None),
+                    }
                 }
             }
         }
@@ -82,4 +105,67 @@ fn workload_path() {
             profile_dir.join("cylo-usage-workload").display()
         );
     }
+}
+
+/// Builds the eBPF object from the workspace at `workspace` into `OUT_DIR` (nightly with
+/// `rust-src`, `bpf-linker` on `PATH`), with the flags `cargo xtask build-ebpf` uses.
+fn build_ebpf(workspace: &std::path::Path) -> Result<PathBuf, String> {
+    use std::process::Command;
+    println!(
+        "cargo::rerun-if-changed={}",
+        workspace.join(EBPF_PACKAGE).display()
+    );
+    let works = |cmd: &mut Command| cmd.output().is_ok_and(|o| o.status.success());
+    if !works(Command::new("bpf-linker").arg("--version")) {
+        return Err("no bpf-linker on PATH".to_string());
+    }
+    if !works(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        return Err("no nightly toolchain (rustup)".to_string());
+    }
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("no OUT_DIR")?).join("ebpf");
+    let status = Command::new("rustup")
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--package",
+            EBPF_PACKAGE,
+            "--release",
+        ])
+        .args([
+            "--target",
+            EBPF_TARGET,
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+        ])
+        .arg(&out)
+        .current_dir(workspace)
+        .env(
+            "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
+            "-C debuginfo=2 -C link-arg=--btf -C target-cpu=v3",
+        )
+        // The outer build's settings are not the eBPF build's.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("CARGO_MAKEFLAGS")
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "building {EBPF_PACKAGE} failed ({status}; rust-src for nightly may be missing)"
+        ));
+    }
+    let object = out.join(EBPF_TARGET).join("release").join(EBPF_PACKAGE);
+    if !object.is_file() {
+        return Err(format!("the build made no {}", object.display()));
+    }
+    Ok(object)
 }
