@@ -34,7 +34,7 @@ pub use conn::{
     REQUEST_DEADLINE,
 };
 pub use peer::Access;
-pub use protocol::{ErrorKind, VERSION as PROTOCOL_VERSION};
+pub use protocol::{ErrorKind, FrameError, VERSION as PROTOCOL_VERSION};
 pub use remote_run::RemoteRun;
 pub use server::serve;
 pub use state::ServeOptions;

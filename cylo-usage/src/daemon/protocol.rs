@@ -138,15 +138,26 @@ pub enum Reply {
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
+    /// The other end closed the connection (or reset it) before the frame was whole.
     #[error("the peer closed the connection")]
     Closed,
+    /// A frame's length prefix announced more than the reader accepts.
     #[error("a frame of {len} bytes is larger than the {max} allowed")]
-    TooLong { len: usize, max: usize },
+    TooLong {
+        /// The length the frame announced, in bytes.
+        len: usize,
+        /// The most the reader accepts, in bytes.
+        max: usize,
+    },
+    /// The frame was not sent or received in full before its deadline.
     #[error("the frame did not complete within its deadline")]
     Deadline,
+    /// A system call on the socket failed.
     #[error("{syscall} on the daemon socket failed")]
     Io {
+        /// The system call (`sendmsg`, `recvmsg`, `poll`).
         syscall: &'static str,
+        /// What the kernel said.
         #[source]
         source: std::io::Error,
     },
