@@ -54,7 +54,8 @@ pub use cylo_usage_abi::{RunCounters, ThreadUsage};
 pub use error::Error;
 pub use front::open::{AnyRun, AnyTracker, OpenOptions};
 pub use front::snapshot::get_resource_usage;
-pub use kernel::btf::BtfError;
+pub use kernel::btf::{BtfError, Kind as BtfKind};
+pub use kernel::map_read::MapReadError;
 pub use kernel::programs::{LoadError, missing_privileges};
 pub use kernel::resolve::ResolveError;
 pub use kernel::tracker::{Capacities, Tracker};
@@ -65,8 +66,8 @@ pub use session::viewer::Viewer;
 pub use sys::procfs::ProcError;
 pub use sys::watch;
 pub use usage::{
-    CpuSplit, DiskDevice, NetworkUsage, Precision, ProcessUsage, ResourceUsage, TrackerKind,
-    UsageBeforeAttach,
+    CpuSplit, DiskDevice, NetworkUsage, Precision, ProcessUsage, ResourceUsage, SignalSent,
+    TrackerKind, UsageBeforeAttach,
 };
 
 /// An error and all its sources on one line (`a: b: c`), for one-line messages.

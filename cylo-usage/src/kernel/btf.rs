@@ -38,25 +38,45 @@ const HEADER_LEN: usize = 24;
 /// The kind of a BTF type (`BTF_KIND_*`); [`Kind::Void`] stands for type id 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// Type id 0, `void`.
     Void,
+    /// `BTF_KIND_INT`.
     Int,
+    /// `BTF_KIND_PTR`.
     Ptr,
+    /// `BTF_KIND_ARRAY`.
     Array,
+    /// `BTF_KIND_STRUCT`.
     Struct,
+    /// `BTF_KIND_UNION`.
     Union,
+    /// `BTF_KIND_ENUM`.
     Enum,
+    /// `BTF_KIND_FWD`: a forward declaration.
     Fwd,
+    /// `BTF_KIND_TYPEDEF`.
     Typedef,
+    /// `BTF_KIND_VOLATILE`.
     Volatile,
+    /// `BTF_KIND_CONST`.
     Const,
+    /// `BTF_KIND_RESTRICT`.
     Restrict,
+    /// `BTF_KIND_FUNC`.
     Func,
+    /// `BTF_KIND_FUNC_PROTO`.
     FuncProto,
+    /// `BTF_KIND_VAR`.
     Var,
+    /// `BTF_KIND_DATASEC`.
     Datasec,
+    /// `BTF_KIND_FLOAT`.
     Float,
+    /// `BTF_KIND_DECL_TAG`.
     DeclTag,
+    /// `BTF_KIND_TYPE_TAG`.
     TypeTag,
+    /// `BTF_KIND_ENUM64`.
     Enum64,
 }
 

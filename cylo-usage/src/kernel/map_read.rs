@@ -24,16 +24,23 @@ const MAX_WALK_PASSES: usize = 4;
 /// Why a map could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum MapReadError {
+    /// The reader's own descriptor of the map could not be made.
     #[error("cannot duplicate the descriptor of map {map}")]
     Dup {
+        /// The map.
         map: &'static str,
+        /// What the kernel said.
         #[source]
         source: std::io::Error,
     },
+    /// A `bpf(2)` command on the map failed.
     #[error("bpf({cmd}) on map {map} failed")]
     Syscall {
+        /// The command (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_GET_NEXT_KEY`, ...).
         cmd: &'static str,
+        /// The map.
         map: &'static str,
+        /// What the kernel said.
         #[source]
         source: std::io::Error,
     },
