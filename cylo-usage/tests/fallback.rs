@@ -62,13 +62,14 @@ fn truth(group: &CpuGroup, note: &Path) -> u64 {
 /// last instants of each exit (the README's "Without eBPF" says so): never more than the
 /// truth (1% for the shell's note, which counts its few µs between the move and the read
 /// twice), and less by at most 1% on a real CPU. Under emulation (`cargo xtask vm-test`,
-/// qemu TCG) each exit's tail is longer, so each reaped process may miss up to 100 µs more.
+/// qemu TCG) an exit's tail is longer, and the host may preempt the guest's CPU within it
+/// (the guest counts that as runtime): the README's 1% to 7%, plus 100 µs per reaped process.
 fn assert_cpu_from_wait4(ours: u64, truth: u64, processes: u64) {
     let missing = truth.saturating_sub(ours);
-    let tail_ns = if std::env::var_os("CYLO_USAGE_VM").is_some() {
-        processes * 100_000
+    let (share, tail_ns) = if std::env::var_os("CYLO_USAGE_VM").is_some() {
+        (0.07, processes * 100_000)
     } else {
-        0
+        (0.01, 0)
     };
     eprintln!(
         "fallback CPU {ours} ns vs cpuacct {truth} ns: {:.3}% ({missing} ns missing, {tail_ns} ns allowed for the exits' tails)",
@@ -79,9 +80,10 @@ fn assert_cpu_from_wait4(ours: u64, truth: u64, processes: u64) {
         "ours {ours} is more than cpuacct's {truth}"
     );
     assert!(
-        (missing as f64) < truth as f64 * 0.01 + tail_ns as f64,
-        "ours {ours} vs cpuacct {truth}: {missing} ns missing ({:.2}%), more than 1% + {tail_ns} ns",
-        rel_diff(ours, truth) * 100.0
+        (missing as f64) < truth as f64 * share + tail_ns as f64,
+        "ours {ours} vs cpuacct {truth}: {missing} ns missing ({:.2}%), more than {}% + {tail_ns} ns",
+        rel_diff(ours, truth) * 100.0,
+        share * 100.0
     );
 }
 
