@@ -519,7 +519,10 @@ async fn kill_reaches_every_member_while_they_fork() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let signalled = run.kill(libc::SIGKILL).unwrap();
-    assert!(signalled >= 3, "{signalled}");
+    // From the kill on, every member that forks gets SIGKILL in the kernel at its fork, so
+    // the forking ones may be gone before userspace lists them; the daemon never forks (it
+    // sleeps, then burns): only userspace's signal reaches it.
+    assert!(signalled >= 1, "{signalled}");
     tokio::time::timeout(Duration::from_secs(30), async {
         run.wait_root().await.unwrap();
         run.wait_finished().await.unwrap();
