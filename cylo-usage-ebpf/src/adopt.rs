@@ -60,6 +60,28 @@ pub(crate) fn adopt_current<const ATOMICS: bool, const ANCESTORS: bool>(task: u6
 /// (its process is followed already).
 #[inline(always)]
 pub(crate) fn member_or_adopted<const ATOMICS: bool>(task: u64) -> Option<TaskMember> {
+    member_ptr_or_adopted::<ATOMICS>(task).map(|m| *m)
+}
+
+/// [`member_or_adopted`] in place: the map value itself, not a copy on the stack (which,
+/// beside [`adopt`]'s frame, would not fit the verifier's 512 bytes).
+#[inline(always)]
+pub(crate) fn member_ptr_or_adopted<const ATOMICS: bool>(
+    task: u64,
+) -> Option<&'static mut TaskMember> {
+    if maybe_in(&TASK_FILTER, task)
+        && let Some(m) = TASKS.get_ptr_mut(task)
+    {
+        // SAFETY: a map value, live while the task is (only its own exit removes it).
+        return Some(unsafe { &mut *m });
+    }
+    adopt_current::<ATOMICS, false>(task)?;
+    // SAFETY: as above.
+    TASKS.get_ptr_mut(task).map(|m| unsafe { &mut *m })
+}
+
+#[allow(dead_code)]
+fn member_or_adopted_copy<const ATOMICS: bool>(task: u64) -> Option<TaskMember> {
     if let Some(member) = task_member(task) {
         return Some(member);
     }
@@ -133,6 +155,10 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
         process_start_boottime_ns: process_start,
         net_sent: 0,
         net_received: 0,
+        // Budgets count from the attach: what the thread had used is charged already.
+        charged_cpu_ns: read::<u64>(task, offset!(task_sum_exec_runtime)).unwrap_or(0),
+        charged_disk_read_bytes: ioac(task, offset!(task_ioac_read_bytes)),
+        charged_disk_write_bytes: ioac(task, offset!(task_ioac_write_bytes)),
     };
     if insert_task(task, member).is_err() {
         // SAFETY: the value is copied out at once.
@@ -228,7 +254,8 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
         // It died while being adopted: its last switch may have passed before the entry was
         // there. Whoever removes the entry (the switch hook or this) accounts for it, once.
         if forget_task(task) {
-            leave::<ATOMICS>(task, &member);
+            // Its membership is gone already: nothing left to charge to budgets.
+            leave::<ATOMICS, false>(task, &member);
         }
     }
     control::ADOPTED

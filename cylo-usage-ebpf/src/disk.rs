@@ -63,6 +63,8 @@ pub(crate) fn on_bio_queue(bio: u64) -> i32 {
         add(&mut c.read_bytes, size as u64);
         add(&mut c.read_ops, 1);
     }
+    // The kernel charged this I/O to the task's `ioac` just before submitting it.
+    crate::budget::charge_current_disk(current);
     0
 }
 

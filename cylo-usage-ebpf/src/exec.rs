@@ -1,6 +1,6 @@
 //! `sched_process_exec`: a tracked process execs: it moves to its new address space, and
 //! runs with a breakdown get an exec record (comm, file name, argv).
-use crate::adopt::member_or_adopted;
+use crate::adopt::member_ptr_or_adopted;
 use crate::mem::mm_peak;
 use crate::mem::mm_release;
 use crate::mem::mm_use;
@@ -28,10 +28,10 @@ pub fn sched_process_exec_no_atomics(ctx: RawTracePointContext) -> i32 {
 pub(crate) fn on_exec<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
-    let Some(mut member) = member_or_adopted::<ATOMICS>(current) else {
+    let Some(member) = member_ptr_or_adopted::<ATOMICS>(current) else {
         return 0;
     };
-    if doomed(&member) {
+    if doomed(member) {
         kill_current();
     }
     let Some(counters) = run_counters(member.run) else {
@@ -40,9 +40,9 @@ pub(crate) fn on_exec<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
     // A non-leader thread that execs takes over the leader's pid.
     let (tid, _) = pids(current, tracker().pid_level);
     if tid != member.tid {
+        // Only the thread itself (here) writes its pids while it lives.
         member.tid = tid;
         member.tgid = tid;
-        let _ = TASKS.insert(current, member, BPF_EXIST as u64);
     }
     let mut old_peak = 0;
     if ATOMICS && let Some(proc) = PROCS.get_ptr_mut(member.process) {
@@ -59,7 +59,7 @@ pub(crate) fn on_exec<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
     }
     if wants_all_records(counters) {
         let bprm: u64 = ctx.arg(2);
-        record_exec(&member, current, bprm, old_peak, counters);
+        record_exec(member, current, bprm, old_peak, counters);
     }
     0
 }

@@ -1,6 +1,7 @@
 //! `task_newtask`: a task of a run creates a task, which joins the run before it can run;
 //! a spawning thread's first task is a new run's root.
 use crate::adopt::adopt_current;
+use crate::budget::refuse;
 use crate::mem::mm_use;
 use crate::records::record_start;
 use crate::*;
@@ -152,6 +153,9 @@ pub(crate) fn join<const ATOMICS: bool>(
         process_start_boottime_ns: process_start,
         net_sent: 0,
         net_received: 0,
+        charged_cpu_ns: 0,
+        charged_disk_read_bytes: 0,
+        charged_disk_write_bytes: 0,
     };
     if insert_task(child, member).is_err() {
         unfollowed(
@@ -166,8 +170,19 @@ pub(crate) fn join<const ATOMICS: bool>(
     }
     if past_share {
         doom(run, tid, counters);
+        // Past the share (not a doomed creator's child): a budget of threads alive at once,
+        // crossed. The run stops.
+        if !creator.is_some_and(doomed) {
+            let alive = load(&counters.threads_started)
+                .wrapping_sub(load(&counters.threads_exited))
+                .wrapping_add(1);
+            crate::budget::cross(run, cylo_usage_abi::budget::TASKS_ALIVE, alive);
+        }
     }
     add(&mut counters.threads_started, 1);
+    let root = creator.is_none();
+    // Past the run's threads budget: refused (the root never is).
+    let refused_thread = !root && refuse(run, child, true);
     if is_thread {
         if let Some(p) = PROCS.get_ptr_mut(signal) {
             // SAFETY: map value pointer; updated atomically.
@@ -175,7 +190,6 @@ pub(crate) fn join<const ATOMICS: bool>(
         }
         return;
     }
-    let root = creator.is_none();
     // Its own address space after fork; its creator's after vfork / CLONE_VM. The root's,
     // until it execs, is a copy of the tracker's (or the tracker's own): not the command's.
     let mm = if ATOMICS && !root {
@@ -205,6 +219,14 @@ pub(crate) fn join<const ATOMICS: bool>(
         store(&mut counters.root_process, signal);
     }
     add(&mut counters.processes_started, 1);
+    // A refused thread that is a new process is a refused process too; else the processes
+    // budget decides.
+    let refused = if refused_thread {
+        add(&mut counters.processes_refused, 1);
+        true
+    } else {
+        !root && refuse(run, child, false)
+    };
     if ATOMICS {
         let alive = add_fetch(&mut counters.processes_alive, 1);
         raise_to(&mut counters.processes_peak, alive);
@@ -213,7 +235,8 @@ pub(crate) fn join<const ATOMICS: bool>(
         add(&mut counters.processes_alive, 1);
     }
     if wants_records(counters) {
-        let flags = if root { proc_flags::ROOT } else { 0 };
+        let flags =
+            if root { proc_flags::ROOT } else { 0 } | if refused { proc_flags::REFUSED } else { 0 };
         record_start(run, child, signal, start, tid, own_pid, flags, counters);
     }
 }

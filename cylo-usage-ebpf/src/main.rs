@@ -500,6 +500,15 @@ fn diag_flush() {
     aya_log_ebpf::debug!(&(), "lost {} {} {} {} {}", kind, run, tid, lo, hi);
 }
 
+/// One `task_struct.ioac` (or `signal_struct.ioac`) counter, where the kernel has it.
+#[inline(always)]
+pub(crate) fn ioac(task: u64, offset: u32) -> u64 {
+    if offset == ABSENT {
+        return 0;
+    }
+    read::<u64>(task, offset).unwrap_or(0)
+}
+
 #[inline(always)]
 fn header(kind: u32, run: u32, process: u64) -> RecordHeader {
     RecordHeader {
@@ -556,6 +565,7 @@ fn process_pid(task: u64, tracker_level: u32) -> u32 {
 
 // After the macros above, which they use.
 mod adopt;
+mod budget;
 mod commands;
 mod disk;
 mod exec;

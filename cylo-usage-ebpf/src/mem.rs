@@ -42,6 +42,8 @@ pub(crate) fn mm_use(run: u32, mm: u64, counters: &mut RunCounters) {
         // SAFETY: map value pointer.
         set_rss(unsafe { &mut *entry }, member, pages, counters);
     }
+    // (Its memory budget is checked at the next `rss_stat` of the run: a check here would sit
+    // under `adopt`'s frame, past the verifier's 512 bytes of stack on 6.1.)
 }
 
 /// The high-water mark (pages) of a tracked address space, 0 if it is not followed.
@@ -87,9 +89,14 @@ pub(crate) fn forget_mm(mm: u64) {
 /// Records the new value of one RSS counter of a tracked address space. The exchange makes
 /// the run's total the sum of the last values seen, whatever order events arrive in.
 #[inline(always)]
-pub(crate) fn set_rss(entry: &mut MmMember, member: usize, pages: i64, counters: &mut RunCounters) {
+pub(crate) fn set_rss(
+    entry: &mut MmMember,
+    member: usize,
+    pages: i64,
+    counters: &mut RunCounters,
+) -> u64 {
     if member >= 4 {
-        return;
+        return load(&counters.rss_pages);
     }
     let new = rss_pages(pages);
     let old = exchange(&mut entry.pages[member], new);
@@ -98,6 +105,24 @@ pub(crate) fn set_rss(entry: &mut MmMember, member: usize, pages: i64, counters:
     raise_to(&mut entry.peak, own);
     let total = add_fetch(&mut counters.rss_pages, delta);
     raise_to(&mut counters.rss_peak_pages, total);
+    total
+}
+
+/// The run's resident memory grew to `total` pages: past its memory budget, a crossing (and
+/// the task that grew it dies, if it is one of the run's, as it nearly always is).
+#[inline(never)]
+fn check_memory(run: u32, total: u64) {
+    let Some(ctl) = RUN_CONTROL.get(run) else {
+        return;
+    };
+    if ctl.max_rss_pages == 0 || total <= ctl.max_rss_pages {
+        return;
+    }
+    crate::budget::cross(run, cylo_usage_abi::budget::MEMORY, total);
+    // SAFETY: returns the address of the current task_struct.
+    if task_member(unsafe { bpf_get_current_task() }).is_some_and(|m| m.run == run) {
+        kill_current();
+    }
 }
 
 /// `rss_stat(struct mm_struct *mm, int member[, long count])`, wherever an RSS counter of
@@ -134,7 +159,11 @@ pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     if let Some(counters) = run_counters(entry.run) {
-        set_rss(entry, member, pages, counters);
+        let old = load(&entry.pages[member]);
+        let total = set_rss(entry, member, pages, counters);
+        if rss_pages(pages) > old {
+            check_memory(entry.run, total);
+        }
     }
     0
 }

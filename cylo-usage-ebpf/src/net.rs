@@ -33,8 +33,8 @@ use cylo_usage_abi::net::*;
 use cylo_usage_abi::{RunCounters, TaskMember};
 
 use crate::{
-    OFFSETS, TASK_FILTER, TASKS, add, diag_flush, lost, maybe_in, read, run_counters,
-    wants_all_records,
+    OFFSETS, RUN_CONTROL, TASK_FILTER, TASKS, add, diag_flush, kill_current, load, lost, maybe_in,
+    read, run_counters, wants_all_records,
 };
 
 /// `sock_send_length(struct sock *sk, int ret, int flags)`, in `sock_sendmsg_nosec()`.
@@ -258,4 +258,17 @@ fn add_bytes<const SEND: bool>(
         _ => (&mut c.net_other_sent, &mut c.net_other_received),
     };
     add(if SEND { sent } else { received }, bytes);
+    if let Some(ctl) = RUN_CONTROL.get(member.run)
+        && ctl.max_network_bytes != 0
+    {
+        // What `network_bytes_sent` and `_received` count: TCP and UDP.
+        let total = load(&c.net_tcp_sent)
+            + load(&c.net_udp_sent)
+            + load(&c.net_tcp_received)
+            + load(&c.net_udp_received);
+        if total > ctl.max_network_bytes {
+            crate::budget::cross(member.run, cylo_usage_abi::budget::NETWORK, total);
+            kill_current();
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! `sched_switch`: a dead task's last context switch, when its figures are final: what
 //! it used goes to its run (and, for runs that want them, to a thread-end record), and it
 //! leaves the run. Also what a thread has used, read from its `task_struct`.
+use crate::budget::charge_end;
 use crate::*;
 
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next
@@ -43,7 +44,7 @@ pub(crate) fn on_switch<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
     let Some(member) = task_member(prev) else {
         return 0;
     };
-    leave::<ATOMICS>(prev, &member);
+    leave::<ATOMICS, true>(prev, &member);
     diag_flush();
     0
 }
@@ -145,15 +146,6 @@ pub(crate) fn group_usage(signal: u64, task: u64, leader: u64, g: &mut [u64; 10]
     true
 }
 
-/// One `task_struct.ioac` (or `signal_struct.ioac`) counter, where the kernel has it.
-#[inline(always)]
-pub(crate) fn ioac(task: u64, offset: u32) -> u64 {
-    if offset == ABSENT {
-        return 0;
-    }
-    read::<u64>(task, offset).unwrap_or(0)
-}
-
 /// A `THREAD_END` or `THREAD_ADOPTED` record.
 #[inline(always)]
 pub(crate) fn record_thread(
@@ -183,15 +175,22 @@ pub(crate) fn record_thread(
     }
 }
 
-/// A tracked thread has switched out for the last time: its runtime is final.
+/// A tracked thread has switched out for the last time: its runtime is final. `CHARGE`:
+/// what it used since its last charge goes to its run's budgets (its membership is still
+/// in `TASKS`).
 #[inline(always)]
-pub(crate) fn leave<const ATOMICS: bool>(task: u64, member: &TaskMember) {
+pub(crate) fn leave<const ATOMICS: bool, const CHARGE: bool>(task: u64, member: &TaskMember) {
     let Some(counters) = run_counters(member.run) else {
         return;
     };
     match thread_usage(task) {
         Some(u) => {
             add_usage(&mut counters.total, &u);
+            // What the thread used since its last charge goes to the budgets too.
+            if CHARGE && RUN_CONTROL.get(member.run).is_some_and(|c| c.has_budget()) {
+                let (r, w) = (u.disk_read_bytes, u.disk_write_bytes);
+                charge_end(member.run, task, u.cpu_runtime_ns, r, w);
+            }
             if wants_records(counters) {
                 record_thread(record_kind::THREAD_END, member, &u, counters);
             }

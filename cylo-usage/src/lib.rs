@@ -65,9 +65,10 @@ pub use session::run::{Run, RunOptions, SessionError};
 pub use session::viewer::Viewer;
 pub use sys::procfs::ProcError;
 pub use sys::watch;
+pub use usage::budgets;
 pub use usage::{
-    CpuSplit, DiskDevice, NetworkUsage, Precision, ProcessUsage, ResourceUsage, SignalSent,
-    TrackerKind, UsageBeforeAttach,
+    BudgetExceeded, Budgets, CpuSplit, DiskDevice, EnforcedBy, Enforcement, NetworkUsage,
+    Precision, ProcessUsage, Resource, ResourceUsage, SignalSent, TrackerKind, UsageBeforeAttach,
 };
 
 /// An error and all its sources on one line (`a: b: c`), for one-line messages.

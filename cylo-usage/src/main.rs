@@ -81,6 +81,38 @@ struct SessionArgs {
     /// How long after the timeout's SIGTERM the SIGKILL comes (default 2s; needs --timeout).
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     kill_after: Option<Duration>,
+    /// Budget: stop the tree (SIGKILL, every member) once more than N processes would run,
+    /// the root included; the one past it is refused before it runs. Exit 120.
+    #[arg(long, value_name = "N", value_parser = budgets::parse_count, help_heading = "Budgets")]
+    max_processes: Option<u64>,
+    /// Budget: likewise for threads (each process's main thread included).
+    #[arg(long, value_name = "N", value_parser = budgets::parse_count, help_heading = "Budgets")]
+    max_threads: Option<u64>,
+    /// Budget: stop the tree once it has used more than DUR of CPU time, user and system
+    /// (`500ms`, `10s`, `2m`, `1h`).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, help_heading = "Budgets")]
+    max_cpu: Option<Duration>,
+    /// Budget: stop the tree once its resident memory exceeds BYTES (`64M`; K, M, G, T are
+    /// powers of 1024).
+    #[arg(long, value_name = "BYTES", value_parser = budgets::parse_bytes, help_heading = "Budgets")]
+    max_memory: Option<u64>,
+    /// Budget: stop the tree once it has made the storage layer write more than BYTES
+    /// (`disk_bytes_written`: buffered writes as they are dirtied, O_DIRECT as submitted).
+    #[arg(long, value_name = "BYTES", value_parser = budgets::parse_bytes, help_heading = "Budgets")]
+    max_disk_write: Option<u64>,
+    /// Budget: stop the tree once it has made the storage layer read more than BYTES.
+    #[arg(long, value_name = "BYTES", value_parser = budgets::parse_bytes, help_heading = "Budgets")]
+    max_disk_read: Option<u64>,
+    /// Budget: stop the tree once it has sent and received more than BYTES of TCP and UDP
+    /// payload, together.
+    #[arg(long, value_name = "BYTES", value_parser = budgets::parse_bytes, help_heading = "Budgets")]
+    max_network: Option<u64>,
+    /// How budgets are enforced: `exact` (in the kernel, at the crossing; a budget it cannot
+    /// enforce here is refused with exit 125), or `best-effort` (where the kernel cannot, the
+    /// /proc fallback enforces it from its samples, late by up to a sampling interval, and
+    /// the report says so).
+    #[arg(long, value_name = "HOW", default_value = "exact", value_parser = parse_enforcement, help_heading = "Budgets")]
+    budgets: cylo_usage::Enforcement,
     /// Fail (exit 125, naming what is missing) rather than fall back to the approximate
     /// /proc tracker when the eBPF programs cannot be loaded.
     #[arg(long)]
@@ -173,6 +205,29 @@ struct ServeArgs {
     /// export each handler's run time and calls in the metrics.
     #[arg(long)]
     bpf_stats: bool,
+    /// Budget ceiling: the --max-processes of every session of a user other than root (the
+    /// smaller of this and what the client asks; this when it asks none). Root's sessions
+    /// have what they ask.
+    #[arg(long, value_name = "N", value_parser = cylo_usage::budgets::parse_count, help_heading = "Budget ceilings")]
+    max_processes: Option<u64>,
+    /// Budget ceiling: --max-threads, likewise.
+    #[arg(long, value_name = "N", value_parser = cylo_usage::budgets::parse_count, help_heading = "Budget ceilings")]
+    max_threads: Option<u64>,
+    /// Budget ceiling: --max-cpu (`500ms`, `10s`, `2m`, `1h`), likewise.
+    #[arg(long, value_name = "DUR", value_parser = cylo_usage::budgets::parse_duration, help_heading = "Budget ceilings")]
+    max_cpu: Option<Duration>,
+    /// Budget ceiling: --max-memory (`64M`; K, M, G, T are powers of 1024), likewise.
+    #[arg(long, value_name = "BYTES", value_parser = cylo_usage::budgets::parse_bytes, help_heading = "Budget ceilings")]
+    max_memory: Option<u64>,
+    /// Budget ceiling: --max-disk-write, likewise.
+    #[arg(long, value_name = "BYTES", value_parser = cylo_usage::budgets::parse_bytes, help_heading = "Budget ceilings")]
+    max_disk_write: Option<u64>,
+    /// Budget ceiling: --max-disk-read, likewise.
+    #[arg(long, value_name = "BYTES", value_parser = cylo_usage::budgets::parse_bytes, help_heading = "Budget ceilings")]
+    max_disk_read: Option<u64>,
+    /// Budget ceiling: --max-network, likewise.
+    #[arg(long, value_name = "BYTES", value_parser = cylo_usage::budgets::parse_bytes, help_heading = "Budget ceilings")]
+    max_network: Option<u64>,
 }
 
 /// The gid of group `name`.
@@ -224,38 +279,50 @@ fn serve_main(args: ServeArgs) -> ExitCode {
     }
     options.metrics = args.metrics;
     options.bpf_stats = args.bpf_stats;
+    // Checked by `serve` (a ceiling never met, or one this kernel cannot enforce, fails it).
+    options.budget_ceilings = cylo_usage::Budgets {
+        max_processes: args.max_processes,
+        max_threads: args.max_threads,
+        max_cpu_ns: args
+            .max_cpu
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        max_memory_bytes: args.max_memory,
+        max_disk_write_bytes: args.max_disk_write,
+        max_disk_read_bytes: args.max_disk_read,
+        max_network_bytes: args.max_network,
+    };
     match cylo_usage::daemon::serve(options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
     }
 }
 
-/// Parses `500ms`, `10s`, `1.5s`, `2m`, `1h`, or a bare number of seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 500ms, 10s, 2m"))?;
-    let scale = match unit {
-        "ms" => 0.001,
-        "" | "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit {unit:?} in {text:?}: use ms, s, m or h"
-            ));
-        }
-    };
-    let secs = value * scale;
-    if !secs.is_finite() || secs > 1e9 {
-        return Err(format!("duration {text:?} is out of range"));
+use cylo_usage::budgets::{self, parse_duration};
+
+/// Parses `--budgets`.
+fn parse_enforcement(text: &str) -> Result<cylo_usage::Enforcement, String> {
+    match text {
+        "exact" => Ok(cylo_usage::Enforcement::Exact),
+        "best-effort" => Ok(cylo_usage::Enforcement::BestEffort),
+        _ => Err(format!("{text:?}: expected exact or best-effort")),
     }
-    Ok(Duration::from_secs_f64(secs))
+}
+
+impl SessionArgs {
+    /// The budgets the options ask for.
+    fn budgets(&self) -> cylo_usage::Budgets {
+        cylo_usage::Budgets {
+            max_processes: self.max_processes,
+            max_threads: self.max_threads,
+            max_cpu_ns: self
+                .max_cpu
+                .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            max_memory_bytes: self.max_memory,
+            max_disk_write_bytes: self.max_disk_write,
+            max_disk_read_bytes: self.max_disk_read,
+            max_network_bytes: self.max_network,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -298,7 +365,8 @@ fn main() -> ExitCode {
                 Err(e) => return fail(EXIT_TRACKER_FAILED, cylo_usage::error_chain(&e)),
             };
             let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-            let list = tracker.features();
+            let mut list = tracker.features();
+            list.extend(tracker.budget_features());
             let layout = format!("{:?}", tracker.offsets());
             print!("{}", report::features(kernel.trim(), &list, &layout, json));
             ExitCode::SUCCESS
@@ -465,6 +533,8 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         tree: args.tree,
         events,
         tree_limit: args.tree_limit.max(1),
+        budgets: args.budgets(),
+        budget_enforcement: args.budgets,
         ..RunOptions::default()
     };
     let (started, title, shown) = match &target {
@@ -581,6 +651,9 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
             return exit_status(status, None);
         }
         return fail(EXIT_TRACKER_FAILED, p);
+    }
+    if usage.as_ref().is_some_and(|u| u.budget_exceeded.is_some()) {
+        return ExitCode::from(cli::EXIT_BUDGET_EXCEEDED);
     }
     if usage.as_ref().is_some_and(|u| u.timed_out) {
         return ExitCode::from(EXIT_TIMED_OUT);

@@ -150,9 +150,15 @@ fn a_double_forked_task_past_the_session_share_does_not_survive_the_timeout() {
         .output()
         .unwrap();
     let u = report(&out);
-    // The timeout (124), or, when every daemon died at birth before it, the kill at the share
-    // of the root's process (128 + 9).
-    assert!(matches!(out.status.code(), Some(124) | Some(137)), "{u}");
+    // The share is a budget of threads alive at once: its crossing stops the whole tree at
+    // once (120), daemons included, and names the share.
+    assert_eq!(out.status.code(), Some(120), "{u}");
+    assert_eq!(u["budget_exceeded"]["resource"], "tasks_alive", "{u}");
+    assert_eq!(u["budget_exceeded"]["limit"], 8, "{u}");
+    assert_eq!(
+        u["timed_out"], false,
+        "stopped at the share, not the timeout: {u}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "{:?}",
@@ -203,6 +209,8 @@ fn a_fork_bomb_at_its_session_share_is_contained() {
     let u = report(&out);
     assert!(u["tasks_killed_at_birth"].as_u64().unwrap() >= 1, "{u}");
     assert_eq!(u["timed_out"], false, "the bomb died at its share: {u}");
+    assert_eq!(out.status.code(), Some(120), "{u}");
+    assert_eq!(u["budget_exceeded"]["resource"], "tasks_alive", "{u}");
     assert!(u["process_count"].as_u64().unwrap() < 4093, "{u}");
     // Contained: at the share, each process that forks dies with the task it made.
     assert!(u["peak_process_count"].as_u64().unwrap_or(0) < 1_000, "{u}");
@@ -232,6 +240,13 @@ async fn a_run_at_its_share_kills_the_task_past_it_and_loses_nothing() {
     let u = run.usage().unwrap();
     assert_eq!(u.signal, Some(9), "the root was killed at its share: {u:?}");
     assert!(u.tasks_killed_at_birth.unwrap() >= 1, "{u:?}");
+    let e = u.budget_exceeded.expect("the share is a budget");
+    assert_eq!(
+        (e.resource, e.limit),
+        (cylo_usage::Resource::TasksAlive, 8),
+        "{u:?}"
+    );
+    assert!(e.observed > 8, "{e:?}");
     assert_eq!((u.lost_events, u.tasks_escaped), (0, Some(0)), "{u:?}");
     assert!(u.process_count <= 9, "{u:?}");
     assert_eq!(u.live_process_count, 0, "{u:?}");

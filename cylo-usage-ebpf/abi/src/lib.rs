@@ -101,6 +101,14 @@ pub mod names {
     pub const PROG_RSS_STAT: &str = "rss_stat";
     pub const PROG_BLOCK_BIO_QUEUE: &str = "block_bio_queue";
     pub const PROG_BLOCK_BIO_QUEUE_WITH_QUEUE: &str = "block_bio_queue_with_queue";
+    /// Budgets' hooks, attached while some run needs them: fexit on `schedule_tail` (else the
+    /// raw tracepoint `sys_exit`), and raw tracepoints `sched_stat_runtime` and `writeback_dirty_folio`
+    /// (or `_page`).
+    pub const PROG_SCHEDULE_TAIL_EXIT: &str = "schedule_tail_exit";
+    /// Where BPF trampolines are missing: the raw tracepoint `sys_exit` instead.
+    pub const PROG_SYS_EXIT_DOOMED: &str = "sys_exit_doomed";
+    pub const PROG_SCHED_STAT_RUNTIME: &str = "sched_stat_runtime";
+    pub const PROG_WRITEBACK_DIRTY: &str = "writeback_dirty_folio";
     /// The raw tracepoints the programs above attach to.
     pub const TP_TASK_NEWTASK: &str = "task_newtask";
     pub const TP_SCHED_SWITCH: &str = "sched_switch";
@@ -435,6 +443,14 @@ pub struct TaskMember {
     /// `network_bytes_*` count), kept only for runs with per-process records.
     pub net_sent: u64,
     pub net_received: u64,
+    /// What of this thread's CPU time and disk bytes (`sum_exec_runtime`, `ioac.read_bytes`,
+    /// `ioac.write_bytes`) is already charged to its run's budgets
+    /// (`RunCounters::charged_*`): its figures when it joined (0 for a new task; what it had
+    /// used before an attach), then as of its last charge. Only runs with a budget of that
+    /// kind are charged.
+    pub charged_cpu_ns: u64,
+    pub charged_disk_read_bytes: u64,
+    pub charged_disk_write_bytes: u64,
 }
 
 /// Bits of [`TaskMember::flags`].
@@ -445,6 +461,12 @@ pub mod member_flags {
     /// SIGKILL at the fork, and it gets SIGKILL itself at its first context switch, fork or
     /// exec (`DOOMED_ALIVE` counts these tasks host-wide).
     pub const DOOMED: u32 = 1;
+    /// Refused: created past its run's processes or threads budget
+    /// ([`crate::RunControl::max_processes`], `max_threads`). Also `DOOMED`: it is killed
+    /// before it runs an instruction of its own (a new thread with its creator's process; a
+    /// new process at the end of its first scheduling, `schedule_tail`), and counted in
+    /// `RunCounters::processes_refused` / `threads_refused`, not as run.
+    pub const REFUSED: u32 = 2;
 }
 
 /// The part of a membership map's `capacity` a run (or the daemon's sessions together) should
@@ -683,6 +705,57 @@ pub struct RunCounters {
     pub before_group_disk_cancelled_write_bytes: u64,
     pub before_group_io_rchar: u64,
     pub before_group_io_wchar: u64,
+
+    /// The first budget the run crossed: `resource << 56 | observed` ([`budget`]), written
+    /// once (compare-and-exchange from 0, where the kernel has it); 0 while none is.
+    pub budget_crossed: u64,
+    /// `bpf_ktime_get_ns()` when it was crossed.
+    pub budget_crossed_ns: u64,
+    /// What the budgets of the run have been charged: CPU time (`sum_exec_runtime`) and the
+    /// disk bytes of `ioac` (read, written), as of each thread's last charge (see
+    /// [`TaskMember::charged_cpu_ns`]). Kept only for the kinds the run has a budget for.
+    pub charged_cpu_ns: u64,
+    pub charged_disk_read_bytes: u64,
+    pub charged_disk_write_bytes: u64,
+    /// New processes and threads refused by the processes or threads budget
+    /// ([`member_flags::REFUSED`]): they are in `processes_started` / `threads_started`
+    /// (the kernel followed them until they died), but never ran; a refused process counts
+    /// in both.
+    pub processes_refused: u64,
+    pub threads_refused: u64,
+}
+
+/// Budgets: the resources a run can be stopped at (the top byte of
+/// [`RunCounters::budget_crossed`]), and how a crossing is packed.
+pub mod budget {
+    pub const PROCESSES: u64 = 1;
+    pub const THREADS: u64 = 2;
+    pub const CPU_TIME: u64 = 3;
+    pub const MEMORY: u64 = 4;
+    pub const DISK_WRITE: u64 = 5;
+    pub const DISK_READ: u64 = 6;
+    pub const NETWORK: u64 = 7;
+    /// The run's share of the membership maps (`RunControl::max_tasks`): threads alive at
+    /// once.
+    pub const TASKS_ALIVE: u64 = 8;
+
+    /// The most an observed value can say (56 bits: 64 PiB, or 2.2 years of CPU time).
+    pub const OBSERVED_MAX: u64 = (1 << 56) - 1;
+
+    /// `resource` crossed at `observed`, packed.
+    pub const fn pack(resource: u64, observed: u64) -> u64 {
+        let o = if observed > OBSERVED_MAX {
+            OBSERVED_MAX
+        } else {
+            observed
+        };
+        resource << 56 | o
+    }
+
+    /// `(resource, observed)` of a packed crossing (resource 0: none).
+    pub const fn unpack(crossed: u64) -> (u64, u64) {
+        (crossed >> 56, crossed & OBSERVED_MAX)
+    }
 }
 
 /// Bit of [`RunCounters::root_status`]: the root has ended.
@@ -716,6 +789,36 @@ pub struct RunControl {
     /// `RunCounters::tasks_killed_at_birth`.
     pub max_tasks: u32,
     pub _pad0: u32,
+    /// Budgets, 0 for none: the run is stopped (every member killed, SIGKILL) when it
+    /// crosses one, and the first crossing is recorded (`RunCounters::budget_crossed`).
+    /// Processes and threads: the most that may run; the one past it is refused
+    /// ([`member_flags::REFUSED`]).
+    pub max_processes: u64,
+    pub max_threads: u64,
+    /// CPU time (ns), charged as it is used (`sched_stat_runtime`) and at each thread's end.
+    pub max_cpu_ns: u64,
+    /// The tree's resident memory, in pages (crossed above it).
+    pub max_rss_pages: u64,
+    /// Disk bytes (`ioac.write_bytes` / `read_bytes`), charged at the tree's block I/O and
+    /// page dirtying, and at each thread's end.
+    pub max_disk_write_bytes: u64,
+    pub max_disk_read_bytes: u64,
+    /// Socket payload bytes, sent and received together.
+    pub max_network_bytes: u64,
+}
+
+impl RunControl {
+    /// Whether any budget is set.
+    pub const fn has_budget(&self) -> bool {
+        self.max_processes
+            | self.max_threads
+            | self.max_cpu_ns
+            | self.max_rss_pages
+            | self.max_disk_write_bytes
+            | self.max_disk_read_bytes
+            | self.max_network_bytes
+            != 0
+    }
 }
 
 /// Who the tracker is, recorded by the `control` program in the tracker's own context
@@ -803,6 +906,7 @@ pub mod diag {
     pub const READ_BIO: u32 = 9;
     pub const READ_SOCKET: u32 = 10;
     pub const KILLED_AT_BIRTH: u32 = 11;
+    pub const BUDGET: u32 = 12;
 
     /// The first word of the programs' diagnostic records: `lost KIND RUN TID COMM`.
     pub const RECORD_PREFIX: &str = "lost ";
@@ -829,6 +933,7 @@ pub mod diag {
             KILLED_AT_BIRTH => {
                 "a task past its run's share was killed at birth, with its creator's process"
             }
+            BUDGET => "the run crossed a budget: it is being killed",
             _ => "something was lost (an unknown diagnostic)",
         }
     }
@@ -851,6 +956,8 @@ pub struct Spawner {
 pub mod event_kind {
     /// The last thread of a run has exited (may come twice when the last two exit together).
     pub const RUN_EMPTY: u32 = 1;
+    /// The run crossed a budget (`RunCounters::budget_crossed`): it must be killed.
+    pub const BUDGET: u32 = 2;
 }
 
 /// Kinds of per-process records (`RECORDS` ring buffer); every record starts with a
@@ -887,6 +994,8 @@ pub mod proc_flags {
     pub const ROOT: u32 = 1;
     /// Present when the run attached, rather than created inside it.
     pub const ADOPTED: u32 = 2;
+    /// Refused by its run's processes or threads budget: killed before it ran.
+    pub const REFUSED: u32 = 4;
 }
 
 /// Bits of [`Creds::known`].
@@ -1006,11 +1115,11 @@ pub struct Event {
 }
 
 const _: () = assert!(size_of::<Offsets>() == 304);
-const _: () = assert!(size_of::<TaskMember>() == 56);
+const _: () = assert!(size_of::<TaskMember>() == 80);
 const _: () = assert!(size_of::<ProcMember>() == 24);
-const _: () = assert!(size_of::<RunCounters>() == 480);
+const _: () = assert!(size_of::<RunCounters>() == 536);
 const _: () = assert!(size_of::<ThreadUsage>() == 64);
-const _: () = assert!(size_of::<RunControl>() == 16);
+const _: () = assert!(size_of::<RunControl>() == 72);
 const _: () = assert!(size_of::<TrackerInfo>() == 16);
 const _: () = assert!(size_of::<RecordHeader>() == 24);
 const _: () = assert!(size_of::<ProcStart>() == 120);

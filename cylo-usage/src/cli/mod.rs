@@ -8,6 +8,9 @@ pub(crate) mod docs;
 pub(crate) mod exec;
 pub(crate) mod outputs;
 
+/// A budget (`--max-*`) stopped the tree: chosen apart from timeout(1)'s 124 to 127, from
+/// xargs's 123, and from 128+N (a command killed by signal N).
+pub(crate) const EXIT_BUDGET_EXCEEDED: u8 = 120;
 /// The timeout ended the command (timeout(1)'s code).
 pub(crate) const EXIT_TIMED_OUT: u8 = 124;
 /// cylo-usage itself failed (bad usage included).

@@ -132,12 +132,28 @@ fn session_options(options: &RunOptions) -> SessionOptions {
         tree: options.tree,
         events: options.events.is_some(),
         tree_limit: options.tree_limit as u64,
+        budgets: options.budgets,
     }
 }
 
-/// A spawn or attach that failed: why, and the options back when the command was not
-/// created (to start it another way).
+/// A spawn or attach that failed: why, and the options back when the run may be started
+/// another way: not when the command was created, nor when the daemon refused a budget
+/// (see [`another_way`]).
 pub(crate) type NotStarted = Box<(DaemonError, Option<RunOptions>)>;
+
+/// `options` back, when a spawn or attach the daemon refused with `e` may be started another
+/// way. Not for a budget it refused (one never met, or one its kernel cannot enforce): the
+/// kernel here is the same, and the /proc fallback cannot enforce budgets exactly, so the
+/// run would go unbounded; unless the budgets may be enforced at best (`best-effort`).
+fn another_way(e: &DaemonError, options: RunOptions) -> Option<RunOptions> {
+    match e {
+        DaemonError::Refused {
+            kind: protocol::ErrorKind::Budget,
+            ..
+        } if options.budget_enforcement == crate::usage::Enforcement::Exact => None,
+        _ => Some(options),
+    }
+}
 
 impl DaemonTracker {
     /// The socket this tracker is connected to.
@@ -212,7 +228,10 @@ impl DaemonTracker {
             REQUEST_DEADLINE,
         ) {
             Ok(r) => r,
-            Err(e) => return Err(Box::new((e, Some(options)))),
+            Err(e) => {
+                let back = another_way(&e, options);
+                return Err(Box::new((e, back)));
+            }
         };
         drop(dir);
         let Reply::Prepared { session } = reply else {
@@ -287,6 +306,7 @@ impl DaemonTracker {
             wake,
             copier,
             breakdown,
+            wire.budgets,
         );
         if let Some(e) = lost {
             run.go_local(&e);
@@ -348,7 +368,10 @@ impl DaemonTracker {
             REQUEST_DEADLINE,
         ) {
             Ok(r) => r,
-            Err(e) => return Err(Box::new((e, Some(options)))),
+            Err(e) => {
+                let back = another_way(&e, options);
+                return Err(Box::new((e, back)));
+            }
         };
         let Reply::Started { session } = reply else {
             return Err(Box::new((
@@ -384,6 +407,7 @@ impl DaemonTracker {
             wake,
             copier,
             breakdown,
+            wire.budgets,
         ))
     }
 }

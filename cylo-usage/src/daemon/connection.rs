@@ -18,7 +18,12 @@ use super::state::{SessionSeat, State};
 use crate::session::run::{Run, RunOptions, SessionError};
 use crate::session::spawn::PendingSpawn;
 use crate::sys::lock;
-use crate::usage::TrackerKind;
+use crate::usage::{Budgets, TrackerKind};
+
+/// How often the daemon checks the budgets of a connection's running sessions itself, for a
+/// client that does not ask `status` (which checks them too): a run that crossed one is
+/// killed whole by then (the kernel has killed the task that crossed at the crossing).
+pub(crate) const BUDGET_CHECK: Duration = Duration::from_millis(250);
 
 /// What a session is started with.
 pub(crate) struct SessionSetup {
@@ -36,12 +41,14 @@ pub(crate) struct DaemonSession {
     /// The wake-up descriptor the client holds a copy of: open while the session is.
     pub(crate) _wake: Arc<OwnedFd>,
     pub(crate) events_dropped: Option<Arc<AtomicU64>>,
+    /// Whether the session has budgets the daemon still checks (until its tree has ended).
+    pub(crate) budget_watch: bool,
     pub(crate) seat: SessionSeat,
 }
 
 pub(crate) enum Stage {
     /// Registered; waiting for the client's `spawned` (until the deadline).
-    Pending(PendingSpawn, Instant),
+    Pending(Box<PendingSpawn>, Instant),
     Running(Box<Run>),
     /// Its run has gone (while it is being replaced, or dropped).
     Ended,
@@ -60,6 +67,11 @@ impl Drop for DaemonSession {
                 .fetch_add(d.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         if let Stage::Running(run) = std::mem::replace(&mut self.stage, Stage::Ended) {
+            if self.budget_watch {
+                // A tree that crossed a budget is killed whole, whoever ends the session
+                // (the client gone, or the daemon stopping) before anyone asked `status`.
+                let _ = run.is_finished();
+            }
             let _turn = lock(&counters.ending);
             if let Ok(c) = run.counters() {
                 let ended = &counters.ended;
@@ -96,6 +108,7 @@ pub(crate) fn session_refusal(e: &SessionError) -> Refusal {
         SessionError::NoFreeSlot { .. } => ErrorKind::Busy,
         SessionError::NoSuchProcess { .. } => ErrorKind::NoSuchProcess,
         SessionError::AttachUnsupported { .. } => ErrorKind::Unsupported,
+        SessionError::Unenforceable(_) | SessionError::InvalidBudget { .. } => ErrorKind::Budget,
         SessionError::Control {
             code: cylo_usage_abi::control::E_NOT_PEER,
             ..
@@ -105,12 +118,55 @@ pub(crate) fn session_refusal(e: &SessionError) -> Refusal {
     (kind, crate::error_chain(e))
 }
 
+/// The refusal of a session's start: [`session_refusal`], and, for a budget the kernel cannot
+/// enforce that the client did not ask for (`asked`) but the daemon's ceiling set
+/// (`effective`), which `serve` option set it.
+pub(crate) fn start_refusal(e: &SessionError, asked: &Budgets, effective: &Budgets) -> Refusal {
+    let (kind, mut message) = session_refusal(e);
+    if let SessionError::Unenforceable(u) = e
+        && let Some(r) = crate::usage::Resource::ALL
+            .into_iter()
+            .find(|r| r.option() == u.option)
+        && effective.limit(r) != asked.limit(r)
+    {
+        message.push_str(&format!(
+            " (a ceiling of this daemon: serve {} {})",
+            u.option,
+            effective.limit(r).unwrap_or(0)
+        ));
+    }
+    (kind, message)
+}
+
+/// The budgets a session runs with: `asked`, within `ceiling` (each the smaller, and the
+/// ceiling's where none is asked) unless the client (`uid`) is root; refused if one could
+/// never be met.
+pub(crate) fn effective_budgets(
+    asked: Budgets,
+    ceiling: &Budgets,
+    uid: u32,
+) -> Result<Budgets, String> {
+    let budgets = if uid == 0 {
+        asked
+    } else {
+        asked.within(ceiling)
+    };
+    budgets.check()?;
+    Ok(budgets)
+}
+
 impl Connection {
     pub(crate) fn serve(&mut self) {
+        let mut budget_check = Instant::now() + BUDGET_CHECK;
         loop {
             if self.state.stopping.load(Ordering::Relaxed) {
                 return;
             }
+            if Instant::now() >= budget_check {
+                self.check_budgets();
+                budget_check = Instant::now() + BUDGET_CHECK;
+            }
+            let watched = self.sessions.values().any(|s| s.budget_watch);
             // A prepared spawn must be confirmed in time: its open gate costs every fork on
             // the host a lookup. A new connection must say hello in time.
             let pending = self
@@ -123,7 +179,11 @@ impl Connection {
                 .min();
             let hello = (!self.greeted).then(|| self.accepted + HELLO_GRACE);
             let deadline = pending.into_iter().chain(hello).min();
-            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let wake = deadline
+                .into_iter()
+                .chain(watched.then_some(budget_check))
+                .min();
+            let timeout = wake.map(|d| d.saturating_duration_since(Instant::now()));
             if !wait_readable(self.sock.as_raw_fd(), timeout) {
                 if self.expire(Instant::now()) {
                     return;
@@ -206,6 +266,18 @@ impl Connection {
         }
     }
 
+    /// Kills the trees of the running sessions that crossed a budget (see
+    /// [`Run::is_finished`]); a session whose tree has ended is no longer checked.
+    pub(crate) fn check_budgets(&mut self) {
+        for s in self.sessions.values_mut().filter(|s| s.budget_watch) {
+            if let Stage::Running(run) = &s.stage
+                && !matches!(run.is_finished(), Ok(false))
+            {
+                s.budget_watch = false;
+            }
+        }
+    }
+
     /// What a passed deadline ends: pending spawns not confirmed in time are dropped; a
     /// connection that has not said hello in time is closed (true).
     pub(crate) fn expire(&mut self, now: Instant) -> bool {
@@ -267,7 +339,8 @@ impl Connection {
                     .unwrap_or_default()
                     .trim()
                     .to_string();
-                let features = self.state.tracker.features();
+                let mut features = self.state.tracker.features();
+                features.extend(self.state.budget_features.iter().cloned());
                 let layout = format!("{:?}", self.state.tracker.offsets());
                 plain(Reply::Features {
                     kernel,
@@ -419,12 +492,20 @@ impl Connection {
         Ok(self.peer.pid)
     }
 
+    /// The budgets a session of this client runs with: those it asked for, within the
+    /// daemon's ceilings unless the client is root.
+    pub(crate) fn budgets(&self, asked: Budgets) -> Result<Budgets, Refusal> {
+        effective_budgets(asked, &self.state.options.budget_ceilings, self.peer.uid)
+            .map_err(|reason| refusal(ErrorKind::Budget, format!("invalid budget: {reason}")))
+    }
+
     /// The run's options from the client's, and, with `events`, the event stream's pipe: the
     /// daemon creates it and keeps the write end, so no client can make a write block (a
     /// client's own pipe shares its open file with the client, who could clear
     /// `O_NONBLOCK` on it); the read end goes to the client with the reply. The breakdown
     /// and the backlog draw on the user's memory share.
     pub(crate) fn run_options(&self, options: SessionOptions) -> Result<SessionSetup, Refusal> {
+        let budgets = self.budgets(options.budgets)?;
         let mut events = None;
         let mut events_dropped = None;
         let mut events_reader = None;
@@ -450,6 +531,9 @@ impl Connection {
                 // pool (`Capacity::admit_session`).
                 max_tasks: u32::try_from(self.state.capacity.session_tasks).unwrap_or(u32::MAX),
                 memory,
+                budgets,
+                // In the kernel, or refused: the daemon has no sampled enforcement.
+                budget_enforcement: crate::usage::Enforcement::Exact,
                 // A non-root client sees the figures of the members it could read itself.
                 viewer: (self.peer.uid != 0).then_some(crate::session::viewer::Viewer {
                     uid: self.peer.uid,
@@ -466,6 +550,7 @@ impl Connection {
         stage: Stage,
         seat: SessionSeat,
         dropped: Option<Arc<AtomicU64>>,
+        budgeted: bool,
     ) -> Result<(u64, Arc<OwnedFd>), Refusal> {
         // SAFETY: eventfd returns a new descriptor we own.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -496,6 +581,7 @@ impl Connection {
                 stage,
                 _wake: wake.clone(),
                 events_dropped: dropped,
+                budget_watch: budgeted,
                 seat,
             },
         );
@@ -523,16 +609,18 @@ impl Connection {
         check_proc_dir(&dir)?;
         let tgid = self.peer_pid()?;
         let setup = self.run_options(options)?;
+        let budgets = setup.run.budgets;
         let seat = self.state.acquire(self.peer)?;
         let pending = self
             .state
             .tracker
             .prepare_remote_spawn(&dir, tgid, setup.run)
-            .map_err(|e| session_refusal(&e))?;
+            .map_err(|e| start_refusal(&e, &options.budgets, &budgets))?;
         let (session, wake) = self.new_session(
-            Stage::Pending(pending, Instant::now() + CLIENT_TIMEOUT),
+            Stage::Pending(Box::new(pending), Instant::now() + CLIENT_TIMEOUT),
             seat,
             setup.events_dropped,
+            !budgets.is_empty(),
         )?;
         let mut back = vec![wake];
         back.extend(setup.events_reader);
@@ -581,14 +669,19 @@ impl Connection {
             }
         }
         let setup = self.run_options(options)?;
+        let budgets = setup.run.budgets;
         let seat = self.state.acquire(self.peer)?;
         let run = self
             .state
             .tracker
             .attach_with(pid as libc::pid_t, setup.run)
-            .map_err(|e| session_refusal(&e))?;
-        let (session, wake) =
-            self.new_session(Stage::Running(Box::new(run)), seat, setup.events_dropped)?;
+            .map_err(|e| start_refusal(&e, &options.budgets, &budgets))?;
+        let (session, wake) = self.new_session(
+            Stage::Running(Box::new(run)),
+            seat,
+            setup.events_dropped,
+            !budgets.is_empty(),
+        )?;
         let mut back = vec![wake];
         back.extend(setup.events_reader);
         Ok((Reply::Started { session }, back))
@@ -656,6 +749,73 @@ pub(crate) fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ceilings_bind_every_client_but_root() {
+        let ceiling = Budgets {
+            max_processes: Some(10),
+            max_memory_bytes: Some(1 << 30),
+            ..Budgets::default()
+        };
+        let asked = |n: Option<u64>| Budgets {
+            max_processes: n,
+            max_cpu_ns: Some(5),
+            ..Budgets::default()
+        };
+        // A user other than root: the ceiling where none is asked, the smaller of the two.
+        let b = effective_budgets(Budgets::default(), &ceiling, 1000).unwrap();
+        assert_eq!(b, ceiling);
+        let b = effective_budgets(asked(Some(50)), &ceiling, 1000).unwrap();
+        assert_eq!(b.max_processes, Some(10));
+        assert_eq!(b.max_cpu_ns, Some(5));
+        assert_eq!(b.max_memory_bytes, Some(1 << 30));
+        let b = effective_budgets(asked(Some(3)), &ceiling, 1000).unwrap();
+        assert_eq!(b.max_processes, Some(3));
+        // Root: what it asks, nothing more.
+        assert_eq!(
+            effective_budgets(asked(Some(50)), &ceiling, 0).unwrap(),
+            asked(Some(50))
+        );
+        assert!(
+            effective_budgets(Budgets::default(), &ceiling, 0)
+                .unwrap()
+                .is_empty()
+        );
+        // Never met: refused, for anyone.
+        for uid in [0, 1000] {
+            let e = effective_budgets(asked(Some(0)), &ceiling, uid).unwrap_err();
+            assert!(e.contains("--max-processes 0"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_budget_the_kernel_cannot_enforce_is_refused_naming_its_option() {
+        let e = SessionError::Unenforceable(crate::usage::budgets::Unenforceable {
+            option: "--max-memory",
+            reason: "the tree's memory is not measured on this kernel".to_string(),
+        });
+        let asked = Budgets {
+            max_memory_bytes: Some(1 << 20),
+            ..Budgets::default()
+        };
+        let (kind, message) = start_refusal(&e, &asked, &asked);
+        assert_eq!(kind, ErrorKind::Budget);
+        assert_eq!(
+            message,
+            "--max-memory cannot be enforced in the kernel here: the tree's memory is not \
+             measured on this kernel"
+        );
+        // Set by the daemon's ceiling, not asked: the message says so.
+        let (_, message) = start_refusal(&e, &Budgets::default(), &asked);
+        assert!(
+            message.ends_with("(a ceiling of this daemon: serve --max-memory 1048576)"),
+            "{message}"
+        );
+        let e = SessionError::InvalidBudget {
+            reason: "--max-threads 0 would refuse the command itself".to_string(),
+        };
+        assert_eq!(session_refusal(&e).0, ErrorKind::Budget);
+    }
 
     #[test]
     fn low_priority_work_runs_nicer_and_the_thread_gets_its_niceness_back() {

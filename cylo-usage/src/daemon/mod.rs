@@ -184,6 +184,13 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    /// A budget ceiling of `serve` (`--max-*`) can never be met, or this kernel cannot
+    /// enforce it.
+    #[error("serve's budget ceiling cannot be used: {reason}")]
+    Ceiling {
+        /// Why: the option, and what is wrong with it or what the kernel lacks.
+        reason: String,
+    },
     /// `serve` could not load the eBPF programs (or detach their hooks).
     #[error("cannot load the eBPF programs")]
     Load(#[source] crate::kernel::programs::LoadError),

@@ -12,7 +12,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::kernel::features::Feature;
-use crate::usage::ResourceUsage;
+use crate::usage::{Budgets, ResourceUsage};
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 2;
@@ -37,6 +37,46 @@ pub struct SessionOptions {
     /// The most processes the breakdown keeps (0: the default).
     #[serde(default)]
     pub tree_limit: u64,
+    /// The budgets the client asks for (`max_processes`, `max_cpu_ns`, ... as in
+    /// [`Budgets`]); absent (or `null`, or `{}`): none. A client other than root gets them
+    /// within the daemon's ceilings (`serve --max-*`). An unknown field, or a value that is
+    /// not a whole number from 0 to 2^64 - 1, makes the request malformed.
+    #[serde(
+        default,
+        skip_serializing_if = "Budgets::is_empty",
+        deserialize_with = "strict_budgets"
+    )]
+    pub budgets: Budgets,
+}
+
+/// The names of [`Budgets`]' fields on the wire.
+fn budget_names() -> Vec<String> {
+    let mut all = Budgets::default();
+    for r in crate::usage::Resource::ALL {
+        all.set(r, Some(0));
+    }
+    match serde_json::to_value(all) {
+        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A `budgets` object: only [`Budgets`]' own fields (a misspelt one must not pass for no
+/// budget), each a count, a number of ns or of bytes (or `null`: none).
+fn strict_budgets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Budgets, D::Error> {
+    use serde::de::Error;
+    let Some(map) = Option::<serde_json::Map<String, serde_json::Value>>::deserialize(d)? else {
+        return Ok(Budgets::default());
+    };
+    let known = budget_names();
+    if let Some(k) = map.keys().find(|k| !known.contains(k)) {
+        return Err(D::Error::custom(format!(
+            "budgets: unknown field `{k}`, expected one of {}",
+            known.join(", ")
+        )));
+    }
+    serde_json::from_value(serde_json::Value::Object(map))
+        .map_err(|e| D::Error::custom(format!("budgets: {e}")))
 }
 
 /// A client's request.
@@ -87,6 +127,10 @@ pub enum ErrorKind {
     NoSuchProcess,
     /// This kernel cannot do it (e.g. attach without the layout it needs).
     Unsupported,
+    /// A budget of the session is refused: one that can never be met (`max_processes: 0`),
+    /// or one this daemon's kernel cannot enforce. Starting the run another way would not
+    /// enforce it either: the client fails rather than run the command unbounded.
+    Budget,
     /// The operation failed in the daemon.
     Failed,
 }
@@ -436,6 +480,7 @@ mod tests {
                 tree: true,
                 events: false,
                 tree_limit: 10,
+                budgets: Budgets::default(),
             },
         };
         let text = serde_json::to_string(&r).unwrap();
@@ -449,6 +494,58 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"op":"kill","session":1}"#).is_err());
         let hello: Request = serde_json::from_str(r#"{"op":"hello","version":7}"#).unwrap();
         assert_eq!(hello, Request::Hello { version: 7 });
+    }
+
+    #[test]
+    fn budgets_travel_by_their_own_names_and_nothing_else_passes_for_them() {
+        let budgets = Budgets {
+            max_processes: Some(20),
+            max_cpu_ns: Some(500_000_000),
+            ..Budgets::default()
+        };
+        let r = Request::Spawn {
+            options: SessionOptions {
+                budgets,
+                ..SessionOptions::default()
+            },
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            text,
+            r#"{"op":"spawn","options":{"tree":false,"events":false,"tree_limit":0,"budgets":{"max_processes":20,"max_cpu_ns":500000000}}}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        // Absent, null or empty: none (the requests of clients that know no budgets).
+        for options in [r#"{}"#, r#"{"budgets":null}"#, r#"{"budgets":{}}"#] {
+            let text = format!(r#"{{"op":"attach","options":{options}}}"#);
+            let Request::Attach { options } = serde_json::from_str(&text).unwrap() else {
+                panic!("{text}");
+            };
+            assert!(options.budgets.is_empty(), "{text}");
+        }
+        // Every field, and `null` for one of them.
+        let text = r#"{"op":"attach","options":{"budgets":{"max_processes":1,"max_threads":2,"max_cpu_ns":3,"max_memory_bytes":4,"max_disk_write_bytes":5,"max_disk_read_bytes":6,"max_network_bytes":null}}}"#;
+        let Request::Attach { options } = serde_json::from_str(text).unwrap() else {
+            panic!("{text}");
+        };
+        assert_eq!(options.budgets.max_disk_read_bytes, Some(6));
+        assert_eq!(options.budgets.max_network_bytes, None);
+        for (budgets, why) in [
+            (r#"{"max_procs":5}"#, "unknown field `max_procs`"),
+            (r#"{"max_processes":-1}"#, "invalid value"),
+            (r#"{"max_processes":"ten"}"#, "invalid type"),
+            (r#"{"max_cpu_ns":1.5}"#, "invalid type"),
+            (r#"{"max_memory_bytes":18446744073709551616}"#, ""),
+            (r#"[20]"#, "invalid type"),
+            (r#"20"#, "invalid type"),
+        ] {
+            let text = format!(r#"{{"op":"spawn","options":{{"budgets":{budgets}}}}}"#);
+            let e = serde_json::from_str::<Request>(&text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{text}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 
     #[test]

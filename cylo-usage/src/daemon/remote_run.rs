@@ -19,7 +19,7 @@ use super::protocol::{Reply, Request};
 use crate::session::fallback::{DEFAULT_INTERVAL, ProcRun, ProcTracker};
 use crate::sys::lock;
 use crate::sys::{dup, fd_readable, pidfd_send_signal, watch};
-use crate::usage::{Precision, ResourceUsage, TrackerKind};
+use crate::usage::{Budgets, Precision, ResourceUsage, TrackerKind};
 
 /// What took over from the daemon: the /proc follower, and when and why.
 pub(crate) struct Local {
@@ -53,6 +53,8 @@ pub struct RemoteRun {
     root_status: Option<ExitStatus>,
     copier: Option<JoinHandle<()>>,
     breakdown: bool,
+    /// The budgets asked for (the daemon's reports say which it enforces: `budgets`).
+    budgets: Budgets,
     exited_polls: u32,
     started: Instant,
     timed_out: bool,
@@ -263,6 +265,7 @@ impl RemoteRun {
         wake: OwnedFd,
         copier: Option<JoinHandle<()>>,
         breakdown: bool,
+        budgets: Budgets,
     ) -> RemoteRun {
         RemoteRun {
             conn,
@@ -275,6 +278,7 @@ impl RemoteRun {
             root_status: None,
             copier,
             breakdown,
+            budgets,
             exited_polls: 0,
             started: Instant::now(),
             timed_out: false,
@@ -604,6 +608,13 @@ impl RemoteRun {
             }
         });
         let mut u = report_after_daemon(last, after, self.is_attached(), first);
+        if u.budgets.is_some() || !self.budgets.is_empty() {
+            // `budgets` and `budget_exceeded` stay as the daemon's last figures gave them.
+            u.precision_notes.push(format!(
+                "budgets: enforced in the daemon's kernel until it went away (at {}), not after",
+                secs(local.at)
+            ));
+        }
         u.wall_time_ms = self.started.elapsed().as_millis() as u64;
         u.timed_out = self.timed_out;
         let status = self
@@ -752,6 +763,17 @@ mod tests {
         u.disk_bytes_read = Some(10);
         u.network_bytes_sent = Some(7);
         u.precision_notes = vec!["daemon note".into()];
+        u.budgets = Some(Budgets {
+            max_processes: Some(4),
+            ..Budgets::default()
+        });
+        u.budget_exceeded = Some(crate::usage::BudgetExceeded {
+            resource: crate::usage::Resource::Processes,
+            limit: 4,
+            observed: 5,
+            enforced: crate::usage::EnforcedBy::Kernel,
+        });
+        u.processes_refused = Some(1);
         u
     }
 
@@ -812,6 +834,10 @@ mod tests {
                 .any(|n| n.contains("tracker: attach"))
         );
         assert!(u.precision_notes.iter().any(|n| n.ends_with("daemon note")));
+        // The budgets and the crossing the daemon reported stay.
+        assert_eq!(u.budgets, daemon_figures().budgets);
+        assert_eq!(u.budget_exceeded, daemon_figures().budget_exceeded);
+        assert_eq!(u.processes_refused, Some(1));
     }
 
     #[test]

@@ -141,10 +141,21 @@ pub fn serve(options: ServeOptions) -> Result<(), DaemonError> {
         what: "signalfd",
         source,
     })?;
+    let ceilings = &options.budget_ceilings;
+    ceilings
+        .check()
+        .map_err(|reason| DaemonError::Ceiling { reason })?;
     // Still single-threaded: the environment is read and cleaned before any thread exists.
     let activated = socket_activation()?;
     let tracker = Tracker::load_with_options(options.load).map_err(DaemonError::Load)?;
     tracker.detach_hooks().map_err(DaemonError::Load)?;
+    // A ceiling binds every session of the users it is for: one this kernel cannot enforce
+    // would refuse them all.
+    crate::usage::budgets::needs(ceilings, &tracker.measured()).map_err(|e| {
+        DaemonError::Ceiling {
+            reason: e.to_string(),
+        }
+    })?;
     let _stats = if options.bpf_stats {
         Some(
             aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|source| {
@@ -164,8 +175,10 @@ pub fn serve(options: ServeOptions) -> Result<(), DaemonError> {
         tracker.share_room(),
         options.session_max_tasks,
     );
+    let budget_features = tracker.budget_features();
     let state = Arc::new(State {
         tracker,
+        budget_features,
         budget: crate::session::budget::Budget::new(
             options.memory_max_bytes,
             options.memory_per_user_bytes,

@@ -141,6 +141,9 @@ pub(crate) fn limit_kind(limit: Limit) -> ErrorKind {
 
 pub(crate) struct State {
     pub tracker: Tracker,
+    /// Which budgets this kernel enforces and how, found once at start (finding out attaches
+    /// and detaches hooks: never at a client's request).
+    pub(crate) budget_features: Vec<crate::kernel::features::Feature>,
     /// Memory for breakdowns and event backlogs: each session draws on its user's share.
     pub budget: Arc<crate::session::budget::Budget>,
     pub(crate) options: ServeOptions,
@@ -347,6 +350,12 @@ pub struct ServeOptions {
     pub memory_max_bytes: u64,
     /// What the sessions of one user other than root may hold in memory, in bytes.
     pub memory_per_user_bytes: u64,
+    /// Budget ceilings (`serve --max-*`): the budgets of every session of a client other
+    /// than root are within them ([`crate::usage::Budgets::within`]: each the smaller of the
+    /// asked and the ceiling, and the ceiling where none is asked). Root's sessions have what
+    /// they ask. Checked when the daemon starts: one that can never be met, or that this
+    /// kernel cannot enforce, fails `serve`. None by default.
+    pub budget_ceilings: crate::usage::Budgets,
 }
 
 impl ServeOptions {
@@ -365,6 +374,7 @@ impl ServeOptions {
             metrics: None,
             bpf_stats: false,
             load,
+            budget_ceilings: crate::usage::Budgets::default(),
         }
     }
 }

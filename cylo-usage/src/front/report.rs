@@ -142,6 +142,35 @@ pub fn human_titled(usage: &ResourceUsage, title: &str, what: &str) -> String {
     if usage.timed_out {
         line("Timed out", timeout_text(usage));
     }
+    if let Some(b) = &usage.budgets {
+        let set: Vec<String> = b
+            .resources()
+            .map(|r| format!("{} {}", r.option(), r.show(b.limit(r).unwrap_or(0))))
+            .collect();
+        line("Budgets", set.join(", "));
+        let (p, t) = (
+            usage.processes_refused.unwrap_or(0),
+            usage.threads_refused.unwrap_or(0),
+        );
+        if p + t > 0 {
+            line(
+                "Refused (killed before they ran)",
+                format!("{p} processes, {t} threads (a refused process counts in both)"),
+            );
+        }
+    }
+    if let Some(e) = &usage.budget_exceeded {
+        line(
+            "Stopped",
+            format!(
+                "{e}; every process of the tree was killed (SIGKILL){}",
+                match e.enforced {
+                    crate::usage::EnforcedBy::Kernel => " at the crossing, in the kernel",
+                    crate::usage::EnforcedBy::Sampled => ", as a sample saw it (best effort)",
+                }
+            ),
+        );
+    }
     if usage.attached {
         line(
             "Attached",

@@ -3,6 +3,7 @@
 //! (`Tracker`), reading their maps, what this kernel lets them measure, and their log.
 pub(crate) mod aya_loader;
 pub(crate) mod btf;
+pub(crate) mod budget_hooks;
 pub(crate) mod ebpf_log;
 pub mod features;
 pub(crate) mod map_read;

@@ -93,16 +93,37 @@ pub(crate) struct Shared {
     _log: Option<crate::kernel::ebpf_log::Reader>,
     /// Keeps the programs loaded and their hooks attached (or detached, while idle).
     programs: Mutex<Programs>,
+    /// The hooks only budgets need, and how many runs hold each (locked after `programs`;
+    /// see [`crate::kernel::budget_hooks`]).
+    pub(crate) budget_hooks: Mutex<BudgetHooks>,
+}
+
+/// The link of a hook only budgets need.
+pub(crate) enum BudgetLink {
+    /// The fexit program on `schedule_tail`.
+    Fexit(aya::programs::fexit::FExitLinkId),
+    /// The `sys_exit` raw tracepoint, where trampolines are missing.
+    SysExit(aya::programs::raw_trace_point::RawTracePointLinkId),
+    /// `sched_stat_runtime` or `writeback_dirty_folio`.
+    Tracepoint(aya::programs::raw_trace_point::RawTracePointLinkId),
+}
+
+/// Which hooks only budgets need are attached (by `budget_hooks::Need`), and for how many
+/// runs.
+#[derive(Default)]
+pub(crate) struct BudgetHooks {
+    pub(crate) users: [u32; 3],
+    pub(crate) links: [Option<BudgetLink>; 3],
 }
 
 /// The loaded object and the hooks attached from it.
-struct Programs {
-    ebpf: Ebpf,
+pub(crate) struct Programs {
+    pub(crate) ebpf: Ebpf,
     hooks: Vec<Hook>,
 }
 
 impl Shared {
-    fn programs(&self) -> MutexGuard<'_, Programs> {
+    pub(crate) fn programs(&self) -> MutexGuard<'_, Programs> {
         lock(&self.programs)
     }
 
@@ -463,6 +484,7 @@ impl Tracker {
                 },
                 _log: log,
                 programs: Mutex::new(Programs { ebpf, hooks }),
+                budget_hooks: Mutex::default(),
             }),
         })
     }

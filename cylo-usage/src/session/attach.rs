@@ -19,10 +19,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use cylo_usage_abi::{ARGV_BYTES, control};
 
-use crate::kernel::tracker::{Shared, Tracker, run_share};
+use crate::kernel::tracker::{Shared, Tracker};
 use crate::session::breakdown::AdoptedArgv;
 use crate::session::run::{Origin, Run, RunOptions, SessionError};
-use crate::session::spawn::claim_slot;
 use crate::sys::lock;
 use crate::sys::monotonic_ns;
 use crate::sys::procfs;
@@ -129,13 +128,8 @@ impl Tracker {
                 pid: pid as libc::pid_t,
             });
         }
-        let flags = options.run_flags();
         let started_ns = monotonic_ns();
-        let slot = claim_slot(
-            &mut inner.maps(),
-            flags,
-            run_share(options.max_tasks, inner.capacity),
-        )?;
+        let (slot, hooks) = crate::session::slot::open_slot(&inner, &options)?;
         let mut run = Run::new(
             inner.clone(),
             slot,
@@ -144,6 +138,7 @@ impl Tracker {
             Some(pidfd),
             started_ns,
         );
+        run.set_budgets(options.budgets, hooks);
         run.start_records(options, started_ns);
         run.set_attaching(true)?;
         let adopted = adopt_tree(&inner, slot, &target, run.breakdown);

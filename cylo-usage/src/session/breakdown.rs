@@ -374,6 +374,20 @@ impl Breakdown {
         self.flush();
     }
 
+    /// The `budget` event: the run crossed a budget at `crossed_ns` (CLOCK_MONOTONIC), and is
+    /// being killed.
+    pub(crate) fn announce_budget(&mut self, e: &crate::usage::BudgetExceeded, crossed_ns: u64) {
+        let line = serde_json::json!({
+            "event": "budget",
+            "time_ns": self.rel(crossed_ns),
+            "resource": e.resource,
+            "limit": e.limit,
+            "observed": e.observed,
+        });
+        self.emit(line);
+        self.flush();
+    }
+
     /// Gives the processes present at an attach the argv the scan read from
     /// `/proc/PID/cmdline` (by pid and start time in ticks), where no exec record gave them
     /// one already, and where the memory share pays for it.

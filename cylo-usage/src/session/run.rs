@@ -2,7 +2,7 @@
 //! [`crate::session::spawn`]) or from an attach ([`crate::session::attach`]), with every
 //! descendant it ever has: its root's status, its live snapshots and final report (the
 //! kernel's counters merged with /proc reads of the live threads), its records, and its kill.
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, ExitStatus};
@@ -17,6 +17,9 @@ use crate::session::breakdown::{Breakdown, EventSink, Used};
 use crate::sys::lock;
 use crate::sys::procfs::{self, ThreadSample};
 use crate::sys::{self, dup, fd_readable, monotonic_ns, pidfd_send_signal, watch};
+mod budgets;
+mod kill;
+
 use crate::usage::{self, DiskDevice, LiveSample, ResourceUsage, RootExit, Units};
 
 /// How often a waiting run re-reads its counters when no ring-buffer wake-up comes.
@@ -30,6 +33,15 @@ const KILL_ROUNDS: usize = 1000;
 /// Why a run of the eBPF tracker failed: its start, an attach, a wait, a read or a kill.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
+    /// A budget cannot be enforced in the kernel here (a hook or a counter is missing).
+    #[error(transparent)]
+    Unenforceable(#[from] crate::usage::budgets::Unenforceable),
+    /// A budget that can never be met (`--max-processes 0`).
+    #[error("invalid budget: {reason}")]
+    InvalidBudget {
+        /// Why.
+        reason: String,
+    },
     /// Every run slot in the kernel is in use: the tracker already has `max` runs.
     #[error("all {max} run slots are in use")]
     NoFreeSlot {
@@ -192,6 +204,13 @@ pub struct RunOptions {
     /// daemon's unprivileged client): the figures of members it could not read itself are
     /// withheld from both (see [`crate::session::viewer::Viewer`]). `None`: everything is shown.
     pub viewer: Option<crate::session::viewer::Viewer>,
+    /// Budgets: the run is killed (SIGKILL, every member) in the kernel when it crosses one,
+    /// and the report says which ([`ResourceUsage::budget_exceeded`]). A budget this kernel
+    /// cannot enforce fails the start ([`SessionError::Unenforceable`]).
+    pub budgets: crate::usage::Budgets,
+    /// What to do with a budget the kernel side cannot enforce: refuse it (`Exact`, the
+    /// default), or, on the /proc fallback, enforce it from samples (`BestEffort`).
+    pub budget_enforcement: crate::usage::Enforcement,
 }
 
 impl RunOptions {
@@ -248,6 +267,8 @@ pub struct Run {
     /// The run's live threads as last read from the membership map, with the generation
     /// they are exact for (see [`Run::live_members`]).
     members: Mutex<Option<Members>>,
+    /// The run's budgets (see [`budgets`]), boxed: most runs have none.
+    budget: Box<budgets::RunBudget>,
 }
 
 /// A run's membership as read at one generation: while the run's counts of threads started
@@ -353,6 +374,7 @@ impl Run {
             all_records: false,
             signals_sent: Mutex::new(Vec::new()),
             members: Mutex::new(None),
+            budget: Box::default(),
         }
     }
 
@@ -550,9 +572,12 @@ impl Run {
             })
     }
 
-    /// True once every thread that ever joined the run has exited.
+    /// True once every thread that ever joined the run has exited. A run that has crossed a
+    /// budget is killed here, the first time this sees it (every wait goes through here).
     pub fn is_finished(&self) -> Result<bool, SessionError> {
-        Ok(self.counters()?.finished())
+        let c = self.counters()?;
+        self.enforce_budget(&c)?;
+        Ok(c.finished())
     }
 
     /// Waits until every thread of the tree has exited, daemonised ones included.
@@ -726,6 +751,12 @@ impl Run {
     ) -> ResourceUsage {
         u.attached = self.is_attached();
         u.timed_out = self.timed_out;
+        if !self.budget.budgets.is_empty() {
+            u.budgets = Some(self.budget.budgets);
+        }
+        if let Ok(c) = self.counters() {
+            u.budget_exceeded = self.crossing(&c);
+        }
         u.signals_sent = lock(&self.signals_sent).clone();
         if let Some(killed) = u.tasks_killed_at_birth.filter(|&n| n > 0) {
             let share = self
@@ -793,88 +824,6 @@ impl Run {
     /// Marks the run as ended by its timeout (the report says so).
     pub fn set_timed_out(&mut self) {
         self.timed_out = true;
-    }
-
-    /// Sends `signal` to every live process of the tree, daemons that left the root's process
-    /// group and session included, until no new member appears. From the first call on, a
-    /// member that forks gets `signal` in the kernel at its fork, so a fork bomb cannot outrun
-    /// the kill. Each process is signalled through a pidfd checked against its start time, so
-    /// a reused pid is never signalled. Returns how many processes were signalled.
-    pub fn kill(&self, signal: i32) -> Result<usize, SessionError> {
-        self.kill_as(signal, None)
-    }
-
-    /// [`Run::kill`] on behalf of user `uid` (a daemon's client), when not `None`: only the
-    /// members `uid` could signal itself (its real or saved uid is `uid`, as `kill(2)` would
-    /// check) are signalled, from userspace (the kernel's signal at fork, which cannot check,
-    /// is not used).
-    pub(crate) fn kill_as(&self, signal: i32, uid: Option<u32>) -> Result<usize, SessionError> {
-        if uid.is_none() {
-            let mut maps = self.inner.maps();
-            let mut ctl = maps
-                .run_control
-                .get(&self.slot, 0)
-                .map_err(map_err("reading the run's controls"))?;
-            ctl.kill_signal = signal as u32;
-            maps.run_control
-                .set(self.slot, ctl, 0)
-                .map_err(map_err("setting the run's controls"))?;
-        }
-        let hz = procfs::clock_ticks_per_second();
-        let tick_ns = 1_000_000_000 / hz.max(1);
-        let mut signalled: HashSet<(u32, u64)> = HashSet::new();
-        let mut spared: HashSet<(u32, u64)> = HashSet::new();
-        for _ in 0..KILL_ROUNDS {
-            let mut fresh = 0;
-            let mut processes: Vec<(u32, u64)> = self
-                .live_members(false)?
-                .iter()
-                .map(|m| (m.tgid, m.process_start_boottime_ns))
-                .collect();
-            processes.sort_unstable();
-            processes.dedup();
-            for (tgid, start) in processes {
-                if tgid == 0
-                    || signalled.contains(&(tgid, start))
-                    || spared.contains(&(tgid, start))
-                {
-                    continue;
-                }
-                let Ok(fd) = pidfd_of(tgid) else {
-                    continue; // gone
-                };
-                // The pidfd pins the pid: if the process behind it has the member's start
-                // time now, it is the member.
-                match procfs::process_start_ticks(tgid) {
-                    Some(t) if t == start / tick_ns => {}
-                    _ => continue,
-                }
-                if let Some(uid) = uid {
-                    match procfs::read_uids(tgid) {
-                        Some([real, _, saved, _]) if real == uid || saved == uid => {}
-                        Some(_) => {
-                            spared.insert((tgid, start));
-                            continue;
-                        }
-                        None => continue,
-                    }
-                }
-                if pidfd_send_signal(&fd, signal).is_ok() {
-                    signalled.insert((tgid, start));
-                    fresh += 1;
-                }
-            }
-            if fresh == 0 {
-                break;
-            }
-        }
-        crate::usage::SignalSent::record(
-            &mut lock(&self.signals_sent),
-            signal,
-            signalled.len() as u64,
-            spared.len() as u64,
-        );
-        Ok(signalled.len())
     }
 }
 

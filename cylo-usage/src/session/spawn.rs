@@ -8,41 +8,13 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Command;
 
-use cylo_usage_abi::{MAX_RUNS, RunControl, RunCounters, control};
+use cylo_usage_abi::control;
 
-use crate::kernel::tracker::{Maps, Tracker, run_share};
+use crate::kernel::tracker::{Maps, Tracker};
 use crate::session::run::{Origin, Run, RunOptions, SessionError, map_err, pidfd_of, remove_where};
+use crate::session::slot::open_slot;
 use crate::sys::monotonic_ns;
 use crate::sys::procfs;
-
-/// Zeroes a free slot's record (with `flags`) and its controls (with `max_tasks`), and marks
-/// it used.
-pub(crate) fn claim_slot(maps: &mut Maps, flags: u64, max_tasks: u32) -> Result<u32, SessionError> {
-    let slot = (0..MAX_RUNS)
-        .map(|i| (maps.next_slot + i) % MAX_RUNS)
-        .find(|&s| !maps.slots[s as usize])
-        .ok_or(SessionError::NoFreeSlot { max: MAX_RUNS })?;
-    let record = RunCounters {
-        flags,
-        ..RunCounters::default()
-    };
-    maps.runs
-        .set(slot, record, 0)
-        .map_err(map_err("zeroing the run record"))?;
-    maps.run_control
-        .set(
-            slot,
-            RunControl {
-                max_tasks,
-                ..RunControl::default()
-            },
-            0,
-        )
-        .map_err(map_err("zeroing the run's controls"))?;
-    maps.slots[slot as usize] = true;
-    maps.next_slot = (slot + 1) % MAX_RUNS;
-    Ok(slot)
-}
 
 /// Opens the spawn gate one more time, or closes it once: it counts the registrations that
 /// may be pending (the fork hooks of untracked tasks look up `SPAWNERS` only while it is
@@ -158,14 +130,10 @@ impl Tracker {
         options: RunOptions,
     ) -> Result<PendingSpawn, SessionError> {
         let inner = self.inner.clone();
-        let flags = options.run_flags();
-        let slot = claim_slot(
-            &mut inner.maps(),
-            flags,
-            run_share(options.max_tasks, inner.capacity),
-        )?;
+        let (slot, hooks) = open_slot(&inner, &options)?;
         let started_ns = monotonic_ns();
         let mut run = Run::new(inner.clone(), slot, Origin::Remote, 0, None, started_ns);
+        run.set_budgets(options.budgets, hooks);
         run.start_records(options, started_ns);
         let mut maps = inner.maps();
         let code = inner
@@ -212,14 +180,10 @@ impl Tracker {
         options: RunOptions,
     ) -> Result<Run, SessionError> {
         let inner = self.inner.clone();
-        let flags = options.run_flags();
-        let slot = claim_slot(
-            &mut inner.maps(),
-            flags,
-            run_share(options.max_tasks, inner.capacity),
-        )?;
+        let (slot, hooks) = open_slot(&inner, &options)?;
         let started_ns = monotonic_ns();
         let mut run = Run::new(inner.clone(), slot, Origin::Starting, 0, None, started_ns);
+        run.set_budgets(options.budgets, hooks);
         run.start_records(options, started_ns);
         // Declared after `run`, so that it is released before `run` is dropped on an error.
         let mut maps = inner.maps();

@@ -7,7 +7,9 @@ use crate::kernel::features::{Measured, NetworkPath};
 
 use crate::sys::procfs::ThreadSample;
 
+pub mod budgets;
 mod cputime;
+pub use budgets::{BudgetExceeded, Budgets, EnforcedBy, Enforcement, Resource};
 pub use cputime::split_runtime;
 
 /// Whether the figures are complete.
@@ -154,6 +156,21 @@ pub struct ResourceUsage {
     /// Counted in `live_process_count`. `None` where not measured.
     #[serde(default)]
     pub tasks_escaped: Option<u64>,
+    /// New processes and threads refused by `--max-processes` / `--max-threads`: killed
+    /// before they ran an instruction of their own, and not in `process_count` /
+    /// `thread_count` (a refused process counts in both). `None` where not measured.
+    #[serde(default)]
+    pub processes_refused: Option<u64>,
+    /// Threads refused (see `processes_refused`).
+    #[serde(default)]
+    pub threads_refused: Option<u64>,
+    /// The budgets the run had (`--max-*`); absent without any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budgets: Option<Budgets>,
+    /// The budget the run crossed, if it crossed one: the tree was killed (SIGKILL) at the
+    /// crossing.
+    #[serde(default)]
+    pub budget_exceeded: Option<BudgetExceeded>,
     /// `exact` when nothing was lost; `approximate` otherwise.
     pub precision: Precision,
     /// When `precision` is `approximate`: one note per approximate field (or group of
@@ -243,6 +260,10 @@ impl ResourceUsage {
             lost_events: 0,
             tasks_killed_at_birth: None,
             tasks_escaped: None,
+            processes_refused: None,
+            threads_refused: None,
+            budgets: None,
+            budget_exceeded: None,
             precision: Precision::Approximate,
             precision_notes: Vec::new(),
             lower_bounds: Vec::new(),
@@ -471,8 +492,8 @@ pub fn merge(
         cpu_user_ns: user,
         cpu_system_ns: system,
         cpu_split: CpuSplit::Tree,
-        process_count: c.processes_started,
-        thread_count: c.threads_started,
+        process_count: c.processes_started.saturating_sub(c.processes_refused),
+        thread_count: c.threads_started.saturating_sub(c.threads_refused),
         peak_process_count: measured.atomics.then_some(c.processes_peak),
         live_process_count: c.processes_alive.saturating_add(c.tasks_escaped),
         disk_bytes_read: measured.disk.then_some(used.disk_read_bytes),
@@ -492,6 +513,10 @@ pub fn merge(
         lost_events: c.lost_events,
         tasks_killed_at_birth: Some(c.tasks_killed_at_birth),
         tasks_escaped: Some(c.tasks_escaped),
+        processes_refused: Some(c.processes_refused),
+        threads_refused: Some(c.threads_refused),
+        budgets: None,
+        budget_exceeded: None,
         precision: if exact {
             Precision::Exact
         } else {

@@ -67,7 +67,7 @@ fn usage() -> ! {
          clone-parent | vfork | exec-from-thread PATH [ARGS] | write-direct FILE MIB [BLOCK] | \
          read-direct FILE MIB [BLOCK] | write FILE MIB fsync|truncate|none | read FILE | \
          mem A B MS | pidns N | hostile-name MS | spike MIB MS AFTER [small] | \
-         attach-target K | hold N | bomb N | hold-threads N T | escape T FILE | chars N | \
+         attach-target K | hold N | bomb N | bomb-mark FILE N | hold-threads N T | escape T FILE | chars N | \
          past-lives THREAD_MS CHILD_MS BYTES FILE | \
          snapshot PID | net MODE ... | poll-usage SOCKET T | mix N MS [TINY]"
     );
@@ -419,8 +419,24 @@ fn report_and_idle(file: &str) {
     until_stdin_closes();
 }
 
+/// Where each process of a `bomb-mark` writes its pid first thing (-1: nowhere).
+static MARK_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Appends this process's pid to the mark file, if there is one: the process ran an
+/// instruction of its own.
+fn mark() {
+    let fd = MARK_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if fd < 0 {
+        return;
+    }
+    let line = format!("{}\n", std::process::id());
+    // SAFETY: one write of a buffer we own; O_APPEND keeps lines whole.
+    unsafe { libc::write(fd, line.as_ptr().cast(), line.len()) };
+}
+
 /// This process and `rest` more below it, split between two subtrees.
 fn bomb(rest: u64) {
+    mark();
     let first = rest.div_ceil(2);
     let subtrees = [first, rest - first];
     for size in subtrees.into_iter().filter(|&n| n > 0) {
@@ -737,6 +753,24 @@ fn main() {
         }
         Some("attach-target") => attach_target(num(args.get(1))),
         Some("bomb") => bomb(num(args.get(1)).max(1) - 1),
+        Some("bomb-mark") => {
+            // `bomb-mark FILE N`: a bomb whose every process appends its pid to FILE before
+            // anything else (the ground truth of how many ran).
+            let path = args.get(1).cloned().unwrap_or_else(|| usage());
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap_or_else(|e| {
+                    eprintln!("open {path}: {e}");
+                    std::process::exit(1)
+                });
+            MARK_FD.store(
+                std::os::fd::IntoRawFd::into_raw_fd(file),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            bomb(num(args.get(2)).max(1) - 1)
+        }
         Some("hold-threads") => {
             let (n, t) = (num(args.get(1)), num(args.get(2)));
             for _ in 0..n {

@@ -30,8 +30,11 @@
 //! - `daemon` (`bench/daemon.rs`): the daemon idle and with 16 sessions, against in-process
 //!   trackers; `run -- /bin/true` through it; the tracked storm through it.
 //!
-//! `--case` picks cases (a letter, `costs`, `net-costs`, `sessions` or `daemon`; repeatable);
-//! all by default.
+//! - `budgets` (`bench/budgets.rs`): budgets set but not reached, what they cost untracked
+//!   processes, and how far a CPU budget overshoots.
+//!
+//! `--case` picks cases (a letter, `costs`, `net-costs`, `sessions`, `daemon` or `budgets`;
+//! repeatable); all by default.
 //!
 //! Every lettered case also reports, beside its wall-clock ratio, the kernel's per-program
 //! statistics of its traced side ([`stats`]): [`COST_RUNS`] more traced runs with statistics
@@ -51,6 +54,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{cargo, paths};
 
+mod budgets;
 mod common;
 mod daemon;
 mod stats;
@@ -89,13 +93,14 @@ pub struct Args {
     /// with and without records, attach latency, tracker memory), `daemon` (one shared
     /// program set against in-process trackers, and the daemon under load), `daemon-load`
     /// (only the latter: a victim's run while sessions are polled, and the memory of a
-    /// breakdown). Repeatable; default: all.
+    /// breakdown), `budgets` (budgets' costs and CPU-budget overshoot). Repeatable; default:
+    /// all.
     #[arg(long = "case", value_name = "CASE")]
     cases: Vec<String>,
 }
 
 /// The cases `--case` can name.
-const CASE_IDS: [&str; 13] = [
+const CASE_IDS: [&str; 14] = [
     "a",
     "b",
     "c",
@@ -109,6 +114,7 @@ const CASE_IDS: [&str; 13] = [
     "sessions",
     "daemon",
     "daemon-load",
+    "budgets",
 ];
 
 /// Whether `--case` selects `id` (everything when none is given).
@@ -272,6 +278,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     if selected(&args, "daemon") || selected(&args, "daemon-load") {
         costs.push_str(&daemon::daemon_load(&bins, runs, &out_dir)?);
+    }
+    if selected(&args, "budgets") {
+        costs.push_str(&budgets::budget_costs(&bins, storm, runs, args.quick)?);
     }
     let elapsed = started.elapsed();
     let _ = std::fs::remove_file(out_dir.join("direct-io.data"));

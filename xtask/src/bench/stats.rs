@@ -88,6 +88,8 @@ pub struct Handlers {
     progs: BTreeMap<u32, OwnedFd>,
     /// Program id -> the raw tracepoint it is attached to (from the tracker's links).
     attached_to: BTreeMap<u32, String>,
+    /// Programs with a link of any kind (a kprobe's has no tracepoint name).
+    linked: BTreeSet<u32>,
 }
 
 impl Handlers {
@@ -104,6 +106,7 @@ impl Handlers {
             seen: BTreeSet::new(),
             progs: BTreeMap::new(),
             attached_to: BTreeMap::new(),
+            linked: BTreeSet::new(),
         })
     }
 
@@ -146,6 +149,9 @@ impl Handlers {
             } else if target == "anon_inode:bpf_link" {
                 let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{n}", self.pid))
                     .unwrap_or_default();
+                if let Some(id) = field(&info, "prog_id") {
+                    self.linked.insert(id as u32);
+                }
                 if let (Some(id), Some(tp)) =
                     (field(&info, "prog_id"), text_field(&info, "tp_name"))
                 {
@@ -183,6 +189,19 @@ impl Handlers {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// The names (as the kernel keeps them: 15 bytes) of the held programs that the tracker
+    /// has attached so far, as of the last [`Handlers::poll`].
+    pub fn linked_names(&self) -> Result<BTreeSet<String>> {
+        let mut names = BTreeSet::new();
+        for info in aya::programs::loaded_programs() {
+            let info = info.context("listing loaded eBPF programs")?;
+            if self.linked.contains(&info.id()) && self.progs.contains_key(&info.id()) {
+                names.insert(info.name_as_str().unwrap_or("?").to_string());
+            }
+        }
+        Ok(names)
     }
 
     /// Per handler (the raw tracepoint it is attached to, or its program name): run time and

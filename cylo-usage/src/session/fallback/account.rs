@@ -4,7 +4,10 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use crate::proc::walker::{Detail, Node};
-use crate::usage::{CpuSplit, ResourceUsage, TrackerKind, UsageBeforeAttach, split_runtime};
+use crate::usage::{
+    BudgetExceeded, Budgets, CpuSplit, EnforcedBy, Resource, ResourceUsage, TrackerKind,
+    UsageBeforeAttach, split_runtime,
+};
 use cylo_usage_abi::ThreadUsage;
 
 use super::reaper::Record;
@@ -126,6 +129,93 @@ impl Account {
     pub fn thread_count(&self) -> u64 {
         self.threads.len() as u64 + self.unseen_reaped
     }
+}
+
+/// What a tree has used, as far as the fallback knows at one moment: the figures its
+/// budgets are checked against (`--budgets best-effort`). Each is the report's own figure
+/// (or a part of it: a lower bound, never more than the report would say); `None` where it
+/// is not known at that moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Figures {
+    pub processes: u64,
+    pub threads: u64,
+    pub cpu_ns: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub disk_write_bytes: Option<u64>,
+    pub disk_read_bytes: Option<u64>,
+}
+
+impl Figures {
+    /// The figure of `resource` (the fallback has none for the network).
+    pub fn of(&self, resource: Resource) -> Option<u64> {
+        match resource {
+            Resource::Processes => Some(self.processes),
+            Resource::Threads => Some(self.threads),
+            Resource::CpuTime => self.cpu_ns,
+            Resource::Memory => self.memory_bytes,
+            Resource::DiskWrite => self.disk_write_bytes,
+            Resource::DiskRead => self.disk_read_bytes,
+            // No network counters; the share of the eBPF tracker's maps is not the fallback's.
+            Resource::Network | Resource::TasksAlive => None,
+        }
+    }
+
+    /// The first budget (in report order) these figures are past, as a sample saw it.
+    pub fn crossed(&self, budgets: &Budgets) -> Option<BudgetExceeded> {
+        budgets.resources().find_map(|resource| {
+            let limit = budgets.limit(resource)?;
+            let observed = self.of(resource)?;
+            (observed > limit).then_some(BudgetExceeded {
+                resource,
+                limit,
+                observed,
+                enforced: EnforcedBy::Sampled,
+            })
+        })
+    }
+}
+
+impl Account {
+    /// The figures now: `reaped` (the reaper's totals, by default this account's own) plus,
+    /// when given, the live processes read in detail (CPU and disk, as [`Account::usage`]
+    /// adds them). Without `live`, CPU and disk are the reaped part alone (a lower bound).
+    /// The memory is the last sample's sum of RSS.
+    pub fn figures(&self, reaped: Option<&Reaped>, live: Option<Live<'_>>) -> Figures {
+        let r = reaped.unwrap_or(&self.reaped);
+        let mut cpu = (r.utime_us + r.stime_us) * 1000;
+        let mut read = r.inblock * 512;
+        let mut written = r.oublock * 512;
+        for (_, d) in live.unwrap_or_default() {
+            cpu += d.own_cpu_ns + d.waited_cpu_ns;
+            if let Some(io) = d.io {
+                read += io.read_bytes;
+                written += io.write_bytes;
+            }
+        }
+        Figures {
+            processes: self.process_count(),
+            threads: self.thread_count(),
+            cpu_ns: Some(cpu),
+            memory_bytes: (self.samples > 0).then_some(self.rss),
+            disk_write_bytes: Some(written),
+            disk_read_bytes: Some(read),
+        }
+    }
+}
+
+/// The note of a run whose budgets the fallback enforces from its samples.
+pub fn budget_note(units: Units) -> String {
+    let every = interval_text(units.interval);
+    format!(
+        "budgets, budget_exceeded: enforced by cylo-usage from its /proc samples every \
+         {every} (--budgets best-effort), not by the kernel at the crossing: a crossing is seen \
+         up to a sampling interval late, plus the time to read the tree (longer for a large \
+         tree on a busy host), the tree running on meanwhile, and observed is the figure of \
+         the sample that saw it; processes and threads that start and end between two samples \
+         are missed; CPU time, memory and disk bytes are checked against this report's own \
+         figures at each sample (memory: the sum of the processes' RSS, an address space \
+         shared by several processes counted once per process)"
+    )
 }
 
 /// The notes of a spawned fallback run; `live`: the tree still runs.
@@ -422,6 +512,24 @@ impl AttachAccount {
             }
         }
         (cpu, u, s, io)
+    }
+
+    /// The figures at the last sample (since the attach, as [`AttachAccount::usage`] gives
+    /// them); `None` before the first.
+    pub fn figures(&self) -> Option<Figures> {
+        let before = self.before.as_ref()?;
+        let (cpu, _, _, io) = self.totals();
+        let since = |now: u64, then: Option<u64>| {
+            self.io_known.then(|| now.saturating_sub(then.unwrap_or(0)))
+        };
+        Some(Figures {
+            processes: self.members.len() as u64 + self.gone,
+            threads: self.threads.len() as u64,
+            cpu_ns: Some(cpu.saturating_sub(before.cpu_time_ns)),
+            memory_bytes: Some(self.rss),
+            disk_write_bytes: since(io.disk_write_bytes, before.disk_bytes_written),
+            disk_read_bytes: since(io.disk_read_bytes, before.disk_bytes_read),
+        })
     }
 
     /// Whether every process of the tree has ended (zombies have).
@@ -778,5 +886,100 @@ mod tests {
         assert!(u.attached);
         assert_eq!(u.max_process_rss_bytes, None);
         assert_eq!(u.lower_bounds, sampled_counts());
+    }
+
+    #[test]
+    fn a_budget_is_crossed_past_its_limit_the_first_in_report_order() {
+        let f = Figures {
+            processes: 20,
+            threads: 31,
+            cpu_ns: Some(500),
+            memory_bytes: None,
+            disk_write_bytes: Some(10),
+            disk_read_bytes: None,
+        };
+        let at = Budgets {
+            max_processes: Some(20),
+            max_cpu_ns: Some(500),
+            ..Budgets::default()
+        };
+        assert_eq!(f.crossed(&at), None, "at the limit is not past it");
+        let past = Budgets {
+            max_threads: Some(30),
+            max_disk_write_bytes: Some(9),
+            // Not known now: never crossed on a guess.
+            max_memory_bytes: Some(0),
+            max_disk_read_bytes: Some(0),
+            max_network_bytes: Some(0),
+            ..at
+        };
+        assert_eq!(
+            f.crossed(&past),
+            Some(BudgetExceeded {
+                resource: Resource::Threads,
+                limit: 30,
+                observed: 31,
+                enforced: EnforcedBy::Sampled,
+            })
+        );
+        let only_disk = Budgets {
+            max_disk_write_bytes: Some(9),
+            ..Budgets::default()
+        };
+        let e = f.crossed(&only_disk).unwrap();
+        assert_eq!((e.resource, e.observed), (Resource::DiskWrite, 10));
+    }
+
+    #[test]
+    fn figures_are_the_reports_own() {
+        let mut a = Account::default();
+        a.reap(&record(20, 5, 0, 1_000, 2_000, 100, 3, 4));
+        let n = node(10, 1, 100, &[10, 11], 3, false);
+        a.observe(std::slice::from_ref(&n), 4096);
+        let d = Detail {
+            own_cpu_ns: 5_000_000,
+            waited_cpu_ns: 1_000_000,
+            io: Some(ThreadIo {
+                read_bytes: 4096,
+                write_bytes: 8192,
+                ..ThreadIo::default()
+            }),
+            ..Detail::default()
+        };
+        let live = [(n, d)];
+        let f = a.figures(None, Some(&live));
+        let u = a.usage("x", UNITS, Some(&live), RootEnd::default(), 0);
+        assert_eq!(f.processes, u.process_count);
+        assert_eq!(f.threads, u.thread_count);
+        assert_eq!(f.cpu_ns, Some(u.cpu_time_ns));
+        assert_eq!(f.memory_bytes, u.memory_bytes);
+        assert_eq!(f.disk_read_bytes, u.disk_bytes_read);
+        assert_eq!(f.disk_write_bytes, u.disk_bytes_written);
+        // Without the live processes: the reaped part alone; with earlier reaper totals,
+        // those.
+        let f = a.figures(None, None);
+        assert_eq!(f.cpu_ns, Some(3_000_000));
+        assert_eq!(f.disk_write_bytes, Some(4 * 512));
+        let f = a.figures(Some(&Reaped::default()), Some(&live));
+        assert_eq!(f.cpu_ns, Some(6_000_000));
+        // Before any sample, the memory is not known.
+        assert_eq!(Account::default().figures(None, None).memory_bytes, None);
+    }
+
+    #[test]
+    fn attached_figures_are_since_the_attach() {
+        let mut a = AttachAccount::default();
+        assert_eq!(a.figures(), None);
+        let root = node(10, 1, 100, &[10], 2, false);
+        a.observe(&[(root.clone(), det(5, 0, 100))], 4096);
+        a.observe(&[(root, det(9, 0, 130))], 4096);
+        let f = a.figures().unwrap();
+        let u = a.usage(UNITS, 0);
+        assert_eq!(f.cpu_ns, Some(4));
+        assert_eq!(f.cpu_ns, Some(u.cpu_time_ns));
+        assert_eq!(f.disk_write_bytes, u.disk_bytes_written);
+        assert_eq!(f.disk_write_bytes, Some(30));
+        assert_eq!((f.processes, f.threads), (u.process_count, u.thread_count));
+        assert_eq!(f.memory_bytes, u.memory_bytes);
     }
 }

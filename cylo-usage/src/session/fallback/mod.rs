@@ -15,95 +15,56 @@
 //!   peak, and, for a snapshot while the tree runs, the live processes' CPU and I/O.
 //! - **`attach`**: the tree is not the tracker's child, so nothing is reaped: everything is
 //!   sampled, and a daemon that leaves the tree between two samples is lost.
+//! - **Budgets** (`--max-*`): only the kernel enforces them at the crossing, so with
+//!   [`Enforcement::Exact`] they are refused before anything starts. With
+//!   [`Enforcement::BestEffort`] they are checked at each sample and each reap against the
+//!   report's own figures, and the first crossing seen kills the tree (SIGKILL, every
+//!   member), `enforced: "sampled"` in the report. A network budget is refused either way:
+//!   the fallback has no network counters.
 //!
 //! Reports say `tracker: "proc"`, `precision: "approximate"`, and name every approximate
 //! field in `precision_notes`; what cannot be known is `null`.
+//!
+//! [`Enforcement::Exact`]: crate::usage::Enforcement::Exact
+//! [`Enforcement::BestEffort`]: crate::usage::Enforcement::BestEffort
 pub(crate) mod account;
+mod budget;
+mod error;
+mod fds;
 pub(crate) mod reaper;
+mod sampling;
+mod state;
+mod walk;
 
 use std::collections::HashSet;
-use std::io::Read as _;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::proc::walker::{self, Detail, Node, ProcFs, Read, Seed};
+use crate::proc::walker::{self, Node, ProcFs, Read, Seed};
 use crate::session::run::{RunOptions, SessionError};
 use crate::sys::lock;
-use crate::sys::procfs::{self, ProcError};
+use crate::sys::procfs;
 use crate::sys::{monotonic_ns, pidfd_open, pidfd_send_signal};
-use crate::usage::ResourceUsage;
+use crate::usage::{BudgetExceeded, ResourceUsage};
+
+pub use error::FallbackError;
 
 use account::{Account, AttachAccount, RootEnd, Units};
-use reaper::{DONE, FAILED, REAPED, RECORD_SIZE, Record, STARTED};
+use budget::BudgetWatch;
+use error::io_err;
+use fds::{Pipe, dup, eventfd, pipe};
+use reaper::STARTED;
+use sampling::{sample, sampler};
+use state::{Mode, Progress, Shared, State};
+use walk::{kill_tree, read_live};
 
 /// How often the fallback samples `/proc` by default.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(10);
-
-/// Rounds of signalling the tree before a kill stops looking for newcomers.
-const KILL_ROUNDS: usize = 1000;
-
-/// Why a fallback session failed.
-#[derive(Debug, thiserror::Error)]
-pub enum FallbackError {
-    /// The command could not be started under its reaper (`Command::spawn` failed).
-    #[error("cannot run {program}")]
-    Spawn {
-        /// The command's program, as given.
-        program: String,
-        /// The error `spawn` returned.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A system call the session needs, or starting its sampling thread, failed.
-    #[error("{what} failed")]
-    Io {
-        /// What failed, e.g. `pipe2` or `pidfd_send_signal`.
-        what: &'static str,
-        /// Its error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The reaper process ended before it reported that the root had started.
-    #[error("the reaper process ended before it reported the command's start")]
-    ReaperLost,
-    /// An option needs the eBPF tracker, which is not in use.
-    #[error("{what} needs the eBPF tracker; the /proc fallback is in use because {reason}")]
-    Unsupported {
-        /// The option: a per-process breakdown (`--tree`) or the event stream (`--events`).
-        what: &'static str,
-        /// Why the eBPF tracker is not in use.
-        reason: String,
-    },
-    /// The process to attach to is another user's: without the eBPF tracker, its I/O
-    /// accounting (and its tree's) is out of reach.
-    #[error(
-        "cannot attach to process {pid}: it belongs to another user (uid {owner}); one may \
-         attach only to one's own processes (root may attach to any)"
-    )]
-    NotOwnProcess {
-        /// The process to attach to.
-        pid: libc::pid_t,
-        /// Its real, effective or saved uid that differs from this process's real uid.
-        owner: u32,
-    },
-    /// The process to attach to cannot be followed (no such process, a kernel thread, a
-    /// zombie, cylo-usage itself).
-    #[error(transparent)]
-    Target(#[from] SessionError),
-    /// An attach could not read or parse its target's `/proc/PID/io`, for a reason other
-    /// than the process being another user's.
-    #[error(transparent)]
-    Proc(#[from] ProcError),
-}
-
-fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> FallbackError {
-    move |source| FallbackError::Io { what, source }
-}
 
 /// The /proc fallback tracker. Cheap to clone; it holds no kernel state.
 #[derive(Clone, Debug)]
@@ -167,13 +128,22 @@ impl ProcTracker {
         self.spawn_with(command, RunOptions::default())
     }
 
-    /// [`ProcTracker::spawn`]; a breakdown or an event stream in `options` is refused.
+    /// [`ProcTracker::spawn`]; a breakdown or an event stream in `options` is refused. Budgets
+    /// (`options.budgets`) are enforced from the samples with
+    /// [`Enforcement::BestEffort`] (the first crossing a sample or a reap shows kills the
+    /// tree, SIGKILL to every member, and the report says which budget, `enforced:
+    /// "sampled"`); with [`Enforcement::Exact`], and for a network budget in any case, they
+    /// are refused ([`FallbackError::Unenforceable`]) before anything starts.
+    ///
+    /// [`Enforcement::Exact`]: crate::usage::Enforcement::Exact
+    /// [`Enforcement::BestEffort`]: crate::usage::Enforcement::BestEffort
     pub fn spawn_with(
         &self,
         command: &mut Command,
         options: RunOptions,
     ) -> Result<ProcRun, FallbackError> {
         self.check_options(&options)?;
+        let budget = budget::check_budgets(&self.reason, &options)?;
         let (read_end, write_end) = pipe().map_err(io_err("pipe2"))?;
         // Room for 16,384 records: a tracker slow to read never holds the reaper up.
         // SAFETY: fcntl on our own pipe; failure only leaves the default size.
@@ -222,6 +192,7 @@ impl ProcTracker {
             root_pidfd,
             started_ns,
             Some(reaper_child),
+            budget,
         )?;
         Ok(run)
     }
@@ -233,7 +204,9 @@ impl ProcTracker {
         self.attach_with(pid, RunOptions::default())
     }
 
-    /// [`ProcTracker::attach`]; a breakdown or an event stream in `options` is refused.
+    /// [`ProcTracker::attach`]; a breakdown or an event stream in `options` is refused, and
+    /// budgets are taken as [`ProcTracker::spawn_with`] takes them (checked against the
+    /// figures since the attach, as the report gives them).
     pub fn attach_with(
         &self,
         pid: libc::pid_t,
@@ -243,6 +216,7 @@ impl ProcTracker {
             return Err(SessionError::NoSuchProcess { pid }.into());
         };
         self.check_options(&options)?;
+        let budget = budget::check_budgets(&self.reason, &options)?;
         let target = crate::session::attach::check_target(pid)?;
         let fs = ProcFs::host();
         // Its I/O accounting is readable only for one's own processes: say so now.
@@ -266,7 +240,7 @@ impl ProcTracker {
             own_children: false,
         };
         let started_ns = monotonic_ns();
-        let run = ProcRun::start(self, mode, pid, pidfd, started_ns, None)?;
+        let run = ProcRun::start(self, mode, pid, pidfd, started_ns, None, budget)?;
         // The first sample is the attach: it must have found the root.
         let state = run.shared.lock();
         if let Mode::Attached { acc, .. } = &state.mode
@@ -309,7 +283,7 @@ impl ProcTracker {
             root,
             own_children,
         };
-        ProcRun::start(self, mode, root_pid, pidfd, monotonic_ns(), None)
+        ProcRun::start(self, mode, root_pid, pidfd, monotonic_ns(), None, None)
     }
 }
 
@@ -327,236 +301,6 @@ fn not_own_process(pid: u32) -> Option<FallbackError> {
     })
 }
 
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: a valid array for pipe2; the fds are ours.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh fds from the kernel.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-fn eventfd() -> std::io::Result<OwnedFd> {
-    // SAFETY: eventfd returns a new fd we own.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn dup(fd: RawFd) -> std::io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC on a valid fd returns a new fd we own.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if new < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
-/// Waits until `fd` is readable or `timeout` passes; whether it is readable.
-fn poll_in(fd: RawFd, timeout: Duration) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // ppoll: to the ns. poll()'s milliseconds would round a wait of 0.9 ms down to 0, and
-    // the sampler would spin until the next sample is due.
-    let ts = libc::timespec {
-        // `as _`: `time_t`'s width is the libc's (musl moves to 64 bits).
-        tv_sec: timeout.as_secs() as _,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: one valid pollfd, a valid timespec, no signal mask change.
-    unsafe { libc::ppoll(&mut p, 1, &ts, std::ptr::null()) > 0 }
-}
-
-/// The reading end of the reaper's pipe, with what a partial read left.
-struct Pipe {
-    file: std::fs::File,
-    partial: Vec<u8>,
-    eof: bool,
-}
-
-impl Pipe {
-    fn new(fd: OwnedFd) -> Pipe {
-        Pipe {
-            file: std::fs::File::from(fd),
-            partial: Vec::new(),
-            eof: false,
-        }
-    }
-
-    fn read_blocking(&mut self) -> Option<Record> {
-        let mut b = [0u8; RECORD_SIZE];
-        self.file.read_exact(&mut b).ok()?;
-        Some(Record::from_bytes(&b))
-    }
-
-    fn set_nonblocking(&self) -> std::io::Result<()> {
-        let fd = self.file.as_raw_fd();
-        // SAFETY: fcntl on our own fd.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    }
-
-    /// Every whole record available now.
-    fn drain(&mut self) -> Vec<Record> {
-        let mut buf = [0u8; 64 * RECORD_SIZE];
-        loop {
-            match self.file.read(&mut buf) {
-                Ok(0) => {
-                    self.eof = true;
-                    break;
-                }
-                Ok(n) => self.partial.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break, // WouldBlock: nothing more now
-            }
-        }
-        let whole = self.partial.len() / RECORD_SIZE * RECORD_SIZE;
-        let records = self.partial[..whole]
-            .chunks_exact(RECORD_SIZE)
-            .map(|c| Record::from_bytes(c.try_into().expect("exact chunk")))
-            .collect();
-        self.partial.drain(..whole);
-        records
-    }
-}
-
-enum Mode {
-    Spawned {
-        acc: Account,
-        pipe: Pipe,
-        reaper: Seed,
-        root: (u32, u64),
-    },
-    Attached {
-        acc: AttachAccount,
-        /// `None`: the root had already ended.
-        root: Option<Seed>,
-        /// Every child of this process is part of the tree (see [`ProcTracker::follow`]).
-        own_children: bool,
-    },
-}
-
-/// Where the run is, for waiters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Progress {
-    root_ended: bool,
-    finished: bool,
-}
-
-struct State {
-    mode: Mode,
-    root_status: Option<i32>,
-    root_ended: bool,
-    finished: bool,
-    ended_ns: Option<u64>,
-    /// Something went wrong with the reaper; said in the report's notes.
-    failure: Option<String>,
-    /// The reaper process has exited and been reaped (always true for an attached run):
-    /// a run is not over while its reaper still exists.
-    reaper_gone: bool,
-}
-
-struct Shared {
-    state: Mutex<State>,
-    progress: tokio::sync::watch::Sender<Progress>,
-    /// Readable when the progress changed (for event loops: [`ProcRun::wake_fds`]).
-    wake: OwnedFd,
-    stop: AtomicBool,
-    units: Units,
-    reason: Arc<str>,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
-    }
-
-    /// Tells waiters about a change.
-    fn publish(&self, state: &State) {
-        let now = Progress {
-            root_ended: state.root_ended,
-            finished: state.over(),
-        };
-        if *self.progress.borrow() != now {
-            self.progress.send_replace(now);
-            let one: u64 = 1;
-            // SAFETY: an 8-byte write to our eventfd.
-            unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        }
-    }
-}
-
-impl State {
-    /// The tree has ended, and so has the reaper.
-    fn over(&self) -> bool {
-        self.finished && self.reaper_gone
-    }
-
-    /// Takes in the reaper's records; true if any came.
-    fn take_records(&mut self) -> bool {
-        let Mode::Spawned {
-            acc, pipe, root, ..
-        } = &mut self.mode
-        else {
-            return false;
-        };
-        let records = pipe.drain();
-        let any = !records.is_empty();
-        for r in &records {
-            match r.kind {
-                REAPED => {
-                    acc.reap(r);
-                    if r.pid as u32 == root.0 && (r.start_ticks == root.1 || r.start_ticks == 0) {
-                        self.root_status = Some(r.status);
-                        self.root_ended = true;
-                    }
-                }
-                DONE => {
-                    self.finished = true;
-                    self.root_ended = true;
-                    self.ended_ns.get_or_insert_with(monotonic_ns);
-                }
-                FAILED => {
-                    self.failure = Some(format!(
-                        "the reaper's waitid() failed ({}): start times of later reaped \
-                         processes are unknown",
-                        std::io::Error::from_raw_os_error(r.status)
-                    ));
-                }
-                _ => {}
-            }
-        }
-        if pipe.eof && !self.finished {
-            self.reaper_lost();
-        }
-        any
-    }
-
-    fn reaper_lost(&mut self) {
-        self.failure = Some(
-            "the reaper process ended before the tree did (killed?): what it had not reaped is \
-             missing"
-                .to_string(),
-        );
-        self.finished = true;
-        self.root_ended = true;
-        self.ended_ns.get_or_insert_with(monotonic_ns);
-    }
-}
-
 /// A tree followed by the /proc fallback.
 pub struct ProcRun {
     shared: Arc<Shared>,
@@ -566,8 +310,6 @@ pub struct ProcRun {
     timed_out: bool,
     started_ns: u64,
     sampler: Option<JoinHandle<()>>,
-    /// The signals sent to the tree so far.
-    signals_sent: Mutex<Vec<crate::usage::SignalSent>>,
 }
 
 impl ProcRun {
@@ -578,6 +320,7 @@ impl ProcRun {
         root_pidfd: Option<OwnedFd>,
         started_ns: u64,
         reaper: Option<Child>,
+        budget: Option<BudgetWatch>,
     ) -> Result<ProcRun, FallbackError> {
         let attached = matches!(mode, Mode::Attached { .. });
         let (progress, _) = tokio::sync::watch::channel(Progress::default());
@@ -590,16 +333,18 @@ impl ProcRun {
                 ended_ns: None,
                 failure: None,
                 reaper_gone: attached,
+                budget,
             }),
             progress,
             wake: eventfd().map_err(io_err("eventfd"))?,
             stop: AtomicBool::new(false),
             units: tracker.units(),
             reason: tracker.reason.clone(),
+            signals_sent: Mutex::new(Vec::new()),
         });
         if attached {
             // The attach is the first sample, before this returns.
-            sample(&shared, &ProcFs::host());
+            let _ = sample(&shared, &ProcFs::host());
         }
         let for_thread = shared.clone();
         let sampler = std::thread::Builder::new()
@@ -614,7 +359,6 @@ impl ProcRun {
             timed_out: false,
             started_ns,
             sampler: Some(sampler),
-            signals_sent: Mutex::new(Vec::new()),
         })
     }
 
@@ -704,46 +448,23 @@ impl ProcRun {
         }
     }
 
-    /// The processes of the tree alive now: (pid, start time).
-    fn members_now(&self) -> Vec<(u32, u64)> {
-        let nodes = tree_now(&self.shared, &ProcFs::host()).unwrap_or_default();
-        nodes
-            .iter()
-            .filter(|n| !n.stat.is_zombie())
-            .map(Node::key)
-            .collect()
-    }
-
     /// Sends `signal` to every live process of the tree, round after round until no new
     /// one appears, each through a pidfd checked against its start time (a reused pid is
     /// never signalled). Returns how many processes were signalled.
     pub fn kill(&self, signal: i32) -> Result<usize, FallbackError> {
-        let fs = ProcFs::host();
         let mut signalled: HashSet<(u32, u64)> = HashSet::new();
-        let mut sent = 0u64;
-        for _ in 0..KILL_ROUNDS {
-            let mut fresh = 0;
-            for key in self.members_now() {
-                if !signalled.insert(key) {
-                    continue;
-                }
-                let Ok(fd) = pidfd_open(key.0) else {
-                    continue; // gone
-                };
-                if walker::start_ticks(&fs, key.0) != Some(key.1) {
-                    continue;
-                }
-                if pidfd_send_signal(&fd, signal).is_ok() {
-                    fresh += 1;
-                    sent += 1;
-                }
-            }
-            if fresh == 0 {
-                break;
-            }
-        }
-        crate::usage::SignalSent::record(&mut lock(&self.signals_sent), signal, sent, 0);
+        let sent = kill_tree(signal, &mut signalled, &[], || self.shared.start());
+        crate::usage::SignalSent::record(&mut lock(&self.shared.signals_sent), signal, sent, 0);
         Ok(signalled.len())
+    }
+
+    /// The budget the run has crossed, if any (seen in a sample or at a reap; the tree is
+    /// killed then).
+    pub fn budget_exceeded(&self) -> Option<BudgetExceeded> {
+        let mut state = self.shared.lock();
+        state.take_records();
+        self.shared.publish(&state);
+        state.budget.as_ref().and_then(|w| w.exceeded)
     }
 
     /// What the tree has used so far. Once it is over, the reaper's totals; while it runs,
@@ -792,8 +513,14 @@ impl ProcRun {
         if let Some(f) = failure {
             u.precision_notes.push(format!("tracker: {f}"));
         }
+        if let Some(w) = &state.budget {
+            u.budgets = Some(w.budgets);
+            u.budget_exceeded = w.exceeded;
+            u.precision_notes.push(account::budget_note(units));
+        }
+        drop(state);
         u.timed_out = self.timed_out;
-        u.signals_sent = lock(&self.signals_sent).clone();
+        u.signals_sent = lock(&shared.signals_sent).clone();
         Ok(u)
     }
 }
@@ -804,167 +531,5 @@ impl Drop for ProcRun {
         // goes on reaping the tree (unreported) until it ends, so no process is left a zombie.
         self.shared.stop.store(true, Ordering::Relaxed);
         drop(self.sampler.take());
-    }
-}
-
-fn seeds_of(root: &Option<Seed>, acc: &AttachAccount) -> Vec<Seed> {
-    let mut seeds: Vec<Seed> = root.iter().copied().collect();
-    seeds.extend(acc.known().into_iter().map(|(pid, start)| Seed {
-        pid,
-        start_ticks: Some(start),
-    }));
-    seeds
-}
-
-/// The tree now, from /proc: everything below the reaper, or (attached) the root, every
-/// member the samples know and what is below them, the tracker itself left out.
-fn tree_now(shared: &Shared, fs: &ProcFs) -> Result<Vec<Node>, ProcError> {
-    let seeds = match &shared.lock().mode {
-        Mode::Spawned { reaper, .. } => Err(reaper.pid),
-        Mode::Attached {
-            acc,
-            root,
-            own_children,
-        } => Ok((seeds_of(root, acc), *own_children)),
-    };
-    let me = std::process::id();
-    match seeds {
-        Err(reaper) => walker::walk_below(fs, reaper),
-        Ok((seeds, false)) => walker::walk(fs, &seeds, &HashSet::from([me])),
-        Ok((seeds, true)) => {
-            // The root (first: the account takes the first node for the root), then every
-            // child of this process (orphans came back to it) and what is below them.
-            let mut nodes = walker::walk(fs, &seeds, &HashSet::from([me]))?;
-            let mut seen: HashSet<u32> = nodes.iter().map(|n| n.pid).collect();
-            for n in walker::walk_below(fs, me)? {
-                if seen.insert(n.pid) {
-                    nodes.push(n);
-                }
-            }
-            Ok(nodes)
-        }
-    }
-}
-
-/// The tree under the reaper now, each process read in detail.
-fn read_live(reaper: &Seed, tick_ns: u64) -> Vec<(Node, Detail)> {
-    let fs = ProcFs::host();
-    let nodes = walker::walk_below(&fs, reaper.pid).unwrap_or_default();
-    nodes
-        .into_iter()
-        .filter_map(|n| match walker::detail(&fs, &n, tick_ns, false) {
-            Ok(Read::Got(d)) => Some((n, d)),
-            _ => None,
-        })
-        .collect()
-}
-
-/// One sample: the tree read from /proc, taken into the account.
-fn sample(shared: &Shared, fs: &ProcFs) {
-    let units = shared.units;
-    let attached = matches!(shared.lock().mode, Mode::Attached { .. });
-    // A permission error (a setuid program in the tree) leaves the sample empty rather than
-    // ending the run; the reaper's totals do not depend on samples.
-    let nodes = tree_now(shared, fs).unwrap_or_default();
-    fs.end_pass();
-    let details: Vec<(Node, Detail)> = if attached {
-        nodes
-            .iter()
-            .filter_map(|n| match walker::detail(fs, n, units.tick_ns, false) {
-                Ok(Read::Got(d)) => Some((n.clone(), d)),
-                _ => None,
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut state = shared.lock();
-    // Records that came while /proc was read go in before the sample.
-    state.take_records();
-    let mut done = None;
-    match &mut state.mode {
-        Mode::Spawned { acc, .. } => acc.observe(&nodes, units.page_size),
-        Mode::Attached { acc, .. } => {
-            acc.observe(&details, units.page_size);
-            let (root_ended, status) = acc.root_end();
-            done = Some((root_ended, status, acc.finished()));
-        }
-    }
-    if let Some((root_ended, status, finished)) = done {
-        state.root_ended |= root_ended;
-        if state.root_status.is_none() {
-            state.root_status = status;
-        }
-        if finished && !state.finished {
-            state.finished = true;
-            state.root_ended = true;
-            state.ended_ns = Some(monotonic_ns());
-        }
-    }
-    shared.publish(&state);
-}
-
-/// The sampling thread: takes in the reaper's records as they come, samples /proc every
-/// interval, and reaps the reaper at the end.
-fn sampler(shared: Arc<Shared>, mut reaper: Option<Child>) {
-    let interval = shared.units.interval;
-    let pipe_fd = match &shared.lock().mode {
-        Mode::Spawned { pipe, .. } => Some(pipe.file.as_raw_fd()),
-        Mode::Attached { .. } => None,
-    };
-    let fs = ProcFs::host_cached();
-    let mut next = Instant::now();
-    let mut rounds: u64 = 0;
-    loop {
-        if shared.stop.load(Ordering::Relaxed) {
-            break;
-        }
-        let wait = next.saturating_duration_since(Instant::now());
-        let readable = match pipe_fd {
-            Some(fd) => poll_in(fd, wait),
-            None => {
-                std::thread::sleep(wait);
-                false
-            }
-        };
-        rounds += 1;
-        {
-            let mut state = shared.lock();
-            if readable {
-                state.take_records();
-            }
-            // The reaper may have died without a word (SIGKILL by someone): checked now and
-            // then (its pipe's end says so too, unless a stray fork still holds it).
-            if !state.finished
-                && rounds.is_multiple_of(16)
-                && let Some(child) = reaper.as_mut()
-                && matches!(child.try_wait(), Ok(Some(_)))
-            {
-                state.take_records();
-                if !state.finished {
-                    state.reaper_lost();
-                }
-            }
-            shared.publish(&state);
-            if state.finished {
-                break;
-            }
-        }
-        if Instant::now() >= next {
-            sample(&shared, &fs);
-            next += interval;
-            let now = Instant::now();
-            if next < now {
-                next = now + interval;
-            }
-        }
-    }
-    if let Some(mut child) = reaper {
-        // After its last record the reaper only exits. If the run was dropped before the
-        // tree ended, this waits until it does (the reaper still reaps it all).
-        let _ = child.wait();
-        let mut state = shared.lock();
-        state.reaper_gone = true;
-        shared.publish(&state);
     }
 }

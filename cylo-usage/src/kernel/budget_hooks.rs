@@ -1,0 +1,259 @@
+//! The hooks only budgets need, attached while some run has such a budget and detached when
+//! the last one ends, so that a host without budgets pays nothing for them:
+//! - [`Need::Birth`]: fexit on `schedule_tail` (or the raw tracepoint `sys_exit`, where the
+//!   kernel has no BPF trampolines), which kills a task refused at its fork
+//!   before its first return to user space (processes and threads budgets);
+//! - [`Need::Cpu`]: the `sched_stat_runtime` raw tracepoint, which charges CPU time as the
+//!   scheduler accounts it, at every tick of a running task (CPU budgets);
+//! - [`Need::Dirty`]: `writeback_dirty_folio` (`writeback_dirty_page` before 5.17), which
+//!   charges a buffered writer as it dirties pages (disk-write budgets).
+//!
+//! Each program is loaded (verified) the first time a run needs it.
+use std::sync::Arc;
+
+use aya::Ebpf;
+use aya::programs::fexit::FExitLinkId;
+use aya::programs::{FExit, ProgramError, RawTracePoint};
+
+use crate::kernel::programs::program_as;
+use crate::kernel::tracker::{BudgetLink as Link, Shared};
+use crate::sys::lock;
+
+/// A hook some budgets need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// fexit on `schedule_tail`, or the raw tracepoint `sys_exit`.
+    Birth = 0,
+    /// `sched_stat_runtime`.
+    Cpu = 1,
+    /// `writeback_dirty_folio`.
+    Dirty = 2,
+}
+
+impl Need {
+    /// What the hook is, for messages.
+    pub(crate) fn hook(self) -> &'static str {
+        match self {
+            Need::Birth => "fexit on schedule_tail (or the raw tracepoint sys_exit)",
+            Need::Cpu => "the raw tracepoint sched_stat_runtime",
+            Need::Dirty => "the raw tracepoint writeback_dirty_folio (or writeback_dirty_page)",
+        }
+    }
+}
+
+/// The hooks a run's budgets hold; released when dropped.
+pub(crate) struct BudgetHookGuard {
+    shared: Arc<Shared>,
+    held: Vec<Need>,
+}
+
+impl BudgetHookGuard {
+    /// The extra hooks held, for people: `; with fexit on schedule_tail, ...`, or empty.
+    pub(crate) fn describe(&self) -> String {
+        let hooks = lock(&self.shared.budget_hooks);
+        let names: Vec<&str> = self
+            .held
+            .iter()
+            .map(|&need| match (need, &hooks.links[need as usize]) {
+                (Need::Birth, Some(Link::Fexit(_))) => "fexit on schedule_tail, while attached",
+                (Need::Birth, Some(Link::SysExit(_))) => {
+                    "the raw tracepoint sys_exit (this kernel has no BPF trampolines), while \
+                     attached"
+                }
+                (Need::Birth, _) => "fexit on schedule_tail, while attached",
+                (Need::Cpu, _) => "the raw tracepoint sched_stat_runtime, while attached",
+                (Need::Dirty, _) => {
+                    "the raw tracepoint writeback_dirty_folio (writeback_dirty_page before 5.17), \
+                     while attached"
+                }
+            })
+            .collect();
+        if names.is_empty() {
+            String::new()
+        } else {
+            format!("; with {}", names.join(" and "))
+        }
+    }
+}
+
+impl Drop for BudgetHookGuard {
+    fn drop(&mut self) {
+        let mut programs = self.shared.programs();
+        let mut hooks = lock(&self.shared.budget_hooks);
+        for &need in &self.held {
+            let i = need as usize;
+            hooks.users[i] = hooks.users[i].saturating_sub(1);
+            if hooks.users[i] == 0
+                && let Some(link) = hooks.links[i].take()
+                && let Err(e) = detach(&mut programs.ebpf, need, link)
+            {
+                log::warn!("detaching {}: {e}", need.hook());
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Attaches the hooks `budgets` need (loading them the first time), held until the guard
+    /// is dropped. Fails, naming the option and what is missing, when a budget cannot be
+    /// enforced here.
+    pub(crate) fn hold_budget_hooks(
+        self: &Arc<Self>,
+        wanted: &[Need],
+    ) -> Result<BudgetHookGuard, (Need, String)> {
+        let mut guard = BudgetHookGuard {
+            shared: self.clone(),
+            held: Vec::new(),
+        };
+        for &need in wanted {
+            {
+                let mut programs = self.programs();
+                let mut hooks = lock(&self.budget_hooks);
+                let i = need as usize;
+                if hooks.links[i].is_none() {
+                    let link = attach(&mut programs.ebpf, need).map_err(|e| {
+                        (
+                            need,
+                            format!(
+                                "{} could not be attached: {}",
+                                need.hook(),
+                                crate::first_line(&crate::error_chain(&e))
+                            ),
+                        )
+                    })?;
+                    hooks.links[i] = Some(link);
+                }
+                hooks.users[i] += 1;
+            }
+            guard.held.push(need);
+        }
+        Ok(guard)
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, need: Need) -> Result<Link, ProgramError> {
+    let err = |e: crate::kernel::programs::LoadError| match e {
+        crate::kernel::programs::LoadError::Attach { source, .. } => source,
+        other => ProgramError::IOError(std::io::Error::other(other.to_string())),
+    };
+    match need {
+        Need::Birth => {
+            // A trampoline first: no limit on calls in flight, and interrupts are on.
+            match attach_fexit(ebpf) {
+                Ok(id) => return Ok(Link::Fexit(id)),
+                Err(e) => log::debug!("schedule_tail fexit: {e}; using the sys_exit tracepoint"),
+            }
+            // Else the first return to user space, through `sys_exit` (a kretprobe on
+            // `schedule_tail` would be cheaper but can miss: see the program's comment).
+            let name = cylo_usage_abi::names::PROG_SYS_EXIT_DOOMED;
+            let p: &mut RawTracePoint = program_as(ebpf, name, |source| {
+                crate::kernel::programs::LoadError::Attach {
+                    program: name,
+                    tracepoint: "sys_exit",
+                    source,
+                }
+            })
+            .map_err(err)?;
+            if p.fd().is_err() {
+                p.load()?;
+            }
+            Ok(Link::SysExit(p.attach("sys_exit")?))
+        }
+        Need::Cpu | Need::Dirty => {
+            let (name, points): (&'static str, &[&str]) = if need == Need::Cpu {
+                (
+                    cylo_usage_abi::names::PROG_SCHED_STAT_RUNTIME,
+                    &["sched_stat_runtime"],
+                )
+            } else {
+                (
+                    cylo_usage_abi::names::PROG_WRITEBACK_DIRTY,
+                    &["writeback_dirty_folio", "writeback_dirty_page"],
+                )
+            };
+            let p: &mut RawTracePoint = program_as(ebpf, name, |source| {
+                crate::kernel::programs::LoadError::Attach {
+                    program: name,
+                    tracepoint: points[0],
+                    source,
+                }
+            })
+            .map_err(err)?;
+            if p.fd().is_err() {
+                p.load()?;
+            }
+            let mut last = None;
+            for point in points {
+                match p.attach(point) {
+                    Ok(id) => return Ok(Link::Tracepoint(id)),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.expect("at least one tracepoint"))
+        }
+    }
+}
+
+/// Loads (with the kernel's BTF, parsed for this) and attaches the fexit program on
+/// `schedule_tail`.
+fn attach_fexit(ebpf: &mut Ebpf) -> Result<FExitLinkId, ProgramError> {
+    let btf = aya::Btf::from_sys_fs()
+        .map_err(|e| ProgramError::IOError(std::io::Error::other(e.to_string())))?;
+    let p = fexit_program(ebpf)?;
+    p.load("schedule_tail", &btf)?;
+    p.attach()
+}
+
+fn fexit_program(ebpf: &mut Ebpf) -> Result<&mut FExit, ProgramError> {
+    let name = cylo_usage_abi::names::PROG_SCHEDULE_TAIL_EXIT;
+    program_as(ebpf, name, |source| {
+        crate::kernel::programs::LoadError::Attach {
+            program: name,
+            tracepoint: "schedule_tail",
+            source,
+        }
+    })
+    .map_err(|e| ProgramError::IOError(std::io::Error::other(e.to_string())))
+}
+
+fn detach(ebpf: &mut Ebpf, need: Need, link: Link) -> Result<(), ProgramError> {
+    let to_load = |e: crate::kernel::programs::LoadError| {
+        ProgramError::IOError(std::io::Error::other(e.to_string()))
+    };
+    match link {
+        Link::Fexit(id) => {
+            let p = fexit_program(ebpf)?;
+            p.detach(id)?;
+            // The kernel cannot attach it to its function again: loaded again next time.
+            p.unload()
+        }
+        Link::SysExit(id) => {
+            let name = cylo_usage_abi::names::PROG_SYS_EXIT_DOOMED;
+            let p: &mut RawTracePoint = program_as(ebpf, name, |source| {
+                crate::kernel::programs::LoadError::Attach {
+                    program: name,
+                    tracepoint: "sys_exit",
+                    source,
+                }
+            })
+            .map_err(to_load)?;
+            p.detach(id)
+        }
+        Link::Tracepoint(id) => {
+            let name = if need == Need::Cpu {
+                cylo_usage_abi::names::PROG_SCHED_STAT_RUNTIME
+            } else {
+                cylo_usage_abi::names::PROG_WRITEBACK_DIRTY
+            };
+            let p: &mut RawTracePoint = program_as(ebpf, name, |source| {
+                crate::kernel::programs::LoadError::Attach {
+                    program: name,
+                    tracepoint: "(budget)",
+                    source,
+                }
+            })
+            .map_err(to_load)?;
+            p.detach(id)
+        }
+    }
+}
