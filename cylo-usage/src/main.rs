@@ -25,6 +25,12 @@ use crate::cli::exec::start_error;
 use crate::cli::outputs::{Outputs, ReportTo};
 use crate::cli::{EXIT_TIMED_OUT, EXIT_TRACKER_FAILED};
 
+/// The exit statuses of `run` and `attach`, for `--help` and the man page.
+const EXIT_STATUS: &str = "Exit status of run and attach: the command's own status, or 128+N \
+when signal N killed it; 120 when a budget (--max-*) stopped the tree; 124 when --timeout \
+fired; 125 when cylo-usage itself failed or was used wrongly (a budget it cannot enforce \
+included); 126 when the command cannot be run; 127 when it was not found.";
+
 /// How long after the timeout's SIGTERM the SIGKILL comes, unless --kill-after says.
 const DEFAULT_KILL_AFTER: Duration = Duration::from_secs(2);
 
@@ -37,7 +43,8 @@ const DEFAULT_KILL_AFTER: Duration = Duration::from_secs(2);
         env!("CYLO_USAGE_EBPF_SHA256"),
         ")"
     ),
-    about = "Precise, eBPF-backed resource usage of a command and every descendant it ever has"
+    about = "Precise, eBPF-backed resource usage of a command and every descendant it ever has",
+    after_long_help = EXIT_STATUS
 )]
 struct Cli {
     /// Log what the tracker does, and why something is lost or not measured, on standard

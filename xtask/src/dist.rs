@@ -55,7 +55,7 @@ pub fn run(args: Args) -> Result<()> {
     crate::package::run(crate::package::Args { no_consumer: true })?;
     for name in ["cylo-usage-abi", "cylo-usage"] {
         let file = format!("{name}-{VERSION}.crate");
-        std::fs::copy(root.join("target/package").join(&file), dist.join(&file))
+        std::fs::copy(crate::paths::packages_dir().join(&file), dist.join(&file))
             .with_context(|| format!("copying {file}"))?;
     }
 

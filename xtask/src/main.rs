@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's build, test, benchmark and kernel-matrix tasks.
 mod bench;
+mod browser;
 mod cargo;
 mod cmd;
 mod dist;
@@ -92,6 +93,11 @@ fn run(cli: Cli) -> Result<()> {
                 workload.push("--release");
             }
             cargo::run(&workload)?;
+            // The picture tests render with a headless browser.
+            if let Some(chromium) = browser::ensure_chromium()? {
+                // SAFETY: set before any thread of this process reads the environment.
+                unsafe { std::env::set_var("CYLO_USAGE_CHROMIUM", chromium) };
+            }
             // The default members: everything but the eBPF crate, which only builds for BPF.
             let mut full = vec!["test"];
             full.extend(args.iter().map(String::as_str));

@@ -4,7 +4,8 @@
 //! 1. The eBPF object is built, then copied into `cylo-usage/ebpf/` with its SHA-256 (never
 //!    committed: `.gitignore`), where the package's `build.rs` finds and checks it.
 //! 2. `cargo package -p cylo-usage-abi -p cylo-usage` makes both `.crate` files in
-//!    `target/package/`, building each from its unpacked package as a dependent would.
+//!    `target/package-verify/package/`, building each from its unpacked package as a dependent
+//!    would (in a target folder of its own: see `forget_built_packages`).
 //! 3. Unless `--no-consumer`: a crate outside the workspace (`target/consumer/`) depends on
 //!    `cylo-usage` without default features through `[patch.crates-io]` onto the unpacked
 //!    packages, and is built with the stable toolchain, no `bpf-linker` on `PATH` and no
@@ -28,6 +29,63 @@ pub struct Args {
     pub no_consumer: bool,
 }
 
+/// Removes cargo's unpacked copies of this workspace's own packages from
+/// `$CARGO_HOME/registry/src/`: `cargo package` verifies `cylo-usage` against the ABI crate it
+/// has just packaged, through a local registry in `package/tmp-registry` of its target folder, and cargo
+/// unpacks a registry's crate once per name and version. A copy unpacked by an earlier run
+/// from the same folder (the same version, an older ABI) would be built instead of the new
+/// one. Cargo unpacks them again from its cache as needed.
+fn forget_unpacked_packages() -> Result<()> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")));
+    let Some(src) = home.map(|h| h.join("registry/src")) else {
+        return Ok(());
+    };
+    let Ok(registries) = std::fs::read_dir(&src) else {
+        return Ok(());
+    };
+    for registry in registries.flatten() {
+        for name in ["cylo-usage-abi", "cylo-usage"] {
+            let unpacked = registry.path().join(format!("{name}-{VERSION}"));
+            if unpacked.is_dir() {
+                std::fs::remove_dir_all(&unpacked)
+                    .with_context(|| format!("removing {}", unpacked.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes what a build in `target` made of this workspace's own packages (their
+/// fingerprints and artifacts, in every profile folder), so that they are built again.
+fn forget_built_packages(target: &std::path::Path) -> Result<()> {
+    let Ok(profiles) = std::fs::read_dir(target) else {
+        return Ok(());
+    };
+    for profile in profiles.flatten() {
+        for sub in [".fingerprint", "deps", "build"] {
+            let Ok(entries) = std::fs::read_dir(profile.path().join(sub)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !(name.starts_with("cylo-usage") || name.contains("cylo_usage")) {
+                    continue;
+                }
+                let path = entry.path();
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                removed.with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The packages' version (the workspace's).
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -45,6 +103,13 @@ pub fn run(args: Args) -> Result<()> {
         format!("{sha}\n"),
     )?;
     eprintln!("xtask: packaged eBPF object sha256 {sha}");
+    forget_unpacked_packages()?;
+    // The verification builds in a target folder of its own, from which the workspace's own
+    // crates are removed first: cargo never rebuilds a registry crate it has built, so the
+    // ABI crate an earlier verification built (the same name and version, from the same
+    // local registry) would be linked again.
+    let verify_dir = root.join("target/package-verify");
+    forget_built_packages(&verify_dir)?;
     cmd::run(
         Command::new(env!("CARGO"))
             .current_dir(&root)
@@ -56,9 +121,10 @@ pub fn run(args: Args) -> Result<()> {
                 "cylo-usage",
                 "--allow-dirty",
             ])
+            .env("CARGO_TARGET_DIR", &verify_dir)
             .env_remove("CYLO_USAGE_EBPF_OBJECT"),
     )?;
-    let out = root.join("target/package");
+    let out = paths::packages_dir();
     for name in ["cylo-usage-abi", "cylo-usage"] {
         let file = out.join(format!("{name}-{VERSION}.crate"));
         if !file.is_file() {

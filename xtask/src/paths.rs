@@ -14,6 +14,12 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// The eBPF object that `cargo xtask build-ebpf` builds and `cylo-usage/build.rs` embeds.
+/// Where `cargo xtask package` leaves the `.crate` files (`package/` of the target folder its
+/// verification builds in).
+pub fn packages_dir() -> PathBuf {
+    workspace_root().join("target/package-verify/package")
+}
+
 pub fn ebpf_object() -> PathBuf {
     ebpf_object_in(&workspace_root())
 }

@@ -721,6 +721,7 @@ mod tests {
             network_bytes_sent: None,
             network_bytes_received: None,
             withheld: false,
+            refused: false,
         }
     }
 

@@ -102,6 +102,8 @@ struct Proc {
     argv_truncated: bool,
     adopted: bool,
     root: bool,
+    /// Refused by its run's processes or threads budget: killed before it ran.
+    refused: bool,
     /// Threads it had when it ended (from its exit record).
     threads: Option<u64>,
     threads_ended: u64,
@@ -553,6 +555,7 @@ impl Breakdown {
             comm: comm.to_vec(),
             adopted: r.flags & proc_flags::ADOPTED != 0,
             root: r.flags & proc_flags::ROOT != 0,
+            refused: r.flags & proc_flags::REFUSED != 0,
             creds: Some(r.creds),
             ..Proc::default()
         };
@@ -792,6 +795,7 @@ impl Breakdown {
             network_bytes_sent: measured.network.is_some().then_some(c.net_sent),
             network_bytes_received: measured.network.is_some().then_some(c.net_received),
             withheld: false,
+            refused: p.refused,
         };
         if !measured.disk {
             u.disk_bytes_read = None;

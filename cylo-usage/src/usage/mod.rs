@@ -601,6 +601,11 @@ pub struct ProcessUsage {
     /// as the kernel withholds `/proc/PID/io` from that client. Only present when true.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub withheld: bool,
+    /// Refused by a processes or threads budget (`--max-processes`, `--max-threads`): killed
+    /// before it ran an instruction of its own, and not in the report's `process_count`. Only
+    /// present when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
 }
 
 #[cfg(test)]
