@@ -45,6 +45,7 @@ mod sys;
 mod usage;
 
 pub use front::report;
+pub use front::{commands, tree};
 pub use kernel::features;
 pub use session::budget;
 
@@ -52,8 +53,12 @@ pub use session::budget;
 /// programs keep them (the ABI crate's types).
 pub use cylo_usage_abi::{RunCounters, ThreadUsage};
 pub use error::Error;
+#[cfg(feature = "pictures")]
+pub use front::flamegraph::{FlameWeight, FlamegraphError, flamegraph_svg, folded_stacks};
 pub use front::open::{AnyRun, AnyTracker, OpenOptions};
 pub use front::snapshot::get_resource_usage;
+pub use front::trace::{TimelineSample, TraceAnchor, chrome_trace, write_chrome_trace};
+pub use front::tree::TreeView;
 pub use kernel::btf::{BtfError, Kind as BtfKind};
 pub use kernel::map_read::MapReadError;
 pub use kernel::programs::{LoadError, missing_privileges};
@@ -67,8 +72,9 @@ pub use sys::procfs::ProcError;
 pub use sys::watch;
 pub use usage::budgets;
 pub use usage::{
-    BudgetExceeded, Budgets, CpuSplit, DiskDevice, EnforcedBy, Enforcement, NetworkUsage,
-    Precision, ProcessUsage, Resource, ResourceUsage, SignalSent, TrackerKind, UsageBeforeAttach,
+    BudgetExceeded, Budgets, CommandUsage, CpuSplit, DiskDevice, EnforcedBy, Enforcement,
+    NetworkUsage, Precision, ProcessUsage, Resource, ResourceUsage, SignalSent, TrackerKind,
+    UsageBeforeAttach,
 };
 
 /// An error and all its sources on one line (`a: b: c`), for one-line messages.

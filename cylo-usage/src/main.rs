@@ -78,6 +78,31 @@ struct SessionArgs {
     /// Stream every process's fork, exec and exit as NDJSON to FILE (`-`: standard output).
     #[arg(long, value_name = "FILE")]
     events: Option<PathBuf>,
+    /// How many levels of the human `--tree` to show before folding the rest into "N more
+    /// processes" lines (default 6).
+    #[arg(long, value_name = "N", help_heading = "Pictures")]
+    tree_depth: Option<usize>,
+    /// Show every process of the human `--tree`: no folding, no shortening.
+    #[arg(long, help_heading = "Pictures")]
+    tree_full: bool,
+    /// Write the process tree as an interactive flame graph (SVG): each process a frame on its
+    /// ancestors, as wide as its own figure plus its descendants' (see --flamegraph-weight).
+    #[arg(long, value_name = "FILE.svg", help_heading = "Pictures")]
+    flamegraph: Option<PathBuf>,
+    /// What the flame graph's widths measure: cpu, disk (read + written), memory (peak RSS)
+    /// or network (sent + received).
+    #[arg(
+        long,
+        value_name = "WEIGHT",
+        default_value = "cpu",
+        help_heading = "Pictures"
+    )]
+    flamegraph_weight: cylo_usage::FlameWeight,
+    /// Write a timeline in the Chrome trace event format (JSON; opens in ui.perfetto.dev and
+    /// chrome://tracing): a slice per process on its own track, counters for live processes,
+    /// RSS and disk bytes over time.
+    #[arg(long, value_name = "FILE.json", help_heading = "Pictures")]
+    trace: Option<PathBuf>,
     /// Show a status line on standard error (when it is a terminal), twice a second.
     #[arg(long)]
     watch: bool,
@@ -483,10 +508,13 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
     let Outputs {
         report: mut report_to,
         events,
+        pictures,
     } = match Outputs::open(
         args.output.as_deref(),
         args.events.as_deref(),
         matches!(target, Target::Pid(_)),
+        args.flamegraph.as_deref(),
+        args.trace.as_deref(),
     ) {
         Ok(o) => o,
         Err(e) => return fail(EXIT_TRACKER_FAILED, e),
@@ -528,6 +556,14 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         let refused = [
             (args.tree, "--tree (a per-process breakdown)"),
             (args.events.is_some(), "--events (the process event stream)"),
+            (
+                args.flamegraph.is_some(),
+                "--flamegraph (a picture of the breakdown)",
+            ),
+            (
+                args.trace.is_some(),
+                "--trace (a timeline of the breakdown)",
+            ),
         ];
         if let Some((_, what)) = refused.iter().find(|(asked, _)| *asked) {
             return fail(
@@ -536,8 +572,14 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
             );
         }
     }
+    // The pictures are drawn from the breakdown, which the report shows only with --tree.
+    let breakdown = args.tree || args.flamegraph.is_some() || args.trace.is_some();
+    let anchor = cylo_usage::TraceAnchor {
+        monotonic_ns: clock_ns(libc::CLOCK_MONOTONIC),
+        unix_time_ns: clock_ns(libc::CLOCK_REALTIME),
+    };
     let options = RunOptions {
-        tree: args.tree,
+        tree: breakdown,
         events,
         tree_limit: args.tree_limit.max(1),
         budgets: args.budgets(),
@@ -612,10 +654,11 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         }
     };
     let attached = run.is_attached();
+    let mut timeline = args.trace.is_some().then(Vec::new);
     let waited = rt.block_on(async {
         let signals =
             cylo_usage::watch(signals).map_err(|e| format!("cannot watch signals: {e}"))?;
-        wait(&mut run, &signals, &args, attached).await
+        wait(&mut run, &signals, &args, attached, timeline.as_mut()).await
     });
     let (interrupted, mut problem) = match waited {
         Ok(interrupted) => (interrupted, None),
@@ -628,18 +671,45 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
         let _ = rt.block_on(run.wait_root());
     }
     // Whatever happened above, what was measured is reported.
-    let usage: Option<ResourceUsage> = match run.usage() {
+    let mut usage: Option<ResourceUsage> = match run.usage() {
         Ok(u) => Some(u),
         Err(e) => {
             problem.get_or_insert(cylo_usage::error_chain(&e));
             None
         }
     };
+    if let Some(usage) = usage.as_mut() {
+        // The pictures first; one that cannot be written costs a warning, never the report.
+        for warning in pictures.write(
+            usage,
+            args.flamegraph_weight,
+            timeline.as_deref(),
+            &anchor,
+            &shown,
+        ) {
+            eprintln!("cylo-usage: warning: {warning}");
+        }
+        if !args.tree {
+            // Kept for the pictures only.
+            usage.processes = None;
+            usage.processes_dropped = None;
+            usage.commands = None;
+        }
+    }
     if let Some(usage) = &usage {
         let text = if args.json {
             report::json(usage)
         } else {
-            report::human_titled(usage, title, &shown)
+            report::human_view(
+                usage,
+                title,
+                &shown,
+                &cylo_usage::TreeView {
+                    max_depth: args.tree_depth.unwrap_or(cylo_usage::tree::DEFAULT_DEPTH),
+                    full: args.tree_full,
+                    ..Default::default()
+                },
+            )
         };
         // What was measured is never lost, nor the command's status replaced, because the
         // report could not go where it was sent: it goes to stderr, after a warning.
@@ -697,6 +767,20 @@ fn exit_status(status: Option<std::process::ExitStatus>, interrupted: Option<i32
     }
 }
 
+/// How often `--trace` samples the tree's figures for its counter tracks.
+const TIMELINE_EVERY: Duration = Duration::from_millis(100);
+
+/// `clock_gettime(clock)` in ns.
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the struct it is given.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// How often a run through the daemon asks for its figures (kept should the daemon go away).
 const DAEMON_REFRESH: Duration = Duration::from_secs(2);
 
@@ -708,6 +792,7 @@ async fn wait(
     signals: &AsyncFd<OwnedFd>,
     args: &SessionArgs,
     attached: bool,
+    mut timeline: Option<&mut Vec<cylo_usage::TimelineSample>>,
 ) -> Result<Option<i32>, String> {
     let err = |e: cylo_usage::Error| cylo_usage::error_chain(&e);
     let fds: Vec<AsyncFd<OwnedFd>> = run
@@ -726,6 +811,7 @@ async fn wait(
     let mut root_readable = false;
     let mut drawn: Option<Instant> = None;
     let mut refreshed: Option<Instant> = None;
+    let mut sampled: Option<Instant> = None;
     let result = loop {
         // What must happen next whatever the daemon does: no call to it outlasts that.
         run.set_promise(match (deadline, kill_at, killed_at) {
@@ -771,6 +857,17 @@ async fn wait(
             drawn = Some(Instant::now());
             refreshed = Some(Instant::now());
         }
+        if let Some(samples) = timeline.as_deref_mut()
+            && sampled.is_none_or(|s| s.elapsed() >= TIMELINE_EVERY)
+        {
+            // The timeline's counters (`--trace`): the tree's figures now.
+            if let Ok(u) = run.usage_totals() {
+                let at = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                samples.push(cylo_usage::TimelineSample::of(&u, at));
+            }
+            sampled = Some(Instant::now());
+            refreshed = Some(Instant::now());
+        }
         if run.as_daemon().is_some_and(|r| r.daemon_lost().is_none())
             && refreshed.is_none_or(|r| r.elapsed() >= DAEMON_REFRESH)
         {
@@ -780,7 +877,7 @@ async fn wait(
             refreshed = Some(Instant::now());
         }
         // Wake on: the root's exit, a run's end, a signal, or the next tick.
-        let tick = if live_view || kill_at.is_some() || deadline.is_some() {
+        let tick = if live_view || kill_at.is_some() || deadline.is_some() || timeline.is_some() {
             Duration::from_millis(100)
         } else {
             Duration::from_millis(500)

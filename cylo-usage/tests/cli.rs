@@ -473,8 +473,13 @@ fn the_tree_shows_hostile_argv_unambiguously() {
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let err = stderr(&o);
+    // A backslash itself is `\\`, any other byte that is not printable text `\xNN`: no
+    // output can be read two ways.
     assert!(
-        err.contains(r" /bin/true ;\\\n ;\\\\n \\xff \xff \u{1b}[2J: "),
+        err.contains(concat!(
+            r"  /bin/true ;\\\x0a ;\\\\n \\xff \xff \x1b[2J",
+            "\n"
+        )),
         "{err}"
     );
     assert!(!err.contains('\x1b'), "{err}");

@@ -51,6 +51,55 @@ impl ReportTo {
 pub(crate) struct Outputs {
     pub(crate) report: ReportTo,
     pub(crate) events: Option<cylo_usage::EventSink>,
+    pub(crate) pictures: Pictures,
+}
+
+/// The pictures of the breakdown (`--flamegraph`, `--trace`), opened before the session and
+/// written at its end.
+pub(crate) struct Pictures {
+    flamegraph: Option<(std::fs::File, PathBuf)>,
+    trace: Option<(std::fs::File, PathBuf)>,
+}
+
+impl Pictures {
+    /// Writes each picture asked for; what could not be written, one line each.
+    pub(crate) fn write(
+        self,
+        usage: &cylo_usage::ResourceUsage,
+        weight: cylo_usage::FlameWeight,
+        timeline: Option<&[cylo_usage::TimelineSample]>,
+        anchor: &cylo_usage::TraceAnchor,
+        title: &str,
+    ) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Some((mut file, path)) = self.flamegraph {
+            let drawn = cylo_usage::flamegraph_svg(usage, weight, title)
+                .map_err(|e| cylo_usage::error_chain(&e))
+                .and_then(|svg| {
+                    file.write_all(&svg)
+                        .and_then(|()| file.flush())
+                        .map_err(|e| os_reason(&e))
+                });
+            if let Err(e) = drawn {
+                warnings.push(format!("no flame graph in {}: {e}", path.display()));
+            }
+        }
+        if let Some((mut file, path)) = self.trace {
+            let trace = cylo_usage::chrome_trace(usage, timeline.unwrap_or(&[]), Some(anchor));
+            let written = serde_json::to_writer(&mut file, &trace)
+                .map_err(std::io::Error::other)
+                .and_then(|()| file.write_all(b"\n"))
+                .and_then(|()| file.flush());
+            if let Err(e) = written {
+                warnings.push(format!(
+                    "no timeline in {}: {}",
+                    path.display(),
+                    os_reason(&e)
+                ));
+            }
+        }
+        warnings
+    }
 }
 
 pub(crate) fn create(path: &Path, what: &str) -> Result<std::fs::File, String> {
@@ -70,8 +119,11 @@ impl Outputs {
         output: Option<&Path>,
         events: Option<&Path>,
         attach: bool,
+        flamegraph: Option<&Path>,
+        trace: Option<&Path>,
     ) -> Result<Outputs, String> {
         let stdout = |p: &Path| p.as_os_str() == "-";
+        let events_path = events;
         if let (Some(o), Some(e)) = (output, events)
             && stdout(o)
             && stdout(e)
@@ -107,7 +159,52 @@ impl Outputs {
                 Some(Box::new(std::io::BufWriter::new(file)))
             }
         };
-        Ok(Outputs { report, events })
+        // The pictures: files of their own, never one of the outputs above (nor each other).
+        let mut opened: Vec<(&str, std::fs::File, PathBuf)> = Vec::new();
+        for (what, path) in [("--flamegraph", flamegraph), ("--trace", trace)] {
+            let Some(p) = path else { continue };
+            if stdout(p) {
+                return Err(format!("{what} needs a file, not standard output"));
+            }
+            let file = create(p, what)?;
+            let clash = match &report {
+                ReportTo::File { file: r, .. } => same_file(r, &file),
+                _ => false,
+            } || events_path.is_some_and(|e| !stdout(e) && same_path(e, p))
+                || opened.iter().any(|(_, f, _)| same_file(f, &file));
+            if clash {
+                return Err(format!(
+                    "{what} names a file another output writes ({}): they would overwrite each \
+                     other",
+                    p.display()
+                ));
+            }
+            opened.push((what, file, p.to_path_buf()));
+        }
+        let mut pictures = Pictures {
+            flamegraph: None,
+            trace: None,
+        };
+        for (what, file, path) in opened {
+            if what == "--flamegraph" {
+                pictures.flamegraph = Some((file, path));
+            } else {
+                pictures.trace = Some((file, path));
+            }
+        }
+        Ok(Outputs {
+            report,
+            events,
+            pictures,
+        })
+    }
+}
+
+/// Whether two paths name the same existing file.
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (std::fs::File::open(a), std::fs::File::open(b)) {
+        (Ok(a), Ok(b)) => same_file(&a, &b),
+        _ => false,
     }
 }
 

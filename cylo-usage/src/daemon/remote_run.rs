@@ -537,6 +537,7 @@ impl RemoteRun {
                 }
                 let mut kept = usage.clone();
                 kept.processes = None;
+                kept.commands = None;
                 *lock(&self.last) = Some(Box::new((kept, self.started.elapsed())));
                 return Ok(usage);
             }

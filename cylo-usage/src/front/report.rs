@@ -2,8 +2,8 @@
 //! Nothing here computes a figure.
 use std::fmt::Write;
 
+use super::tree::TreeView;
 use crate::kernel::features::Feature;
-use crate::usage::ProcessUsage;
 use crate::usage::{NetworkUsage, Precision, ResourceUsage, TrackerKind};
 
 /// One flat JSON object with the field names of [`ResourceUsage`], and a newline.
@@ -33,6 +33,12 @@ pub fn human(usage: &ResourceUsage, command: &str) -> String {
 
 /// [`human`] with another title for what was followed (e.g. "Attached to").
 pub fn human_titled(usage: &ResourceUsage, title: &str, what: &str) -> String {
+    human_view(usage, title, what, &TreeView::default())
+}
+
+/// [`human_titled`] with the per-process tree (`--tree`) drawn as `view` says, and the
+/// by-command table under it for a large tree ([`super::commands::under_tree`]).
+pub fn human_view(usage: &ResourceUsage, title: &str, what: &str, view: &TreeView) -> String {
     let mut out = String::new();
     let mut line = |label: &str, value: String| {
         let _ = writeln!(out, "\t{label}: {value}");
@@ -193,13 +199,14 @@ pub fn human_titled(usage: &ResourceUsage, title: &str, what: &str) -> String {
         }
     }
     if let Some(processes) = &usage.processes {
-        out.push_str(&tree(processes));
+        out.push_str(&super::tree::render(processes, view));
         if let Some(n) = usage.processes_dropped {
             let _ = writeln!(
                 out,
                 "\t({n} more processes not kept: the breakdown's limit)"
             );
         }
+        out.push_str(&super::commands::under_tree(usage));
     }
     out
 }
@@ -213,137 +220,6 @@ pub fn printable(s: &str) -> String {
             out.extend(c.escape_default());
         } else {
             out.push(c);
-        }
-    }
-    out
-}
-
-/// [`printable`] for text that [`crate::session::breakdown::escape_bytes`] made (comm, argv): its backslashes
-/// are escaped already (`\\`, and `\xNN` for a byte that is not UTF-8), its control
-/// characters not yet.
-fn printable_bytes_text(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// The command a process ran: its argv (as set at its last exec), else its comm (marked when
-/// withheld from this client).
-fn command_of(p: &ProcessUsage) -> String {
-    let text = match &p.argv {
-        _ if p.withheld => format!("[{}] (withheld: other credentials)", p.comm),
-        Some(argv) if !argv.is_empty() => {
-            let mut s = argv.join(" ");
-            if p.argv_truncated {
-                s.push_str(" ...");
-            }
-            s
-        }
-        _ => format!("[{}]", p.comm),
-    };
-    printable_bytes_text(&text)
-}
-
-fn bytes(v: Option<u64>) -> String {
-    match v {
-        None => "-".to_string(),
-        Some(b) if b >= 10 << 20 => format!("{}M", b >> 20),
-        Some(b) if b >= 10 << 10 => format!("{}K", b >> 10),
-        Some(b) => b.to_string(),
-    }
-}
-
-fn ended(p: &ProcessUsage) -> String {
-    match (p.exit_code, p.signal, p.end_ns) {
-        (_, Some(sig), _) => format!("signal {sig}"),
-        (Some(code), None, _) => format!("exit {code}"),
-        _ => "running".to_string(),
-    }
-}
-
-/// The per-process breakdown as an indented tree. Leaf siblings running the same command are
-/// folded into one line with their count and sums (`2000 × /bin/true`).
-pub fn tree(processes: &[ProcessUsage]) -> String {
-    /// Indentation stops growing here (a chain of thousands of processes stays readable).
-    const MAX_INDENT: usize = 32;
-    enum Work {
-        Group(usize, Vec<usize>),
-        Line(usize, Vec<usize>),
-    }
-    let mut children: Vec<Vec<usize>> = vec![Vec::new(); processes.len()];
-    let mut roots = Vec::new();
-    for (i, p) in processes.iter().enumerate() {
-        match p.parent_index.filter(|&j| j < i) {
-            Some(j) => children[j].push(i),
-            None => roots.push(i),
-        }
-    }
-    let mut out = String::from(
-        "\tProcesses (pid command: CPU seconds, threads, disk read/written, peak RSS, end):\n",
-    );
-    // Depth-first with an explicit stack: deep chains must not overflow the call stack.
-    let mut stack = vec![Work::Group(1, roots)];
-    while let Some(work) = stack.pop() {
-        match work {
-            Work::Group(depth, group) => {
-                // Fold leaves with the same command, at the place of the first one.
-                let mut lines: Vec<(String, Vec<usize>)> = Vec::new();
-                for i in group {
-                    let cmd = command_of(&processes[i]);
-                    if children[i].is_empty()
-                        && let Some((_, same)) = lines
-                            .iter_mut()
-                            .find(|(c, v)| *c == cmd && children[v[0]].is_empty())
-                    {
-                        same.push(i);
-                        continue;
-                    }
-                    lines.push((cmd, vec![i]));
-                }
-                for (_, members) in lines.into_iter().rev() {
-                    stack.push(Work::Line(depth, members));
-                }
-            }
-            Work::Line(depth, members) => {
-                let ps: Vec<&ProcessUsage> = members.iter().map(|&i| &processes[i]).collect();
-                let indent = "  ".repeat(depth.min(MAX_INDENT));
-                let cmd = command_of(ps[0]);
-                let cpu: u64 = ps.iter().map(|p| p.cpu_time_ns).sum();
-                let threads: u64 = ps.iter().map(|p| p.thread_count).sum();
-                let read: Option<u64> = ps.iter().map(|p| p.disk_bytes_read).sum();
-                let written: Option<u64> = ps.iter().map(|p| p.disk_bytes_written).sum();
-                let peak = ps.iter().filter_map(|p| p.peak_memory_bytes).max();
-                let figures = format!(
-                    "{} s, {threads} thr, disk {}/{}, rss {}",
-                    seconds(cpu),
-                    bytes(read),
-                    bytes(written),
-                    bytes(peak),
-                );
-                if let [p] = ps.as_slice() {
-                    let _ = writeln!(out, "\t{indent}{} {cmd}: {figures}, {}", p.pid, ended(p));
-                    let kids = &children[members[0]];
-                    if !kids.is_empty() {
-                        stack.push(Work::Group(depth + 1, kids.clone()));
-                    }
-                } else {
-                    let mut ends: Vec<String> = ps.iter().map(|p| ended(p)).collect();
-                    ends.sort();
-                    ends.dedup();
-                    let _ = writeln!(
-                        out,
-                        "\t{indent}{} × {cmd}: {figures} (sums; rss: the largest), {}",
-                        ps.len(),
-                        ends.join(" / ")
-                    );
-                }
-            }
         }
     }
     out
@@ -693,104 +569,6 @@ mod tests {
         assert!(text.ends_with("field_29 29\n"));
     }
 
-    fn proc(pid: u32, parent: Option<usize>, argv: &[&str], cpu: u64) -> ProcessUsage {
-        ProcessUsage {
-            pid: pid as libc::pid_t,
-            ns_pid: None,
-            ppid: 1,
-            parent_index: parent,
-            comm: argv.first().copied().unwrap_or("x").to_string(),
-            argv: Some(argv.iter().map(|a| a.to_string()).collect()),
-            argv_truncated: false,
-            filename: None,
-            start_ns: 0,
-            end_ns: Some(5),
-            exit_code: Some(0),
-            signal: None,
-            attached: false,
-            thread_count: 1,
-            cpu_time_ns: cpu,
-            cpu_user_ns: cpu,
-            cpu_system_ns: 0,
-            disk_bytes_read: Some(0),
-            disk_bytes_written: Some(0),
-            disk_cancelled_write_bytes: Some(0),
-            io_read_chars: Some(0),
-            io_write_chars: Some(0),
-            peak_memory_bytes: Some(4096),
-            network_bytes_sent: None,
-            network_bytes_received: None,
-            withheld: false,
-            refused: false,
-        }
-    }
-
-    #[test]
-    fn the_tree_nests_folds_leaves_and_escapes() {
-        let mut ps = vec![proc(10, None, &["sh", "-c", "x"], 100)];
-        for i in 0..2000 {
-            ps.push(proc(11 + i, Some(0), &["/bin/true"], 1));
-        }
-        ps.push(proc(5000, Some(0), &["make", "\x1b[2J\n"], 7));
-        ps.push(proc(5001, Some(2001), &["cc"], 3));
-        ps[5].signal = Some(9);
-        ps[5].exit_code = None;
-        let text = tree(&ps);
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 5, "{text}");
-        assert!(
-            lines[1].starts_with("\t  10 sh -c x: 0.000000100 s"),
-            "{text}"
-        );
-        assert!(
-            lines[2].starts_with("\t    2000 × /bin/true: 0.000002000 s, 2000 thr"),
-            "{text}"
-        );
-        assert!(lines[2].ends_with("exit 0 / signal 9"), "{text}");
-        assert!(lines[3].contains("5000 make \\u{1b}[2J\\n: "), "{text}");
-        assert!(lines[4].starts_with("\t      5001 cc: "), "{text}");
-        assert!(!text.contains('\x1b'));
-    }
-
-    #[test]
-    fn hostile_argv_reads_unambiguously() {
-        use crate::session::breakdown::split_argv;
-        let shown = |bytes: &[u8]| {
-            let mut p = proc(1, None, &["x"], 1);
-            p.argv = Some(split_argv(bytes));
-            let text = tree(&[p]);
-            let line = text.lines().nth(1).unwrap().to_string();
-            let (_, rest) = line.split_once(" 1 ").unwrap();
-            rest.rsplit_once(": 0.").unwrap().0.to_string()
-        };
-        // `;\` then a newline, against a backslash, a backslash and `n`.
-        assert_eq!(shown(b"sh\0-c\0;\\\n"), r"sh -c ;\\\n");
-        assert_eq!(shown(b"sh\0-c\0;\\\\n"), r"sh -c ;\\\\n");
-        // The text `\xff` against the byte 0xff; a terminal escape; a tab.
-        assert_eq!(shown(b"\\xff\0\xff"), r"\\xff \xff");
-        assert_eq!(shown(b"a\x1b[2J\tb"), r"a\u{1b}[2J\tb");
-        let all = [
-            shown(b";\\\n"),
-            shown(b";\\\\n"),
-            shown(b";\\n"),
-            shown(b";\n"),
-        ];
-        for (i, a) in all.iter().enumerate() {
-            assert!(!a.chars().any(char::is_control), "{a:?}");
-            for b in &all[i + 1..] {
-                assert_ne!(a, b, "two argvs read alike");
-            }
-        }
-    }
-
-    #[test]
-    fn a_deep_chain_does_not_overflow() {
-        let ps: Vec<ProcessUsage> = (0..100_000)
-            .map(|i| proc(i + 1, i.checked_sub(1).map(|p| p as usize), &["sh"], 1))
-            .collect();
-        let text = tree(&ps);
-        assert_eq!(text.lines().count(), 100_001);
-    }
     use crate::kernel::features::{Measured, NetworkPath};
     use crate::usage::{DiskDevice, LiveSample, RootExit, Units, merge};
     use cylo_usage_abi::{RunCounters, ThreadUsage};

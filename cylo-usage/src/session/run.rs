@@ -812,6 +812,7 @@ impl Run {
         if tree.dropped() > 0 {
             u.processes_dropped = Some(tree.dropped());
         }
+        u.commands = crate::usage::commands::by_command(&u);
         if let Some((processes, execs, limit)) = tree.memory_refusals() {
             u.precision_notes.push(format!(
                 "breakdown: {processes} processes left out and the argv of {execs} execs not \

@@ -8,8 +8,10 @@ use crate::kernel::features::{Measured, NetworkPath};
 use crate::sys::procfs::ThreadSample;
 
 pub mod budgets;
+pub mod commands;
 mod cputime;
 pub use budgets::{BudgetExceeded, Budgets, EnforcedBy, Enforcement, Resource};
+pub use commands::CommandUsage;
 pub use cputime::split_runtime;
 
 /// Whether the figures are complete.
@@ -215,6 +217,11 @@ pub struct ResourceUsage {
     /// Processes left out of `processes` because the breakdown's limit was reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processes_dropped: Option<u64>,
+    /// The breakdown grouped by command (the executable each process ran), sorted by CPU
+    /// time; its rows add up to the totals exactly, what `processes` misses in a last row
+    /// (see [`commands::by_command`]). Present with `processes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commands: Option<Vec<CommandUsage>>,
 }
 
 /// How a report's user and system times were made (see [`ResourceUsage::cpu_user_ns`]).
@@ -277,6 +284,7 @@ impl ResourceUsage {
             signals_sent: Vec::new(),
             processes: None,
             processes_dropped: None,
+            commands: None,
         }
     }
 }
@@ -534,6 +542,7 @@ pub fn merge(
         signals_sent: Vec::new(),
         processes: None,
         processes_dropped: None,
+        commands: None,
     }
 }
 
