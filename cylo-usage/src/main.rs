@@ -953,22 +953,3 @@ fn draw_status(run: &AnyRun, started: Instant) {
     );
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
-
-#[cfg(test)]
-mod tests {
-    use super::parse_duration;
-    use std::time::Duration;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        for bad in ["", "s", "10x", "-1s", "1e999s", "ms10", "1..2s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
-        }
-    }
-}

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::daemon::{Daemon, frame, json, json_stdout, privileged, scratch_dir};
+use common::daemon::{Daemon, closed, frame, json, json_stdout, privileged, reply, scratch_dir};
 use common::{CLI, Scratch, WORKLOAD, as_nobody, can_drop_privileges};
 use cylo_usage::{Precision, Tracker, TrackerKind};
 
@@ -494,23 +494,6 @@ fn a_fork_bomb_fills_only_its_own_quota() {
     assert_eq!(bomb["signal"], 9, "{bomb}");
     assert_eq!(bomb["tasks_escaped"], 0, "{bomb}");
     assert!(bomb["process_count"].as_u64().unwrap() <= 101, "{bomb}");
-}
-
-/// One request frame, raw.
-/// The next reply on `s`, raw (None if the daemon closed the connection).
-fn reply(s: &mut UnixStream) -> Option<serde_json::Value> {
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut head = [0u8; 4];
-    s.read_exact(&mut head).ok()?;
-    let mut body = vec![0; u32::from_le_bytes(head) as usize];
-    s.read_exact(&mut body).ok()?;
-    Some(serde_json::from_slice(&body).unwrap())
-}
-
-fn closed(s: &mut UnixStream) -> bool {
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut b = [0u8; 1];
-    matches!(s.read(&mut b), Ok(0) | Err(_))
 }
 
 #[test]

@@ -6,14 +6,14 @@
 //! one at a time.
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::process::{Output, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::daemon::{Daemon, frame, json, privileged, scratch_dir};
+use common::daemon::{Daemon, closed, frame, json, privileged, reply, scratch_dir};
 use common::{CLI, Scratch, WORKLOAD, as_nobody, can_drop_privileges};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -219,22 +219,6 @@ fn serve_ceilings_bind_every_client_but_root() {
     let v = json(&out);
     assert!(v.get("budgets").is_none(), "{v}");
     assert_eq!(v["process_count"], 30, "{v}");
-}
-
-/// The next reply on `s`, raw (None if the daemon closed the connection).
-fn reply(s: &mut UnixStream) -> Option<serde_json::Value> {
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut head = [0u8; 4];
-    s.read_exact(&mut head).ok()?;
-    let mut body = vec![0; u32::from_le_bytes(head) as usize];
-    s.read_exact(&mut body).ok()?;
-    Some(serde_json::from_slice(&body).unwrap())
-}
-
-fn closed(s: &mut UnixStream) -> bool {
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut b = [0u8; 1];
-    matches!(s.read(&mut b), Ok(0) | Err(_))
 }
 
 /// A connection that has said hello.

@@ -128,17 +128,20 @@ async fn the_flame_graph_of_a_real_tree_has_a_frame_per_distinct_stack() {
         svg.len(),
         folded.len()
     );
-    // Disk and memory are measured here (0 or more); the network of a tree that used none is
-    // an error, not an empty picture.
+    // Disk is measured here (0 or more), and memory where the kernel measures it (not
+    // before 5.12: then it is an error naming that, never an empty picture); the network of
+    // a tree that used none is an error too.
     for weight in [FlameWeight::Disk, FlameWeight::Memory, FlameWeight::Network] {
+        let unmeasured = weight == FlameWeight::Memory && u.peak_memory_bytes.is_none();
         match flamegraph_svg(&u, weight, "t") {
-            Ok(_) => {
+            Ok(_) if !unmeasured => {
                 check(&u, weight);
             }
-            Err(FlamegraphError::Nothing { processes: 107, .. }) => {
+            Err(FlamegraphError::Nothing { processes: 107, .. }) if !unmeasured => {
                 assert!(folded_stacks(&u, weight).is_empty())
             }
-            Err(e) => panic!("{weight}: {e}"),
+            Err(FlamegraphError::Unmeasured { .. }) if unmeasured => {}
+            other => panic!("{weight}: {:?}", other.map(|svg| svg.len())),
         }
     }
 }

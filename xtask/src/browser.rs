@@ -1,12 +1,8 @@
 //! The headless browser the picture tests render with (`cylo-usage/tests/render.rs`):
 //! Debian's `chromium`, installed when missing (as root, or through `sudo -n`), and handed to
 //! the tests as `CYLO_USAGE_CHROMIUM`.
-use std::path::PathBuf;
-use std::process::Command;
-
 use anyhow::{Result, bail};
-
-use crate::cmd::run_quiet;
+use std::path::PathBuf;
 
 /// `chromium`, installed from Debian's packages if it is not on PATH; `None` (after saying
 /// why) where it cannot be installed (not root, no `sudo -n`, no apt).
@@ -27,22 +23,7 @@ pub fn ensure_chromium() -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     eprintln!("xtask: installing chromium (Debian's package) for the picture tests");
-    let apt = |args: &[&str]| -> Result<()> {
-        let mut cmd = if sudo {
-            let mut c = Command::new("sudo");
-            c.args(["-n", "apt-get"]);
-            c
-        } else {
-            Command::new("apt-get")
-        };
-        cmd.args(["-o", "DPkg::Lock::Timeout=600"])
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        run_quiet(&mut cmd)
-    };
-    // Lists a bare machine may not have yet, or stale ones that name gone versions.
-    apt(&["update"])?;
-    apt(&["install", "-y", "--no-install-recommends", "chromium"])?;
+    crate::cmd::apt_install(&["chromium"])?;
     match find("chromium") {
         Some(found) => Ok(Some(found)),
         None => bail!("chromium is still missing after installing Debian's package"),

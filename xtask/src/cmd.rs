@@ -95,6 +95,27 @@ pub fn run_quiet(cmd: &mut Command) -> Result<()> {
     output(cmd).map(drop)
 }
 
+/// Installs Debian `packages` (after `apt-get update`), as root or through `sudo -n`.
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() == 0 };
+    let apt = |args: &[&str]| -> Result<()> {
+        let mut cmd = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.args(["-n", "apt-get"]);
+            c
+        };
+        cmd.args(["-o", "DPkg::Lock::Timeout=600"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        run_quiet(&mut cmd)
+    };
+    apt(&["update"])?;
+    apt(&[&["install", "-y", "--no-install-recommends"][..], packages].concat())
+}
+
 /// The last [`TAIL_LINES`] lines of `stderr` followed by `stdout`.
 fn tail(stderr: &[u8], stdout: &[u8]) -> String {
     let (stderr, stdout) = (

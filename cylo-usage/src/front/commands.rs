@@ -488,32 +488,14 @@ mod tests {
         assert_eq!(under_tree(&u), "");
         let p = ProcessUsage {
             pid: 1,
-            ns_pid: None,
-            ppid: 0,
-            parent_index: None,
             comm: "true".to_string(),
-            argv: None,
-            argv_truncated: false,
             filename: Some("/bin/true".to_string()),
-            start_ns: 0,
             end_ns: Some(1),
             exit_code: Some(0),
-            signal: None,
-            attached: false,
             thread_count: 1,
             cpu_time_ns: 1,
             cpu_user_ns: 1,
-            cpu_system_ns: 0,
-            disk_bytes_read: None,
-            disk_bytes_written: None,
-            disk_cancelled_write_bytes: None,
-            io_read_chars: None,
-            io_write_chars: None,
-            peak_memory_bytes: None,
-            network_bytes_sent: None,
-            network_bytes_received: None,
-            withheld: false,
-            refused: false,
+            ..ProcessUsage::default()
         };
         u.processes = Some(vec![p.clone(); 3]);
         assert_eq!(under_tree(&u), "");

@@ -599,22 +599,16 @@ mod tests {
     fn proc(pid: i32, parent: Option<usize>, argv: &[&str], cpu_ms: u64) -> ProcessUsage {
         ProcessUsage {
             pid,
-            ns_pid: None,
             ppid: 1,
             parent_index: parent,
             comm: argv[0].rsplit('/').next().unwrap().to_string(),
             argv: Some(argv.iter().map(|a| a.to_string()).collect()),
-            argv_truncated: false,
             filename: Some(argv[0].to_string()),
-            start_ns: 0,
             end_ns: Some(5),
             exit_code: Some(0),
-            signal: None,
-            attached: false,
             thread_count: 1,
             cpu_time_ns: cpu_ms * 1_000_000,
             cpu_user_ns: cpu_ms * 1_000_000,
-            cpu_system_ns: 0,
             disk_bytes_read: Some(0),
             disk_bytes_written: Some(4096),
             disk_cancelled_write_bytes: Some(0),
@@ -623,8 +617,7 @@ mod tests {
             peak_memory_bytes: Some(3 << 20),
             network_bytes_sent: Some(0),
             network_bytes_received: Some(0),
-            withheld: false,
-            refused: false,
+            ..ProcessUsage::default()
         }
     }
 

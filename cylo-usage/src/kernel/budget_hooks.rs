@@ -131,67 +131,64 @@ impl Shared {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, need: Need) -> Result<Link, ProgramError> {
-    let err = |e: crate::kernel::programs::LoadError| match e {
+/// The raw tracepoint program of `need` (`sys_exit_doomed` for [`Need::Birth`]) and the
+/// tracepoints it may attach to, the first the kernel has.
+fn raw_tracepoint_of(need: Need) -> (&'static str, &'static [&'static str]) {
+    match need {
+        Need::Birth => (cylo_usage_abi::names::PROG_SYS_EXIT_DOOMED, &["sys_exit"]),
+        Need::Cpu => (
+            cylo_usage_abi::names::PROG_SCHED_STAT_RUNTIME,
+            &["sched_stat_runtime"],
+        ),
+        Need::Dirty => (
+            cylo_usage_abi::names::PROG_WRITEBACK_DIRTY,
+            &["writeback_dirty_folio", "writeback_dirty_page"],
+        ),
+    }
+}
+
+/// Program `name` of the object as a `T`.
+fn program<'e, T>(ebpf: &'e mut Ebpf, name: &'static str) -> Result<&'e mut T, ProgramError>
+where
+    &'e mut T: TryFrom<&'e mut aya::programs::Program, Error = ProgramError>,
+{
+    program_as(ebpf, name, |source| {
+        crate::kernel::programs::LoadError::Attach {
+            program: name,
+            tracepoint: "(a budget's hook)",
+            source,
+        }
+    })
+    .map_err(|e| match e {
         crate::kernel::programs::LoadError::Attach { source, .. } => source,
         other => ProgramError::IOError(std::io::Error::other(other.to_string())),
-    };
-    match need {
-        Need::Birth => {
-            // A trampoline first: no limit on calls in flight, and interrupts are on.
-            match attach_fexit(ebpf) {
-                Ok(id) => return Ok(Link::Fexit(id)),
-                Err(e) => log::debug!("schedule_tail fexit: {e}; using the sys_exit tracepoint"),
-            }
-            // Else the first return to user space, through `sys_exit` (a kretprobe on
-            // `schedule_tail` would be cheaper but can miss: see the program's comment).
-            let name = cylo_usage_abi::names::PROG_SYS_EXIT_DOOMED;
-            let p: &mut RawTracePoint = program_as(ebpf, name, |source| {
-                crate::kernel::programs::LoadError::Attach {
-                    program: name,
-                    tracepoint: "sys_exit",
-                    source,
-                }
-            })
-            .map_err(err)?;
-            if p.fd().is_err() {
-                p.load()?;
-            }
-            Ok(Link::SysExit(p.attach("sys_exit")?))
-        }
-        Need::Cpu | Need::Dirty => {
-            let (name, points): (&'static str, &[&str]) = if need == Need::Cpu {
-                (
-                    cylo_usage_abi::names::PROG_SCHED_STAT_RUNTIME,
-                    &["sched_stat_runtime"],
-                )
-            } else {
-                (
-                    cylo_usage_abi::names::PROG_WRITEBACK_DIRTY,
-                    &["writeback_dirty_folio", "writeback_dirty_page"],
-                )
-            };
-            let p: &mut RawTracePoint = program_as(ebpf, name, |source| {
-                crate::kernel::programs::LoadError::Attach {
-                    program: name,
-                    tracepoint: points[0],
-                    source,
-                }
-            })
-            .map_err(err)?;
-            if p.fd().is_err() {
-                p.load()?;
-            }
-            let mut last = None;
-            for point in points {
-                match p.attach(point) {
-                    Ok(id) => return Ok(Link::Tracepoint(id)),
-                    Err(e) => last = Some(e),
-                }
-            }
-            Err(last.expect("at least one tracepoint"))
+    })
+}
+
+fn attach(ebpf: &mut Ebpf, need: Need) -> Result<Link, ProgramError> {
+    if need == Need::Birth {
+        // A trampoline first: no limit on calls in flight, and interrupts are on. Else the
+        // first return to user space, through `sys_exit` (a kretprobe on `schedule_tail`
+        // would be cheaper but can miss: see the program's comment).
+        match attach_fexit(ebpf) {
+            Ok(id) => return Ok(Link::Fexit(id)),
+            Err(e) => log::debug!("schedule_tail fexit: {e}; using the sys_exit tracepoint"),
         }
     }
+    let (name, points) = raw_tracepoint_of(need);
+    let p: &mut RawTracePoint = program(ebpf, name)?;
+    if p.fd().is_err() {
+        p.load()?;
+    }
+    let mut last = None;
+    for point in points {
+        match p.attach(point) {
+            Ok(id) if need == Need::Birth => return Ok(Link::SysExit(id)),
+            Ok(id) => return Ok(Link::Tracepoint(id)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("at least one tracepoint"))
 }
 
 /// Loads (with the kernel's BTF, parsed for this) and attaches the fexit program on
@@ -199,60 +196,21 @@ fn attach(ebpf: &mut Ebpf, need: Need) -> Result<Link, ProgramError> {
 fn attach_fexit(ebpf: &mut Ebpf) -> Result<FExitLinkId, ProgramError> {
     let btf = aya::Btf::from_sys_fs()
         .map_err(|e| ProgramError::IOError(std::io::Error::other(e.to_string())))?;
-    let p = fexit_program(ebpf)?;
+    let p: &mut FExit = program(ebpf, cylo_usage_abi::names::PROG_SCHEDULE_TAIL_EXIT)?;
     p.load("schedule_tail", &btf)?;
     p.attach()
 }
 
-fn fexit_program(ebpf: &mut Ebpf) -> Result<&mut FExit, ProgramError> {
-    let name = cylo_usage_abi::names::PROG_SCHEDULE_TAIL_EXIT;
-    program_as(ebpf, name, |source| {
-        crate::kernel::programs::LoadError::Attach {
-            program: name,
-            tracepoint: "schedule_tail",
-            source,
-        }
-    })
-    .map_err(|e| ProgramError::IOError(std::io::Error::other(e.to_string())))
-}
-
 fn detach(ebpf: &mut Ebpf, need: Need, link: Link) -> Result<(), ProgramError> {
-    let to_load = |e: crate::kernel::programs::LoadError| {
-        ProgramError::IOError(std::io::Error::other(e.to_string()))
-    };
     match link {
         Link::Fexit(id) => {
-            let p = fexit_program(ebpf)?;
+            let p: &mut FExit = program(ebpf, cylo_usage_abi::names::PROG_SCHEDULE_TAIL_EXIT)?;
             p.detach(id)?;
             // The kernel cannot attach it to its function again: loaded again next time.
             p.unload()
         }
-        Link::SysExit(id) => {
-            let name = cylo_usage_abi::names::PROG_SYS_EXIT_DOOMED;
-            let p: &mut RawTracePoint = program_as(ebpf, name, |source| {
-                crate::kernel::programs::LoadError::Attach {
-                    program: name,
-                    tracepoint: "sys_exit",
-                    source,
-                }
-            })
-            .map_err(to_load)?;
-            p.detach(id)
-        }
-        Link::Tracepoint(id) => {
-            let name = if need == Need::Cpu {
-                cylo_usage_abi::names::PROG_SCHED_STAT_RUNTIME
-            } else {
-                cylo_usage_abi::names::PROG_WRITEBACK_DIRTY
-            };
-            let p: &mut RawTracePoint = program_as(ebpf, name, |source| {
-                crate::kernel::programs::LoadError::Attach {
-                    program: name,
-                    tracepoint: "(budget)",
-                    source,
-                }
-            })
-            .map_err(to_load)?;
+        Link::SysExit(id) | Link::Tracepoint(id) => {
+            let p: &mut RawTracePoint = program(ebpf, raw_tracepoint_of(need).0)?;
             p.detach(id)
         }
     }

@@ -475,7 +475,9 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        for bad in ["", "ms", "1d", "-1s", "1e99h"] {
+        for bad in [
+            "", "ms", "s", "1d", "10x", "-1s", "1e99h", "1e999s", "ms10", "1..2s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }

@@ -241,18 +241,11 @@ mod tests {
     fn process(filename: Option<&str>, comm: &str, cpu: u64) -> ProcessUsage {
         ProcessUsage {
             pid: 1,
-            ns_pid: None,
-            ppid: 0,
-            parent_index: None,
             comm: comm.to_string(),
             argv: filename.map(|f| vec![f.to_string()]),
-            argv_truncated: false,
             filename: filename.map(str::to_string),
-            start_ns: 0,
             end_ns: Some(1),
             exit_code: Some(0),
-            signal: None,
-            attached: false,
             thread_count: 1,
             cpu_time_ns: cpu,
             cpu_user_ns: cpu / 4 * 3,
@@ -265,8 +258,7 @@ mod tests {
             peak_memory_bytes: Some(cpu * 2),
             network_bytes_sent: Some(1),
             network_bytes_received: Some(2),
-            withheld: false,
-            refused: false,
+            ..ProcessUsage::default()
         }
     }
 

@@ -548,7 +548,8 @@ pub fn merge(
 
 /// One process of a run, as `--tree` reports it. The counters are what it used while it was
 /// followed (since the attach, for processes present then); the field names are the totals'.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `Default` is an empty entry (pid 0, nothing measured), for building one field by field.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessUsage {
     /// Its pid as the tracker sees it.
     pub pid: libc::pid_t,

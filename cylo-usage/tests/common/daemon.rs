@@ -117,6 +117,25 @@ impl Drop for Daemon {
     }
 }
 
+/// The next reply on `s`, raw (None if the daemon closed the connection).
+pub fn reply(s: &mut UnixStream) -> Option<serde_json::Value> {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).ok()?;
+    let mut body = vec![0; u32::from_le_bytes(head) as usize];
+    s.read_exact(&mut body).ok()?;
+    Some(serde_json::from_slice(&body).unwrap())
+}
+
+/// Whether the daemon has closed `s` (or sends nothing within 30 s).
+pub fn closed(s: &mut UnixStream) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
 /// One protocol frame: the body's length (4 bytes, little-endian), then the body.
 pub fn frame(body: &[u8]) -> Vec<u8> {
     let mut f = (body.len() as u32).to_le_bytes().to_vec();

@@ -3,11 +3,8 @@
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-
-use crate::cmd::run_quiet;
 
 pub(super) fn ensure_host_tools() -> Result<()> {
     let have_qemu = find_in_path("qemu-system-x86_64").is_some();
@@ -38,22 +35,7 @@ pub(super) fn ensure_host_tools() -> Result<()> {
          {have_xz})",
         packages.join(" ")
     );
-    let sudo = !is_root() && find_in_path("sudo").is_some();
-    let apt = |args: &[&str]| -> Result<()> {
-        let mut cmd = if sudo {
-            let mut c = Command::new("sudo");
-            c.args(["-n", "apt-get"]);
-            c
-        } else {
-            Command::new("apt-get")
-        };
-        cmd.args(["-o", "DPkg::Lock::Timeout=600"])
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        run_quiet(&mut cmd)
-    };
-    apt(&["update"])?;
-    apt(&[&["install", "-y", "--no-install-recommends"][..], &packages].concat())?;
+    crate::cmd::apt_install(&packages)?;
     if find_in_path("qemu-system-x86_64").is_none() {
         bail!("qemu-system-x86_64 is still missing after installing qemu-system-x86");
     }
@@ -67,11 +49,6 @@ pub(super) fn ensure_host_tools() -> Result<()> {
         bail!("xz is still missing after installing xz-utils");
     }
     Ok(())
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 pub(super) fn find_in_path(name: &str) -> Option<PathBuf> {
