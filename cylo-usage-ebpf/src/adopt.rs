@@ -59,14 +59,16 @@ pub(crate) fn adopt_current<const ATOMICS: bool, const ANCESTORS: bool>(task: u6
 /// `task`'s membership, or, while a run is being attached to, its membership once adopted
 /// (its process is followed already).
 #[inline(always)]
-pub(crate) fn member_or_adopted<const ATOMICS: bool>(task: u64) -> Option<TaskMember> {
-    member_ptr_or_adopted::<ATOMICS>(task).map(|m| *m)
+pub(crate) fn member_or_adopted<const ATOMICS: bool, const ADOPT: bool>(
+    task: u64,
+) -> Option<TaskMember> {
+    member_ptr_or_adopted::<ATOMICS, ADOPT>(task).map(|m| *m)
 }
 
 /// [`member_or_adopted`] in place: the map value itself, not a copy on the stack (which,
 /// beside [`adopt`]'s frame, would not fit the verifier's 512 bytes).
 #[inline(always)]
-pub(crate) fn member_ptr_or_adopted<const ATOMICS: bool>(
+pub(crate) fn member_ptr_or_adopted<const ATOMICS: bool, const ADOPT: bool>(
     task: u64,
 ) -> Option<&'static mut TaskMember> {
     if maybe_in(&TASK_FILTER, task)
@@ -74,6 +76,10 @@ pub(crate) fn member_ptr_or_adopted<const ATOMICS: bool>(
     {
         // SAFETY: a map value, live while the task is (only its own exit removes it).
         return Some(unsafe { &mut *m });
+    }
+    // The lean programs (a tracker that never attaches) have no adoption path at all.
+    if !ADOPT {
+        return None;
     }
     adopt_current::<ATOMICS, false>(task)?;
     // SAFETY: as above.
@@ -220,7 +226,7 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
         }
         if wants_records(counters) {
             let flags = proc_flags::ADOPTED | if root { proc_flags::ROOT } else { 0 };
-            record_start(
+            record_start::<true>(
                 run,
                 leader,
                 signal,

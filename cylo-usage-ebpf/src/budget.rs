@@ -87,15 +87,18 @@ pub(crate) fn refuse(run: u32, child: u64, thread_only: bool) -> bool {
         let refused = load(&counters.threads_refused);
         load(&counters.threads_started).wrapping_sub(refused)
     };
+    // What is recorded as observed is the count this task would have made, the budget plus
+    // one: forks that race on several CPUs each see the others' increments, and whichever
+    // records the crossing first must not report a count that includes tasks refused with it.
     let (resource, observed) = if max_threads != 0 && threads > max_threads {
-        (budget::THREADS, threads)
+        (budget::THREADS, max_threads + 1)
     } else if !thread_only && max_processes != 0 {
         let refused = load(&counters.processes_refused);
         let processes = load(&counters.processes_started).wrapping_sub(refused);
         if processes <= max_processes {
             return false;
         }
-        (budget::PROCESSES, processes)
+        (budget::PROCESSES, max_processes + 1)
     } else {
         return false;
     };

@@ -11,7 +11,15 @@ use crate::*;
 /// after the new program is loaded: the process has a new address space.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
-    let r = on_exec::<true>(ctx);
+    let r = on_exec::<true, true>(ctx);
+    diag_flush();
+    r
+}
+
+/// `sched_process_exec` of the lean set: no adoption, no exec records (a breakdown's).
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn sched_process_exec_lean(ctx: RawTracePointContext) -> i32 {
+    let r = on_exec::<true, false>(ctx);
     diag_flush();
     r
 }
@@ -19,16 +27,16 @@ pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
 /// `sched_process_exec` for kernels without BPF atomic fetch: records and pids only.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn sched_process_exec_no_atomics(ctx: RawTracePointContext) -> i32 {
-    let r = on_exec::<false>(ctx);
+    let r = on_exec::<false, true>(ctx);
     diag_flush();
     r
 }
 
 #[inline(always)]
-pub(crate) fn on_exec<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
+pub(crate) fn on_exec<const ATOMICS: bool, const FULL: bool>(ctx: RawTracePointContext) -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
-    let Some(member) = member_ptr_or_adopted::<ATOMICS>(current) else {
+    let Some(member) = member_ptr_or_adopted::<ATOMICS, FULL>(current) else {
         return 0;
     };
     if doomed(member) {
@@ -57,7 +65,7 @@ pub(crate) fn on_exec<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
             mm_release(old, counters);
         }
     }
-    if wants_all_records(counters) {
+    if FULL && wants_all_records(counters) {
         let bprm: u64 = ctx.arg(2);
         record_exec(member, current, bprm, old_peak, counters);
     }

@@ -8,7 +8,15 @@ use crate::*;
 /// `sched_process_exit(struct task_struct *p[, bool group_dead])`, in the exiting thread.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
-    let r = on_exit::<true>();
+    let r = on_exit::<true, true>();
+    diag_flush();
+    r
+}
+
+/// `sched_process_exit` of the lean set: no adoption.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sched_process_exit_lean(_ctx: RawTracePointContext) -> i32 {
+    let r = on_exit::<true, false>();
     diag_flush();
     r
 }
@@ -16,16 +24,16 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
 /// `sched_process_exit` for kernels without BPF atomic fetch, exchange and cmpxchg.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit_no_atomics(_ctx: RawTracePointContext) -> i32 {
-    let r = on_exit::<false>();
+    let r = on_exit::<false, true>();
     diag_flush();
     r
 }
 
 #[inline(always)]
-pub(crate) fn on_exit<const ATOMICS: bool>() -> i32 {
+pub(crate) fn on_exit<const ATOMICS: bool, const FULL: bool>() -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
-    let Some(member) = member_or_adopted::<ATOMICS>(current) else {
+    let Some(member) = member_or_adopted::<ATOMICS, FULL>(current) else {
         return 0;
     };
     // do_exit() has already decremented `signal->live`; at 0 the process is over. Several of

@@ -9,7 +9,7 @@ use crate::*;
 /// `task_newtask(struct task_struct *task, unsigned long clone_flags)`, in the creator's context.
 #[raw_tracepoint(tracepoint = "task_newtask")]
 pub fn task_newtask(ctx: RawTracePointContext) -> i32 {
-    let r = on_newtask::<true>(ctx);
+    let r = on_newtask::<true, true>(ctx);
     diag_flush();
     r
 }
@@ -17,13 +17,22 @@ pub fn task_newtask(ctx: RawTracePointContext) -> i32 {
 /// `task_newtask` for kernels without BPF atomic fetch, exchange and compare-and-exchange.
 #[raw_tracepoint(tracepoint = "task_newtask")]
 pub fn task_newtask_no_atomics(ctx: RawTracePointContext) -> i32 {
-    let r = on_newtask::<false>(ctx);
+    let r = on_newtask::<false, true>(ctx);
+    diag_flush();
+    r
+}
+
+/// `task_newtask` of the lean set (a tracker whose runs neither attach nor want a
+/// breakdown): no adoption, and start records without what only a breakdown shows.
+#[raw_tracepoint(tracepoint = "task_newtask")]
+pub fn task_newtask_lean(ctx: RawTracePointContext) -> i32 {
+    let r = on_newtask::<true, false>(ctx);
     diag_flush();
     r
 }
 
 #[inline(always)]
-pub(crate) fn on_newtask<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
+pub(crate) fn on_newtask<const ATOMICS: bool, const FULL: bool>(ctx: RawTracePointContext) -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
     // SAFETY: the value is copied out at once.
@@ -31,6 +40,7 @@ pub(crate) fn on_newtask<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 
         Some(member) => (member.run, Some(member)),
         None => match spawner_run(current) {
             Some(run) => (run, None),
+            None if !FULL => return 0,
             None => match adopt_current::<ATOMICS, true>(current) {
                 // SAFETY: the value is copied out at once.
                 Some(run) => match (unsafe { TASKS.get(current) }).copied() {
@@ -56,7 +66,7 @@ pub(crate) fn on_newtask<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 
     }
     let child: u64 = ctx.arg(0);
     let flags: u64 = ctx.arg(1);
-    join::<ATOMICS>(run, child, flags & CLONE_THREAD != 0, creator.as_ref());
+    join::<ATOMICS, FULL>(run, child, flags & CLONE_THREAD != 0, creator.as_ref());
     0
 }
 
@@ -97,7 +107,7 @@ pub(crate) fn register_spawner(task: u64, run: u32) -> i32 {
 /// A function of its own (a BPF-to-BPF call): the fork hook's frame and [`adopt`]'s, which
 /// it may call first, must fit the verifier's 512 bytes of stack together.
 #[inline(never)]
-pub(crate) fn join<const ATOMICS: bool>(
+pub(crate) fn join<const ATOMICS: bool, const FULL: bool>(
     run: u32,
     child: u64,
     is_thread: bool,
@@ -237,7 +247,7 @@ pub(crate) fn join<const ATOMICS: bool>(
     if wants_records(counters) {
         let flags =
             if root { proc_flags::ROOT } else { 0 } | if refused { proc_flags::REFUSED } else { 0 };
-        record_start(run, child, signal, start, tid, own_pid, flags, counters);
+        record_start::<FULL>(run, child, signal, start, tid, own_pid, flags, counters);
     }
 }
 

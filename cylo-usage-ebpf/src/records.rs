@@ -5,7 +5,7 @@ use crate::*;
 /// A `PROC_START` record for process `task` (identity `signal`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn record_start(
+pub(crate) fn record_start<const FULL: bool>(
     run: u32,
     task: u64,
     signal: u64,
@@ -42,7 +42,13 @@ pub(crate) fn record_start(
         if bpf_probe_read_kernel_buf(comm, &mut (*p).comm).is_err() {
             (*p).comm = [0; 16];
         }
-        (*p).creds = creds_of(task);
+        // Who a process runs as matters to a breakdown's viewer only: the lean programs
+        // (totals alone) leave it unknown.
+        (*p).creds = if FULL {
+            creds_of(task)
+        } else {
+            Creds::default()
+        };
     }
     entry.submit(record_wake_flags(counters));
 }

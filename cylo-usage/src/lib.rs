@@ -63,7 +63,7 @@ pub use kernel::btf::{BtfError, Kind as BtfKind};
 pub use kernel::map_read::MapReadError;
 pub use kernel::programs::{LoadError, missing_privileges};
 pub use kernel::resolve::ResolveError;
-pub use kernel::tracker::{Capacities, Tracker};
+pub use kernel::tracker::{Capacities, MIN_TASKS, ONE_TREE_TASKS, ProgramSet, Tracker};
 pub use session::breakdown::{DEFAULT_TREE_LIMIT, EventSink};
 pub use session::fallback::{DEFAULT_INTERVAL, FallbackError, ProcRun, ProcTracker};
 pub use session::run::{Run, RunOptions, SessionError};

@@ -78,6 +78,13 @@ struct SessionArgs {
     /// Stream every process's fork, exec and exit as NDJSON to FILE (`-`: standard output).
     #[arg(long, value_name = "FILE")]
     events: Option<PathBuf>,
+    /// Live threads the tracker loaded in this process follows at once (its kernel maps
+    /// hold as many threads, processes and address spaces, less a headroom). A tree with more
+    /// alive at once is stopped, as a budget (`tasks_alive`). A daemon has capacities of
+    /// its own (`serve`).
+    #[arg(long, value_name = "N", default_value_t = cylo_usage::ONE_TREE_TASKS,
+          value_parser = clap::value_parser!(u32).range(i64::from(cylo_usage::MIN_TASKS)..))]
+    capacity: u32,
     /// How many levels of the human `--tree` to show before folding the rest into "N more
     /// processes" lines (default 6).
     #[arg(long, value_name = "N", help_heading = "Pictures")]
@@ -539,10 +546,20 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
             );
         }
     };
+    // The pictures are drawn from the breakdown, which the report shows only with --tree.
+    let breakdown = args.tree || args.flamegraph.is_some() || args.trace.is_some();
+    // A tracker loaded here serves this one run: the lean programs unless it attaches or
+    // wants a breakdown or events (start-up verifies far less), and maps for one tree.
+    let programs = if matches!(target, Target::Command(_)) && !breakdown && events.is_none() {
+        cylo_usage::ProgramSet::Totals
+    } else {
+        cylo_usage::ProgramSet::Full
+    };
     let open = OpenOptions {
         require_exact: args.require_exact,
         daemon: !args.no_daemon,
         interrupt: Some(interrupt),
+        load: cylo_usage::Capacities::for_one_tree(args.capacity, programs),
         ..OpenOptions::default()
     };
     // A signal that comes meanwhile waits in the signalfd: it reaches the command once it
@@ -572,8 +589,6 @@ fn session_main(args: SessionArgs, target: Target) -> ExitCode {
             );
         }
     }
-    // The pictures are drawn from the breakdown, which the report shows only with --tree.
-    let breakdown = args.tree || args.flamegraph.is_some() || args.trace.is_some();
     let anchor = cylo_usage::TraceAnchor {
         monotonic_ns: clock_ns(libc::CLOCK_MONOTONIC),
         unix_time_ns: clock_ns(libc::CLOCK_REALTIME),

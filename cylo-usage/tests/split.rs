@@ -142,4 +142,8 @@ async fn user_and_system_add_up_to_the_totals_and_agree_with_wait4() {
     if t.measured().attach {
         check(&t, How::Attach).await;
     }
+    // The lean programs (the command line's without a breakdown) make the same records.
+    if let Some(lean) = common::lean_tracker() {
+        check(&lean, How::Spawn { tree: false }).await;
+    }
 }

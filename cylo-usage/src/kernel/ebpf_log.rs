@@ -2,10 +2,12 @@
 //!
 //! The programs log at debug level, on rare paths only: a full map or ring buffer (which one,
 //! which thread and comm), a failed kernel read (which field). Whether their log statements
-//! exist at all is decided at load time: `AYA_LOG_LEVEL`, a read-only global, gets
-//! `log::max_level()`. Below debug (`cylo-usage` without `-v` or `RUST_LOG=debug`), the
-//! verifier finds every statement's branch never taken and removes it: nothing to verify,
-//! nothing run, and no reader here.
+//! exist at all is decided at load time: `AYA_LOG_LEVEL`, a read-only global, gets the most
+//! detailed level `log` lets through for the programs' own target ([`EBPF_TARGET`]). Below
+//! debug (`cylo-usage` without `-v`, or a `RUST_LOG` that leaves `cylo_usage_ebpf` out),
+//! the verifier finds every statement's branch never taken and removes it: nothing to
+//! verify, nothing run, and no reader here. So `RUST_LOG=cylo_usage::kernel=debug` shows
+//! what loading cost without changing what is loaded.
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::thread::JoinHandle;
 
@@ -15,10 +17,18 @@ use aya::Ebpf;
 /// long as it lives.
 static LEVELS: [u8; 6] = [0, 1, 2, 3, 4, 5];
 
-/// `AYA_LOG_LEVEL` for the programs: what `log` lets through (0: off, 4: debug).
+/// The target of the programs' log records: their crate.
+pub(crate) const EBPF_TARGET: &str = "cylo_usage_ebpf";
+
+/// `AYA_LOG_LEVEL` for the programs: what `log` lets through for [`EBPF_TARGET`] (0: off,
+/// 4: debug).
 pub(crate) fn level() -> &'static u8 {
-    // LevelFilter: Off = 0, Error = 1, ..., Trace = 5, as aya-log's levels.
-    &LEVELS[(log::max_level() as usize).min(5)]
+    use log::Level::{Debug, Error, Info, Trace, Warn};
+    // Level: Error = 1, ..., Trace = 5, as aya-log's levels.
+    let enabled = [Trace, Debug, Info, Warn, Error]
+        .into_iter()
+        .find(|&l| log::log_enabled!(target: EBPF_TARGET, l));
+    &LEVELS[enabled.map_or(0, |l| l as usize).min(5)]
 }
 
 /// `AYA_LOG_LEVEL` with the programs' statements out.

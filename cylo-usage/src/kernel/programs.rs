@@ -70,8 +70,8 @@ fn load_logged(name: &str, prog: &mut RawTracePoint) -> Result<(), ProgramError>
         .ok()
         .and_then(|i| i.verified_instruction_count());
     log::debug!(
-        "verified {name} in {} ms ({} instructions processed){}",
-        started.elapsed().as_millis(),
+        "verified {name} in {:.2} ms ({} instructions processed){}",
+        started.elapsed().as_secs_f64() * 1e3,
         insns.map_or_else(|| "?".to_string(), |n| n.to_string()),
         if loaded.is_ok() { "" } else { ": refused" },
     );
@@ -424,9 +424,9 @@ pub fn missing_privileges() -> Result<Option<&'static str>, LoadError> {
 /// ([`attach_network`], chosen from what the kernel's BTF offers) are attached apart.
 pub(crate) struct HookSpec {
     pub tracepoint: &'static str,
-    /// The program for this kernel (from its layout, and whether the verifier took the
-    /// handlers with atomics), or why the hook is left out.
-    pub program: fn(&Offsets, bool) -> Result<&'static str, &'static str>,
+    /// The program for this kernel (from its layout, and the variant of the handlers the
+    /// tracker loads), or why the hook is left out.
+    pub program: fn(&Offsets, Variant) -> Result<&'static str, &'static str>,
     /// Whether the tracker can do without the hook: a program the kernel refuses is then
     /// reported (its counters unmeasured), not fatal.
     pub optional: bool,
@@ -436,22 +436,22 @@ pub(crate) struct HookSpec {
 pub(crate) const HOOKS: [HookSpec; 5] = [
     HookSpec {
         tracepoint: names::TP_SCHED_PROCESS_EXIT,
-        program: |_, atomics| {
-            Ok(if atomics {
-                names::PROG_SCHED_PROCESS_EXIT
-            } else {
-                names::PROG_SCHED_PROCESS_EXIT_NO_ATOMICS
+        program: |_, v| {
+            Ok(match v {
+                Variant::Full => names::PROG_SCHED_PROCESS_EXIT,
+                Variant::Lean => names::PROG_SCHED_PROCESS_EXIT_LEAN,
+                Variant::NoAtomics => names::PROG_SCHED_PROCESS_EXIT_NO_ATOMICS,
             })
         },
         optional: false,
     },
     HookSpec {
         tracepoint: names::TP_SCHED_PROCESS_EXEC,
-        program: |_, atomics| {
-            Ok(if atomics {
-                names::PROG_SCHED_PROCESS_EXEC
-            } else {
-                names::PROG_SCHED_PROCESS_EXEC_NO_ATOMICS
+        program: |_, v| {
+            Ok(match v {
+                Variant::Full => names::PROG_SCHED_PROCESS_EXEC,
+                Variant::Lean => names::PROG_SCHED_PROCESS_EXEC_LEAN,
+                Variant::NoAtomics => names::PROG_SCHED_PROCESS_EXEC_NO_ATOMICS,
             })
         },
         optional: false,
@@ -459,8 +459,8 @@ pub(crate) const HOOKS: [HookSpec; 5] = [
     // The memory counters need atomics that return the old value.
     HookSpec {
         tracepoint: names::TP_RSS_STAT,
-        program: |_, atomics| {
-            if atomics {
+        program: |_, v| {
+            if v.atomics() {
                 Ok(names::PROG_RSS_STAT)
             } else {
                 Err("the memory counters need BPF atomic fetch")
@@ -470,8 +470,8 @@ pub(crate) const HOOKS: [HookSpec; 5] = [
     },
     HookSpec {
         tracepoint: names::TP_SCHED_SWITCH,
-        program: |_, atomics| {
-            Ok(if atomics {
+        program: |_, v| {
+            Ok(if v.atomics() {
                 names::PROG_SCHED_SWITCH
             } else {
                 names::PROG_SCHED_SWITCH_NO_ATOMICS
@@ -498,6 +498,43 @@ pub(crate) const HOOKS: [HookSpec; 5] = [
     },
 ];
 
+/// The variant of the handlers a tracker loads: chosen from what its runs may ask for
+/// ([`crate::ProgramSet`]) and whether the kernel's verifier takes the handlers with
+/// atomics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Variant {
+    /// With atomics, and everything: adoption (attach) and the records of a breakdown.
+    Full,
+    /// With atomics, for totals alone: no adoption path, no exec records, no credentials
+    /// in start records (the lean set: far less for the verifier at start-up).
+    Lean,
+    /// Without BPF atomic fetch (before 5.12): everything that does without atomics.
+    NoAtomics,
+}
+
+impl Variant {
+    pub(crate) fn atomics(self) -> bool {
+        self != Variant::NoAtomics
+    }
+
+    /// The `task_newtask` program of this variant.
+    pub(crate) fn newtask(self) -> &'static str {
+        match self {
+            Variant::Full => names::PROG_TASK_NEWTASK,
+            Variant::Lean => names::PROG_TASK_NEWTASK_LEAN,
+            Variant::NoAtomics => names::PROG_TASK_NEWTASK_NO_ATOMICS,
+        }
+    }
+
+    /// The programs of this variant that are verified side by side at start-up (with the
+    /// block and socket programs, which every variant shares).
+    pub(crate) fn preloaded(self, o: &Offsets) -> Vec<&'static str> {
+        let mut names = vec![self.newtask()];
+        names.extend(HOOKS.iter().filter_map(|spec| (spec.program)(o, self).ok()));
+        names
+    }
+}
+
 /// Attaches `spec`'s program for this kernel. `Ok(None)`: attached, or left out by design
 /// (a program the kernel does not get); `Ok(Some(why))`: an optional hook left out.
 pub(crate) fn attach_spec(
@@ -505,9 +542,9 @@ pub(crate) fn attach_spec(
     hooks: &mut Vec<Hook>,
     spec: &HookSpec,
     offsets: &Offsets,
-    atomics: bool,
+    variant: Variant,
 ) -> Result<Option<String>, LoadError> {
-    let program = match (spec.program)(offsets, atomics) {
+    let program = match (spec.program)(offsets, variant) {
         Ok(program) => program,
         Err(why) => return Ok(spec.optional.then(|| why.to_string())),
     };
@@ -527,8 +564,13 @@ mod tests {
         o: &Offsets,
         atomics: bool,
     ) -> Result<&'static str, &'static str> {
+        let v = if atomics {
+            Variant::Full
+        } else {
+            Variant::NoAtomics
+        };
         let spec = HOOKS.iter().find(|h| h.tracepoint == tracepoint).unwrap();
-        (spec.program)(o, atomics)
+        (spec.program)(o, v)
     }
 
     #[test]
@@ -597,5 +639,41 @@ mod tests {
             .map(|h| h.tracepoint)
             .collect();
         assert_eq!(optional, [bio]);
+    }
+
+    #[test]
+    fn the_lean_set_differs_only_where_the_adoption_and_breakdown_paths_are() {
+        let o = Offsets {
+            bio_queue_bio_arg: 0,
+            bio_size: 40,
+            bio_opf: 16,
+            bio_bdev: 8,
+            bdev_dev: 4,
+            ..Offsets::UNRESOLVED
+        };
+        let full = Variant::Full.preloaded(&o);
+        let lean = Variant::Lean.preloaded(&o);
+        assert_eq!(full.len(), lean.len());
+        let changed: Vec<_> = full
+            .iter()
+            .zip(&lean)
+            .filter(|(f, l)| f != l)
+            .map(|(_, l)| *l)
+            .collect();
+        assert_eq!(
+            changed,
+            [
+                names::PROG_TASK_NEWTASK_LEAN,
+                names::PROG_SCHED_PROCESS_EXIT_LEAN,
+                names::PROG_SCHED_PROCESS_EXEC_LEAN,
+            ]
+        );
+        assert!(lean.contains(&names::PROG_BLOCK_BIO_QUEUE));
+        assert!(lean.contains(&names::PROG_RSS_STAT));
+        assert!(
+            !Variant::NoAtomics
+                .preloaded(&o)
+                .contains(&names::PROG_RSS_STAT)
+        );
     }
 }

@@ -17,7 +17,7 @@ use crate::kernel::features::{Measured, Unavailable};
 use crate::kernel::map_read::MapReadError;
 use crate::kernel::map_read::MapReader;
 use crate::kernel::programs::{
-    HOOKS, Hook, KernelBtf, LoadError, attach, attach_network, attach_spec, load_control,
+    HOOKS, Hook, KernelBtf, LoadError, Variant, attach, attach_network, attach_spec, load_control,
     missing_privileges, preload, program_as, take,
 };
 use crate::kernel::resolve;
@@ -86,6 +86,8 @@ pub(crate) struct Shared {
     pub offsets: Offsets,
     /// Capacities of TASKS, PROCS and MMS.
     pub(crate) capacity: [u32; 3],
+    /// The lean set is loaded ([`ProgramSet::Totals`]): no attach, no breakdown.
+    pub(crate) lean: bool,
     pub measured: Measured,
     /// Why what is not measured is not.
     pub unavailable: Unavailable,
@@ -228,14 +230,36 @@ pub(crate) fn run_share(max_tasks: u32, capacity: [u32; 3]) -> u32 {
     (room - cylo_usage_abi::share_headroom(room)).max(1)
 }
 
-/// Capacities of the kernel-side maps.
+/// What a tracker's runs may ask for beyond their totals. Loading less makes the start-up
+/// shorter: the kernel verifies far fewer instructions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProgramSet {
+    /// Everything: attaching to running trees, per-process breakdowns and event streams
+    /// (`--tree`, `--events`), and totals. The default.
+    #[default]
+    Full,
+    /// Runs the tracker starts itself, with their totals (the user/system split and budgets
+    /// included): the handlers without the adoption path and without the records only a
+    /// breakdown needs, and a one-page breakdown ring buffer. An attach, or a run that asks
+    /// for a breakdown or events, fails with [`crate::SessionError::NotLoaded`]. Kernels
+    /// without BPF atomic fetch (before 5.12) have one set only, and load it.
+    Totals,
+}
+
+/// Capacities of the kernel-side maps, and which programs to load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
-    /// Live tracked threads on the whole host, over all runs. A thread that finds the map
-    /// full is not followed, and is counted in `lost_events`.
+    /// Live tracked threads on the whole host, over all runs. A run's share of them is this
+    /// less a headroom (see [`crate::RunOptions::max_tasks`]); a task past its run's share is
+    /// killed at birth and the run stops (budget `tasks_alive`).
     pub max_tasks: u32,
     /// Live tracked processes on the whole host, over all runs (likewise).
     pub max_procs: u32,
+    /// Live tracked address spaces on the whole host, over all runs: past it, a process's
+    /// memory is not followed (counted in `lost_events`).
+    pub max_mms: u32,
+    /// What the tracker's runs may ask for.
+    pub programs: ProgramSet,
 }
 
 impl Default for Capacities {
@@ -243,9 +267,35 @@ impl Default for Capacities {
         Capacities {
             max_tasks: DEFAULT_MAX_TASKS,
             max_procs: DEFAULT_MAX_PROCS,
+            max_mms: DEFAULT_MAX_MMS,
+            programs: ProgramSet::Full,
         }
     }
 }
+
+impl Capacities {
+    /// Capacities for one command's tree (what the command line loads in its own process):
+    /// `live_tasks` threads and as many processes and address spaces, rather than the
+    /// 65,536 a daemon serving many runs keeps. Fewer preallocated entries make the start-up
+    /// shorter (about 40 ns an entry on this project's machines).
+    pub fn for_one_tree(live_tasks: u32, programs: ProgramSet) -> Capacities {
+        let n = live_tasks.max(MIN_TASKS);
+        Capacities {
+            max_tasks: n,
+            max_procs: n,
+            max_mms: n,
+            programs,
+        }
+    }
+}
+
+/// The smallest capacity [`Capacities::for_one_tree`] makes: room for a share and its
+/// headroom.
+pub const MIN_TASKS: u32 = 64;
+
+/// The number of live threads a command line's own tracker follows by default
+/// ([`Capacities::for_one_tree`]).
+pub const ONE_TREE_TASKS: u32 = 16_384;
 
 /// Loaded and attached eBPF programs. Cheap to clone; the programs stay attached until the
 /// last clone (and every [`crate::Run`] made from it) is dropped.
@@ -326,11 +376,20 @@ impl Tracker {
     ) -> Result<Tracker, LoadError> {
         let kernel_btf = KernelBtf::start(offsets);
         let mut hooks = Vec::new();
+        let lean = options.programs == ProgramSet::Totals;
+        // Without breakdowns, the records ring buffer is never read: one page.
+        let records_bytes = if lean {
+            crate::sys::procfs::page_size() as u32
+        } else {
+            cylo_usage_abi::RECORDS_BYTES
+        };
         let mut ebpf = loader
             .override_global(names::OFFSETS, offsets, true)
             .override_global(aya_log::LEVEL, log_level, false)
             .map_max_entries(names::TASKS, options.max_tasks)
             .map_max_entries(names::PROCS, options.max_procs)
+            .map_max_entries(names::MMS, options.max_mms)
+            .map_max_entries(names::RECORDS, records_bytes)
             .load(OBJECT)
             .map_err(LoadError::Load)?;
         let log = crate::kernel::ebpf_log::start(&mut ebpf, *log_level);
@@ -360,24 +419,20 @@ impl Tracker {
         };
         let records = ring(&mut ebpf, names::RECORDS)?;
         let split_records = ring(&mut ebpf, names::SPLIT_RECORDS)?;
-        // The big handlers, verified in parallel (with atomics: where the verifier refuses
-        // them, `attach` reports it and the variants without are loaded one by one).
-        preload(
-            &mut ebpf,
-            &[
-                names::PROG_TASK_NEWTASK,
-                names::PROG_SCHED_PROCESS_EXIT,
-                names::PROG_SCHED_PROCESS_EXEC,
-                names::PROG_RSS_STAT,
-                names::PROG_SCHED_SWITCH,
-            ],
-        );
+        // The handlers, verified in parallel (with atomics: where the verifier refuses them,
+        // `attach` reports it and the variants without are loaded one by one).
+        let wanted = if lean { Variant::Lean } else { Variant::Full };
+        let mut parallel = wanted.preloaded(offsets);
+        if offsets.net_hooks & cylo_usage_abi::net::HOOK_TRACEPOINTS != 0 {
+            parallel.extend([names::PROG_SOCK_SEND_LENGTH, names::PROG_SOCK_RECV_LENGTH]);
+        }
+        preload(&mut ebpf, &parallel);
         // Atomics that return the old value (BPF ISA v3) came with 5.12: the verifier decides.
         // Without them, the variants that do without the peaks and the memory counters.
         let atomics_error = match attach(
             &mut ebpf,
             &mut hooks,
-            names::PROG_TASK_NEWTASK,
+            wanted.newtask(),
             names::TP_TASK_NEWTASK,
         ) {
             Ok(()) => None,
@@ -395,11 +450,12 @@ impl Tracker {
                 "the kernel refused the handlers with atomics, using the variants without: {why}"
             );
         }
+        let variant = if atomics { wanted } else { Variant::NoAtomics };
         if !atomics {
             attach(
                 &mut ebpf,
                 &mut hooks,
-                names::PROG_TASK_NEWTASK_NO_ATOMICS,
+                variant.newtask(),
                 names::TP_TASK_NEWTASK,
             )?;
         }
@@ -420,7 +476,7 @@ impl Tracker {
         // The other hooks, as their table says.
         let mut devices_error = None;
         for spec in &HOOKS {
-            if let Some(why) = attach_spec(&mut ebpf, &mut hooks, spec, offsets, atomics)?
+            if let Some(why) = attach_spec(&mut ebpf, &mut hooks, spec, offsets, variant)?
                 && spec.tracepoint == names::TP_BLOCK_BIO_QUEUE
             {
                 devices_error = Some(why);
@@ -432,6 +488,8 @@ impl Tracker {
         let attach_error = (o.pid_tasks == ABSENT || o.task_thread_pid == ABSENT).then(|| {
             "this kernel's BTF lacks the layout of struct pid, fdtable or proc_inode".to_string()
         });
+        // What the lean set leaves out (kernels without atomics have no lean set).
+        let lean = variant == Variant::Lean;
         let records_error = (o.task_comm == ABSENT || o.mm_arg_start == ABSENT).then(|| {
             "this kernel's BTF lacks task_struct.comm/exit_code or mm_struct.arg_start".to_string()
         });
@@ -473,7 +531,8 @@ impl Tracker {
                 control,
                 adopt: std::sync::OnceLock::new(),
                 offsets: *offsets,
-                capacity: [options.max_tasks, options.max_procs, DEFAULT_MAX_MMS],
+                capacity: [options.max_tasks, options.max_procs, options.max_mms],
+                lean,
                 measured,
                 unavailable: Unavailable {
                     atomics: atomics_error,

@@ -115,6 +115,9 @@ impl Tracker {
             return Err(SessionError::NoSuchProcess { pid });
         };
         let inner = self.inner.clone();
+        if inner.lean {
+            return Err(SessionError::NotLoaded { what: "an attach" });
+        }
         if let Some(reason) = &inner.unavailable.attach {
             return Err(SessionError::AttachUnsupported {
                 reason: reason.clone(),

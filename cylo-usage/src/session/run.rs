@@ -42,6 +42,16 @@ pub enum SessionError {
         /// Why.
         reason: String,
     },
+    /// The tracker loaded the lean programs ([`crate::ProgramSet::Totals`]), which cannot
+    /// do what the run asked for.
+    #[error(
+        "this tracker loaded the programs for totals alone (ProgramSet::Totals): {what} needs \
+         ProgramSet::Full"
+    )]
+    NotLoaded {
+        /// What the run asked for: "an attach", "a breakdown (tree)", "an event stream".
+        what: &'static str,
+    },
     /// Every run slot in the kernel is in use: the tracker already has `max` runs.
     #[error("all {max} run slots are in use")]
     NoFreeSlot {

@@ -16,6 +16,18 @@ pub(crate) fn open_slot(
     inner: &Arc<Shared>,
     options: &RunOptions,
 ) -> Result<(u32, Option<BudgetHookGuard>), SessionError> {
+    if inner.lean {
+        if options.tree {
+            return Err(SessionError::NotLoaded {
+                what: "a breakdown (tree)",
+            });
+        }
+        if options.events.is_some() {
+            return Err(SessionError::NotLoaded {
+                what: "an event stream",
+            });
+        }
+    }
     let budgets = &options.budgets;
     let guard = if budgets.is_empty() {
         None

@@ -42,6 +42,30 @@ pub fn tracker() -> Option<Tracker> {
     }
 }
 
+/// A tracker with the lean programs ([`cylo_usage::ProgramSet::Totals`]) and maps for one
+/// tree, as the command line loads for a run without a breakdown; shared by the tests of a
+/// binary like [`tracker`].
+pub fn lean_tracker() -> Option<Tracker> {
+    static TRACKER: OnceLock<Result<Tracker, String>> = OnceLock::new();
+    let loaded = TRACKER.get_or_init(|| {
+        let options = cylo_usage::Capacities::for_one_tree(
+            cylo_usage::ONE_TREE_TASKS,
+            cylo_usage::ProgramSet::Totals,
+        );
+        Tracker::load_with_options(options).map_err(|e| cylo_usage::error_chain(&e))
+    });
+    match loaded {
+        Ok(t) => Some(t.clone()),
+        Err(e) if ebpf_required() => {
+            panic!("CYLO_USAGE_REQUIRE_EBPF=1 but the lean eBPF programs could not be loaded: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: the lean eBPF programs could not be loaded ({e})");
+            None
+        }
+    }
+}
+
 /// Runs `cmd` under `tracker` until every descendant has exited; returns the usage.
 pub async fn run_to_end(tracker: &Tracker, cmd: &mut Command) -> ResourceUsage {
     let mut run = tracker.spawn(cmd).expect("spawn under the tracker");

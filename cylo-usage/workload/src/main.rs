@@ -63,7 +63,7 @@ mod net;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cylo-usage-workload burn MS | threads N MS | fork N | storm N | daemon MS | \
+        "usage: cylo-usage-workload burn MS | threads N MS | fork N | storm N | storm-timed N | daemon MS | \
          clone-parent | vfork | exec-from-thread PATH [ARGS] | write-direct FILE MIB [BLOCK] | \
          read-direct FILE MIB [BLOCK] | write FILE MIB fsync|truncate|none | read FILE | \
          mem A B MS | pidns N | hostile-name MS | spike MIB MS AFTER [small] | \
@@ -540,6 +540,20 @@ fn main() {
                 libc::close(fds[1]);
             }
             wait_all();
+        }
+        Some("storm-timed") => {
+            // `storm N`, timed by the storm itself (so that a tracer's start-up is left out):
+            // prints `storm_ns NS`.
+            let start = std::time::Instant::now();
+            for _ in 0..num(args.get(1)) {
+                if fork() == 0 {
+                    // SAFETY: exits the child at once.
+                    unsafe { libc::_exit(0) };
+                }
+                // SAFETY: reap the one child.
+                unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) };
+            }
+            println!("storm_ns {}", start.elapsed().as_nanos());
         }
         Some("storm") => {
             for _ in 0..num(args.get(1)) {

@@ -33,8 +33,14 @@
 //! - `budgets` (`bench/budgets.rs`): budgets set but not reached, what they cost untracked
 //!   processes, and how far a CPU budget overshoots.
 //!
-//! `--case` picks cases (a letter, `costs`, `net-costs`, `sessions`, `daemon` or `budgets`;
-//! repeatable); all by default.
+//! - `startup` (`bench/startup.rs`): `run --no-daemon -- /bin/true` with the lean programs
+//!   and with the full set, beside bpftrace, and what each program cost the verifier.
+//!
+//! - `a` also times the storm inside itself (`bench/storm_inside.rs`): no tracer's start-up,
+//!   plainly, under cylo-usage and under bpftrace counting the same tree.
+//!
+//! `--case` picks cases (a letter, `costs`, `net-costs`, `sessions`, `daemon`, `budgets` or
+//! `startup`; repeatable); all by default.
 //!
 //! Every lettered case also reports, beside its wall-clock ratio, the kernel's per-program
 //! statistics of its traced side ([`stats`]): [`COST_RUNS`] more traced runs with statistics
@@ -54,10 +60,13 @@ use anyhow::{Context, Result, bail};
 
 use crate::{cargo, paths};
 
+mod bpftrace;
 mod budgets;
 mod common;
 mod daemon;
+mod startup;
 mod stats;
+mod storm_inside;
 
 use common::{BACKGROUND_TIMEOUT, Background, Bins, Stats, reported_wall, time};
 
@@ -93,14 +102,14 @@ pub struct Args {
     /// with and without records, attach latency, tracker memory), `daemon` (one shared
     /// program set against in-process trackers, and the daemon under load), `daemon-load`
     /// (only the latter: a victim's run while sessions are polled, and the memory of a
-    /// breakdown), `budgets` (budgets' costs and CPU-budget overshoot). Repeatable; default:
-    /// all.
+    /// breakdown), `budgets` (budgets' costs and CPU-budget overshoot), `startup` (start-up
+    /// beside bpftrace, and each program's verification). Repeatable; default: all.
     #[arg(long = "case", value_name = "CASE")]
     cases: Vec<String>,
 }
 
 /// The cases `--case` can name.
-const CASE_IDS: [&str; 14] = [
+const CASE_IDS: [&str; 15] = [
     "a",
     "b",
     "c",
@@ -115,6 +124,7 @@ const CASE_IDS: [&str; 14] = [
     "daemon",
     "daemon-load",
     "budgets",
+    "startup",
 ];
 
 /// Whether `--case` selects `id` (everything when none is given).
@@ -264,6 +274,12 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let mut costs = String::new();
+    if selected(&args, "a") {
+        costs.push_str(&storm_inside::storm_inside(&bins, storm, runs)?);
+    }
+    if selected(&args, "startup") {
+        costs.push_str(&startup::startup(&bins, runs)?);
+    }
     if selected(&args, "costs") {
         costs.push_str(&handler_costs(&bins, storm)?);
     }

@@ -1,0 +1,172 @@
+//! Case (a) timed inside the storm itself: the workload times its own 5,000 forks and
+//! reaps (`storm-timed`), so that no tracer's start-up is counted, plainly, under
+//! `cylo-usage run` (the lean programs, totals only), under `cylo-usage run --tree`, and under
+//! bpftrace counting the same tree with a map in the kernel, interleaved in one run. Beside
+//! each ratio, the tracer's programs' run time by the kernel's per-program statistics, as a
+//! share of the storm's own time (medians of [`STATS_RUNS`] runs with statistics on).
+
+use std::fmt::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::common::Bins;
+use super::stats;
+
+/// Runs per tracer with the kernel's statistics on, after the timed runs.
+const STATS_RUNS: usize = 3;
+
+const NO_DAEMON: &str = "/nonexistent/cylo-usage.sock";
+
+/// How a side runs the storm.
+#[derive(Clone, Copy, PartialEq)]
+enum Tracer {
+    None,
+    Lean,
+    Tree,
+    Bpftrace,
+}
+
+impl Tracer {
+    const ALL: [Tracer; 4] = [Tracer::None, Tracer::Lean, Tracer::Tree, Tracer::Bpftrace];
+
+    fn name(self) -> &'static str {
+        match self {
+            Tracer::None => "plain",
+            Tracer::Lean => "`cylo-usage run` (totals)",
+            Tracer::Tree => "`cylo-usage run --tree`",
+            Tracer::Bpftrace => "bpftrace counting the tree",
+        }
+    }
+
+    fn command(self, bins: &Bins, storm: &str) -> Command {
+        let args = ["storm-timed", storm];
+        match self {
+            Tracer::None => {
+                let mut c = Command::new(&bins.workload);
+                c.args(args);
+                c
+            }
+            Tracer::Lean | Tracer::Tree => {
+                let mut c = Command::new(&bins.tracker);
+                c.args(["run", "--no-daemon", "-o", "/dev/null"]);
+                if self == Tracer::Tree {
+                    c.arg("--tree");
+                }
+                c.arg("--").arg(&bins.workload).args(args);
+                c.env("CYLO_USAGE_SOCKET", NO_DAEMON);
+                c
+            }
+            Tracer::Bpftrace => super::bpftrace::counting(&bins.workload, &args),
+        }
+    }
+}
+
+/// One run: the storm's own time, and the child (for statistics) while it runs.
+fn run_once(mut cmd: Command, mut watch: impl FnMut(&mut std::process::Child)) -> Result<Duration> {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {shown}"))?;
+    watch(&mut child);
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for {shown}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ns = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("storm_ns ")?.trim().parse::<u64>().ok());
+    match (out.status.success(), ns) {
+        (true, Some(ns)) => Ok(Duration::from_nanos(ns)),
+        _ => bail!(
+            "{shown} failed ({}): {}{}",
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    }
+}
+
+pub(crate) fn storm_inside(bins: &Bins, storm: u64, runs: usize) -> Result<String> {
+    super::bpftrace::ensure()?;
+    let storm_arg = storm.to_string();
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); Tracer::ALL.len()];
+    eprintln!("xtask: (a) storm timed inside: warm-up, then {runs} runs per side, interleaved");
+    for round in 0..=runs {
+        for (i, t) in Tracer::ALL.iter().enumerate() {
+            let d = run_once(t.command(bins, &storm_arg), |_| {})
+                .with_context(|| format!("(a) inside, {} (round {round})", t.name()))?;
+            if round > 0 {
+                samples[i].push(d);
+            }
+        }
+    }
+    let ms = |v: &[Duration]| -> Vec<f64> { v.iter().map(|d| d.as_secs_f64() * 1e3).collect() };
+    let plain = stats::median(ms(&samples[0]));
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "\n(a) the storm of {storm} timed inside itself (no tracer's start-up; {runs} runs per \
+         side, interleaved), with each tracer's programs' kernel run time as a share of the \
+         storm's time (medians of {STATS_RUNS} runs with statistics on; for cylo-usage beyond \
+         the empty program, for bpftrace raw):\n\n\
+         | side | storm median (min) | ratio to plain | programs' kernel time |\n|---|---|---|---|"
+    );
+    for (i, t) in Tracer::ALL.iter().enumerate() {
+        let v = ms(&samples[i]);
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let med = stats::median(v);
+        let kernel = if *t == Tracer::None {
+            "-".to_string()
+        } else {
+            let (_, share) = stats::table(&statistics(bins, *t, &storm_arg)?);
+            format!("{share:.2}%")
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {med:.1} ms ({min:.1}) | {:.3}× | {kernel} |",
+            t.name(),
+            med / plain
+        );
+    }
+    Ok(md)
+}
+
+/// [`STATS_RUNS`] runs of `tracer` with the kernel's statistics on: its programs' counts
+/// (held by descriptor, so they outlive the tracer), the empty program's, and the storm's
+/// own time as the wall time.
+fn statistics(bins: &Bins, tracer: Tracer, storm: &str) -> Result<Vec<stats::Measure>> {
+    let mut out = Vec::new();
+    for _ in 0..STATS_RUNS {
+        let _on = stats::enable()?;
+        let empty = stats::EmptyPrograms::attach(&stats::tracepoints())?;
+        let floor_before = empty.snapshot()?;
+        let mut handlers = None;
+        let storm_time = run_once(tracer.command(bins, storm), |child| {
+            let Ok(mut h) = stats::Handlers::of(child.id()) else {
+                return;
+            };
+            let start = Instant::now();
+            // Until the tracer exits: every program it loads is picked up as it appears.
+            while start.elapsed() < Duration::from_secs(60) {
+                h.poll();
+                if child.try_wait().map(|s| s.is_some()).unwrap_or(true) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            handlers = Some(h);
+        })?;
+        let handlers = handlers.context("the tracer's programs could not be watched")?;
+        out.push(stats::Measure {
+            handlers: handlers.snapshot()?,
+            floor: stats::delta(&floor_before, &empty.snapshot()?),
+            wall: storm_time,
+        });
+    }
+    Ok(out)
+}
