@@ -242,7 +242,8 @@ pub enum ProgramSet {
     /// included): the handlers without the adoption path and without the records only a
     /// breakdown needs, and a one-page breakdown ring buffer. An attach, or a run that asks
     /// for a breakdown or events, fails with [`crate::SessionError::NotLoaded`]. Kernels
-    /// without BPF atomic fetch (before 5.12) have one set only, and load it.
+    /// without BPF atomic fetch (before 5.12) have one set only, and load it, but refuse
+    /// the same.
     Totals,
 }
 
@@ -488,8 +489,9 @@ impl Tracker {
         let attach_error = (o.pid_tasks == ABSENT || o.task_thread_pid == ABSENT).then(|| {
             "this kernel's BTF lacks the layout of struct pid, fdtable or proc_inode".to_string()
         });
-        // What the lean set leaves out (kernels without atomics have no lean set).
-        let lean = variant == Variant::Lean;
+        // What a `Totals` tracker refuses, on every kernel alike: kernels without atomics load
+        // their one set, but its records ring buffer is one page here too.
+        let lean = options.programs == ProgramSet::Totals;
         let records_error = (o.task_comm == ABSENT || o.mm_arg_start == ABSENT).then(|| {
             "this kernel's BTF lacks task_struct.comm/exit_code or mm_struct.arg_start".to_string()
         });
