@@ -1,84 +1,16 @@
 //! The lean programs ([`ProgramSet::Totals`]: no adoption path, no breakdown records), which
 //! the command line loads for a run without `--tree`/`--events`, and its maps sized for one
-//! tree: the same trees as `tests/tree.rs`, counted as exactly, against the same ground
-//! truth; what the set has not loaded refused in a typed error; and a tree past the maps'
-//! capacity stopped as a budget, never followed in part.
+//! tree: what the set has not loaded is refused in a typed error, and a tree past the maps'
+//! capacity is stopped as a budget, never followed in part. (That it counts the trees of
+//! `tests/tree.rs`, `tests/disk_memory.rs` and `tests/split.rs` as exactly as the full set,
+//! against the same ground truth, those files check: their tests run on both sets.)
 mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::{cpu_group, expected_peak, lean_tracker, rel_diff, run_to_end, workload};
+use common::{lean_tracker, run_to_end, workload};
 use cylo_usage::{Capacities, ProgramSet, Resource, RunOptions, SessionError, Tracker};
-
-#[tokio::test]
-async fn a_thousand_children_and_their_threads_are_counted_exactly() {
-    let Some(t) = lean_tracker() else { return };
-    let u = run_to_end(&t, &mut workload(&["fork", "1000"])).await;
-    assert_eq!((u.process_count, u.thread_count), (1001, 1001), "{u:?}");
-    assert_eq!(u.peak_process_count, expected_peak(1001), "{u:?}");
-    let u = run_to_end(&t, &mut workload(&["threads", "7", "20"])).await;
-    assert_eq!((u.process_count, u.thread_count), (1, 8), "{u:?}");
-    assert!(u.cpu_time_ns >= 7 * 20_000_000, "{u:?}");
-}
-
-#[tokio::test]
-async fn cpu_time_of_a_mixed_tree_with_a_daemon_matches_cpuacct() {
-    let Some(t) = lean_tracker() else { return };
-    let Some(group) = cpu_group() else { return };
-    let mut cmd = Command::new("/bin/sh");
-    let w = common::WORKLOAD;
-    cmd.arg("-c").arg(format!(
-        "{w} threads 3 150 & {w} daemon 200 & {w} fork 50; {w} storm 100; wait"
-    ));
-    group.join(&mut cmd);
-    let mut run = t.spawn(&mut cmd).unwrap();
-    tokio::time::timeout(Duration::from_secs(120), async {
-        run.wait_root().await.unwrap();
-        run.wait_finished().await.unwrap();
-    })
-    .await
-    .expect("finished within 120 s");
-    let u = run.usage().unwrap();
-    let truth = group.usage_ns();
-    assert!(truth >= 600_000_000, "the workload burned what it says");
-    assert!(
-        rel_diff(u.cpu_time_ns, truth) < 0.02,
-        "ours {} vs cpuacct {truth}",
-        u.cpu_time_ns
-    );
-    assert_eq!(u.cpu_user_ns + u.cpu_system_ns, u.cpu_time_ns, "{u:?}");
-    // 1 sh + 4 workloads + the daemon's 2 + 50 fork children + 100 storm children
-    assert_eq!(u.process_count, 157, "{u:?}");
-    assert_eq!((u.lost_events, u.live_process_count), (0, 0), "{u:?}");
-}
-
-#[tokio::test]
-async fn exec_from_a_thread_and_a_new_pid_namespace_are_followed() {
-    let Some(t) = lean_tracker() else { return };
-    let script = "/bin/true; /bin/true; exit 0";
-    let u = run_to_end(
-        &t,
-        &mut workload(&["exec-from-thread", "/bin/sh", "-c", script]),
-    )
-    .await;
-    assert_eq!(u.process_count, 3, "{u:?}");
-    let u = run_to_end(&t, &mut workload(&["pidns", "5"])).await;
-    assert_eq!(u.process_count, 6, "{u:?}");
-}
-
-#[tokio::test]
-async fn peak_memory_is_measured_as_by_the_full_set() {
-    let Some(t) = lean_tracker() else { return };
-    if !t.measured().atomics {
-        return;
-    }
-    let u = run_to_end(&t, &mut workload(&["mem", "64", "32", "300"])).await;
-    let peak = u.peak_memory_bytes.expect("memory is measured");
-    assert!(peak >= 96 << 20, "{u:?}");
-    assert!(u.max_process_rss_bytes.unwrap() >= 64 << 20, "{u:?}");
-    assert_eq!(u.memory_bytes, Some(0), "{u:?}");
-}
 
 #[tokio::test]
 async fn what_the_lean_set_has_not_loaded_is_refused_by_name() {

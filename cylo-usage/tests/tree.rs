@@ -9,133 +9,149 @@ use common::{cpu_group, expected_peak, kernel_version, rel_diff, run_to_end, tra
 
 #[tokio::test]
 async fn a_thousand_children_alive_at_once_are_counted_exactly() {
-    let Some(t) = tracker() else { return };
-    let u = run_to_end(&t, &mut workload(&["fork", "1000"])).await;
-    assert_eq!(u.process_count, 1001, "{u:?}");
-    assert_eq!(u.thread_count, 1001, "{u:?}");
-    assert_eq!(u.peak_process_count, expected_peak(1001), "{u:?}");
-    assert_eq!(u.exit_code, Some(0));
+    for (set, t) in common::trackers() {
+        eprintln!("{set}:");
+        let u = run_to_end(&t, &mut workload(&["fork", "1000"])).await;
+        assert_eq!(u.process_count, 1001, "{u:?}");
+        assert_eq!(u.thread_count, 1001, "{u:?}");
+        assert_eq!(u.peak_process_count, expected_peak(1001), "{u:?}");
+        assert_eq!(u.exit_code, Some(0));
+    }
 }
 
 #[tokio::test]
 async fn threads_are_counted_exactly() {
-    let Some(t) = tracker() else { return };
-    let u = run_to_end(&t, &mut workload(&["threads", "7", "20"])).await;
-    assert_eq!(u.process_count, 1, "{u:?}");
-    assert_eq!(u.thread_count, 8, "{u:?}");
-    assert_eq!(u.peak_process_count, expected_peak(1), "{u:?}");
-    assert!(u.cpu_time_ns >= 7 * 20_000_000, "{u:?}");
+    for (set, t) in common::trackers() {
+        eprintln!("{set}:");
+        let u = run_to_end(&t, &mut workload(&["threads", "7", "20"])).await;
+        assert_eq!(u.process_count, 1, "{u:?}");
+        assert_eq!(u.thread_count, 8, "{u:?}");
+        assert_eq!(u.peak_process_count, expected_peak(1), "{u:?}");
+        assert!(u.cpu_time_ns >= 7 * 20_000_000, "{u:?}");
+    }
 }
 
 #[tokio::test]
 async fn a_double_forked_daemon_is_followed_and_waited_for() {
-    let Some(t) = tracker() else { return };
-    let Some(group) = cpu_group() else { return };
-    let mut cmd = workload(&["daemon", "300"]);
-    group.join(&mut cmd);
-    let start = Instant::now();
-    let mut run = t.spawn(&mut cmd).unwrap();
-    run.wait_root().await.unwrap();
-    let root_done = start.elapsed();
-    assert!(!run.is_finished().unwrap(), "the daemon outlives the root");
-    tokio::time::timeout(Duration::from_secs(60), run.wait_finished())
-        .await
-        .unwrap()
-        .unwrap();
-    let u = run.usage().unwrap();
-    assert!(start.elapsed() >= root_done + Duration::from_millis(300));
-    assert_eq!(u.process_count, 3, "root, setsid child, grandchild: {u:?}");
-    assert_eq!(u.live_process_count, 0);
-    assert!(
-        u.cpu_time_ns >= 300_000_000,
-        "the daemon's CPU is included: {u:?}"
-    );
-    let truth = group.usage_ns();
-    assert!(
-        rel_diff(u.cpu_time_ns, truth) < 0.02,
-        "ours {} vs cpuacct {truth}",
-        u.cpu_time_ns
-    );
-    assert_eq!(u.lost_events, 0);
+    for (set, t) in common::trackers() {
+        eprintln!("{set}:");
+        let Some(group) = cpu_group() else { return };
+        let mut cmd = workload(&["daemon", "300"]);
+        group.join(&mut cmd);
+        let start = Instant::now();
+        let mut run = t.spawn(&mut cmd).unwrap();
+        run.wait_root().await.unwrap();
+        let root_done = start.elapsed();
+        assert!(!run.is_finished().unwrap(), "the daemon outlives the root");
+        tokio::time::timeout(Duration::from_secs(60), run.wait_finished())
+            .await
+            .unwrap()
+            .unwrap();
+        let u = run.usage().unwrap();
+        assert!(start.elapsed() >= root_done + Duration::from_millis(300));
+        assert_eq!(u.process_count, 3, "root, setsid child, grandchild: {u:?}");
+        assert_eq!(u.live_process_count, 0);
+        assert!(
+            u.cpu_time_ns >= 300_000_000,
+            "the daemon's CPU is included: {u:?}"
+        );
+        let truth = group.usage_ns();
+        assert!(
+            rel_diff(u.cpu_time_ns, truth) < 0.02,
+            "ours {} vs cpuacct {truth}",
+            u.cpu_time_ns
+        );
+        assert_eq!(u.lost_events, 0);
+    }
 }
 
 #[tokio::test]
 async fn exec_in_place_is_one_process() {
-    let Some(t) = tracker() else { return };
-    let u = run_to_end(&t, Command::new("/bin/sh").args(["-c", "exec /bin/true"])).await;
-    assert_eq!((u.process_count, u.thread_count), (1, 1), "{u:?}");
+    for (set, t) in common::trackers() {
+        eprintln!("{set}:");
+        let u = run_to_end(&t, Command::new("/bin/sh").args(["-c", "exec /bin/true"])).await;
+        assert_eq!((u.process_count, u.thread_count), (1, 1), "{u:?}");
+    }
 }
 
 #[tokio::test]
 async fn exec_from_a_non_leader_thread_keeps_following() {
-    let Some(t) = tracker() else { return };
-    // The execing thread takes over the leader's pid; the old leader dies. Then the new
-    // program forks: the fork must still be followed.
-    let script = "/bin/true; /bin/true; exit 0";
-    let u = run_to_end(
-        &t,
-        &mut workload(&["exec-from-thread", "/bin/sh", "-c", script]),
-    )
-    .await;
-    assert_eq!(
-        u.process_count, 3,
-        "the workload (then sh) and two /bin/true: {u:?}"
-    );
-    assert_eq!(u.thread_count, 4, "{u:?}");
+    for (set, t) in common::trackers() {
+        eprintln!("{set}:");
+        // The execing thread takes over the leader's pid; the old leader dies. Then the new
+        // program forks: the fork must still be followed.
+        let script = "/bin/true; /bin/true; exit 0";
+        let u = run_to_end(
+            &t,
+            &mut workload(&["exec-from-thread", "/bin/sh", "-c", script]),
+        )
+        .await;
+        assert_eq!(
+            u.process_count, 3,
+            "the workload (then sh) and two /bin/true: {u:?}"
+        );
+        assert_eq!(u.thread_count, 4, "{u:?}");
+    }
 }
 
 #[tokio::test]
 async fn clone_parent_and_vfork_children_join() {
-    let Some(t) = tracker() else { return };
-    let u = run_to_end(&t, &mut workload(&["clone-parent"])).await;
-    assert_eq!(u.process_count, 2, "{u:?}");
-    let u = run_to_end(&t, &mut workload(&["vfork"])).await;
-    assert_eq!(u.process_count, 2, "{u:?}");
+    for (set, t) in common::trackers() {
+        eprintln!("{set}:");
+        let u = run_to_end(&t, &mut workload(&["clone-parent"])).await;
+        assert_eq!(u.process_count, 2, "{u:?}");
+        let u = run_to_end(&t, &mut workload(&["vfork"])).await;
+        assert_eq!(u.process_count, 2, "{u:?}");
+    }
 }
 
 #[tokio::test]
 async fn children_that_live_microseconds_are_counted() {
-    let Some(t) = tracker() else { return };
-    let u = run_to_end(&t, &mut workload(&["storm", "500"])).await;
-    assert_eq!(u.process_count, 501, "{u:?}");
-    assert_eq!(u.peak_process_count, expected_peak(2), "{u:?}");
+    for (set, t) in common::trackers() {
+        eprintln!("{set}:");
+        let u = run_to_end(&t, &mut workload(&["storm", "500"])).await;
+        assert_eq!(u.process_count, 501, "{u:?}");
+        assert_eq!(u.peak_process_count, expected_peak(2), "{u:?}");
+    }
 }
 
 #[tokio::test]
 async fn cpu_time_matches_cpuacct_within_two_percent() {
-    let Some(t) = tracker() else { return };
-    let Some(group) = cpu_group() else { return };
-    let mut cmd = Command::new("/bin/sh");
-    let w = common::WORKLOAD;
-    cmd.arg("-c").arg(format!(
-        "{w} threads 3 150 & {w} burn 200 & {w} fork 50; {w} storm 100; wait"
-    ));
-    group.join(&mut cmd);
-    let u = run_to_end(&t, &mut cmd).await;
-    let truth = group.usage_ns();
-    assert!(
-        truth >= 600_000_000,
-        "the workload burned what it says: {truth}"
-    );
-    let diff = rel_diff(u.cpu_time_ns, truth);
-    eprintln!(
-        "cpu: ours {} ns, cpuacct {truth} ns, {:.4}% apart",
-        u.cpu_time_ns,
-        diff * 100.0
-    );
-    assert!(
-        diff < 0.02,
-        "ours {} vs cpuacct {truth} ({:.3}%)",
-        u.cpu_time_ns,
-        diff * 100.0
-    );
-    // The split is each process's own, as wait4 makes it (tests/split.rs checks it against
-    // wait4's figures); the cgroup's cpuacct.stat is the whole group's tick ratio, which
-    // differs by design where processes have no tick sample (the storm's children: all
-    // user time for wait4). Here: its parts make the whole.
-    assert_eq!(u.cpu_user_ns + u.cpu_system_ns, u.cpu_time_ns);
-    // 1 sh + 4 workloads + 50 fork children + 100 storm children
-    assert_eq!(u.process_count, 155, "{u:?}");
+    for (set, t) in common::trackers() {
+        eprintln!("{set}:");
+        let Some(group) = cpu_group() else { return };
+        let mut cmd = Command::new("/bin/sh");
+        let w = common::WORKLOAD;
+        cmd.arg("-c").arg(format!(
+            "{w} threads 3 150 & {w} burn 200 & {w} fork 50; {w} storm 100; wait"
+        ));
+        group.join(&mut cmd);
+        let u = run_to_end(&t, &mut cmd).await;
+        let truth = group.usage_ns();
+        assert!(
+            truth >= 600_000_000,
+            "the workload burned what it says: {truth}"
+        );
+        let diff = rel_diff(u.cpu_time_ns, truth);
+        eprintln!(
+            "cpu: ours {} ns, cpuacct {truth} ns, {:.4}% apart",
+            u.cpu_time_ns,
+            diff * 100.0
+        );
+        assert!(
+            diff < 0.02,
+            "ours {} vs cpuacct {truth} ({:.3}%)",
+            u.cpu_time_ns,
+            diff * 100.0
+        );
+        // The split is each process's own, as wait4 makes it (tests/split.rs checks it against
+        // wait4's figures); the cgroup's cpuacct.stat is the whole group's tick ratio, which
+        // differs by design where processes have no tick sample (the storm's children: all
+        // user time for wait4). Here: its parts make the whole.
+        assert_eq!(u.cpu_user_ns + u.cpu_system_ns, u.cpu_time_ns);
+        // 1 sh + 4 workloads + 50 fork children + 100 storm children
+        assert_eq!(u.process_count, 155, "{u:?}");
+    }
 }
 
 #[tokio::test]
@@ -216,10 +232,12 @@ async fn a_small_membership_map_keeps_headroom_and_kills_at_the_share_never_sile
 
 #[tokio::test]
 async fn children_in_a_new_pid_namespace_are_followed() {
-    let Some(t) = tracker() else { return };
-    let u = run_to_end(&t, &mut workload(&["pidns", "5"])).await;
-    assert_eq!(u.process_count, 6, "{u:?}");
-    assert_eq!(u.peak_process_count, expected_peak(6), "{u:?}");
+    for (set, t) in common::trackers() {
+        eprintln!("{set}:");
+        let u = run_to_end(&t, &mut workload(&["pidns", "5"])).await;
+        assert_eq!(u.process_count, 6, "{u:?}");
+        assert_eq!(u.peak_process_count, expected_peak(6), "{u:?}");
+    }
 }
 
 #[tokio::test]

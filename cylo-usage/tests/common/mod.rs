@@ -66,6 +66,19 @@ pub fn lean_tracker() -> Option<Tracker> {
     }
 }
 
+/// Both program sets, each named: the full one ([`tracker`]) and the lean one
+/// ([`lean_tracker`]): a test of what both must count alike runs on each.
+pub fn trackers() -> Vec<(&'static str, Tracker)> {
+    let mut all = Vec::new();
+    if let Some(t) = tracker() {
+        all.push(("full set", t));
+    }
+    if let Some(t) = lean_tracker() {
+        all.push(("lean set", t));
+    }
+    all
+}
+
 /// Runs `cmd` under `tracker` until every descendant has exited; returns the usage.
 pub async fn run_to_end(tracker: &Tracker, cmd: &mut Command) -> ResourceUsage {
     let mut run = tracker.spawn(cmd).expect("spawn under the tracker");
