@@ -208,26 +208,36 @@ async fn a_small_membership_map_keeps_headroom_and_kills_at_the_share_never_sile
     if tracker().is_none() {
         return;
     }
+    // A small TASKS map alone, and the command line's maps for one tree sized small, with the
+    // lean programs.
     let small = cylo_usage::Capacities {
         max_tasks: 16,
         ..Default::default()
     };
-    let t = cylo_usage::Tracker::load_with_options(small).expect("load with a small map");
-    let mut run = t.spawn(&mut workload(&["fork", "100"])).unwrap();
-    run.wait_root().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(60), run.wait_finished())
-        .await
-        .unwrap()
-        .unwrap();
-    let u = run.usage().unwrap();
-    // The run's share is the map less its headroom: the fork past it is killed at birth,
-    // with the root that made it; the headroom holds the task killed at birth, so nothing is
-    // lost and nothing escapes.
-    assert!(u.tasks_killed_at_birth.unwrap() >= 1, "{u:?}");
-    assert_eq!((u.lost_events, u.tasks_escaped), (0, Some(0)), "{u:?}");
-    assert_eq!(u.signal, Some(9), "{u:?}");
-    assert!(u.process_count < 16, "{u:?}");
-    assert_eq!(u.precision, cylo_usage::Precision::Approximate, "{u:?}");
+    let one_tree = cylo_usage::Capacities::for_one_tree(64, cylo_usage::ProgramSet::Totals);
+    for (capacity, options) in [(16, small), (64, one_tree)] {
+        let t = cylo_usage::Tracker::load_with_options(options).expect("load with small maps");
+        let mut run = t.spawn(&mut workload(&["fork", "100"])).unwrap();
+        run.wait_root().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(60), run.wait_finished())
+            .await
+            .unwrap()
+            .unwrap();
+        let u = run.usage().unwrap();
+        // The run's share is the map less its headroom: the fork past it is killed at birth,
+        // with the root that made it; the headroom holds the task killed at birth, so nothing
+        // is lost, nothing escapes, and the tree stops as at a budget.
+        assert_eq!(u.tasks_killed_at_birth, Some(1), "{u:?}");
+        assert_eq!((u.lost_events, u.tasks_escaped), (0, Some(0)), "{u:?}");
+        assert_eq!((u.signal, u.live_process_count), (Some(9), 0), "{u:?}");
+        assert_eq!(u.precision, cylo_usage::Precision::Approximate, "{u:?}");
+        let e = u.budget_exceeded.as_ref().expect("the share is a budget");
+        assert_eq!(e.resource, cylo_usage::Resource::TasksAlive, "{u:?}");
+        assert!(e.limit < capacity, "the share leaves a headroom: {u:?}");
+        assert_eq!(e.observed, e.limit + 1, "{u:?}");
+        // The task past the share joined (so that it could be killed and counted).
+        assert!(u.process_count <= e.observed, "{u:?}");
+    }
 }
 
 #[tokio::test]
