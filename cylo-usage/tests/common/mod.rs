@@ -30,16 +30,7 @@ pub fn ebpf_required() -> bool {
 /// programs cannot be loaded here and CYLO_USAGE_REQUIRE_EBPF is not 1.
 pub fn tracker() -> Option<Tracker> {
     static TRACKER: OnceLock<Result<Tracker, String>> = OnceLock::new();
-    match TRACKER.get_or_init(|| Tracker::load().map_err(|e| cylo_usage::error_chain(&e))) {
-        Ok(t) => Some(t.clone()),
-        Err(e) if ebpf_required() => {
-            panic!("CYLO_USAGE_REQUIRE_EBPF=1 but the eBPF programs could not be loaded: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: the eBPF programs could not be loaded ({e})");
-            None
-        }
-    }
+    shared(&TRACKER, "eBPF programs", cylo_usage::Capacities::default())
 }
 
 /// A tracker with the lean programs ([`cylo_usage::ProgramSet::Totals`]) and maps for one
@@ -47,20 +38,30 @@ pub fn tracker() -> Option<Tracker> {
 /// binary like [`tracker`].
 pub fn lean_tracker() -> Option<Tracker> {
     static TRACKER: OnceLock<Result<Tracker, String>> = OnceLock::new();
-    let loaded = TRACKER.get_or_init(|| {
-        let options = cylo_usage::Capacities::for_one_tree(
-            cylo_usage::ONE_TREE_TASKS,
-            cylo_usage::ProgramSet::Totals,
-        );
+    let options = cylo_usage::Capacities::for_one_tree(
+        cylo_usage::ONE_TREE_TASKS,
+        cylo_usage::ProgramSet::Totals,
+    );
+    shared(&TRACKER, "lean eBPF programs", options)
+}
+
+/// The tracker loaded once into `cell` with `options`; None (after saying why) when it cannot
+/// be loaded here and CYLO_USAGE_REQUIRE_EBPF is not 1.
+fn shared(
+    cell: &'static OnceLock<Result<Tracker, String>>,
+    what: &str,
+    options: cylo_usage::Capacities,
+) -> Option<Tracker> {
+    let loaded = cell.get_or_init(|| {
         Tracker::load_with_options(options).map_err(|e| cylo_usage::error_chain(&e))
     });
     match loaded {
         Ok(t) => Some(t.clone()),
         Err(e) if ebpf_required() => {
-            panic!("CYLO_USAGE_REQUIRE_EBPF=1 but the lean eBPF programs could not be loaded: {e}")
+            panic!("CYLO_USAGE_REQUIRE_EBPF=1 but the {what} could not be loaded: {e}")
         }
         Err(e) => {
-            eprintln!("SKIPPED: the lean eBPF programs could not be loaded ({e})");
+            eprintln!("SKIPPED: the {what} could not be loaded ({e})");
             None
         }
     }
