@@ -43,7 +43,9 @@ fn a_fork_bomb_under_tree_and_events_is_counted_exactly_or_says_what_it_lost() {
     let events = dir.join("events.ndjson");
     #[allow(clippy::zombie_processes)] // reaped below with wait4, for its rusage
     let child = Command::new(CLI)
-        .args(["run", "--json", "--tree", "--events"])
+        // Maps for a host's worth of tasks: the default capacity for one tree (16,384) would
+        // stop the bomb as a budget once 15,360 of it are alive (tests/tree.rs checks that).
+        .args(["run", "--json", "--tree", "--capacity", "65536", "--events"])
         .arg(&events)
         .args(["--", WORKLOAD, "bomb", &bomb.to_string()])
         .stdin(Stdio::null())

@@ -35,3 +35,73 @@ async fn what_the_lean_set_has_not_loaded_is_refused_by_name() {
     let u = run_to_end(&t, &mut workload(&["fork", "10"])).await;
     assert_eq!(u.process_count, 11, "{u:?}");
 }
+
+/// `cylo-usage ARGS` without the daemon, with the loader's debug lines (which say what each
+/// program cost the verifier, by name) and without the programs' own log statements.
+fn cli_loading(args: &[&str]) -> std::process::Output {
+    Command::new(common::CLI)
+        .args(args)
+        .env("RUST_LOG", "cylo_usage::kernel::programs=debug")
+        .env("CYLO_USAGE_SOCKET", "/nonexistent/cylo-usage.sock")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_command_line_loads_the_lean_set_unless_a_breakdown_is_asked_for() {
+    let Some(t) = lean_tracker() else { return };
+    let lean = cli_loading(&["run", "--json", "--", "/bin/true"]);
+    let full = cli_loading(&["run", "--json", "--tree", "--", "/bin/true"]);
+    for out in [&lean, &full] {
+        assert!(out.status.success(), "{out:?}");
+    }
+    let verified = |out: &std::process::Output, program: &str| {
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .any(|l| l.contains(&format!("verified {program} in ")) && !l.ends_with("refused"))
+    };
+    if t.measured().atomics {
+        assert!(verified(&lean, "task_newtask_lean"), "{lean:?}");
+        assert!(!verified(&lean, "task_newtask"), "{lean:?}");
+        assert!(!verified(&lean, "sched_process_exec"), "{lean:?}");
+        assert!(verified(&full, "task_newtask"), "{full:?}");
+        assert!(!verified(&full, "task_newtask_lean"), "{full:?}");
+    } else {
+        // One set only: the variants without atomics, either way.
+        assert!(verified(&lean, "task_newtask_no_atomics"), "{lean:?}");
+        assert!(verified(&full, "task_newtask_no_atomics"), "{full:?}");
+    }
+}
+
+#[test]
+fn the_command_lines_capacity_stops_a_tree_past_it_and_refuses_less_than_its_minimum() {
+    if lean_tracker().is_none() {
+        return;
+    }
+    let w = common::WORKLOAD;
+    let out = cli_loading(&["run", "--json", "--capacity", "64", "--", w, "fork", "100"]);
+    assert_eq!(out.status.code(), Some(120), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stderr);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON report");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["budget_exceeded"]["resource"], "tasks_alive", "{v}");
+    assert_eq!(
+        v["budget_exceeded"]["limit"], 48,
+        "64 less its headroom of 16: {v}"
+    );
+    assert_eq!(
+        (v["lost_events"].as_u64(), v["live_process_count"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    let out = cli_loading(&["run", "--capacity", "63", "--", "/bin/true"]);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--capacity"),
+        "{out:?}"
+    );
+}
