@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Command, Stdio};
 
-use common::{CLI, WORKLOAD, kernel_version, run_to_end, tracker, workload};
+use common::{CLI, WORKLOAD, kernel_version, network_hooks, run_to_end, tracker, workload};
 use cylo_usage::NetworkUsage;
 use cylo_usage::features::NetworkPath;
 use cylo_usage::{ResourceUsage, Tracker};
@@ -19,6 +19,18 @@ struct Want {
     tcp: (u64, u64),
     udp: (u64, u64),
     unix: (u64, u64),
+}
+
+/// The tracker, where the kernel has hooks for socket bytes ([`network_hooks`]); where it has
+/// none, the tracker must say the network is unmeasured, and the test skips.
+fn net_tracker() -> Option<Tracker> {
+    let t = tracker()?;
+    if network_hooks() {
+        return Some(t);
+    }
+    assert_eq!(t.measured().network, None, "{:?}", t.features());
+    eprintln!("SKIPPED: this kernel has no hooks for socket bytes (arm64 before 6.3)");
+    None
 }
 
 fn network(u: &ResourceUsage) -> &NetworkUsage {
@@ -63,7 +75,7 @@ async fn run_net(t: &Tracker, args: &[&str]) -> ResourceUsage {
 
 #[tokio::test]
 async fn the_kernel_path_is_the_one_its_btf_offers() {
-    let Some(t) = tracker() else { return };
+    let Some(t) = net_tracker() else { return };
     let path = t.measured().network;
     let v = kernel_version();
     // The tracepoints came with 6.3; sendpage went with 6.5.
@@ -84,7 +96,7 @@ async fn the_kernel_path_is_the_one_its_btf_offers() {
 
 #[tokio::test]
 async fn tcp_several_mib_both_ways() {
-    let Some(t) = tracker() else { return };
+    let Some(t) = net_tracker() else { return };
     let (send, recv) = (3 * MIB + 5, 5 * MIB + 7);
     let u = run_net(&t, &["tcp", &send.to_string(), &recv.to_string()]).await;
     check(
@@ -100,7 +112,7 @@ async fn tcp_several_mib_both_ways() {
 
 #[tokio::test]
 async fn tcp_over_ipv6() {
-    let Some(t) = tracker() else { return };
+    let Some(t) = net_tracker() else { return };
     if TcpListener::bind("[::1]:0").is_err() {
         if common::ebpf_required() {
             panic!("CYLO_USAGE_REQUIRE_EBPF=1 but ::1 is not configured");
@@ -121,7 +133,7 @@ async fn tcp_over_ipv6() {
 
 #[tokio::test]
 async fn udp_datagrams() {
-    let Some(t) = tracker() else { return };
+    let Some(t) = net_tracker() else { return };
     // 2,000 datagrams of 512 bytes, acknowledged every 64 and at the end: 32 one-byte acks.
     let u = run_net(&t, &["udp", "2000", "512", "64"]).await;
     check(
@@ -136,7 +148,7 @@ async fn udp_datagrams() {
 
 #[tokio::test]
 async fn sendmmsg_and_recvmmsg_count_every_message() {
-    let Some(t) = tracker() else { return };
+    let Some(t) = net_tracker() else { return };
     // 20 batches of 16 datagrams of 200 bytes, one 1-byte ack per batch. Each call moves 16
     // messages: the first through the checked path, the other 15 through the `_nosec` one.
     let u = run_net(&t, &["mmsg", "320", "200"]).await;
@@ -152,7 +164,7 @@ async fn sendmmsg_and_recvmmsg_count_every_message() {
 
 #[tokio::test]
 async fn af_unix_is_counted_apart_from_the_inet_totals() {
-    let Some(t) = tracker() else { return };
+    let Some(t) = net_tracker() else { return };
     let u = run_net(&t, &["unix-stream", &MIB.to_string()]).await;
     check(
         &t,
@@ -191,7 +203,7 @@ async fn af_unix_is_counted_apart_from_the_inet_totals() {
 
 #[tokio::test]
 async fn sendfile_of_a_file_into_tcp() {
-    let Some(t) = tracker() else { return };
+    let Some(t) = net_tracker() else { return };
     let bytes = 4 * MIB + 123;
     let u = run_net(&t, &["sendfile", &bytes.to_string()]).await;
     check(
@@ -206,7 +218,7 @@ async fn sendfile_of_a_file_into_tcp() {
 
 #[tokio::test]
 async fn splice_into_tcp_and_af_unix() {
-    let Some(t) = tracker() else { return };
+    let Some(t) = net_tracker() else { return };
     let bytes = MIB + 7;
     let u = run_net(&t, &["splice", &bytes.to_string(), "tcp"]).await;
     check(
@@ -230,7 +242,7 @@ async fn splice_into_tcp_and_af_unix() {
 
 #[tokio::test]
 async fn a_peek_then_a_read_counts_once() {
-    let Some(t) = tracker() else { return };
+    let Some(t) = net_tracker() else { return };
     let u = run_net(&t, &["peek", "100000", "tcp"]).await;
     check(
         &t,
@@ -282,7 +294,7 @@ fn get(pairs: &[(String, u64)], key: &str) -> u64 {
 
 #[tokio::test]
 async fn failed_sends_and_receives_count_nothing() {
-    let Some(t) = tracker() else { return };
+    let Some(t) = net_tracker() else { return };
     let (u, said) = run_reporting(&t, &["fail"]).await;
     eprintln!("{said:?}: {u:?}");
     // EMSGSIZE, two EAGAIN sends, one EAGAIN receive, three sends after a reset.
@@ -301,7 +313,7 @@ async fn failed_sends_and_receives_count_nothing() {
 
 #[tokio::test]
 async fn io_uring_inline_and_by_io_wq_workers() {
-    let Some(t) = tracker() else { return };
+    let Some(t) = net_tracker() else { return };
     let bytes = 256 << 10;
     let u = run_net(&t, &["uring", &bytes.to_string(), "inline"]).await;
     check(
@@ -335,7 +347,7 @@ async fn io_uring_inline_and_by_io_wq_workers() {
 
 #[tokio::test]
 async fn netlink_is_other_where_the_path_sees_it() {
-    let Some(t) = tracker() else { return };
+    let Some(t) = net_tracker() else { return };
     let (u, said) = run_reporting(&t, &["netlink"]).await;
     let n = network(&u);
     if sees_other(&t) {
@@ -355,7 +367,7 @@ async fn netlink_is_other_where_the_path_sees_it() {
 
 #[tokio::test]
 async fn traffic_of_unrelated_processes_is_not_counted() {
-    let Some(t) = tracker() else { return };
+    let Some(t) = net_tracker() else { return };
     // Outside the tree, at the same time: TCP and UDP over loopback, and AF_UNIX.
     let big = (128 * MIB).to_string();
     let mut others: Vec<_> = [
@@ -382,7 +394,7 @@ async fn traffic_of_unrelated_processes_is_not_counted() {
 
 #[tokio::test]
 async fn with_one_end_outside_only_the_trees_side_counts() {
-    let Some(t) = tracker() else { return };
+    let Some(t) = net_tracker() else { return };
     let (send, recv) = (700_001_u64, 300_003_u64);
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let port = listener.local_addr().unwrap().port();

@@ -38,7 +38,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu and run the test suite in each.
+    /// Boot Debian's 5.10, 6.1 and 6.12 kernels under qemu and run the test suite in each
+    /// (x86_64 guests, or arm64 ones with `--arch arm64`).
     VmTest(vm::Args),
     /// Build everything, then time traced against untraced runs and print the ratios.
     Bench(bench::Args),

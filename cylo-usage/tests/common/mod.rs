@@ -284,6 +284,14 @@ pub fn kernel_version() -> (u32, u32) {
     (major, minor)
 }
 
+/// Whether this kernel has hooks for socket bytes: the `sock_*_length` tracepoints (6.3) or
+/// BPF trampolines on the socket functions. x86-64 has trampolines on every kernel of the
+/// matrix; arm64 only from 6.5 (ftrace direct calls), so an arm64 kernel before 6.3 measures
+/// no network (null, its features saying why).
+pub fn network_hooks() -> bool {
+    !cfg!(target_arch = "aarch64") || kernel_version() >= (6, 3)
+}
+
 /// What `peak_process_count` must be for a true peak of `n` on this kernel: BPF atomic
 /// fetch and compare-and-exchange came with 5.12; before, the peak is unmeasured (null).
 pub fn expected_peak(n: u64) -> Option<u64> {

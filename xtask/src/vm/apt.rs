@@ -8,12 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 
+use super::arch::Arch;
 use super::files::{copy, find_file, write_if_changed};
 use super::modules::{MODULES_STAMP, modules_stamp, stage_modules};
 use crate::cmd::{output, run_quiet};
-
-/// The Debian meta package whose dependency names the current cloud kernel of a suite.
-pub(super) const META_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// `s` as a file-name part: anything but ASCII letters, digits and `._+-` becomes `_`.
 pub(super) fn sanitize(s: &str) -> String {
@@ -154,9 +152,11 @@ fn parse_one_line_sources(text: &str) -> Vec<(Source, bool)> {
     out
 }
 
-/// A private apt configuration for one suite, kept under `target/vm/cache/apt/<suite>`.
+/// A private apt configuration for one suite and architecture, kept under
+/// `<cache>/apt/<suite>` (each architecture has a cache of its own, see [`Arch::vm_dir`]).
 pub(super) struct AptSuite {
     pub(super) suite: String,
+    pub(super) arch: Arch,
     pub(super) dir: PathBuf,
     /// The deb822 sources this configuration reads; the `updated` stamp holds the sources its
     /// lists were fetched for.
@@ -168,6 +168,7 @@ impl AptSuite {
     pub(super) fn new(
         cache: &Path,
         suite: &str,
+        arch: Arch,
         mirror: &Mirror,
         with_security: bool,
     ) -> Result<Self> {
@@ -201,6 +202,7 @@ impl AptSuite {
         write_if_changed(&dir.join("status"), b"")?;
         Ok(Self {
             suite: suite.to_string(),
+            arch,
             dir,
             sources,
         })
@@ -218,6 +220,15 @@ impl AptSuite {
             ("Dir::State::status".to_string(), d("status")),
             ("Dir::Cache".to_string(), d("cache")),
             ("APT::Sandbox::User".to_string(), "root".to_string()),
+            // The guest's architecture alone, whatever the host's.
+            (
+                "APT::Architecture".to_string(),
+                self.arch.debian().to_string(),
+            ),
+            (
+                "APT::Architectures".to_string(),
+                self.arch.debian().to_string(),
+            ),
         ];
         // Only the package lists are needed, not AppStream metadata or icons.
         for t in [
@@ -265,9 +276,9 @@ impl AptSuite {
         }
     }
 
-    /// The package the suite's meta-package depends on, and its version.
-    pub(super) fn resolve(&self) -> Result<(String, String)> {
-        let out = output(self.command("apt-cache").args(["depends", META_PACKAGE]))?;
+    /// The kernel package the suite's meta-package `meta` depends on, and its version.
+    pub(super) fn resolve(&self, meta: &str) -> Result<(String, String)> {
+        let out = output(self.command("apt-cache").args(["depends", meta]))?;
         let package = out
             .lines()
             .filter_map(|l| l.trim().strip_prefix("Depends:"))
@@ -275,21 +286,69 @@ impl AptSuite {
             .find(|p| p.starts_with("linux-image-"))
             .with_context(|| {
                 format!(
-                    "`apt-cache depends {META_PACKAGE}` in {} names no linux-image",
-                    self.suite
+                    "`apt-cache depends {meta}` in {} ({}) names no linux-image",
+                    self.suite, self.arch
                 )
             })?
             .to_string();
+        let version = self.version(&package)?;
+        Ok((package, version))
+    }
+
+    /// The candidate version of `package`.
+    pub(super) fn version(&self, package: &str) -> Result<String> {
         let show = output(
             self.command("apt-cache")
-                .args(["show", "--no-all-versions", &package]),
+                .args(["show", "--no-all-versions", package]),
         )?;
-        let version = show
-            .lines()
+        show.lines()
             .find_map(|l| l.strip_prefix("Version:"))
             .map(|v| v.trim().to_string())
-            .with_context(|| format!("`apt-cache show {package}` gave no version"))?;
-        Ok((package, version))
+            .with_context(|| {
+                format!(
+                    "`apt-cache show {package}` in {} ({}) gave no version",
+                    self.suite, self.arch
+                )
+            })
+    }
+
+    /// `package` at `version` for the suite's architecture, downloaded once into
+    /// `<cache>/debs`; returns the kept `.deb`.
+    pub(super) fn download(&self, cache: &Path, package: &str, version: &str) -> Result<PathBuf> {
+        let debs = cache.join("debs");
+        fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+        // apt-get download names the file `<package>_<version, ':' as %3a>_<arch>.deb`.
+        let deb_name = format!(
+            "{package}_{}_{}.deb",
+            version.replace(':', "%3a"),
+            self.arch.debian()
+        );
+        let kept = debs.join(&deb_name);
+        if kept.is_file() {
+            return Ok(kept);
+        }
+        let tmp = debs.join("partial");
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        eprintln!(
+            "vm-test: downloading {package} {version} ({}, {})",
+            self.suite, self.arch
+        );
+        run_quiet(
+            self.command("apt-get")
+                .args(["download", &format!("{package}={version}")])
+                .current_dir(&tmp),
+        )?;
+        let deb = find_file(&tmp, |n| n.ends_with(".deb"))?.with_context(|| {
+            format!(
+                "apt-get download {package} left no .deb in {}",
+                tmp.display()
+            )
+        })?;
+        fs::rename(&deb, &kept)
+            .with_context(|| format!("moving {} to {}", deb.display(), kept.display()))?;
+        let _ = fs::remove_dir_all(&tmp);
+        Ok(kept)
     }
 
     /// Downloads and unpacks the kernel once; returns the cached vmlinuz and the staged
@@ -310,34 +369,10 @@ impl AptSuite {
         {
             return Ok((vmlinuz, modules));
         }
-        let debs = cache.join("debs");
+        let kept = self.download(cache, package, version)?;
         let tmp = cache.join("tmp");
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
-        // apt-get download names the file `<package>_<version, ':' as %3a>_<arch>.deb`.
-        let deb_prefix = format!("{package}_{}_", version.replace(':', "%3a"));
-        let kept = match find_file(&debs, |n| n.starts_with(&deb_prefix) && n.ends_with(".deb"))? {
-            Some(kept) => kept,
-            None => {
-                eprintln!("vm-test: downloading {package} {version} ({})", self.suite);
-                run_quiet(
-                    self.command("apt-get")
-                        .args(["download", &format!("{package}={version}")])
-                        .current_dir(&tmp),
-                )?;
-                let deb = find_file(&tmp, |n| n.ends_with(".deb"))?.with_context(|| {
-                    format!(
-                        "apt-get download {package} left no .deb in {}",
-                        tmp.display()
-                    )
-                })?;
-                let kept = debs.join(deb.file_name().unwrap());
-                fs::rename(&deb, &kept)
-                    .with_context(|| format!("moving {} to {}", deb.display(), kept.display()))?;
-                kept
-            }
-        };
         let unpacked = tmp.join("root");
         run_quiet(Command::new("dpkg-deb").arg("-x").arg(&kept).arg(&unpacked))?;
         let boot = unpacked.join("boot");
@@ -346,7 +381,7 @@ impl AptSuite {
         let staging = dir.with_extension("partial");
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
-        copy(&image, &staging.join("vmlinuz"))?;
+        copy_kernel_image(&image, &staging.join("vmlinuz"))?;
         if let Some(config) = find_file(&boot, |n| n.starts_with("config-"))? {
             copy(&config, &staging.join("config"))?;
         }
@@ -359,6 +394,62 @@ impl AptSuite {
         let _ = fs::remove_dir_all(&tmp);
         Ok((vmlinuz, modules))
     }
+}
+
+/// Copies a kernel image for qemu's `-kernel`: a gzip-compressed one (Debian's arm64
+/// `vmlinuz` is a gzipped `Image`) or an EFI zboot one (a PE file whose payload is the
+/// compressed `Image`) is stored decompressed, as qemu boots an arm64 `Image` directly; any
+/// other (an x86 bzImage) as it is.
+fn copy_kernel_image(src: &Path, dst: &Path) -> Result<()> {
+    let bytes = fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+    let (payload, tool) = match kernel_compression(&bytes) {
+        Some(found) => found,
+        None => return copy(src, dst),
+    };
+    let mut child = Command::new(tool)
+        .arg("-dc")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {tool} -dc for {}", src.display()))?;
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let data = payload.to_vec();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &data));
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("waiting for {tool} -dc"))?;
+    // gzip stops reading at the end of its stream: trailing padding is not an error.
+    let _ = writer.join();
+    if !out.status.success() || out.stdout.is_empty() {
+        bail!("{tool} -dc of {} failed ({})", src.display(), out.status);
+    }
+    fs::write(dst, &out.stdout).with_context(|| format!("writing {}", dst.display()))
+}
+
+/// The compressed payload of a kernel image and the tool that decompresses it, for a gzip
+/// file or an EFI zboot image (`MZ`, `zimg`, payload offset and size, compression name);
+/// None for an image to boot as it is.
+fn kernel_compression(bytes: &[u8]) -> Option<(&[u8], &'static str)> {
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        return Some((bytes, "gzip"));
+    }
+    if bytes.len() < 64 || &bytes[..2] != b"MZ" || &bytes[4..8] != b"zimg" {
+        return None;
+    }
+    let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let (offset, size) = (word(8), word(12));
+    let payload = bytes.get(offset..offset.checked_add(size)?)?;
+    let kind = &bytes[24..32];
+    let tool = if kind.starts_with(b"gzip") {
+        "gzip"
+    } else if kind.starts_with(b"zstd") {
+        "zstd"
+    } else if kind.starts_with(b"xzkern") || kind.starts_with(b"xz") {
+        "xz"
+    } else {
+        return None;
+    };
+    Some((payload, tool))
 }
 
 #[cfg(test)]
@@ -388,5 +479,23 @@ mod tests {
         assert_eq!(m.main.uri, "http://ftp.de.debian.org/debian");
         assert_eq!(m.main.signed_by.as_deref(), Some("/k.gpg"));
         assert_eq!(m.security.unwrap().uri, "http://security.debian.org/");
+    }
+
+    #[test]
+    fn finds_compressed_kernel_payloads() {
+        let gz = [0x1f, 0x8b, 8, 0, 1, 2, 3];
+        assert_eq!(kernel_compression(&gz), Some((&gz[..], "gzip")));
+        // An x86 bzImage (a PE file too) and a plain arm64 Image boot as they are.
+        let mut pe = vec![0u8; 128];
+        pe[..2].copy_from_slice(b"MZ");
+        assert_eq!(kernel_compression(&pe), None);
+        // EFI zboot: the payload at the offset and size it names.
+        pe[4..8].copy_from_slice(b"zimg");
+        pe[8..12].copy_from_slice(&64u32.to_le_bytes());
+        pe[12..16].copy_from_slice(&16u32.to_le_bytes());
+        pe[24..28].copy_from_slice(b"zstd");
+        assert_eq!(kernel_compression(&pe), Some((&pe[64..80], "zstd")));
+        pe[12..16].copy_from_slice(&100u32.to_le_bytes());
+        assert_eq!(kernel_compression(&pe), None, "a payload past the end");
     }
 }

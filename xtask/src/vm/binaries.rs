@@ -1,16 +1,18 @@
 //! The guest's programs: the workspace's test executables and every binary target, built
-//! static (glibc `crt-static`) into `target/vm/build`, found in cargo's JSON messages.
+//! static (glibc `crt-static`) for the guest's architecture into `target/vm/build`, found in
+//! cargo's JSON messages. A guest of another architecture than the host's is linked by
+//! Debian's cross gcc, against its static glibc ([`super::host`] installs both), with the
+//! Rust target added through rustup when missing.
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use cargo_metadata::{Artifact, TargetKind};
 
-use super::host::elf_has_interp;
+use super::arch::Arch;
+use super::host::{elf_has_interp, elf_machine};
+use crate::cmd::{output, run};
 use crate::{cargo, paths};
-
-/// The target the test binaries are built for (explicit, so build scripts stay dynamic).
-const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// One test executable.
 #[derive(Debug, Clone)]
@@ -32,24 +34,28 @@ pub(super) struct Built {
     pub(super) package_dirs: BTreeSet<PathBuf>,
 }
 
-/// Builds the eBPF object, then `cylo-usage` and every test of the workspace, static, into
-/// `target_dir`.
-pub(super) fn build_binaries(target_dir: &Path) -> Result<Built> {
+/// Builds the eBPF object, then `cylo-usage` and every test of the workspace, static, for
+/// `arch` into `target_dir`.
+pub(super) fn build_binaries(arch: Arch, target_dir: &Path) -> Result<Built> {
     crate::ebpf::build().context("building the eBPF object")?;
+    let target = arch.rust_target();
+    ensure_rust_target(target)?;
     let build = |args: &[&str]| -> Result<Vec<Artifact>> {
         eprintln!(
-            "vm-test: cargo {} (static, --target-dir {})",
+            "vm-test: cargo {} (static, --target {target}, --target-dir {})",
             args.join(" "),
             target_dir.display()
         );
-        cargo::artifacts(
-            cargo::command()
-                .args(args)
-                .args(["--release", "--target", TARGET, "--target-dir"])
-                .arg(target_dir)
-                .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                .env_remove("CARGO_ENCODED_RUSTFLAGS"),
-        )
+        let mut cmd = cargo::command();
+        cmd.args(args)
+            .args(["--release", "--target", target, "--target-dir"])
+            .arg(target_dir)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS");
+        if let Some(cross) = arch.cross_gcc() {
+            cmd.env(arch.linker_env(), cross.gcc);
+        }
+        cargo::artifacts(&mut cmd)
     };
     let mut artifacts = build(&["build", "-p", "cylo-usage", "-p", "cylo-usage-workload"])?;
     artifacts.extend(build(&["test", "--workspace", "--no-run"])?);
@@ -93,6 +99,14 @@ pub(super) fn build_binaries(target_dir: &Path) -> Result<Built> {
                 exe.display()
             );
         }
+        let machine = elf_machine(exe)?;
+        if machine != arch.elf_machine() {
+            bail!(
+                "{} is for ELF machine {machine}, not {arch} ({})",
+                exe.display(),
+                arch.elf_machine()
+            );
+        }
     }
     Ok(Built {
         tests,
@@ -101,6 +115,25 @@ pub(super) fn build_binaries(target_dir: &Path) -> Result<Built> {
         target_dir: target_dir.to_path_buf(),
         package_dirs,
     })
+}
+
+/// Adds the Rust standard library of `target` (rustup) when the toolchain lacks it.
+fn ensure_rust_target(target: &str) -> Result<()> {
+    let installed = output(std::process::Command::new("rustc").args(["--print", "sysroot"]))
+        .map(|sysroot| {
+            Path::new(sysroot.trim())
+                .join("lib/rustlib")
+                .join(target)
+                .join("lib")
+                .is_dir()
+        })
+        .context("asking rustc for its sysroot")?;
+    if !installed {
+        eprintln!("vm-test: adding the Rust target {target} (rustup)");
+        run(std::process::Command::new("rustup").args(["target", "add", target]))
+            .with_context(|| format!("adding the Rust target {target}"))?;
+    }
+    Ok(())
 }
 
 /// `package` for a library's unit tests, else `package/tests/NAME`, `package/bin/NAME`, ...

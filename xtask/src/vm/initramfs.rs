@@ -1,6 +1,6 @@
-//! The one initramfs every guest boots: static busybox, the binaries and fixtures at their
-//! host paths, each kernel's staged modules, and the `/init` script that runs the tests and
-//! reports through markers on the serial console ([`super::MARK`]).
+//! The one initramfs every guest of an architecture boots: static busybox, the binaries and
+//! fixtures at their host paths, each kernel's staged modules, and the `/init` script that
+//! runs the tests and reports through markers on the serial console ([`super::MARK`]).
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,9 +26,13 @@ const MAX_DATA_BYTES: u64 = 64 << 20;
 
 /// `modules`: staged module trees ([`super::modules::stage_modules`]), one per kernel, merged at the root (each
 /// under its own `lib/modules/<release>`).
+///
+/// `busybox`: the guest's static busybox ([`super::busybox`]); its applets are those the
+/// host's `/bin/busybox` lists (the same Debian package, of another architecture perhaps).
 pub(super) fn build_initramfs(
     vm_dir: &Path,
     built: &Built,
+    busybox: &Path,
     modules: &[&Path],
     test_args: &[String],
 ) -> Result<PathBuf> {
@@ -57,7 +61,7 @@ pub(super) fn build_initramfs(
     }
 
     // Busybox and its applets.
-    copy(Path::new("/bin/busybox"), &root.join("bin/busybox"))?;
+    copy(busybox, &root.join("bin/busybox"))?;
     let applets = output(Command::new("/bin/busybox").arg("--list-full"))?;
     for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
         let link = root.join(applet);

@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::Args;
-use super::apt::{AptSuite, META_PACKAGE, Mirror, sanitize, system_mirror};
+use super::apt::{AptSuite, Mirror, sanitize, system_mirror};
+use super::arch::Arch;
 
 /// A Debian kernel series and the suites that carry it, in order of preference.
 struct Series {
@@ -36,6 +37,7 @@ const SERIES: &[Series] = &[
 pub(super) struct Kernel {
     /// Short name: `6.1`, or the file name of a vmlinuz given by path.
     pub(super) label: String,
+    pub(super) arch: Arch,
     /// Debian package and version, suite (None for a vmlinuz given by path).
     pub(super) package: Option<String>,
     pub(super) version: Option<String>,
@@ -61,6 +63,7 @@ pub(super) fn resolve_kernels(args: &Args, cache: &Path) -> Result<Vec<Kernel>> 
             }
             kernels.push(resolve_debian(
                 series,
+                args.arch,
                 mirror.as_ref().unwrap(),
                 cache,
                 args.refresh,
@@ -80,6 +83,7 @@ pub(super) fn resolve_kernels(args: &Args, cache: &Path) -> Result<Vec<Kernel>> 
             };
             kernels.push(Kernel {
                 label: sanitize(&label),
+                arch: args.arch,
                 package: None,
                 version: None,
                 suite: None,
@@ -97,23 +101,31 @@ pub(super) fn resolve_kernels(args: &Args, cache: &Path) -> Result<Vec<Kernel>> 
     Ok(kernels)
 }
 
-fn resolve_debian(series: &Series, mirror: &Mirror, cache: &Path, refresh: bool) -> Result<Kernel> {
+fn resolve_debian(
+    series: &Series,
+    arch: Arch,
+    mirror: &Mirror,
+    cache: &Path,
+    refresh: bool,
+) -> Result<Kernel> {
     let mut problems = Vec::new();
     let prefix = format!("linux-image-{}.", series.label);
+    let meta = arch.kernel_meta_package();
     for suite in series.suites {
         // Kernel updates reach a stable suite through `<suite>-security` first; backports have
         // no security suite.
         let security = mirror.security.is_some() && !suite.contains('-');
         let attempt = |with_security: bool| -> Result<std::result::Result<Kernel, String>> {
-            let apt = AptSuite::new(cache, suite, mirror, with_security)?;
+            let apt = AptSuite::new(cache, suite, arch, mirror, with_security)?;
             apt.update(refresh)?;
-            let (package, version) = apt.resolve()?;
+            let (package, version) = apt.resolve(&meta)?;
             if !package.starts_with(&prefix) {
-                return Ok(Err(format!("{suite}: {META_PACKAGE} depends on {package}")));
+                return Ok(Err(format!("{suite}: {meta} depends on {package}")));
             }
             let (vmlinuz, modules) = apt.fetch_kernel(cache, &package, &version)?;
             Ok(Ok(Kernel {
                 label: series.label.to_string(),
+                arch,
                 package: Some(package),
                 version: Some(version),
                 suite: Some(if with_security && mirror.security.is_some() {
@@ -140,7 +152,7 @@ fn resolve_debian(series: &Series, mirror: &Mirror, cache: &Path, refresh: bool)
         }
     }
     bail!(
-        "no {} kernel found:\n  {}",
+        "no {} {arch} kernel found:\n  {}",
         series.label,
         problems.join("\n  ")
     )

@@ -1,12 +1,19 @@
 //! `cargo xtask vm-test`: boot other kernels under qemu (TCG) and run the test suite in each.
 //!
+//! The guest architecture is `--arch` ([`arch`]): x86-64 (the default), whose files are in
+//! `target/vm/`, or arm64, whose files (the cache, the initramfs, `<kernel>/console.log`, the
+//! matrix) are in `target/vm/arm64/` instead; both build in `target/vm/build`, each in its
+//! Rust target's folder.
+//!
 //! Steps, one module each:
-//! 1. [`host`]: `qemu-system-x86_64`, a static `/bin/busybox`, `mkfs.ext4` and `xz`, installed
-//!    from Debian's packages when missing.
+//! 1. [`host`]: `qemu-system-x86_64` (or `qemu-system-aarch64`), a static `/bin/busybox`,
+//!    `mkfs.ext4` and `xz`, and for a guest of another architecture than the host's the cross
+//!    gcc and C library, installed from Debian's packages when missing.
 //! 2. [`kernels`], through [`apt`]: Debian's cloud kernels (5.10 bullseye, 6.1 bookworm, 6.12
-//!    trixie), resolved from each suite's `linux-image-cloud-amd64` meta-package with a private
+//!    trixie), resolved from each suite's `linux-image-cloud-<arch>` meta-package with a private
 //!    apt configuration (the system's sources stay untouched), downloaded once into
-//!    `target/vm/cache/`; [`modules`]: their virtio and ext4 modules, staged for the guest.
+//!    `target/vm/cache/`; [`modules`]: their virtio and ext4 modules, staged for the guest. For
+//!    another architecture than the host's, the guest's static busybox comes the same way.
 //! 3. [`binaries`]: the workspace's tests and the `cylo-usage` binary, built static (glibc
 //!    `crt-static`) into `target/vm/build`.
 //! 4. [`initramfs`]: static busybox, the binaries (cylo-usage at the same absolute path as on
@@ -19,7 +26,9 @@
 //!    `target/vm/<kernel>/console.log`; [`results`]: parse libtest's output; [`report`]: write
 //!    `target/vm/matrix.md` and `target/vm/matrix.json`.
 mod apt;
+mod arch;
 mod binaries;
+mod busybox;
 mod files;
 mod host;
 mod initramfs;
@@ -36,12 +45,16 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::paths;
+use arch::Arch;
 
 /// Prefix of every line the guest's `/init` prints for the host to parse.
 const MARK: &str = "@@vm-test@@";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// Guest architecture: `x86_64` (or `amd64`) or `arm64` (or `aarch64`).
+    #[arg(long, value_name = "ARCH", default_value = "x86_64", value_parser = parse_arch)]
+    arch: Arch,
     /// Kernels to boot: `5.10`, `6.1`, `6.12` (Debian cloud kernels) or a path to a vmlinuz.
     /// Repeatable; default: all three Debian kernels.
     #[arg(long = "kernel", value_name = "NAME", num_args = 1..)]
@@ -66,19 +79,25 @@ pub struct Args {
     test_args: Vec<String>,
 }
 
+fn parse_arch(s: &str) -> Result<Arch, String> {
+    s.parse()
+}
+
 pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
-    let vm_dir = paths::vm_dir();
+    let arch = args.arch;
+    let vm_dir = arch.vm_dir(&paths::vm_dir());
     let cache = vm_dir.join("cache");
     fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
 
-    host::ensure_host_tools()?;
+    host::ensure_host_tools(arch)?;
     let kernels = kernels::resolve_kernels(&args, &cache)?;
+    let busybox = busybox::guest_busybox(arch, &cache, args.refresh)?;
 
     let t = Instant::now();
-    let built = binaries::build_binaries(&vm_dir.join("build"))?;
+    let built = binaries::build_binaries(arch, &paths::vm_dir().join("build"))?;
     eprintln!(
-        "vm-test: built {} test binaries and cylo-usage in {:.1} s",
+        "vm-test: built {} {arch} test binaries and cylo-usage in {:.1} s",
         built.tests.len(),
         t.elapsed().as_secs_f64()
     );
@@ -86,7 +105,7 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .filter_map(|k| k.modules.as_deref())
         .collect();
-    let initrd = initramfs::build_initramfs(&vm_dir, &built, &modules, &args.test_args)?;
+    let initrd = initramfs::build_initramfs(&vm_dir, &built, &busybox, &modules, &args.test_args)?;
 
     let mut runs = Vec::new();
     for kernel in &kernels {
@@ -101,7 +120,7 @@ pub fn run(args: Args) -> Result<()> {
         runs.push(run);
     }
 
-    let report = report::Report::new(runs, &built);
+    let report = report::Report::new(arch, runs, &built);
     report.print();
     report.write(&vm_dir)?;
     eprintln!(

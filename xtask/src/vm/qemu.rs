@@ -71,31 +71,22 @@ pub(super) fn boot(
             None
         }
     };
-    let mut cmd = Command::new("qemu-system-x86_64");
-    // One host thread runs every vCPU (`thread=single`; the guest still has `-smp` CPUs).
-    // With a host thread per vCPU, a guest kernel patching its own text (attaching a raw
-    // tracepoint updates a static call through text_poke_bp's int3) was seen to leave the
-    // other vCPU re-executing a stale translation of the int3 forever, while the patching
-    // CPU waited for it: a soft lockup that hung the 6.1 guest twice in 13 rounds of the
-    // daemon tests, which attach and detach their hooks often. Single-threaded TCG saw none
-    // in 15 such rounds, for about 20% more time (147 s against 122 s).
-    cmd.args([
-        "-accel",
-        "tcg,thread=single",
-        "-cpu",
-        "max",
-        "-smp",
-        &smp.to_string(),
-        "-m",
-        &args.memory,
-    ])
-    .args(["-nographic", "-nic", "none", "-no-reboot", "-kernel"])
-    .arg(&kernel.vmlinuz)
-    .arg("-initrd")
-    .arg(initrd)
-    // loglevel=5: warnings and their stack traces (soft lockups, RCU stalls, splats) reach
-    // the console, the boot's notices do not.
-    .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=5"]);
+    let arch = kernel.arch;
+    let (qemu, _) = arch.qemu();
+    let mut cmd = Command::new(qemu);
+    cmd.args(arch.qemu_machine())
+        .args(["-smp", &smp.to_string(), "-m", &args.memory])
+        .args(["-nographic", "-nic", "none", "-no-reboot", "-kernel"])
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        // loglevel=5: warnings and their stack traces (soft lockups, RCU stalls, splats) reach
+        // the console, the boot's notices do not.
+        .arg("-append")
+        .arg(format!(
+            "console={} panic=-1 quiet loglevel=5",
+            arch.console()
+        ));
     if let Some(disk) = &disk {
         let mut drive = std::ffi::OsString::from("file=");
         drive.push(disk);
@@ -109,12 +100,13 @@ pub(super) fn boot(
         (Some(p), Some(v)) => format!("{p} {v}"),
         _ => kernel.vmlinuz.display().to_string(),
     };
+    let timeout = args.timeout;
     eprintln!(
-        "vm-test: [{}] booting {what} (-smp {smp}, timeout {} s)",
-        kernel.label, args.timeout
+        "vm-test: [{}] booting {what} ({arch}, -smp {smp}, timeout {timeout} s)",
+        kernel.label
     );
     let started = Instant::now();
-    let mut child = cmd.spawn().context("running qemu-system-x86_64")?;
+    let mut child = cmd.spawn().with_context(|| format!("running {qemu}"))?;
 
     // Collect the console in a thread; note when /init starts and echo progress.
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -165,7 +157,7 @@ pub(super) fn boot(
         })
     };
 
-    let deadline = started + Duration::from_secs(args.timeout);
+    let deadline = started + Duration::from_secs(timeout);
     let mut timed_out = false;
     let status = loop {
         if let Some(status) = child.try_wait().context("waiting for qemu")? {
@@ -174,9 +166,8 @@ pub(super) fn boot(
         if Instant::now() >= deadline {
             timed_out = true;
             eprintln!(
-                "vm-test: [{}] timed out after {} s: killing qemu (pid {})",
+                "vm-test: [{}] timed out after {timeout} s: killing qemu (pid {})",
                 kernel.label,
-                args.timeout,
                 child.id()
             );
             let _ = child.kill();

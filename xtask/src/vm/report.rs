@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
+use super::arch::Arch;
 use super::binaries::Built;
 use super::files::write;
 use super::qemu::KernelRun;
@@ -22,6 +23,7 @@ pub(super) struct Totals {
 
 #[derive(Serialize)]
 pub(super) struct Report {
+    pub(super) arch: Arch,
     pub(super) runs: Vec<KernelRun>,
     pub(super) totals: Totals,
     pub(super) note: Option<String>,
@@ -53,7 +55,7 @@ impl KernelRun {
 }
 
 impl Report {
-    pub(super) fn new(runs: Vec<KernelRun>, built: &Built) -> Self {
+    pub(super) fn new(arch: Arch, runs: Vec<KernelRun>, built: &Built) -> Self {
         let mut totals = Totals::default();
         for run in &runs {
             if run.broken() {
@@ -76,7 +78,12 @@ impl Report {
             .tests
             .is_empty()
             .then(|| "no test binaries were built".into());
-        Self { runs, totals, note }
+        Self {
+            arch,
+            runs,
+            totals,
+            note,
+        }
     }
 
     pub(super) fn ok(&self) -> bool {
@@ -130,8 +137,9 @@ impl Report {
             println!("note: {n}");
         }
         println!(
-            "vm-test: {} kernels ({} broken), {} ignored",
+            "vm-test: {} {} kernels ({} broken), {} ignored",
             self.runs.len(),
+            self.arch,
             self.totals.broken_kernels,
             self.totals.ignored
         );
@@ -144,7 +152,7 @@ impl Report {
     }
 
     fn markdown(&self) -> String {
-        let mut md = String::from("# vm-test matrix\n\n");
+        let mut md = format!("# vm-test matrix ({})\n\n", self.arch);
         md.push_str("| kernel | package | uname | outcome | boot (s) | total (s) | passed | failed | ignored |\n");
         md.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
         for run in &self.runs {
