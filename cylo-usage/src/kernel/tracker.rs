@@ -377,6 +377,8 @@ impl Tracker {
     ) -> Result<Tracker, LoadError> {
         let kernel_btf = KernelBtf::start(offsets);
         let mut hooks = Vec::new();
+        // A `Totals` tracker refuses attach and breakdowns on every kernel alike (kernels
+        // without atomics load their one set, but with this one-page records ring buffer).
         let lean = options.programs == ProgramSet::Totals;
         // Without breakdowns, the records ring buffer is never read: one page.
         let records_bytes = if lean {
@@ -489,9 +491,6 @@ impl Tracker {
         let attach_error = (o.pid_tasks == ABSENT || o.task_thread_pid == ABSENT).then(|| {
             "this kernel's BTF lacks the layout of struct pid, fdtable or proc_inode".to_string()
         });
-        // What a `Totals` tracker refuses, on every kernel alike: kernels without atomics load
-        // their one set, but its records ring buffer is one page here too.
-        let lean = options.programs == ProgramSet::Totals;
         let records_error = (o.task_comm == ABSENT || o.mm_arg_start == ABSENT).then(|| {
             "this kernel's BTF lacks task_struct.comm/exit_code or mm_struct.arg_start".to_string()
         });
