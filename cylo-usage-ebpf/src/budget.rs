@@ -18,7 +18,10 @@
 //! tasks crossing at once both see at least their own share and the budget holds (fail
 //! closed), on every kernel.
 use crate::*;
-use aya_ebpf::{macros::fexit, programs::FExitContext};
+use aya_ebpf::{
+    macros::{fexit, kprobe},
+    programs::{FExitContext, ProbeContext},
+};
 use cylo_usage_abi::budget;
 
 /// Records that `run` crossed `resource` at `observed` (the first crossing stays), arms its
@@ -150,13 +153,28 @@ fn kill_if_doomed() {
     }
 }
 
-/// `sys_exit(struct pt_regs *regs, long ret)`: where the kernel has no BPF trampolines, a new
-/// task's first return to user space (`ret_from_fork` goes through the syscall exit work
-/// while this tracepoint is on): a task killed at birth gets SIGKILL here, before it runs an
-/// instruction of its own. Attached instead of `schedule_tail_exit` (it runs at every system
-/// call's exit on the host while attached: one load of a global). A kretprobe on
-/// `schedule_tail` was tried: its instances run out when many new tasks are preempted inside
-/// it at once (a fork bomb on 5.10 ran 24 refused processes past a budget of 100).
+/// A kprobe on `calculate_sigpending()`, which only `schedule_tail()` calls, last, in a new
+/// task's context with interrupts on, just before its first return to user space: where the
+/// kernel has no BPF trampolines but has kprobes, a task killed at birth gets SIGKILL here
+/// (sent at once; `calculate_sigpending` then keeps it pending), before it runs an
+/// instruction of its own. Attached instead of `schedule_tail_exit`; it runs only in new
+/// tasks. Unlike a kretprobe (tried on `schedule_tail` and dropped: its instances run out
+/// when many new tasks are preempted inside it at once), an entry probe has no instance
+/// limit. On arm64 before 6.5 this is the only way: `ret_from_fork` does not pass the system
+/// call exit work there, so `sys_exit_doomed` would come at the first system call.
+#[kprobe(function = "calculate_sigpending")]
+pub fn calculate_sigpending_doomed(_ctx: ProbeContext) -> u32 {
+    kill_if_doomed();
+    0
+}
+
+/// `sys_exit(struct pt_regs *regs, long ret)`: where the kernel has neither BPF trampolines
+/// nor kprobes, a new task's first return to user space (on x86-64 `ret_from_fork` goes
+/// through the syscall exit work while this tracepoint is on): a task killed at birth gets
+/// SIGKILL here, before it runs an instruction of its own. Attached instead of
+/// `schedule_tail_exit` and `calculate_sigpending_doomed` (it runs at every system call's
+/// exit on the host while attached: one load of a global). On arm64 `ret_from_fork` does not
+/// pass this tracepoint, so a refused process dies at its first system call's exit there.
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn sys_exit_doomed(_ctx: RawTracePointContext) -> i32 {
     kill_if_doomed();

@@ -27,15 +27,6 @@ fn as_nobody_client(daemon: &Daemon, scratch: &Scratch, args: &[&str]) -> Output
     c.output().unwrap()
 }
 
-/// The pids a `bomb-mark` wrote: every process of it that ran an instruction of its own.
-fn marked(file: &std::path::Path) -> Vec<u32> {
-    std::fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| l.parse().unwrap())
-        .collect()
-}
-
 /// Those of `pids` still alive as the workload (a zombie, dead and waiting for whoever reaps
 /// orphans, is not alive; a pid reused by another program is not the workload).
 fn survivors(pids: &[u32]) -> Vec<String> {
@@ -90,15 +81,15 @@ fn an_unprivileged_client_s_fork_bomb_stops_at_its_processes_budget() {
     assert!(u(&v["process_count"]) <= 20, "{v}");
     assert!(u(&v["processes_refused"]) >= 1, "{v}");
     assert_eq!(v["live_process_count"], 0, "{v}");
-    // Ground truth: every process that ran wrote its pid first; none of them survives.
-    let ran = marked(&marks);
+    // Ground truth: every process that ran counted itself first; none of them survives.
+    let marks = common::marks(&marks);
     assert!(
-        !ran.is_empty() && ran.len() <= 20,
+        marks.ran >= 1 && marks.ran <= 20,
         "{} processes ran under a budget of 20",
-        ran.len()
+        marks.ran
     );
-    assert!(ran.len() as u64 <= u(&v["process_count"]), "{v}");
-    let alive = survivors(&ran);
+    assert!(marks.ran <= u(&v["process_count"]), "{v}");
+    let alive = survivors(&marks.pids);
     assert!(alive.is_empty(), "survivors: {alive:?}");
 }
 

@@ -108,12 +108,17 @@ pub mod names {
     pub const PROG_RSS_STAT: &str = "rss_stat";
     pub const PROG_BLOCK_BIO_QUEUE: &str = "block_bio_queue";
     pub const PROG_BLOCK_BIO_QUEUE_WITH_QUEUE: &str = "block_bio_queue_with_queue";
-    /// Budgets' hooks, attached while some run needs them: fexit on `schedule_tail` (else the
-    /// raw tracepoint `sys_exit`), and raw tracepoints `sched_stat_runtime` and `writeback_dirty_folio`
-    /// (or `_page`).
+    /// Budgets' hooks, attached while some run needs them: fexit on `schedule_tail` (else a
+    /// kprobe on `calculate_sigpending`, else the raw tracepoint `sys_exit`), and raw
+    /// tracepoints `sched_stat_runtime` and `writeback_dirty_folio` (or `_page`).
     pub const PROG_SCHEDULE_TAIL_EXIT: &str = "schedule_tail_exit";
-    /// Where BPF trampolines are missing: the raw tracepoint `sys_exit` instead.
+    /// Where BPF trampolines are missing: a kprobe on `calculate_sigpending` (which only
+    /// `schedule_tail` calls) instead,
+    pub const PROG_CALCULATE_SIGPENDING_DOOMED: &str = "calculate_sigpending_doomed";
+    /// and where kprobes are missing too, the raw tracepoint `sys_exit`.
     pub const PROG_SYS_EXIT_DOOMED: &str = "sys_exit_doomed";
+    /// The kernel function `PROG_CALCULATE_SIGPENDING_DOOMED` probes.
+    pub const KPROBE_NEW_TASK_SIGPENDING: &str = "calculate_sigpending";
     pub const PROG_SCHED_STAT_RUNTIME: &str = "sched_stat_runtime";
     pub const PROG_WRITEBACK_DIRTY: &str = "writeback_dirty_folio";
     /// The raw tracepoints the programs above attach to.

@@ -1,7 +1,8 @@
 //! The hooks only budgets need, attached while some run has such a budget and detached when
 //! the last one ends, so that a host without budgets pays nothing for them:
-//! - [`Need::Birth`]: fexit on `schedule_tail` (or the raw tracepoint `sys_exit`, where the
-//!   kernel has no BPF trampolines), which kills a task refused at its fork
+//! - [`Need::Birth`]: fexit on `schedule_tail` (where the kernel has no BPF trampolines, a
+//!   kprobe on `calculate_sigpending`, which only `schedule_tail` calls; where it has no
+//!   kprobes either, the raw tracepoint `sys_exit`), which kills a task refused at its fork
 //!   before its first return to user space (processes and threads budgets);
 //! - [`Need::Cpu`]: the `sched_stat_runtime` raw tracepoint, which charges CPU time as the
 //!   scheduler accounts it, at every tick of a running task (CPU budgets);
@@ -13,16 +14,28 @@ use std::sync::Arc;
 
 use aya::Ebpf;
 use aya::programs::fexit::FExitLinkId;
-use aya::programs::{FExit, ProgramError, RawTracePoint};
+use aya::programs::kprobe::KProbeLinkId;
+use aya::programs::{FExit, KProbe, ProgramError, RawTracePoint};
 
 use crate::kernel::programs::program_as;
 use crate::kernel::tracker::{BudgetLink as Link, Shared};
 use crate::sys::lock;
 
+/// How [`BudgetHookGuard::describe`] names the `sys_exit` fallback: what it is and what it
+/// costs on arm64.
+const SYS_EXIT_DESCRIPTION: &str = if cfg!(target_arch = "aarch64") {
+    "the raw tracepoint sys_exit (this kernel has neither BPF trampolines nor kprobes; on \
+     arm64 a refused process is killed at its first system call's exit), while attached"
+} else {
+    "the raw tracepoint sys_exit (this kernel has neither BPF trampolines nor kprobes), while \
+     attached"
+};
+
 /// A hook some budgets need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Need {
-    /// fexit on `schedule_tail`, or the raw tracepoint `sys_exit`.
+    /// fexit on `schedule_tail`, a kprobe on `calculate_sigpending`, or the raw tracepoint
+    /// `sys_exit`.
     Birth = 0,
     /// `sched_stat_runtime`.
     Cpu = 1,
@@ -34,7 +47,10 @@ impl Need {
     /// What the hook is, for messages.
     pub(crate) fn hook(self) -> &'static str {
         match self {
-            Need::Birth => "fexit on schedule_tail (or the raw tracepoint sys_exit)",
+            Need::Birth => {
+                "fexit on schedule_tail (or a kprobe on calculate_sigpending, or the raw \
+                 tracepoint sys_exit)"
+            }
             Need::Cpu => "the raw tracepoint sched_stat_runtime",
             Need::Dirty => "the raw tracepoint writeback_dirty_folio (or writeback_dirty_page)",
         }
@@ -48,6 +64,16 @@ pub(crate) struct BudgetHookGuard {
 }
 
 impl BudgetHookGuard {
+    /// Whether a refused new process is killed before its first instruction: always, except
+    /// through `sys_exit` on arm64, whose `ret_from_fork` does not pass it (the process dies
+    /// at its first system call's exit there).
+    pub(crate) fn refused_never_run(&self) -> bool {
+        let hooks = lock(&self.shared.budget_hooks);
+        !(cfg!(target_arch = "aarch64")
+            && self.held.contains(&Need::Birth)
+            && matches!(hooks.links[Need::Birth as usize], Some(Link::SysExit(_))))
+    }
+
     /// The extra hooks held, for people: `; with fexit on schedule_tail, ...`, or empty.
     pub(crate) fn describe(&self) -> String {
         let hooks = lock(&self.shared.budget_hooks);
@@ -56,10 +82,11 @@ impl BudgetHookGuard {
             .iter()
             .map(|&need| match (need, &hooks.links[need as usize]) {
                 (Need::Birth, Some(Link::Fexit(_))) => "fexit on schedule_tail, while attached",
-                (Need::Birth, Some(Link::SysExit(_))) => {
-                    "the raw tracepoint sys_exit (this kernel has no BPF trampolines), while \
-                     attached"
+                (Need::Birth, Some(Link::Kprobe(_))) => {
+                    "a kprobe on calculate_sigpending, which only schedule_tail calls (this \
+                     kernel has no BPF trampolines), while attached"
                 }
+                (Need::Birth, Some(Link::SysExit(_))) => SYS_EXIT_DESCRIPTION,
                 (Need::Birth, _) => "fexit on schedule_tail, while attached",
                 (Need::Cpu, _) => "the raw tracepoint sched_stat_runtime, while attached",
                 (Need::Dirty, _) => {
@@ -167,12 +194,20 @@ where
 
 fn attach(ebpf: &mut Ebpf, need: Need) -> Result<Link, ProgramError> {
     if need == Need::Birth {
-        // A trampoline first: no limit on calls in flight, and interrupts are on. Else the
-        // first return to user space, through `sys_exit` (a kretprobe on `schedule_tail`
-        // would be cheaper but can miss: see the program's comment).
+        // A trampoline first: no limit on calls in flight, and interrupts are on. Else an
+        // entry kprobe on what `schedule_tail` calls last (interrupts on, only new tasks;
+        // a kretprobe on `schedule_tail` can miss: see the program's comment). Else the
+        // first return to user space, through `sys_exit`, which arm64 does not pass.
         match attach_fexit(ebpf) {
             Ok(id) => return Ok(Link::Fexit(id)),
-            Err(e) => log::debug!("schedule_tail fexit: {e}; using the sys_exit tracepoint"),
+            Err(e) => log::debug!("schedule_tail fexit: {e}; trying a kprobe"),
+        }
+        match attach_kprobe(ebpf) {
+            Ok(id) => return Ok(Link::Kprobe(id)),
+            Err(e) => log::debug!(
+                "kprobe on {}: {e}; using the sys_exit tracepoint",
+                cylo_usage_abi::names::KPROBE_NEW_TASK_SIGPENDING
+            ),
         }
     }
     let (name, points) = raw_tracepoint_of(need);
@@ -201,8 +236,27 @@ fn attach_fexit(ebpf: &mut Ebpf) -> Result<FExitLinkId, ProgramError> {
     p.attach()
 }
 
+/// Loads (the first time) and attaches the kprobe on `calculate_sigpending`.
+fn attach_kprobe(ebpf: &mut Ebpf) -> Result<KProbeLinkId, ProgramError> {
+    let p: &mut KProbe = program(
+        ebpf,
+        cylo_usage_abi::names::PROG_CALCULATE_SIGPENDING_DOOMED,
+    )?;
+    if p.fd().is_err() {
+        p.load()?;
+    }
+    p.attach(cylo_usage_abi::names::KPROBE_NEW_TASK_SIGPENDING, 0)
+}
+
 fn detach(ebpf: &mut Ebpf, need: Need, link: Link) -> Result<(), ProgramError> {
     match link {
+        Link::Kprobe(id) => {
+            let p: &mut KProbe = program(
+                ebpf,
+                cylo_usage_abi::names::PROG_CALCULATE_SIGPENDING_DOOMED,
+            )?;
+            p.detach(id)
+        }
         Link::Fexit(id) => {
             let p: &mut FExit = program(ebpf, cylo_usage_abi::names::PROG_SCHEDULE_TAIL_EXIT)?;
             p.detach(id)?;

@@ -104,7 +104,9 @@ pub(crate) struct Shared {
 pub(crate) enum BudgetLink {
     /// The fexit program on `schedule_tail`.
     Fexit(aya::programs::fexit::FExitLinkId),
-    /// The `sys_exit` raw tracepoint, where trampolines are missing.
+    /// The kprobe on `calculate_sigpending`, where trampolines are missing.
+    Kprobe(aya::programs::kprobe::KProbeLinkId),
+    /// The `sys_exit` raw tracepoint, where kprobes are missing too.
     SysExit(aya::programs::raw_trace_point::RawTracePointLinkId),
     /// `sched_stat_runtime` or `writeback_dirty_folio`.
     Tracepoint(aya::programs::raw_trace_point::RawTracePointLinkId),

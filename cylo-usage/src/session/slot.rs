@@ -96,7 +96,7 @@ impl crate::Tracker {
                             .inner
                             .hold_budget_hooks(&wanted)
                             .map_err(|(_, why)| why)?;
-                        Ok(guard.describe())
+                        Ok((guard.describe(), guard.refused_never_run()))
                     });
                 let field = match r {
                     Resource::Processes => "budgets.max_processes",
@@ -107,9 +107,13 @@ impl crate::Tracker {
                     Resource::DiskRead => "budgets.max_disk_read_bytes",
                     Resource::Network | Resource::TasksAlive => "budgets.max_network_bytes",
                 };
+                let never_run = result.as_ref().is_ok_and(|(_, never_run)| *never_run);
                 let at = match r {
-                    Resource::Processes | Resource::Threads => {
+                    Resource::Processes | Resource::Threads if never_run => {
                         "the one past it is refused at its fork (its creator's process killed), and killed before it runs"
+                    }
+                    Resource::Processes | Resource::Threads => {
+                        "the one past it is refused at its fork (its creator's process killed), and killed by its first system call's exit"
                     }
                     Resource::CpuTime => "charged at every scheduler tick and thread end",
                     Resource::Memory => "checked at every RSS change (rss_stat)",
@@ -125,7 +129,7 @@ impl crate::Tracker {
                     counter: std::borrow::Cow::Borrowed(field),
                     measured: result.is_ok(),
                     how: match result {
-                        Ok(hooks) => format!("enforced in the kernel ({}): {at}{hooks}", r.option()),
+                        Ok((hooks, _)) => format!("enforced in the kernel ({}): {at}{hooks}", r.option()),
                         Err(why) => format!("refused ({}): {why}", r.option()),
                     },
                 }

@@ -292,6 +292,32 @@ pub fn network_hooks() -> bool {
     !cfg!(target_arch = "aarch64") || kernel_version() >= (6, 3)
 }
 
+/// What a `bomb-mark FILE N` left in FILE: how many of its processes ran an instruction of
+/// their own (each counted itself first, without a system call), and the pids they wrote
+/// next (one killed between the two left none).
+pub struct Marks {
+    pub ran: u64,
+    pub pids: Vec<u32>,
+}
+
+pub fn marks(file: &Path) -> Marks {
+    let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    assert!(
+        bytes.len() >= 8,
+        "{}: {} bytes",
+        file.display(),
+        bytes.len()
+    );
+    let ran = u64::from_ne_bytes(bytes[..8].try_into().unwrap());
+    let pids = bytes[8..]
+        .chunks_exact(4)
+        .take(ran as usize)
+        .map(|c| u32::from_ne_bytes(c.try_into().unwrap()))
+        .filter(|&pid| pid != 0)
+        .collect();
+    Marks { ran, pids }
+}
+
 /// What `peak_process_count` must be for a true peak of `n` on this kernel: BPF atomic
 /// fetch and compare-and-exchange came with 5.12; before, the peak is unmeasured (null).
 pub fn expected_peak(n: u64) -> Option<u64> {

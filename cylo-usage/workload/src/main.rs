@@ -419,19 +419,90 @@ fn report_and_idle(file: &str) {
     until_stdin_closes();
 }
 
-/// Where each process of a `bomb-mark` writes its pid first thing (-1: nowhere).
-static MARK_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+/// `bomb-mark`'s marks (null: none): FILE mapped shared, a count (u64) of the processes that
+/// ran, then a pid (u32) for each, in the order they counted.
+static MARKS: std::sync::atomic::AtomicPtr<u8> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+/// How many pids the marks have room for.
+static MARK_SLOTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Appends this process's pid to the mark file, if there is one: the process ran an
-/// instruction of its own.
+/// Counts this process in the marks, if there are any: the process ran an instruction of its
+/// own. The count comes first and takes no system call (a process killed at its first system
+/// call's exit, or at a page fault's return, has counted already); the pid follows.
 fn mark() {
-    let fd = MARK_FD.load(std::sync::atomic::Ordering::Relaxed);
-    if fd < 0 {
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    let base = MARKS.load(Ordering::Relaxed);
+    if base.is_null() {
         return;
     }
-    let line = format!("{}\n", std::process::id());
-    // SAFETY: one write of a buffer we own; O_APPEND keeps lines whole.
-    unsafe { libc::write(fd, line.as_ptr().cast(), line.len()) };
+    // SAFETY: `base` is a shared mapping of 8 + 4 * MARK_SLOTS bytes, page-aligned, that
+    // every process of the bomb inherits; its words are only accessed atomically.
+    let count = unsafe { &*base.cast::<AtomicU64>() };
+    let i = count.fetch_add(1, Ordering::SeqCst) as usize;
+    if i < MARK_SLOTS.load(Ordering::Relaxed) {
+        // SAFETY: getpid cannot fail; slot `i` is within the mapping.
+        let pid = unsafe { libc::getpid() } as u32;
+        let slot = unsafe { &*base.add(8).cast::<AtomicU32>().add(i) };
+        slot.store(pid, Ordering::SeqCst);
+    }
+}
+
+/// Maps `path` as `bomb-mark`'s marks, room for `slots` pids.
+fn map_marks(path: &str, slots: usize) {
+    let fail = |what: &str, e: std::io::Error| -> ! {
+        eprintln!("{what} {path}: {e}");
+        std::process::exit(1)
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| fail("open", e));
+    let len = 8 + 4 * slots;
+    file.set_len(len as u64)
+        .unwrap_or_else(|e| fail("sizing", e));
+    // SAFETY: a fresh shared mapping of the file, kept for the life of the process.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        fail("mmap", std::io::Error::last_os_error());
+    }
+    MARK_SLOTS.store(slots, std::sync::atomic::Ordering::Relaxed);
+    MARKS.store(p.cast(), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A fork for the bomb. Marking, a raw `clone` system call: glibc's `fork()` makes a system
+/// call in the child (`set_robust_list`) before returning, which would hide a child that
+/// ran user code up to its first system call; the child of a raw clone counts itself at
+/// once (see `mark`).
+fn bomb_fork() -> libc::pid_t {
+    if MARKS.load(std::sync::atomic::Ordering::Relaxed).is_null() {
+        // SAFETY: the child only recurses into fork/waitpid/_exit.
+        return unsafe { libc::fork() };
+    }
+    // SAFETY: clone(SIGCHLD) with no new stack, tids or TLS is fork() without glibc's child
+    // handlers: the child shares nothing, and only recurses into marks, clones, waitpid
+    // and _exit (no locks, no allocation before its first system call).
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        ) as libc::pid_t
+    }
 }
 
 /// This process and `rest` more below it, split between two subtrees.
@@ -441,8 +512,7 @@ fn bomb(rest: u64) {
     let subtrees = [first, rest - first];
     for size in subtrees.into_iter().filter(|&n| n > 0) {
         loop {
-            // SAFETY: the child only recurses into fork/waitpid/_exit.
-            let pid = unsafe { libc::fork() };
+            let pid = bomb_fork();
             if pid == 0 {
                 bomb(size - 1);
                 // SAFETY: ends the child.
@@ -768,22 +838,13 @@ fn main() {
         Some("attach-target") => attach_target(num(args.get(1))),
         Some("bomb") => bomb(num(args.get(1)).max(1) - 1),
         Some("bomb-mark") => {
-            // `bomb-mark FILE N`: a bomb whose every process appends its pid to FILE before
-            // anything else (the ground truth of how many ran).
+            // `bomb-mark FILE N`: a bomb whose every process counts itself in FILE (mapped
+            // shared) before anything else, then writes its pid there: the ground truth of
+            // how many ran (see `mark`).
             let path = args.get(1).cloned().unwrap_or_else(|| usage());
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .unwrap_or_else(|e| {
-                    eprintln!("open {path}: {e}");
-                    std::process::exit(1)
-                });
-            MARK_FD.store(
-                std::os::fd::IntoRawFd::into_raw_fd(file),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            bomb(num(args.get(2)).max(1) - 1)
+            let n = num(args.get(2)).max(1);
+            map_marks(&path, n as usize);
+            bomb(n - 1)
         }
         Some("hold-threads") => {
             let (n, t) = (num(args.get(1)), num(args.get(2)));

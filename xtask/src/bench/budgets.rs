@@ -2,8 +2,9 @@
 //! per-program statistics, and how far a CPU budget overshoots.
 //!
 //! Budgets attach programs of their own only while some run has one: fexit on
-//! `schedule_tail` (or, without BPF trampolines, the raw tracepoint `sys_exit`, which then
-//! runs at every system call's exit on the host) for processes and threads budgets;
+//! `schedule_tail` (without BPF trampolines, a kprobe on `calculate_sigpending`, which only
+//! new tasks reach; without kprobes either, the raw tracepoint `sys_exit`, which then runs
+//! at every system call's exit on the host) for processes and threads budgets;
 //! `sched_stat_runtime` (every scheduler runtime update on the host) for CPU budgets;
 //! `writeback_dirty_folio` for disk-write budgets. Three sections:
 //! - a tracked storm with budgets set but never reached, against the same storm without;
@@ -40,6 +41,7 @@ const UNREACHED: [&str; 8] = [
 const BUDGET_PROGRAMS: [&[&str]; 3] = [
     &[
         cylo_usage_abi::names::PROG_SYS_EXIT_DOOMED,
+        cylo_usage_abi::names::PROG_CALCULATE_SIGPENDING_DOOMED,
         cylo_usage_abi::names::PROG_SCHEDULE_TAIL_EXIT,
     ],
     &[cylo_usage_abi::names::PROG_SCHED_STAT_RUNTIME],

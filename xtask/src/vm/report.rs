@@ -136,6 +136,7 @@ impl Report {
         if let Some(n) = &self.note {
             println!("note: {n}");
         }
+        self.print_failures();
         println!(
             "vm-test: {} {} kernels ({} broken), {} ignored",
             self.runs.len(),
@@ -143,6 +144,28 @@ impl Report {
             self.totals.broken_kernels,
             self.totals.ignored
         );
+    }
+
+    /// Each failed test again, with what it printed, last: a log's tail (CI's) says why.
+    fn print_failures(&self) {
+        for run in &self.runs {
+            for b in &run.binaries {
+                for t in b.tests.iter().filter(|t| t.status == Status::Failed) {
+                    println!("failed on {}: {} {}", run.kernel.label, b.name, t.name);
+                    let end = t
+                        .message
+                        .iter()
+                        .rposition(|l| !l.trim().is_empty())
+                        .map_or(0, |i| i + 1);
+                    for line in &t.message[..end] {
+                        println!("   | {line}");
+                    }
+                    if end == 0 {
+                        println!("   | (no output: the binary died in it, or it hung)");
+                    }
+                }
+            }
+        }
     }
 
     pub(super) fn write(&self, vm_dir: &Path) -> Result<()> {

@@ -17,6 +17,23 @@ pub(super) struct BinaryResult {
 pub(super) struct TestResult {
     pub(super) name: String,
     pub(super) status: Status,
+    /// What libtest printed of a failed test (its `---- NAME stdout ----` section: the panic
+    /// message and what the test wrote), at most [`MESSAGE_LINES`] lines.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(super) message: Vec<String>,
+}
+
+/// How many lines of a failed test's output the report keeps.
+pub(super) const MESSAGE_LINES: usize = 24;
+
+impl TestResult {
+    fn new(name: String, status: Status) -> Self {
+        TestResult {
+            name,
+            status,
+            message: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -83,6 +100,8 @@ pub(super) fn parse_console(lines: &[String], timed_out: bool) -> Parsed {
     // A `test NAME ... ` line whose result has not been printed yet.
     let mut pending: Option<String> = None;
     let mut features: Option<String> = None;
+    // The test of the current binary whose failure output is being read.
+    let mut section: Option<usize> = None;
     for line in lines {
         if let Some(rest) = line.strip_prefix(MARK) {
             let rest = rest.trim();
@@ -103,6 +122,7 @@ pub(super) fn parse_console(lines: &[String], timed_out: bool) -> Parsed {
                     }
                 }
                 "begin" => {
+                    section = None;
                     current = Some(BinaryResult {
                         name: arg.to_string(),
                         exit: None,
@@ -117,10 +137,7 @@ pub(super) fn parse_console(lines: &[String], timed_out: bool) -> Parsed {
                             .and_then(|(_, c)| c.trim().parse().ok());
                         if let Some(name) = pending.take() {
                             // The binary died inside this test.
-                            b.tests.push(TestResult {
-                                name,
-                                status: Status::Failed,
-                            });
+                            b.tests.push(TestResult::new(name, Status::Failed));
                         }
                         p.binaries.push(b);
                     }
@@ -144,6 +161,25 @@ pub(super) fn parse_console(lines: &[String], timed_out: bool) -> Parsed {
             p.notes.push(format!("the guest kernel: {report}"));
         }
         let Some(b) = current.as_mut() else { continue };
+        // libtest's failures section: `---- NAME stdout ----`, then what the test printed
+        // and its panic message, until the next section or the list of failures.
+        if let Some(name) = line
+            .strip_prefix("---- ")
+            .and_then(|r| r.strip_suffix(" stdout ----"))
+        {
+            section = b.tests.iter().position(|t| t.name == name);
+            continue;
+        }
+        if line == "failures:" || line.starts_with("test result:") {
+            section = None;
+        }
+        if let Some(i) = section {
+            let message = &mut b.tests[i].message;
+            if message.len() < MESSAGE_LINES && !(message.is_empty() && line.trim().is_empty()) {
+                message.push(line.clone());
+            }
+            continue;
+        }
         if line.starts_with("test result:") {
             b.summary = Some(line.clone());
         } else if let Some(rest) = line.strip_prefix("test ")
@@ -162,7 +198,7 @@ pub(super) fn parse_console(lines: &[String], timed_out: bool) -> Parsed {
                 continue;
             };
             pending = None;
-            b.tests.push(TestResult { name, status });
+            b.tests.push(TestResult::new(name, status));
         } else if let Some(name) = pending.take() {
             // Output interleaved with a test line (e.g. a kernel message); the result may
             // follow on its own line.
@@ -174,17 +210,14 @@ pub(super) fn parse_console(lines: &[String], timed_out: bool) -> Parsed {
                 _ => None,
             };
             match status {
-                Some(status) => b.tests.push(TestResult { name, status }),
+                Some(status) => b.tests.push(TestResult::new(name, status)),
                 None => pending = Some(name),
             }
         }
     }
     if let Some(mut b) = current.take() {
         if let Some(name) = pending.take() {
-            b.tests.push(TestResult {
-                name,
-                status: Status::Failed,
-            });
+            b.tests.push(TestResult::new(name, Status::Failed));
         }
         p.notes.push(format!(
             "{} did not finish ({})",
@@ -224,6 +257,18 @@ mod tests {
              test a::two ... FAILED\n\
              test a::three ... ignored, needs root\n\
              test a::four - should panic ... ok\n\
+             \n\
+             failures:\n\
+             \n\
+             ---- a::two stdout ----\n\
+             Spawn: user 5 ns (wait4 7)\n\
+             \n\
+             thread 'a::two' panicked at tests/e2e.rs:9:5:\n\
+             user 5 vs wait4 7\n\
+             \n\
+             failures:\n\
+             a::two\n\
+             \n\
              test result: FAILED. 2 passed; 1 failed; 1 ignored\n\
              @@vm-test@@ end pkg/tests/e2e exit=101\n\
              @@vm-test@@ begin pkg\n\
@@ -254,6 +299,17 @@ mod tests {
                 ("a::four", Status::Passed)
             ]
         );
+        assert_eq!(
+            e2e.tests[1].message,
+            [
+                "Spawn: user 5 ns (wait4 7)",
+                "",
+                "thread 'a::two' panicked at tests/e2e.rs:9:5:",
+                "user 5 vs wait4 7",
+                "",
+            ]
+        );
+        assert!(e2e.tests[0].message.is_empty());
         assert_eq!(p.binaries[1].tests[0].status, Status::Failed);
         assert_eq!(p.binaries[2].exit, None);
         assert_eq!(p.binaries[2].tests[0].status, Status::Failed);
