@@ -304,7 +304,13 @@ pub(crate) fn charge_current_disk(current: u64) {
         return;
     };
     // SAFETY: map value pointer; only the task itself charges its disk bytes while it lives.
-    let member = unsafe { &mut *member };
+    charge_member_disk(current, unsafe { &mut *member });
+}
+
+/// [`charge_current_disk`] for a caller that has looked up the current task's membership
+/// (`member`, its TASKS value) already.
+#[inline(always)]
+pub(crate) fn charge_member_disk(current: u64, member: &mut TaskMember) {
     let run = member.run;
     let (Some(ctl), Some(counters)) = (RUN_CONTROL.get(run), run_counters(run)) else {
         return;

@@ -22,9 +22,16 @@ pub fn block_bio_queue_with_queue(ctx: RawTracePointContext) -> i32 {
 pub(crate) fn on_bio_queue(bio: u64) -> i32 {
     // SAFETY: returns the address of the current task_struct.
     let current = unsafe { bpf_get_current_task() };
-    let Some(member) = task_member(current) else {
+    if !maybe_in(&TASK_FILTER, current) {
+        return 0;
+    }
+    // One lookup for the count and the budget's charge.
+    let Some(member) = TASKS.get_ptr_mut(current) else {
         return 0;
     };
+    // SAFETY: map value pointer; only the task itself charges its disk bytes while it lives,
+    // and the fields counted here are read, not written.
+    let member = unsafe { &mut *member };
     let Some(counters) = run_counters(member.run) else {
         return 0;
     };
@@ -64,7 +71,7 @@ pub(crate) fn on_bio_queue(bio: u64) -> i32 {
         add(&mut c.read_ops, 1);
     }
     // The kernel charged this I/O to the task's `ioac` just before submitting it.
-    crate::budget::charge_current_disk(current);
+    crate::budget::charge_member_disk(current, member);
     0
 }
 

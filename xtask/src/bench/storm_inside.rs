@@ -1,5 +1,6 @@
 //! Case (a) timed inside the storm itself: the workload times its own 5,000 forks and
-//! reaps (`storm-timed`), so that no tracer's start-up is counted, plainly, under
+//! reaps (`storm-timed`), so that no tracer's start-up is counted, plainly, plainly with an
+//! empty program on each of the tracker's tracepoints (the hooks' own floor), under
 //! `cylo-usage run` (the lean programs, totals only), under `cylo-usage run --tree`, and under
 //! bpftrace counting the same tree with a map in the kernel, interleaved in one run. Beside
 //! each ratio, the tracer's programs' run time by the kernel's per-program statistics, as a
@@ -23,17 +24,27 @@ const NO_DAEMON: &str = "/nonexistent/cylo-usage.sock";
 #[derive(Clone, Copy, PartialEq)]
 enum Tracer {
     None,
+    /// Plain, with an empty program (`r0 = 0; exit`) on each of the tracker's tracepoints:
+    /// what attaching the hooks costs before any handler does anything (no userspace).
+    Empty,
     Lean,
     Tree,
     Bpftrace,
 }
 
 impl Tracer {
-    const ALL: [Tracer; 4] = [Tracer::None, Tracer::Lean, Tracer::Tree, Tracer::Bpftrace];
+    const ALL: [Tracer; 5] = [
+        Tracer::None,
+        Tracer::Empty,
+        Tracer::Lean,
+        Tracer::Tree,
+        Tracer::Bpftrace,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Tracer::None => "plain",
+            Tracer::Empty => "plain, empty programs on the tracker's tracepoints",
             Tracer::Lean => "`cylo-usage run` (totals)",
             Tracer::Tree => "`cylo-usage run --tree`",
             Tracer::Bpftrace => "bpftrace counting the tree",
@@ -43,7 +54,7 @@ impl Tracer {
     fn command(self, bins: &Bins, storm: &str) -> Command {
         let args = ["storm-timed", storm];
         match self {
-            Tracer::None => {
+            Tracer::None | Tracer::Empty => {
                 let mut c = Command::new(&bins.workload);
                 c.args(args);
                 c
@@ -98,6 +109,9 @@ pub(crate) fn storm_inside(bins: &Bins, storm: u64, runs: usize) -> Result<Strin
     eprintln!("xtask: (a) storm timed inside: warm-up, then {runs} runs per side, interleaved");
     for round in 0..=runs {
         for (i, t) in Tracer::ALL.iter().enumerate() {
+            let _empty = (*t == Tracer::Empty)
+                .then(|| stats::EmptyPrograms::attach(&stats::tracepoints()))
+                .transpose()?;
             let d = run_once(t.command(bins, &storm_arg), |_| {})
                 .with_context(|| format!("(a) inside, {} (round {round})", t.name()))?;
             if round > 0 {
@@ -113,7 +127,7 @@ pub(crate) fn storm_inside(bins: &Bins, storm: u64, runs: usize) -> Result<Strin
         "\n(a) the storm of {storm} timed inside itself (no tracer's start-up; {runs} runs per \
          side, interleaved), with each tracer's programs' kernel run time as a share of the \
          storm's time (medians of {STATS_RUNS} runs with statistics on; for cylo-usage beyond \
-         the empty program, for bpftrace raw):\n\n\
+         the empty program, for the empty programs and bpftrace raw):\n\n\
          | side | storm median (min) | ratio to plain | programs' kernel time |\n|---|---|---|---|"
     );
     for (i, t) in Tracer::ALL.iter().enumerate() {
@@ -122,6 +136,8 @@ pub(crate) fn storm_inside(bins: &Bins, storm: u64, runs: usize) -> Result<Strin
         let med = stats::median(v);
         let kernel = if *t == Tracer::None {
             "-".to_string()
+        } else if *t == Tracer::Empty {
+            format!("{:.2}%", empty_share(bins, &storm_arg)?)
         } else {
             let (_, share) = stats::table(&statistics(bins, *t, &storm_arg)?);
             format!("{share:.2}%")
@@ -134,6 +150,24 @@ pub(crate) fn storm_inside(bins: &Bins, storm: u64, runs: usize) -> Result<Strin
         );
     }
     Ok(md)
+}
+
+/// The empty programs' raw run time as a share (%) of the plain storm's time, the median of
+/// [`STATS_RUNS`] runs with statistics on.
+fn empty_share(bins: &Bins, storm: &str) -> Result<f64> {
+    let mut shares = Vec::new();
+    for _ in 0..STATS_RUNS {
+        let _on = stats::enable()?;
+        let empty = stats::EmptyPrograms::attach(&stats::tracepoints())?;
+        let before = empty.snapshot()?;
+        let storm_time = run_once(Tracer::Empty.command(bins, storm), |_| {})?;
+        let ns: u64 = stats::delta(&before, &empty.snapshot()?)
+            .values()
+            .map(|c| c.ns)
+            .sum();
+        shares.push(ns as f64 / storm_time.as_nanos() as f64 * 100.0);
+    }
+    Ok(stats::median(shares))
 }
 
 /// [`STATS_RUNS`] runs of `tracer` with the kernel's statistics on: its programs' counts
