@@ -29,8 +29,8 @@ pub(crate) fn on_bio_queue(bio: u64) -> i32 {
     let Some(member) = TASKS.get_ptr_mut(current) else {
         return 0;
     };
-    // SAFETY: map value pointer; only the task itself charges its disk bytes while it lives,
-    // and the fields counted here are read, not written.
+    // SAFETY: map value pointer; only the task itself writes its disk charge (in
+    // `charge_member_disk`) while it lives.
     let member = unsafe { &mut *member };
     let Some(counters) = run_counters(member.run) else {
         return 0;

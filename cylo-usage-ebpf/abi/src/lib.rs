@@ -113,9 +113,9 @@ pub mod names {
     /// tracepoints `sched_stat_runtime` and `writeback_dirty_folio` (or `_page`).
     pub const PROG_SCHEDULE_TAIL_EXIT: &str = "schedule_tail_exit";
     /// Where BPF trampolines are missing: a kprobe on `calculate_sigpending` (which only
-    /// `schedule_tail` calls) instead,
+    /// `schedule_tail` calls) instead.
     pub const PROG_CALCULATE_SIGPENDING_DOOMED: &str = "calculate_sigpending_doomed";
-    /// and where kprobes are missing too, the raw tracepoint `sys_exit`.
+    /// Where kprobes are missing too: the raw tracepoint `sys_exit`.
     pub const PROG_SYS_EXIT_DOOMED: &str = "sys_exit_doomed";
     /// The kernel function `PROG_CALCULATE_SIGPENDING_DOOMED` probes.
     pub const KPROBE_NEW_TASK_SIGPENDING: &str = "calculate_sigpending";
