@@ -866,8 +866,10 @@ async fn processes_present_at_an_attach_have_their_real_start_and_argv() {
         assert!(Instant::now() < deadline, "no children");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The root has started by now (its children are there).
+    let seen = Instant::now();
     std::thread::sleep(Duration::from_millis(200));
-    let waited = spawned.elapsed();
+    let waited = seen.elapsed();
     let options = RunOptions {
         tree: true,
         ..RunOptions::default()
@@ -889,13 +891,14 @@ async fn processes_present_at_an_attach_have_their_real_start_and_argv() {
         .iter()
         .find(|p| p.pid == pid as libc::pid_t)
         .expect("the root");
-    // It started after `spawned` and at least `waited` before the attach began.
+    // It started after `spawned` (so at most `lived` before the attach began) and before
+    // `seen` (so at least `waited` before it).
     let age = root.start_ns.unsigned_abs();
     assert!(root.start_ns < 0, "{root:?}");
     assert!(
         age >= waited.as_nanos() as u64 && age <= lived.as_nanos() as u64,
-        "started {age} ns before the attach; spawned {waited:?} before it began, {lived:?} \
-         before it ended"
+        "started {age} ns before the attach; seen running {waited:?} before it began, \
+         spawned {lived:?} before it ended"
     );
     for p in ps {
         assert!(p.attached, "{p:?}");
