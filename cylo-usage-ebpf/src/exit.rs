@@ -41,14 +41,10 @@ pub(crate) fn on_exit<const ATOMICS: bool, const FULL: bool>() -> i32 {
     if read::<u32>(member.process, offset!(signal_live)) != Some(0) {
         return 0;
     }
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(proc) = (unsafe { PROCS.get(member.process) }).copied() else {
+    let Some(counters) = run_counters(member.run) else {
         return 0;
     };
-    if PROCS.remove(member.process).is_err() {
-        return 0;
-    }
-    let Some(counters) = run_counters(member.run) else {
+    let Some((mm, threads)) = process_ends::<ATOMICS>(member.process, counters) else {
         return 0;
     };
     let code = read::<u32>(current, offset!(task_exit_code)).unwrap_or(0);
@@ -56,14 +52,35 @@ pub(crate) fn on_exit<const ATOMICS: bool, const FULL: bool>() -> i32 {
         store(&mut counters.root_status, ROOT_ENDED | code as u64);
     }
     add(&mut counters.processes_alive, u64::MAX); // -1
-    let peak = if ATOMICS { mm_peak(proc.mm) } else { 0 };
+    let peak = if ATOMICS { mm_peak(mm) } else { 0 };
     if ATOMICS {
-        mm_release(proc.mm, counters);
+        mm_release(mm, counters);
     }
     if wants_records(counters) {
-        record_exit(&member, current, code, peak, proc.threads, counters);
+        record_exit(&member, current, code, peak, threads, counters);
     }
     0
+}
+
+/// The process `process` ends: for exactly one of its threads that see `signal->live` at 0,
+/// its entry's address space and thread count. Removed from `PROCS`, unless the kernel
+/// splits the run's CPU time ([`kernel_split`]): then it stays, marked ended, until its last
+/// thread has switched out for the last time ([`crate::sched::process_left`]). (Two fields,
+/// not the entry: this frame sits beside adoption's, within the verifier's 512 bytes.)
+#[inline(always)]
+fn process_ends<const ATOMICS: bool>(process: u64, counters: &RunCounters) -> Option<(u64, u64)> {
+    let p = PROCS.get_ptr_mut(process)?;
+    // SAFETY: map value pointer; the fields read do not change after the process's end.
+    let (mm, threads) = unsafe { (load(&(*p).mm), load(&(*p).threads)) };
+    if ATOMICS && kernel_split(counters) {
+        // SAFETY: map value pointer; `ended` is exchanged atomically, once from 0.
+        if exchange(unsafe { &mut (*p).ended }, 1) != 0 {
+            return None;
+        }
+        return Some((mm, threads));
+    }
+    PROCS.remove(process).ok()?;
+    Some((mm, threads))
 }
 
 /// A `PROC_EXIT` record.

@@ -212,6 +212,7 @@ pub(crate) fn join<const ATOMICS: bool, const FULL: bool>(
         _pad0: 0,
         mm,
         threads: 1,
+        ..ProcMember::default()
     };
     if PROCS.insert(signal, proc, BPF_NOEXIST as u64).is_err() {
         lost(diag_kind::PROCS_FULL, run, tid, counters);

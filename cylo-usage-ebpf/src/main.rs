@@ -341,6 +341,13 @@ fn wants_records(counters: &RunCounters) -> bool {
     load(&counters.flags) & (run_flags::RECORDS | run_flags::CPU_RECORDS) != 0
 }
 
+/// Whether the kernel splits the run's CPU time into user and system itself, per process
+/// ([`run_flags::KERNEL_SPLIT`]; only handlers with atomics honour it).
+#[inline(always)]
+fn kernel_split(counters: &RunCounters) -> bool {
+    load(&counters.flags) & run_flags::KERNEL_SPLIT != 0
+}
+
 /// Whether the run wants every record: exec records with argv, and each thread's socket
 /// bytes (a breakdown, `--tree`/`--events`).
 #[inline(always)]
@@ -397,11 +404,13 @@ struct Diag {
 
 /// Scratch for [`adopt`], which must keep its stack frame small (see there): what an adopted
 /// process's `signal_struct` keeps of its past ([`group_usage`]), between reading it and
-/// adding it, and what the adopted thread used so far ([`thread_usage`]).
+/// adding it, what the adopted thread used so far ([`thread_usage`]), and its process's
+/// entry before it is inserted.
 #[repr(C)]
 struct AdoptScratch {
     group: [u64; 10],
     thread: ThreadUsage,
+    proc: ProcMember,
 }
 
 #[map]

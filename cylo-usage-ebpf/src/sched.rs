@@ -175,6 +175,39 @@ pub(crate) fn record_thread(
     }
 }
 
+/// A thread of process `process` (of a run whose CPU time the kernel splits) has switched
+/// out for the last time, having used `runtime` (and `utime`, `stime`, its tick samples):
+/// added to its process's figures. The last of the process's threads to do so (its process
+/// has ended: no thread is left to create another) splits the process, as `wait4` will (`cputime_adjust` of its summed figures, no earlier
+/// reading), adds the parts to the run, and removes its entry. Before the thread counts as
+/// exited (`threads_exited`), so a finished run's split is whole.
+#[inline(always)]
+pub(crate) fn process_left(
+    process: u64,
+    runtime: u64,
+    utime: u64,
+    stime: u64,
+    counters: &mut RunCounters,
+) {
+    let Some(p) = PROCS.get_ptr_mut(process) else {
+        return;
+    };
+    // SAFETY: map value pointer; its fields are updated atomically.
+    let p = unsafe { &mut *p };
+    add(&mut p.runtime_ns, runtime);
+    add(&mut p.utime_ns, utime);
+    add(&mut p.stime_ns, stime);
+    if add_fetch(&mut p.left, 1) != load(&p.threads) {
+        return;
+    }
+    let (runtime, utime, stime) = (load(&p.runtime_ns), load(&p.utime_ns), load(&p.stime_ns));
+    let system = cylo_usage_abi::cputime::split_system(runtime, utime, stime);
+    add(&mut counters.split_runtime_ns, runtime);
+    add(&mut counters.split_system_ns, system);
+    add(&mut counters.split_user_ns, runtime - system);
+    let _ = PROCS.remove(process);
+}
+
 /// A tracked thread has switched out for the last time: its runtime is final. `CHARGE`:
 /// what it used since its last charge goes to its run's budgets (its membership is still
 /// in `TASKS`).
@@ -183,7 +216,9 @@ pub(crate) fn leave<const ATOMICS: bool, const CHARGE: bool>(task: u64, member: 
     let Some(counters) = run_counters(member.run) else {
         return;
     };
-    match thread_usage(task) {
+    // What it used, for its process's split where the kernel makes it (a thread whose
+    // figures cannot be read is left out of the totals, and so of its process's figures).
+    let (runtime, utime, stime) = match thread_usage(task) {
         Some(u) => {
             add_usage(&mut counters.total, &u);
             // What the thread used since its last charge goes to the budgets too.
@@ -194,8 +229,16 @@ pub(crate) fn leave<const ATOMICS: bool, const CHARGE: bool>(task: u64, member: 
             if wants_records(counters) {
                 record_thread(record_kind::THREAD_END, member, &u, counters);
             }
+            (u.cpu_runtime_ns, u.cpu_utime_ns, u.cpu_stime_ns)
         }
-        None => lost(diag_kind::READ_CPU, member.run, member.tid, counters),
+        None => {
+            lost(diag_kind::READ_CPU, member.run, member.tid, counters);
+            (0, 0, 0)
+        }
+    };
+    // (One call: the verifier walks the split once per handler.)
+    if ATOMICS && kernel_split(counters) {
+        process_left(member.process, runtime, utime, stime, counters);
     }
     if forget_task(task) && doomed(member) {
         doomed_alive_add(u64::MAX);

@@ -115,10 +115,11 @@ async fn check(t: &cylo_usage::Tracker, how: How) {
 }
 
 /// A run's user and system time against wait4's figures (time -f '%U %S'): within a tick
-/// (10 ms) plus 2%.
-/// Both are made from the same runtimes and tick samples, so they agree to wait4's
-/// microseconds unless something read a member's /proc/PID/stat meanwhile (the kernel's
-/// monotonicity clamp).
+/// (10 ms) plus 2%. Both are made from the same runtimes and tick samples, so they mostly
+/// agree to wait4's microseconds, whether the kernel split each process
+/// (`run_flags::KERNEL_SPLIT`) or userspace did from the records; but in about one run in
+/// three here some milliseconds move from wait4's system time to the run's user time (up
+/// to 7 ms of 2.3 s seen, on both paths; see the README, `cpu_user_ns`).
 fn check_against_wait4((user, system): (u64, u64), (wait_user, wait_system): (u64, u64), how: How) {
     let bound = |total: u64| 10_000_000 + total / 50;
     eprintln!(
@@ -134,6 +135,77 @@ fn check_against_wait4((user, system): (u64, u64), (wait_user, wait_system): (u6
     );
 }
 
+/// `/proc/PID/stat`'s user and system time of process `pid` (ns, whole ticks): the kernel's
+/// own split of its thread group, exited threads included.
+fn stat_split(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<u64> = after
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().expect("ticks"))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let tick = 1_000_000_000 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    (f[0] * tick, f[1] * tick)
+}
+
+/// A snapshot of a live tree, one of whose processes has threads that have left and one
+/// of which is live: each live process is split on its own (its left threads' figures, the
+/// kernel's where it splits the run, and its live threads'), as its `/proc/PID/stat` says.
+async fn check_live(t: &cylo_usage::Tracker) {
+    let (stdin_r, stdin_w) = std::io::pipe().expect("pipe");
+    let (stdout_r, stdout_w) = std::io::pipe().expect("pipe");
+    let mut cmd = workload(&["left-threads", "3", "200"]);
+    cmd.stdin(stdin_r).stdout(stdout_w);
+    let mut run = t
+        .spawn_with(&mut cmd, RunOptions::default())
+        .expect("spawn");
+    // Only the workload holds the other ends now.
+    drop(cmd);
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(stdout_r);
+    std::io::BufRead::read_line(&mut out, &mut line).expect("ready");
+    assert_eq!(line.trim(), "ready");
+    let u = run.usage().expect("snapshot");
+    let root = run.root_pid() as u32;
+    let child: u32 = std::fs::read_to_string(format!("/proc/{root}/task/{root}/children"))
+        .expect("children")
+        .split_whitespace()
+        .next()
+        .expect("a child")
+        .parse()
+        .unwrap();
+    let ((ru, rs), (cu, cs)) = (stat_split(root), stat_split(child));
+    eprintln!("live: {u:?}\n/proc: root {ru} {rs}, child {cu} {cs}");
+    assert_eq!(u.cpu_split, CpuSplit::PerProcess, "{u:?}");
+    assert_eq!(u.cpu_user_ns + u.cpu_system_ns, u.cpu_time_ns);
+    // Two processes, each within two ticks (its figures are read in ticks on one side).
+    let bound = 2 * 2 * 10_000_000 + 1_000_000;
+    assert!(
+        u.cpu_user_ns.abs_diff(ru + cu) <= bound,
+        "user {} vs /proc {}",
+        u.cpu_user_ns,
+        ru + cu
+    );
+    assert!(
+        u.cpu_system_ns.abs_diff(rs + cs) <= bound,
+        "system {} vs /proc {}",
+        u.cpu_system_ns,
+        rs + cs
+    );
+    // The threads' 600 ms and the child's 200 ms are in it.
+    assert!(u.cpu_time_ns >= 750_000_000, "{u:?}");
+    drop(stdin_w);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        run.wait_root().await.expect("root");
+        run.wait_finished().await.expect("tree");
+    })
+    .await
+    .expect("finished within 60 s");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn user_and_system_add_up_to_the_totals_and_agree_with_wait4() {
     let Some(t) = tracker() else { return };
@@ -147,5 +219,7 @@ async fn user_and_system_add_up_to_the_totals_and_agree_with_wait4() {
     // The lean programs (the command line's without a breakdown) make the same records.
     if let Some(lean) = common::lean_tracker() {
         check(&lean, How::Spawn { tree: false }).await;
+        check_live(&lean).await;
     }
+    check_live(&t).await;
 }

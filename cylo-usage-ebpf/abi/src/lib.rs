@@ -3,9 +3,11 @@
 //! Every type that crosses between the eBPF programs and userspace is defined here, once,
 //! `#[repr(C)]` with explicit padding and a size assertion. The eBPF crate and the userspace
 //! crate both depend on this crate; neither defines a shared type of its own.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 use core::mem::size_of;
+
+pub mod cputime;
 
 /// How many runs can be tracked at once (slots of the `RUNS` array map).
 pub const MAX_RUNS: u32 = 256;
@@ -494,7 +496,11 @@ pub const fn share_headroom(capacity: u32) -> u32 {
 }
 
 /// One live tracked process; value of `PROCS`, keyed by the address of its `signal_struct`.
-/// Its removal, which succeeds exactly once, marks the process's end.
+/// Its end (the last of its threads past `do_exit`'s `sched_process_exit`) happens exactly
+/// once: the removal of the entry marks it, or, for a run whose CPU time the kernel splits
+/// ([`run_flags::KERNEL_SPLIT`]), the exchange of `ended` from 0; such an entry stays until
+/// its last thread has switched out for the last time (`left == threads`), when its
+/// figures are final and it is split.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcMember {
@@ -504,6 +510,15 @@ pub struct ProcMember {
     pub mm: u64,
     /// Its threads that joined the run (created in it or adopted).
     pub threads: u64,
+    /// [`run_flags::KERNEL_SPLIT`] only: 1 once the process has ended.
+    pub ended: u64,
+    /// [`run_flags::KERNEL_SPLIT`] only: its threads that have switched out for the last
+    /// time, and what they used (`sum_exec_runtime`, and the tick-sampled `utime` and
+    /// `stime`, ns), summed: the figures `wait4` splits the process's CPU time by.
+    pub left: u64,
+    pub runtime_ns: u64,
+    pub utime_ns: u64,
+    pub stime_ns: u64,
 }
 
 /// RSS counter members of `rss_stat` that make up RSS as /proc's VmRSS counts it.
@@ -735,6 +750,12 @@ pub struct RunCounters {
     /// in both.
     pub processes_refused: u64,
     pub threads_refused: u64,
+    /// [`run_flags::KERNEL_SPLIT`] only: the CPU time of the run's ended processes (those
+    /// whose last thread has switched out for the last time), and its user and system parts,
+    /// each process split on its own by [`cputime::split_system`] as `wait4` splits it.
+    pub split_runtime_ns: u64,
+    pub split_user_ns: u64,
+    pub split_system_ns: u64,
 }
 
 /// Budgets: the resources a run can be stopped at (the top byte of
@@ -782,6 +803,12 @@ pub mod run_flags {
     /// each thread's socket bytes, in the `SPLIT_RECORDS` ring buffer. Userspace splits each
     /// process as `wait4` would.
     pub const CPU_RECORDS: u64 = 2;
+    /// The kernel splits each process's CPU time into user and system itself, as its last
+    /// thread switches out for the last time ([`crate::cputime::split_system`] of its
+    /// threads' summed figures), into `RunCounters::split_*`: no record at all. For a run
+    /// that started its root (every process joins it at its fork, with all its threads)
+    /// and wants no breakdown, on kernels with BPF atomic fetch (5.12).
+    pub const KERNEL_SPLIT: u64 = 4;
 }
 
 /// Per-run controls userspace changes while the run goes on (value of `RUN_CONTROL`, one
@@ -1128,8 +1155,8 @@ pub struct Event {
 
 const _: () = assert!(size_of::<Offsets>() == 304);
 const _: () = assert!(size_of::<TaskMember>() == 80);
-const _: () = assert!(size_of::<ProcMember>() == 24);
-const _: () = assert!(size_of::<RunCounters>() == 536);
+const _: () = assert!(size_of::<ProcMember>() == 64);
+const _: () = assert!(size_of::<RunCounters>() == 560);
 const _: () = assert!(size_of::<ThreadUsage>() == 64);
 const _: () = assert!(size_of::<RunControl>() == 72);
 const _: () = assert!(size_of::<TrackerInfo>() == 16);

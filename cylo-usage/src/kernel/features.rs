@@ -128,11 +128,18 @@ pub(crate) fn features(m: Measured, refused: &Unavailable) -> Vec<Feature> {
     );
     let cpu = "task_struct.se.sum_exec_runtime of each thread at its last context switch \
                (raw tracepoint sched_switch, TASK_DEAD); live threads from /proc schedstat";
-    let split = "the sum of each process's own split, as wait4 reports it (the kernel's \
-                 cputime_adjust of its thread group: its runtime in its utime:stime tick \
-                 ratio), made in userspace from the run's records as its last thread leaves; \
-                 live processes' from /proc; the tree's sums split at once if the records \
-                 ring buffer overflowed";
+    let split = if m.atomics {
+        "the sum of each process's own split, as wait4 reports it (the kernel's \
+         cputime_adjust of its thread group: its runtime in its utime:stime tick ratio), made \
+         as its last thread leaves: in the kernel for a spawned run without a breakdown, in \
+         userspace from the run's records otherwise (the tree's sums split at once if their \
+         ring buffer overflowed); live processes' with their /proc figures"
+    } else {
+        "the sum of each process's own split, as wait4 reports it (the kernel's \
+         cputime_adjust of its thread group: its runtime in its utime:stime tick ratio), made \
+         in userspace from the run's records as its last thread leaves; live processes' \
+         from /proc; the tree's sums split at once if the records ring buffer overflowed"
+    };
     vec![
         yes("cpu_time_ns", cpu),
         yes("cpu_user_ns", split),

@@ -76,7 +76,9 @@ pub(crate) struct Shared {
     /// Where the reader thread delivers each run's records.
     pub sinks: Arc<crate::kernel::records::RecordReader>,
     /// The records of runs that want them for their user/system split alone (a small ring
-    /// buffer of their own, so that such runs cost no 8 MiB mapping), and their reader.
+    /// buffer of their own, so that such runs cost no 8 MiB mapping), and their reader: an
+    /// attach, and every run on kernels without BPF atomic fetch (elsewhere the kernel splits
+    /// a spawned run's processes itself, `run_flags::KERNEL_SPLIT`).
     pub split_records: Mutex<Option<aya::maps::Map>>,
     pub split_sinks: Arc<crate::kernel::records::RecordReader>,
     /// The `control` program, run in the caller's context (`BPF_PROG_TEST_RUN`).

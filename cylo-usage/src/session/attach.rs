@@ -132,7 +132,8 @@ impl Tracker {
             });
         }
         let started_ns = monotonic_ns();
-        let (slot, hooks) = crate::session::slot::open_slot(&inner, &options)?;
+        let (slot, hooks, flags) =
+            crate::session::slot::open_slot(&inner, &options, crate::session::slot::Start::Attach)?;
         let mut run = Run::new(
             inner.clone(),
             slot,
@@ -142,7 +143,7 @@ impl Tracker {
             started_ns,
         );
         run.set_budgets(options.budgets, hooks);
-        run.start_records(options, started_ns);
+        run.start_records(options, started_ns, flags);
         run.set_attaching(true)?;
         let adopted = adopt_tree(&inner, slot, &target, run.breakdown);
         run.set_attaching(false)?;

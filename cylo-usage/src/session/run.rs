@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use cylo_usage_abi::{ROOT_ENDED, RunControl, RunCounters, TaskMember, control, run_flags};
+use cylo_usage_abi::{
+    ROOT_ENDED, RunControl, RunCounters, TaskMember, ThreadUsage, control, run_flags,
+};
 
 use crate::kernel::tracker::Shared;
 use crate::session::breakdown::{Breakdown, EventSink, Used};
@@ -20,7 +22,7 @@ use crate::sys::{self, dup, fd_readable, monotonic_ns, pidfd_send_signal, watch}
 mod budgets;
 mod kill;
 
-use crate::usage::{self, DiskDevice, LiveSample, ResourceUsage, RootExit, Units};
+use crate::usage::{self, DiskDevice, LiveSample, ResourceUsage, RootExit, Units, split_runtime};
 
 /// How often a waiting run re-reads its counters when no ring-buffer wake-up comes.
 const POLL: Duration = Duration::from_millis(100);
@@ -228,11 +230,15 @@ impl RunOptions {
         self.tree || self.events.is_some()
     }
 
-    /// The run's flags in the kernel: every record for a breakdown; else those its
-    /// user/system split needs (see [`Run::start_records`]).
-    pub(crate) fn run_flags(&self) -> u64 {
+    /// The run's flags in the kernel: every record for a breakdown; else, where the kernel
+    /// can split each process's CPU time itself (`kernel_split`: a spawned run, handlers
+    /// with atomics), no record at all; else the records its user/system split needs (see
+    /// [`Run::start_records`]).
+    pub(crate) fn run_flags(&self, kernel_split: bool) -> u64 {
         if self.wants_records() {
             run_flags::RECORDS
+        } else if kernel_split {
+            run_flags::KERNEL_SPLIT
         } else {
             run_flags::CPU_RECORDS
         }
@@ -272,6 +278,9 @@ pub struct Run {
     /// Whether the run takes every record (a breakdown or an event stream), from the
     /// `RECORDS` ring buffer; else those its split needs, from `SPLIT_RECORDS`.
     all_records: bool,
+    /// Whether the kernel splits each process's CPU time itself ([`run_flags::KERNEL_SPLIT`]):
+    /// the run takes no record.
+    kernel_split: bool,
     /// The signals sent to the tree so far (see [`crate::usage::SignalSent`]).
     signals_sent: Mutex<Vec<crate::usage::SignalSent>>,
     /// The run's live threads as last read from the membership map, with the generation
@@ -294,11 +303,17 @@ fn generation(c: &RunCounters) -> (u64, u64) {
 }
 
 impl Run {
-    /// Starts taking the run's records: into a breakdown and/or an event stream when the
-    /// options ask for one; else into a tree that keeps each process only until its last
-    /// thread has left, for the user/system split alone. Either way the totals' split is the
-    /// sum of each process's own, as `wait4` makes it (see [`Run::finish`]).
-    pub(crate) fn start_records(&mut self, options: RunOptions, started_ns: u64) {
+    /// Starts taking the run's records (its slot's `flags` say which): into a breakdown
+    /// and/or an event stream when the options ask for one; else, unless the kernel splits
+    /// each process itself ([`run_flags::KERNEL_SPLIT`]: no record), into a tree that keeps
+    /// each process only until its last thread has left, for the user/system split alone.
+    /// Either way the totals' split is the sum of each process's own, as `wait4` makes it
+    /// (see [`Run::finish`]).
+    pub(crate) fn start_records(&mut self, options: RunOptions, started_ns: u64, flags: u64) {
+        if flags & run_flags::KERNEL_SPLIT != 0 {
+            self.kernel_split = true;
+            return;
+        }
         let units = Units {
             ticks_per_second: procfs::clock_ticks_per_second(),
             page_size: procfs::page_size(),
@@ -382,6 +397,7 @@ impl Run {
             exited_unrecorded: 0,
             breakdown: false,
             all_records: false,
+            kernel_split: false,
             signals_sent: Mutex::new(Vec::new()),
             members: Mutex::new(None),
             budget: Box::default(),
@@ -706,7 +722,7 @@ impl Run {
                     ..LiveSample::default()
                 };
                 let merged = usage::merge(&before, measured, &live, units, root, wall);
-                let u = self.finish(merged, &[], with_tree);
+                let u = self.finish(merged, &before, &[], with_tree);
                 self.drain_records();
                 return Ok(u);
             }
@@ -741,12 +757,12 @@ impl Run {
             };
             let merged = usage::merge(&after, measured, &live, units, root, wall);
             if live.complete {
-                return Ok(self.finish(merged, &samples, with_tree));
+                return Ok(self.finish(merged, &after, &samples, with_tree));
             }
             // A thread of the list could not be read (an exec changing its tid shows in the
             // generation only once the old leader is gone): read the map again next time.
             self.forget_members();
-            last = Some(self.finish(merged, &samples, with_tree));
+            last = Some(self.finish(merged, &after, &samples, with_tree));
         }
         Ok(last.expect("at least one attempt"))
     }
@@ -756,6 +772,7 @@ impl Run {
     fn finish(
         &self,
         mut u: ResourceUsage,
+        c: &RunCounters,
         live: &[(TaskMember, ThreadSample)],
         with_tree: bool,
     ) -> ResourceUsage {
@@ -764,8 +781,8 @@ impl Run {
         if !self.budget.budgets.is_empty() {
             u.budgets = Some(self.budget.budgets);
         }
-        if let Ok(c) = self.counters() {
-            u.budget_exceeded = self.crossing(&c);
+        if let Ok(now) = self.counters() {
+            u.budget_exceeded = self.crossing(&now);
         }
         u.signals_sent = lock(&self.signals_sent).clone();
         if let Some(killed) = u.tasks_killed_at_birth.filter(|&n| n > 0) {
@@ -782,6 +799,14 @@ impl Run {
                  (fail closed: a task the tracker cannot follow must not outlive a kill); \
                  the command did not run as it would have"
             ));
+        }
+        if self.kernel_split {
+            if let Some([user, system]) = self.kernel_cpu_split(c, live, u.cpu_time_ns) {
+                u.cpu_user_ns = user;
+                u.cpu_system_ns = system;
+                u.cpu_split = crate::usage::CpuSplit::PerProcess;
+            }
+            return u;
         }
         let Some(tree) = self.tree.as_ref() else {
             return u;
@@ -830,6 +855,46 @@ impl Run {
             ));
         }
         u
+    }
+
+    /// The tree's user and system time for a run the kernel splits
+    /// ([`run_flags::KERNEL_SPLIT`]): the kernel's sums over its ended processes (`c`), plus
+    /// each live process split on its own, from its threads that have left (its `PROCS`
+    /// entry) and its live threads (`live`). `None` (the tree's sums are split at once) when
+    /// that does not add up to the report's `cpu_time` (a thread left between the reads).
+    fn kernel_cpu_split(
+        &self,
+        c: &RunCounters,
+        live: &[(TaskMember, ThreadSample)],
+        cpu_time_ns: u64,
+    ) -> Option<[u64; 2]> {
+        let tick_ns = 1_000_000_000 / procfs::clock_ticks_per_second().max(1);
+        let mut by_process: HashMap<u64, ThreadUsage> = HashMap::new();
+        for (m, t) in live {
+            *by_process.entry(m.process).or_default() += t.usage(tick_ns);
+        }
+        let (mut runtime, mut user, mut system) =
+            (c.split_runtime_ns, c.split_user_ns, c.split_system_ns);
+        for (process, used) in by_process {
+            let left = self
+                .inner
+                .readers
+                .procs
+                .get(&process)
+                .ok()?
+                .filter(|p| p.run == self.slot)
+                .unwrap_or_default();
+            let r = used.cpu_runtime_ns.wrapping_add(left.runtime_ns);
+            let (u, s) = split_runtime(
+                r,
+                used.cpu_utime_ns.wrapping_add(left.utime_ns),
+                used.cpu_stime_ns.wrapping_add(left.stime_ns),
+            );
+            runtime = runtime.wrapping_add(r);
+            user = user.wrapping_add(u);
+            system = system.wrapping_add(s);
+        }
+        (runtime == cpu_time_ns).then_some([user, system])
     }
 
     /// Marks the run as ended by its timeout (the report says so).

@@ -10,12 +10,24 @@ use crate::kernel::tracker::{Maps, Shared, run_share};
 use crate::session::run::{RunOptions, SessionError, map_err};
 use crate::sys::procfs;
 
+/// How a run's tree comes to be followed, as far as its slot goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// Its root is started for it (by the tracker, or by a daemon's client): every process
+    /// joins the run at its fork, with every thread it will have.
+    Spawn,
+    /// Running processes are adopted: a process may have threads the run never follows.
+    Attach,
+}
+
 /// Checks `options`' budgets, attaches the hooks they need, and claims a slot for the run
-/// with its flags, share and budgets: the start of every run.
+/// with its flags, share and budgets: the start of every run. Returns the slot, the hooks,
+/// and the run's flags in the kernel ([`RunOptions::run_flags`]).
 pub(crate) fn open_slot(
     inner: &Arc<Shared>,
     options: &RunOptions,
-) -> Result<(u32, Option<BudgetHookGuard>), SessionError> {
+    start: Start,
+) -> Result<(u32, Option<BudgetHookGuard>, u64), SessionError> {
     if inner.lean {
         if options.tree {
             return Err(SessionError::NotLoaded {
@@ -48,8 +60,11 @@ pub(crate) fn open_slot(
         ..RunControl::default()
     };
     budgets.write_into(&mut control, procfs::page_size());
-    let slot = claim_slot(&mut inner.maps(), options.run_flags(), control)?;
-    Ok((slot, guard))
+    // The kernel splits each process's CPU time itself where its handlers have the atomics
+    // for it and every process joins at its fork with all its threads.
+    let flags = options.run_flags(start == Start::Spawn && inner.measured.atomics);
+    let slot = claim_slot(&mut inner.maps(), flags, control)?;
+    Ok((slot, guard, flags))
 }
 
 /// Zeroes a free slot's record (with `flags`), sets its controls (a share and budgets), and

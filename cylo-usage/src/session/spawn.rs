@@ -12,7 +12,7 @@ use cylo_usage_abi::control;
 
 use crate::kernel::tracker::{Maps, Tracker};
 use crate::session::run::{Origin, Run, RunOptions, SessionError, map_err, pidfd_of, remove_where};
-use crate::session::slot::open_slot;
+use crate::session::slot::{Start, open_slot};
 use crate::sys::monotonic_ns;
 use crate::sys::procfs;
 
@@ -130,11 +130,11 @@ impl Tracker {
         options: RunOptions,
     ) -> Result<PendingSpawn, SessionError> {
         let inner = self.inner.clone();
-        let (slot, hooks) = open_slot(&inner, &options)?;
+        let (slot, hooks, flags) = open_slot(&inner, &options, Start::Spawn)?;
         let started_ns = monotonic_ns();
         let mut run = Run::new(inner.clone(), slot, Origin::Remote, 0, None, started_ns);
         run.set_budgets(options.budgets, hooks);
-        run.start_records(options, started_ns);
+        run.start_records(options, started_ns, flags);
         let mut maps = inner.maps();
         let code = inner
             .control([
@@ -180,11 +180,11 @@ impl Tracker {
         options: RunOptions,
     ) -> Result<Run, SessionError> {
         let inner = self.inner.clone();
-        let (slot, hooks) = open_slot(&inner, &options)?;
+        let (slot, hooks, flags) = open_slot(&inner, &options, Start::Spawn)?;
         let started_ns = monotonic_ns();
         let mut run = Run::new(inner.clone(), slot, Origin::Starting, 0, None, started_ns);
         run.set_budgets(options.budgets, hooks);
-        run.start_records(options, started_ns);
+        run.start_records(options, started_ns, flags);
         // Declared after `run`, so that it is released before `run` is dropped on an error.
         let mut maps = inner.maps();
         // This thread's next new task is the root: recorded in the kernel by its task_struct,

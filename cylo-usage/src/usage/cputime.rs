@@ -31,14 +31,8 @@ pub fn cputime_adjust(rtime: u64, utime: u64, stime: u64, prev: &mut PrevCputime
     if prev.stime.saturating_add(prev.utime) >= rtime {
         return (prev.utime, prev.stime);
     }
-    let mut stime = if stime == 0 {
-        0
-    } else if utime == 0 {
-        rtime
-    } else {
-        // mul_u64_u64_div_u64(stime, rtime, stime + utime); the kernel adds in u64.
-        (stime as u128 * rtime as u128 / stime.wrapping_add(utime) as u128) as u64
-    };
+    // The arithmetic the eBPF programs split ended processes with, shared.
+    let mut stime = cylo_usage_abi::cputime::split_system(rtime, utime, stime);
     // Neither part goes backwards (monotonicity clamp).
     if stime < prev.stime {
         stime = prev.stime;

@@ -35,6 +35,9 @@
 //!   subtrees that share what is left, then waits for them (a fork that hits the pid limit is
 //!   retried until pids free up).
 //! - `net MODE ...`: socket traffic with known byte counts (see `workload/net.rs`).
+//! - `left-threads N MS`: N threads of MS ms of CPU each (half in the kernel), joined,
+//!   beside a child that spent MS ms in the kernel; prints `ready` once all that is done,
+//!   and both wait for stdin to close.
 //! - `hold-threads N T`: `hold N`, and T more threads in the root, blocked reading stdin too:
 //!   1 + N processes, 1 + N + T threads until stdin is closed.
 //! - `escape T FILE`: T threads, each of which double-forks a daemon (a new session, its
@@ -67,7 +70,7 @@ fn usage() -> ! {
          clone-parent | vfork | exec-from-thread PATH [ARGS] | write-direct FILE MIB [BLOCK] | \
          read-direct FILE MIB [BLOCK] | write FILE MIB fsync|truncate|none | read FILE | \
          mem A B MS | pidns N | hostile-name MS | spike MIB MS AFTER [small] | \
-         attach-target K | hold N | bomb N | bomb-mark FILE N | hold-threads N T | escape T FILE | chars N | \
+         attach-target K | hold N | bomb N | bomb-mark FILE N | hold-threads N T | left-threads N MS | escape T FILE | chars N | \
          past-lives THREAD_MS CHILD_MS BYTES FILE | \
          snapshot PID | net MODE ... | poll-usage SOCKET T | mix N MS [TINY]"
     );
@@ -845,6 +848,44 @@ fn main() {
             let n = num(args.get(2)).max(1);
             map_marks(&path, n as usize);
             bomb(n - 1)
+        }
+        Some("left-threads") => {
+            // N threads of MS ms of CPU each (half system, half user), all exited, beside a
+            // child that spent MS ms in the kernel; both then wait for stdin to close. "ready"
+            // on stdout once all that is done: a live snapshot then sees two live processes,
+            // one with threads that have left.
+            let (n, ms) = (num(args.get(1)), num(args.get(2)));
+            let mut ends = [0 as libc::c_int; 2];
+            // SAFETY: a pipe into a local array.
+            if unsafe { libc::pipe(ends.as_mut_ptr()) } != 0 {
+                eprintln!("pipe: {}", std::io::Error::last_os_error());
+                std::process::exit(1);
+            }
+            if fork() == 0 {
+                syscalls(ms);
+                // SAFETY: one byte to the pipe's write end.
+                unsafe { libc::write(ends[1], b"x".as_ptr().cast(), 1) };
+                until_stdin_closes();
+                // SAFETY: ends the child.
+                unsafe { libc::_exit(0) };
+            }
+            let threads: Vec<_> = (0..n)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        syscalls(ms / 2);
+                        burn(ms / 2);
+                    })
+                })
+                .collect();
+            for h in threads {
+                h.join().expect("thread");
+            }
+            let mut b = [0u8; 1];
+            // SAFETY: one byte from the pipe's read end into a local.
+            unsafe { libc::read(ends[0], b.as_mut_ptr().cast(), 1) };
+            println!("ready");
+            until_stdin_closes();
+            wait_all();
         }
         Some("hold-threads") => {
             let (n, t) = (num(args.get(1)), num(args.get(2)));
