@@ -187,25 +187,6 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
     } else {
         0
     };
-    // (Through the scratch, not the stack; field by field, volatile, so that the zeroes are
-    // not merged into a call of `memset`, which BPF does not have.)
-    let proc = &mut scratch.proc;
-    // SAFETY: plain stores into this CPU's scratch value.
-    unsafe {
-        core::ptr::write_volatile(&mut proc.run, run);
-        core::ptr::write_volatile(&mut proc._pad0, 0);
-    }
-    for (field, v) in [
-        (&mut proc.mm, mm),
-        (&mut proc.threads, 1),
-        (&mut proc.ended, 0),
-        (&mut proc.left, 0),
-        (&mut proc.runtime_ns, 0),
-        (&mut proc.utime_ns, 0),
-        (&mut proc.stime_ns, 0),
-    ] {
-        store(field, v);
-    }
     // What the process did before beyond its live threads, read before its entry is made:
     // a thread adopted after the entry exists (by the scan or a hook) can only add to the
     // group figures after this read, so it is never counted twice. A process past its
@@ -214,9 +195,8 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
     // (Through the scratch, not the stack.)
     let have_group = read::<u32>(signal, offset!(signal_live)).unwrap_or(0) != 0
         && group_usage(signal, task, leader, &mut scratch.group);
-    if PROCS
-        .insert(signal, &scratch.proc, BPF_NOEXIST as u64)
-        .is_ok()
+    if let Some(proc) = new_proc(run, mm)
+        && PROCS.insert(signal, proc, BPF_NOEXIST as u64).is_ok()
     {
         add(&mut counters.processes_started, 1);
         add(&mut counters.processes_adopted, 1);

@@ -207,14 +207,11 @@ pub(crate) fn join<const ATOMICS: bool, const FULL: bool>(
     } else {
         0
     };
-    let proc = ProcMember {
-        run,
-        _pad0: 0,
-        mm,
-        threads: 1,
-        ..ProcMember::default()
+    let inserted = match new_proc(run, mm) {
+        Some(proc) => PROCS.insert(signal, proc, BPF_NOEXIST as u64).is_ok(),
+        None => false,
     };
-    if PROCS.insert(signal, proc, BPF_NOEXIST as u64).is_err() {
+    if !inserted {
         lost(diag_kind::PROCS_FULL, run, tid, counters);
         // Followed as a thread only: doomed (if it is not already), so it cannot outlive the
         // run's kill uncounted in `processes_alive`.

@@ -404,13 +404,43 @@ struct Diag {
 
 /// Scratch for [`adopt`], which must keep its stack frame small (see there): what an adopted
 /// process's `signal_struct` keeps of its past ([`group_usage`]), between reading it and
-/// adding it, what the adopted thread used so far ([`thread_usage`]), and its process's
-/// entry before it is inserted.
+/// adding it, and what the adopted thread used so far ([`thread_usage`]). Also a new
+/// process's entry before it is inserted ([`new_proc`]), for adoption and the fork hook's
+/// `join` alike (one after the other, never nested).
 #[repr(C)]
 struct AdoptScratch {
     group: [u64; 10],
     thread: ThreadUsage,
     proc: ProcMember,
+}
+
+/// A new `PROCS` entry: a process of `run` using address space `mm`, with one thread, written
+/// into this CPU's scratch rather than the stack. The fork and adoption paths sit under
+/// frames that leave no room for its 64 bytes within the verifier's 512 (6.1 counted 544 with
+/// it on `join`'s stack). Field by field and volatile, so that the zeroes are not merged
+/// into a call of `memset`.
+#[inline(always)]
+fn new_proc(run: u32, mm: u64) -> Option<&'static ProcMember> {
+    let scratch = ADOPT_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU map value pointer; this CPU's alone while the program runs.
+    let proc = unsafe { &mut (*scratch).proc };
+    // SAFETY: plain stores into the scratch value.
+    unsafe {
+        core::ptr::write_volatile(&mut proc.run, run);
+        core::ptr::write_volatile(&mut proc._pad0, 0);
+    }
+    for (field, v) in [
+        (&mut proc.mm, mm),
+        (&mut proc.threads, 1),
+        (&mut proc.ended, 0),
+        (&mut proc.left, 0),
+        (&mut proc.runtime_ns, 0),
+        (&mut proc.utime_ns, 0),
+        (&mut proc.stime_ns, 0),
+    ] {
+        store(field, v);
+    }
+    Some(proc)
 }
 
 #[map]
