@@ -195,8 +195,13 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
     // (Through the scratch, not the stack.)
     let have_group = read::<u32>(signal, offset!(signal_live)).unwrap_or(0) != 0
         && group_usage(signal, task, leader, &mut scratch.group);
-    if let Some(proc) = new_proc(run, mm)
-        && PROCS.insert(signal, proc, BPF_NOEXIST as u64).is_ok()
+    if PROCS
+        .insert(
+            signal,
+            fill_proc(&mut scratch.proc, run, mm),
+            BPF_NOEXIST as u64,
+        )
+        .is_ok()
     {
         add(&mut counters.processes_started, 1);
         add(&mut counters.processes_adopted, 1);

@@ -423,7 +423,12 @@ struct AdoptScratch {
 fn new_proc(run: u32, mm: u64) -> Option<&'static ProcMember> {
     let scratch = ADOPT_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU map value pointer; this CPU's alone while the program runs.
-    let proc = unsafe { &mut (*scratch).proc };
+    Some(fill_proc(unsafe { &mut (*scratch).proc }, run, mm))
+}
+
+/// [`new_proc`] into `proc` (adoption holds the scratch already).
+#[inline(always)]
+fn fill_proc(proc: &mut ProcMember, run: u32, mm: u64) -> &ProcMember {
     // SAFETY: plain stores into the scratch value.
     unsafe {
         core::ptr::write_volatile(&mut proc.run, run);
@@ -440,7 +445,7 @@ fn new_proc(run: u32, mm: u64) -> Option<&'static ProcMember> {
     ] {
         store(field, v);
     }
-    Some(proc)
+    proc
 }
 
 #[map]
