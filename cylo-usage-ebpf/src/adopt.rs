@@ -151,20 +151,23 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
     let (tid, own_pid) = pids(task, me.pid_level);
     let tgid = pids(leader, me.pid_level).0;
     let process_start = read::<u64>(leader, offset!(task_start_boottime)).unwrap_or(start);
-    let member = TaskMember {
-        run,
-        tid,
-        tgid,
-        flags: 0,
-        process: signal,
-        start_boottime_ns: start,
-        process_start_boottime_ns: process_start,
-        net_sent: 0,
-        net_received: 0,
-        // Budgets count from the attach: what the thread had used is charged already.
-        charged_cpu_ns: read::<u64>(task, offset!(task_sum_exec_runtime)).unwrap_or(0),
-        charged_disk_read_bytes: ioac(task, offset!(task_ioac_read_bytes)),
-        charged_disk_write_bytes: ioac(task, offset!(task_ioac_write_bytes)),
+    // Budgets count from the attach: what the thread had used is charged already.
+    let charged = [
+        read::<u64>(task, offset!(task_sum_exec_runtime)).unwrap_or(0),
+        ioac(task, offset!(task_ioac_read_bytes)),
+        ioac(task, offset!(task_ioac_write_bytes)),
+    ];
+    let mut slot = core::mem::MaybeUninit::<TaskMember>::uninit();
+    // SAFETY: `slot` is a whole `TaskMember` of this frame, written before it is read.
+    let member = unsafe {
+        write_member(
+            slot.as_mut_ptr(),
+            [run, tid, tgid, 0],
+            signal,
+            [start, process_start],
+            charged,
+        );
+        &*slot.as_ptr()
     };
     if insert_task(task, member).is_err() {
         // SAFETY: the value is copied out at once.
@@ -194,7 +197,13 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
     // are left out rather than read a second time.
     // (Through the scratch, not the stack.)
     let have_group = read::<u32>(signal, offset!(signal_live)).unwrap_or(0) != 0
-        && group_usage(signal, task, leader, &mut scratch.group);
+        && group_usage(
+            signal,
+            task,
+            leader,
+            &mut scratch.group,
+            &mut scratch.thread,
+        );
     if PROCS
         .insert(
             signal,
@@ -221,7 +230,7 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
         if ATOMICS {
             let alive = add_fetch(&mut counters.processes_alive, 1);
             raise_to(&mut counters.processes_peak, alive);
-            mm_use(run, mm, counters);
+            mm_use(run, mm, false, counters);
         } else {
             add(&mut counters.processes_alive, 1);
         }
@@ -246,7 +255,7 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
         // leader): this one has it.
         if ATOMICS && mm != 0 && p.mm == 0 {
             p.mm = mm;
-            mm_use(run, mm, counters);
+            mm_use(run, mm, false, counters);
         }
     }
     // After its process's record, so the breakdown knows whose it is.

@@ -61,7 +61,7 @@ pub(crate) fn on_exec<const ATOMICS: bool, const FULL: bool>(ctx: RawTracePointC
             let old = proc.mm;
             proc.mm = new;
             old_peak = mm_peak(old);
-            mm_use(member.run, new, counters);
+            mm_use(member.run, new, true, counters);
             mm_release(old, counters);
         }
     }
@@ -99,9 +99,8 @@ pub(crate) fn record_exec(
         (*p).old_mm_peak_pages = old_peak;
         (*p).pid = member.tgid;
         (*p)._pad0 = 0;
-        if bpf_probe_read_kernel_buf(comm, &mut (*p).comm).is_err() {
-            (*p).comm = [0; 16];
-        }
+        // The helper zeroes the name when it cannot read it (an empty name, not garbage).
+        let _ = bpf_probe_read_kernel_buf(comm, &mut (*p).comm);
         if filename == 0
             || bpf_probe_read_kernel_str_bytes(filename as *const u8, &mut (*p).filename).is_err()
         {

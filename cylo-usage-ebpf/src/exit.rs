@@ -107,9 +107,8 @@ pub(crate) fn record_exit(
         (*p)._pad0 = 0;
         (*p).mm_peak_pages = peak;
         (*p).threads = threads;
-        if bpf_probe_read_kernel_buf(comm, &mut (*p).comm).is_err() {
-            (*p).comm = [0; 16];
-        }
+        // The helper zeroes the name when it cannot read it (an empty name, not garbage).
+        let _ = bpf_probe_read_kernel_buf(comm, &mut (*p).comm);
     }
     entry.submit(record_wake_flags(counters));
 }

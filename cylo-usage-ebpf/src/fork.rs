@@ -66,7 +66,7 @@ pub(crate) fn on_newtask<const ATOMICS: bool, const FULL: bool>(ctx: RawTracePoi
     }
     let child: u64 = ctx.arg(0);
     let flags: u64 = ctx.arg(1);
-    join::<ATOMICS, FULL>(run, child, flags & CLONE_THREAD != 0, creator.as_ref());
+    join::<ATOMICS, FULL>(run, child, flags, creator.as_ref());
     0
 }
 
@@ -102,7 +102,8 @@ pub(crate) fn register_spawner(task: u64, run: u32) -> i32 {
     }
 }
 
-/// `child` joins `run`, created by `creator` (a member), or as the root (`creator` is `None`).
+/// `child` joins `run`, created by `creator` (a member), or as the root (`creator` is `None`),
+/// with `clone_flags`.
 ///
 /// A function of its own (a BPF-to-BPF call): the fork hook's frame and [`adopt`]'s, which
 /// it may call first, must fit the verifier's 512 bytes of stack together.
@@ -110,9 +111,10 @@ pub(crate) fn register_spawner(task: u64, run: u32) -> i32 {
 pub(crate) fn join<const ATOMICS: bool, const FULL: bool>(
     run: u32,
     child: u64,
-    is_thread: bool,
+    clone_flags: u64,
     creator: Option<&TaskMember>,
 ) {
+    let is_thread = clone_flags & CLONE_THREAD != 0;
     let Some(counters) = run_counters(run) else {
         return;
     };
@@ -153,21 +155,8 @@ pub(crate) fn join<const ATOMICS: bool, const FULL: bool>(
         }
         None => false,
     };
-    let mut member = TaskMember {
-        run,
-        tid,
-        tgid,
-        flags: if past_share { member_flags::DOOMED } else { 0 },
-        process: signal,
-        start_boottime_ns: start,
-        process_start_boottime_ns: process_start,
-        net_sent: 0,
-        net_received: 0,
-        charged_cpu_ns: 0,
-        charged_disk_read_bytes: 0,
-        charged_disk_write_bytes: 0,
-    };
-    if insert_task(child, member).is_err() {
+    let flags = if past_share { member_flags::DOOMED } else { 0 };
+    if insert_new_task(child, run, tid, tgid, flags, signal, start, process_start).is_err() {
         unfollowed(
             diag_kind::TASKS_FULL,
             run,
@@ -215,11 +204,14 @@ pub(crate) fn join<const ATOMICS: bool, const FULL: bool>(
         lost(diag_kind::PROCS_FULL, run, tid, counters);
         // Followed as a thread only: doomed (if it is not already), so it cannot outlive the
         // run's kill uncounted in `processes_alive`.
-        if !root && !past_share {
-            member.flags |= member_flags::DOOMED;
-            if TASKS.insert(child, member, BPF_EXIST as u64).is_ok() {
-                doom(run, tid, counters);
-            }
+        if !root
+            && !past_share
+            && let Some(member) = TASKS.get_ptr_mut(child)
+        {
+            // SAFETY: map value pointer; the new task cannot run before this hook returns,
+            // and its flags are written nowhere else now.
+            unsafe { (*member).flags |= member_flags::DOOMED };
+            doom(run, tid, counters);
         }
         return;
     }
@@ -238,7 +230,9 @@ pub(crate) fn join<const ATOMICS: bool, const FULL: bool>(
     if ATOMICS {
         let alive = add_fetch(&mut counters.processes_alive, 1);
         raise_to(&mut counters.processes_peak, alive);
-        mm_use(run, mm, counters);
+        // A fork's address space is a new one (unknown yet); a vfork's or a CLONE_VM
+        // process's is its creator's, followed already.
+        mm_use(run, mm, clone_flags & CLONE_VM == 0, counters);
     } else {
         add(&mut counters.processes_alive, 1);
     }

@@ -55,7 +55,7 @@ use core::intrinsics::{
 };
 
 use aya_ebpf::{
-    bindings::{BPF_EXIST, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_kernel_str_bytes,
@@ -66,12 +66,12 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use cylo_usage_abi::{
-    ABSENT, ADOPT_ANCESTORS, ARGV_BYTES, CLONE_THREAD, Creds, DEFAULT_MAX_MMS, DEFAULT_MAX_PROCS,
-    DEFAULT_MAX_TASKS, DevCounters, DevKey, EVENTS_BYTES, Event, FILTER_SLOTS, MAX_DEVS, MAX_RUNS,
-    MAX_SPAWNERS, MmMember, Offsets, ProcExec, ProcExit, ProcMember, ProcStart, RECORDS_BYTES,
-    ROOT_ENDED, RSS_MEMBERS, RecordHeader, RunControl, RunCounters, SPLIT_RECORDS_BYTES, Spawner,
-    TaskMember, ThreadEnd, ThreadUsage, TrackerInfo, control, creds_known, event_kind, filter_slot,
-    member_flags, proc_flags, record_kind, run_flags,
+    ABSENT, ADOPT_ANCESTORS, ARGV_BYTES, CLONE_THREAD, CLONE_VM, Creds, DEFAULT_MAX_MMS,
+    DEFAULT_MAX_PROCS, DEFAULT_MAX_TASKS, DevCounters, DevKey, EVENTS_BYTES, Event, FILTER_SLOTS,
+    MAX_DEVS, MAX_RUNS, MAX_SPAWNERS, MmMember, Offsets, ProcExec, ProcExit, ProcMember, ProcStart,
+    RECORDS_BYTES, ROOT_ENDED, RSS_MEMBERS, RecordHeader, RunControl, RunCounters,
+    SPLIT_RECORDS_BYTES, Spawner, TaskMember, ThreadEnd, ThreadUsage, TrackerInfo, control,
+    creds_known, event_kind, filter_slot, member_flags, proc_flags, record_kind, run_flags,
 };
 
 /// Kernel layout, resolved by userspace from BTF at start-up (read-only global).
@@ -296,13 +296,72 @@ fn task_member(task: u64) -> Option<TaskMember> {
 
 /// Inserts `task`'s (new) membership, counted in `TASK_FILTER` before it can be found.
 #[inline(always)]
-fn insert_task(task: u64, member: TaskMember) -> Result<(), i32> {
+fn insert_task(task: u64, member: &TaskMember) -> Result<(), i32> {
     filter_add(&TASK_FILTER, task, 1);
     let r = TASKS.insert(task, member, BPF_NOEXIST as u64);
     if r.is_err() {
         filter_add(&TASK_FILTER, task, u32::MAX);
     }
     r
+}
+
+/// [`insert_task`] for a new task: `run`, its pids and process, `flags`, and nothing used or
+/// charged yet (see [`write_member`]).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn insert_new_task(
+    task: u64,
+    run: u32,
+    tid: u32,
+    tgid: u32,
+    flags: u32,
+    process: u64,
+    start_boottime_ns: u64,
+    process_start_boottime_ns: u64,
+) -> Result<(), i32> {
+    let mut member = core::mem::MaybeUninit::<TaskMember>::uninit();
+    let ids = [run, tid, tgid, flags];
+    let times = [start_boottime_ns, process_start_boottime_ns];
+    // SAFETY: `member` is a whole `TaskMember` of this frame; written before it is read.
+    unsafe {
+        write_member(member.as_mut_ptr(), ids, process, times, [0; 3]);
+        insert_task(task, &*member.as_ptr())
+    }
+}
+
+/// Writes a membership into `m`: `[run, tid, tgid, flags]`, its process, `[start_boottime_ns,
+/// process_start_boottime_ns]`, no socket bytes, and what is `charged` already (`[cpu,
+/// disk read, disk write]`). Field by field and volatile, where the helper then reads it: a
+/// struct literal's run of zeroes becomes a call of `memset` (a byte loop of 40 iterations
+/// on the fork path, and a frame more in adoption's call chain, which the verifier's 512
+/// bytes of stack on 5.10 and 6.1 have no room for).
+///
+/// # Safety
+/// `m` must be valid for writes of a `TaskMember`.
+#[inline(always)]
+unsafe fn write_member(
+    m: *mut TaskMember,
+    ids: [u32; 4],
+    process: u64,
+    times: [u64; 2],
+    charged: [u64; 3],
+) {
+    // SAFETY: the caller's promise; every field of the `#[repr(C)]` struct (which has no
+    // padding) is written.
+    unsafe {
+        core::ptr::addr_of_mut!((*m).run).write_volatile(ids[0]);
+        core::ptr::addr_of_mut!((*m).tid).write_volatile(ids[1]);
+        core::ptr::addr_of_mut!((*m).tgid).write_volatile(ids[2]);
+        core::ptr::addr_of_mut!((*m).flags).write_volatile(ids[3]);
+        core::ptr::addr_of_mut!((*m).process).write_volatile(process);
+        core::ptr::addr_of_mut!((*m).start_boottime_ns).write_volatile(times[0]);
+        core::ptr::addr_of_mut!((*m).process_start_boottime_ns).write_volatile(times[1]);
+        core::ptr::addr_of_mut!((*m).net_sent).write_volatile(0);
+        core::ptr::addr_of_mut!((*m).net_received).write_volatile(0);
+        core::ptr::addr_of_mut!((*m).charged_cpu_ns).write_volatile(charged[0]);
+        core::ptr::addr_of_mut!((*m).charged_disk_read_bytes).write_volatile(charged[1]);
+        core::ptr::addr_of_mut!((*m).charged_disk_write_bytes).write_volatile(charged[2]);
+    }
 }
 
 /// Removes `task`'s membership, then its count (only if this call removed it). Whether it did.
@@ -586,7 +645,10 @@ fn pids(task: u64, tracker_level: u32) -> (u32, u32) {
     let numbers = pid + offset!(pid_numbers) as u64;
     let size = offset!(upid_size) as u64;
     let own = read::<u32>(numbers + level as u64 * size, 0).unwrap_or(0);
-    let seen = if level >= tracker_level {
+    // Nearly always the same namespace as the tracker's: the same number.
+    let seen = if level == tracker_level {
+        own
+    } else if level > tracker_level {
         read::<u32>(numbers + tracker_level as u64 * size, 0).unwrap_or(0)
     } else {
         0

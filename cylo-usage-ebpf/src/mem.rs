@@ -2,28 +2,21 @@
 //! reports it, and its high-water mark.
 use crate::*;
 
-/// A tracked process starts using address space `mm`.
+/// A tracked process starts using address space `mm`: `new` when it cannot be followed yet
+/// (a fork's, an exec's), which spares the lookup that would miss.
 #[inline(always)]
-pub(crate) fn mm_use(run: u32, mm: u64, counters: &mut RunCounters) {
+pub(crate) fn mm_use(run: u32, mm: u64, new: bool, counters: &mut RunCounters) {
     if mm == 0 {
         return;
     }
-    if let Some(entry) = MMS.get_ptr_mut(mm) {
+    if !new && let Some(entry) = MMS.get_ptr_mut(mm) {
         // SAFETY: map value pointer; updated atomically.
         add(unsafe { &mut (*entry).users }, 1);
         return;
     }
-    let fresh = MmMember {
-        run,
-        _pad0: 0,
-        users: 1,
-        pages: [0; 4],
-        rss: 0,
-        peak: 0,
-    };
     // Counted before it can be found, so `rss_stat` never skips a followed address space.
     filter_add(&MM_FILTER, mm, 1);
-    if MMS.insert(mm, fresh, BPF_NOEXIST as u64).is_err() {
+    let Ok(rss) = insert_new_mm(mm, run) else {
         filter_add(&MM_FILTER, mm, u32::MAX);
         // Another CPU registered it first (or the map is full).
         match MMS.get_ptr_mut(mm) {
@@ -32,18 +25,58 @@ pub(crate) fn mm_use(run: u32, mm: u64, counters: &mut RunCounters) {
             None => lost(diag_kind::MMS_FULL, run, 0, counters),
         }
         return;
-    }
-    let Some(entry) = MMS.get_ptr_mut(mm) else {
-        return;
     };
-    // What it holds already (exec maps the program and its stack before the tracepoint).
-    for member in RSS_MEMBERS {
-        let pages = read::<i64>(mm, offset!(mm_rss)[member]).unwrap_or(0);
-        // SAFETY: map value pointer.
-        set_rss(unsafe { &mut *entry }, member, pages, counters);
-    }
+    let total = add_fetch(&mut counters.rss_pages, rss);
+    raise_to(&mut counters.rss_peak_pages, total);
     // (Its memory budget is checked at the next `rss_stat` of the run: a check here would sit
     // under `adopt`'s frame, past the verifier's 512 bytes of stack on 6.1.)
+}
+
+/// Inserts `mm` into `MMS`: an address space of `run` with one user and what it holds
+/// already (a fork copies its creator's mappings; exec maps the program and its stack before
+/// the tracepoint), its peak so far. Returns its RSS (pages).
+///
+/// The counters are read before the entry exists: a change in between (nearly always
+/// impossible: the new process has not run yet) is taken up at the counter's next
+/// `rss_stat`, whose exchange works from the value stored here. Written field by field and
+/// volatile where the helper reads it, so that no run of zeroes becomes a call of `memset`
+/// (and the values need no second place on the stack, which adoption's frame has no room
+/// for).
+#[inline(always)]
+fn insert_new_mm(mm: u64, run: u32) -> Result<u64, i32> {
+    let mut entry = core::mem::MaybeUninit::<MmMember>::uninit();
+    let e = entry.as_mut_ptr();
+    let mut rss = 0u64;
+    // SAFETY (all the writes): plain stores into the entry's fields; every field of the
+    // `#[repr(C)]` struct is written before the helper reads it.
+    unsafe {
+        core::ptr::addr_of_mut!((*e).run).write_volatile(run);
+        core::ptr::addr_of_mut!((*e)._pad0).write_volatile(0);
+        core::ptr::addr_of_mut!((*e).users).write_volatile(1);
+        core::ptr::addr_of_mut!((*e).pages[2]).write_volatile(0);
+    }
+    // Without a branch, so that the verifier walks one path on to the insert (adoption's
+    // programs are long): the helper zeroes the field when the read fails, and a negative
+    // count (a per-CPU counter's central count dips below 0 for a moment) becomes 0.
+    for member in RSS_MEMBERS {
+        let src = mm + offset!(mm_rss)[member] as u64;
+        // SAFETY: the field is 8 bytes of the entry; the helper checks the kernel address.
+        let pages = unsafe {
+            let field = core::ptr::addr_of_mut!((*e).pages[member]);
+            generated::bpf_probe_read_kernel(field.cast(), 8, src as *const core::ffi::c_void);
+            let v = field.read_volatile() as i64;
+            let pages = (v & !(v >> 63)) as u64;
+            field.write_volatile(pages);
+            pages
+        };
+        rss = rss.wrapping_add(pages);
+    }
+    // SAFETY: as above; then the entry is whole.
+    unsafe {
+        core::ptr::addr_of_mut!((*e).rss).write_volatile(rss);
+        core::ptr::addr_of_mut!((*e).peak).write_volatile(rss);
+        MMS.insert(mm, &*e, BPF_NOEXIST as u64).map(|()| rss)
+    }
 }
 
 /// The high-water mark (pages) of a tracked address space, 0 if it is not followed.

@@ -39,9 +39,8 @@ pub(crate) fn record_start<const FULL: bool>(
         (*p).ppid = ppid;
         (*p).flags = flags;
         (*p)._pad0 = 0;
-        if bpf_probe_read_kernel_buf(comm, &mut (*p).comm).is_err() {
-            (*p).comm = [0; 16];
-        }
+        // The helper zeroes the name when it cannot read it (an empty name, not garbage).
+        let _ = bpf_probe_read_kernel_buf(comm, &mut (*p).comm);
         // Who a process runs as matters to a breakdown's viewer only: the lean programs
         // (totals alone) leave it unknown.
         (*p).creds = if FULL {

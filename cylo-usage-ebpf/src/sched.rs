@@ -107,9 +107,19 @@ pub(crate) fn thread_usage_into(task: u64, u: &mut ThreadUsage) -> bool {
 /// I/O accounting of both (as `thread_usage`, from index 5). A leader that has exited while
 /// other threads run (a zombie until the group ends, so not in `signal_struct` yet, and never
 /// adopted) is an exited thread too: `task` is the thread being adopted, `leader` its leader.
-/// Fills `g`; false (and `g` not to be used) if the CPU figures cannot be read.
+/// Fills `g`; false (and `g` not to be used) if the CPU figures cannot be read. `u` is room
+/// for the leader's figures. Each value is stored as it is read (volatile): held back to the
+/// end (the leader's in a `ThreadUsage` on the stack), they took up to seven more stack
+/// slots in [`adopt`]'s frame, past what the verifier's 512 bytes leave it beside its
+/// callers' on 6.1.
 #[inline(always)]
-pub(crate) fn group_usage(signal: u64, task: u64, leader: u64, g: &mut [u64; 10]) -> bool {
+pub(crate) fn group_usage(
+    signal: u64,
+    task: u64,
+    leader: u64,
+    g: &mut [u64; 10],
+    u: &mut ThreadUsage,
+) -> bool {
     let cpu = [
         offset!(signal_sum_sched_runtime),
         offset!(signal_utime),
@@ -119,29 +129,37 @@ pub(crate) fn group_usage(signal: u64, task: u64, leader: u64, g: &mut [u64; 10]
     ];
     for (i, offset) in cpu.into_iter().enumerate() {
         match read::<u64>(signal, offset) {
-            Some(v) => g[i] = v,
+            Some(v) => store(&mut g[i], v),
             None => return false,
         }
     }
-    g[5] = ioac(signal, offset!(signal_ioac_read_bytes));
-    g[6] = ioac(signal, offset!(signal_ioac_write_bytes));
-    g[7] = ioac(signal, offset!(signal_ioac_cancelled_write_bytes));
-    g[8] = ioac(signal, offset!(signal_ioac_rchar));
-    g[9] = ioac(signal, offset!(signal_ioac_wchar));
+    store(&mut g[5], ioac(signal, offset!(signal_ioac_read_bytes)));
+    store(&mut g[6], ioac(signal, offset!(signal_ioac_write_bytes)));
+    store(
+        &mut g[7],
+        ioac(signal, offset!(signal_ioac_cancelled_write_bytes)),
+    );
+    store(&mut g[8], ioac(signal, offset!(signal_ioac_rchar)));
+    store(&mut g[9], ioac(signal, offset!(signal_ioac_wchar)));
     // SAFETY (TASKS.get): only checked for presence.
     if leader != task
         && task_state(leader) & offset!(task_dead) as u64 != 0
         && unsafe { TASKS.get(leader) }.is_none()
-        && let Some(u) = thread_usage(leader)
+        && thread_usage_into(leader, u)
     {
-        g[0] = g[0].wrapping_add(u.cpu_runtime_ns);
-        g[1] = g[1].wrapping_add(u.cpu_utime_ns);
-        g[2] = g[2].wrapping_add(u.cpu_stime_ns);
-        g[5] = g[5].wrapping_add(u.disk_read_bytes);
-        g[6] = g[6].wrapping_add(u.disk_write_bytes);
-        g[7] = g[7].wrapping_add(u.disk_cancelled_write_bytes);
-        g[8] = g[8].wrapping_add(u.io_rchar);
-        g[9] = g[9].wrapping_add(u.io_wchar);
+        for (i, v) in [
+            (0, u.cpu_runtime_ns),
+            (1, u.cpu_utime_ns),
+            (2, u.cpu_stime_ns),
+            (5, u.disk_read_bytes),
+            (6, u.disk_write_bytes),
+            (7, u.disk_cancelled_write_bytes),
+            (8, u.io_rchar),
+            (9, u.io_wchar),
+        ] {
+            let sum = load(&g[i]).wrapping_add(v);
+            store(&mut g[i], sum);
+        }
     }
     true
 }

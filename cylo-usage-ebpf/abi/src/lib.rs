@@ -59,7 +59,8 @@ pub const COMM_BYTES: usize = 16;
 /// followed yet belongs to the tree being attached to.
 pub const ADOPT_ANCESTORS: u32 = 16;
 
-/// `CLONE_THREAD` from `<linux/sched.h>`: part of the stable syscall ABI.
+/// `CLONE_VM` and `CLONE_THREAD` from `<linux/sched.h>`: part of the stable syscall ABI.
+pub const CLONE_VM: u64 = 0x0000_0100;
 pub const CLONE_THREAD: u64 = 0x0001_0000;
 
 /// Names of the maps and programs in the object; userspace looks them up by these.
