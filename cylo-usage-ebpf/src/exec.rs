@@ -4,7 +4,7 @@ use crate::adopt::member_ptr_or_adopted;
 use crate::mem::mm_peak;
 use crate::mem::mm_release;
 use crate::mem::mm_use;
-use crate::records::creds_of;
+use crate::records::write_creds;
 use crate::*;
 
 /// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`,
@@ -125,7 +125,7 @@ pub(crate) fn record_exec(
         }
         (*p).argv_len = len;
         (*p).argv_truncated = u32::from(total > ARGV_BYTES as u64);
-        (*p).creds = creds_of(task);
+        write_creds::<true>(task, core::ptr::addr_of_mut!((*p).creds));
     }
     entry.submit(wake_flags(&RECORDS, RECORDS_BYTES));
 }

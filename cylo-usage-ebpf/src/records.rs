@@ -43,21 +43,31 @@ pub(crate) fn record_start<const FULL: bool>(
         let _ = bpf_probe_read_kernel_buf(comm, &mut (*p).comm);
         // Who a process runs as matters to a breakdown's viewer only: the lean programs
         // (totals alone) leave it unknown.
-        (*p).creds = if FULL {
-            creds_of(task)
-        } else {
-            Creds::default()
-        };
+        write_creds::<FULL>(task, core::ptr::addr_of_mut!((*p).creds));
     }
     entry.submit(record_wake_flags(counters));
 }
 
-/// `task`'s objective credentials and its address space's dumpable mode, for records only
-/// (see [`Creds`]); what could not be read is left out of `known`.
+/// Writes `task`'s objective credentials and its address space's dumpable mode into `c` (a
+/// record's), for records only (see [`Creds`]); what could not be read is left out of
+/// `known` (and 0). Without `READ` (the lean programs: who a process runs as matters to a
+/// breakdown's viewer only) nothing is known. Field by field and volatile: a `Creds` built
+/// on the stack had its zeroes merged into a call of `memset`, one frame more in adoption's
+/// call chain, whose stack the verifiers of 5.10 and 6.1 count in 32-byte steps per frame.
+///
+/// # Safety
+/// `c` must be valid for writes of a `Creds`.
 #[inline(always)]
-pub(crate) fn creds_of(task: u64) -> Creds {
-    let mut c = Creds::default();
-    if offset!(cred_uid) != ABSENT
+pub(crate) unsafe fn write_creds<const READ: bool>(task: u64, c: *mut Creds) {
+    // Each field is written where it is known, so that no value is carried past a branch
+    // (the verifier then walks the rest of the handler once, not once per outcome).
+    // SAFETY (all the writes): the caller's promise; every field is written.
+    unsafe {
+        core::ptr::addr_of_mut!((*c).known).write_volatile(0);
+        core::ptr::addr_of_mut!((*c).dumpable).write_volatile(0);
+    }
+    if READ
+        && offset!(cred_uid) != ABSENT
         && let Some(cred) = read::<u64>(task, offset!(task_real_cred))
         && cred != 0
         && let (Some(uid), Some(gid), Some(suid), Some(sgid), Some(euid), Some(egid)) = (
@@ -69,24 +79,35 @@ pub(crate) fn creds_of(task: u64) -> Creds {
             read::<u32>(cred, offset!(cred_egid)),
         )
     {
-        c = Creds {
-            uid,
-            gid,
-            suid,
-            sgid,
-            euid,
-            egid,
-            dumpable: 0,
-            known: creds_known::IDS,
-        };
+        unsafe {
+            core::ptr::addr_of_mut!((*c).uid).write_volatile(uid);
+            core::ptr::addr_of_mut!((*c).gid).write_volatile(gid);
+            core::ptr::addr_of_mut!((*c).suid).write_volatile(suid);
+            core::ptr::addr_of_mut!((*c).sgid).write_volatile(sgid);
+            core::ptr::addr_of_mut!((*c).euid).write_volatile(euid);
+            core::ptr::addr_of_mut!((*c).egid).write_volatile(egid);
+            core::ptr::addr_of_mut!((*c).known).write_volatile(creds_known::IDS);
+        }
+    } else {
+        unsafe {
+            core::ptr::addr_of_mut!((*c).uid).write_volatile(0);
+            core::ptr::addr_of_mut!((*c).gid).write_volatile(0);
+            core::ptr::addr_of_mut!((*c).suid).write_volatile(0);
+            core::ptr::addr_of_mut!((*c).sgid).write_volatile(0);
+            core::ptr::addr_of_mut!((*c).euid).write_volatile(0);
+            core::ptr::addr_of_mut!((*c).egid).write_volatile(0);
+        }
     }
-    if offset!(mm_flags) != ABSENT
+    if READ
+        && offset!(mm_flags) != ABSENT
         && let Some(mm) = read::<u64>(task, offset!(task_mm))
         && mm != 0
         && let Some(flags) = read::<u64>(mm, offset!(mm_flags))
     {
-        c.dumpable = (flags & 3) as u32;
-        c.known |= creds_known::DUMPABLE;
+        unsafe {
+            core::ptr::addr_of_mut!((*c).dumpable).write_volatile((flags & 3) as u32);
+            let known = core::ptr::addr_of!((*c).known).read_volatile();
+            core::ptr::addr_of_mut!((*c).known).write_volatile(known | creds_known::DUMPABLE);
+        }
     }
-    c
 }

@@ -179,12 +179,16 @@ pub(crate) fn record_thread(
             } else {
                 (0, 0)
             };
-            entry.write(ThreadEnd {
-                header: header(kind, member.run, member.process),
-                usage: *u,
-                net_sent,
-                net_received,
-            });
+            let p = entry.as_mut_ptr();
+            // SAFETY: `p` points to reserved ring-buffer memory of the record's size. The
+            // socket bytes are stored one by one (volatile): an adopted thread's two zeroes
+            // were merged into a call of `memset`, a frame more in adoption's call chain.
+            unsafe {
+                (*p).header = header(kind, member.run, member.process);
+                (*p).usage = *u;
+                core::ptr::addr_of_mut!((*p).net_sent).write_volatile(net_sent);
+                core::ptr::addr_of_mut!((*p).net_received).write_volatile(net_received);
+            }
             entry.submit(record_wake_flags(counters));
         }
         None => {
