@@ -333,8 +333,8 @@ fn insert_new_task(
 /// process_start_boottime_ns]`, no socket bytes, and what is `charged` already (`[cpu,
 /// disk read, disk write]`). Field by field and volatile, where the helper then reads it: a
 /// struct literal's run of zeroes becomes a call of `memset` (a byte loop of 40 iterations
-/// on the fork path, and a frame more in adoption's call chain, which the verifier's 512
-/// bytes of stack on 5.10 and 6.1 have no room for).
+/// on the fork path, and a frame more in adoption's call chain, which 5.10's and 6.1's
+/// verifiers count against its 512 bytes of stack in 32-byte steps).
 ///
 /// # Safety
 /// `m` must be valid for writes of a `TaskMember`.
@@ -463,7 +463,8 @@ struct Diag {
 
 /// Scratch for [`adopt`], which must keep its stack frame small (see there): what an adopted
 /// process's `signal_struct` keeps of its past ([`group_usage`]), between reading it and
-/// adding it, and what the adopted thread used so far ([`thread_usage`]). Also a new
+/// adding it, and what the adopted thread used so far ([`thread_usage`]; before that, an
+/// exited leader's figures, which [`group_usage`] adds to the group's). Also a new
 /// process's entry before it is inserted ([`new_proc`]), for adoption and the fork hook's
 /// `join` alike (one after the other, never nested).
 #[repr(C)]

@@ -110,8 +110,8 @@ pub(crate) fn thread_usage_into(task: u64, u: &mut ThreadUsage) -> bool {
 /// Fills `g`; false (and `g` not to be used) if the CPU figures cannot be read. `u` is room
 /// for the leader's figures. Each value is stored as it is read (volatile): held back to the
 /// end (the leader's in a `ThreadUsage` on the stack), they took up to seven more stack
-/// slots in [`adopt`]'s frame, past what the verifier's 512 bytes leave it beside its
-/// callers' on 6.1.
+/// slots in [`adopt`]'s frame, which 5.10's and 6.1's verifiers count with its callers'
+/// against 512 bytes.
 #[inline(always)]
 pub(crate) fn group_usage(
     signal: u64,
