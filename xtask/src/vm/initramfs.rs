@@ -247,7 +247,7 @@ hostname vm-test
 note "memlock limit $(ulimit -l), cpus $(grep -c ^processor /proc/cpuinfo)"
 
 CU=@CYLO_USAGE@
-if RUST_LOG=cylo_usage::tracker=debug "$CU" features --json >/tmp/features.json 2>/tmp/features.err; then
+if RUST_LOG=cylo_usage::kernel=debug "$CU" features --json >/tmp/features.json 2>/tmp/features.err; then
     # What each program cost this kernel's verifier.
     grep -o 'verified .*' /tmp/features.err | while read -r line; do note "$line"; done
     echo "$M features-begin"

@@ -21,10 +21,14 @@
 //!    virtio modules under `/lib/modules/<release>`, and an `/init` that mounts what the tests
 //!    need (the scratch disk `/dev/vda` on `/mnt/disk` for the disk tests), runs every test
 //!    binary and powers off.
-//! 5. [`qemu`], per kernel: a fresh sparse ext4 scratch disk `target/vm/<kernel>/disk.img`
-//!    (mkfs.ext4, from e2fsprogs), boot, capture the serial console to
-//!    `target/vm/<kernel>/console.log`; [`results`]: parse libtest's output; [`report`]: write
-//!    `target/vm/matrix.md` and `target/vm/matrix.json`.
+//! 5. [`qemu`], for each kernel: a fresh sparse ext4 scratch disk
+//!    `target/vm/<kernel>/disk.img` (mkfs.ext4, from e2fsprogs), boot, capture the serial
+//!    console to `target/vm/<kernel>/console.log`. Several guests boot at once ([`jobs`]:
+//!    `--jobs`, by default as many as the host has CPUs and memory for), each from a queue of
+//!    the kernels in their given order, each in its own folder; they share only the kernels
+//!    and the initramfs, which they read. Progress lines name their kernel.
+//! 6. [`results`]: parse libtest's output; [`report`]: write `target/vm/matrix.md` and
+//!    `target/vm/matrix.json`, the kernels in their given order.
 mod apt;
 mod arch;
 mod binaries;
@@ -32,6 +36,7 @@ mod busybox;
 mod files;
 mod host;
 mod initramfs;
+mod jobs;
 mod kernels;
 mod modules;
 mod qemu;
@@ -42,7 +47,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::paths;
 use arch::Arch;
@@ -65,9 +70,13 @@ pub struct Args {
     /// Virtual CPUs per guest (retried with 1 when a guest does not reach /init).
     #[arg(long, default_value_t = 2)]
     smp: u32,
-    /// Guest memory (qemu `-m`).
+    /// Guest memory (qemu `-m`: MiB, or with a suffix such as `2G`).
     #[arg(long, default_value = "2G")]
     memory: String,
+    /// Guests booted at once. Default: one per host CPU, as far as the available memory holds
+    /// them (`--memory` each, plus qemu's own), at least 1; never more than the kernels.
+    #[arg(long, short, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    jobs: Option<u32>,
     /// Run `apt-get update` for the kernel suites even if the cached lists are recent.
     #[arg(long)]
     refresh: bool,
@@ -86,12 +95,20 @@ fn parse_arch(s: &str) -> Result<Arch, String> {
 pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let arch = args.arch;
+    let guest_mib = jobs::memory_mib(&args.memory).context("--memory")?;
     let vm_dir = arch.vm_dir(&paths::vm_dir());
     let cache = vm_dir.join("cache");
     fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
 
     host::ensure_host_tools(arch)?;
     let kernels = kernels::resolve_kernels(&args, &cache)?;
+    let labels: Vec<&str> = kernels.iter().map(|k| k.label.as_str()).collect();
+    if let Some(label) = jobs::repeated(labels.iter().copied()) {
+        bail!(
+            "kernel {label} given twice: each guest needs a folder of its own, {}",
+            vm_dir.join(label).display()
+        );
+    }
     let busybox = busybox::guest_busybox(arch, &cache, args.refresh)?;
 
     let t = Instant::now();
@@ -107,18 +124,36 @@ pub fn run(args: Args) -> Result<()> {
         .collect();
     let initrd = initramfs::build_initramfs(&vm_dir, &built, &busybox, &modules, &args.test_args)?;
 
-    let mut runs = Vec::new();
-    for kernel in &kernels {
-        let mut run = qemu::boot(kernel, &initrd, &vm_dir, &args, args.smp)?;
-        if !run.reached_init && !run.timed_out && args.smp > 1 {
-            eprintln!(
-                "vm-test: [{}] never reached /init with -smp {}; retrying with -smp 1",
-                kernel.label, args.smp
-            );
-            run = qemu::boot(kernel, &initrd, &vm_dir, &args, 1)?;
+    let host = jobs::Host::read();
+    let requested = args.jobs.map(|n| n as usize);
+    let lanes = host.jobs(requested, guest_mib, kernels.len());
+    let why = match (requested, host.available_mib) {
+        (Some(n), _) => format!("--jobs {n}"),
+        (None, Some(mib)) => format!("{} CPUs, {mib} MiB available", host.cpus),
+        (None, None) => format!("{} CPUs", host.cpus),
+    };
+    eprintln!(
+        "vm-test: {lanes} {} at once for {} ({why}; {guest_mib} MiB per guest)",
+        if lanes == 1 { "guest" } else { "guests" },
+        labels.join(", ")
+    );
+    let guests = Instant::now();
+    let runs = jobs::in_lanes(&kernels, lanes, |kernel| {
+        let run = qemu::boot(kernel, &initrd, &vm_dir, &args, args.smp)?;
+        if run.reached_init || run.timed_out || args.smp <= 1 {
+            return Ok(run);
         }
-        runs.push(run);
-    }
+        eprintln!(
+            "vm-test: [{}] never reached /init with -smp {}; retrying with -smp 1",
+            kernel.label, args.smp
+        );
+        qemu::boot(kernel, &initrd, &vm_dir, &args, 1)
+    })?;
+    eprintln!(
+        "vm-test: guests done in {:.0} s, {lanes} at once (their own times add up to {:.0} s)",
+        guests.elapsed().as_secs_f64(),
+        runs.iter().map(|r| r.total_seconds).sum::<f64>()
+    );
 
     let report = report::Report::new(arch, runs, &built);
     report.print();
