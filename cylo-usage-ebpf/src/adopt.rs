@@ -157,17 +157,18 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
         ioac(task, offset!(task_ioac_read_bytes)),
         ioac(task, offset!(task_ioac_write_bytes)),
     ];
-    let mut slot = core::mem::MaybeUninit::<TaskMember>::uninit();
-    // SAFETY: `slot` is a whole `TaskMember` of this frame, written before it is read.
+    // In the scratch, not this frame (see `AdoptScratch`).
+    let slot = core::ptr::addr_of_mut!(scratch.member);
+    // SAFETY: `slot` is the scratch's whole `TaskMember`, written before it is read.
     let member = unsafe {
         write_member(
-            slot.as_mut_ptr(),
+            slot,
             [run, tid, tgid, 0],
             signal,
             [start, process_start],
             charged,
         );
-        &*slot.as_ptr()
+        &*slot
     };
     if insert_task(task, member).is_err() {
         // SAFETY: the value is copied out at once.
@@ -212,40 +213,23 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
         )
         .is_ok()
     {
-        add(&mut counters.processes_started, 1);
-        add(&mut counters.processes_adopted, 1);
-        if have_group {
-            let g = &scratch.group;
-            add(&mut counters.before_exited_runtime_ns, g[0]);
-            add(&mut counters.before_exited_utime_ns, g[1]);
-            add(&mut counters.before_exited_stime_ns, g[2]);
-            add(&mut counters.before_reaped_user_ns, g[3]);
-            add(&mut counters.before_reaped_system_ns, g[4]);
-            add(&mut counters.before_group_disk_read_bytes, g[5]);
-            add(&mut counters.before_group_disk_write_bytes, g[6]);
-            add(&mut counters.before_group_disk_cancelled_write_bytes, g[7]);
-            add(&mut counters.before_group_io_rchar, g[8]);
-            add(&mut counters.before_group_io_wchar, g[9]);
-        }
-        if ATOMICS {
-            let alive = add_fetch(&mut counters.processes_alive, 1);
-            raise_to(&mut counters.processes_peak, alive);
-            mm_use(run, mm, false, counters);
+        let run_bits = run as u64
+            | if root { AdoptedProcess::ROOT } else { 0 }
+            | if have_group {
+                AdoptedProcess::HAVE_GROUP
+            } else {
+                0
+            };
+        let pids = tgid as u64 | (own_pid as u64) << 32;
+        let _ = if ATOMICS {
+            cylo_usage_adopt_process(run_bits, signal, leader, process_start, pids)
         } else {
-            add(&mut counters.processes_alive, 1);
-        }
-        if wants_records(counters) {
-            let flags = proc_flags::ADOPTED | if root { proc_flags::ROOT } else { 0 };
-            record_start::<true>(
-                run,
-                leader,
-                signal,
-                process_start,
-                tgid,
-                own_pid,
-                flags,
-                counters,
-            );
+            cylo_usage_adopt_process_no_atomics(run_bits, signal, leader, process_start, pids)
+        };
+        // After the call, not in it: under adoption's frame, that one's and this one's
+        // would pass 512 bytes on 6.1 (which counts frames in 32-byte steps).
+        if ATOMICS {
+            mm_use(run, mm, false);
         }
     } else if let Some(p) = PROCS.get_ptr_mut(signal) {
         // SAFETY: map value pointer; updated atomically.
@@ -255,7 +239,7 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
         // leader): this one has it.
         if ATOMICS && mm != 0 && p.mm == 0 {
             p.mm = mm;
-            mm_use(run, mm, false, counters);
+            mm_use(run, mm, false);
         }
     }
     // After its process's record, so the breakdown knows whose it is.
@@ -275,4 +259,87 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
         }
     }
     control::ADOPTED
+}
+
+/// What [`adopt`] hands [`adopt_process`] in the high half of the run's argument.
+struct AdoptedProcess;
+
+impl AdoptedProcess {
+    /// The run's root.
+    const ROOT: u64 = 1 << 32;
+    /// The adoption scratch's `group` holds what the process did before beyond its live
+    /// threads ([`group_usage`]).
+    const HAVE_GROUP: u64 = 1 << 33;
+}
+
+global_fn!(
+    /// [`adopt_process`] with atomics, global ([`global_fn`]): checked once rather than once
+    /// for each path of [`adopt`] that reaches it.
+    cylo_usage_adopt_process(run_bits, signal, leader, process_start, pids) {
+        adopt_process::<true>(run_bits, signal, leader, process_start, pids)
+    }
+);
+
+global_fn!(
+    /// [`adopt_process`] without atomics.
+    cylo_usage_adopt_process_no_atomics(run_bits, signal, leader, process_start, pids) {
+        adopt_process::<false>(run_bits, signal, leader, process_start, pids)
+    }
+);
+
+/// The counts and start record of a process [`adopt`] has just put in `PROCS`: of the run in
+/// the low half of `run_bits` ([`AdoptedProcess`] in the high half), led by `leader`, started
+/// at `process_start`; `pids`: its pid as the tracker sees it (low half) and in its own
+/// namespace (high half). Its address space is [`adopt`]'s to add, after this.
+#[inline(always)]
+fn adopt_process<const ATOMICS: bool>(
+    run_bits: u64,
+    signal: u64,
+    leader: u64,
+    process_start: u64,
+    pids: u64,
+) {
+    let run = run_bits as u32;
+    let root = run_bits & AdoptedProcess::ROOT != 0;
+    let have_group = run_bits & AdoptedProcess::HAVE_GROUP != 0;
+    let (tgid, own_pid) = (pids as u32, (pids >> 32) as u32);
+    let Some(counters) = run_counters(run) else {
+        return;
+    };
+    add(&mut counters.processes_started, 1);
+    add(&mut counters.processes_adopted, 1);
+    if have_group && let Some(scratch) = ADOPT_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: per-CPU map value pointer; this CPU's alone while the program runs, and
+        // `adopt` filled its `group` before the call.
+        let g = unsafe { &(*scratch).group };
+        add(&mut counters.before_exited_runtime_ns, g[0]);
+        add(&mut counters.before_exited_utime_ns, g[1]);
+        add(&mut counters.before_exited_stime_ns, g[2]);
+        add(&mut counters.before_reaped_user_ns, g[3]);
+        add(&mut counters.before_reaped_system_ns, g[4]);
+        add(&mut counters.before_group_disk_read_bytes, g[5]);
+        add(&mut counters.before_group_disk_write_bytes, g[6]);
+        add(&mut counters.before_group_disk_cancelled_write_bytes, g[7]);
+        add(&mut counters.before_group_io_rchar, g[8]);
+        add(&mut counters.before_group_io_wchar, g[9]);
+    }
+    if ATOMICS {
+        let alive = add_fetch(&mut counters.processes_alive, 1);
+        raise_to(&mut counters.processes_peak, alive);
+    } else {
+        add(&mut counters.processes_alive, 1);
+    }
+    if wants_records(counters) {
+        let flags = proc_flags::ADOPTED | if root { proc_flags::ROOT } else { 0 };
+        record_start::<true>(
+            run,
+            leader,
+            signal,
+            process_start,
+            tgid,
+            own_pid,
+            flags,
+            counters,
+        );
+    }
 }

@@ -26,12 +26,20 @@ use cylo_usage_abi::budget;
 
 /// Records that `run` crossed `resource` at `observed` (the first crossing stays), arms its
 /// kill, and wakes userspace.
-///
-/// A function of its own (a BPF-to-BPF call) with scalar arguments: its paths end at its
-/// return rather than going on through the rest of each hook that checks a budget.
-#[inline(never)]
+#[inline(always)]
 pub(crate) fn cross(run: u32, resource: u64, observed: u64) {
+    cylo_usage_cross(run, resource, observed);
+}
+
+/// [`cross`] as a global function (`#[no_mangle]`: bpf-linker keeps it global, and the BTF
+/// says so): the verifier checks it once, on its own, rather than on every path of each hook
+/// that checks a budget; the call's paths end at its return. A global function takes scalar
+/// arguments only (5.10) and returns a scalar: its result means nothing.
+#[inline(never)]
+#[unsafe(no_mangle)]
+pub extern "C" fn cylo_usage_cross(run: u32, resource: u64, observed: u64) -> u32 {
     cross_inline(run, resource, observed);
+    0
 }
 
 /// [`cross`], inlined: for callers that are BPF-to-BPF calls themselves, so that the chain
@@ -72,9 +80,21 @@ pub(crate) fn crossed(counters: &RunCounters) -> bool {
 /// joined the run and been counted). `thread_only`: check the threads budget alone (for a new
 /// thread, or a new process before it is counted as one; its caller then counts a refused
 /// process); else both, for a new process counted in `processes_started` already. Returns
-/// whether it was refused. A BPF-to-BPF call, as [`cross`].
-#[inline(never)]
+/// whether it was refused.
+#[inline(always)]
 pub(crate) fn refuse(run: u32, child: u64, thread_only: bool) -> bool {
+    cylo_usage_refuse(run, child, thread_only as u32) != 0
+}
+
+/// [`refuse`] as a global function, as [`cylo_usage_cross`]: 1 when refused.
+#[inline(never)]
+#[unsafe(no_mangle)]
+pub extern "C" fn cylo_usage_refuse(run: u32, child: u64, thread_only: u32) -> u32 {
+    refuse_here(run, child, thread_only != 0) as u32
+}
+
+#[inline(always)]
+fn refuse_here(run: u32, child: u64, thread_only: bool) -> bool {
     let Some(ctl) = RUN_CONTROL.get(run) else {
         return false;
     };

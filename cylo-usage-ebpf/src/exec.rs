@@ -61,7 +61,7 @@ pub(crate) fn on_exec<const ATOMICS: bool, const FULL: bool>(ctx: RawTracePointC
             let old = proc.mm;
             proc.mm = new;
             old_peak = mm_peak(old);
-            mm_use(member.run, new, true, counters);
+            mm_use(member.run, new, true);
             mm_release(old, counters);
         }
     }

@@ -66,7 +66,12 @@ pub(crate) fn on_newtask<const ATOMICS: bool, const FULL: bool>(ctx: RawTracePoi
     }
     let child: u64 = ctx.arg(0);
     let flags: u64 = ctx.arg(1);
-    join::<ATOMICS, FULL>(run, child, flags, creator.as_ref());
+    let mut next = core::mem::MaybeUninit::<JoinProcess>::uninit();
+    // SAFETY: `next` is this frame's, of the right size.
+    if unsafe { join::<ATOMICS, FULL>(run, child, flags, creator.as_ref(), next.as_mut_ptr()) } {
+        // SAFETY: `join` has written `next` when it returns true.
+        unsafe { next.assume_init_ref() }.call::<ATOMICS, FULL>(child);
+    }
     0
 }
 
@@ -103,20 +108,27 @@ pub(crate) fn register_spawner(task: u64, run: u32) -> i32 {
 }
 
 /// `child` joins `run`, created by `creator` (a member), or as the root (`creator` is `None`),
-/// with `clone_flags`.
+/// with `clone_flags`. A new thread is done with here; for a new process, returns true and
+/// has written the arguments of [`join_process`] to `next`, and the caller calls it.
 ///
 /// A function of its own (a BPF-to-BPF call): the fork hook's frame and [`adopt`]'s, which
-/// it may call first, must fit the verifier's 512 bytes of stack together.
+/// it may call first, must fit the verifier's 512 bytes of stack together. It does not call
+/// [`join_process`] itself, so that the chains of frames under the hook (which 5.10 and 6.1
+/// count in 32-byte steps against those 512 bytes) stay short.
+///
+/// # Safety
+/// `next` must be valid for writes of a `JoinProcess`.
 #[inline(never)]
-pub(crate) fn join<const ATOMICS: bool, const FULL: bool>(
+pub(crate) unsafe fn join<const ATOMICS: bool, const FULL: bool>(
     run: u32,
     child: u64,
     clone_flags: u64,
     creator: Option<&TaskMember>,
-) {
+    next: *mut JoinProcess,
+) -> bool {
     let is_thread = clone_flags & CLONE_THREAD != 0;
     let Some(counters) = run_counters(run) else {
-        return;
+        return false;
     };
     let level = tracker().pid_level;
     let (tid, own_pid) = pids(child, level);
@@ -132,7 +144,7 @@ pub(crate) fn join<const ATOMICS: bool, const FULL: bool>(
             creator,
             counters,
         );
-        return;
+        return false;
     };
     // A thread is in its creator's process; a new process is its own.
     let (tgid, process_start) = match creator {
@@ -165,7 +177,7 @@ pub(crate) fn join<const ATOMICS: bool, const FULL: bool>(
             creator,
             counters,
         );
-        return;
+        return false;
     }
     if past_share {
         doom(run, tid, counters);
@@ -187,8 +199,135 @@ pub(crate) fn join<const ATOMICS: bool, const FULL: bool>(
             // SAFETY: map value pointer; updated atomically.
             add(unsafe { &mut (*p).threads }, 1);
         }
-        return;
+        return false;
     }
+    let bits = ProcessBits {
+        root,
+        refused_thread,
+        past_share,
+        shares_mm: clone_flags & CLONE_VM != 0,
+    };
+    // SAFETY: the caller's promise.
+    unsafe {
+        next.write(JoinProcess {
+            run_bits: run as u64 | bits.pack(),
+            signal,
+            start,
+            pids: tid as u64 | (own_pid as u64) << 32,
+        })
+    };
+    true
+}
+
+/// The arguments of [`join_process`] besides the new task, from [`join`].
+pub(crate) struct JoinProcess {
+    run_bits: u64,
+    signal: u64,
+    start: u64,
+    pids: u64,
+}
+
+impl JoinProcess {
+    /// Calls the variant of [`join_process`] for `child` (a global function).
+    #[inline(always)]
+    fn call<const ATOMICS: bool, const FULL: bool>(&self, child: u64) {
+        let (run_bits, signal, start, pids) = (self.run_bits, self.signal, self.start, self.pids);
+        let _ = match (ATOMICS, FULL) {
+            (true, true) => cylo_usage_join_process(run_bits, child, signal, start, pids),
+            (true, false) => cylo_usage_join_process_lean(run_bits, child, signal, start, pids),
+            (false, _) => cylo_usage_join_process_no_atomics(run_bits, child, signal, start, pids),
+        };
+    }
+}
+
+/// What [`join`] hands [`join_process`] about a new process besides its identity, in the
+/// high half of the run's argument.
+struct ProcessBits {
+    /// The run's root (created by the tracker).
+    root: bool,
+    /// Refused already, past the run's threads budget.
+    refused_thread: bool,
+    /// Joined past the run's share of the maps (or created by a doomed task): doomed.
+    past_share: bool,
+    /// Created with `CLONE_VM` (vfork): its creator's address space.
+    shares_mm: bool,
+}
+
+impl ProcessBits {
+    const ROOT: u64 = 1 << 32;
+    const REFUSED_THREAD: u64 = 1 << 33;
+    const PAST_SHARE: u64 = 1 << 34;
+    const SHARES_MM: u64 = 1 << 35;
+
+    #[inline(always)]
+    fn pack(&self) -> u64 {
+        (if self.root { Self::ROOT } else { 0 })
+            | (if self.refused_thread {
+                Self::REFUSED_THREAD
+            } else {
+                0
+            })
+            | (if self.past_share { Self::PAST_SHARE } else { 0 })
+            | (if self.shares_mm { Self::SHARES_MM } else { 0 })
+    }
+
+    #[inline(always)]
+    fn unpack(v: u64) -> ProcessBits {
+        ProcessBits {
+            root: v & Self::ROOT != 0,
+            refused_thread: v & Self::REFUSED_THREAD != 0,
+            past_share: v & Self::PAST_SHARE != 0,
+            shares_mm: v & Self::SHARES_MM != 0,
+        }
+    }
+}
+
+global_fn!(
+    /// [`join_process`] of `task_newtask`, global ([`global_fn`]): checked once rather than
+    /// once for each path of [`join`] (each differs in what the budget and share checks
+    /// before it decided).
+    cylo_usage_join_process(run_bits, child, signal, start, pids) {
+        join_process::<true, true>(run_bits, child, signal, start, pids)
+    }
+);
+
+global_fn!(
+    /// [`join_process`] of `task_newtask_lean`.
+    cylo_usage_join_process_lean(run_bits, child, signal, start, pids) {
+        join_process::<true, false>(run_bits, child, signal, start, pids)
+    }
+);
+
+global_fn!(
+    /// [`join_process`] of `task_newtask_no_atomics`.
+    cylo_usage_join_process_no_atomics(run_bits, child, signal, start, pids) {
+        join_process::<false, true>(run_bits, child, signal, start, pids)
+    }
+);
+
+/// The rest of [`join`] for a new process (not a thread) of the run in the low half of
+/// `run_bits` ([`ProcessBits`] in the high half), which has joined `TASKS`: its `PROCS` entry,
+/// counts, address space and start record. `pids`: its pid as the tracker sees it (low half)
+/// and in its own namespace (high half).
+#[inline(always)]
+fn join_process<const ATOMICS: bool, const FULL: bool>(
+    run_bits: u64,
+    child: u64,
+    signal: u64,
+    start: u64,
+    pids: u64,
+) {
+    let run = run_bits as u32;
+    let ProcessBits {
+        root,
+        refused_thread,
+        past_share,
+        shares_mm,
+    } = ProcessBits::unpack(run_bits);
+    let (tid, own_pid) = (pids as u32, (pids >> 32) as u32);
+    let Some(counters) = run_counters(run) else {
+        return;
+    };
     // Its own address space after fork; its creator's after vfork / CLONE_VM. The root's,
     // until it execs, is a copy of the tracker's (or the tracker's own): not the command's.
     let mm = if ATOMICS && !root {
@@ -232,7 +371,7 @@ pub(crate) fn join<const ATOMICS: bool, const FULL: bool>(
         raise_to(&mut counters.processes_peak, alive);
         // A fork's address space is a new one (unknown yet); a vfork's or a CLONE_VM
         // process's is its creator's, followed already.
-        mm_use(run, mm, clone_flags & CLONE_VM == 0, counters);
+        mm_use(run, mm, !shares_mm);
     } else {
         add(&mut counters.processes_alive, 1);
     }

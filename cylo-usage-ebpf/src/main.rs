@@ -203,6 +203,23 @@ macro_rules! offset {
     };
 }
 
+/// Defines `$name`, a global function of five scalar arguments that runs `$body` and returns
+/// 0: `#[no_mangle]`, so that bpf-linker keeps it global and the BTF says so. The verifier
+/// checks a global function once, on its own, where it checks a static one (a plain
+/// BPF-to-BPF call) again for each path of its caller that reaches the call; in return, a
+/// global function takes scalars alone (5.10 allows nothing else) and returns a scalar.
+macro_rules! global_fn {
+    ($(#[$attr:meta])* $name:ident($a:ident, $b:ident, $c:ident, $d:ident, $e:ident) $body:block) => {
+        $(#[$attr])*
+        #[unsafe(no_mangle)]
+        #[inline(never)]
+        pub extern "C" fn $name($a: u64, $b: u64, $c: u64, $d: u64, $e: u64) -> u32 {
+            $body;
+            0
+        }
+    };
+}
+
 #[inline(always)]
 fn read<T>(base: u64, offset: u32) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel checks the address; a fault returns an error.
@@ -306,7 +323,9 @@ fn insert_task(task: u64, member: &TaskMember) -> Result<(), i32> {
 }
 
 /// [`insert_task`] for a new task: `run`, its pids and process, `flags`, and nothing used or
-/// charged yet (see [`write_member`]).
+/// charged yet (see [`write_member`]). The entry is written into this CPU's scratch, not the
+/// stack: the fork hook's frame stays small, and the verifier has fewer stack slots to
+/// compare on each of its paths.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn insert_new_task(
@@ -319,13 +338,18 @@ fn insert_new_task(
     start_boottime_ns: u64,
     process_start_boottime_ns: u64,
 ) -> Result<(), i32> {
-    let mut member = core::mem::MaybeUninit::<TaskMember>::uninit();
+    let Some(scratch) = ADOPT_SCRATCH.get_ptr_mut(0) else {
+        return Err(0);
+    };
     let ids = [run, tid, tgid, flags];
     let times = [start_boottime_ns, process_start_boottime_ns];
-    // SAFETY: `member` is a whole `TaskMember` of this frame; written before it is read.
+    // SAFETY: per-CPU map value pointer, this CPU's alone while the program runs (adoption,
+    // which uses the same field, has returned before a new task joins); the whole
+    // `TaskMember` is written before it is read.
     unsafe {
-        write_member(member.as_mut_ptr(), ids, process, times, [0; 3]);
-        insert_task(task, &*member.as_ptr())
+        let member = core::ptr::addr_of_mut!((*scratch).member);
+        write_member(member, ids, process, times, [0; 3]);
+        insert_task(task, &*member)
     }
 }
 
@@ -466,12 +490,18 @@ struct Diag {
 /// adding it, and what the adopted thread used so far ([`thread_usage`]; before that, an
 /// exited leader's figures, which [`group_usage`] adds to the group's). Also a new
 /// process's entry before it is inserted ([`new_proc`]), for adoption and the fork hook's
-/// `join` alike (one after the other, never nested).
+/// `join` alike (one after the other, never nested), a new address space's
+/// (`mem::insert_new_mm`, for adoption, the fork hook and exec), and an adopted thread's
+/// membership. What is here is not on adoption's stack: on 5.10 and 6.1, which count each
+/// frame of a chain of calls in 32-byte steps against 512 bytes, the frames of a hook, of
+/// [`adopt`] and of what it calls must fit together.
 #[repr(C)]
 struct AdoptScratch {
     group: [u64; 10],
     thread: ThreadUsage,
     proc: ProcMember,
+    mm: MmMember,
+    member: TaskMember,
 }
 
 /// A new `PROCS` entry: a process of `run` using address space `mm`, with one thread, written

@@ -5,14 +5,30 @@ use crate::*;
 /// A tracked process starts using address space `mm`: `new` when it cannot be followed yet
 /// (a fork's, an exec's), which spares the lookup that would miss.
 #[inline(always)]
-pub(crate) fn mm_use(run: u32, mm: u64, new: bool, counters: &mut RunCounters) {
+pub(crate) fn mm_use(run: u32, mm: u64, new: bool) {
     if mm == 0 {
         return;
     }
-    if !new && let Some(entry) = MMS.get_ptr_mut(mm) {
+    let _ = cylo_usage_mm_use(run, mm, new as u32);
+}
+
+/// [`mm_use`], past its first check. A global function: the verifier checks it once, on its
+/// own, rather than once for each path that reaches it (adoption reaches it on many). Its
+/// arguments are scalars, as a global function's must be on 5.10; its frame is small (the
+/// new entry is written into this CPU's scratch), for it sits under adoption's frame, and
+/// 6.1 counts the frames of a chain of calls in 32-byte steps against 512 bytes.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn cylo_usage_mm_use(run: u32, mm: u64, new: u32) -> u32 {
+    let Some(counters) = run_counters(run) else {
+        return 0;
+    };
+    if new == 0
+        && let Some(entry) = MMS.get_ptr_mut(mm)
+    {
         // SAFETY: map value pointer; updated atomically.
         add(unsafe { &mut (*entry).users }, 1);
-        return;
+        return 0;
     }
     // Counted before it can be found, so `rss_stat` never skips a followed address space.
     filter_add(&MM_FILTER, mm, 1);
@@ -24,40 +40,42 @@ pub(crate) fn mm_use(run: u32, mm: u64, new: bool, counters: &mut RunCounters) {
             Some(entry) => add(unsafe { &mut (*entry).users }, 1),
             None => lost(diag_kind::MMS_FULL, run, 0, counters),
         }
-        return;
+        return 0;
     };
     let total = add_fetch(&mut counters.rss_pages, rss);
     raise_to(&mut counters.rss_peak_pages, total);
-    // (Its memory budget is checked at the next `rss_stat` of the run: a check here would sit
-    // under `adopt`'s frame, past the verifier's 512 bytes of stack on 6.1.)
+    // (Its memory budget is checked at the next `rss_stat` of the run.)
+    0
 }
 
 /// Inserts `mm` into `MMS`: an address space of `run` with one user and what it holds
 /// already (a fork copies its creator's mappings; exec maps the program and its stack before
-/// the tracepoint), its peak so far. Returns its RSS (pages).
+/// the tracepoint), its peak so far. Returns its RSS (pages); an `Err` when it could not be
+/// inserted (there already, or the map is full).
 ///
 /// The counters are read before the entry exists: a change in between (nearly always
 /// impossible: the new process has not run yet) is taken up at the counter's next
-/// `rss_stat`, whose exchange works from the value stored here. Written field by field and
-/// volatile where the helper reads it, so that no run of zeroes becomes a call of `memset`
-/// (and the values need no second place on the stack, which adoption's frame has no room
-/// for).
+/// `rss_stat`, whose exchange works from the value stored here. The entry is written into
+/// this CPU's scratch ([`AdoptScratch`]), not the stack, and without a branch, so that the
+/// verifier walks one path on to the insert.
 #[inline(always)]
 fn insert_new_mm(mm: u64, run: u32) -> Result<u64, i32> {
-    let mut entry = core::mem::MaybeUninit::<MmMember>::uninit();
-    let e = entry.as_mut_ptr();
+    let Some(scratch) = ADOPT_SCRATCH.get_ptr_mut(0) else {
+        return Err(0);
+    };
+    // SAFETY: per-CPU map value pointer; this CPU's alone while the program runs.
+    let e = unsafe { core::ptr::addr_of_mut!((*scratch).mm) };
     let mut rss = 0u64;
-    // SAFETY (all the writes): plain stores into the entry's fields; every field of the
-    // `#[repr(C)]` struct is written before the helper reads it.
+    // SAFETY (all the writes): plain stores into the scratch entry's fields; every field of
+    // the `#[repr(C)]` struct is written before the helper reads it.
     unsafe {
         core::ptr::addr_of_mut!((*e).run).write_volatile(run);
         core::ptr::addr_of_mut!((*e)._pad0).write_volatile(0);
         core::ptr::addr_of_mut!((*e).users).write_volatile(1);
         core::ptr::addr_of_mut!((*e).pages[2]).write_volatile(0);
     }
-    // Without a branch, so that the verifier walks one path on to the insert (adoption's
-    // programs are long): the helper zeroes the field when the read fails, and a negative
-    // count (a per-CPU counter's central count dips below 0 for a moment) becomes 0.
+    // The helper zeroes the field when the read fails, and a negative count (a per-CPU
+    // counter's central count dips below 0 for a moment) becomes 0.
     for member in RSS_MEMBERS {
         let src = mm + offset!(mm_rss)[member] as u64;
         // SAFETY: the field is 8 bytes of the entry; the helper checks the kernel address.

@@ -33,11 +33,8 @@ pub const fn div_wide(u1: u64, u0: u64, v: u64) -> u64 {
     let s = leading_zeros(v);
     let v = v << s;
     let (vn1, vn0) = (v >> 32, v & LOW);
-    let un32 = if s == 0 {
-        u1
-    } else {
-        (u1 << s) | (u0 >> (64 - s))
-    };
+    // `u0 >> (64 - s)` in two steps, so that `s == 0` (a shift by 64) needs no branch.
+    let un32 = (u1 << s) | ((u0 >> 1) >> (63 - s));
     let un10 = u0 << s;
     let (un1, un0) = (un10 >> 32, un10 & LOW);
     let q1 = digit(un32, un1, vn1, vn0);
@@ -70,34 +67,30 @@ const fn digit(un: u64, next: u64, vn1: u64, vn0: u64) -> u64 {
     q
 }
 
-/// The leading zero bits of `x` (nonzero), by halving: no count instruction in BPF.
+/// The leading zero bits of `x` (nonzero), by halving: no count instruction in BPF, and no
+/// branch either. Six `if`s would give the verifier 2^6 paths through the rest of the
+/// division, and the shift counts they make are kept precise, so none of those paths is
+/// pruned: each step is arithmetic instead ([`is_zero_32`]).
 #[inline(always)]
 pub const fn leading_zeros(x: u64) -> u32 {
-    let (mut n, mut x) = (0, x);
-    if x >> 32 == 0 {
-        n += 32;
-        x <<= 32;
+    let mut n = 0;
+    let mut x = x;
+    let mut step = 32;
+    // Each step halves what is left: the top 32 bits, 16, 8, 4, 2, then the top bit.
+    while step > 0 {
+        let shift = is_zero_32(x >> (64 - step)) * step;
+        n += shift;
+        x <<= shift;
+        step /= 2;
     }
-    if x >> 48 == 0 {
-        n += 16;
-        x <<= 16;
-    }
-    if x >> 56 == 0 {
-        n += 8;
-        x <<= 8;
-    }
-    if x >> 60 == 0 {
-        n += 4;
-        x <<= 4;
-    }
-    if x >> 62 == 0 {
-        n += 2;
-        x <<= 2;
-    }
-    if x >> 63 == 0 {
-        n += 1;
-    }
-    n
+    n as u32
+}
+
+/// 1 if `t` is zero, else 0, for `t < 2^32`, without a comparison (which the BPF target
+/// compiles to a branch): `t + (2^32 - 1)` reaches 2^32 exactly when `t` is at least 1.
+#[inline(always)]
+const fn is_zero_32(t: u64) -> u64 {
+    1 - ((t + 0xffff_ffff) >> 32)
 }
 
 /// The 128-bit product of `a` and `b` as (high, low) halves, from 32-bit pieces.
