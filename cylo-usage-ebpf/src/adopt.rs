@@ -226,8 +226,8 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
         } else {
             cylo_usage_adopt_process_no_atomics(run_bits, signal, leader, process_start, pids)
         };
-        // After the call, not in it: under adoption's frame, that one's and this one's
-        // would pass 512 bytes on 6.1 (which counts frames in 32-byte steps).
+        // After the call, not in it: chains of frames under a hook stay three deep (5.10 and
+        // 6.1 count them in 32-byte steps against 512 bytes).
         if ATOMICS {
             mm_use(run, mm, false);
         }
