@@ -275,15 +275,17 @@ impl AdoptedProcess {
 global_fn!(
     /// [`adopt_process`] with atomics, global ([`global_fn`]): checked once rather than once
     /// for each path of [`adopt`] that reaches it.
-    cylo_usage_adopt_process(run_bits, signal, leader, process_start, pids) {
-        adopt_process::<true>(run_bits, signal, leader, process_start, pids)
+    cylo_usage_adopt_process(run_bits: u64, signal: u64, leader: u64, process_start: u64, pids: u64) {
+        adopt_process::<true>(run_bits, signal, leader, process_start, pids);
+        0
     }
 );
 
 global_fn!(
     /// [`adopt_process`] without atomics.
-    cylo_usage_adopt_process_no_atomics(run_bits, signal, leader, process_start, pids) {
-        adopt_process::<false>(run_bits, signal, leader, process_start, pids)
+    cylo_usage_adopt_process_no_atomics(run_bits: u64, signal: u64, leader: u64, process_start: u64, pids: u64) {
+        adopt_process::<false>(run_bits, signal, leader, process_start, pids);
+        0
     }
 );
 

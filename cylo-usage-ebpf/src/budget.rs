@@ -31,16 +31,14 @@ pub(crate) fn cross(run: u32, resource: u64, observed: u64) {
     cylo_usage_cross(run, resource, observed);
 }
 
-/// [`cross`] as a global function (`#[no_mangle]`: bpf-linker keeps it global, and the BTF
-/// says so): the verifier checks it once, on its own, rather than on every path of each hook
-/// that checks a budget; the call's paths end at its return. A global function takes scalar
-/// arguments only (5.10) and returns a scalar: its result means nothing.
-#[inline(never)]
-#[unsafe(no_mangle)]
-pub extern "C" fn cylo_usage_cross(run: u32, resource: u64, observed: u64) -> u32 {
-    cross_inline(run, resource, observed);
-    0
-}
+global_fn!(
+    /// [`cross`], global ([`global_fn`]): checked once rather than on every path of each hook
+    /// that checks a budget. Its result means nothing.
+    cylo_usage_cross(run: u32, resource: u64, observed: u64) {
+        cross_inline(run, resource, observed);
+        0
+    }
+);
 
 /// [`cross`], inlined: for callers that are BPF-to-BPF calls themselves, so that the chain
 /// of frames stays within the verifier's 512 bytes (older verifiers round each frame up to
@@ -86,12 +84,12 @@ pub(crate) fn refuse(run: u32, child: u64, thread_only: bool) -> bool {
     cylo_usage_refuse(run, child, thread_only as u32) != 0
 }
 
-/// [`refuse`] as a global function, as [`cylo_usage_cross`]: 1 when refused.
-#[inline(never)]
-#[unsafe(no_mangle)]
-pub extern "C" fn cylo_usage_refuse(run: u32, child: u64, thread_only: u32) -> u32 {
-    refuse_here(run, child, thread_only != 0) as u32
-}
+global_fn!(
+    /// [`refuse`], global ([`global_fn`]), as [`cylo_usage_cross`]: 1 when refused.
+    cylo_usage_refuse(run: u32, child: u64, thread_only: u32) {
+        refuse_here(run, child, thread_only != 0) as u32
+    }
+);
 
 #[inline(always)]
 fn refuse_here(run: u32, child: u64, thread_only: bool) -> bool {

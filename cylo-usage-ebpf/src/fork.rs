@@ -286,22 +286,25 @@ global_fn!(
     /// [`join_process`] of `task_newtask`, global ([`global_fn`]): checked once rather than
     /// once for each path of [`join`] (each differs in what the budget and share checks
     /// before it decided).
-    cylo_usage_join_process(run_bits, child, signal, start, pids) {
-        join_process::<true, true>(run_bits, child, signal, start, pids)
+    cylo_usage_join_process(run_bits: u64, child: u64, signal: u64, start: u64, pids: u64) {
+        join_process::<true, true>(run_bits, child, signal, start, pids);
+        0
     }
 );
 
 global_fn!(
     /// [`join_process`] of `task_newtask_lean`.
-    cylo_usage_join_process_lean(run_bits, child, signal, start, pids) {
-        join_process::<true, false>(run_bits, child, signal, start, pids)
+    cylo_usage_join_process_lean(run_bits: u64, child: u64, signal: u64, start: u64, pids: u64) {
+        join_process::<true, false>(run_bits, child, signal, start, pids);
+        0
     }
 );
 
 global_fn!(
     /// [`join_process`] of `task_newtask_no_atomics`.
-    cylo_usage_join_process_no_atomics(run_bits, child, signal, start, pids) {
-        join_process::<false, true>(run_bits, child, signal, start, pids)
+    cylo_usage_join_process_no_atomics(run_bits: u64, child: u64, signal: u64, start: u64, pids: u64) {
+        join_process::<false, true>(run_bits, child, signal, start, pids);
+        0
     }
 );
 

@@ -203,20 +203,18 @@ macro_rules! offset {
     };
 }
 
-/// Defines `$name`, a global function of five scalar arguments that runs `$body` and returns
-/// 0: `#[no_mangle]`, so that bpf-linker keeps it global and the BTF says so. The verifier
+/// Defines `$name`, a global function of scalar arguments whose `$body` returns a `u32`:
+/// `#[no_mangle]`, so that bpf-linker keeps it global and the BTF says so. The verifier
 /// checks a global function once, on its own, where it checks a static one (a plain
 /// BPF-to-BPF call) again for each path of its caller that reaches the call; in return, a
-/// global function takes scalars alone (5.10 allows nothing else) and returns a scalar.
+/// global function takes scalars alone (5.10 allows nothing else, at most five) and returns
+/// a scalar.
 macro_rules! global_fn {
-    ($(#[$attr:meta])* $name:ident($a:ident, $b:ident, $c:ident, $d:ident, $e:ident) $body:block) => {
+    ($(#[$attr:meta])* $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$attr])*
         #[unsafe(no_mangle)]
         #[inline(never)]
-        pub extern "C" fn $name($a: u64, $b: u64, $c: u64, $d: u64, $e: u64) -> u32 {
-            $body;
-            0
-        }
+        pub extern "C" fn $name($($arg: $ty),*) -> u32 $body
     };
 }
 

@@ -12,41 +12,40 @@ pub(crate) fn mm_use(run: u32, mm: u64, new: bool) {
     let _ = cylo_usage_mm_use(run, mm, new as u32);
 }
 
-/// [`mm_use`], past its first check. A global function: the verifier checks it once, on its
-/// own, rather than once for each path that reaches it (adoption reaches it on many). Its
-/// arguments are scalars, as a global function's must be on 5.10; its frame is small (the
-/// new entry is written into this CPU's scratch), for it sits under adoption's frame, and
-/// 6.1 counts the frames of a chain of calls in 32-byte steps against 512 bytes.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn cylo_usage_mm_use(run: u32, mm: u64, new: u32) -> u32 {
-    let Some(counters) = run_counters(run) else {
-        return 0;
-    };
-    if new == 0
-        && let Some(entry) = MMS.get_ptr_mut(mm)
-    {
-        // SAFETY: map value pointer; updated atomically.
-        add(unsafe { &mut (*entry).users }, 1);
-        return 0;
-    }
-    // Counted before it can be found, so `rss_stat` never skips a followed address space.
-    filter_add(&MM_FILTER, mm, 1);
-    let Ok(rss) = insert_new_mm(mm, run) else {
-        filter_add(&MM_FILTER, mm, u32::MAX);
-        // Another CPU registered it first (or the map is full).
-        match MMS.get_ptr_mut(mm) {
+global_fn!(
+    /// [`mm_use`], past its first check, global ([`global_fn`]): checked once rather than once
+    /// for each path that reaches it (adoption reaches it on many). Its frame is small (the
+    /// new entry is written into this CPU's scratch), for it sits under adoption's frame, and
+    /// 6.1 counts the frames of a chain of calls in 32-byte steps against 512 bytes.
+    cylo_usage_mm_use(run: u32, mm: u64, new: u32) {
+        let Some(counters) = run_counters(run) else {
+            return 0;
+        };
+        if new == 0
+            && let Some(entry) = MMS.get_ptr_mut(mm)
+        {
             // SAFETY: map value pointer; updated atomically.
-            Some(entry) => add(unsafe { &mut (*entry).users }, 1),
-            None => lost(diag_kind::MMS_FULL, run, 0, counters),
+            add(unsafe { &mut (*entry).users }, 1);
+            return 0;
         }
-        return 0;
-    };
-    let total = add_fetch(&mut counters.rss_pages, rss);
-    raise_to(&mut counters.rss_peak_pages, total);
-    // (Its memory budget is checked at the next `rss_stat` of the run.)
-    0
-}
+        // Counted before it can be found, so `rss_stat` never skips a followed address space.
+        filter_add(&MM_FILTER, mm, 1);
+        let Ok(rss) = insert_new_mm(mm, run) else {
+            filter_add(&MM_FILTER, mm, u32::MAX);
+            // Another CPU registered it first (or the map is full).
+            match MMS.get_ptr_mut(mm) {
+                // SAFETY: map value pointer; updated atomically.
+                Some(entry) => add(unsafe { &mut (*entry).users }, 1),
+                None => lost(diag_kind::MMS_FULL, run, 0, counters),
+            }
+            return 0;
+        };
+        let total = add_fetch(&mut counters.rss_pages, rss);
+        raise_to(&mut counters.rss_peak_pages, total);
+        // (Its memory budget is checked at the next `rss_stat` of the run.)
+        0
+    }
+);
 
 /// Inserts `mm` into `MMS`: an address space of `run` with one user and what it holds
 /// already (a fork copies its creator's mappings; exec maps the program and its stack before

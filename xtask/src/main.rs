@@ -6,6 +6,7 @@ mod cmd;
 mod dist;
 mod ebpf;
 mod layout;
+mod meminfo;
 mod package;
 mod paths;
 mod vm;

@@ -686,13 +686,8 @@ fn machine_facts() -> Vec<(&'static str, String)> {
         .and_then(|l| l.split_once(':'))
         .map(|(_, v)| v.trim().to_string())
         .unwrap_or_else(|| "unknown".into());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let memory = meminfo
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| format!("{:.1} GiB", kb / (1024.0 * 1024.0)))
+    let memory = crate::meminfo::kib(&crate::meminfo::read(), "MemTotal")
+        .map(|kib| format!("{:.1} GiB", kib as f64 / (1024.0 * 1024.0)))
         .unwrap_or_else(|| "unknown".into());
     vec![
         ("date", command("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"])),

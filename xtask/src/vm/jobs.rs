@@ -24,10 +24,8 @@ impl Host {
     pub(super) fn read() -> Self {
         Host {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            available_mib: std::fs::read_to_string("/proc/meminfo")
-                .ok()
-                .as_deref()
-                .and_then(mem_available_mib),
+            available_mib: crate::meminfo::kib(&crate::meminfo::read(), "MemAvailable")
+                .map(|kib| kib / 1024),
         }
     }
 
@@ -45,15 +43,6 @@ impl Host {
         });
         n.min(kernels).max(1)
     }
-}
-
-/// `MemAvailable` of a `/proc/meminfo` text, in MiB.
-fn mem_available_mib(meminfo: &str) -> Option<u64> {
-    let value = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?;
-    let kib: u64 = value.trim().strip_suffix("kB")?.trim().parse().ok()?;
-    Some(kib / 1024)
 }
 
 /// A qemu `-m` size in MiB, rounded up: a number, maybe with a fraction, and an optional
@@ -160,15 +149,6 @@ mod tests {
             let err = format!("{:#}", memory_mib(s).unwrap_err());
             assert!(err.contains(&format!("`{s}`")), "{s}: {err}");
         }
-    }
-
-    #[test]
-    fn reads_mem_available() {
-        let meminfo = "MemTotal:       24683784 kB\nMemFree:        21963652 kB\n\
-                       MemAvailable:   24081056 kB\nBuffers:           15476 kB\n";
-        assert_eq!(mem_available_mib(meminfo), Some(23516));
-        assert_eq!(mem_available_mib("MemTotal: 1 kB\n"), None);
-        assert_eq!(mem_available_mib("MemAvailable: lots\n"), None);
     }
 
     #[test]
