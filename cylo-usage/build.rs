@@ -9,8 +9,10 @@
 //!    when the nightly toolchain with `rust-src` and a `bpf-linker` on `PATH` are there; else
 //!    the build stops with one line saying what to install.
 //!
-//! The object's SHA-256 is handed to the crate as `CYLO_USAGE_EBPF_SHA256` (the CLI's
-//! `--version` names it).
+//! What is embedded is that object without its DWARF and its BTF line info (`ebpf_strip.rs`;
+//! `CYLO_USAGE_EBPF_LINE_INFO=1` keeps the line info, for verifier logs with source lines),
+//! written into `OUT_DIR`. Its SHA-256 is handed to the crate as `CYLO_USAGE_EBPF_SHA256`
+//! (the CLI's `--version` names it).
 use std::path::PathBuf;
 
 // `ebpf_object_in`, `PACKAGED_OBJECT`, `PACKAGED_SHA256`: the object's paths, shared with
@@ -18,10 +20,13 @@ use std::path::PathBuf;
 include!("ebpf_object.rs");
 // `sha256_hex`, shared with xtask.
 include!("ebpf_sha256.rs");
+// `strip_ebpf_object`, shared with xtask (which ships the object as it is embedded).
+include!("ebpf_strip.rs");
 
 fn main() {
     workload_path();
     println!("cargo::rerun-if-env-changed=CYLO_USAGE_EBPF_OBJECT");
+    println!("cargo::rerun-if-env-changed=CYLO_USAGE_EBPF_LINE_INFO");
     let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let packaged = manifest_dir.join(PACKAGED_OBJECT);
     let (object, expected) = match std::env::var_os("CYLO_USAGE_EBPF_OBJECT") {
@@ -85,11 +90,40 @@ fn main() {
         );
         return;
     }
+    // What is embedded: the object without its DWARF and (unless asked) its line info.
+    let line_info = std::env::var_os("CYLO_USAGE_EBPF_LINE_INFO").is_some_and(|v| v == "1");
+    let stripped = match strip_ebpf_object(&bytes, line_info) {
+        Ok(stripped) => stripped,
+        Err(why) => {
+            println!("cargo::error=the eBPF object {}: {why}", object.display());
+            return;
+        }
+    };
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let embedded = out.join("cylo-usage-ebpf.o");
+    if let Err(e) = std::fs::write(&embedded, &stripped) {
+        println!("cargo::error=cannot write {}: {e}", embedded.display());
+        return;
+    }
     println!(
         "cargo::rustc-env=CYLO_USAGE_EBPF_OBJECT={}",
+        embedded.display()
+    );
+    // For the tests, which compare the two.
+    println!(
+        "cargo::rustc-env=CYLO_USAGE_EBPF_SOURCE_OBJECT={}",
         object.display()
     );
-    println!("cargo::rustc-env=CYLO_USAGE_EBPF_SHA256={sha256}");
+    println!(
+        "cargo::rustc-env=CYLO_USAGE_EBPF_LINE_INFO_KEPT={}",
+        u8::from(line_info)
+    );
+    // The SHA-256 of what is embedded (a packaged object, stripped already, is embedded as
+    // it is, with the SHA-256 its package names).
+    println!(
+        "cargo::rustc-env=CYLO_USAGE_EBPF_SHA256={}",
+        sha256_hex(&stripped)
+    );
 }
 
 /// Where the test workload (the workspace crate `cylo-usage-workload`, built beside this

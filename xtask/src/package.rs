@@ -21,6 +21,8 @@ use crate::{cmd, paths};
 
 // `sha256_hex`: the same function `cylo-usage/build.rs` checks the packaged object with.
 include!("../../cylo-usage/ebpf_sha256.rs");
+// `strip_ebpf_object`: the object is shipped as `cylo-usage/build.rs` embeds it.
+include!("../../cylo-usage/ebpf_strip.rs");
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -94,6 +96,9 @@ pub fn run(args: Args) -> Result<()> {
     let root = paths::workspace_root();
     let object = paths::ebpf_object();
     let bytes = std::fs::read(&object).with_context(|| format!("reading {}", object.display()))?;
+    // Shipped as the workspace's build embeds it: without DWARF and line info.
+    let bytes = strip_ebpf_object(&bytes, false)
+        .map_err(|why| anyhow::anyhow!("stripping {}: {why}", object.display()))?;
     let packaged = root.join("cylo-usage").join(paths::PACKAGED_OBJECT);
     std::fs::create_dir_all(packaged.parent().expect("a folder"))?;
     std::fs::write(&packaged, &bytes).with_context(|| format!("writing {}", packaged.display()))?;

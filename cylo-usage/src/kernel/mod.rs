@@ -5,6 +5,8 @@ pub(crate) mod aya_loader;
 pub(crate) mod btf;
 pub(crate) mod budget_hooks;
 pub(crate) mod ebpf_log;
+#[cfg(test)]
+mod embedded_object_tests;
 pub mod features;
 pub(crate) mod map_read;
 pub(crate) mod offsets_cache;

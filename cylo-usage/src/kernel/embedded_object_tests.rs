@@ -1,0 +1,214 @@
+//! The embedded eBPF object against the one it was made from (`ebpf_strip.rs`, which
+//! `build.rs` runs): the same programs, maps, symbols and BTF, without the DWARF and the
+//! line info.
+use object::{Object, ObjectSection, ObjectSymbol};
+
+include!("../../ebpf_strip.rs");
+
+static EMBEDDED: &[u8] = aya::include_bytes_aligned!(env!("CYLO_USAGE_EBPF_OBJECT"));
+
+/// The object it was made from, embedded here too (the tests also run in guests, without
+/// the build's files).
+static SOURCE: &[u8] = include_bytes!(env!("CYLO_USAGE_EBPF_SOURCE_OBJECT"));
+
+fn parse(data: &[u8]) -> object::read::elf::ElfFile64<'_> {
+    object::read::elf::ElfFile64::parse(data).expect("an ELF64 object")
+}
+
+/// Each section's bytes, and the relocations applied to it (offset, symbol name, kind), by
+/// section name.
+type Sections = std::collections::BTreeMap<String, (Vec<u8>, Vec<(u64, String, String)>)>;
+
+fn sections(data: &[u8]) -> Sections {
+    let elf = parse(data);
+    elf.sections()
+        .filter(|s| !s.name().unwrap().is_empty())
+        .map(|s| {
+            let relocations = s
+                .relocations()
+                .map(|(offset, r)| {
+                    let symbol = match r.target() {
+                        object::RelocationTarget::Symbol(i) => {
+                            let symbol = elf.symbol_by_index(i).unwrap();
+                            match symbol.name().unwrap() {
+                                "" => format!(
+                                    "section {:?}",
+                                    symbol
+                                        .section_index()
+                                        .and_then(|i| elf.section_by_index(i).ok())
+                                        .map(|s| s.name().unwrap().to_string())
+                                ),
+                                name => name.to_string(),
+                            }
+                        }
+                        other => format!("{other:?}"),
+                    };
+                    (offset, symbol, format!("{:?}", r.flags()))
+                })
+                .collect();
+            (
+                s.name().unwrap().to_string(),
+                (s.data().unwrap().to_vec(), relocations),
+            )
+        })
+        .collect()
+}
+
+fn line_info_len(data: &[u8]) -> u32 {
+    let elf = parse(data);
+    let ext = elf.section_by_name(".BTF.ext").expect("a .BTF.ext section");
+    let d = ext.data().unwrap();
+    u32::from_le_bytes(d[20..24].try_into().unwrap())
+}
+
+#[test]
+fn the_embedded_object_is_its_source_without_dwarf_and_line_info() {
+    let source = SOURCE;
+    let kept = env!("CYLO_USAGE_EBPF_LINE_INFO_KEPT") == "1";
+    let (before, after) = (sections(source), sections(EMBEDDED));
+    assert!(
+        before.keys().any(|n| n.starts_with(".debug_")),
+        "the source object has no DWARF: nothing was tested"
+    );
+    let dropped = |name: &str| {
+        name.starts_with(".debug_")
+            || name.starts_with(".rel.debug_")
+            || (!kept && name == ".rel.BTF.ext")
+    };
+    for (name, section) in &before {
+        if dropped(name) {
+            assert!(!after.contains_key(name), "{name} is still embedded");
+        } else if (name == ".BTF.ext" && !kept)
+            || name.starts_with(".rel")
+            || [".symtab", ".strtab"].contains(&name.as_str())
+        {
+            // Renumbered or rewritten: relocations are compared on the sections they apply
+            // to (by symbol name), symbols below, `.BTF.ext` in the tests of its own.
+            assert!(after.contains_key(name), "{name} is no longer embedded");
+        } else {
+            assert_eq!(after.get(name), Some(section), "{name} changed");
+        }
+    }
+    let extra: Vec<_> = after
+        .keys()
+        .filter(|n| !before.contains_key(*n) && *n != ".shstrtab")
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "sections that were not in the source: {extra:?}"
+    );
+    // The programs' sections are all there (the comparison above covered their bytes).
+    assert!(after.keys().filter(|n| n.starts_with("raw_tp/")).count() >= 8);
+    // Every named symbol outside the DWARF is kept, at the same place.
+    let named = |data: &[u8]| {
+        let elf = parse(data);
+        elf.symbols()
+            .filter(|s| !s.name().unwrap().is_empty())
+            .filter(|s| {
+                s.section_index()
+                    .and_then(|i| elf.section_by_index(i).ok())
+                    .is_none_or(|sec| !dropped(sec.name().unwrap()))
+            })
+            .map(|s| {
+                let section = s
+                    .section_index()
+                    .and_then(|i| elf.section_by_index(i).ok())
+                    .map(|sec| sec.name().unwrap().to_string());
+                let kind = format!("{:?}", s.kind());
+                (
+                    s.name().unwrap().to_string(),
+                    section,
+                    s.address(),
+                    s.size(),
+                    kind,
+                )
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(named(source), named(EMBEDDED));
+    assert!(line_info_len(source) > 0);
+    assert_eq!(line_info_len(EMBEDDED) > 0, kept);
+}
+
+#[test]
+fn stripping_the_embedded_object_again_changes_no_byte() {
+    let kept = env!("CYLO_USAGE_EBPF_LINE_INFO_KEPT") == "1";
+    assert_eq!(strip_ebpf_object(EMBEDDED, kept).unwrap(), EMBEDDED);
+}
+
+#[test]
+fn aya_reads_the_same_functions_from_both() {
+    let source = SOURCE;
+    let (a, b) = (
+        aya_obj::Object::parse(source).unwrap(),
+        aya_obj::Object::parse(EMBEDDED).unwrap(),
+    );
+    let names = |o: &aya_obj::Object| {
+        let mut p: Vec<_> = o.programs.keys().cloned().collect();
+        p.sort();
+        p
+    };
+    assert_eq!(names(&a), names(&b));
+    let mut maps_a: Vec<_> = a.maps.keys().cloned().collect();
+    let mut maps_b: Vec<_> = b.maps.keys().cloned().collect();
+    maps_a.sort();
+    maps_b.sort();
+    assert_eq!(maps_a, maps_b);
+}
+
+/// A `.BTF.ext` of a 32-byte header, 12 bytes of function info, 20 of line info and 8 of
+/// CO-RE relocations (each part's first word is its record size).
+fn btf_ext(line_len: u32) -> Vec<u8> {
+    let mut d = vec![0x9f, 0xeb, 1, 0];
+    for word in [32u32, 0, 12, 12, line_len, 12 + line_len, 8] {
+        d.extend_from_slice(&word.to_le_bytes());
+    }
+    d.extend_from_slice(&[8, 0, 0, 0, 0xf1, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8]);
+    d.extend((0..line_len).map(|i| 0x40 + i as u8));
+    d.extend_from_slice(&[16, 0, 0, 0, 0xc1, 0xc2, 0xc3, 0xc4]);
+    d
+}
+
+#[test]
+fn btf_ext_keeps_function_info_and_core_relocations_without_line_info() {
+    let out = btf_ext_without_line_info(&btf_ext(20)).unwrap().unwrap();
+    let word = |at: usize| u32::from_le_bytes(out[at..at + 4].try_into().unwrap());
+    assert_eq!(&out[..4], &[0x9f, 0xeb, 1, 0]);
+    assert_eq!(word(4), 32);
+    assert_eq!((word(8), word(12)), (0, 12), "function info");
+    assert_eq!((word(16), word(20)), (12, 0), "line info");
+    assert_eq!((word(24), word(28)), (12, 8), "CO-RE relocations");
+    assert_eq!(
+        &out[32..44],
+        &[8, 0, 0, 0, 0xf1, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8]
+    );
+    assert_eq!(&out[44..], &[16, 0, 0, 0, 0xc1, 0xc2, 0xc3, 0xc4]);
+    // Nothing to take out: none.
+    assert_eq!(btf_ext_without_line_info(&btf_ext(0)).unwrap(), None);
+}
+
+#[test]
+fn btf_ext_that_does_not_add_up_is_refused() {
+    let good = btf_ext(20);
+    assert!(btf_ext_without_line_info(&good[..3]).is_err());
+    let mut magic = good.clone();
+    magic[0] = 0xeb;
+    magic[1] = 0x9f;
+    assert!(
+        btf_ext_without_line_info(&magic)
+            .unwrap_err()
+            .contains("magic")
+    );
+    // Line info said to run past the end of the section.
+    let mut long = good.clone();
+    long[20..24].copy_from_slice(&200u32.to_le_bytes());
+    assert!(
+        btf_ext_without_line_info(&long)
+            .unwrap_err()
+            .contains("line info")
+    );
+    // A header too short for the line info's fields.
+    let mut short = good;
+    short[4..8].copy_from_slice(&16u32.to_le_bytes());
+    assert!(btf_ext_without_line_info(&short).is_err());
+}
