@@ -945,6 +945,7 @@ async fn usage_before_attach_counts_a_leader_that_exited_before_its_threads() {
         let (a, b) = (common::proc_figures(sh), common::proc_figures(w));
         common::ProcFigures {
             stat_cpu_ns: a.stat_cpu_ns + b.stat_cpu_ns,
+            cpu_clock_ns: a.cpu_clock_ns + b.cpu_clock_ns,
             rchar: a.rchar + b.rchar,
             wchar: a.wchar + b.wchar,
         }

@@ -91,11 +91,15 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// Spends about `ms` of this thread's CPU time in user mode. The thread's CPU clock is a
+/// system call (the vDSO does not serve it), so it is read once every 100,000 steps (about
+/// 0.1 ms here): under arm64 emulation, where a system call costs far more than the steps,
+/// reading it every 10,000 made half of this "user" time system time.
 fn burn(ms: u64) {
     let until = thread_cpu() + Duration::from_millis(ms);
     let mut x = 0u64;
     while thread_cpu() < until {
-        for i in 0..10_000u64 {
+        for i in 0..100_000u64 {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
         }
         std::hint::black_box(x);
