@@ -9,6 +9,7 @@ pub(crate) mod ebpf_log;
 mod embedded_object_tests;
 pub mod features;
 pub(crate) mod map_read;
+pub(crate) mod object;
 pub(crate) mod offsets_cache;
 pub(crate) mod programs;
 pub(crate) mod records;

@@ -120,7 +120,10 @@ pub(crate) fn load_control(ebpf: &mut Ebpf, program: &'static str) -> Result<Pro
         source,
     };
     let prog: &mut RawTracePoint = program_as(ebpf, program, err)?;
-    prog.load().map_err(err)?;
+    // Loaded already when `preload` verified it.
+    if prog.fd().is_err() {
+        prog.load().map_err(err)?;
+    }
     let fd = prog.fd().map_err(err)?;
     fd.try_clone().map_err(|source| LoadError::Control {
         op: "dup of its fd",
@@ -535,6 +538,49 @@ impl Variant {
     }
 }
 
+/// The programs of the object a tracker that wants `wanted` never loads on this kernel (`o`):
+/// the handlers only the other variant with atomics has (the variant without atomics stays:
+/// the verifier decides at load time whether it is needed), the adoption programs in a lean
+/// set (which refuses attach on every kernel), and the network programs of the path
+/// [`attach_network`] does not take. Hidden from aya's parse (see
+/// [`crate::kernel::object`]).
+pub(crate) fn unused_programs(wanted: Variant, o: &Offsets) -> Vec<&'static str> {
+    use cylo_usage_abi::net::{HOOK_SENDPAGE_PATH, HOOK_TRACEPOINTS};
+    let handlers = |v: Variant| {
+        let mut names = vec![v.newtask()];
+        names.extend(HOOKS.iter().filter_map(|spec| (spec.program)(o, v).ok()));
+        names
+    };
+    let loadable: Vec<&str> = [wanted, Variant::NoAtomics]
+        .into_iter()
+        .flat_map(handlers)
+        .collect();
+    let mut unused: Vec<&'static str> = [Variant::Full, Variant::Lean]
+        .into_iter()
+        .filter(|&v| v != wanted)
+        .flat_map(handlers)
+        .filter(|name| !loadable.contains(name))
+        .collect();
+    if wanted == Variant::Lean {
+        unused.extend([
+            names::PROG_CONTROL_ADOPT,
+            names::PROG_CONTROL_ADOPT_NO_ATOMICS,
+        ]);
+    }
+    let fexit =
+        |list: &[(&'static str, &'static str)]| list.iter().map(|&(p, _)| p).collect::<Vec<_>>();
+    if o.net_hooks & HOOK_TRACEPOINTS != 0 {
+        unused.extend(fexit(&names::FEXIT_SENDMSG));
+        unused.extend(fexit(&names::FEXIT_RECVMSG));
+    } else {
+        unused.extend([names::PROG_SOCK_SEND_LENGTH, names::PROG_SOCK_RECV_LENGTH]);
+    }
+    if o.net_hooks & HOOK_SENDPAGE_PATH == 0 {
+        unused.extend(fexit(&names::FEXIT_SENDPAGE));
+    }
+    unused
+}
+
 /// Attaches `spec`'s program for this kernel. `Ok(None)`: attached, or left out by design
 /// (a program the kernel does not get); `Ok(Some(why))`: an optional hook left out.
 pub(crate) fn attach_spec(
@@ -559,6 +605,33 @@ pub(crate) fn attach_spec(
 mod tests {
     use super::*;
 
+    /// 5.10's bio layout: the request queue first, `bi_disk` and `bi_partno`.
+    fn bio_5_10() -> Offsets {
+        Offsets {
+            bio_queue_bio_arg: 1,
+            bio_size: 40,
+            bio_opf: 16,
+            bio_bdev: ABSENT,
+            bdev_dev: ABSENT,
+            bio_disk: 8,
+            bio_partno: 26,
+            disk_major: 0,
+            disk_first_minor: 4,
+            ..Offsets::UNRESOLVED
+        }
+    }
+
+    /// 6.x's bio layout: the bio alone, `bi_bdev`.
+    fn bio_6x() -> Offsets {
+        Offsets {
+            bio_queue_bio_arg: 0,
+            bio_bdev: 8,
+            bdev_dev: 4,
+            bio_disk: ABSENT,
+            ..bio_5_10()
+        }
+    }
+
     fn program_for(
         tracepoint: &str,
         o: &Offsets,
@@ -574,28 +647,90 @@ mod tests {
     }
 
     #[test]
+    fn no_program_a_tracker_may_load_is_hidden() {
+        use cylo_usage_abi::net::*;
+        let object: Vec<String> = aya_obj::Object::parse(crate::kernel::object::OBJECT)
+            .unwrap()
+            .programs
+            .into_keys()
+            .collect();
+        let fexit = |list: &[(&'static str, &'static str)]| {
+            list.iter().map(|&(p, _)| p).collect::<Vec<_>>()
+        };
+        // 6.18 (tracepoints), 6.3-6.4 (tracepoints and the sendpage path), 5.10-6.2 (fexit).
+        for net_hooks in [
+            HOOK_TRACEPOINTS,
+            HOOK_TRACEPOINTS | HOOK_SENDPAGE_PATH | HOOK_FEXIT_SENDPAGE,
+            HOOK_FEXIT_MSG | HOOK_SENDPAGE_PATH | HOOK_FEXIT_SENDPAGE,
+        ] {
+            for bio in [bio_6x(), bio_5_10()] {
+                let o = Offsets { net_hooks, ..bio };
+                for (wanted, set) in [(Variant::Full, "full"), (Variant::Lean, "lean")] {
+                    let unused = unused_programs(wanted, &o);
+                    // What `load_at`, `attach_network`, the budget hooks and an attach load.
+                    let mut may_load: Vec<&str> = [wanted, Variant::NoAtomics]
+                        .into_iter()
+                        .flat_map(|v| v.preloaded(&o))
+                        .collect();
+                    may_load.extend([
+                        names::PROG_CONTROL,
+                        names::PROG_SCHEDULE_TAIL_EXIT,
+                        names::PROG_CALCULATE_SIGPENDING_DOOMED,
+                        names::PROG_SYS_EXIT_DOOMED,
+                        names::PROG_SCHED_STAT_RUNTIME,
+                        names::PROG_WRITEBACK_DIRTY,
+                    ]);
+                    if wanted == Variant::Full {
+                        may_load.extend([
+                            names::PROG_CONTROL_ADOPT,
+                            names::PROG_CONTROL_ADOPT_NO_ATOMICS,
+                        ]);
+                    }
+                    if net_hooks & HOOK_TRACEPOINTS != 0 {
+                        may_load
+                            .extend([names::PROG_SOCK_SEND_LENGTH, names::PROG_SOCK_RECV_LENGTH]);
+                    } else {
+                        may_load.extend(fexit(&names::FEXIT_SENDMSG));
+                        may_load.extend(fexit(&names::FEXIT_RECVMSG));
+                    }
+                    if net_hooks & HOOK_SENDPAGE_PATH != 0 {
+                        may_load.extend(fexit(&names::FEXIT_SENDPAGE));
+                    }
+                    for name in &may_load {
+                        assert!(object.iter().any(|p| p == name), "{name} is no program");
+                        assert!(
+                            !unused.contains(name),
+                            "{set}, hooks {net_hooks}: {name} hidden"
+                        );
+                    }
+                    // Every hidden name is a program of the object (a renamed program would
+                    // otherwise silently stop being hidden).
+                    for name in &unused {
+                        assert!(object.iter().any(|p| p == name), "{name} is no program");
+                    }
+                    // Hidden: the other set's own handlers, and the other network path's.
+                    let other = if wanted == Variant::Full {
+                        Variant::Lean
+                    } else {
+                        Variant::Full
+                    };
+                    assert!(unused.contains(&other.newtask()), "{set}: {unused:?}");
+                    let other_net = if net_hooks & HOOK_TRACEPOINTS != 0 {
+                        names::FEXIT_SENDMSG[0].0
+                    } else {
+                        names::PROG_SOCK_SEND_LENGTH
+                    };
+                    assert!(unused.contains(&other_net), "{set}: {unused:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_hook_table_picks_each_kernels_program() {
         // 5.10's bio layout (the request queue first, bi_disk + bi_partno) and 6.x's
         // (the bio alone, bi_bdev); and a kernel whose BTF has neither.
-        let old = Offsets {
-            bio_queue_bio_arg: 1,
-            bio_size: 40,
-            bio_opf: 16,
-            bio_bdev: ABSENT,
-            bdev_dev: ABSENT,
-            bio_disk: 8,
-            bio_partno: 26,
-            disk_major: 0,
-            disk_first_minor: 4,
-            ..Offsets::UNRESOLVED
-        };
-        let new = Offsets {
-            bio_queue_bio_arg: 0,
-            bio_bdev: 8,
-            bdev_dev: 4,
-            bio_disk: ABSENT,
-            ..old
-        };
+        let (old, new) = (bio_5_10(), bio_6x());
         let none = Offsets {
             bio_size: ABSENT,
             ..new
@@ -643,14 +778,7 @@ mod tests {
 
     #[test]
     fn the_lean_set_differs_only_where_the_adoption_and_breakdown_paths_are() {
-        let o = Offsets {
-            bio_queue_bio_arg: 0,
-            bio_size: 40,
-            bio_opf: 16,
-            bio_bdev: 8,
-            bdev_dev: 4,
-            ..Offsets::UNRESOLVED
-        };
+        let o = bio_6x();
         let full = Variant::Full.preloaded(&o);
         let lean = Variant::Lean.preloaded(&o);
         assert_eq!(full.len(), lean.len());

@@ -16,15 +16,13 @@ use crate::kernel::features::{Measured, Unavailable};
 #[cfg(feature = "metrics")]
 use crate::kernel::map_read::MapReadError;
 use crate::kernel::map_read::MapReader;
+use crate::kernel::object::OBJECT;
 use crate::kernel::programs::{
     HOOKS, Hook, KernelBtf, LoadError, Variant, attach, attach_network, attach_spec, load_control,
-    missing_privileges, preload, program_as, take,
+    missing_privileges, preload, program_as, take, unused_programs,
 };
 use crate::kernel::resolve;
 use crate::sys::lock;
-
-/// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("CYLO_USAGE_EBPF_OBJECT"));
 
 /// Read-only views of the maps that runs read, each with a descriptor of its own and no
 /// lock: a run's reads never wait for another run (see [`crate::kernel::map_read`]).
@@ -385,6 +383,14 @@ impl Tracker {
         // without atomics load their one set, but with this one-page records ring buffer).
         let lean = options.programs == ProgramSet::Totals;
         // Without breakdowns, the records ring buffer is never read: one page.
+        let wanted = if lean { Variant::Lean } else { Variant::Full };
+        // Without the programs it never loads, which aya would parse and link all the same.
+        let unused = unused_programs(wanted, offsets);
+        let subset = crate::kernel::object::hide_programs(OBJECT, &unused);
+        if let Err(e) = &subset {
+            log::debug!("loading the whole eBPF object: {e}");
+        }
+        let object = subset.as_deref().unwrap_or(OBJECT);
         let records_bytes = if lean {
             crate::sys::procfs::page_size() as u32
         } else {
@@ -397,7 +403,7 @@ impl Tracker {
             .map_max_entries(names::PROCS, options.max_procs)
             .map_max_entries(names::MMS, options.max_mms)
             .map_max_entries(names::RECORDS, records_bytes)
-            .load(OBJECT)
+            .load(object)
             .map_err(LoadError::Load)?;
         let log = crate::kernel::ebpf_log::start(&mut ebpf, *log_level);
         let readers = Readers {
@@ -428,8 +434,9 @@ impl Tracker {
         let split_records = ring(&mut ebpf, names::SPLIT_RECORDS)?;
         // The handlers, verified in parallel (with atomics: where the verifier refuses them,
         // `attach` reports it and the variants without are loaded one by one).
-        let wanted = if lean { Variant::Lean } else { Variant::Full };
         let mut parallel = wanted.preloaded(offsets);
+        // And the control program, which the hello runs before the other hooks attach.
+        parallel.push(names::PROG_CONTROL);
         if offsets.net_hooks & cylo_usage_abi::net::HOOK_TRACEPOINTS != 0 {
             parallel.extend([names::PROG_SOCK_SEND_LENGTH, names::PROG_SOCK_RECV_LENGTH]);
         }
