@@ -255,7 +255,7 @@ pub(crate) fn adopt<const ATOMICS: bool>(task: u64, run: u32, root: bool) -> i32
         // there. Whoever removes the entry (the switch hook or this) accounts for it, once.
         if forget_task(task) {
             // Its membership is gone already: nothing left to charge to budgets.
-            leave::<ATOMICS, false>(task, &member);
+            leave::<ATOMICS, false, true>(task, &member);
         }
     }
     control::ADOPTED
@@ -333,7 +333,7 @@ fn adopt_process<const ATOMICS: bool>(
     }
     if wants_records(counters) {
         let flags = proc_flags::ADOPTED | if root { proc_flags::ROOT } else { 0 };
-        record_start::<true>(
+        record_start(
             run,
             leader,
             signal,

@@ -125,7 +125,7 @@ pub(crate) fn record_exec(
         }
         (*p).argv_len = len;
         (*p).argv_truncated = u32::from(total > ARGV_BYTES as u64);
-        write_creds::<true>(task, core::ptr::addr_of_mut!((*p).creds));
+        write_creds(task, core::ptr::addr_of_mut!((*p).creds));
     }
     entry.submit(wake_flags(&RECORDS, RECORDS_BYTES));
 }

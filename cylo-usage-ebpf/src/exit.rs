@@ -13,7 +13,7 @@ pub fn sched_process_exit(_ctx: RawTracePointContext) -> i32 {
     r
 }
 
-/// `sched_process_exit` of the lean set: no adoption.
+/// `sched_process_exit` of the lean set: no adoption, no record.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit_lean(_ctx: RawTracePointContext) -> i32 {
     let r = on_exit::<true, false>();
@@ -56,7 +56,8 @@ pub(crate) fn on_exit<const ATOMICS: bool, const FULL: bool>() -> i32 {
     if ATOMICS {
         mm_release(mm, counters);
     }
-    if wants_records(counters) {
+    // (The lean set's runs want no record: see `names::PROG_TASK_NEWTASK_LEAN`.)
+    if FULL && wants_records(counters) {
         record_exit(&member, current, code, peak, threads, counters);
     }
     0

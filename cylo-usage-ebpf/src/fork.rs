@@ -234,7 +234,7 @@ impl JoinProcess {
         let (run_bits, signal, start, pids) = (self.run_bits, self.signal, self.start, self.pids);
         let _ = match (ATOMICS, FULL) {
             (true, true) => cylo_usage_join_process(run_bits, child, signal, start, pids),
-            (true, false) => cylo_usage_join_process_lean(run_bits, child, signal, start, pids),
+            (true, false) => cylo_usage_join_process_lean(run_bits, child, signal, pids),
             (false, _) => cylo_usage_join_process_no_atomics(run_bits, child, signal, start, pids),
         };
     }
@@ -293,9 +293,11 @@ global_fn!(
 );
 
 global_fn!(
-    /// [`join_process`] of `task_newtask_lean`.
-    cylo_usage_join_process_lean(run_bits: u64, child: u64, signal: u64, start: u64, pids: u64) {
-        join_process::<true, false>(run_bits, child, signal, start, pids);
+    /// [`join_process`] of `task_newtask_lean`, without the start time only a start record
+    /// uses (an argument the callee never reads, LLVM leaves unset in its register, and the
+    /// verifier refuses a global function's argument that is not a scalar).
+    cylo_usage_join_process_lean(run_bits: u64, child: u64, signal: u64, pids: u64) {
+        join_process::<true, false>(run_bits, child, signal, 0, pids);
         0
     }
 );
@@ -378,10 +380,11 @@ fn join_process<const ATOMICS: bool, const FULL: bool>(
     } else {
         add(&mut counters.processes_alive, 1);
     }
-    if wants_records(counters) {
+    // (The lean set's runs want no record: see `names::PROG_TASK_NEWTASK_LEAN`.)
+    if FULL && wants_records(counters) {
         let flags =
             if root { proc_flags::ROOT } else { 0 } | if refused { proc_flags::REFUSED } else { 0 };
-        record_start::<FULL>(run, child, signal, start, tid, own_pid, flags, counters);
+        record_start(run, child, signal, start, tid, own_pid, flags, counters);
     }
 }
 

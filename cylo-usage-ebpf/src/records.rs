@@ -5,7 +5,7 @@ use crate::*;
 /// A `PROC_START` record for process `task` (identity `signal`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn record_start<const FULL: bool>(
+pub(crate) fn record_start(
     run: u32,
     task: u64,
     signal: u64,
@@ -41,24 +41,21 @@ pub(crate) fn record_start<const FULL: bool>(
         (*p)._pad0 = 0;
         // The helper zeroes the name when it cannot read it (an empty name, not garbage).
         let _ = bpf_probe_read_kernel_buf(comm, &mut (*p).comm);
-        // Who a process runs as matters to a breakdown's viewer only: the lean programs
-        // (totals alone) leave it unknown.
-        write_creds::<FULL>(task, core::ptr::addr_of_mut!((*p).creds));
+        write_creds(task, core::ptr::addr_of_mut!((*p).creds));
     }
     entry.submit(record_wake_flags(counters));
 }
 
 /// Writes `task`'s objective credentials and its address space's dumpable mode into `c` (a
 /// record's), for records only (see [`Creds`]); what could not be read is left out of
-/// `known` (and 0). Without `READ` (the lean programs: who a process runs as matters to a
-/// breakdown's viewer only) nothing is known. Field by field and volatile: a `Creds` built
+/// `known` (and 0). Field by field and volatile: a `Creds` built
 /// on the stack had its zeroes merged into a call of `memset`, one frame more in adoption's
 /// call chain, whose stack the verifiers of 5.10 and 6.1 count in 32-byte steps per frame.
 ///
 /// # Safety
 /// `c` must be valid for writes of a `Creds`.
 #[inline(always)]
-pub(crate) unsafe fn write_creds<const READ: bool>(task: u64, c: *mut Creds) {
+pub(crate) unsafe fn write_creds(task: u64, c: *mut Creds) {
     // Each field is written where it is known, so that no value is carried past a branch
     // (the verifier then walks the rest of the handler once, not once per outcome).
     // SAFETY (all the writes): the caller's promise; every field is written.
@@ -66,8 +63,7 @@ pub(crate) unsafe fn write_creds<const READ: bool>(task: u64, c: *mut Creds) {
         core::ptr::addr_of_mut!((*c).known).write_volatile(0);
         core::ptr::addr_of_mut!((*c).dumpable).write_volatile(0);
     }
-    if READ
-        && offset!(cred_uid) != ABSENT
+    if offset!(cred_uid) != ABSENT
         && let Some(cred) = read::<u64>(task, offset!(task_real_cred))
         && cred != 0
         && let (Some(uid), Some(gid), Some(suid), Some(sgid), Some(euid), Some(egid)) = (
@@ -98,8 +94,7 @@ pub(crate) unsafe fn write_creds<const READ: bool>(task: u64, c: *mut Creds) {
             core::ptr::addr_of_mut!((*c).egid).write_volatile(0);
         }
     }
-    if READ
-        && offset!(mm_flags) != ABSENT
+    if offset!(mm_flags) != ABSENT
         && let Some(mm) = read::<u64>(task, offset!(task_mm))
         && mm != 0
         && let Some(flags) = read::<u64>(mm, offset!(mm_flags))

@@ -8,17 +8,23 @@ use crate::*;
 /// [, unsigned int prev_state])`, still in `prev`'s context.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
-    on_switch::<true>(ctx)
+    on_switch::<true, true>(ctx)
+}
+
+/// `sched_switch` of the lean set: no thread-end record.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch_lean(ctx: RawTracePointContext) -> i32 {
+    on_switch::<true, false>(ctx)
 }
 
 /// `sched_switch` for kernels without BPF atomic fetch (no per-process CPU split).
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch_no_atomics(ctx: RawTracePointContext) -> i32 {
-    on_switch::<false>(ctx)
+    on_switch::<false, true>(ctx)
 }
 
 #[inline(always)]
-pub(crate) fn on_switch<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
+pub(crate) fn on_switch<const ATOMICS: bool, const FULL: bool>(ctx: RawTracePointContext) -> i32 {
     let prev: u64 = ctx.arg(1);
     let state: u64 = if offset!(switch_has_prev_state) != 0 {
         ctx.arg(3)
@@ -44,7 +50,7 @@ pub(crate) fn on_switch<const ATOMICS: bool>(ctx: RawTracePointContext) -> i32 {
     let Some(member) = task_member(prev) else {
         return 0;
     };
-    leave::<ATOMICS, true>(prev, &member);
+    leave::<ATOMICS, true, FULL>(prev, &member);
     diag_flush();
     0
 }
@@ -232,9 +238,13 @@ pub(crate) fn process_left(
 
 /// A tracked thread has switched out for the last time: its runtime is final. `CHARGE`:
 /// what it used since its last charge goes to its run's budgets (its membership is still
-/// in `TASKS`).
+/// in `TASKS`). `RECORDS`: a run that wants records gets a thread-end record (not in the
+/// lean set, whose runs want none).
 #[inline(always)]
-pub(crate) fn leave<const ATOMICS: bool, const CHARGE: bool>(task: u64, member: &TaskMember) {
+pub(crate) fn leave<const ATOMICS: bool, const CHARGE: bool, const RECORDS: bool>(
+    task: u64,
+    member: &TaskMember,
+) {
     let Some(counters) = run_counters(member.run) else {
         return;
     };
@@ -248,7 +258,7 @@ pub(crate) fn leave<const ATOMICS: bool, const CHARGE: bool>(task: u64, member: 
                 let (r, w) = (u.disk_read_bytes, u.disk_write_bytes);
                 charge_end(member.run, task, u.cpu_runtime_ns, r, w);
             }
-            if wants_records(counters) {
+            if RECORDS && wants_records(counters) {
                 record_thread(record_kind::THREAD_END, member, &u, counters);
             }
             (u.cpu_runtime_ns, u.cpu_utime_ns, u.cpu_stime_ns)

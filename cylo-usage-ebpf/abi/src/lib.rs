@@ -86,13 +86,16 @@ pub mod names {
     /// The same as `task_newtask` without what needs BPF atomic fetch, exchange and
     /// compare-and-exchange (before 5.12): the peaks and memory.
     pub const PROG_TASK_NEWTASK_NO_ATOMICS: &str = "task_newtask_no_atomics";
-    /// The lean set (atomics only): `task_newtask`, `sched_process_exec` and
-    /// `sched_process_exit` without the adoption path and without what only a breakdown
-    /// records (argv, file names, credentials). A tracker whose runs neither attach nor ask
-    /// for a breakdown loads these: its start-up verifies far fewer instructions.
+    /// The lean set (atomics only): `task_newtask`, `sched_process_exec`,
+    /// `sched_process_exit` and `sched_switch` without the adoption path and without
+    /// records. A tracker whose runs neither attach nor ask for a breakdown loads these: its
+    /// runs are spawned and the kernel splits their CPU time itself
+    /// ([`super::run_flags::KERNEL_SPLIT`]), so no run of it wants a record, and its start-up
+    /// verifies far fewer instructions.
     pub const PROG_TASK_NEWTASK_LEAN: &str = "task_newtask_lean";
     pub const PROG_SCHED_PROCESS_EXEC_LEAN: &str = "sched_process_exec_lean";
     pub const PROG_SCHED_PROCESS_EXIT_LEAN: &str = "sched_process_exit_lean";
+    pub const PROG_SCHED_SWITCH_LEAN: &str = "sched_switch_lean";
     pub const PROG_SCHED_SWITCH: &str = "sched_switch";
     /// `sched_switch` for kernels without BPF atomic fetch: no per-process CPU split.
     pub const PROG_SCHED_SWITCH_NO_ATOMICS: &str = "sched_switch_no_atomics";

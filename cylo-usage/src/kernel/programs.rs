@@ -474,10 +474,10 @@ pub(crate) const HOOKS: [HookSpec; 5] = [
     HookSpec {
         tracepoint: names::TP_SCHED_SWITCH,
         program: |_, v| {
-            Ok(if v.atomics() {
-                names::PROG_SCHED_SWITCH
-            } else {
-                names::PROG_SCHED_SWITCH_NO_ATOMICS
+            Ok(match v {
+                Variant::Full => names::PROG_SCHED_SWITCH,
+                Variant::Lean => names::PROG_SCHED_SWITCH_LEAN,
+                Variant::NoAtomics => names::PROG_SCHED_SWITCH_NO_ATOMICS,
             })
         },
         optional: false,
@@ -508,8 +508,8 @@ pub(crate) const HOOKS: [HookSpec; 5] = [
 pub(crate) enum Variant {
     /// With atomics, and everything: adoption (attach) and the records of a breakdown.
     Full,
-    /// With atomics, for totals alone: no adoption path, no exec records, no credentials
-    /// in start records (the lean set: far less for the verifier at start-up).
+    /// With atomics, for totals alone: no adoption path and no records (the lean set: far
+    /// less for the verifier at start-up).
     Lean,
     /// Without BPF atomic fetch (before 5.12): everything that does without atomics.
     NoAtomics,
@@ -794,6 +794,7 @@ mod tests {
                 names::PROG_TASK_NEWTASK_LEAN,
                 names::PROG_SCHED_PROCESS_EXIT_LEAN,
                 names::PROG_SCHED_PROCESS_EXEC_LEAN,
+                names::PROG_SCHED_SWITCH_LEAN,
             ]
         );
         assert!(lean.contains(&names::PROG_BLOCK_BIO_QUEUE));

@@ -241,8 +241,9 @@ pub enum ProgramSet {
     #[default]
     Full,
     /// Runs the tracker starts itself, with their totals (the user/system split and budgets
-    /// included): the handlers without the adoption path and without the records only a
-    /// breakdown needs, and a one-page breakdown ring buffer. An attach, or a run that asks
+    /// included): the handlers without the adoption path and without records (its runs are
+    /// spawned and the kernel splits their CPU time itself: none wants a record), and a
+    /// one-page breakdown ring buffer. An attach, or a run that asks
     /// for a breakdown or events, fails with [`crate::SessionError::NotLoaded`]. Kernels
     /// without BPF atomic fetch (before 5.12) have one set only, and load it, but refuse
     /// the same.

@@ -3,7 +3,7 @@
 //! every run: spawned, attached, or a daemon client's.
 use std::sync::Arc;
 
-use cylo_usage_abi::{MAX_RUNS, RunControl, RunCounters};
+use cylo_usage_abi::{MAX_RUNS, RunControl, RunCounters, run_flags};
 
 use crate::kernel::budget_hooks::BudgetHookGuard;
 use crate::kernel::tracker::{Maps, Shared, run_share};
@@ -63,6 +63,12 @@ pub(crate) fn open_slot(
     // The kernel splits each process's CPU time itself where its handlers have the atomics
     // for it and every process joins at its fork with all its threads.
     let flags = options.run_flags(start == Start::Spawn && inner.measured.atomics);
+    // The lean handlers with atomics write no record: a run of theirs must want none.
+    if inner.lean && inner.measured.atomics && flags != run_flags::KERNEL_SPLIT {
+        return Err(SessionError::NotLoaded {
+            what: "records (the lean handlers write none)",
+        });
+    }
     let slot = claim_slot(&mut inner.maps(), flags, control)?;
     Ok((slot, guard, flags))
 }
