@@ -48,9 +48,9 @@ pub(crate) fn record_start(
 
 /// Writes `task`'s objective credentials and its address space's dumpable mode into `c` (a
 /// record's), for records only (see [`Creds`]); what could not be read is left out of
-/// `known` (and 0). Field by field and volatile: a `Creds` built
-/// on the stack had its zeroes merged into a call of `memset`, one frame more in adoption's
-/// call chain, whose stack the verifiers of 5.10 and 6.1 count in 32-byte steps per frame.
+/// `known` (and 0). Field by field and volatile: a `Creds` built on the stack had its zeroes
+/// merged into a call of `memset`, one frame more in adoption's call chain, whose stack the
+/// verifiers of 5.10 and 6.1 count in 32-byte steps per frame.
 ///
 /// # Safety
 /// `c` must be valid for writes of a `Creds`.

@@ -243,10 +243,9 @@ pub enum ProgramSet {
     /// Runs the tracker starts itself, with their totals (the user/system split and budgets
     /// included): the handlers without the adoption path and without records (its runs are
     /// spawned and the kernel splits their CPU time itself: none wants a record), and a
-    /// one-page breakdown ring buffer. An attach, or a run that asks
-    /// for a breakdown or events, fails with [`crate::SessionError::NotLoaded`]. Kernels
-    /// without BPF atomic fetch (before 5.12) have one set only, and load it, but refuse
-    /// the same.
+    /// one-page breakdown ring buffer. An attach, or a run that asks for a breakdown or
+    /// events, fails with [`crate::SessionError::NotLoaded`]. Kernels without BPF atomic
+    /// fetch (before 5.12) have one set only, and load it, but refuse the same.
     Totals,
 }
 
@@ -383,7 +382,6 @@ impl Tracker {
         // A `Totals` tracker refuses attach and breakdowns on every kernel alike (kernels
         // without atomics load their one set, but with this one-page records ring buffer).
         let lean = options.programs == ProgramSet::Totals;
-        // Without breakdowns, the records ring buffer is never read: one page.
         let wanted = if lean { Variant::Lean } else { Variant::Full };
         // Without the programs it never loads, which aya would parse and link all the same.
         let unused = unused_programs(wanted, offsets);
@@ -392,6 +390,7 @@ impl Tracker {
             log::debug!("loading the whole eBPF object: {e}");
         }
         let object = subset.as_deref().unwrap_or(OBJECT);
+        // Without breakdowns, the records ring buffer is never read: one page.
         let records_bytes = if lean {
             crate::sys::procfs::page_size() as u32
         } else {
