@@ -2,7 +2,7 @@
 //! never loads, hidden from aya.
 //!
 //! aya parses every program of an object and links each one's calls in `EbpfLoader::load`,
-//! whether it is loaded later or not. The object holds 37 programs: the handlers of three
+//! whether it is loaded later or not. The object holds 38 programs: the handlers of three
 //! variants (everything, the lean set, without atomics), the adoption programs, the budget
 //! hooks, and the network programs of two paths (tracepoints, and fexit programs where the
 //! kernel has none). A lean tracker on 6.18 loads 9 of them. Parsing and linking the rest
