@@ -57,8 +57,7 @@ mod tests {
     /// Without kernel BTF, aya applies no CO-RE relocations: the object must have none.
     #[test]
     fn object_has_no_core_relocations() {
-        let object = aya::include_bytes_aligned!(env!("CYLO_USAGE_EBPF_OBJECT"));
-        let obj = aya_obj::Object::parse(object).unwrap();
+        let obj = aya_obj::Object::parse(crate::kernel::object::OBJECT).unwrap();
         assert!(!obj.has_btf_relocations());
     }
 

@@ -5,7 +5,7 @@ use object::{Object, ObjectSection, ObjectSymbol};
 
 include!("../../ebpf_strip.rs");
 
-static EMBEDDED: &[u8] = aya::include_bytes_aligned!(env!("CYLO_USAGE_EBPF_OBJECT"));
+use crate::kernel::object::OBJECT as EMBEDDED;
 
 /// The object it was made from, embedded here too (the tests also run in guests, without
 /// the build's files).

@@ -15,6 +15,10 @@
 //! symbols of program sections are touched: a function in `.text` (which programs call) is
 //! never hidden.
 
+use object::LittleEndian;
+use object::elf::{FileHeader64, SHF_EXECINSTR, SHT_SYMTAB, STT_FUNC, Sym64};
+use object::read::SectionIndex;
+use object::read::elf::{FileHeader, SectionHeader, Sym};
 use thiserror::Error;
 
 /// The eBPF object built by `cargo xtask build-ebpf` (stripped by `build.rs`), embedded at
@@ -25,175 +29,39 @@ pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("CYLO_USAGE_E
 /// the whole object: slower, never less.
 #[derive(Debug, Error)]
 pub(crate) enum ObjectError {
-    /// Not a little-endian, 64-bit ELF file.
-    #[error("the eBPF object is not a little-endian 64-bit ELF file")]
-    NotElf,
-    /// A header, table or name points outside the object.
-    #[error("the eBPF object's {what} at byte {offset} lies outside its {len} bytes")]
-    OutOfBounds {
-        /// What was being read.
-        what: &'static str,
-        /// Where.
-        offset: usize,
-        /// The object's size.
-        len: usize,
-    },
-    /// The object has no symbol table.
-    #[error("the eBPF object has no symbol table")]
-    NoSymbolTable,
-}
-
-const SHT_SYMTAB: u32 = 2;
-const SHF_EXECINSTR: u64 = 4;
-const STT_FUNC: u8 = 2;
-const SHDR_SIZE: usize = 64;
-const SYM_SIZE: usize = 24;
-
-/// Bounds-checked little-endian reads of `data`.
-struct Reader<'a> {
-    data: &'a [u8],
-}
-
-impl Reader<'_> {
-    fn bytes<const N: usize>(
-        &self,
-        offset: usize,
-        what: &'static str,
-    ) -> Result<[u8; N], ObjectError> {
-        offset
-            .checked_add(N)
-            .and_then(|end| self.data.get(offset..end))
-            .and_then(|b| b.try_into().ok())
-            .ok_or(ObjectError::OutOfBounds {
-                what,
-                offset,
-                len: self.data.len(),
-            })
-    }
-
-    fn u16(&self, offset: usize, what: &'static str) -> Result<usize, ObjectError> {
-        Ok(u16::from_le_bytes(self.bytes(offset, what)?) as usize)
-    }
-
-    fn u32(&self, offset: usize, what: &'static str) -> Result<u32, ObjectError> {
-        Ok(u32::from_le_bytes(self.bytes(offset, what)?))
-    }
-
-    fn u64(&self, offset: usize, what: &'static str) -> Result<u64, ObjectError> {
-        Ok(u64::from_le_bytes(self.bytes(offset, what)?))
-    }
-
-    fn usize(&self, offset: usize, what: &'static str) -> Result<usize, ObjectError> {
-        usize::try_from(self.u64(offset, what)?).map_err(|_| ObjectError::OutOfBounds {
-            what,
-            offset,
-            len: self.data.len(),
-        })
-    }
-
-    /// The NUL-terminated name at `offset` of a string table.
-    fn name(&self, offset: usize, what: &'static str) -> Result<&[u8], ObjectError> {
-        let rest = self.data.get(offset..).ok_or(ObjectError::OutOfBounds {
-            what,
-            offset,
-            len: self.data.len(),
-        })?;
-        let end = rest
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(ObjectError::OutOfBounds {
-                what,
-                offset,
-                len: self.data.len(),
-            })?;
-        Ok(&rest[..end])
-    }
-}
-
-/// A section header's fields this module reads.
-struct Section {
-    name: usize,
-    kind: u32,
-    flags: u64,
-    offset: usize,
-    size: usize,
-    link: usize,
-}
-
-fn sections(r: &Reader<'_>) -> Result<Vec<Section>, ObjectError> {
-    // e_ident: "\x7fELF", ELFCLASS64, ELFDATA2LSB.
-    if r.bytes::<6>(0, "ELF header").ok() != Some(*b"\x7fELF\x02\x01") {
-        return Err(ObjectError::NotElf);
-    }
-    let shoff = r.usize(0x28, "section header offset")?;
-    if r.u16(0x3a, "section header size")? != SHDR_SIZE {
-        return Err(ObjectError::NotElf);
-    }
-    let count = r.u16(0x3c, "section count")?;
-    (0..count)
-        .map(|i| {
-            let at = shoff.saturating_add(i.saturating_mul(SHDR_SIZE));
-            let what = "section header";
-            Ok(Section {
-                name: r.u32(at, what)? as usize,
-                kind: r.u32(at + 4, what)?,
-                flags: r.u64(at + 8, what)?,
-                offset: r.usize(at + 0x18, what)?,
-                size: r.usize(at + 0x20, what)?,
-                link: r.u32(at + 0x28, what)? as usize,
-            })
-        })
-        .collect()
+    /// Not a little-endian 64-bit ELF file, or one whose headers, symbol table or names
+    /// point outside it (what the `object` crate, which aya's parser uses too, says).
+    #[error("the eBPF object cannot be read as a little-endian 64-bit ELF file")]
+    Elf(#[from] object::read::Error),
 }
 
 /// `object` with the programs named in `hidden` hidden from aya: the entry symbol of each
 /// (a function symbol in an executable section other than `.text`) gets an empty name.
 /// Names that are no program of the object are ignored.
 pub(crate) fn hide_programs(object: &[u8], hidden: &[&str]) -> Result<Vec<u8>, ObjectError> {
-    let r = Reader { data: object };
-    let sections = sections(&r)?;
-    let shstrndx = r.u16(0x3e, "section name table index")?;
-    let shstr = sections
-        .get(shstrndx)
-        .ok_or(ObjectError::OutOfBounds {
-            what: "section name table",
-            offset: shstrndx,
-            len: object.len(),
-        })?
-        .offset;
-    let symtab = sections
-        .iter()
-        .find(|s| s.kind == SHT_SYMTAB)
-        .ok_or(ObjectError::NoSymbolTable)?;
-    let strtab = sections
-        .get(symtab.link)
-        .ok_or(ObjectError::OutOfBounds {
-            what: "symbol name table",
-            offset: symtab.link,
-            len: object.len(),
-        })?
-        .offset;
-    // The executable sections that hold programs (everything executable but `.text`).
-    let mut program_section = vec![false; sections.len()];
-    for (i, s) in sections.iter().enumerate() {
-        program_section[i] = s.flags & SHF_EXECINSTR != 0
-            && r.name(shstr.saturating_add(s.name), "section name")? != b".text";
-    }
+    let header = FileHeader64::<LittleEndian>::parse(object)?;
+    let endian = header.endian()?;
+    let sections = header.sections(endian, object)?;
+    let symbols = sections.symbols(endian, object, SHT_SYMTAB)?;
+    // Where the symbol table's entries lie in the file (the slice below starts there).
+    let table = sections.section(symbols.section())?.sh_offset(endian) as usize;
+    let in_program_section = |sym: &Sym64<LittleEndian>| -> Result<bool, ObjectError> {
+        let index = SectionIndex(sym.st_shndx(endian) as usize);
+        let Ok(section) = sections.section(index) else {
+            return Ok(false); // undefined, absolute, common
+        };
+        Ok(section.sh_flags(endian) & u64::from(SHF_EXECINSTR) != 0
+            && sections.section_name(endian, section)? != b".text")
+    };
     let mut out = object.to_vec();
-    let symbols = symtab.size / SYM_SIZE;
-    for i in 0..symbols {
-        let at = symtab.offset.saturating_add(i * SYM_SIZE);
-        let name = r.u32(at, "symbol")? as usize;
-        let [info] = r.bytes::<1>(at + 4, "symbol")?;
-        let section = r.u16(at + 6, "symbol")?;
-        if name == 0
-            || info & 0xf != STT_FUNC
-            || !program_section.get(section).copied().unwrap_or(false)
-        {
+    for (i, sym) in symbols.symbols().iter().enumerate() {
+        if sym.st_type() != STT_FUNC || sym.st_name(endian) == 0 || !in_program_section(sym)? {
             continue;
         }
-        let text = r.name(strtab.saturating_add(name), "symbol name")?;
-        if hidden.iter().any(|h| h.as_bytes() == text) {
+        let name = symbols.symbol_name(endian, sym)?;
+        if hidden.iter().any(|h| h.as_bytes() == name) {
+            // `st_name` is the entry's first field.
+            let at = table + i * size_of::<Sym64<LittleEndian>>();
             out[at..at + 4].copy_from_slice(&0u32.to_le_bytes());
         }
     }
@@ -273,7 +141,7 @@ mod tests {
         let object = OBJECT;
         assert!(matches!(
             hide_programs(b"not an elf", &["x"]),
-            Err(ObjectError::NotElf)
+            Err(ObjectError::Elf(_))
         ));
         // Every truncation either fails cleanly or (past the tables) hides as before.
         for len in [0, 16, 63, 64, 0x40 + 1, object.len() / 2, object.len() - 1] {
@@ -284,7 +152,7 @@ mod tests {
         bad[0x28..0x30].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(
             hide_programs(&bad, &["task_newtask"]),
-            Err(ObjectError::OutOfBounds { .. })
+            Err(ObjectError::Elf(_))
         ));
     }
 }
