@@ -153,9 +153,13 @@ fn build_ebpf(workspace: &std::path::Path) -> Result<PathBuf, String> {
     if !works(Command::new("bpf-linker").arg("--version")) {
         return Err("no bpf-linker on PATH".to_string());
     }
-    if !works(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
-        return Err("no nightly toolchain (rustup)".to_string());
-    }
+    let sysroot = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .ok_or("no nightly toolchain (rustup)")?;
     let out = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("no OUT_DIR")?).join("ebpf");
     let status = Command::new("rustup")
         .args([
@@ -177,12 +181,11 @@ fn build_ebpf(workspace: &std::path::Path) -> Result<PathBuf, String> {
         .arg(&out)
         .current_dir(workspace)
         .env(
-            "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
-            "-C debuginfo=2 -C link-arg=--btf -C target-cpu=v3",
+            "CARGO_ENCODED_RUSTFLAGS",
+            ebpf_rustflags(workspace, cargo_home().as_deref(), &sysroot, false),
         )
         // The outer build's settings are not the eBPF build's.
         .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO")
         .env_remove("RUSTC")

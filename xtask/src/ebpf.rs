@@ -142,13 +142,18 @@ pub fn build() -> Result<PathBuf> {
             .arg(paths::ebpf_target_dir())
             .env("PATH", std::env::join_paths(search_path)?)
             // Atomic fetch-and-add / compare-and-exchange need BPF ISA v3. Warnings are errors
-            // (only for this workspace's crates: cargo caps lints of dependencies).
+            // (only for this workspace's crates: cargo caps lints of dependencies). The source
+            // folders are remapped: the object does not depend on where they are.
             .env(
-                "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
-                "-C debuginfo=2 -C link-arg=--btf -C target-cpu=v3 -D warnings",
+                "CARGO_ENCODED_RUSTFLAGS",
+                paths::ebpf_rustflags(
+                    &paths::workspace_root(),
+                    paths::cargo_home().as_deref(),
+                    &sysroot,
+                    true,
+                ),
             )
             .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
             .env_remove("RUSTUP_TOOLCHAIN")
             .env_remove("CARGO")
             .env_remove("RUSTC")

@@ -136,6 +136,92 @@ fn stripping_the_embedded_object_again_changes_no_byte() {
     assert_eq!(strip_ebpf_object(EMBEDDED, kept).unwrap(), EMBEDDED);
 }
 
+/// The build's flags and the names it gives the source folders (`EBPF_REMAPPED`).
+#[allow(dead_code)]
+mod build_flags {
+    include!("../../ebpf_object.rs");
+}
+
+/// The strings of `data`'s `.BTF` string table.
+fn btf_strings(data: &[u8]) -> Vec<String> {
+    let elf = parse(data);
+    let btf = elf.section_by_name(".BTF").expect("a .BTF section");
+    let d = btf.data().unwrap();
+    let word = |at: usize| u32::from_le_bytes(d[at..at + 4].try_into().unwrap()) as usize;
+    assert_eq!(&d[..2], &[0x9f, 0xeb], "BTF magic (little-endian)");
+    let (header, str_off, str_len) = (word(4), word(16), word(20));
+    d[header + str_off..header + str_off + str_len]
+        .split(|&b| b == 0)
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+#[test]
+fn the_object_names_no_folder_of_the_machine_that_built_it() {
+    // The file names of the line info stay in the string table after the stripping; built
+    // with the folders remapped, each begins with one of the fixed names, whatever the
+    // checkout's, cargo's and the toolchain's folders were.
+    let sources: Vec<String> = btf_strings(EMBEDDED)
+        .into_iter()
+        .filter(|s| s.starts_with('/') && s.ends_with(".rs"))
+        .collect();
+    assert!(
+        sources.iter().any(|s| s.contains("cylo-usage-ebpf/src/")),
+        "the BTF names the eBPF crate's sources: {sources:?}"
+    );
+    let unmapped: Vec<&String> = sources
+        .iter()
+        .filter(|s| {
+            !build_flags::EBPF_REMAPPED
+                .iter()
+                .any(|to| s.starts_with(&format!("{to}/")))
+        })
+        .collect();
+    assert!(unmapped.is_empty(), "paths not remapped: {unmapped:?}");
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    let found = EMBEDDED
+        .windows(workspace.len())
+        .any(|w| w == workspace.as_bytes());
+    assert!(
+        !found,
+        "the object names the workspace's folder {workspace}"
+    );
+}
+
+#[test]
+fn the_build_flags_remap_each_folder_and_the_workspace_last() {
+    use std::path::Path;
+    let flags = build_flags::ebpf_rustflags(
+        Path::new("/home/u/.cargo/git/checkouts/x"),
+        Some(Path::new("/home/u/.cargo")),
+        Path::new("/opt/rust nightly"),
+        true,
+    );
+    let fields: Vec<&str> = flags.split('\x1f').collect();
+    assert_eq!(
+        fields,
+        [
+            "-C",
+            "debuginfo=2",
+            "-C",
+            "link-arg=--btf",
+            "-C",
+            "target-cpu=v3",
+            "-D",
+            "warnings",
+            "--remap-path-prefix=/opt/rust nightly=/rust-sysroot",
+            "--remap-path-prefix=/home/u/.cargo=/cargo-home",
+            "--remap-path-prefix=/home/u/.cargo/git/checkouts/x=/cylo-usage",
+        ]
+    );
+    let lenient = build_flags::ebpf_rustflags(Path::new("/w"), None, Path::new("/s"), false);
+    assert!(!lenient.contains("warnings") && !lenient.contains("cargo-home"));
+}
+
 #[test]
 fn aya_reads_the_same_functions_from_both() {
     let source = SOURCE;
