@@ -36,12 +36,23 @@ pub(crate) fn ensure() -> Result<()> {
 
 /// bpftrace counting the tree of `program args` (no spaces in them: bpftrace splits `-c`).
 pub(crate) fn counting(program: &Path, args: &[&str]) -> Command {
+    running(SCRIPT, program, args)
+}
+
+/// bpftrace with no probe on the tree (`BEGIN {}` only), running `program args` as
+/// [`counting`] does: its process around the command alone, the floor of its figures.
+pub(crate) fn floor(program: &Path, args: &[&str]) -> Command {
+    running("BEGIN {}", program, args)
+}
+
+/// bpftrace running `script` around `program args` (`-c`).
+fn running(script: &str, program: &Path, args: &[&str]) -> Command {
     let mut line = program.to_string_lossy().into_owned();
     for a in args {
         line.push(' ');
         line.push_str(a);
     }
     let mut cmd = Command::new("bpftrace");
-    cmd.args(["-e", SCRIPT, "-c", &line]);
+    cmd.args(["-e", script, "-c", &line]);
     cmd
 }

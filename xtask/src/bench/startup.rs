@@ -1,6 +1,6 @@
 //! `--case startup`: what starting the tracker adds to a tiny command, with the lean programs
 //! (a run without a breakdown), the full set (`--tree`), and bpftrace counting the same tree,
-//! interleaved in one run; then what each program cost the kernel's verifier (the load's
+//! interleaved in one run (each round in an order rotated from the last); then what each program cost the kernel's verifier (the load's
 //! time and `verified_insns`, from the tracker's own debug lines), medians over the runs.
 
 use std::collections::BTreeMap;
@@ -55,9 +55,16 @@ pub(crate) fn startup(bins: &Bins, runs: usize) -> Result<String> {
         },
     ];
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); sides.len()];
-    eprintln!("xtask: startup: warm-up, then {runs} runs per side, interleaved");
+    eprintln!(
+        "xtask: startup: a warm-up round, then {runs} rounds of every side, the order rotated \
+         each round"
+    );
+    // No side always follows the same one: a tracer's exit leaves work behind (bpftrace's
+    // freeing of its programs and maps, for one) that the run after it may pay for.
     for round in 0..=runs {
-        for (i, side) in sides.iter().enumerate() {
+        for k in 0..sides.len() {
+            let i = (k + round) % sides.len();
+            let side = &sides[i];
             let wall = time((side.cmd)().env("CYLO_USAGE_SOCKET", NO_DAEMON))
                 .with_context(|| format!("startup: {} (round {round})", side.name))?;
             if round > 0 {
@@ -69,8 +76,8 @@ pub(crate) fn startup(bins: &Bins, runs: usize) -> Result<String> {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "\nStart-up (`--case startup`, {runs} runs per side, interleaved; wall time around \
-         the whole command):\n\n| command | median (min) | added to `/bin/true` |\n|---|---|---|"
+        "\nStart-up (`--case startup`, {runs} rounds of every side, the order rotated each \
+         round; wall time around the whole command):\n\n| command | median (min) | added to `/bin/true` |\n|---|---|---|"
     );
     for (side, s) in sides.iter().zip(&samples) {
         let st = Stats::of(s);

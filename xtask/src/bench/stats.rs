@@ -411,6 +411,18 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The `q` quantile of `v` (0 to 1), linearly between the two nearest samples; NaN when
+/// `v` is empty.
+pub(crate) fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let at = q.clamp(0.0, 1.0) * (v.len() - 1) as f64;
+    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (at - lo as f64)
+}
+
 /// The table of one case: per handler (medians over `runs`) its calls, ns per call, the empty
 /// program's ns per call on its tracepoint, ns per call beyond it, and its share of the wall
 /// time; then all handlers together. Returns the table and the median share beyond the floor
@@ -476,4 +488,21 @@ pub fn table(runs: &[Measure]) -> (String, f64) {
         "| all ({total:.2} ms of {wall:.1} ms) | | | | | {share:.2}% | {net_share:.2}% |"
     );
     (md, net_share)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{median, quantile};
+
+    #[test]
+    fn quantiles_interpolate_between_the_nearest_samples() {
+        let v = vec![4.0, 1.0, 3.0, 2.0];
+        assert_eq!(quantile(v.clone(), 0.0), 1.0);
+        assert_eq!(quantile(v.clone(), 1.0), 4.0);
+        assert_eq!(quantile(v.clone(), 0.5), median(v.clone()));
+        assert_eq!(quantile(v.clone(), 0.25), 1.75);
+        assert_eq!(quantile(v, 0.75), 3.25);
+        assert_eq!(quantile(vec![7.0], 0.25), 7.0);
+        assert!(quantile(Vec::new(), 0.5).is_nan());
+    }
 }

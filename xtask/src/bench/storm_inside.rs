@@ -1,10 +1,16 @@
 //! Case (a) timed inside the storm itself: the workload times its own 5,000 forks and
 //! reaps (`storm-timed`), so that no tracer's start-up is counted, plainly, plainly with an
 //! empty program on each of the tracker's tracepoints (the hooks' own floor), under
-//! `cylo-usage run` (the lean programs, totals only), under `cylo-usage run --tree`, and under
-//! bpftrace counting the same tree with a map in the kernel, interleaved in one run. Beside
-//! each ratio, the tracer's programs' run time by the kernel's per-program statistics, as a
-//! share of the storm's own time (medians of [`STATS_RUNS`] runs with statistics on).
+//! `cylo-usage run` (the lean programs, totals only), under `cylo-usage run --tree`, under
+//! bpftrace counting the same tree with a map in the kernel, and under bpftrace with no probe
+//! on the tree (its own floor: its process around the storm), interleaved in one run. Each
+//! round runs every side once, in an order rotated from round to round, so that no side
+//! always follows the same one (a tracer's exit, such as bpftrace's, leaves work behind for
+//! the run after it). Each side's ratio is given twice: its median over plain's, and the
+//! median of its paired ratios (each round's run over that round's plain run, which cancels
+//! the machine's drift between rounds) with their interquartile range. Beside each ratio, the
+//! tracer's programs' run time by the kernel's per-program statistics, as a share of the
+//! storm's own time (medians of [`STATS_RUNS`] runs with statistics on).
 
 use std::fmt::Write as _;
 use std::process::{Command, Stdio};
@@ -30,15 +36,19 @@ enum Tracer {
     Lean,
     Tree,
     Bpftrace,
+    /// bpftrace with no probe on the tree (`BEGIN {}`): what its process around the storm
+    /// changes by itself.
+    BpftraceFloor,
 }
 
 impl Tracer {
-    const ALL: [Tracer; 5] = [
+    const ALL: [Tracer; 6] = [
         Tracer::None,
         Tracer::Empty,
         Tracer::Lean,
         Tracer::Tree,
         Tracer::Bpftrace,
+        Tracer::BpftraceFloor,
     ];
 
     fn name(self) -> &'static str {
@@ -48,6 +58,7 @@ impl Tracer {
             Tracer::Lean => "`cylo-usage run` (totals)",
             Tracer::Tree => "`cylo-usage run --tree`",
             Tracer::Bpftrace => "bpftrace counting the tree",
+            Tracer::BpftraceFloor => "bpftrace with no probe on the tree (its floor)",
         }
     }
 
@@ -70,6 +81,7 @@ impl Tracer {
                 c
             }
             Tracer::Bpftrace => super::bpftrace::counting(&bins.workload, &args),
+            Tracer::BpftraceFloor => super::bpftrace::floor(&bins.workload, &args),
         }
     }
 }
@@ -105,50 +117,103 @@ fn run_once(mut cmd: Command, mut watch: impl FnMut(&mut std::process::Child)) -
 pub(crate) fn storm_inside(bins: &Bins, storm: u64, runs: usize) -> Result<String> {
     super::bpftrace::ensure()?;
     let storm_arg = storm.to_string();
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); Tracer::ALL.len()];
-    eprintln!("xtask: (a) storm timed inside: warm-up, then {runs} runs per side, interleaved");
+    let sides = Tracer::ALL.len();
+    // samples[side][round]: each round runs every side once.
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); sides];
+    eprintln!(
+        "xtask: (a) storm timed inside: a warm-up round, then {runs} rounds of every side, \
+         the order rotated each round"
+    );
     for round in 0..=runs {
-        for (i, t) in Tracer::ALL.iter().enumerate() {
-            let _empty = (*t == Tracer::Empty)
+        for k in 0..sides {
+            let i = (k + round) % sides;
+            let t = Tracer::ALL[i];
+            let _empty = (t == Tracer::Empty)
                 .then(|| stats::EmptyPrograms::attach(&stats::tracepoints()))
                 .transpose()?;
             let d = run_once(t.command(bins, &storm_arg), |_| {})
                 .with_context(|| format!("(a) inside, {} (round {round})", t.name()))?;
             if round > 0 {
-                samples[i].push(d);
+                samples[i].push(d.as_secs_f64() * 1e3);
             }
         }
     }
-    let ms = |v: &[Duration]| -> Vec<f64> { v.iter().map(|d| d.as_secs_f64() * 1e3).collect() };
-    let plain = stats::median(ms(&samples[0]));
+    let plain = stats::median(samples[0].clone());
+    let paired = |side: usize| -> Vec<f64> {
+        samples[side]
+            .iter()
+            .zip(&samples[0])
+            .map(|(s, p)| s / p)
+            .collect()
+    };
+    let spread = |v: Vec<f64>| -> (f64, f64, f64) {
+        (
+            stats::quantile(v.clone(), 0.5),
+            stats::quantile(v.clone(), 0.25),
+            stats::quantile(v, 0.75),
+        )
+    };
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "\n(a) the storm of {storm} timed inside itself (no tracer's start-up; {runs} runs per \
-         side, interleaved), with each tracer's programs' kernel run time as a share of the \
-         storm's time (medians of {STATS_RUNS} runs with statistics on; for cylo-usage beyond \
-         the empty program, for the empty programs and bpftrace raw):\n\n\
-         | side | storm median (min) | ratio to plain | programs' kernel time |\n|---|---|---|---|"
+        "\n(a) the storm of {storm} timed inside itself (no tracer's start-up; {runs} rounds \
+         of every side, the order rotated each round), with each tracer's programs' kernel \
+         run time as a share of the storm's time (medians of {STATS_RUNS} runs with \
+         statistics on; for cylo-usage beyond the empty program, for the empty programs and \
+         bpftrace raw). The paired ratio is each round's run over the same round's plain \
+         run: its median [interquartile range].\n\n\
+         | side | storm median (min) | ratio of medians | paired ratio | programs' kernel \
+         time |\n|---|---|---|---|---|"
     );
     for (i, t) in Tracer::ALL.iter().enumerate() {
-        let v = ms(&samples[i]);
+        let v = &samples[i];
         let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let med = stats::median(v);
-        let kernel = if *t == Tracer::None {
-            "-".to_string()
-        } else if *t == Tracer::Empty {
-            format!("{:.2}%", empty_share(bins, &storm_arg)?)
-        } else {
-            let (_, share) = stats::table(&statistics(bins, *t, &storm_arg)?);
-            format!("{share:.2}%")
+        let med = stats::median(v.clone());
+        let kernel = match t {
+            Tracer::None | Tracer::BpftraceFloor => "-".to_string(),
+            Tracer::Empty => format!("{:.2}%", empty_share(bins, &storm_arg)?),
+            _ => {
+                let (_, share) = stats::table(&statistics(bins, *t, &storm_arg)?);
+                format!("{share:.2}%")
+            }
         };
+        let (p50, p25, p75) = spread(paired(i));
         let _ = writeln!(
             md,
-            "| {} | {med:.1} ms ({min:.1}) | {:.3}× | {kernel} |",
+            "| {} | {med:.1} ms ({min:.1}) | {:.3}× | {p50:.3}× [{p25:.3}, {p75:.3}] | {kernel} |",
             t.name(),
             med / plain
         );
     }
+    // The goals' comparisons, paired within each round.
+    let index = |t: Tracer| Tracer::ALL.iter().position(|x| *x == t).unwrap();
+    let bpftrace = paired(index(Tracer::Bpftrace));
+    let _ = writeln!(md);
+    for t in [Tracer::Lean, Tracer::Tree] {
+        let diff: Vec<f64> = paired(index(t))
+            .iter()
+            .zip(&bpftrace)
+            .map(|(a, b)| a - b)
+            .collect();
+        let (p50, p25, p75) = spread(diff);
+        let _ = writeln!(
+            md,
+            "- {} less bpftrace counting the tree, paired ratios, round by round: median \
+             {p50:+.3} [{p25:+.3}, {p75:+.3}].",
+            t.name()
+        );
+    }
+    let own: Vec<f64> = samples[index(Tracer::Bpftrace)]
+        .iter()
+        .zip(&samples[index(Tracer::BpftraceFloor)])
+        .map(|(a, b)| a / b)
+        .collect();
+    let (p50, p25, p75) = spread(own);
+    let _ = writeln!(
+        md,
+        "- bpftrace counting the tree over bpftrace with no probe on it, round by round: \
+         median {p50:.3}× [{p25:.3}, {p75:.3}]."
+    );
     Ok(md)
 }
 
