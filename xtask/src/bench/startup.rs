@@ -1,7 +1,8 @@
 //! `--case startup`: what starting the tracker adds to a tiny command, with the lean programs
 //! (a run without a breakdown), the full set (`--tree`), and bpftrace counting the same tree,
-//! interleaved in one run (each round in an order rotated from the last); then what each program cost the kernel's verifier (the load's
-//! time and `verified_insns`, from the tracker's own debug lines), medians over the runs.
+//! interleaved in one run (each round in an order rotated from the last); then what each
+//! program cost the kernel's verifier (the load's time and `verified_insns`, from the
+//! tracker's own debug lines), medians over the runs.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
